@@ -1,0 +1,657 @@
+//! The JSON relay protocol (DESIGN.md "Wire protocol"): parsing what clients
+//! send over WebSocket and what `POST /publish` carries, and building the
+//! server's messages as ready-to-send text frames, each encoded once so it can
+//! be shared by every subscriber. It validates shapes and topic names; whether
+//! a client may subscribe or publish is the shard's rule engine's call.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::frame;
+
+/// Longest `type` value echoed back in an error, so a peer cannot make us
+/// reflect a large string.
+const MAX_ECHOED_TYPE_BYTES: usize = 64;
+
+/// A message from a WebSocket client.
+#[derive(Debug, Clone)]
+pub enum ClientMessage<'a> {
+    /// `{"type":"subscribe","topic":T}`
+    Subscribe {
+        /// Validated topic name.
+        topic: Cow<'a, str>,
+    },
+    /// `{"type":"unsubscribe","topic":T}`
+    Unsubscribe {
+        /// Validated topic name.
+        topic: Cow<'a, str>,
+    },
+    /// `{"type":"message","topic":T,"event"?:E,"payload"?:ANY}`: a client publish.
+    Publish {
+        /// Validated topic name.
+        topic: Cow<'a, str>,
+        /// The event name, if given.
+        event: Option<Cow<'a, str>>,
+        /// The payload as raw JSON, if given and not `null`.
+        payload: Option<&'a RawValue>,
+    },
+    /// `{"type":"ping"}` or the plain text `ping`.
+    Ping,
+    /// `{"topics":[...]}`: replace the whole subscription set.
+    SetTopics(Vec<Cow<'a, str>>),
+    /// `{"type":"presence","topic":T}`: ask who is on a topic.
+    Presence {
+        /// Validated topic name.
+        topic: Cow<'a, str>,
+    },
+}
+
+impl PartialEq for ClientMessage<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        use ClientMessage::*;
+        match (self, other) {
+            (Subscribe { topic: a }, Subscribe { topic: b })
+            | (Unsubscribe { topic: a }, Unsubscribe { topic: b })
+            | (Presence { topic: a }, Presence { topic: b }) => a == b,
+            (
+                Publish {
+                    topic: a,
+                    event: ea,
+                    payload: pa,
+                },
+                Publish {
+                    topic: b,
+                    event: eb,
+                    payload: pb,
+                },
+            ) => a == b && ea == eb && pa.map(RawValue::get) == pb.map(RawValue::get),
+            (Ping, Ping) => true,
+            (SetTopics(a), SetTopics(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Why a client message or publish body was refused. The `Display` text is the
+/// human message to send back in `{"type":"error","message":...}` (or an HTTP
+/// 400 `{"error":...}`); the connection stays open.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum ClientError {
+    /// Not JSON at all; carries serde's description.
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    /// Valid JSON, but not an object.
+    #[error("message must be a JSON object")]
+    NotAnObject,
+    /// A required field is absent or `null`.
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    /// A `type` this server does not know (truncated to 64 bytes).
+    #[error("unknown message type `{0}`")]
+    UnknownType(String),
+    /// A field has the wrong JSON type.
+    #[error("field `{field}` must be {expected}")]
+    WrongType {
+        /// The field name.
+        field: &'static str,
+        /// What it must be, as a phrase ("a string").
+        expected: &'static str,
+    },
+    /// A topic that is empty, too long or contains control characters.
+    #[error("topic must be a non-empty string of at most {max_bytes} bytes")]
+    BadTopic {
+        /// The configured maximum topic length.
+        max_bytes: usize,
+    },
+}
+
+/// A string that borrows from the input unless it had escapes.
+#[derive(Deserialize)]
+struct BorrowedStr<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// Every field we look at, kept raw so type errors get our own messages.
+#[derive(Deserialize)]
+struct RawClient<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    topics: Option<&'a RawValue>,
+}
+
+/// Parses one text message from a client. `max_topic_bytes` bounds every topic.
+pub fn parse_client(text: &str, max_topic_bytes: usize) -> Result<ClientMessage<'_>, ClientError> {
+    let trimmed = text.trim();
+    if trimmed == "ping" || trimmed == "\"ping\"" {
+        return Ok(ClientMessage::Ping);
+    }
+    let raw: RawClient<'_> = parse_object(trimmed)?;
+    let topic = || topic_field(raw.topic, max_topic_bytes);
+    let Some(kind) = raw.kind else {
+        return match raw.topics {
+            Some(topics) => Ok(ClientMessage::SetTopics(topic_list(
+                topics,
+                max_topic_bytes,
+            )?)),
+            None => Err(ClientError::MissingField("type")),
+        };
+    };
+    let kind = string_field(kind).ok_or(ClientError::WrongType {
+        field: "type",
+        expected: "a string",
+    })?;
+    match kind.as_ref() {
+        "subscribe" => Ok(ClientMessage::Subscribe { topic: topic()? }),
+        "unsubscribe" => Ok(ClientMessage::Unsubscribe { topic: topic()? }),
+        "message" | "publish" => Ok(ClientMessage::Publish {
+            topic: topic()?,
+            event: raw.event.map(|e| string_or(e, "event")).transpose()?,
+            payload: raw.payload,
+        }),
+        "ping" => Ok(ClientMessage::Ping),
+        "presence" => Ok(ClientMessage::Presence { topic: topic()? }),
+        other => Err(ClientError::UnknownType(
+            truncate(other, MAX_ECHOED_TYPE_BYTES).to_owned(),
+        )),
+    }
+}
+
+/// Deserializes a JSON object, telling "not JSON" from "not an object".
+fn parse_object<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, ClientError> {
+    // Checked up front: serde's derived structs would also accept a JSON array.
+    if !text.trim_start().starts_with('{') {
+        return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Ok(_) => Err(ClientError::NotAnObject),
+            Err(err) => Err(ClientError::InvalidJson(err.to_string())),
+        };
+    }
+    serde_json::from_str(text).map_err(|err| ClientError::InvalidJson(err.to_string()))
+}
+
+fn string_field(raw: &RawValue) -> Option<Cow<'_, str>> {
+    serde_json::from_str::<BorrowedStr<'_>>(raw.get())
+        .ok()
+        .map(|s| s.0)
+}
+
+fn string_or<'a>(raw: &'a RawValue, field: &'static str) -> Result<Cow<'a, str>, ClientError> {
+    string_field(raw).ok_or(ClientError::WrongType {
+        field,
+        expected: "a string",
+    })
+}
+
+fn topic_field(raw: Option<&RawValue>, max_bytes: usize) -> Result<Cow<'_, str>, ClientError> {
+    let raw = raw.ok_or(ClientError::MissingField("topic"))?;
+    let topic = string_field(raw).ok_or(ClientError::BadTopic { max_bytes })?;
+    check_topic(&topic, max_bytes)?;
+    Ok(topic)
+}
+
+fn topic_list(raw: &RawValue, max_bytes: usize) -> Result<Vec<Cow<'_, str>>, ClientError> {
+    let list: Vec<BorrowedStr<'_>> =
+        serde_json::from_str(raw.get()).map_err(|_| ClientError::WrongType {
+            field: "topics",
+            expected: "an array of strings",
+        })?;
+    list.into_iter()
+        .map(|BorrowedStr(topic)| check_topic(&topic, max_bytes).map(|()| topic))
+        .collect()
+}
+
+/// Checks a topic name: non-empty, at most `max_bytes`, no ASCII control characters.
+pub fn check_topic(topic: &str, max_bytes: usize) -> Result<(), ClientError> {
+    if topic.is_empty() || topic.len() > max_bytes || topic.bytes().any(|b| b.is_ascii_control()) {
+        return Err(ClientError::BadTopic { max_bytes });
+    }
+    Ok(())
+}
+
+fn truncate(text: &str, max_bytes: usize) -> &str {
+    let mut cut = text.len().min(max_bytes);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &text[..cut]
+}
+
+/// A `POST /publish` body after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishRequest {
+    /// Validated topic name.
+    pub topic: String,
+    /// Event name; `"message"` when not given.
+    pub event: String,
+    /// The payload as raw JSON; `null` when not given.
+    pub payload_json: String,
+    /// Deliver only to this user's connections, when set.
+    pub user_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawPublish<'a> {
+    #[serde(borrow, default)]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    message: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    user_id: Option<&'a RawValue>,
+}
+
+/// Parses a `POST /publish` body.
+///
+/// `topic` is required; `event` defaults to `"message"`; `payload` is any JSON,
+/// default `null`; a string `message` stands in for a missing `payload`;
+/// `user_id` is a string or an integer (read as its decimal string).
+/// Unknown fields are ignored.
+pub fn parse_publish(body: &[u8], max_topic_bytes: usize) -> Result<PublishRequest, ClientError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ClientError::InvalidJson("body is not valid UTF-8".to_owned()))?;
+    let raw: RawPublish<'_> = parse_object(text)?;
+    let topic = topic_field(raw.topic, max_topic_bytes)?.into_owned();
+    let event = match raw.event {
+        Some(event) => string_or(event, "event")?.into_owned(),
+        None => "message".to_owned(),
+    };
+    if let Some(message) = raw.message {
+        string_or(message, "message")?;
+    }
+    // The raw text of a JSON string is itself valid JSON, so no re-encoding.
+    let payload_json = raw
+        .payload
+        .or(raw.message)
+        .map_or_else(|| "null".to_owned(), |p| p.get().to_owned());
+    let user_id = match raw.user_id {
+        None => None,
+        Some(raw) => {
+            let value: serde_json::Value = serde_json::from_str(raw.get())
+                .map_err(|e| ClientError::InvalidJson(e.to_string()))?;
+            if value.is_null() {
+                None
+            } else {
+                Some(user_id_from_json(&value).ok_or(ClientError::WrongType {
+                    field: "user_id",
+                    expected: "a non-empty string or an integer",
+                })?)
+            }
+        }
+    };
+    Ok(PublishRequest {
+        topic,
+        event,
+        payload_json,
+        user_id,
+    })
+}
+
+/// A user id from JSON: a non-empty string as is, an integer as its decimal
+/// string; anything else is `None`.
+pub fn user_id_from_json(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .map(|u| u.to_string())
+            .or_else(|| n.as_i64().map(|i| i.to_string())),
+        _ => None,
+    }
+}
+
+/// Appends `s` as a JSON string literal, escaped by serde_json.
+pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    if serde_json::to_writer(&mut *out, s).is_err() {
+        // Unreachable: serializing a str only fails on I/O, and Vec writes
+        // cannot fail. Keep the output valid JSON anyway.
+        out.extend_from_slice(b"\"\"");
+    }
+}
+
+/// `{"type":"<kind>","topic":<topic>}` as a text frame.
+fn typed_topic(kind: &str, topic: &str) -> Bytes {
+    frame::text_with(24 + kind.len() + topic.len(), |out| {
+        out.extend_from_slice(b"{\"type\":\"");
+        out.extend_from_slice(kind.as_bytes());
+        out.extend_from_slice(b"\",\"topic\":");
+        write_json_str(out, topic);
+        out.push(b'}');
+    })
+}
+
+/// `{"type":"subscribed","topic":T}` as a text frame.
+pub fn subscribed(topic: &str) -> Bytes {
+    typed_topic("subscribed", topic)
+}
+
+/// `{"type":"unsubscribed","topic":T}` as a text frame.
+pub fn unsubscribed(topic: &str) -> Bytes {
+    typed_topic("unsubscribed", topic)
+}
+
+/// `{"type":"pong"}` as a text frame; static, no allocation.
+pub fn pong() -> Bytes {
+    Bytes::from_static(b"\x81\x0f{\"type\":\"pong\"}")
+}
+
+/// The plain text `pong` frame, the answer to a plain text `ping`.
+pub fn pong_text() -> Bytes {
+    Bytes::from_static(b"\x81\x04pong")
+}
+
+/// `{"type":"error","message":M}` as a text frame.
+pub fn error(message: &str) -> Bytes {
+    frame::text_with(32 + message.len(), |out| {
+        out.extend_from_slice(b"{\"type\":\"error\",\"message\":");
+        write_json_str(out, message);
+        out.push(b'}');
+    })
+}
+
+/// `{"type":"push","topic":T,"event":E,"payload":P}` framed once; `payload_json`
+/// must already be valid JSON (empty is sent as `null`).
+pub fn push(topic: &str, event: &str, payload_json: &str) -> Bytes {
+    let hint = 48 + topic.len() + event.len() + payload_json.len();
+    frame::text_with(hint, |out| {
+        out.extend_from_slice(b"{\"type\":\"push\",\"topic\":");
+        write_json_str(out, topic);
+        out.extend_from_slice(b",\"event\":");
+        write_json_str(out, event);
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(or_default(payload_json, "null").as_bytes());
+        out.push(b'}');
+    })
+}
+
+/// `{"type":"presence","topic":T,"count":N,"members":M}` as a text frame;
+/// `members_json` must be a JSON array (empty is sent as `[]`).
+pub fn presence(topic: &str, count: usize, members_json: &str) -> Bytes {
+    let hint = 64 + topic.len() + members_json.len();
+    frame::text_with(hint, |out| {
+        out.extend_from_slice(b"{\"type\":\"presence\",\"topic\":");
+        write_json_str(out, topic);
+        out.extend_from_slice(b",\"count\":");
+        out.extend_from_slice(count.to_string().as_bytes());
+        out.extend_from_slice(b",\"members\":");
+        out.extend_from_slice(or_default(members_json, "[]").as_bytes());
+        out.push(b'}');
+    })
+}
+
+fn or_default<'a>(json: &'a str, default: &'a str) -> &'a str {
+    if json.trim().is_empty() {
+        default
+    } else {
+        json
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 16;
+
+    fn parse(text: &str) -> Result<ClientMessage<'_>, ClientError> {
+        parse_client(text, MAX)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    /// The JSON payload of an unmasked server text frame.
+    fn json_of(frame: &Bytes) -> serde_json::Value {
+        assert_eq!(frame[0], 0x81);
+        let (len, start) = match frame[1] {
+            126 => (u16::from_be_bytes([frame[2], frame[3]]) as usize, 4),
+            n => (n as usize, 2),
+        };
+        assert_eq!(frame.len(), start + len);
+        serde_json::from_slice(&frame[start..]).unwrap()
+    }
+
+    #[test]
+    fn subscribe_and_unsubscribe() {
+        assert_eq!(
+            parse(r#"{"type":"subscribe","topic":"orders:new"}"#),
+            Ok(ClientMessage::Subscribe {
+                topic: "orders:new".into()
+            })
+        );
+        assert_eq!(
+            parse(r#" {"topic":"a","type":"unsubscribe","extra":[1,2]} "#),
+            Ok(ClientMessage::Unsubscribe { topic: "a".into() })
+        );
+    }
+
+    #[test]
+    fn topics_borrow_unless_escaped() {
+        let Ok(ClientMessage::Subscribe { topic }) = parse(r#"{"type":"subscribe","topic":"abc"}"#)
+        else {
+            panic!()
+        };
+        assert!(matches!(topic, Cow::Borrowed("abc")));
+        let Ok(ClientMessage::Subscribe { topic }) =
+            parse(r#"{"type":"subscribe","topic":"a\u00e9"}"#)
+        else {
+            panic!()
+        };
+        assert_eq!(topic, "aé");
+    }
+
+    #[test]
+    fn publish_with_and_without_event_and_payload() {
+        let Ok(ClientMessage::Publish {
+            topic,
+            event,
+            payload,
+        }) = parse(r#"{"type":"message","topic":"room:1","event":"say","payload":{"text":"hi"}}"#)
+        else {
+            panic!()
+        };
+        assert_eq!(topic, "room:1");
+        assert_eq!(event.as_deref(), Some("say"));
+        assert_eq!(payload.map(RawValue::get), Some(r#"{"text":"hi"}"#));
+        assert_eq!(
+            parse(r#"{"type":"message","topic":"t"}"#),
+            Ok(ClientMessage::Publish {
+                topic: "t".into(),
+                event: None,
+                payload: None
+            })
+        );
+        assert_eq!(
+            err(r#"{"type":"message","topic":"t","event":3}"#),
+            "field `event` must be a string"
+        );
+    }
+
+    #[test]
+    fn ping_forms() {
+        assert_eq!(parse("ping"), Ok(ClientMessage::Ping));
+        assert_eq!(parse(" ping\n"), Ok(ClientMessage::Ping));
+        assert_eq!(parse(r#"{"type":"ping"}"#), Ok(ClientMessage::Ping));
+        assert_eq!(
+            err("pingx"),
+            "invalid JSON: expected value at line 1 column 1"
+        );
+    }
+
+    #[test]
+    fn set_topics_and_presence() {
+        assert_eq!(
+            parse(r#"{"topics":["cats","dogs"]}"#),
+            Ok(ClientMessage::SetTopics(vec!["cats".into(), "dogs".into()]))
+        );
+        assert_eq!(
+            parse(r#"{"topics":[]}"#),
+            Ok(ClientMessage::SetTopics(vec![]))
+        );
+        assert_eq!(
+            err(r#"{"topics":"cats"}"#),
+            "field `topics` must be an array of strings"
+        );
+        assert_eq!(
+            err(r#"{"topics":["ok",""]}"#),
+            "topic must be a non-empty string of at most 16 bytes"
+        );
+        assert_eq!(
+            parse(r#"{"type":"presence","topic":"room:1"}"#),
+            Ok(ClientMessage::Presence {
+                topic: "room:1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn error_texts() {
+        assert!(err("{").starts_with("invalid JSON: EOF while parsing an object"));
+        assert_eq!(err("[1,2]"), "message must be a JSON object");
+        assert_eq!(err("42"), "message must be a JSON object");
+        assert_eq!(err(r#"{"topic":"a"}"#), "missing field `type`");
+        assert_eq!(err(r#"{"type":"subscribe"}"#), "missing field `topic`");
+        assert_eq!(
+            err(r#"{"type":"subscribe","topic":null}"#),
+            "missing field `topic`"
+        );
+        assert_eq!(
+            err(r#"{"type":"dance","topic":"a"}"#),
+            "unknown message type `dance`"
+        );
+        assert_eq!(err(r#"{"type":7}"#), "field `type` must be a string");
+        let long_type = format!(r#"{{"type":"{}"}}"#, "x".repeat(200));
+        assert_eq!(
+            err(&long_type),
+            format!("unknown message type `{}`", "x".repeat(64))
+        );
+        for bad in [r#""""#, r#""aaaaaaaaaaaaaaaaa""#, r#""a\nb""#, "5", "[]"] {
+            let text = format!(r#"{{"type":"subscribe","topic":{bad}}}"#);
+            assert_eq!(
+                err(&text),
+                "topic must be a non-empty string of at most 16 bytes",
+                "{bad}"
+            );
+        }
+        assert!(err(r#"{"type":"subscribe","topic":"a","topic":"b"}"#)
+            .contains("duplicate field `topic`"));
+    }
+
+    #[test]
+    fn publish_body_rules() {
+        let full = parse_publish(
+            br#"{"topic":"t","event":"e","payload":{"a":[1, 2]},"user_id":"u1","x":1}"#,
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(
+            full,
+            PublishRequest {
+                topic: "t".into(),
+                event: "e".into(),
+                payload_json: r#"{"a":[1, 2]}"#.into(),
+                user_id: Some("u1".into()),
+            }
+        );
+        let bare = parse_publish(br#"{"topic":"t"}"#, MAX).unwrap();
+        assert_eq!(
+            (
+                bare.event.as_str(),
+                bare.payload_json.as_str(),
+                bare.user_id
+            ),
+            ("message", "null", None)
+        );
+        let message = parse_publish(br#"{"topic":"t","message":"hi \"you\""}"#, MAX).unwrap();
+        assert_eq!(message.event, "message");
+        assert_eq!(message.payload_json, r#""hi \"you\"""#);
+        let numeric = parse_publish(br#"{"topic":"t","user_id":42}"#, MAX).unwrap();
+        assert_eq!(numeric.user_id.as_deref(), Some("42"));
+        let null_user = parse_publish(br#"{"topic":"t","user_id":null}"#, MAX).unwrap();
+        assert_eq!(null_user.user_id, None);
+    }
+
+    #[test]
+    fn publish_body_errors() {
+        let e = |body: &[u8]| parse_publish(body, MAX).unwrap_err().to_string();
+        assert_eq!(e(br#"{"event":"x"}"#), "missing field `topic`");
+        assert_eq!(
+            e(br#"{"topic":"t","user_id":1.5}"#),
+            "field `user_id` must be a non-empty string or an integer"
+        );
+        assert_eq!(
+            e(br#"{"topic":"t","user_id":true}"#),
+            "field `user_id` must be a non-empty string or an integer"
+        );
+        assert_eq!(
+            e(br#"{"topic":"t","message":3}"#),
+            "field `message` must be a string"
+        );
+        assert_eq!(e(b"\xff"), "invalid JSON: body is not valid UTF-8");
+        assert_eq!(e(b"[]"), "message must be a JSON object");
+        assert!(e(b"").starts_with("invalid JSON: EOF while parsing"));
+    }
+
+    #[test]
+    fn user_id_from_json_forms() {
+        use serde_json::json;
+        assert_eq!(user_id_from_json(&json!("abc")).as_deref(), Some("abc"));
+        assert_eq!(user_id_from_json(&json!(-7)).as_deref(), Some("-7"));
+        assert_eq!(
+            user_id_from_json(&json!(18446744073709551615u64)).as_deref(),
+            Some("18446744073709551615")
+        );
+        assert_eq!(user_id_from_json(&json!("")), None);
+        assert_eq!(user_id_from_json(&json!(null)), None);
+        assert_eq!(user_id_from_json(&json!({"id": 1})), None);
+    }
+
+    #[test]
+    fn server_messages_are_framed_json() {
+        assert_eq!(
+            &subscribed("a\"b")[..],
+            b"\x81\x24{\"type\":\"subscribed\",\"topic\":\"a\\\"b\"}"
+        );
+        assert_eq!(
+            json_of(&unsubscribed("x")),
+            serde_json::json!({"type":"unsubscribed","topic":"x"})
+        );
+        assert_eq!(pong(), frame::text(br#"{"type":"pong"}"#));
+        assert_eq!(pong_text(), frame::text(b"pong"));
+        assert_eq!(
+            json_of(&error("bad\n")),
+            serde_json::json!({"type":"error","message":"bad\n"})
+        );
+        assert_eq!(
+            json_of(&push("room:1", "say", r#"{"text":"hi"}"#)),
+            serde_json::json!({"type":"push","topic":"room:1","event":"say","payload":{"text":"hi"}})
+        );
+        assert_eq!(
+            json_of(&push("t", "e", "")),
+            serde_json::json!({"type":"push","topic":"t","event":"e","payload":null})
+        );
+        assert_eq!(
+            json_of(&presence("t", 2, r#"[{"conn_id":1},{"conn_id":2}]"#)),
+            serde_json::json!({"type":"presence","topic":"t","count":2,"members":[{"conn_id":1},{"conn_id":2}]})
+        );
+        let big = push("t", "e", &format!("\"{}\"", "y".repeat(300)));
+        assert_eq!(json_of(&big)["payload"].as_str().map(str::len), Some(300));
+    }
+
+    #[test]
+    fn write_json_str_escapes_controls_and_unicode() {
+        let mut out = Vec::new();
+        write_json_str(&mut out, "a\u{1}é\"\\");
+        assert_eq!(out, r#""a\u0001é\"\\""#.as_bytes());
+    }
+}
