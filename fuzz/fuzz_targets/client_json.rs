@@ -1,0 +1,10 @@
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use ringcast::protocol::message::{parse_client, parse_publish};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = parse_client(text, 256);
+    }
+    let _ = parse_publish(data, 256);
+});

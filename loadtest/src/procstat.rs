@@ -1,0 +1,137 @@
+//! Reads process and machine CPU and memory from /proc, and raises
+//! RLIMIT_NOFILE. Linux only; every reader returns `None` rather than failing
+//! the run when /proc is not what it expects.
+
+use std::fs;
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Fields after the `(comm)` of /proc/PID/stat, so field 3 (state) is index 0.
+fn stat_fields(pid: &str) -> Option<Vec<String>> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// User + system CPU seconds of one process (all its threads).
+pub(crate) fn cpu_seconds(pid: &str) -> Option<f64> {
+    let f = stat_fields(pid)?;
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 here.
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clk_tck())
+}
+
+/// Resident set size of one process in bytes (VmRSS).
+pub(crate) fn rss_bytes(pid: &str) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The given pids plus their direct children (nginx workers under the master).
+pub(crate) fn with_children(pids: &[u32]) -> Vec<String> {
+    let mut out: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.bytes().all(|b| b.is_ascii_digit()) || out.contains(&name) {
+                continue;
+            }
+            if let Some(f) = stat_fields(&name) {
+                if let Some(ppid) = f.get(1).and_then(|p| p.parse::<u32>().ok()) {
+                    if pids.contains(&ppid) {
+                        out.push(name);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Summed CPU seconds and RSS of a set of processes; `None` if any is gone.
+pub(crate) fn sample(pids: &[String]) -> Option<(f64, u64)> {
+    let mut cpu = 0.0;
+    let mut rss = 0;
+    for p in pids {
+        cpu += cpu_seconds(p)?;
+        rss += rss_bytes(p)?;
+    }
+    Some((cpu, rss))
+}
+
+/// Machine-wide (busy, total) jiffies from the first line of /proc/stat.
+pub(crate) fn machine_jiffies() -> Option<(u64, u64)> {
+    let s = fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().next()?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle + iowait are fields 4 and 5.
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+    Some((total - idle, total))
+}
+
+/// Raises the soft (and if needed and permitted, hard) open-file limit to at
+/// least `want`; returns the resulting soft limit.
+pub(crate) fn raise_nofile(want: u64) -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid, writable rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 0;
+    }
+    if r.rlim_cur >= want {
+        return r.rlim_cur;
+    }
+    let nr_open = fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(r.rlim_max);
+    let target = want.min(nr_open.max(r.rlim_max));
+    let raised = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: r.rlim_max.max(target),
+    };
+    // SAFETY: `raised` is a valid rlimit struct; failure is reported by the return value.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return target;
+    }
+    let soft_only = libc::rlimit {
+        rlim_cur: r.rlim_max.min(want),
+        rlim_max: r.rlim_max,
+    };
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft_only) } == 0 {
+        return soft_only.rlim_cur;
+    }
+    r.rlim_cur
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_has_cpu_and_rss() {
+        let me = std::process::id().to_string();
+        assert!(cpu_seconds(&me).is_some());
+        assert!(rss_bytes(&me).unwrap() > 0);
+        let (busy, total) = machine_jiffies().unwrap();
+        assert!(busy <= total);
+    }
+}

@@ -1,0 +1,573 @@
+//! Open-loop publishers: one OS thread each with blocking sockets, so the
+//! schedule is kept by `nanosleep` rather than a millisecond timer wheel.
+//! Message `k` of publisher `p` is due at `t0 + (k * P + p) / rate`; a late
+//! publisher sends at once but keeps the scheduled time in the payload, so
+//! server stalls show up as latency instead of silently slowing the load
+//! (no coordinated omission). Responses are read by a separate thread per
+//! connection and never waited for before the next send (HTTP pipelining).
+
+use crate::account::Marker;
+use crate::clock::{now_ns, sleep_until};
+use crate::sub::new_histogram;
+use crate::ws::{self, Decoded, Upgrade, Url};
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Bytes a publisher batches into one `write` when it is behind schedule.
+/// Bounds the burst a stalled publisher emits per syscall.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// Topics one WebSocket publishing connection subscribes to; ringcast's default
+/// `max_subscriptions_per_connection` is 50.
+pub(crate) const WS_TOPICS_PER_CONN: usize = 50;
+
+/// How a message reaches the server.
+#[derive(Clone, Debug)]
+pub(crate) enum Via {
+    /// `POST` to a URL template; `json` wraps the marker as ringcast's
+    /// `{"topic":..,"message":..}`, otherwise the body is the raw marker.
+    Http { url: String, json: bool },
+    /// ringcast's `{"type":"message",..}` over a WebSocket subscribed to the topic.
+    Ws { url: String },
+}
+
+/// Counters summed over all publishers, reset by the main thread per epoch.
+#[derive(Default)]
+pub(crate) struct PubCounters {
+    /// Messages written to a socket.
+    pub(crate) sent: AtomicU64,
+    /// Sum over sent messages of the ready subscriber count of their topic.
+    pub(crate) expected: AtomicU64,
+    /// Deliveries expected for messages scheduled inside the measurement window.
+    pub(crate) measured_expected: AtomicU64,
+    /// 2xx HTTP responses.
+    pub(crate) ok: AtomicU64,
+    /// Non-2xx HTTP responses.
+    pub(crate) rejected: AtomicU64,
+    /// Messages that could not be written (connection failed).
+    pub(crate) write_failed: AtomicU64,
+    /// Publisher connections re-opened after a failure.
+    pub(crate) reconnects: AtomicU64,
+    /// Last non-2xx status line.
+    pub(crate) last_rejection: Mutex<Option<String>>,
+}
+
+impl PubCounters {
+    /// Resets all counters to zero.
+    pub(crate) fn reset(&self) {
+        for c in [
+            &self.sent,
+            &self.expected,
+            &self.measured_expected,
+            &self.ok,
+            &self.rejected,
+            &self.write_failed,
+            &self.reconnects,
+        ] {
+            c.store(0, Relaxed);
+        }
+    }
+}
+
+/// One epoch's schedule.
+#[derive(Clone, Debug)]
+pub(crate) struct Plan {
+    /// Epoch stamped into markers.
+    pub(crate) epoch: u32,
+    /// Schedule origin, process-clock ns.
+    pub(crate) t0: u64,
+    /// Messages with schedule time at or after this are measured.
+    pub(crate) measure_start: u64,
+    /// No message is scheduled at or after this.
+    pub(crate) end: u64,
+    /// Total messages per second over all publishers.
+    pub(crate) rate: f64,
+    /// Ready subscribers per topic, frozen before publishing.
+    pub(crate) topic_subs: Arc<Vec<u64>>,
+}
+
+struct TopicWire {
+    /// Everything before the body length digits (HTTP) or before the marker (WS).
+    head: Vec<u8>,
+    /// Bytes between the length header and the marker (HTTP body prefix).
+    body_prefix: Vec<u8>,
+    /// Bytes after the marker.
+    body_suffix: Vec<u8>,
+}
+
+struct PubConn {
+    stream: Option<TcpStream>,
+    /// Responses read so far on the current stream (HTTP pipelining window).
+    answered: Arc<AtomicU64>,
+    asked: u64,
+    out: Vec<u8>,
+    url: Url,
+    /// For WebSocket publishing: the topic indices this connection subscribed to.
+    topics: Vec<u32>,
+}
+
+/// One publisher and its connections.
+pub(crate) struct Publisher {
+    id: u32,
+    publishers: u32,
+    addr: SocketAddr,
+    via: Via,
+    names: Vec<String>,
+    wires: Vec<TopicWire>,
+    seq: Vec<u64>,
+    conns: Vec<PubConn>,
+    payload_bytes: usize,
+    pipeline_depth: u64,
+    counters: Arc<PubCounters>,
+    scratch: Vec<u8>,
+    rng: u64,
+}
+
+fn topic_conn(via: &Via, topic: usize) -> usize {
+    match via {
+        Via::Http { url, .. } if url.contains("{topic}") => 0,
+        Via::Http { .. } => 0,
+        Via::Ws { .. } => topic / WS_TOPICS_PER_CONN,
+    }
+}
+
+impl Publisher {
+    /// Opens the connections of publisher `id` (and, for WebSocket publishing,
+    /// subscribes them to their topics).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn connect(
+        id: u32,
+        publishers: u32,
+        addr: SocketAddr,
+        via: Via,
+        names: Vec<String>,
+        payload_bytes: usize,
+        pipeline_depth: u64,
+        counters: Arc<PubCounters>,
+    ) -> Result<Publisher> {
+        let mut wires = Vec::with_capacity(names.len());
+        let mut conns: Vec<PubConn> = Vec::new();
+        for (t, name) in names.iter().enumerate() {
+            match &via {
+                Via::Http { url, json } => {
+                    let u = Url::parse(&ws::fill(url, name))?;
+                    let ctype = if *json {
+                        "application/json"
+                    } else {
+                        "text/plain"
+                    };
+                    let head = format!(
+                        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: {ctype}\r\nContent-Length: ",
+                        u.path, u.authority
+                    );
+                    let (body_prefix, body_suffix) = if *json {
+                        (format!(r#"{{"topic":"{name}","message":""#), "\"}".to_string())
+                    } else {
+                        (String::new(), String::new())
+                    };
+                    wires.push(TopicWire {
+                        head: head.into_bytes(),
+                        body_prefix: body_prefix.into_bytes(),
+                        body_suffix: body_suffix.into_bytes(),
+                    });
+                    if conns.is_empty() {
+                        conns.push(PubConn::new(u, Vec::new()));
+                    }
+                }
+                Via::Ws { url } => {
+                    wires.push(TopicWire {
+                        head: format!(r#"{{"type":"message","topic":"{name}","event":"load","payload":""#)
+                            .into_bytes(),
+                        body_prefix: Vec::new(),
+                        body_suffix: b"\"}".to_vec(),
+                    });
+                    let c = topic_conn(&via, t);
+                    if conns.len() <= c {
+                        conns.push(PubConn::new(Url::parse(&ws::fill(url, name))?, Vec::new()));
+                    }
+                    conns[c].topics.push(t as u32);
+                }
+            }
+        }
+        let mut p = Publisher {
+            id,
+            publishers,
+            addr,
+            via,
+            seq: vec![0; names.len()],
+            names,
+            wires,
+            conns,
+            payload_bytes,
+            pipeline_depth: pipeline_depth.max(1),
+            counters,
+            scratch: Vec::with_capacity(payload_bytes + 256),
+            rng: 0x9e37_79b9_7f4a_7c15 ^ id as u64,
+        };
+        for c in 0..p.conns.len() {
+            p.open(c)?;
+        }
+        Ok(p)
+    }
+
+    fn open(&mut self, c: usize) -> Result<()> {
+        let stream = TcpStream::connect(self.addr).with_context(|| format!("publisher connect {}", self.addr))?;
+        stream.set_nodelay(true)?;
+        let answered = Arc::new(AtomicU64::new(0));
+        let mut reader = stream.try_clone()?;
+        let conn = &mut self.conns[c];
+        conn.asked = 0;
+        conn.answered = answered.clone();
+        match &self.via {
+            Via::Http { .. } => {
+                let counters = self.counters.clone();
+                std::thread::Builder::new()
+                    .name("pub-http-reader".into())
+                    .spawn(move || http_reader(&mut reader, &answered, &counters))?;
+            }
+            Via::Ws { .. } => {
+                let mut w = &stream;
+                w.write_all(&ws::upgrade_request(&conn.url, self.rng ^ c as u64))?;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let used = loop {
+                    let n = reader.read(&mut chunk)?;
+                    if n == 0 {
+                        bail!("publisher WebSocket closed during upgrade");
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    match ws::check_upgrade(&buf) {
+                        Upgrade::Done(u) => break u,
+                        Upgrade::Partial => {}
+                        Upgrade::Refused(s) => bail!("publisher upgrade refused: {s}"),
+                    }
+                };
+                buf.drain(..used);
+                let mut out = Vec::new();
+                for &t in &conn.topics {
+                    let msg = format!(r#"{{"type":"subscribe","topic":"{}"}}"#, self.names[t as usize]);
+                    ws::encode_masked(&mut out, ws::OP_TEXT, msg.as_bytes(), [9, 8, 7, 6]);
+                }
+                w.write_all(&out)?;
+                let want = conn.topics.len();
+                reader.set_read_timeout(Some(Duration::from_secs(10)))?;
+                while memchr::memmem::find_iter(&buf, br#""subscribed""#).count() < want {
+                    let n = reader.read(&mut chunk).context("publisher waiting for subscribe acks")?;
+                    if n == 0 {
+                        bail!("publisher WebSocket closed before its subscriptions were acknowledged");
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                reader.set_read_timeout(None)?;
+                std::thread::Builder::new()
+                    .name("pub-ws-reader".into())
+                    .spawn(move || ws_drain(&mut reader))?;
+            }
+        }
+        conn.stream = Some(stream);
+        Ok(())
+    }
+
+    fn next_mask(&mut self) -> [u8; 4] {
+        // xorshift64: masks need not be secret against our own test server.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng as u32).to_le_bytes()
+    }
+
+    fn encode(&mut self, topic: usize, m: &Marker) -> usize {
+        let c = topic_conn(&self.via, topic);
+        self.scratch.clear();
+        let w = &self.wires[topic];
+        match &self.via {
+            Via::Http { .. } => {
+                self.scratch.extend_from_slice(&w.body_prefix);
+                m.write_padded(&mut self.scratch, self.payload_bytes);
+                self.scratch.extend_from_slice(&w.body_suffix);
+                let out = &mut self.conns[c].out;
+                out.extend_from_slice(&w.head);
+                let _ = write!(out, "{}\r\n\r\n", self.scratch.len());
+                out.extend_from_slice(&self.scratch);
+            }
+            Via::Ws { .. } => {
+                self.scratch.extend_from_slice(&w.head);
+                m.write_padded(&mut self.scratch, self.payload_bytes);
+                self.scratch.extend_from_slice(&w.body_suffix);
+                let mask = self.next_mask();
+                ws::encode_masked(&mut self.conns[c].out, ws::OP_TEXT, &self.scratch, mask);
+            }
+        }
+        self.conns[c].asked += 1;
+        c
+    }
+
+    /// Publishes one epoch's schedule; returns the send-lag histogram (actual
+    /// write time minus scheduled time, ns).
+    pub(crate) fn run(&mut self, plan: &Plan) -> Histogram<u64> {
+        let mut lag = new_histogram();
+        if plan.rate <= 0.0 {
+            return lag;
+        }
+        let ns_per_msg = 1e9 / plan.rate;
+        let p = self.publishers as u64;
+        let topics = self.seq.len() as u64;
+        let offset = self.id as u64 * topics / p;
+        let sched = |k: u64| plan.t0 + (((k * p + self.id as u64) as f64) * ns_per_msg) as u64;
+        let mut k: u64 = 0;
+        // Per batch: (topic, measured) of each message, to count them once written.
+        let mut batch: Vec<(u32, bool, usize)> = Vec::with_capacity(1024);
+        loop {
+            let due = sched(k);
+            if due >= plan.end {
+                break;
+            }
+            sleep_until(due);
+            self.wait_pipeline();
+            let now = now_ns();
+            batch.clear();
+            let mut bytes = 0;
+            while bytes < MAX_BATCH_BYTES {
+                let due = sched(k);
+                if due > now || due >= plan.end {
+                    break;
+                }
+                let topic = ((k + offset) % topics) as usize;
+                let m = Marker {
+                    epoch: plan.epoch,
+                    publisher: self.id,
+                    topic: topic as u32,
+                    seq: self.seq[topic],
+                    sched_ns: due,
+                };
+                self.seq[topic] += 1;
+                let c = self.encode(topic, &m);
+                bytes += self.conns[c].out.len();
+                batch.push((topic as u32, due >= plan.measure_start, c));
+                lag.saturating_record(now.saturating_sub(due).max(1_000));
+                k += 1;
+            }
+            let mut failed_conns = 0u64;
+            for c in 0..self.conns.len() {
+                if self.conns[c].out.is_empty() {
+                    continue;
+                }
+                if !self.flush(c) {
+                    failed_conns |= 1 << c.min(63);
+                }
+            }
+            for &(topic, measured, c) in &batch {
+                if failed_conns & (1 << c.min(63)) != 0 {
+                    self.counters.write_failed.fetch_add(1, Relaxed);
+                    continue;
+                }
+                let subs = plan.topic_subs[topic as usize];
+                self.counters.sent.fetch_add(1, Relaxed);
+                self.counters.expected.fetch_add(subs, Relaxed);
+                if measured {
+                    self.counters.measured_expected.fetch_add(subs, Relaxed);
+                }
+            }
+        }
+        lag
+    }
+
+    /// Waits while any HTTP connection has `pipeline_depth` unanswered requests.
+    fn wait_pipeline(&self) {
+        if !matches!(self.via, Via::Http { .. }) {
+            return;
+        }
+        let deadline = now_ns() + 10_000_000_000;
+        for c in &self.conns {
+            while c.stream.is_some()
+                && c.asked.saturating_sub(c.answered.load(Relaxed)) >= self.pipeline_depth
+                && now_ns() < deadline
+            {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    /// Writes connection `c`'s buffer; on failure reopens the connection once.
+    fn flush(&mut self, c: usize) -> bool {
+        let ok = match self.conns[c].stream.as_mut() {
+            Some(s) => s.write_all(&self.conns[c].out).is_ok(),
+            None => false,
+        };
+        self.conns[c].out.clear();
+        if !ok {
+            self.conns[c].stream = None;
+            self.counters.reconnects.fetch_add(1, Relaxed);
+            let _ = self.open(c);
+        }
+        ok
+    }
+}
+
+impl PubConn {
+    fn new(url: Url, topics: Vec<u32>) -> PubConn {
+        PubConn {
+            stream: None,
+            answered: Arc::new(AtomicU64::new(0)),
+            asked: 0,
+            out: Vec::with_capacity(MAX_BATCH_BYTES + 4096),
+            url,
+            topics,
+        }
+    }
+}
+
+/// Outcome of parsing one HTTP response from the front of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Response {
+    /// Status code and bytes used.
+    Complete(u16, usize),
+    /// More bytes needed.
+    Partial,
+    /// Not HTTP.
+    Invalid,
+}
+
+/// Parses one HTTP/1.1 response (Content-Length or chunked body).
+pub(crate) fn parse_response(buf: &[u8]) -> Response {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut r = httparse::Response::new(&mut headers);
+    let head = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Response::Partial,
+        Err(_) => return Response::Invalid,
+    };
+    let code = r.code.unwrap_or(0);
+    let mut len: Option<usize> = None;
+    let mut chunked = false;
+    for h in r.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
+        }
+    }
+    if chunked {
+        let mut at = head;
+        loop {
+            let Some(eol) = memchr::memmem::find(&buf[at..], b"\r\n") else {
+                return Response::Partial;
+            };
+            let size_str = std::str::from_utf8(&buf[at..at + eol]).unwrap_or("");
+            let size_str = size_str.split(';').next().unwrap_or("").trim();
+            let Ok(size) = usize::from_str_radix(size_str, 16) else {
+                return Response::Invalid;
+            };
+            at += eol + 2;
+            if size == 0 {
+                // Trailers end with an empty line.
+                return match memchr::memmem::find(&buf[at..], b"\r\n") {
+                    Some(0) => Response::Complete(code, at + 2),
+                    Some(_) => match memchr::memmem::find(&buf[at..], b"\r\n\r\n") {
+                        Some(e) => Response::Complete(code, at + e + 4),
+                        None => Response::Partial,
+                    },
+                    None => Response::Partial,
+                };
+            }
+            if buf.len() < at + size + 2 {
+                return Response::Partial;
+            }
+            at += size + 2;
+        }
+    }
+    // 1xx, 204 and 304 have no body; otherwise no length means none was sent here.
+    let body = if code == 204 || code == 304 || (100..200).contains(&code) {
+        0
+    } else {
+        len.unwrap_or(0)
+    };
+    if buf.len() < head + body {
+        return Response::Partial;
+    }
+    Response::Complete(code, head + body)
+}
+
+fn http_reader(stream: &mut TcpStream, answered: &AtomicU64, counters: &PubCounters) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut have = 0;
+    loop {
+        if have == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = match stream.read(&mut buf[have..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        have += n;
+        let mut at = 0;
+        loop {
+            match parse_response(&buf[at..have]) {
+                Response::Complete(code, used) => {
+                    if (200..300).contains(&code) {
+                        counters.ok.fetch_add(1, Relaxed);
+                    } else {
+                        counters.rejected.fetch_add(1, Relaxed);
+                        if let Ok(mut l) = counters.last_rejection.lock() {
+                            let line = buf[at..at + used].split(|&b| b == b'\r').next().unwrap_or_default();
+                            *l = Some(String::from_utf8_lossy(line).into_owned());
+                        }
+                    }
+                    answered.fetch_add(1, Relaxed);
+                    at += used;
+                }
+                Response::Partial => break,
+                Response::Invalid => return,
+            }
+        }
+        buf.copy_within(at..have, 0);
+        have -= at;
+    }
+}
+
+fn ws_drain(stream: &mut TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut have = 0;
+    loop {
+        if have == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = match stream.read(&mut buf[have..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        have += n;
+        let mut at = 0;
+        loop {
+            match ws::decode(&buf[at..have]) {
+                Decoded::Complete(f) if f.opcode == ws::OP_CLOSE => return,
+                Decoded::Complete(f) => at += f.end(),
+                Decoded::Partial => break,
+                Decoded::Invalid(_) => return,
+            }
+        }
+        buf.copy_within(at..have, 0);
+        have -= at;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipelined_responses_with_length_and_chunked_bodies_parse() {
+        let a = b"HTTP/1.1 202 Accepted\r\nContent-Length: 22\r\n\r\n{\"delivered_shards\":1}";
+        assert_eq!(parse_response(a), Response::Complete(202, a.len()));
+        assert_eq!(parse_response(&a[..a.len() - 1]), Response::Partial);
+        let c = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nHTTP/1.1";
+        assert_eq!(parse_response(c), Response::Complete(201, c.len() - 8));
+        assert_eq!(parse_response(b"HTTP/1.1 204 No Content\r\n\r\n"), Response::Complete(204, 27));
+        assert_eq!(parse_response(b"garbage\r\n\r\n"), Response::Invalid);
+    }
+}

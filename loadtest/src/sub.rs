@@ -1,0 +1,480 @@
+//! Subscriber connections: one tokio task per WebSocket, each with a few dozen
+//! bytes of its own state. Reads go into one buffer per worker thread (only a
+//! partial frame tail is ever copied into the connection), deliveries are
+//! classified with `account` and recorded into per-thread statistics that the
+//! main thread sums when it reads them. Nothing on the delivery path allocates.
+
+use crate::account::{DeliveryCounts, Marker, SeqWindow};
+use crate::clock::now_ns;
+use crate::ws::{self, Decoded, Upgrade};
+use hdrhistogram::Histogram;
+use std::cell::RefCell;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+
+/// Bytes read per `read` call on a worker thread. Large enough that a burst of
+/// fan-out frames is drained in one syscall (the "batched reads"), small enough
+/// to stay in L2 cache.
+const READ_BUF_BYTES: usize = 64 * 1024;
+
+/// Latency histogram bounds: 1 us to 10 min, 3 significant digits.
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    // Bounds are constants that hdrhistogram accepts (low >= 1, high >= 2 * low).
+    Histogram::new_with_bounds(1_000, 600_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Per worker thread statistics for the current epoch.
+pub(crate) struct ThreadStats {
+    /// Delivery classification counts.
+    pub(crate) counts: DeliveryCounts,
+    /// Latency (schedule to receipt, ns) of unique measured deliveries.
+    pub(crate) hist: Histogram<u64>,
+}
+
+/// Connection failure and lifecycle counters, shared by all subscriber tasks.
+#[derive(Default)]
+pub(crate) struct ConnCounters {
+    /// TCP connect failed or timed out.
+    pub(crate) connect_failed: AtomicU64,
+    /// The server answered the upgrade with something other than 101.
+    pub(crate) upgrade_refused: AtomicU64,
+    /// Connected but not acknowledged when the run started; excluded.
+    pub(crate) not_ready: AtomicU64,
+    /// Ready connections the server closed with a close frame.
+    pub(crate) closed_by_server: AtomicU64,
+    /// Ready connections that hit EOF or a socket error without a close frame.
+    pub(crate) dropped: AtomicU64,
+    /// Frames that broke RFC 6455.
+    pub(crate) protocol_errors: AtomicU64,
+    /// Last close code received (0 if none).
+    pub(crate) last_close_code: AtomicU32,
+}
+
+/// State shared by every subscriber task and the main thread.
+pub(crate) struct Shared {
+    /// Publisher count: sizes each subscriber's per-publisher window array.
+    pub(crate) publishers: usize,
+    /// Epoch whose deliveries are being counted.
+    pub(crate) epoch: AtomicU32,
+    /// Deliveries of messages scheduled at or after this instant are measured.
+    pub(crate) measure_start_ns: AtomicU64,
+    /// Set once publishing may start: later acks are excluded from the run.
+    pub(crate) frozen: AtomicBool,
+    /// Ready subscribers per topic.
+    pub(crate) topic_ready: Vec<AtomicU32>,
+    /// Ready subscriber total.
+    pub(crate) ready: AtomicU64,
+    /// Subscribers that finished trying (ready or failed).
+    pub(crate) settled: AtomicU64,
+    /// Failure counters.
+    pub(crate) conn: ConnCounters,
+    /// First error seen, for the report.
+    pub(crate) first_error: Mutex<Option<String>>,
+    /// Each worker thread's statistics, registered on first use.
+    pub(crate) threads: Mutex<Vec<Arc<Mutex<ThreadStats>>>>,
+}
+
+impl Shared {
+    /// New shared state for `topics` topics and `publishers` publishers.
+    pub(crate) fn new(topics: usize, publishers: usize) -> Shared {
+        Shared {
+            publishers,
+            epoch: AtomicU32::new(0),
+            measure_start_ns: AtomicU64::new(u64::MAX),
+            frozen: AtomicBool::new(false),
+            topic_ready: (0..topics).map(|_| AtomicU32::new(0)).collect(),
+            ready: AtomicU64::new(0),
+            settled: AtomicU64::new(0),
+            conn: ConnCounters::default(),
+            first_error: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn note_error(&self, msg: String) {
+        if let Ok(mut e) = self.first_error.lock() {
+            e.get_or_insert(msg);
+        }
+    }
+
+    /// Sums and resets every thread's statistics (called between epochs).
+    pub(crate) fn take_stats(&self) -> (DeliveryCounts, Histogram<u64>) {
+        let mut counts = DeliveryCounts::default();
+        let mut hist = new_histogram();
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for t in threads.iter() {
+            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+            counts.add(&t.counts);
+            // Same bounds on both sides, so `add` cannot fail.
+            let _ = hist.add(&t.hist);
+            t.counts = DeliveryCounts::default();
+            t.hist.reset();
+        }
+        (counts, hist)
+    }
+
+    /// Sums the unique delivery count without resetting (for early drain exit).
+    pub(crate) fn unique_so_far(&self) -> u64 {
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        threads
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).counts.unique)
+            .sum()
+    }
+}
+
+struct Local {
+    buf: Box<[u8]>,
+    stats: Arc<Mutex<ThreadStats>>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+}
+
+/// What one subscriber connects to and sends.
+pub(crate) struct SubSpec {
+    /// Server address.
+    pub(crate) addr: SocketAddr,
+    /// Upgrade request bytes (URL already filled in with the topic).
+    pub(crate) request: Vec<u8>,
+    /// Subscribe frame payload to send after the upgrade, if any.
+    pub(crate) subscribe: Option<Vec<u8>>,
+    /// Text that marks the subscription acknowledged; `None`: ready after upgrade.
+    pub(crate) ack: Option<Arc<[u8]>>,
+    /// Topic index.
+    pub(crate) topic: u32,
+    /// Local address to bind before connecting.
+    pub(crate) source: Option<Ipv4Addr>,
+}
+
+struct Conn {
+    topic: u32,
+    ready: bool,
+    excluded: bool,
+    ack: Option<Arc<[u8]>>,
+    windows: Box<[SeqWindow]>,
+    carry: Vec<u8>,
+    frag: Vec<u8>,
+    in_frag: bool,
+    pong: Option<Vec<u8>>,
+    close_code: Option<u16>,
+}
+
+enum Step {
+    More,
+    Closed,
+    Invalid(&'static str),
+}
+
+impl Conn {
+    /// Handles one complete message (text or binary).
+    fn message(&mut self, sh: &Shared, payload: &[u8], st: &mut ThreadStats, now: u64, epoch: u32, m0: u64) {
+        if !self.ready {
+            let acked = match &self.ack {
+                Some(tok) => memchr::memmem::find(payload, tok).is_some(),
+                None => true,
+            };
+            if acked {
+                self.mark_ready(sh);
+            }
+        }
+        let Some(m) = Marker::find(payload) else {
+            return;
+        };
+        if self.excluded || !self.ready {
+            return;
+        }
+        if m.epoch != epoch {
+            st.counts.stale += 1;
+            return;
+        }
+        if m.topic != self.topic {
+            st.counts.misrouted += 1;
+            return;
+        }
+        let Some(w) = self.windows.get_mut(m.publisher as usize) else {
+            st.counts.malformed += 1;
+            return;
+        };
+        let measured = m.sched_ns >= m0;
+        if st.counts.record(w.observe(m.seq), measured) && measured {
+            st.hist.saturating_record(now.saturating_sub(m.sched_ns).max(1_000));
+        }
+    }
+
+    fn mark_ready(&mut self, sh: &Shared) {
+        self.ready = true;
+        if sh.frozen.load(Relaxed) {
+            // Acknowledged after publishing began: its expected deliveries are not defined.
+            self.excluded = true;
+            return;
+        }
+        sh.topic_ready[self.topic as usize].fetch_add(1, Relaxed);
+        sh.ready.fetch_add(1, Relaxed);
+        sh.settled.fetch_add(1, Relaxed);
+    }
+
+    /// Consumes whole frames from `buf`; returns bytes used and what to do next.
+    fn frames(&mut self, sh: &Shared, buf: &[u8], st: &mut ThreadStats, now: u64) -> (usize, Step) {
+        let epoch = sh.epoch.load(Relaxed);
+        let m0 = sh.measure_start_ns.load(Relaxed);
+        let mut at = 0;
+        loop {
+            let f = match ws::decode(&buf[at..]) {
+                Decoded::Complete(f) => f,
+                Decoded::Partial => return (at, Step::More),
+                Decoded::Invalid(why) => return (at, Step::Invalid(why)),
+            };
+            let payload = &buf[at + f.payload_at..at + f.end()];
+            match f.opcode {
+                ws::OP_TEXT | ws::OP_BINARY if f.fin && !self.in_frag => {
+                    self.message(sh, payload, st, now, epoch, m0)
+                }
+                ws::OP_TEXT | ws::OP_BINARY if !self.in_frag => {
+                    self.in_frag = true;
+                    self.frag.clear();
+                    self.frag.extend_from_slice(payload);
+                }
+                ws::OP_CONT if self.in_frag => {
+                    self.frag.extend_from_slice(payload);
+                    if f.fin {
+                        self.in_frag = false;
+                        let frag = std::mem::take(&mut self.frag);
+                        self.message(sh, &frag, st, now, epoch, m0);
+                        self.frag = frag;
+                    }
+                }
+                ws::OP_PING => self.pong = Some(payload.to_vec()),
+                ws::OP_PONG => {}
+                ws::OP_CLOSE => {
+                    let code = if payload.len() >= 2 {
+                        u16::from_be_bytes([payload[0], payload[1]])
+                    } else {
+                        1005
+                    };
+                    self.close_code = Some(code);
+                    return (at + f.end(), Step::Closed);
+                }
+                _ => return (at, Step::Invalid("unexpected opcode")),
+            }
+            at += f.end();
+        }
+    }
+}
+
+/// Runs one subscriber until the server closes it or the runtime shuts down.
+pub(crate) async fn run(sh: Arc<Shared>, spec: SubSpec, gate: Arc<Semaphore>, timeout: Duration) {
+    let permit = gate.acquire().await;
+    let connected = tokio::time::timeout(timeout, connect(&spec)).await;
+    drop(permit);
+    let (mut stream, rest) = match connected {
+        Ok(Ok(v)) => v,
+        Ok(Err(ConnectError::Refused(status))) => {
+            sh.conn.upgrade_refused.fetch_add(1, Relaxed);
+            sh.settled.fetch_add(1, Relaxed);
+            sh.note_error(format!("upgrade refused: {status}"));
+            return;
+        }
+        Ok(Err(ConnectError::Io(e))) => {
+            sh.conn.connect_failed.fetch_add(1, Relaxed);
+            sh.settled.fetch_add(1, Relaxed);
+            sh.note_error(format!("connect: {e}"));
+            return;
+        }
+        Err(_) => {
+            sh.conn.connect_failed.fetch_add(1, Relaxed);
+            sh.settled.fetch_add(1, Relaxed);
+            sh.note_error("connect: timed out".into());
+            return;
+        }
+    };
+    let mut conn = Conn {
+        topic: spec.topic,
+        ready: false,
+        excluded: false,
+        ack: spec.ack.clone(),
+        windows: vec![SeqWindow::default(); sh.publishers].into_boxed_slice(),
+        carry: rest,
+        frag: Vec::new(),
+        in_frag: false,
+        pong: None,
+        close_code: None,
+    };
+    if conn.ack.is_none() {
+        conn.mark_ready(&sh);
+    }
+    let outcome = read_loop(&sh, &mut stream, &mut conn).await;
+    if !conn.ready {
+        // Settled as "not ready" by the main thread's deadline accounting.
+        return;
+    }
+    if conn.excluded {
+        return;
+    }
+    match outcome {
+        Step::Closed => {
+            sh.conn.closed_by_server.fetch_add(1, Relaxed);
+            sh.conn
+                .last_close_code
+                .store(conn.close_code.unwrap_or(0) as u32, Relaxed);
+            sh.note_error(format!("server closed a subscriber with code {}", conn.close_code.unwrap_or(0)));
+        }
+        Step::Invalid(why) => {
+            sh.conn.protocol_errors.fetch_add(1, Relaxed);
+            sh.note_error(format!("protocol error: {why}"));
+        }
+        Step::More => {
+            sh.conn.dropped.fetch_add(1, Relaxed);
+            sh.note_error("subscriber connection dropped".into());
+        }
+    }
+}
+
+async fn read_loop(sh: &Shared, stream: &mut TcpStream, conn: &mut Conn) -> Step {
+    // Frames that arrived together with the upgrade response.
+    if !conn.carry.is_empty() {
+        let carry = std::mem::take(&mut conn.carry);
+        let step = with_local(sh, |_, st| {
+            let (used, step) = conn.frames(sh, &carry, st, now_ns());
+            conn.carry = carry[used..].to_vec();
+            step
+        });
+        if !matches!(step, Step::More) {
+            return step;
+        }
+    }
+    loop {
+        if stream.readable().await.is_err() {
+            return Step::More;
+        }
+        let step = with_local(sh, |buf, st| {
+            let n = match stream.try_read(buf) {
+                Ok(0) => return Some(Step::More),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                Err(_) => return Some(Step::More),
+            };
+            let now = now_ns();
+            let step = if conn.carry.is_empty() {
+                let (used, step) = conn.frames(sh, &buf[..n], st, now);
+                conn.carry.extend_from_slice(&buf[used..n]);
+                step
+            } else {
+                let mut carry = std::mem::take(&mut conn.carry);
+                carry.extend_from_slice(&buf[..n]);
+                let (used, step) = conn.frames(sh, &carry, st, now);
+                carry.drain(..used);
+                conn.carry = carry;
+                step
+            };
+            match step {
+                Step::More => None,
+                other => Some(other),
+            }
+        });
+        if let Some(step) = step {
+            return step;
+        }
+        if let Some(p) = conn.pong.take() {
+            let mut out = Vec::with_capacity(p.len() + 8);
+            ws::encode_masked(&mut out, ws::OP_PONG, &p, [1, 2, 3, 4]);
+            if stream.write_all(&out).await.is_err() {
+                return Step::More;
+            }
+        }
+    }
+}
+
+fn with_local<R>(sh: &Shared, f: impl FnOnce(&mut [u8], &mut ThreadStats) -> R) -> R {
+    LOCAL.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let local = slot.get_or_insert_with(|| {
+            let stats = Arc::new(Mutex::new(ThreadStats {
+                counts: DeliveryCounts::default(),
+                hist: new_histogram(),
+            }));
+            sh.threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(stats.clone());
+            Local {
+                buf: vec![0u8; READ_BUF_BYTES].into_boxed_slice(),
+                stats,
+            }
+        });
+        let stats = local.stats.clone();
+        let mut st = stats.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut local.buf, &mut st)
+    })
+}
+
+enum ConnectError {
+    Io(std::io::Error),
+    Refused(String),
+}
+
+impl From<std::io::Error> for ConnectError {
+    fn from(e: std::io::Error) -> Self {
+        ConnectError::Io(e)
+    }
+}
+
+/// Opens a TCP connection from `source` (if given) with the port chosen at
+/// connect time, so each source address has its own ephemeral port space per
+/// destination.
+pub(crate) async fn tcp_connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> std::io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    if let Some(ip) = source {
+        let one: libc::c_int = 1;
+        // SAFETY: `sock` owns a valid socket fd for this call; the option value
+        // points to a live c_int of the length passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        sock.bind(SocketAddr::new(ip.into(), 0))?;
+    }
+    let stream = sock.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn connect(spec: &SubSpec) -> Result<(TcpStream, Vec<u8>), ConnectError> {
+    let mut stream = tcp_connect(spec.addr, spec.source).await?;
+    stream.write_all(&spec.request).await?;
+    let mut buf = Vec::with_capacity(512);
+    let used = loop {
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(ConnectError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match ws::check_upgrade(&buf) {
+            Upgrade::Done(used) => break used,
+            Upgrade::Partial => continue,
+            Upgrade::Refused(s) => return Err(ConnectError::Refused(s)),
+        }
+    };
+    if let Some(sub) = &spec.subscribe {
+        let mut out = Vec::with_capacity(sub.len() + 16);
+        ws::encode_masked(&mut out, ws::OP_TEXT, sub, [0x5a, 0xa5, 0x3c, 0xc3]);
+        stream.write_all(&out).await?;
+    }
+    Ok((stream, buf.split_off(used)))
+}

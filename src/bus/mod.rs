@@ -1,0 +1,330 @@
+//! The bus between shards: one bounded lock-free queue per ordered pair of
+//! shards, and an eventfd per shard to wake it.
+//!
+//! It knows envelopes and queues, not sockets. Queues are created at start-up
+//! and kept for the life of the process. A push to a full queue hands the
+//! envelope back to the caller, who decides: publishes are dropped and counted,
+//! control envelopes wait in the sender's backlog (see [`Outbox`]).
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
+
+/// Index of a shard, `0..shards`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardId(pub usize);
+
+/// Set of shards as a bitmask; the config caps shards at 64.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardSet(pub u64);
+
+impl ShardSet {
+    /// Adds a shard.
+    pub fn insert(&mut self, shard: ShardId) {
+        self.0 |= 1 << shard.0;
+    }
+    /// Removes a shard.
+    pub fn remove(&mut self, shard: ShardId) {
+        self.0 &= !(1 << shard.0);
+    }
+    /// True if no shard is in the set.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    /// The shards in the set, lowest first.
+    pub fn iter(self) -> impl Iterator<Item = ShardId> {
+        let mut bits = self.0;
+        std::iter::from_fn(move || {
+            if bits == 0 {
+                return None;
+            }
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            Some(ShardId(i))
+        })
+    }
+}
+
+/// A message from one shard to another.
+#[derive(Debug)]
+pub enum Envelope {
+    /// Deliver an already framed push to the local subscribers of `topic`.
+    Publish {
+        /// Topic name.
+        topic: Arc<str>,
+        /// The complete WebSocket frame, shared with every other receiver.
+        frame: Bytes,
+    },
+    /// The sender gained (`on`) or lost its first/last local subscriber of `topic`.
+    Interest {
+        /// Topic name.
+        topic: Arc<str>,
+        /// Gained or lost.
+        on: bool,
+        /// Echoed in the ack so the sender can match it to this notice.
+        epoch: u64,
+    },
+    /// The receiver has recorded an `Interest { on: true }` notice: publishes it
+    /// accepts from now on will be forwarded to the sender.
+    InterestAck {
+        /// Topic name.
+        topic: Arc<str>,
+        /// The epoch of the notice acknowledged.
+        epoch: u64,
+    },
+    /// Stop accepting, close every connection with 1001, and exit.
+    Shutdown,
+}
+
+impl Envelope {
+    /// Control envelopes must never be dropped: losing one corrupts routing state.
+    pub fn is_control(&self) -> bool {
+        !matches!(self, Envelope::Publish { .. })
+    }
+}
+
+/// An eventfd that a shard's ring reads, and the flag that spares senders a
+/// syscall when a wake-up is already pending.
+#[derive(Debug)]
+pub struct Waker {
+    fd: OwnedFd,
+    pending: AtomicBool,
+}
+
+impl Waker {
+    /// Creates an eventfd. Blocking, because io_uring returns EAGAIN for reads of O_NONBLOCK files instead of waiting.
+    pub fn new() -> io::Result<Waker> {
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Waker {
+            // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            pending: AtomicBool::new(false),
+        })
+    }
+
+    /// The eventfd, for the owning shard to read and register with its ring.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Wakes the owner unless a wake-up is already on its way.
+    pub fn wake(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            self.signal();
+        }
+    }
+
+    /// Writes the eventfd unconditionally (the kernel and timers use this path too).
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an fd we own. A full counter
+        // (EAGAIN) means a wake-up is pending anyway, so the result is ignored.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Called by the owner right after its eventfd read completes and before it
+    /// drains queues: any push after this point signals again.
+    pub fn rearm(&self) {
+        self.pending.store(false, Ordering::Release);
+    }
+}
+
+/// Every queue and waker of the process, shared by all shards.
+#[derive(Debug)]
+pub struct Bus {
+    shards: usize,
+    /// `queues[from * shards + to]`.
+    queues: Vec<ArrayQueue<Envelope>>,
+    wakers: Vec<Waker>,
+}
+
+impl Bus {
+    /// Creates the queues between `shards` shards, each holding `capacity` envelopes.
+    pub fn new(shards: usize, capacity: usize) -> io::Result<Bus> {
+        let queues = (0..shards * shards).map(|_| ArrayQueue::new(capacity.max(1))).collect();
+        let wakers = (0..shards).map(|_| Waker::new()).collect::<io::Result<_>>()?;
+        Ok(Bus { shards, queues, wakers })
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// The waker of `shard`.
+    pub fn waker(&self, shard: ShardId) -> &Waker {
+        &self.wakers[shard.0]
+    }
+
+    /// Queues an envelope without waking the receiver; on a full queue the
+    /// envelope comes back.
+    pub fn push(&self, from: ShardId, to: ShardId, envelope: Envelope) -> Result<(), Envelope> {
+        self.queues[from.0 * self.shards + to.0].push(envelope)
+    }
+
+    /// Takes one envelope sent from `from` to `to`.
+    pub fn pop(&self, from: ShardId, to: ShardId) -> Option<Envelope> {
+        self.queues[from.0 * self.shards + to.0].pop()
+    }
+
+    /// Sends `Shutdown` to every shard from outside the shards. Retries while a
+    /// queue is full, since shards drain their queues every loop turn.
+    pub fn shutdown_all(&self) {
+        for to in 0..self.shards {
+            let mut envelope = Envelope::Shutdown;
+            // The diagonal queue (to, to) is unused by shards; it carries outside control.
+            while let Err(back) = self.push(ShardId(to), ShardId(to), envelope) {
+                envelope = back;
+                std::thread::yield_now();
+            }
+            self.wakers[to].signal();
+        }
+    }
+}
+
+/// A shard's sending side: control envelopes that found their queue full wait
+/// here, in order, and go out before anything newer to the same shard.
+#[derive(Debug)]
+pub struct Outbox {
+    me: ShardId,
+    backlog: Vec<VecDeque<Envelope>>,
+    /// Shards that got envelopes since the last [`Outbox::wake_all`].
+    touched: ShardSet,
+}
+
+/// What happened to a publish handed to [`Outbox::send`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Queued for the receiver.
+    Queued,
+    /// The queue was full and the publish was dropped.
+    Dropped,
+}
+
+impl Outbox {
+    /// An outbox for shard `me`.
+    pub fn new(me: ShardId, shards: usize) -> Outbox {
+        Outbox {
+            me,
+            backlog: (0..shards).map(|_| VecDeque::new()).collect(),
+            touched: ShardSet::default(),
+        }
+    }
+
+    /// Sends an envelope. Publishes to a full queue are dropped; control
+    /// envelopes are kept and retried by [`Outbox::retry_backlog`].
+    pub fn send(&mut self, bus: &Bus, to: ShardId, envelope: Envelope) -> Sent {
+        let backlog = &mut self.backlog[to.0];
+        if !backlog.is_empty() {
+            if envelope.is_control() {
+                backlog.push_back(envelope);
+                return Sent::Queued;
+            }
+            return Sent::Dropped;
+        }
+        match bus.push(self.me, to, envelope) {
+            Ok(()) => {
+                self.touched.insert(to);
+                Sent::Queued
+            }
+            Err(back) if back.is_control() => {
+                backlog.push_back(back);
+                Sent::Queued
+            }
+            Err(_) => Sent::Dropped,
+        }
+    }
+
+    /// Moves backlogged control envelopes into their queues while there is room.
+    /// Returns true if any remain.
+    pub fn retry_backlog(&mut self, bus: &Bus) -> bool {
+        let mut left = false;
+        for (to, backlog) in self.backlog.iter_mut().enumerate() {
+            while let Some(envelope) = backlog.pop_front() {
+                match bus.push(self.me, ShardId(to), envelope) {
+                    Ok(()) => self.touched.insert(ShardId(to)),
+                    Err(back) => {
+                        backlog.push_front(back);
+                        left = true;
+                        break;
+                    }
+                }
+            }
+        }
+        left
+    }
+
+    /// Wakes every shard that received something since the last call: one
+    /// eventfd write per shard per loop turn at most.
+    pub fn wake_all(&mut self, bus: &Bus) {
+        for shard in self.touched.iter() {
+            bus.waker(shard).wake();
+        }
+        self.touched = ShardSet::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(topic: &str) -> Envelope {
+        Envelope::Publish { topic: topic.into(), frame: Bytes::from_static(b"x") }
+    }
+
+    #[test]
+    fn shard_set_iterates_its_members_in_order() {
+        let mut set = ShardSet::default();
+        set.insert(ShardId(5));
+        set.insert(ShardId(0));
+        set.insert(ShardId(63));
+        assert_eq!(set.iter().map(|s| s.0).collect::<Vec<_>>(), vec![0, 5, 63]);
+        set.remove(ShardId(5));
+        assert_eq!(set.iter().count(), 2);
+    }
+
+    #[test]
+    fn full_queue_drops_publishes_but_keeps_control_in_order() {
+        let bus = Bus::new(2, 1).unwrap();
+        let mut out = Outbox::new(ShardId(0), 2);
+        assert_eq!(out.send(&bus, ShardId(1), publish("a")), Sent::Queued);
+        assert_eq!(out.send(&bus, ShardId(1), publish("b")), Sent::Dropped);
+        let interest = |epoch| Envelope::Interest { topic: "t".into(), on: true, epoch };
+        assert_eq!(out.send(&bus, ShardId(1), interest(1)), Sent::Queued);
+        assert_eq!(out.send(&bus, ShardId(1), interest(2)), Sent::Queued);
+        // A publish may not overtake backlogged control envelopes.
+        assert_eq!(out.send(&bus, ShardId(1), publish("c")), Sent::Dropped);
+        assert!(matches!(bus.pop(ShardId(0), ShardId(1)), Some(Envelope::Publish { .. })));
+        assert!(out.retry_backlog(&bus));
+        assert!(matches!(bus.pop(ShardId(0), ShardId(1)), Some(Envelope::Interest { epoch: 1, .. })));
+        assert!(!out.retry_backlog(&bus));
+        assert!(matches!(bus.pop(ShardId(0), ShardId(1)), Some(Envelope::Interest { epoch: 2, .. })));
+        assert!(bus.pop(ShardId(0), ShardId(1)).is_none());
+    }
+
+    #[test]
+    fn waker_signals_once_until_rearmed() {
+        let waker = Waker::new().unwrap();
+        waker.wake();
+        waker.wake();
+        let mut value = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from our own eventfd.
+        let n = unsafe { libc::read(waker.raw_fd(), (&mut value as *mut u64).cast(), 8) };
+        assert_eq!(n, 8);
+        assert_eq!(value, 1, "second wake must not write again");
+        waker.rearm();
+        waker.wake();
+        // SAFETY: as above.
+        let n = unsafe { libc::read(waker.raw_fd(), (&mut value as *mut u64).cast(), 8) };
+        assert_eq!((n, value), (8, 1));
+    }
+}

@@ -1,0 +1,128 @@
+//! Per-shard counters, written only by their own shard and summed when read.
+//!
+//! Each shard owns one [`ShardStats`] and updates it with relaxed atomic
+//! stores: no other thread writes it, so the cache line stays on its core and an
+//! update costs what a plain add does. `/health` and `/metrics` read every
+//! shard's copy and sum them; a read may be a few updates behind, never wrong.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($( $(#[doc = $doc:literal])* $name:ident : $kind:literal ),* $(,)?) => {
+        /// Counters of one shard.
+        #[derive(Default, Debug)]
+        #[repr(align(128))]
+        pub struct ShardStats {
+            $( $(#[doc = $doc])* pub $name: AtomicU64, )*
+        }
+
+        impl ShardStats {
+            /// Name, Prometheus type, help text and current value of every counter.
+            pub fn each(&self) -> impl Iterator<Item = (&'static str, &'static str, &'static str, u64)> + '_ {
+                [
+                    $( (stringify!($name), $kind, concat!($($doc),*), self.$name.load(Ordering::Relaxed)), )*
+                ].into_iter()
+            }
+        }
+    };
+}
+
+counters! {
+    /// Open connections (HTTP and WebSocket).
+    connections: "gauge",
+    /// Connections accepted since start.
+    connections_accepted_total: "counter",
+    /// Connections refused because max_connections was reached.
+    connections_rejected_total: "counter",
+    /// Open WebSocket connections.
+    websockets: "gauge",
+    /// Topic subscriptions held by connections.
+    subscriptions: "gauge",
+    /// Topics with at least one local subscriber.
+    topics: "gauge",
+    /// HTTP requests parsed.
+    http_requests_total: "counter",
+    /// HTTP requests answered with a 4xx or 5xx status.
+    http_errors_total: "counter",
+    /// WebSocket messages received from clients.
+    messages_in_total: "counter",
+    /// Publishes accepted (HTTP or WebSocket).
+    publishes_total: "counter",
+    /// Frames queued to clients (pushes, replies, echoes).
+    messages_out_total: "counter",
+    /// Bytes received from clients.
+    bytes_in_total: "counter",
+    /// Bytes written to clients.
+    bytes_out_total: "counter",
+    /// Send submissions made to the kernel.
+    send_ops_total: "counter",
+    /// Error replies sent to WebSocket clients.
+    ws_errors_total: "counter",
+    /// Connections closed for a protocol violation or an oversize message.
+    protocol_closes_total: "counter",
+    /// Connections closed with 1013 because their outbound queue passed its limit.
+    slow_consumer_disconnects_total: "counter",
+    /// Publishes to another shard dropped because its bus queue was full.
+    bus_drops_total: "counter",
+    /// Envelopes sent to other shards.
+    bus_sent_total: "counter",
+    /// Envelopes received from other shards.
+    bus_received_total: "counter",
+}
+
+impl ShardStats {
+    /// Adds `n` to a counter. Only the owning shard calls this.
+    #[inline]
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    /// Subtracts `n` from a gauge. Only the owning shard calls this.
+    #[inline]
+    pub fn sub(counter: &AtomicU64, n: u64) {
+        counter.store(counter.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
+    }
+}
+
+/// Sum of one counter over all shards.
+pub fn total(shards: &[ShardStats], pick: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
+    shards.iter().map(|s| pick(s).load(Ordering::Relaxed)).sum()
+}
+
+/// Prometheus text exposition: each counter summed, then per shard.
+pub fn render_prometheus(shards: &[ShardStats]) -> String {
+    let mut out = String::with_capacity(4096);
+    let Some(first) = shards.first() else {
+        return out;
+    };
+    let names: Vec<_> = first.each().map(|(n, k, h, _)| (n, k, h)).collect();
+    let per_shard: Vec<Vec<u64>> = shards.iter().map(|s| s.each().map(|(.., v)| v).collect()).collect();
+    for (i, (name, kind, help)) in names.iter().enumerate() {
+        let sum: u64 = per_shard.iter().map(|v| v[i]).sum();
+        let _ = writeln!(out, "# HELP ringcast_{name} {help}");
+        let _ = writeln!(out, "# TYPE ringcast_{name} {kind}");
+        let _ = writeln!(out, "ringcast_{name} {sum}");
+        for (shard, values) in per_shard.iter().enumerate() {
+            let _ = writeln!(out, "ringcast_{name}{{shard=\"{shard}\"}} {}", values[i]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_sums_shards_and_lists_each() {
+        let shards = [ShardStats::default(), ShardStats::default()];
+        ShardStats::add(&shards[0].publishes_total, 3);
+        ShardStats::add(&shards[1].publishes_total, 4);
+        let text = render_prometheus(&shards);
+        assert!(text.contains("# TYPE ringcast_publishes_total counter\n"));
+        assert!(text.contains("\nringcast_publishes_total 7\n"));
+        assert!(text.contains("ringcast_publishes_total{shard=\"1\"} 4\n"));
+        assert_eq!(total(&shards, |s| &s.publishes_total), 7);
+    }
+}

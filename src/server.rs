@@ -1,0 +1,105 @@
+//! Starting and stopping the relay: binds one `SO_REUSEPORT` listener per
+//! shard, creates the bus, and runs each shard on its own thread.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::bus::{Bus, ShardId};
+use crate::config::Config;
+use crate::metrics::ShardStats;
+use crate::shard::{self, Shared};
+
+/// Backlog of each shard's listener: large enough for a connection storm of a
+/// load test without SYN drops; the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 65_535;
+
+/// A running relay.
+pub struct Server {
+    local_addr: SocketAddr,
+    bus: Arc<Bus>,
+    stats: Arc<[ShardStats]>,
+    shards: Vec<JoinHandle<io::Result<()>>>,
+}
+
+impl Server {
+    /// Binds the listeners and starts every shard.
+    pub fn start(config: Config) -> io::Result<Server> {
+        config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let shards = config.shards.get();
+        // Port 0 binds once to learn the port; the other shards join that port.
+        let first = bind_reuseport(config.listen)?;
+        let local_addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..shards {
+            listeners.push(bind_reuseport(local_addr)?);
+        }
+        let bus = Arc::new(Bus::new(shards, config.limits.bus_queue_capacity)?);
+        let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::default()).collect();
+        let shared = Shared { config: Arc::new(config), bus: bus.clone(), stats: stats.clone() };
+        let mut handles = Vec::with_capacity(shards);
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let shared = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("ringcast-shard-{i}"))
+                .spawn(move || shard::run(ShardId(i), shared, listener))?;
+            handles.push(handle);
+        }
+        Ok(Server { local_addr, bus, stats, shards: handles })
+    }
+
+    /// The address the listeners are bound to (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Per-shard statistics.
+    pub fn stats(&self) -> &[ShardStats] {
+        &self.stats
+    }
+
+    /// Asks every shard to stop accepting, close its connections with 1001 and exit.
+    pub fn shutdown(&self) {
+        self.bus.shutdown_all();
+    }
+
+    /// Waits for every shard thread; returns the first error a shard reported.
+    pub fn join(self) -> io::Result<()> {
+        let mut result = Ok(());
+        for handle in self.shards {
+            let outcome = handle.join().unwrap_or_else(|_| Err(io::Error::other("shard thread panicked")));
+            if result.is_ok() {
+                result = outcome;
+            }
+        }
+        result
+    }
+}
+
+fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Raises this process's open-file limit to its hard limit: every connection is an fd.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write a live local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}

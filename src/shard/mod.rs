@@ -1,0 +1,735 @@
+//! A shard: one OS thread running a tokio-uring loop that owns a listener, a
+//! slab of connections, a topic index and the shard's end of the bus.
+//!
+//! This is the only module that does I/O and the only one that names
+//! `tokio_uring`. The tokio-uring loop hosts the shard: it waits on the shard's
+//! eventfd and runs the timer. Socket I/O goes through the connection ring
+//! ([`ring`]), whose completions signal that same eventfd, as do other shards
+//! when they queue envelopes. Every wake-up runs one [`Shard::turn`]: handle
+//! completions, drain the bus, queue sends, submit once.
+
+mod conn;
+mod http;
+mod relay;
+mod ring;
+pub mod topics;
+
+use std::cell::RefCell;
+use std::io;
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use slab::Slab;
+
+use crate::bus::{Bus, Envelope, Outbox, Sent, ShardId};
+use crate::config::Config;
+use crate::metrics::ShardStats;
+use crate::protocol::frame::{self, FrameDecoder, FrameLimits};
+use crate::protocol::http::{parse_request, HttpLimits, Response};
+use crate::protocol::Decoded;
+
+use conn::{Closing, Conn, Enqueued, Phase, WsKind};
+use ring::{Completion, ConnRing, OpKind, Token};
+use topics::{ConnId, TopicId, TopicIndex};
+
+/// Completions handled per pass before the bus gets a turn, so a flood of
+/// receives cannot starve cross-shard deliveries (and vice versa).
+const COMPLETION_BATCH: usize = 1024;
+/// Envelopes drained from each peer shard per pass, for the same reason.
+const BUS_DRAIN_BOUND: usize = 256;
+/// Passes per wake-up before yielding to the timer task; a pass that found
+/// nothing to do ends the turn early.
+const MAX_PASSES_PER_TURN: usize = 8;
+/// Timer period for close deadlines and shutdown progress. Deadlines are
+/// seconds long, so a tenth of a second of slack is invisible.
+const TICK: Duration = Duration::from_millis(100);
+
+/// What every shard shares: configuration, bus and statistics.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) config: Arc<Config>,
+    pub(crate) bus: Arc<Bus>,
+    pub(crate) stats: Arc<[ShardStats]>,
+}
+
+/// Runs shard `id` on the calling thread until it has shut down.
+pub(crate) fn run(id: ShardId, shared: Shared, listener: TcpListener) -> io::Result<()> {
+    if shared.config.pin_cores {
+        pin_to_core(id.0);
+    }
+    tokio_uring::start(async move {
+        // The waker keeps its eventfd for other shards to write; the loop reads a duplicate.
+        // SAFETY: dup has no memory-safety preconditions; the result is checked.
+        let read_fd = unsafe { libc::dup(shared.bus.waker(id).raw_fd()) };
+        if read_fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `read_fd` is a fresh descriptor owned by nothing else.
+        let eventfd = tokio_uring::fs::File::from_std(unsafe { std::fs::File::from_raw_fd(read_fd) });
+        let shard = Rc::new(RefCell::new(Shard::new(id, shared, listener)?));
+        shard.borrow_mut().start()?;
+
+        let ticker = shard.clone();
+        tokio_uring::spawn(async move {
+            let mut interval = tokio::time::interval(TICK);
+            loop {
+                interval.tick().await;
+                ticker.borrow_mut().on_tick();
+            }
+        });
+
+        let mut buf = vec![0u8; 8];
+        loop {
+            let (result, back) = eventfd.read_at(buf, 0).await;
+            buf = back;
+            result?;
+            let mut shard = shard.borrow_mut();
+            shard.turn();
+            if shard.is_finished() {
+                return Ok(());
+            }
+        }
+    })
+}
+
+fn pin_to_core(shard: usize) {
+    let cores = crate::config::available_cores().get();
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it; the call only
+    // reads the set. Failure (e.g. a restricted cpuset) leaves the thread unpinned.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(shard % cores, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Result of feeding input to one connection.
+enum Step {
+    /// This many bytes were used; call again with the rest.
+    Consumed(usize),
+    /// More input is needed.
+    Partial,
+    /// The connection stopped reading (closing or upgraded into a dead end).
+    Stop,
+}
+
+/// State of one shard. Lives on its own thread, reached only through `&mut`.
+pub(crate) struct Shard {
+    id: ShardId,
+    shared: Shared,
+    ring: ConnRing,
+    listener: Option<TcpListener>,
+    conns: Slab<Conn>,
+    /// Stamped on each new connection so completions of a previous owner of
+    /// the same slot are recognised.
+    next_generation: u32,
+    /// Connections allowed on this shard: the global limit split evenly.
+    max_conns: usize,
+    topics: TopicIndex,
+    outbox: Outbox,
+    /// Connections with queued output, in the order they got it.
+    dirty: Vec<usize>,
+    /// Connections whose receive ended with ENOBUFS and must be re-armed.
+    rearm: Vec<usize>,
+    /// Connections waiting for a close deadline.
+    closing: Vec<(usize, u32)>,
+    completions: Vec<Completion>,
+    /// Set when shutdown began: the deadline for closing every connection.
+    shutdown_deadline: Option<Instant>,
+    accept_armed: bool,
+    next_epoch: u64,
+}
+
+impl Shard {
+    fn new(id: ShardId, shared: Shared, listener: TcpListener) -> io::Result<Shard> {
+        let ring = ConnRing::new(shared.bus.waker(id).raw_fd())?;
+        let config = &shared.config;
+        let shards = config.shards.get();
+        Ok(Shard {
+            id,
+            ring,
+            listener: Some(listener),
+            conns: Slab::new(),
+            next_generation: 0,
+            max_conns: config.limits.max_connections.div_ceil(shards),
+            topics: TopicIndex::new(config.limits.max_topics_per_shard),
+            outbox: Outbox::new(id, shards),
+            dirty: Vec::new(),
+            rearm: Vec::new(),
+            closing: Vec::new(),
+            completions: Vec::with_capacity(COMPLETION_BATCH),
+            shutdown_deadline: None,
+            accept_armed: false,
+            next_epoch: 1,
+            shared,
+        })
+    }
+
+    fn start(&mut self) -> io::Result<()> {
+        self.arm_accept();
+        self.ring.submit()?;
+        Ok(())
+    }
+
+    fn stats(&self) -> &ShardStats {
+        &self.shared.stats[self.id.0]
+    }
+
+    fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    fn is_finished(&self) -> bool {
+        self.shutdown_deadline.is_some() && self.conns.is_empty() && !self.accept_armed
+    }
+
+    fn arm_accept(&mut self) {
+        let Some(listener) = &self.listener else { return };
+        if self.shutdown_deadline.is_none() && self.ring.accept(listener.as_raw_fd()).is_ok() {
+            self.accept_armed = true;
+        }
+    }
+
+    /// One wake-up: completions, bus, sends, one submission.
+    fn turn(&mut self) {
+        self.shared.bus.waker(self.id).rearm();
+        for _ in 0..MAX_PASSES_PER_TURN {
+            let mut progressed = self.handle_completions();
+            progressed |= self.drain_bus();
+            self.flush();
+            if !progressed {
+                return;
+            }
+        }
+        // Work left after the pass bound: come back after the timer task had its turn.
+        self.shared.bus.waker(self.id).signal();
+    }
+
+    fn handle_completions(&mut self) -> bool {
+        let mut batch = std::mem::take(&mut self.completions);
+        self.ring.drain(&mut batch, COMPLETION_BATCH);
+        let progressed = !batch.is_empty();
+        for completion in batch.drain(..) {
+            match completion.token.kind {
+                OpKind::Accept => self.on_accept(completion),
+                OpKind::Recv => self.on_recv(completion),
+                OpKind::Send => self.on_send(completion),
+                OpKind::Cancel => {}
+            }
+        }
+        self.completions = batch;
+        progressed
+    }
+
+    fn drain_bus(&mut self) -> bool {
+        let bus = self.shared.bus.clone();
+        let mut progressed = false;
+        for from in 0..bus.shards() {
+            for _ in 0..BUS_DRAIN_BOUND {
+                let Some(envelope) = bus.pop(ShardId(from), self.id) else { break };
+                progressed = true;
+                ShardStats::add(&self.stats().bus_received_total, 1);
+                self.on_envelope(ShardId(from), envelope);
+            }
+        }
+        progressed
+    }
+
+    /// Queues sends for connections with output, re-arms receives, pushes the
+    /// bus backlog, wakes peers and submits everything in one system call.
+    fn flush(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &key in &dirty {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            conn.dirty = false;
+            if let Some(msg) = conn.prepare_send() {
+                let (fd, generation) = (conn.fd, conn.generation);
+                // SAFETY: `msg` points into the connection's boxed in-flight
+                // state, which keeps it and its frames until `on_send` runs.
+                if unsafe { self.ring.send(fd, msg, key as u32, generation) }.is_err() {
+                    self.conns[key].fail_send();
+                    self.terminate(key);
+                    continue;
+                }
+                ShardStats::add(&self.stats().send_ops_total, 1);
+            }
+        }
+        self.dirty = dirty;
+        self.dirty.clear();
+        for key in std::mem::take(&mut self.rearm) {
+            self.arm_recv(key);
+        }
+        if self.outbox.retry_backlog(&self.shared.bus) {
+            // Room will appear when the peer drains; look again next tick at the latest.
+        }
+        self.outbox.wake_all(&self.shared.bus);
+        if let Err(e) = self.ring.submit() {
+            tracing::error!(shard = self.id.0, "io_uring submit failed: {e}");
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        if let Some(deadline) = self.shutdown_deadline {
+            if now >= deadline {
+                let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+                for key in keys {
+                    self.terminate(key);
+                }
+            }
+        }
+        let closing = std::mem::take(&mut self.closing);
+        for (key, generation) in closing {
+            let Some(conn) = self.conns.get(key) else { continue };
+            if conn.generation != generation {
+                continue;
+            }
+            match conn.closing {
+                Closing::AfterFlush { deadline, .. } if now >= deadline => self.terminate(key),
+                Closing::AfterFlush { .. } => self.closing.push((key, generation)),
+                _ => {}
+            }
+        }
+        self.flush();
+        if self.is_finished() {
+            self.shared.bus.waker(self.id).signal();
+        }
+    }
+
+    // ---- accept ----------------------------------------------------------
+
+    fn on_accept(&mut self, c: Completion) {
+        if !c.more {
+            self.accept_armed = false;
+            if self.shutdown_deadline.is_none() && c.result != -libc::ECANCELED {
+                self.arm_accept();
+            }
+        }
+        if c.result < 0 {
+            if c.result != -libc::ECANCELED && c.result != -libc::EINVAL {
+                tracing::warn!(shard = self.id.0, "accept failed: {}", io::Error::from_raw_os_error(-c.result));
+            }
+            return;
+        }
+        let fd = c.result;
+        if self.shutdown_deadline.is_some() {
+            // SAFETY: `fd` is a socket the kernel just handed to us and nobody else holds.
+            unsafe { libc::close(fd) };
+            return;
+        }
+        set_nodelay(fd);
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let key = self.conns.insert(Conn::new(fd, generation));
+        ShardStats::add(&self.stats().connections, 1);
+        ShardStats::add(&self.stats().connections_accepted_total, 1);
+        if self.conns.len() > self.max_conns {
+            ShardStats::add(&self.stats().connections_rejected_total, 1);
+            let response = crate::protocol::http::error_json(503, "connection limit reached").keep_alive(false);
+            self.respond(key, response);
+            return;
+        }
+        self.arm_recv(key);
+    }
+
+    fn arm_recv(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if conn.recv_armed || conn.closing == Closing::Terminating {
+            return;
+        }
+        let (fd, generation) = (conn.fd, conn.generation);
+        if self.ring.recv(fd, key as u32, generation).is_ok() {
+            self.conns[key].recv_armed = true;
+        } else {
+            self.terminate(key);
+        }
+    }
+
+    /// The connection in `slot` if it is still the one the token was made for.
+    fn live(&self, token: Token) -> Option<usize> {
+        let key = token.slot as usize;
+        let conn = self.conns.get(key)?;
+        Token::same_generation(conn.generation, token.generation).then_some(key)
+    }
+
+    // ---- receive ---------------------------------------------------------
+
+    fn on_recv(&mut self, c: Completion) {
+        let live = self.live(c.token);
+        if let (Some(id), None) = (c.buffer, live) {
+            self.ring.recycle(id);
+        }
+        let Some(key) = live else { return };
+        if !c.more {
+            self.conns[key].recv_armed = false;
+        }
+        match c.result {
+            n if n > 0 => {
+                if let Some(id) = c.buffer {
+                    let data = self.ring.received(id, n as usize);
+                    // SAFETY: the buffer belongs to us until `recycle(id)` below;
+                    // the kernel does not write it meanwhile, and the memory is a
+                    // boxed slice owned by the ring that does not move or shrink.
+                    let data: &[u8] = unsafe { std::slice::from_raw_parts(data.as_ptr(), data.len()) };
+                    ShardStats::add(&self.stats().bytes_in_total, n as u64);
+                    self.on_input(key, data);
+                    self.ring.recycle(id);
+                }
+                if !c.more && self.conns.get(key).is_some_and(|c| c.closing != Closing::Terminating) {
+                    self.rearm.push(key);
+                }
+            }
+            0 => self.on_peer_eof(key),
+            e if e == -libc::ENOBUFS => self.rearm.push(key),
+            _ => self.terminate(key),
+        }
+        self.maybe_release(key);
+    }
+
+    fn on_peer_eof(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if conn.is_flushed() || matches!(conn.phase, Phase::WebSocket { .. }) {
+            self.terminate(key);
+        } else {
+            // A client may half-close after its last request; answer it first.
+            self.close_after_flush(key, true);
+        }
+    }
+
+    /// Feeds received bytes to the connection's protocol, keeping any
+    /// incomplete tail for the next receive.
+    fn on_input(&mut self, key: usize, data: &[u8]) {
+        let mut pending = std::mem::take(&mut self.conns[key].inbuf);
+        let from_pending = !pending.is_empty();
+        if from_pending {
+            pending.extend_from_slice(data);
+        }
+        let input: &[u8] = if from_pending { &pending } else { data };
+        let mut used = 0;
+        while used < input.len() {
+            match self.step(key, &input[used..]) {
+                Step::Consumed(n) => used += n,
+                Step::Partial => break,
+                Step::Stop => return,
+            }
+        }
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        conn.inbuf = if used == input.len() {
+            BytesMut::new()
+        } else if from_pending {
+            pending.advance(used);
+            pending
+        } else {
+            BytesMut::from(&data[used..])
+        };
+    }
+
+    fn step(&mut self, key: usize, input: &[u8]) -> Step {
+        let conn = &mut self.conns[key];
+        if conn.closing == Closing::Terminating {
+            return Step::Stop;
+        }
+        match &mut conn.phase {
+            Phase::Http => {
+                if conn.closing != Closing::No {
+                    return Step::Stop;
+                }
+                let limits = HttpLimits {
+                    max_header_bytes: self.shared.config.limits.max_http_header_bytes,
+                    max_body_bytes: self.shared.config.limits.max_http_body_bytes,
+                    ..HttpLimits::default()
+                };
+                match parse_request(input, &limits) {
+                    Ok(Decoded::Partial) => Step::Partial,
+                    Ok(Decoded::Complete(request, used)) => {
+                        ShardStats::add(&self.stats().http_requests_total, 1);
+                        self.handle_request(key, request);
+                        Step::Consumed(used)
+                    }
+                    Err(e) => {
+                        ShardStats::add(&self.stats().http_requests_total, 1);
+                        self.respond(key, e.response());
+                        Step::Stop
+                    }
+                }
+            }
+            Phase::WebSocket { kind, decoder } => {
+                let kind = *kind;
+                match decoder.decode(input) {
+                    Ok(Decoded::Partial) => Step::Partial,
+                    Ok(Decoded::Complete(incoming, used)) => {
+                        self.handle_ws(key, kind, incoming);
+                        Step::Consumed(used)
+                    }
+                    Err(e) => {
+                        ShardStats::add(&self.stats().protocol_closes_total, 1);
+                        self.close_ws(key, e.close_code(), &e.to_string());
+                        Step::Stop
+                    }
+                }
+            }
+        }
+    }
+
+    /// Switches a connection to WebSocket after the 101 response was queued.
+    fn upgrade(&mut self, key: usize, kind: WsKind) {
+        let limits = &self.shared.config.limits;
+        let decoder = FrameDecoder::new(FrameLimits {
+            max_frame_bytes: limits.max_message_bytes,
+            max_message_bytes: limits.max_message_bytes,
+        });
+        self.conns[key].phase = Phase::WebSocket { kind, decoder: Box::new(decoder) };
+        ShardStats::add(&self.stats().websockets, 1);
+    }
+
+    // ---- send ------------------------------------------------------------
+
+    fn on_send(&mut self, c: Completion) {
+        let Some(key) = self.live(c.token) else { return };
+        let conn = &mut self.conns[key];
+        if c.result < 0 {
+            conn.fail_send();
+            self.terminate(key);
+            self.maybe_release(key);
+            return;
+        }
+        let sent = conn.complete_send(c.result as usize);
+        let flushed = conn.is_flushed();
+        ShardStats::add(&self.stats().bytes_out_total, sent as u64);
+        if !flushed {
+            self.mark_dirty(key);
+        } else {
+            self.on_flushed(key);
+        }
+        self.maybe_release(key);
+    }
+
+    fn on_flushed(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        match conn.closing {
+            Closing::AfterFlush { then_terminate: true, .. } => self.terminate(key),
+            Closing::No => conn.release_idle_buffers(),
+            _ => {}
+        }
+    }
+
+    fn mark_dirty(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(key);
+        }
+    }
+
+    /// Queues a frame for a WebSocket, closing it as a slow consumer if the
+    /// frame does not fit its outbound budget.
+    fn send_frame(&mut self, key: usize, frame: Bytes) {
+        let budget = self.shared.config.limits.max_outbound_bytes_per_connection;
+        match self.conns[key].enqueue(frame, budget) {
+            Enqueued::Yes => {
+                ShardStats::add(&self.stats().messages_out_total, 1);
+                self.mark_dirty(key);
+            }
+            Enqueued::Discarded => {}
+            Enqueued::OverBudget => self.slow_consumer(key),
+        }
+    }
+
+    /// Queues an HTTP response; a `Connection: close` one ends the connection after it.
+    fn respond(&mut self, key: usize, response: Response) {
+        if response.status() >= 400 {
+            ShardStats::add(&self.stats().http_errors_total, 1);
+        }
+        let keep_alive = response.is_keep_alive();
+        self.conns[key].enqueue_final(response.encode());
+        self.mark_dirty(key);
+        if !keep_alive {
+            self.close_after_flush(key, true);
+        }
+    }
+
+    fn slow_consumer(&mut self, key: usize) {
+        ShardStats::add(&self.stats().slow_consumer_disconnects_total, 1);
+        self.conns[key].discard_queued();
+        self.close_ws(key, 1013, "slow consumer: outbound queue over its limit");
+    }
+
+    // ---- close -----------------------------------------------------------
+
+    /// Starts the WebSocket close handshake with `code`; the connection
+    /// receives nothing more and ends when the peer answers or the deadline passes.
+    fn close_ws(&mut self, key: usize, code: u16, reason: &str) {
+        let conn = &mut self.conns[key];
+        if conn.close_sent || conn.closing == Closing::Terminating {
+            return;
+        }
+        conn.close_sent = true;
+        conn.enqueue_final(frame::close(code, reason));
+        self.mark_dirty(key);
+        self.close_after_flush(key, false);
+    }
+
+    fn close_after_flush(&mut self, key: usize, then_terminate: bool) {
+        self.drop_subscriptions(key);
+        let deadline = Instant::now() + self.shared.config.close_timeout;
+        let conn = &mut self.conns[key];
+        match conn.closing {
+            Closing::Terminating => return,
+            Closing::AfterFlush { then_terminate: true, .. } => return,
+            _ => {}
+        }
+        conn.closing = Closing::AfterFlush { deadline, then_terminate };
+        let generation = conn.generation;
+        self.closing.push((key, generation));
+        if then_terminate && conn.is_flushed() {
+            self.terminate(key);
+        }
+    }
+
+    /// Shuts the socket down; the slot is freed once the kernel has returned
+    /// every operation on it.
+    fn terminate(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if conn.closing == Closing::Terminating {
+            return;
+        }
+        conn.closing = Closing::Terminating;
+        conn.discard_queued();
+        // SAFETY: shutdown on a socket fd we own; it ends pending receives and sends.
+        unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
+        self.drop_subscriptions(key);
+        self.maybe_release(key);
+    }
+
+    fn maybe_release(&mut self, key: usize) {
+        let Some(conn) = self.conns.get(key) else { return };
+        if conn.closing != Closing::Terminating || conn.recv_armed || conn.is_sending() {
+            return;
+        }
+        let conn = self.conns.remove(key);
+        // SAFETY: the fd is ours and no operation on it is pending any more.
+        unsafe { libc::close(conn.fd) };
+        ShardStats::sub(&self.stats().connections, 1);
+        if matches!(conn.phase, Phase::WebSocket { .. }) {
+            ShardStats::sub(&self.stats().websockets, 1);
+        }
+    }
+
+    // ---- bus ---------------------------------------------------------------
+
+    fn on_envelope(&mut self, from: ShardId, envelope: Envelope) {
+        match envelope {
+            Envelope::Publish { topic, frame } => {
+                if let Some(id) = self.topics.lookup(&topic) {
+                    self.deliver_local(id, &frame);
+                }
+            }
+            Envelope::Interest { topic, on, epoch } => {
+                self.topics.set_remote_interest(&topic, from, on);
+                if on {
+                    self.outbox.send(&self.shared.bus, from, Envelope::InterestAck { topic, epoch });
+                    ShardStats::add(&self.stats().bus_sent_total, 1);
+                }
+            }
+            Envelope::InterestAck { topic, epoch } => self.on_interest_ack(&topic, epoch),
+            Envelope::Shutdown => self.begin_shutdown(),
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        self.shutdown_deadline = Some(Instant::now() + self.shared.config.shutdown_timeout);
+        if let Some(listener) = self.listener.take() {
+            let fd = listener.into_raw_fd();
+            // SAFETY: shutting down our own listening socket fails its pending
+            // accept; the fd is then closed, the kernel keeps the file until the
+            // accept operation has completed.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RDWR);
+            }
+            let _ = self.ring.cancel_fd(fd);
+            // SAFETY: as above; `fd` came from `into_raw_fd` and is closed once.
+            unsafe { libc::close(fd) };
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            match self.conns[key].phase {
+                Phase::WebSocket { .. } => self.close_ws(key, 1001, "server shutting down"),
+                Phase::Http => self.close_after_flush(key, true),
+            }
+        }
+    }
+
+    // ---- fan-out -----------------------------------------------------------
+
+    /// Queues `frame` to every active local subscriber of a topic.
+    fn deliver_local(&mut self, id: TopicId, frame: &Bytes) {
+        let budget = self.shared.config.limits.max_outbound_bytes_per_connection;
+        let mut slow = Vec::new();
+        let mut delivered = 0u64;
+        for &ConnId(slot) in &self.topics.entry(id).subscribers {
+            let key = slot as usize;
+            let conn = &mut self.conns[key];
+            match conn.enqueue(frame.clone(), budget) {
+                Enqueued::Yes => {
+                    delivered += 1;
+                    if !conn.dirty {
+                        conn.dirty = true;
+                        self.dirty.push(key);
+                    }
+                }
+                Enqueued::Discarded => {}
+                Enqueued::OverBudget => slow.push(key),
+            }
+        }
+        ShardStats::add(&self.stats().messages_out_total, delivered);
+        for key in slow {
+            self.slow_consumer(key);
+        }
+    }
+
+    /// Delivers a framed push to local subscribers and forwards it to every
+    /// shard with interest. Returns how many shards took it.
+    fn publish(&mut self, topic: &str, frame: Bytes) -> usize {
+        ShardStats::add(&self.stats().publishes_total, 1);
+        let Some(id) = self.topics.lookup(topic) else { return 0 };
+        let mut shards = 0;
+        if !self.topics.entry(id).subscribers.is_empty() {
+            self.deliver_local(id, &frame);
+            shards += 1;
+        }
+        let entry = self.topics.entry(id);
+        let name = entry.name.clone();
+        for to in entry.remote.iter() {
+            let envelope = Envelope::Publish { topic: name.clone(), frame: frame.clone() };
+            match self.outbox.send(&self.shared.bus, to, envelope) {
+                Sent::Queued => {
+                    shards += 1;
+                    ShardStats::add(&self.stats().bus_sent_total, 1);
+                }
+                Sent::Dropped => ShardStats::add(&self.stats().bus_drops_total, 1),
+            }
+        }
+        shards
+    }
+}
+
+fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads an int from a live local; failure only costs latency.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}

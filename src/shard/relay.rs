@@ -1,0 +1,244 @@
+//! WebSocket messages on a shard: the JSON relay protocol on `/ws`, raw echo
+//! on `/echo`, control frames, and the subscription bookkeeping behind them.
+//!
+//! Subscribing to a topic this shard holds no subscriber of yet sends an
+//! interest notice to every other shard; the client gets `subscribed` once all
+//! of them have acknowledged it, so any publish accepted anywhere after that
+//! reply reaches it.
+
+use crate::bus::{Envelope, ShardId};
+use crate::metrics::ShardStats;
+use crate::protocol::frame::{self, Incoming};
+use crate::protocol::message::{self, ClientMessage};
+
+use super::conn::{Sub, WsKind};
+use super::topics::{ConnId, TopicId};
+use super::Shard;
+
+impl Shard {
+    pub(super) fn handle_ws(&mut self, key: usize, kind: WsKind, incoming: Incoming) {
+        if !matches!(incoming, Incoming::Fragment) {
+            ShardStats::add(&self.stats().messages_in_total, 1);
+        }
+        match incoming {
+            Incoming::Fragment | Incoming::Pong(_) => {}
+            Incoming::Ping(payload) => self.send_frame(key, frame::pong(&payload)),
+            Incoming::Close(code) => self.on_peer_close(key, code),
+            Incoming::Text(text) if self.conns[key].close_sent => drop(text),
+            Incoming::Binary(_) if self.conns[key].close_sent => {}
+            Incoming::Text(text) => match kind {
+                WsKind::Echo => self.send_frame(key, frame::text(&text)),
+                WsKind::Relay => self.handle_relay_text(key, &text),
+            },
+            Incoming::Binary(data) => match kind {
+                WsKind::Echo => self.send_frame(key, frame::binary(&data)),
+                WsKind::Relay => self.send_error(key, "binary messages are not supported on /ws; send JSON text"),
+            },
+        }
+    }
+
+    fn on_peer_close(&mut self, key: usize, code: Option<(u16, String)>) {
+        let conn = &mut self.conns[key];
+        if !conn.close_sent {
+            // RFC 6455 5.5.1: answer with the code the peer sent.
+            let code = code.map_or(1000, |(code, _)| code);
+            conn.close_sent = true;
+            conn.enqueue_final(frame::close(code, ""));
+            self.mark_dirty(key);
+        }
+        self.close_after_flush(key, true);
+    }
+
+    fn send_error(&mut self, key: usize, message: &str) {
+        ShardStats::add(&self.stats().ws_errors_total, 1);
+        self.send_frame(key, message::error(message));
+    }
+
+    fn handle_relay_text(&mut self, key: usize, text: &[u8]) {
+        // The frame decoder has validated UTF-8 for text messages.
+        let Ok(text) = std::str::from_utf8(text) else { return };
+        if text.trim() == "ping" {
+            self.send_frame(key, message::pong_text());
+            return;
+        }
+        let max_topic_bytes = self.config().limits.max_topic_bytes;
+        match message::parse_client(text, max_topic_bytes) {
+            Err(e) => self.send_error(key, &e.to_string()),
+            Ok(ClientMessage::Ping) => self.send_frame(key, message::pong()),
+            Ok(ClientMessage::Subscribe { topic }) => self.subscribe(key, &topic),
+            Ok(ClientMessage::Unsubscribe { topic }) => {
+                if let Some(id) = self.subscription(key, &topic) {
+                    self.unsubscribe(key, id);
+                }
+                self.send_frame(key, message::unsubscribed(&topic));
+            }
+            Ok(ClientMessage::SetTopics(topics)) => {
+                let wanted: Vec<&str> = topics.iter().map(|t| t.as_ref()).collect();
+                self.set_topics(key, &wanted);
+            }
+            Ok(ClientMessage::Publish { topic, event, payload }) => {
+                if self.subscription(key, &topic).is_none() {
+                    let message = format!("not subscribed to `{topic}`: subscribe before publishing to it");
+                    self.send_error(key, &message);
+                    return;
+                }
+                let event = event.as_deref().unwrap_or("message");
+                let payload = payload.map_or("null", |p| p.get());
+                self.publish(&topic, message::push(&topic, event, payload));
+            }
+            Ok(ClientMessage::Presence { .. }) => {
+                self.send_error(key, "presence is not tracked for this topic");
+            }
+        }
+    }
+
+    /// The topic id if the connection holds `topic` (active or waiting).
+    fn subscription(&self, key: usize, topic: &str) -> Option<TopicId> {
+        let id = self.topics.lookup(topic)?;
+        self.conns[key].subs.iter().any(|s| s.topic == id).then_some(id)
+    }
+
+    pub(super) fn subscribe(&mut self, key: usize, topic: &str) {
+        if let Some(id) = self.subscription(key, topic) {
+            // Idempotent; a waiting subscription gets its reply when the acks arrive.
+            if self.conns[key].subs.iter().any(|s| s.topic == id && s.pos.is_some()) {
+                self.send_frame(key, message::subscribed(topic));
+            }
+            return;
+        }
+        let max = self.config().limits.max_subscriptions_per_connection;
+        if self.conns[key].subs.len() >= max {
+            let message = format!("subscription limit of {max} reached; unsubscribe from a topic first");
+            self.send_error(key, &message);
+            return;
+        }
+        let id = match self.topics.get_or_insert(topic, true) {
+            Ok(id) => id,
+            Err(limit) => {
+                self.send_error(key, &limit.to_string());
+                return;
+            }
+        };
+        ShardStats::add(&self.stats().subscriptions, 1);
+        self.stats().topics.store(self.topics.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let shards = self.shared.bus.shards();
+        let entry = self.topics.entry_mut(id);
+        if entry.local_count() == 0 && shards > 1 {
+            let epoch = self.next_epoch;
+            self.next_epoch += 1;
+            entry.epoch = epoch;
+            entry.acks_pending = shards - 1;
+            entry.waiting.push(ConnId(key as u32));
+            let name = entry.name.clone();
+            self.conns[key].subs.push(Sub { topic: id, pos: None });
+            self.broadcast_control(|| Envelope::Interest { topic: name.clone(), on: true, epoch });
+        } else if entry.acks_pending > 0 {
+            entry.waiting.push(ConnId(key as u32));
+            self.conns[key].subs.push(Sub { topic: id, pos: None });
+        } else {
+            let pos = self.topics.add_subscriber(id, ConnId(key as u32));
+            self.conns[key].subs.push(Sub { topic: id, pos: Some(pos) });
+            self.send_frame(key, message::subscribed(topic));
+        }
+    }
+
+    pub(super) fn on_interest_ack(&mut self, topic: &str, epoch: u64) {
+        let Some(id) = self.topics.lookup(topic) else { return };
+        let entry = self.topics.entry_mut(id);
+        if entry.epoch != epoch || entry.acks_pending == 0 {
+            return;
+        }
+        entry.acks_pending -= 1;
+        if entry.acks_pending > 0 {
+            return;
+        }
+        let waiting = std::mem::take(&mut entry.waiting);
+        let name = entry.name.clone();
+        for conn in waiting {
+            let pos = self.topics.add_subscriber(id, conn);
+            let key = conn.0 as usize;
+            if let Some(sub) = self.conns[key].subs.iter_mut().find(|s| s.topic == id) {
+                sub.pos = Some(pos);
+            }
+            self.send_frame(key, message::subscribed(&name));
+        }
+    }
+
+    /// Removes one subscription of a connection, telling other shards when
+    /// this shard lost its last subscriber of the topic.
+    pub(super) fn unsubscribe(&mut self, key: usize, id: TopicId) {
+        let subs = &mut self.conns[key].subs;
+        let Some(index) = subs.iter().position(|s| s.topic == id) else { return };
+        let sub = subs.swap_remove(index);
+        match sub.pos {
+            Some(pos) => {
+                if let Some(moved) = self.topics.remove_subscriber(id, pos) {
+                    let moved_subs = &mut self.conns[moved.0 as usize].subs;
+                    if let Some(s) = moved_subs.iter_mut().find(|s| s.topic == id) {
+                        s.pos = Some(pos);
+                    }
+                }
+            }
+            None => self.topics.remove_waiting(id, ConnId(key as u32)),
+        }
+        ShardStats::sub(&self.stats().subscriptions, 1);
+        let entry = self.topics.entry_mut(id);
+        if entry.local_count() == 0 {
+            entry.acks_pending = 0;
+            if self.shared.bus.shards() > 1 {
+                let name = entry.name.clone();
+                let epoch = entry.epoch;
+                self.broadcast_control(|| Envelope::Interest { topic: name.clone(), on: false, epoch });
+            }
+            self.topics.remove_if_unused(id);
+        }
+        self.stats().topics.store(self.topics.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Removes every subscription of a connection (it is closing).
+    pub(super) fn drop_subscriptions(&mut self, key: usize) {
+        while let Some(sub) = self.conns.get(key).and_then(|c| c.subs.last().copied()) {
+            self.unsubscribe(key, sub.topic);
+        }
+    }
+
+    /// `{"topics":[...]}`: replaces the whole set, answering `unsubscribed`
+    /// for topics dropped and `subscribed` for topics added.
+    fn set_topics(&mut self, key: usize, wanted: &[&str]) {
+        let mut unique: Vec<&str> = Vec::with_capacity(wanted.len());
+        for &topic in wanted {
+            if !unique.contains(&topic) {
+                unique.push(topic);
+            }
+        }
+        let max = self.config().limits.max_subscriptions_per_connection;
+        if unique.len() > max {
+            let message = format!("subscription limit of {max} reached: {} topics requested", unique.len());
+            self.send_error(key, &message);
+            return;
+        }
+        let held: Vec<TopicId> = self.conns[key].subs.iter().map(|s| s.topic).collect();
+        for id in held {
+            let name = self.topics.entry(id).name.clone();
+            if !unique.contains(&name.as_ref()) {
+                self.unsubscribe(key, id);
+                self.send_frame(key, message::unsubscribed(&name));
+            }
+        }
+        for topic in unique {
+            if self.subscription(key, topic).is_none() {
+                self.subscribe(key, topic);
+            }
+        }
+    }
+
+    /// Sends a control envelope to every other shard; control is never dropped.
+    fn broadcast_control(&mut self, make: impl Fn() -> Envelope) {
+        for to in 0..self.shared.bus.shards() {
+            if to != self.id.0 {
+                self.outbox.send(&self.shared.bus, ShardId(to), make());
+                ShardStats::add(&self.stats().bus_sent_total, 1);
+            }
+        }
+    }
+}
