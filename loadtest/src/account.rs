@@ -120,13 +120,6 @@ pub(crate) enum Arrival {
     Duplicate,
 }
 
-impl Arrival {
-    /// True if this arrival adds one unique delivery.
-    pub(crate) fn is_unique(self) -> bool {
-        !matches!(self, Arrival::Duplicate)
-    }
-}
-
 /// Per (subscriber, publisher) record of received sequence numbers: the next
 /// expected one and a bitmask of which of the `SEQ_WINDOW` below it arrived.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -166,7 +166,10 @@ impl Publisher {
                         u.path, u.authority
                     );
                     let (body_prefix, body_suffix) = if *json {
-                        (format!(r#"{{"topic":"{name}","message":""#), "\"}".to_string())
+                        (
+                            format!(r#"{{"topic":"{name}","message":""#),
+                            "\"}".to_string(),
+                        )
                     } else {
                         (String::new(), String::new())
                     };
@@ -181,8 +184,10 @@ impl Publisher {
                 }
                 Via::Ws { url } => {
                     wires.push(TopicWire {
-                        head: format!(r#"{{"type":"message","topic":"{name}","event":"load","payload":""#)
-                            .into_bytes(),
+                        head: format!(
+                            r#"{{"type":"message","topic":"{name}","event":"load","payload":""#
+                        )
+                        .into_bytes(),
                         body_prefix: Vec::new(),
                         body_suffix: b"\"}".to_vec(),
                     });
@@ -216,7 +221,8 @@ impl Publisher {
     }
 
     fn open(&mut self, c: usize) -> Result<()> {
-        let stream = TcpStream::connect(self.addr).with_context(|| format!("publisher connect {}", self.addr))?;
+        let stream = TcpStream::connect(self.addr)
+            .with_context(|| format!("publisher connect {}", self.addr))?;
         stream.set_nodelay(true)?;
         let answered = Arc::new(AtomicU64::new(0));
         let mut reader = stream.try_clone()?;
@@ -250,16 +256,23 @@ impl Publisher {
                 buf.drain(..used);
                 let mut out = Vec::new();
                 for &t in &conn.topics {
-                    let msg = format!(r#"{{"type":"subscribe","topic":"{}"}}"#, self.names[t as usize]);
+                    let msg = format!(
+                        r#"{{"type":"subscribe","topic":"{}"}}"#,
+                        self.names[t as usize]
+                    );
                     ws::encode_masked(&mut out, ws::OP_TEXT, msg.as_bytes(), [9, 8, 7, 6]);
                 }
                 w.write_all(&out)?;
                 let want = conn.topics.len();
                 reader.set_read_timeout(Some(Duration::from_secs(10)))?;
                 while memchr::memmem::find_iter(&buf, br#""subscribed""#).count() < want {
-                    let n = reader.read(&mut chunk).context("publisher waiting for subscribe acks")?;
+                    let n = reader
+                        .read(&mut chunk)
+                        .context("publisher waiting for subscribe acks")?;
                     if n == 0 {
-                        bail!("publisher WebSocket closed before its subscriptions were acknowledged");
+                        bail!(
+                            "publisher WebSocket closed before its subscriptions were acknowledged"
+                        );
                     }
                     buf.extend_from_slice(&chunk[..n]);
                 }
@@ -318,7 +331,8 @@ impl Publisher {
         let p = self.publishers as u64;
         let topics = self.seq.len() as u64;
         let offset = self.id as u64 * topics / p;
-        let sched = |k: u64| plan.t0 + (((k * p + self.id as u64) as f64) * ns_per_msg) as u64;
+        let id = self.id as u64;
+        let sched = |k: u64| plan.t0 + (((k * p + id) as f64) * ns_per_msg) as u64;
         let mut k: u64 = 0;
         // Per batch: (topic, measured) of each message, to count them once written.
         let mut batch: Vec<(u32, bool, usize)> = Vec::with_capacity(1024);
@@ -395,8 +409,9 @@ impl Publisher {
 
     /// Writes connection `c`'s buffer; on failure reopens the connection once.
     fn flush(&mut self, c: usize) -> bool {
-        let ok = match self.conns[c].stream.as_mut() {
-            Some(s) => s.write_all(&self.conns[c].out).is_ok(),
+        let conn = &mut self.conns[c];
+        let ok = match conn.stream.as_mut() {
+            Some(s) => s.write_all(&conn.out).is_ok(),
             None => false,
         };
         self.conns[c].out.clear();
@@ -447,9 +462,14 @@ pub(crate) fn parse_response(buf: &[u8]) -> Response {
     let mut chunked = false;
     for h in r.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok());
+            len = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok());
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
+            chunked = h
+                .value
+                .windows(7)
+                .any(|w| w.eq_ignore_ascii_case(b"chunked"));
         }
     }
     if chunked {
@@ -514,7 +534,10 @@ fn http_reader(stream: &mut TcpStream, answered: &AtomicU64, counters: &PubCount
                     } else {
                         counters.rejected.fetch_add(1, Relaxed);
                         if let Ok(mut l) = counters.last_rejection.lock() {
-                            let line = buf[at..at + used].split(|&b| b == b'\r').next().unwrap_or_default();
+                            let line = buf[at..at + used]
+                                .split(|&b| b == b'\r')
+                                .next()
+                                .unwrap_or_default();
                             *l = Some(String::from_utf8_lossy(line).into_owned());
                         }
                     }
@@ -567,7 +590,10 @@ mod tests {
         assert_eq!(parse_response(&a[..a.len() - 1]), Response::Partial);
         let c = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nHTTP/1.1";
         assert_eq!(parse_response(c), Response::Complete(201, c.len() - 8));
-        assert_eq!(parse_response(b"HTTP/1.1 204 No Content\r\n\r\n"), Response::Complete(204, 27));
+        assert_eq!(
+            parse_response(b"HTTP/1.1 204 No Content\r\n\r\n"),
+            Response::Complete(204, 27)
+        );
         assert_eq!(parse_response(b"garbage\r\n\r\n"), Response::Invalid);
     }
 }

@@ -175,7 +175,15 @@ enum Step {
 
 impl Conn {
     /// Handles one complete message (text or binary).
-    fn message(&mut self, sh: &Shared, payload: &[u8], st: &mut ThreadStats, now: u64, epoch: u32, m0: u64) {
+    fn message(
+        &mut self,
+        sh: &Shared,
+        payload: &[u8],
+        st: &mut ThreadStats,
+        now: u64,
+        epoch: u32,
+        m0: u64,
+    ) {
         if !self.ready {
             let acked = match &self.ack {
                 Some(tok) => memchr::memmem::find(payload, tok).is_some(),
@@ -205,7 +213,8 @@ impl Conn {
         };
         let measured = m.sched_ns >= m0;
         if st.counts.record(w.observe(m.seq), measured) && measured {
-            st.hist.saturating_record(now.saturating_sub(m.sched_ns).max(1_000));
+            st.hist
+                .saturating_record(now.saturating_sub(m.sched_ns).max(1_000));
         }
     }
 
@@ -324,7 +333,10 @@ pub(crate) async fn run(sh: Arc<Shared>, spec: SubSpec, gate: Arc<Semaphore>, ti
             sh.conn
                 .last_close_code
                 .store(conn.close_code.unwrap_or(0) as u32, Relaxed);
-            sh.note_error(format!("server closed a subscriber with code {}", conn.close_code.unwrap_or(0)));
+            sh.note_error(format!(
+                "server closed a subscriber with code {}",
+                conn.close_code.unwrap_or(0)
+            ));
         }
         Step::Invalid(why) => {
             sh.conn.protocol_errors.fetch_add(1, Relaxed);
@@ -429,7 +441,10 @@ impl From<std::io::Error> for ConnectError {
 /// Opens a TCP connection from `source` (if given) with the port chosen at
 /// connect time, so each source address has its own ephemeral port space per
 /// destination.
-pub(crate) async fn tcp_connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> std::io::Result<TcpStream> {
+pub(crate) async fn tcp_connect(
+    addr: SocketAddr,
+    source: Option<Ipv4Addr>,
+) -> std::io::Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;
     if let Some(ip) = source {
         let one: libc::c_int = 1;

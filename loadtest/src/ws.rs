@@ -250,9 +250,14 @@ mod tests {
         assert_eq!(decode(b"\x81\x02h"), Decoded::Partial);
         let mut f = vec![0x82, 126, 0x01, 0x00];
         f.extend(std::iter::repeat(b'a').take(256));
-        assert!(matches!(decode(&f), Decoded::Complete(r) if r.payload_len == 256 && r.end() == 260));
+        assert!(
+            matches!(decode(&f), Decoded::Complete(r) if r.payload_len == 256 && r.end() == 260)
+        );
         assert_eq!(decode(&f[..100]), Decoded::Partial);
-        assert_eq!(decode(b"\x81\x82abcd"), Decoded::Invalid("masked server frame"));
+        assert_eq!(
+            decode(b"\x81\x82abcd"),
+            Decoded::Invalid("masked server frame")
+        );
     }
 
     #[test]
@@ -267,7 +272,9 @@ mod tests {
     fn upgrade_response_is_recognised() {
         assert_eq!(check_upgrade(b"HTTP/1.1 101 Switching"), Upgrade::Partial);
         assert_eq!(
-            check_upgrade(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00"),
+            check_upgrade(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00"
+            ),
             Upgrade::Done(55)
         );
         assert_eq!(

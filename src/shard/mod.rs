@@ -179,6 +179,10 @@ impl Shard {
         &self.shared.stats[self.id.0]
     }
 
+    fn update_topic_gauge(&self) {
+        self.stats().topics.store(self.topics.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn config(&self) -> &Config {
         &self.shared.config
     }
@@ -467,7 +471,10 @@ impl Shard {
                     }
                     Err(e) => {
                         ShardStats::add(&self.stats().protocol_closes_total, 1);
+                        // RFC 6455 7.1.7: after failing the connection there is
+                        // no handshake to wait for; drop it once the close is sent.
                         self.close_ws(key, e.close_code(), &e.to_string());
+                        self.close_after_flush(key, true);
                         Step::Stop
                     }
                 }
@@ -630,6 +637,7 @@ impl Shard {
             }
             Envelope::Interest { topic, on, epoch } => {
                 self.topics.set_remote_interest(&topic, from, on);
+                self.update_topic_gauge();
                 if on {
                     self.outbox.send(&self.shared.bus, from, Envelope::InterestAck { topic, epoch });
                     ShardStats::add(&self.stats().bus_sent_total, 1);

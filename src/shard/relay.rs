@@ -120,7 +120,7 @@ impl Shard {
             }
         };
         ShardStats::add(&self.stats().subscriptions, 1);
-        self.stats().topics.store(self.topics.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.update_topic_gauge();
         let shards = self.shared.bus.shards();
         let entry = self.topics.entry_mut(id);
         if entry.local_count() == 0 && shards > 1 {
@@ -192,7 +192,7 @@ impl Shard {
             }
             self.topics.remove_if_unused(id);
         }
-        self.stats().topics.store(self.topics.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.update_topic_gauge();
     }
 
     /// Removes every subscription of a connection (it is closing).

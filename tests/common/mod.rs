@@ -1,0 +1,219 @@
+//! Test harness: starts the real `ringcast` binary on port 0 and talks to it
+//! over real sockets with tungstenite's blocking client and raw HTTP.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+/// Every blocking read in the tests gives up after this, so a bug fails a test instead of hanging it.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub child: Child,
+    _config: Option<tempfile_path::TempPath>,
+}
+
+mod tempfile_path {
+    /// A file removed when dropped.
+    pub struct TempPath(pub std::path::PathBuf);
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl TestServer {
+    /// Starts ringcast with `shards` shards and an optional TOML config.
+    pub fn start(shards: usize, config_toml: Option<&str>) -> TestServer {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringcast"));
+        cmd.args(["--listen", "127.0.0.1:0", "--shards", &shards.to_string()]);
+        let config = config_toml.map(|text| {
+            let path = std::env::temp_dir().join(format!(
+                "ringcast-test-{}-{}.toml",
+                std::process::id(),
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+            ));
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(&path);
+            tempfile_path::TempPath(path)
+        });
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .env("RUST_LOG", "ringcast=warn")
+            .spawn()
+            .expect("ringcast binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("ringcast prints its address");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        TestServer { addr, child, _config: config }
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Opens a WebSocket on `path`.
+    pub fn ws(&self, path: &str) -> Ws {
+        let stream = TcpStream::connect(self.addr).unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let (socket, _) = tungstenite::client::client(self.ws_url(path), MaybeTlsStream::Plain(stream))
+            .unwrap_or_else(|e| panic!("upgrade on {path} failed: {e}"));
+        Ws(socket)
+    }
+
+    /// One HTTP request on a fresh connection; returns (status, body).
+    pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let body = body.unwrap_or("");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        let response = self.raw(request.as_bytes());
+        parse_response(&response)
+    }
+
+    /// Publishes over HTTP and returns the status.
+    pub fn publish(&self, json: &str) -> u16 {
+        self.http("POST", "/publish", Some(json)).0
+    }
+
+    /// Sends raw bytes, reads until the server closes, returns what came back.
+    pub fn raw(&self, bytes: &[u8]) -> String {
+        let mut stream = TcpStream::connect(self.addr).unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = stream.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Sum of one metric over shards, from `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, text) = self.http("GET", "/metrics", None);
+        let prefix = format!("ringcast_{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+
+    /// Value of one metric on one shard.
+    pub fn shard_metric(&self, name: &str, shard: usize) -> u64 {
+        let (_, text) = self.http("GET", "/metrics", None);
+        let prefix = format!("ringcast_{name}{{shard=\"{shard}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} of shard {shard} missing"))
+    }
+
+    /// Waits until `cond` holds, polling; panics after `IO_TIMEOUT`.
+    pub fn wait_for(&self, what: &str, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < IO_TIMEOUT, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill with our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn parse_response(response: &str) -> (u16, String) {
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"));
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+pub struct Ws(pub WebSocket<MaybeTlsStream<TcpStream>>);
+
+impl Ws {
+    pub fn send_text(&mut self, text: &str) {
+        self.0.send(Message::text(text)).unwrap();
+    }
+
+    /// Next text message, skipping pings; panics on close or timeout.
+    pub fn recv_text(&mut self) -> String {
+        loop {
+            match self.0.read().unwrap_or_else(|e| panic!("read failed: {e}")) {
+                Message::Text(t) => return t.to_string(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+    }
+
+    /// Next text message parsed as JSON.
+    pub fn recv_json(&mut self) -> serde_json::Value {
+        let text = self.recv_text();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON: {text:?}: {e}"))
+    }
+
+    pub fn subscribe(&mut self, topic: &str) {
+        self.send_text(&format!(r#"{{"type":"subscribe","topic":"{topic}"}}"#));
+        let reply = self.recv_json();
+        assert_eq!(reply, serde_json::json!({"type":"subscribed","topic":topic}));
+    }
+
+    /// Reads until the server's close frame and returns its code.
+    pub fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.0.read() {
+                Ok(Message::Close(Some(frame))) => return u16::from(frame.code),
+                Ok(Message::Close(None)) => return u16::from(CloseCode::Status),
+                Ok(_) => continue,
+                Err(e) => panic!("connection ended without a close frame: {e}"),
+            }
+        }
+    }
+
+    /// True if no message arrives within `wait`.
+    pub fn is_silent_for(&mut self, wait: Duration) -> bool {
+        if let MaybeTlsStream::Plain(s) = self.0.get_mut() {
+            s.set_read_timeout(Some(wait)).unwrap();
+        }
+        let result = match self.0.read() {
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                true
+            }
+            Ok(_) => false,
+            Err(e) => panic!("unexpected error: {e}"),
+        };
+        if let MaybeTlsStream::Plain(s) = self.0.get_mut() {
+            s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        }
+        result
+    }
+}
