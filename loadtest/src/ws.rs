@@ -275,7 +275,7 @@ mod tests {
             check_upgrade(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00"
             ),
-            Upgrade::Done(55)
+            Upgrade::Done(56)
         );
         assert_eq!(
             check_upgrade(b"HTTP/1.1 404 Not Found\r\n\r\n"),
