@@ -78,7 +78,7 @@ impl Shard {
         }
         match handshake::accept(request) {
             Ok(switching) => {
-                self.conns[key].enqueue_final(switching);
+                self.conns[key].out.enqueue_final(switching);
                 self.mark_dirty(key);
                 self.upgrade(key, kind);
             }

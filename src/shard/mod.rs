@@ -10,6 +10,7 @@
 
 mod conn;
 mod http;
+pub mod outbound;
 mod relay;
 mod ring;
 pub mod topics;
@@ -32,7 +33,8 @@ use crate::protocol::frame::{self, FrameDecoder, FrameLimits};
 use crate::protocol::http::{parse_request, HttpLimits, Response};
 use crate::protocol::Decoded;
 
-use conn::{Closing, Conn, Enqueued, Phase, WsKind};
+use conn::{Closing, Conn, Phase, WsKind};
+use outbound::Enqueued;
 use ring::{Completion, ConnRing, OpKind, Token};
 use topics::{ConnId, TopicId, TopicIndex};
 
@@ -250,12 +252,12 @@ impl Shard {
         for &key in &dirty {
             let Some(conn) = self.conns.get_mut(key) else { continue };
             conn.dirty = false;
-            if let Some(msg) = conn.prepare_send() {
+            if let Some(msg) = conn.out.prepare_send() {
                 let (fd, generation) = (conn.fd, conn.generation);
                 // SAFETY: `msg` points into the connection's boxed in-flight
                 // state, which keeps it and its frames until `on_send` runs.
                 if unsafe { self.ring.send(fd, msg, key as u32, generation) }.is_err() {
-                    self.conns[key].fail_send();
+                    self.conns[key].out.fail_send();
                     self.terminate(key);
                     continue;
                 }
@@ -396,7 +398,7 @@ impl Shard {
 
     fn on_peer_eof(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        if conn.is_flushed() || matches!(conn.phase, Phase::WebSocket { .. }) {
+        if conn.out.is_flushed() || matches!(conn.phase, Phase::WebSocket { .. }) {
             self.terminate(key);
         } else {
             // A client may half-close after its last request; answer it first.
@@ -499,13 +501,13 @@ impl Shard {
         let Some(key) = self.live(c.token) else { return };
         let conn = &mut self.conns[key];
         if c.result < 0 {
-            conn.fail_send();
+            conn.out.fail_send();
             self.terminate(key);
             self.maybe_release(key);
             return;
         }
-        let sent = conn.complete_send(c.result as usize);
-        let flushed = conn.is_flushed();
+        let sent = conn.out.complete_send(c.result as usize);
+        let flushed = conn.out.is_flushed();
         ShardStats::add(&self.stats().bytes_out_total, sent as u64);
         if !flushed {
             self.mark_dirty(key);
@@ -519,7 +521,7 @@ impl Shard {
         let conn = &mut self.conns[key];
         match conn.closing {
             Closing::AfterFlush { then_terminate: true, .. } => self.terminate(key),
-            Closing::No => conn.release_idle_buffers(),
+            Closing::No => conn.out.release_idle_buffers(),
             _ => {}
         }
     }
@@ -552,7 +554,7 @@ impl Shard {
             ShardStats::add(&self.stats().http_errors_total, 1);
         }
         let keep_alive = response.is_keep_alive();
-        self.conns[key].enqueue_final(response.encode());
+        self.conns[key].out.enqueue_final(response.encode());
         self.mark_dirty(key);
         if !keep_alive {
             self.close_after_flush(key, true);
@@ -561,7 +563,7 @@ impl Shard {
 
     fn slow_consumer(&mut self, key: usize) {
         ShardStats::add(&self.stats().slow_consumer_disconnects_total, 1);
-        self.conns[key].discard_queued();
+        self.conns[key].out.discard_queued();
         self.close_ws(key, 1013, "slow consumer: outbound queue over its limit");
     }
 
@@ -575,7 +577,7 @@ impl Shard {
             return;
         }
         conn.close_sent = true;
-        conn.enqueue_final(frame::close(code, reason));
+        conn.out.enqueue_final(frame::close(code, reason));
         self.mark_dirty(key);
         self.close_after_flush(key, false);
     }
@@ -592,7 +594,7 @@ impl Shard {
         conn.closing = Closing::AfterFlush { deadline, then_terminate };
         let generation = conn.generation;
         self.closing.push((key, generation));
-        if then_terminate && conn.is_flushed() {
+        if then_terminate && conn.out.is_flushed() {
             self.terminate(key);
         }
     }
@@ -605,7 +607,7 @@ impl Shard {
             return;
         }
         conn.closing = Closing::Terminating;
-        conn.discard_queued();
+        conn.out.discard_queued();
         // SAFETY: shutdown on a socket fd we own; it ends pending receives and sends.
         unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
         self.drop_subscriptions(key);
@@ -614,7 +616,7 @@ impl Shard {
 
     fn maybe_release(&mut self, key: usize) {
         let Some(conn) = self.conns.get(key) else { return };
-        if conn.closing != Closing::Terminating || conn.recv_armed || conn.is_sending() {
+        if conn.closing != Closing::Terminating || conn.recv_armed || conn.out.is_sending() {
             return;
         }
         let conn = self.conns.remove(key);

@@ -189,8 +189,11 @@ impl Ws {
     pub fn expect_close(&mut self) -> u16 {
         loop {
             match self.0.read() {
-                Ok(Message::Close(Some(frame))) => return u16::from(frame.code),
-                Ok(Message::Close(None)) => return u16::from(CloseCode::Status),
+                Ok(Message::Close(frame)) => {
+                    // tungstenite queued the close reply; send it so the server can finish.
+                    let _ = self.0.flush();
+                    return frame.map_or(u16::from(CloseCode::Status), |f| u16::from(f.code));
+                }
                 Ok(_) => continue,
                 Err(e) => panic!("connection ended without a close frame: {e}"),
             }

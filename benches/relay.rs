@@ -1,0 +1,198 @@
+//! Criterion benches for the shard's in-memory relay work: the topic index
+//! (subscribe, lookup, unsubscribe) and the fan-out of one publish to 10,000
+//! local subscribers, without any system call.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ringcast::protocol::message::push;
+use ringcast::shard::outbound::{Enqueued, Outbound};
+use ringcast::shard::topics::{ConnId, TopicIndex};
+
+/// Short runs keep `cargo bench` usable in CI; 3 s gives stable medians here.
+const MEASUREMENT_TIME: Duration = Duration::from_secs(3);
+
+const WARM_UP_TIME: Duration = Duration::from_secs(1);
+
+/// Each iteration does thousands of operations, so few samples suffice.
+const SAMPLE_SIZE: usize = 20;
+
+/// Typical event size in the load test.
+const PAYLOAD_BYTES: usize = 200;
+
+/// Default per-connection outbound budget.
+const OUTBOUND_BUDGET: usize = 1 << 20;
+
+const CONNS: usize = 10_000;
+const SUBSCRIBE_TOPICS: usize = 1_000;
+const LOOKUP_TOPICS: usize = 100_000;
+const LOOKUP_BATCH: usize = 1_000;
+
+/// Coprime with every count used here, so `i * STRIDE % n` visits `0..n` in a
+/// scattered order without a random number generator.
+const STRIDE: usize = 7_919;
+
+fn payload_json() -> String {
+    format!("{{\"text\":\"{}\"}}", "x".repeat(PAYLOAD_BYTES - 11))
+}
+
+fn topic_name(i: usize) -> String {
+    format!("room:{i}")
+}
+
+fn scattered(n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| i * STRIDE % n)
+}
+
+/// An index with one topic whose subscribers are connections `0..CONNS`, and
+/// each connection's position in it.
+fn one_topic_of(conns: usize) -> (TopicIndex, Vec<u32>) {
+    let mut index = TopicIndex::new(1);
+    let topic = index.get_or_insert("room:1", true).unwrap();
+    let positions = (0..conns as u32)
+        .map(|c| index.add_subscriber(topic, ConnId(c)))
+        .collect();
+    (index, positions)
+}
+
+fn topic_index(c: &mut Criterion) {
+    let mut group = c.benchmark_group("topic_index");
+    group.measurement_time(MEASUREMENT_TIME);
+    group.warm_up_time(WARM_UP_TIME);
+    group.sample_size(SAMPLE_SIZE);
+
+    let names: Vec<String> = (0..SUBSCRIBE_TOPICS).map(topic_name).collect();
+    group.throughput(Throughput::Elements(CONNS as u64));
+    group.bench_function("subscribe", |b| {
+        b.iter_batched(
+            || TopicIndex::new(SUBSCRIBE_TOPICS),
+            |mut index| {
+                for conn in 0..CONNS {
+                    let name = black_box(names[conn % SUBSCRIBE_TOPICS].as_str());
+                    let topic = index.get_or_insert(name, true).unwrap();
+                    black_box(index.add_subscriber(topic, ConnId(conn as u32)));
+                }
+                index
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    let mut index = TopicIndex::new(LOOKUP_TOPICS);
+    for i in 0..LOOKUP_TOPICS {
+        index.get_or_insert(&topic_name(i), true).unwrap();
+    }
+    let queries: Vec<String> = scattered(LOOKUP_TOPICS)
+        .take(LOOKUP_BATCH)
+        .map(topic_name)
+        .collect();
+    group.throughput(Throughput::Elements(LOOKUP_BATCH as u64));
+    group.bench_function("lookup", |b| {
+        b.iter(|| {
+            for name in &queries {
+                black_box(index.lookup(black_box(name)));
+            }
+        })
+    });
+    drop(index);
+
+    group.throughput(Throughput::Elements(CONNS as u64));
+    group.bench_function("unsubscribe", |b| {
+        b.iter_batched(
+            || one_topic_of(CONNS),
+            |(mut index, mut positions)| {
+                let topic = index.lookup("room:1").unwrap();
+                for conn in scattered(CONNS) {
+                    let pos = positions[conn];
+                    if let Some(moved) = index.remove_subscriber(topic, pos) {
+                        positions[moved.0 as usize] = pos;
+                    }
+                }
+                debug_assert!(index.entry(topic).subscribers.is_empty());
+                (index, positions)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+/// Encodes one push and queues it for every subscriber, as the shard does on publish.
+fn enqueue_publish(index: &TopicIndex, outbound: &mut [Outbound], payload: &str) -> Bytes {
+    let frame = push(black_box("room:1"), black_box("say"), black_box(payload));
+    let topic = index.lookup(black_box("room:1")).unwrap();
+    for &conn in &index.entry(topic).subscribers {
+        let queued = outbound[conn.0 as usize].enqueue(frame.clone(), OUTBOUND_BUDGET);
+        debug_assert_eq!(queued, Enqueued::Yes);
+    }
+    frame
+}
+
+/// Builds each subscriber's send and completes it as if the kernel took the
+/// whole frame; with `release`, an idle connection then drops its write
+/// buffers as the shard's `on_flushed` does.
+fn send_all(index: &TopicIndex, outbound: &mut [Outbound], frame_len: usize, release: bool) {
+    let topic = index.lookup("room:1").unwrap();
+    for &conn in &index.entry(topic).subscribers {
+        let out = &mut outbound[conn.0 as usize];
+        if let Some(msg) = out.prepare_send() {
+            black_box(msg);
+            black_box(out.complete_send(frame_len));
+            if release {
+                out.release_idle_buffers();
+            }
+        }
+    }
+}
+
+fn fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fanout");
+    group.measurement_time(MEASUREMENT_TIME);
+    group.warm_up_time(WARM_UP_TIME);
+    group.sample_size(SAMPLE_SIZE);
+    group.throughput(Throughput::Elements(CONNS as u64));
+
+    let payload = payload_json();
+    let (index, _) = one_topic_of(CONNS);
+    let mut outbound: Vec<Outbound> = (0..CONNS).map(|_| Outbound::default()).collect();
+
+    group.bench_function("one_publish_to_10k", |b| {
+        b.iter(|| {
+            let frame = enqueue_publish(&index, &mut outbound, &payload);
+            send_all(&index, &mut outbound, frame.len(), true);
+        })
+    });
+
+    // Same, but connections keep their queue and in-flight buffers between
+    // publishes: the cost of the allocations `release_idle_buffers` causes.
+    group.bench_function("one_publish_to_10k_kept_buffers", |b| {
+        b.iter(|| {
+            let frame = enqueue_publish(&index, &mut outbound, &payload);
+            send_all(&index, &mut outbound, frame.len(), false);
+        });
+        for out in &mut outbound {
+            out.release_idle_buffers();
+        }
+    });
+
+    // Only the encode and enqueue; the queues are drained (and released, as
+    // after a real send) outside the timed part.
+    group.bench_function("enqueue_only_10k", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let frame = enqueue_publish(&index, &mut outbound, &payload);
+                timed += start.elapsed();
+                send_all(&index, &mut outbound, frame.len(), true);
+            }
+            timed
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, topic_index, fanout);
+criterion_main!(benches);
