@@ -165,9 +165,11 @@ impl Config {
         })?;
         let mut config = Config::default();
         if let Some(listen) = file.listen {
-            config.listen = listen
-                .parse()
-                .map_err(|_| ConfigError::Invalid(format!("listen: `{listen}` is not an address like 127.0.0.1:8000")))?;
+            config.listen = listen.parse().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "listen: `{listen}` is not an address like 127.0.0.1:8000"
+                ))
+            })?;
         }
         if let Some(shards) = file.shards {
             config.set_shards(shards)?;
@@ -221,7 +223,10 @@ impl Config {
         let l = &self.limits;
         let positive = [
             ("max_message_bytes", l.max_message_bytes),
-            ("max_outbound_bytes_per_connection", l.max_outbound_bytes_per_connection),
+            (
+                "max_outbound_bytes_per_connection",
+                l.max_outbound_bytes_per_connection,
+            ),
             ("max_http_header_bytes", l.max_http_header_bytes),
             ("max_topic_bytes", l.max_topic_bytes),
             ("max_connections", l.max_connections),
@@ -230,7 +235,9 @@ impl Config {
         ];
         for (name, value) in positive {
             if value == 0 {
-                return Err(ConfigError::Invalid(format!("limits.{name} must be greater than 0")));
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be greater than 0"
+                )));
             }
         }
         Ok(())

@@ -75,13 +75,19 @@ impl ShardStats {
     /// Adds `n` to a counter. Only the owning shard calls this.
     #[inline]
     pub fn add(counter: &AtomicU64, n: u64) {
-        counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
     }
 
     /// Subtracts `n` from a gauge. Only the owning shard calls this.
     #[inline]
     pub fn sub(counter: &AtomicU64, n: u64) {
-        counter.store(counter.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_sub(n),
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -97,7 +103,10 @@ pub fn render_prometheus(shards: &[ShardStats]) -> String {
         return out;
     };
     let names: Vec<_> = first.each().map(|(n, k, h, _)| (n, k, h)).collect();
-    let per_shard: Vec<Vec<u64>> = shards.iter().map(|s| s.each().map(|(.., v)| v).collect()).collect();
+    let per_shard: Vec<Vec<u64>> = shards
+        .iter()
+        .map(|s| s.each().map(|(.., v)| v).collect())
+        .collect();
     for (i, (name, kind, help)) in names.iter().enumerate() {
         let sum: u64 = per_shard.iter().map(|v| v[i]).sum();
         let _ = writeln!(out, "# HELP ringcast_{name} {help}");

@@ -28,7 +28,9 @@ pub struct Server {
 impl Server {
     /// Binds the listeners and starts every shard.
     pub fn start(config: Config) -> io::Result<Server> {
-        config.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        config
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let shards = config.shards.get();
         // Port 0 binds once to learn the port; the other shards join that port.
         let first = bind_reuseport(config.listen)?;
@@ -39,7 +41,11 @@ impl Server {
         }
         let bus = Arc::new(Bus::new(shards, config.limits.bus_queue_capacity)?);
         let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::default()).collect();
-        let shared = Shared { config: Arc::new(config), bus: bus.clone(), stats: stats.clone() };
+        let shared = Shared {
+            config: Arc::new(config),
+            bus: bus.clone(),
+            stats: stats.clone(),
+        };
         let mut handles = Vec::with_capacity(shards);
         for (i, listener) in listeners.into_iter().enumerate() {
             let shared = shared.clone();
@@ -48,7 +54,12 @@ impl Server {
                 .spawn(move || shard::run(ShardId(i), shared, listener))?;
             handles.push(handle);
         }
-        Ok(Server { local_addr, bus, stats, shards: handles })
+        Ok(Server {
+            local_addr,
+            bus,
+            stats,
+            shards: handles,
+        })
     }
 
     /// The address the listeners are bound to (with the real port when 0 was asked).
@@ -70,7 +81,9 @@ impl Server {
     pub fn join(self) -> io::Result<()> {
         let mut result = Ok(());
         for handle in self.shards {
-            let outcome = handle.join().unwrap_or_else(|_| Err(io::Error::other("shard thread panicked")));
+            let outcome = handle
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("shard thread panicked")));
             if result.is_ok() {
                 result = outcome;
             }
@@ -80,7 +93,11 @@ impl Server {
 }
 
 fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
@@ -90,7 +107,10 @@ fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Raises this process's open-file limit to its hard limit: every connection is an fd.
 pub fn raise_fd_limit() -> io::Result<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit read and write a live local struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {

@@ -36,7 +36,11 @@ fn a_fragmented_message_is_reassembled() {
         assert!(n > 0, "closed early");
         got.extend_from_slice(&buf[..n]);
     }
-    assert_eq!(&got[..3], b"\x8a\x01p", "pong first, while the message is open");
+    assert_eq!(
+        &got[..3],
+        b"\x8a\x01p",
+        "pong first, while the message is open"
+    );
     assert_eq!(&got[3..], b"\x81\x05Hello");
 }
 
@@ -46,7 +50,9 @@ fn an_oversize_message_closes_with_1009() {
     let mut ws = server.ws("/echo");
     ws.0.send(Message::Binary(vec![0u8; 2048].into())).unwrap();
     assert_eq!(ws.expect_close(), 1009);
-    server.wait_for("the counter", || server.metric("protocol_closes_total") == 1);
+    server.wait_for("the counter", || {
+        server.metric("protocol_closes_total") == 1
+    });
 }
 
 #[test]
@@ -74,7 +80,11 @@ fn invalid_utf8_text_closes_with_1007() {
 fn a_client_close_is_answered_with_the_same_code() {
     let server = TestServer::start(1, None);
     let mut ws = server.ws("/echo");
-    ws.0.close(Some(tungstenite::protocol::CloseFrame { code: 4001u16.into(), reason: "bye".into() })).unwrap();
+    ws.0.close(Some(tungstenite::protocol::CloseFrame {
+        code: 4001u16.into(),
+        reason: "bye".into(),
+    }))
+    .unwrap();
     loop {
         match ws.0.read() {
             Ok(Message::Close(Some(frame))) => {
@@ -85,7 +95,9 @@ fn a_client_close_is_answered_with_the_same_code() {
             Err(e) => panic!("no close reply: {e}"),
         }
     }
-    server.wait_for("the connection to be released", || server.metric("connections") <= 1);
+    server.wait_for("the connection to be released", || {
+        server.metric("connections") <= 1
+    });
 }
 
 /// A raw socket after a successful upgrade on `path`.

@@ -11,7 +11,13 @@ fn status_of(server: &TestServer, raw: &str) -> (u16, String) {
 #[test]
 fn bad_publish_bodies_get_400_with_a_reason() {
     let server = TestServer::start(1, None);
-    for body in ["{not json", r#"{"payload":1}"#, r#"{"topic":""}"#, r#"{"topic":5}"#, "[]"] {
+    for body in [
+        "{not json",
+        r#"{"payload":1}"#,
+        r#"{"topic":""}"#,
+        r#"{"topic":5}"#,
+        "[]",
+    ] {
         let (status, reply) = server.http("POST", "/publish", Some(body));
         assert_eq!(status, 400, "for {body}: {reply}");
         let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
@@ -52,16 +58,29 @@ fn a_non_json_content_type_gets_415() {
 fn malformed_requests_and_oversize_heads_are_refused() {
     let server = TestServer::start(1, Some("[limits]\nmax_http_header_bytes = 1024\n"));
     assert_eq!(status_of(&server, "GARBAGE\r\n\r\n").0, 400);
-    assert_eq!(status_of(&server, "GET / HTTP/1.1\r\nBad Header\r\n\r\n").0, 400);
-    let huge = format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(4000));
+    assert_eq!(
+        status_of(&server, "GET / HTTP/1.1\r\nBad Header\r\n\r\n").0,
+        400
+    );
+    let huge = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(4000)
+    );
     assert_eq!(status_of(&server, &huge).0, 431);
-    assert_eq!(server.http("GET", "/health", None).0, 200, "server still serves");
+    assert_eq!(
+        server.http("GET", "/health", None).0,
+        200,
+        "server still serves"
+    );
 }
 
 #[test]
 fn bad_upgrades_get_400_or_426() {
     let server = TestServer::start(1, None);
-    let plain = status_of(&server, "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let plain = status_of(
+        &server,
+        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(plain.0, 426);
     let bad_key = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\nConnection: close\r\n\r\n";
     assert_eq!(status_of(&server, bad_key).0, 400);
@@ -80,7 +99,10 @@ fn pipelined_requests_get_responses_in_order_on_one_connection() {
         body.len()
     );
     let raw = server.raw(request.as_bytes());
-    let statuses: Vec<&str> = raw.match_indices("HTTP/1.1 ").map(|(i, _)| &raw[i + 9..i + 12]).collect();
+    let statuses: Vec<&str> = raw
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &raw[i + 9..i + 12])
+        .collect();
     assert_eq!(statuses, ["200", "202", "404"], "{raw}");
 }
 
@@ -100,8 +122,15 @@ fn health_reports_shards_and_connections() {
 fn metrics_are_prometheus_text_with_per_shard_series() {
     let server = TestServer::start(2, None);
     let raw = server.raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    assert!(raw.contains("Content-Type: text/plain; version=0.0.4"), "{raw}");
-    for series in ["# TYPE ringcast_connections gauge", "ringcast_messages_out_total{shard=\"1\"}", "ringcast_slow_consumer_disconnects_total 0"] {
+    assert!(
+        raw.contains("Content-Type: text/plain; version=0.0.4"),
+        "{raw}"
+    );
+    for series in [
+        "# TYPE ringcast_connections gauge",
+        "ringcast_messages_out_total{shard=\"1\"}",
+        "ringcast_slow_consumer_disconnects_total 0",
+    ] {
         assert!(raw.contains(series), "missing {series}");
     }
 }

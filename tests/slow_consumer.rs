@@ -13,7 +13,10 @@ const MESSAGES: usize = 1500;
 
 #[test]
 fn a_slow_consumer_is_closed_with_1013_while_others_keep_receiving() {
-    let server = TestServer::start(1, Some("[limits]\nmax_outbound_bytes_per_connection = 65536\n"));
+    let server = TestServer::start(
+        1,
+        Some("[limits]\nmax_outbound_bytes_per_connection = 65536\n"),
+    );
 
     // A tiny receive buffer so the kernel cannot hide the backlog for us.
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
@@ -21,8 +24,10 @@ fn a_slow_consumer_is_closed_with_1013_while_others_keep_receiving() {
     socket.connect(&server.addr.into()).unwrap();
     let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let (mut slow, _) = tungstenite::client::client(server.ws_url("/ws"), MaybeTlsStream::Plain(stream)).unwrap();
-    slow.send(Message::text(r#"{"type":"subscribe","topic":"firehose"}"#)).unwrap();
+    let (mut slow, _) =
+        tungstenite::client::client(server.ws_url("/ws"), MaybeTlsStream::Plain(stream)).unwrap();
+    slow.send(Message::text(r#"{"type":"subscribe","topic":"firehose"}"#))
+        .unwrap();
     assert!(matches!(slow.read().unwrap(), Message::Text(t) if t.contains("subscribed")));
 
     let mut fast = server.ws("/ws");
@@ -36,10 +41,14 @@ fn a_slow_consumer_is_closed_with_1013_while_others_keep_receiving() {
 
     let padding = "x".repeat(4000);
     for seq in 0..MESSAGES {
-        let status = server.publish(&format!(r#"{{"topic":"firehose","payload":{{"seq":{seq},"pad":"{padding}"}}}}"#));
+        let status = server.publish(&format!(
+            r#"{{"topic":"firehose","payload":{{"seq":{seq},"pad":"{padding}"}}}}"#
+        ));
         assert_eq!(status, 202);
     }
-    reader.join().expect("the fast subscriber got every message");
+    reader
+        .join()
+        .expect("the fast subscriber got every message");
 
     // The slow one drains what was already on the wire, then finds the close.
     let code = loop {

@@ -150,9 +150,17 @@ pub struct Bus {
 impl Bus {
     /// Creates the queues between `shards` shards, each holding `capacity` envelopes.
     pub fn new(shards: usize, capacity: usize) -> io::Result<Bus> {
-        let queues = (0..shards * shards).map(|_| ArrayQueue::new(capacity.max(1))).collect();
-        let wakers = (0..shards).map(|_| Waker::new()).collect::<io::Result<_>>()?;
-        Ok(Bus { shards, queues, wakers })
+        let queues = (0..shards * shards)
+            .map(|_| ArrayQueue::new(capacity.max(1)))
+            .collect();
+        let wakers = (0..shards)
+            .map(|_| Waker::new())
+            .collect::<io::Result<_>>()?;
+        Ok(Bus {
+            shards,
+            queues,
+            wakers,
+        })
     }
 
     /// Number of shards.
@@ -278,7 +286,10 @@ mod tests {
     use super::*;
 
     fn publish(topic: &str) -> Envelope {
-        Envelope::Publish { topic: topic.into(), frame: Bytes::from_static(b"x") }
+        Envelope::Publish {
+            topic: topic.into(),
+            frame: Bytes::from_static(b"x"),
+        }
     }
 
     #[test]
@@ -298,16 +309,29 @@ mod tests {
         let mut out = Outbox::new(ShardId(0), 2);
         assert_eq!(out.send(&bus, ShardId(1), publish("a")), Sent::Queued);
         assert_eq!(out.send(&bus, ShardId(1), publish("b")), Sent::Dropped);
-        let interest = |epoch| Envelope::Interest { topic: "t".into(), on: true, epoch };
+        let interest = |epoch| Envelope::Interest {
+            topic: "t".into(),
+            on: true,
+            epoch,
+        };
         assert_eq!(out.send(&bus, ShardId(1), interest(1)), Sent::Queued);
         assert_eq!(out.send(&bus, ShardId(1), interest(2)), Sent::Queued);
         // A publish may not overtake backlogged control envelopes.
         assert_eq!(out.send(&bus, ShardId(1), publish("c")), Sent::Dropped);
-        assert!(matches!(bus.pop(ShardId(0), ShardId(1)), Some(Envelope::Publish { .. })));
+        assert!(matches!(
+            bus.pop(ShardId(0), ShardId(1)),
+            Some(Envelope::Publish { .. })
+        ));
         assert!(out.retry_backlog(&bus));
-        assert!(matches!(bus.pop(ShardId(0), ShardId(1)), Some(Envelope::Interest { epoch: 1, .. })));
+        assert!(matches!(
+            bus.pop(ShardId(0), ShardId(1)),
+            Some(Envelope::Interest { epoch: 1, .. })
+        ));
         assert!(!out.retry_backlog(&bus));
-        assert!(matches!(bus.pop(ShardId(0), ShardId(1)), Some(Envelope::Interest { epoch: 2, .. })));
+        assert!(matches!(
+            bus.pop(ShardId(0), ShardId(1)),
+            Some(Envelope::Interest { epoch: 2, .. })
+        ));
         assert!(bus.pop(ShardId(0), ShardId(1)).is_none());
     }
 

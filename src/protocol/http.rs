@@ -728,7 +728,12 @@ mod tests {
             parse(b"GET / HTTP/2.0\r\n\r\n"),
             Err(HttpError::UnsupportedVersion)
         );
-        assert_eq!(parse(b"GET / HTTP/1.1\r\nNo Colon\r\n\r\n").unwrap_err().status(), 400);
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nNo Colon\r\n\r\n")
+                .unwrap_err()
+                .status(),
+            400
+        );
         assert_eq!(parse(b"GET x HTTP/1.1\r\n\r\n").unwrap_err().status(), 400);
         assert_eq!(parse(b"\x00\x01\x02\r\n\r\n").unwrap_err().status(), 400);
         assert_eq!(

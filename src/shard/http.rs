@@ -48,7 +48,11 @@ impl Shard {
         let connections = metrics::total(&self.shared.stats, |s| &s.connections);
         let body = format!(
             "{{\"status\":\"{}\",\"shards\":{},\"connections\":{connections}}}",
-            if self.shutdown_deadline.is_some() { "shutting_down" } else { "ok" },
+            if self.shutdown_deadline.is_some() {
+                "shutting_down"
+            } else {
+                "ok"
+            },
             self.shared.bus.shards(),
         );
         Response::json(200, body)
@@ -56,7 +60,11 @@ impl Shard {
 
     fn http_publish(&mut self, request: &Request) -> Response {
         let content_type = request.header("content-type").unwrap_or("application/json");
-        if !content_type.trim_start().to_ascii_lowercase().starts_with("application/json") {
+        if !content_type
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("application/json")
+        {
             return error_json(415, "Content-Type must be application/json");
         }
         let max_topic_bytes = self.config().limits.max_topic_bytes;
@@ -71,9 +79,12 @@ impl Shard {
 
     fn upgrade_request(&mut self, key: usize, request: &Request, kind: WsKind) {
         if !handshake::is_upgrade_request(request) {
-            let response = error_json(426, "this endpoint speaks WebSocket: send an upgrade request")
-                .header("Upgrade", "websocket")
-                .keep_alive(request.keep_alive());
+            let response = error_json(
+                426,
+                "this endpoint speaks WebSocket: send an upgrade request",
+            )
+            .header("Upgrade", "websocket")
+            .keep_alive(request.keep_alive());
             return self.respond(key, response);
         }
         match handshake::accept(request) {

@@ -71,7 +71,8 @@ pub(crate) fn run(id: ShardId, shared: Shared, listener: TcpListener) -> io::Res
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `read_fd` is a fresh descriptor owned by nothing else.
-        let eventfd = tokio_uring::fs::File::from_std(unsafe { std::fs::File::from_raw_fd(read_fd) });
+        let eventfd =
+            tokio_uring::fs::File::from_std(unsafe { std::fs::File::from_raw_fd(read_fd) });
         let shard = Rc::new(RefCell::new(Shard::new(id, shared, listener)?));
         shard.borrow_mut().start()?;
 
@@ -182,7 +183,10 @@ impl Shard {
     }
 
     fn update_topic_gauge(&self) {
-        self.stats().topics.store(self.topics.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.stats().topics.store(
+            self.topics.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     fn config(&self) -> &Config {
@@ -194,7 +198,9 @@ impl Shard {
     }
 
     fn arm_accept(&mut self) {
-        let Some(listener) = &self.listener else { return };
+        let Some(listener) = &self.listener else {
+            return;
+        };
         if self.shutdown_deadline.is_none() && self.ring.accept(listener.as_raw_fd()).is_ok() {
             self.accept_armed = true;
         }
@@ -236,7 +242,9 @@ impl Shard {
         let mut progressed = false;
         for from in 0..bus.shards() {
             for _ in 0..BUS_DRAIN_BOUND {
-                let Some(envelope) = bus.pop(ShardId(from), self.id) else { break };
+                let Some(envelope) = bus.pop(ShardId(from), self.id) else {
+                    break;
+                };
                 progressed = true;
                 ShardStats::add(&self.stats().bus_received_total, 1);
                 self.on_envelope(ShardId(from), envelope);
@@ -250,7 +258,9 @@ impl Shard {
     fn flush(&mut self) {
         let dirty = std::mem::take(&mut self.dirty);
         for &key in &dirty {
-            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
             conn.dirty = false;
             if let Some(msg) = conn.out.prepare_send() {
                 let (fd, generation) = (conn.fd, conn.generation);
@@ -290,7 +300,9 @@ impl Shard {
         }
         let closing = std::mem::take(&mut self.closing);
         for (key, generation) in closing {
-            let Some(conn) = self.conns.get(key) else { continue };
+            let Some(conn) = self.conns.get(key) else {
+                continue;
+            };
             if conn.generation != generation {
                 continue;
             }
@@ -317,7 +329,11 @@ impl Shard {
         }
         if c.result < 0 {
             if c.result != -libc::ECANCELED && c.result != -libc::EINVAL {
-                tracing::warn!(shard = self.id.0, "accept failed: {}", io::Error::from_raw_os_error(-c.result));
+                tracing::warn!(
+                    shard = self.id.0,
+                    "accept failed: {}",
+                    io::Error::from_raw_os_error(-c.result)
+                );
             }
             return;
         }
@@ -335,7 +351,8 @@ impl Shard {
         ShardStats::add(&self.stats().connections_accepted_total, 1);
         if self.conns.len() > self.max_conns {
             ShardStats::add(&self.stats().connections_rejected_total, 1);
-            let response = crate::protocol::http::error_json(503, "connection limit reached").keep_alive(false);
+            let response = crate::protocol::http::error_json(503, "connection limit reached")
+                .keep_alive(false);
             self.respond(key, response);
             return;
         }
@@ -343,7 +360,9 @@ impl Shard {
     }
 
     fn arm_recv(&mut self, key: usize) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         if conn.recv_armed || conn.closing == Closing::Terminating {
             return;
         }
@@ -380,12 +399,18 @@ impl Shard {
                     // SAFETY: the buffer belongs to us until `recycle(id)` below;
                     // the kernel does not write it meanwhile, and the memory is a
                     // boxed slice owned by the ring that does not move or shrink.
-                    let data: &[u8] = unsafe { std::slice::from_raw_parts(data.as_ptr(), data.len()) };
+                    let data: &[u8] =
+                        unsafe { std::slice::from_raw_parts(data.as_ptr(), data.len()) };
                     ShardStats::add(&self.stats().bytes_in_total, n as u64);
                     self.on_input(key, data);
                     self.ring.recycle(id);
                 }
-                if !c.more && self.conns.get(key).is_some_and(|c| c.closing != Closing::Terminating) {
+                if !c.more
+                    && self
+                        .conns
+                        .get(key)
+                        .is_some_and(|c| c.closing != Closing::Terminating)
+                {
                     self.rearm.push(key);
                 }
             }
@@ -423,7 +448,9 @@ impl Shard {
                 Step::Stop => return,
             }
         }
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         conn.inbuf = if used == input.len() {
             BytesMut::new()
         } else if from_pending {
@@ -491,14 +518,19 @@ impl Shard {
             max_frame_bytes: limits.max_message_bytes,
             max_message_bytes: limits.max_message_bytes,
         });
-        self.conns[key].phase = Phase::WebSocket { kind, decoder: Box::new(decoder) };
+        self.conns[key].phase = Phase::WebSocket {
+            kind,
+            decoder: Box::new(decoder),
+        };
         ShardStats::add(&self.stats().websockets, 1);
     }
 
     // ---- send ------------------------------------------------------------
 
     fn on_send(&mut self, c: Completion) {
-        let Some(key) = self.live(c.token) else { return };
+        let Some(key) = self.live(c.token) else {
+            return;
+        };
         let conn = &mut self.conns[key];
         if c.result < 0 {
             conn.out.fail_send();
@@ -520,7 +552,10 @@ impl Shard {
     fn on_flushed(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         match conn.closing {
-            Closing::AfterFlush { then_terminate: true, .. } => self.terminate(key),
+            Closing::AfterFlush {
+                then_terminate: true,
+                ..
+            } => self.terminate(key),
             Closing::No => conn.out.release_idle_buffers(),
             _ => {}
         }
@@ -588,10 +623,16 @@ impl Shard {
         let conn = &mut self.conns[key];
         match conn.closing {
             Closing::Terminating => return,
-            Closing::AfterFlush { then_terminate: true, .. } => return,
+            Closing::AfterFlush {
+                then_terminate: true,
+                ..
+            } => return,
             _ => {}
         }
-        conn.closing = Closing::AfterFlush { deadline, then_terminate };
+        conn.closing = Closing::AfterFlush {
+            deadline,
+            then_terminate,
+        };
         let generation = conn.generation;
         self.closing.push((key, generation));
         if then_terminate && conn.out.is_flushed() {
@@ -602,7 +643,9 @@ impl Shard {
     /// Shuts the socket down; the slot is freed once the kernel has returned
     /// every operation on it.
     fn terminate(&mut self, key: usize) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         if conn.closing == Closing::Terminating {
             return;
         }
@@ -615,7 +658,9 @@ impl Shard {
     }
 
     fn maybe_release(&mut self, key: usize) {
-        let Some(conn) = self.conns.get(key) else { return };
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
         if conn.closing != Closing::Terminating || conn.recv_armed || conn.out.is_sending() {
             return;
         }
@@ -641,7 +686,11 @@ impl Shard {
                 self.topics.set_remote_interest(&topic, from, on);
                 self.update_topic_gauge();
                 if on {
-                    self.outbox.send(&self.shared.bus, from, Envelope::InterestAck { topic, epoch });
+                    self.outbox.send(
+                        &self.shared.bus,
+                        from,
+                        Envelope::InterestAck { topic, epoch },
+                    );
                     ShardStats::add(&self.stats().bus_sent_total, 1);
                 }
             }
@@ -708,7 +757,9 @@ impl Shard {
     /// shard with interest. Returns how many shards took it.
     fn publish(&mut self, topic: &str, frame: Bytes) -> usize {
         ShardStats::add(&self.stats().publishes_total, 1);
-        let Some(id) = self.topics.lookup(topic) else { return 0 };
+        let Some(id) = self.topics.lookup(topic) else {
+            return 0;
+        };
         let mut shards = 0;
         if !self.topics.entry(id).subscribers.is_empty() {
             self.deliver_local(id, &frame);
@@ -717,7 +768,10 @@ impl Shard {
         let entry = self.topics.entry(id);
         let name = entry.name.clone();
         for to in entry.remote.iter() {
-            let envelope = Envelope::Publish { topic: name.clone(), frame: frame.clone() };
+            let envelope = Envelope::Publish {
+                topic: name.clone(),
+                frame: frame.clone(),
+            };
             match self.outbox.send(&self.shared.bus, to, envelope) {
                 Sent::Queued => {
                     shards += 1;

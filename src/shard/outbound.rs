@@ -104,9 +104,14 @@ impl Outbound {
         inflight.iovecs.clear();
         inflight.bytes = 0;
         while inflight.frames.len() < MAX_IOVECS {
-            let Some(frame) = self.queue.pop_front() else { break };
+            let Some(frame) = self.queue.pop_front() else {
+                break;
+            };
             inflight.bytes += frame.len();
-            inflight.iovecs.push(libc::iovec { iov_base: frame.as_ptr() as *mut _, iov_len: frame.len() });
+            inflight.iovecs.push(libc::iovec {
+                iov_base: frame.as_ptr() as *mut _,
+                iov_len: frame.len(),
+            });
             inflight.frames.push(frame);
         }
         inflight.msg.msg_iov = inflight.iovecs.as_mut_ptr();
@@ -119,7 +124,9 @@ impl Outbound {
     /// the front of the queue in order. Returns the bytes sent.
     pub fn complete_send(&mut self, sent: usize) -> usize {
         self.sending = false;
-        let Some(inflight) = self.inflight.as_mut() else { return 0 };
+        let Some(inflight) = self.inflight.as_mut() else {
+            return 0;
+        };
         let sent = sent.min(inflight.bytes);
         self.queued_bytes -= sent;
         let mut skip = sent;
@@ -168,7 +175,6 @@ impl Outbound {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,7 +198,10 @@ mod tests {
         let mut c = Outbound::default();
         c.enqueue(Bytes::from(vec![0; 60]), 100);
         c.prepare_send();
-        assert_eq!(c.enqueue(Bytes::from(vec![0; 50]), 100), Enqueued::OverBudget);
+        assert_eq!(
+            c.enqueue(Bytes::from(vec![0; 50]), 100),
+            Enqueued::OverBudget
+        );
         c.complete_send(60);
         assert_eq!(c.enqueue(Bytes::from(vec![0; 50]), 100), Enqueued::Yes);
     }

@@ -32,7 +32,10 @@ impl Shard {
             },
             Incoming::Binary(data) => match kind {
                 WsKind::Echo => self.send_frame(key, frame::binary(&data)),
-                WsKind::Relay => self.send_error(key, "binary messages are not supported on /ws; send JSON text"),
+                WsKind::Relay => self.send_error(
+                    key,
+                    "binary messages are not supported on /ws; send JSON text",
+                ),
             },
         }
     }
@@ -56,7 +59,9 @@ impl Shard {
 
     fn handle_relay_text(&mut self, key: usize, text: &[u8]) {
         // The frame decoder has validated UTF-8 for text messages.
-        let Ok(text) = std::str::from_utf8(text) else { return };
+        let Ok(text) = std::str::from_utf8(text) else {
+            return;
+        };
         if text.trim() == "ping" {
             self.send_frame(key, message::pong_text());
             return;
@@ -76,9 +81,14 @@ impl Shard {
                 let wanted: Vec<&str> = topics.iter().map(|t| t.as_ref()).collect();
                 self.set_topics(key, &wanted);
             }
-            Ok(ClientMessage::Publish { topic, event, payload }) => {
+            Ok(ClientMessage::Publish {
+                topic,
+                event,
+                payload,
+            }) => {
                 if self.subscription(key, &topic).is_none() {
-                    let message = format!("not subscribed to `{topic}`: subscribe before publishing to it");
+                    let message =
+                        format!("not subscribed to `{topic}`: subscribe before publishing to it");
                     self.send_error(key, &message);
                     return;
                 }
@@ -95,20 +105,29 @@ impl Shard {
     /// The topic id if the connection holds `topic` (active or waiting).
     fn subscription(&self, key: usize, topic: &str) -> Option<TopicId> {
         let id = self.topics.lookup(topic)?;
-        self.conns[key].subs.iter().any(|s| s.topic == id).then_some(id)
+        self.conns[key]
+            .subs
+            .iter()
+            .any(|s| s.topic == id)
+            .then_some(id)
     }
 
     pub(super) fn subscribe(&mut self, key: usize, topic: &str) {
         if let Some(id) = self.subscription(key, topic) {
             // Idempotent; a waiting subscription gets its reply when the acks arrive.
-            if self.conns[key].subs.iter().any(|s| s.topic == id && s.pos.is_some()) {
+            if self.conns[key]
+                .subs
+                .iter()
+                .any(|s| s.topic == id && s.pos.is_some())
+            {
                 self.send_frame(key, message::subscribed(topic));
             }
             return;
         }
         let max = self.config().limits.max_subscriptions_per_connection;
         if self.conns[key].subs.len() >= max {
-            let message = format!("subscription limit of {max} reached; unsubscribe from a topic first");
+            let message =
+                format!("subscription limit of {max} reached; unsubscribe from a topic first");
             self.send_error(key, &message);
             return;
         }
@@ -130,20 +149,35 @@ impl Shard {
             entry.acks_pending = shards - 1;
             entry.waiting.push(ConnId(key as u32));
             let name = entry.name.clone();
-            self.conns[key].subs.push(Sub { topic: id, pos: None });
-            self.broadcast_control(|| Envelope::Interest { topic: name.clone(), on: true, epoch });
+            self.conns[key].subs.push(Sub {
+                topic: id,
+                pos: None,
+            });
+            self.broadcast_control(|| Envelope::Interest {
+                topic: name.clone(),
+                on: true,
+                epoch,
+            });
         } else if entry.acks_pending > 0 {
             entry.waiting.push(ConnId(key as u32));
-            self.conns[key].subs.push(Sub { topic: id, pos: None });
+            self.conns[key].subs.push(Sub {
+                topic: id,
+                pos: None,
+            });
         } else {
             let pos = self.topics.add_subscriber(id, ConnId(key as u32));
-            self.conns[key].subs.push(Sub { topic: id, pos: Some(pos) });
+            self.conns[key].subs.push(Sub {
+                topic: id,
+                pos: Some(pos),
+            });
             self.send_frame(key, message::subscribed(topic));
         }
     }
 
     pub(super) fn on_interest_ack(&mut self, topic: &str, epoch: u64) {
-        let Some(id) = self.topics.lookup(topic) else { return };
+        let Some(id) = self.topics.lookup(topic) else {
+            return;
+        };
         let entry = self.topics.entry_mut(id);
         if entry.epoch != epoch || entry.acks_pending == 0 {
             return;
@@ -168,7 +202,9 @@ impl Shard {
     /// this shard lost its last subscriber of the topic.
     pub(super) fn unsubscribe(&mut self, key: usize, id: TopicId) {
         let subs = &mut self.conns[key].subs;
-        let Some(index) = subs.iter().position(|s| s.topic == id) else { return };
+        let Some(index) = subs.iter().position(|s| s.topic == id) else {
+            return;
+        };
         let sub = subs.swap_remove(index);
         match sub.pos {
             Some(pos) => {
@@ -188,7 +224,11 @@ impl Shard {
             if self.shared.bus.shards() > 1 {
                 let name = entry.name.clone();
                 let epoch = entry.epoch;
-                self.broadcast_control(|| Envelope::Interest { topic: name.clone(), on: false, epoch });
+                self.broadcast_control(|| Envelope::Interest {
+                    topic: name.clone(),
+                    on: false,
+                    epoch,
+                });
             }
             self.topics.remove_if_unused(id);
         }
@@ -213,7 +253,10 @@ impl Shard {
         }
         let max = self.config().limits.max_subscriptions_per_connection;
         if unique.len() > max {
-            let message = format!("subscription limit of {max} reached: {} topics requested", unique.len());
+            let message = format!(
+                "subscription limit of {max} reached: {} topics requested",
+                unique.len()
+            );
             self.send_error(key, &message);
             return;
         }

@@ -58,7 +58,9 @@ pub(crate) struct Token {
 
 impl Token {
     fn encode(self) -> u64 {
-        ((self.kind as u64) << 56) | (u64::from(self.generation & 0x00ff_ffff) << 32) | u64::from(self.slot)
+        ((self.kind as u64) << 56)
+            | (u64::from(self.generation & 0x00ff_ffff) << 32)
+            | u64::from(self.slot)
     }
 
     fn decode(data: u64) -> Option<Token> {
@@ -69,7 +71,11 @@ impl Token {
             4 => OpKind::Cancel,
             _ => return None,
         };
-        Some(Token { kind, slot: data as u32, generation: ((data >> 32) & 0x00ff_ffff) as u32 })
+        Some(Token {
+            kind,
+            slot: data as u32,
+            generation: ((data >> 32) & 0x00ff_ffff) as u32,
+        })
     }
 
     /// Generations are compared modulo 2^24, the bits `user_data` has room for.
@@ -102,13 +108,20 @@ impl BufRing {
     fn new() -> io::Result<BufRing> {
         let count = usize::from(RECV_BUFFERS);
         // The kernel requires the descriptor ring to be page aligned.
-        let entries_layout =
-            std::alloc::Layout::from_size_align(count * std::mem::size_of::<types::BufRingEntry>(), 4096)
-                .map_err(io::Error::other)?;
+        let entries_layout = std::alloc::Layout::from_size_align(
+            count * std::mem::size_of::<types::BufRingEntry>(),
+            4096,
+        )
+        .map_err(io::Error::other)?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(entries_layout) };
         let entries = NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("out of memory"))?;
-        Ok(BufRing { entries, entries_layout, data: vec![0u8; count * RECV_BUFFER_BYTES].into_boxed_slice(), tail: 0 })
+        Ok(BufRing {
+            entries,
+            entries_layout,
+            data: vec![0u8; count * RECV_BUFFER_BYTES].into_boxed_slice(),
+            tail: 0,
+        })
     }
 
     /// Hands buffer `id` (back) to the kernel.
@@ -127,7 +140,8 @@ impl BufRing {
         // SAFETY: the tail field overlays the first entry's reserved field, as the
         // kernel ABI defines; the release store publishes the entry written above.
         unsafe {
-            let tail = types::BufRingEntry::tail(self.entries.as_ptr()) as *const std::sync::atomic::AtomicU16;
+            let tail = types::BufRingEntry::tail(self.entries.as_ptr())
+                as *const std::sync::atomic::AtomicU16;
             (*tail).store(self.tail, std::sync::atomic::Ordering::Release);
         }
     }
@@ -161,19 +175,29 @@ impl ConnRing {
     /// Creates the ring, registers the receive buffers, and makes every
     /// completion signal `eventfd`.
     pub(crate) fn new(eventfd: RawFd) -> io::Result<ConnRing> {
-        let ring = IoUring::builder().setup_cqsize(CQ_ENTRIES).setup_submit_all().build(SQ_ENTRIES)?;
+        let ring = IoUring::builder()
+            .setup_cqsize(CQ_ENTRIES)
+            .setup_submit_all()
+            .build(SQ_ENTRIES)?;
         let mut bufs = BufRing::new()?;
         // SAFETY: the descriptor memory stays valid until the ring is dropped,
         // which happens before `bufs` is dropped (field order).
         unsafe {
-            ring.submitter()
-                .register_buf_ring(bufs.entries.as_ptr() as u64, RECV_BUFFERS, RECV_GROUP)?;
+            ring.submitter().register_buf_ring(
+                bufs.entries.as_ptr() as u64,
+                RECV_BUFFERS,
+                RECV_GROUP,
+            )?;
         }
         for id in 0..RECV_BUFFERS {
             bufs.provide(id);
         }
         ring.submitter().register_eventfd(eventfd)?;
-        Ok(ConnRing { ring, bufs, queued: 0 })
+        Ok(ConnRing {
+            ring,
+            bufs,
+            queued: 0,
+        })
     }
 
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
@@ -192,7 +216,11 @@ impl ConnRing {
 
     /// Arms a multishot accept on `listener`.
     pub(crate) fn accept(&mut self, listener: RawFd) -> io::Result<()> {
-        let token = Token { kind: OpKind::Accept, slot: 0, generation: 0 };
+        let token = Token {
+            kind: OpKind::Accept,
+            slot: 0,
+            generation: 0,
+        };
         let entry = opcode::AcceptMulti::new(types::Fd(listener))
             .flags(libc::SOCK_CLOEXEC)
             .build()
@@ -202,8 +230,14 @@ impl ConnRing {
 
     /// Arms a multishot receive on a connection.
     pub(crate) fn recv(&mut self, fd: RawFd, slot: u32, generation: u32) -> io::Result<()> {
-        let token = Token { kind: OpKind::Recv, slot, generation };
-        let entry = opcode::RecvMulti::new(types::Fd(fd), RECV_GROUP).build().user_data(token.encode());
+        let token = Token {
+            kind: OpKind::Recv,
+            slot,
+            generation,
+        };
+        let entry = opcode::RecvMulti::new(types::Fd(fd), RECV_GROUP)
+            .build()
+            .user_data(token.encode());
         self.push(entry)
     }
 
@@ -212,8 +246,18 @@ impl ConnRing {
     /// # Safety
     /// `msg`, its iovec array and every buffer it points at must stay valid and
     /// unmoved until the completion for this token has been returned by `drain`.
-    pub(crate) unsafe fn send(&mut self, fd: RawFd, msg: *const libc::msghdr, slot: u32, generation: u32) -> io::Result<()> {
-        let token = Token { kind: OpKind::Send, slot, generation };
+    pub(crate) unsafe fn send(
+        &mut self,
+        fd: RawFd,
+        msg: *const libc::msghdr,
+        slot: u32,
+        generation: u32,
+    ) -> io::Result<()> {
+        let token = Token {
+            kind: OpKind::Send,
+            slot,
+            generation,
+        };
         let entry = opcode::SendMsg::new(types::Fd(fd), msg)
             .flags(libc::MSG_NOSIGNAL as u32)
             .build()
@@ -223,7 +267,11 @@ impl ConnRing {
 
     /// Cancels every operation on `fd` (the listener at shutdown).
     pub(crate) fn cancel_fd(&mut self, fd: RawFd) -> io::Result<()> {
-        let token = Token { kind: OpKind::Cancel, slot: 0, generation: 0 };
+        let token = Token {
+            kind: OpKind::Cancel,
+            slot: 0,
+            generation: 0,
+        };
         let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
             .build()
             .user_data(token.encode());
@@ -246,7 +294,9 @@ impl ConnRing {
     pub(crate) fn drain(&mut self, out: &mut Vec<Completion>, limit: usize) {
         let cq = self.ring.completion();
         for cqe in cq.take(limit) {
-            let Some(token) = Token::decode(cqe.user_data()) else { continue };
+            let Some(token) = Token::decode(cqe.user_data()) else {
+                continue;
+            };
             out.push(Completion {
                 token,
                 result: cqe.result(),
@@ -255,7 +305,6 @@ impl ConnRing {
             });
         }
     }
-
 
     /// The bytes of a filled receive buffer. Valid until `recycle(id)`.
     pub(crate) fn received(&self, id: u16, len: usize) -> &[u8] {
@@ -274,7 +323,11 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_through_user_data() {
-        let t = Token { kind: OpKind::Send, slot: 123_456, generation: 0x0123_4567 };
+        let t = Token {
+            kind: OpKind::Send,
+            slot: 123_456,
+            generation: 0x0123_4567,
+        };
         let back = Token::decode(t.encode()).unwrap();
         assert_eq!((back.kind, back.slot), (OpKind::Send, 123_456));
         assert!(Token::same_generation(back.generation, t.generation));

@@ -61,7 +61,11 @@ pub struct TopicIndex {
 impl TopicIndex {
     /// An empty index holding at most `max_topics` topics created by local subscribers.
     pub fn new(max_topics: usize) -> TopicIndex {
-        TopicIndex { by_name: HashMap::new(), entries: Slab::new(), max_topics }
+        TopicIndex {
+            by_name: HashMap::new(),
+            entries: Slab::new(),
+            max_topics,
+        }
     }
 
     /// Topics with any local subscriber or remote interest.
@@ -176,7 +180,11 @@ mod tests {
         let _p2 = index.add_subscriber(t, ConnId(12));
         assert_eq!(index.remove_subscriber(t, p0), Some(ConnId(12)));
         assert_eq!(index.entry(t).subscribers, vec![ConnId(12), ConnId(11)]);
-        assert_eq!(index.remove_subscriber(t, 1), None, "removing the last moves nobody");
+        assert_eq!(
+            index.remove_subscriber(t, 1),
+            None,
+            "removing the last moves nobody"
+        );
     }
 
     #[test]
@@ -187,7 +195,10 @@ mod tests {
         index.set_remote_interest("a", ShardId(3), true);
         index.remove_subscriber(t, 0);
         assert!(!index.remove_if_unused(t), "shard 3 still wants it");
-        assert_eq!(index.entry(t).remote.iter().collect::<Vec<_>>(), vec![ShardId(3)]);
+        assert_eq!(
+            index.entry(t).remote.iter().collect::<Vec<_>>(),
+            vec![ShardId(3)]
+        );
         index.set_remote_interest("a", ShardId(3), false);
         assert!(index.lookup("a").is_none());
         assert!(index.is_empty());
@@ -200,6 +211,9 @@ mod tests {
         assert_eq!(index.get_or_insert("b", true), Err(TopicLimit(1)));
         index.set_remote_interest("b", ShardId(1), true);
         assert!(index.lookup("b").is_some());
-        assert!(index.get_or_insert("a", true).is_ok(), "existing topics are always found");
+        assert!(
+            index.get_or_insert("a", true).is_ok(),
+            "existing topics are always found"
+        );
     }
 }

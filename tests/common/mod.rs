@@ -39,7 +39,10 @@ impl TestServer {
             let path = std::env::temp_dir().join(format!(
                 "ringcast-test-{}-{}.toml",
                 std::process::id(),
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos()
             ));
             std::fs::write(&path, text).unwrap();
             cmd.arg("--config").arg(&path);
@@ -53,14 +56,20 @@ impl TestServer {
             .expect("ringcast binary starts");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("ringcast prints its address");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("ringcast prints its address");
         let addr = line
             .trim()
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .unwrap();
-        TestServer { addr, child, _config: config }
+        TestServer {
+            addr,
+            child,
+            _config: config,
+        }
     }
 
     pub fn ws_url(&self, path: &str) -> String {
@@ -71,8 +80,9 @@ impl TestServer {
     pub fn ws(&self, path: &str) -> Ws {
         let stream = TcpStream::connect(self.addr).unwrap();
         stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let (socket, _) = tungstenite::client::client(self.ws_url(path), MaybeTlsStream::Plain(stream))
-            .unwrap_or_else(|e| panic!("upgrade on {path} failed: {e}"));
+        let (socket, _) =
+            tungstenite::client::client(self.ws_url(path), MaybeTlsStream::Plain(stream))
+                .unwrap_or_else(|e| panic!("upgrade on {path} failed: {e}"));
         Ws(socket)
     }
 
@@ -151,7 +161,10 @@ pub fn parse_response(response: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status in {response:?}"));
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -182,7 +195,10 @@ impl Ws {
     pub fn subscribe(&mut self, topic: &str) {
         self.send_text(&format!(r#"{{"type":"subscribe","topic":"{topic}"}}"#));
         let reply = self.recv_json();
-        assert_eq!(reply, serde_json::json!({"type":"subscribed","topic":topic}));
+        assert_eq!(
+            reply,
+            serde_json::json!({"type":"subscribed","topic":topic})
+        );
     }
 
     /// Reads until the server's close frame and returns its code.
@@ -207,7 +223,10 @@ impl Ws {
         }
         let result = match self.0.read() {
             Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
             {
                 true
             }
