@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use ringcast::protocol::message::push;
-use ringcast::shard::outbound::{Enqueued, Outbound};
+use ringcast::shard::outbound::{Enqueued, Outbound, SendBuffers};
 use ringcast::shard::topics::{ConnId, TopicIndex};
 
 /// Short runs keep `cargo bench` usable in CI; 3 s gives stable medians here.
@@ -120,11 +120,16 @@ fn topic_index(c: &mut Criterion) {
 }
 
 /// Encodes one push and queues it for every subscriber, as the shard does on publish.
-fn enqueue_publish(index: &TopicIndex, outbound: &mut [Outbound], payload: &str) -> Bytes {
+fn enqueue_publish(
+    index: &TopicIndex,
+    outbound: &mut [Outbound],
+    pool: &mut SendBuffers,
+    payload: &str,
+) -> Bytes {
     let frame = push(black_box("room:1"), black_box("say"), black_box(payload));
     let topic = index.lookup(black_box("room:1")).unwrap();
     for &conn in &index.entry(topic).subscribers {
-        let queued = outbound[conn.0 as usize].enqueue(frame.clone(), OUTBOUND_BUDGET);
+        let queued = outbound[conn.0 as usize].enqueue(frame.clone(), OUTBOUND_BUDGET, pool);
         debug_assert_eq!(queued, Enqueued::Yes);
     }
     frame
@@ -133,15 +138,21 @@ fn enqueue_publish(index: &TopicIndex, outbound: &mut [Outbound], payload: &str)
 /// Builds each subscriber's send and completes it as if the kernel took the
 /// whole frame; with `release`, an idle connection then drops its write
 /// buffers as the shard's `on_flushed` does.
-fn send_all(index: &TopicIndex, outbound: &mut [Outbound], frame_len: usize, release: bool) {
+fn send_all(
+    index: &TopicIndex,
+    outbound: &mut [Outbound],
+    pool: &mut SendBuffers,
+    frame_len: usize,
+    release: bool,
+) {
     let topic = index.lookup("room:1").unwrap();
     for &conn in &index.entry(topic).subscribers {
         let out = &mut outbound[conn.0 as usize];
-        if let Some(msg) = out.prepare_send() {
+        if let Some(msg) = out.prepare_send(pool) {
             black_box(msg);
             black_box(out.complete_send(frame_len));
             if release {
-                out.release_idle_buffers();
+                out.release_idle_buffers(pool);
             }
         }
     }
@@ -157,11 +168,12 @@ fn fanout(c: &mut Criterion) {
     let payload = payload_json();
     let (index, _) = one_topic_of(CONNS);
     let mut outbound: Vec<Outbound> = (0..CONNS).map(|_| Outbound::default()).collect();
+    let mut pool = SendBuffers::default();
 
     group.bench_function("one_publish_to_10k", |b| {
         b.iter(|| {
-            let frame = enqueue_publish(&index, &mut outbound, &payload);
-            send_all(&index, &mut outbound, frame.len(), true);
+            let frame = enqueue_publish(&index, &mut outbound, &mut pool, &payload);
+            send_all(&index, &mut outbound, &mut pool, frame.len(), true);
         })
     });
 
@@ -169,11 +181,11 @@ fn fanout(c: &mut Criterion) {
     // publishes: the cost of the allocations `release_idle_buffers` causes.
     group.bench_function("one_publish_to_10k_kept_buffers", |b| {
         b.iter(|| {
-            let frame = enqueue_publish(&index, &mut outbound, &payload);
-            send_all(&index, &mut outbound, frame.len(), false);
+            let frame = enqueue_publish(&index, &mut outbound, &mut pool, &payload);
+            send_all(&index, &mut outbound, &mut pool, frame.len(), false);
         });
         for out in &mut outbound {
-            out.release_idle_buffers();
+            out.release_idle_buffers(&mut pool);
         }
     });
 
@@ -184,9 +196,9 @@ fn fanout(c: &mut Criterion) {
             let mut timed = Duration::ZERO;
             for _ in 0..iters {
                 let start = Instant::now();
-                let frame = enqueue_publish(&index, &mut outbound, &payload);
+                let frame = enqueue_publish(&index, &mut outbound, &mut pool, &payload);
                 timed += start.elapsed();
-                send_all(&index, &mut outbound, frame.len(), true);
+                send_all(&index, &mut outbound, &mut pool, frame.len(), true);
             }
             timed
         })

@@ -7,7 +7,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 
 use crate::protocol::frame::FrameDecoder;
-use crate::shard::outbound::{Enqueued, Outbound};
+use crate::shard::outbound::{Enqueued, Outbound, SendBuffers};
 use crate::shard::topics::TopicId;
 
 /// What the connection speaks now.
@@ -101,10 +101,15 @@ impl Conn {
 
     /// Queues a frame unless the connection is closing or the frame would
     /// pass `budget` bytes not yet taken by the kernel.
-    pub(crate) fn enqueue(&mut self, frame: Bytes, budget: usize) -> Enqueued {
+    pub(crate) fn enqueue(
+        &mut self,
+        frame: Bytes,
+        budget: usize,
+        pool: &mut SendBuffers,
+    ) -> Enqueued {
         if self.is_closing() {
             return Enqueued::Discarded;
         }
-        self.out.enqueue(frame, budget)
+        self.out.enqueue(frame, budget, pool)
     }
 }

@@ -89,7 +89,9 @@ impl Shard {
         }
         match handshake::accept(request) {
             Ok(switching) => {
-                self.conns[key].out.enqueue_final(switching);
+                self.conns[key]
+                    .out
+                    .enqueue_final(switching, &mut self.send_buffers);
                 self.mark_dirty(key);
                 self.upgrade(key, kind);
             }

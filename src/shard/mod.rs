@@ -34,7 +34,7 @@ use crate::protocol::http::{parse_request, HttpLimits, Response};
 use crate::protocol::Decoded;
 
 use conn::{Closing, Conn, Phase, WsKind};
-use outbound::Enqueued;
+use outbound::{Enqueued, SendBuffers, SendPlan};
 use ring::{Completion, ConnRing, OpKind, Token};
 use topics::{ConnId, TopicId, TopicIndex};
 
@@ -141,6 +141,8 @@ pub(crate) struct Shard {
     /// Connections waiting for a close deadline.
     closing: Vec<(usize, u32)>,
     completions: Vec<Completion>,
+    /// Send buffers released by idle connections, reused by the next sender.
+    send_buffers: SendBuffers,
     /// Set when shutdown began: the deadline for closing every connection.
     shutdown_deadline: Option<Instant>,
     accept_armed: bool,
@@ -165,6 +167,7 @@ impl Shard {
             rearm: Vec::new(),
             closing: Vec::new(),
             completions: Vec::with_capacity(COMPLETION_BATCH),
+            send_buffers: SendBuffers::default(),
             shutdown_deadline: None,
             accept_armed: false,
             next_epoch: 1,
@@ -262,11 +265,19 @@ impl Shard {
                 continue;
             };
             conn.dirty = false;
-            if let Some(msg) = conn.out.prepare_send() {
+            if let Some(plan) = conn.out.prepare_send(&mut self.send_buffers) {
                 let (fd, generation) = (conn.fd, conn.generation);
-                // SAFETY: `msg` points into the connection's boxed in-flight
-                // state, which keeps it and its frames until `on_send` runs.
-                if unsafe { self.ring.send(fd, msg, key as u32, generation) }.is_err() {
+                // SAFETY: the plan points into frames the connection's in-flight
+                // state owns until `on_send` reports the completion.
+                let submitted = unsafe {
+                    match plan {
+                        SendPlan::One { ptr, len } => {
+                            self.ring.send_one(fd, ptr, len, key as u32, generation)
+                        }
+                        SendPlan::Many(msg) => self.ring.send(fd, msg, key as u32, generation),
+                    }
+                };
+                if submitted.is_err() {
                     self.conns[key].out.fail_send();
                     self.terminate(key);
                     continue;
@@ -556,7 +567,7 @@ impl Shard {
                 then_terminate: true,
                 ..
             } => self.terminate(key),
-            Closing::No => conn.out.release_idle_buffers(),
+            Closing::No => conn.out.release_idle_buffers(&mut self.send_buffers),
             _ => {}
         }
     }
@@ -573,7 +584,7 @@ impl Shard {
     /// frame does not fit its outbound budget.
     fn send_frame(&mut self, key: usize, frame: Bytes) {
         let budget = self.shared.config.limits.max_outbound_bytes_per_connection;
-        match self.conns[key].enqueue(frame, budget) {
+        match self.conns[key].enqueue(frame, budget, &mut self.send_buffers) {
             Enqueued::Yes => {
                 ShardStats::add(&self.stats().messages_out_total, 1);
                 self.mark_dirty(key);
@@ -589,7 +600,9 @@ impl Shard {
             ShardStats::add(&self.stats().http_errors_total, 1);
         }
         let keep_alive = response.is_keep_alive();
-        self.conns[key].out.enqueue_final(response.encode());
+        self.conns[key]
+            .out
+            .enqueue_final(response.encode(), &mut self.send_buffers);
         self.mark_dirty(key);
         if !keep_alive {
             self.close_after_flush(key, true);
@@ -612,7 +625,8 @@ impl Shard {
             return;
         }
         conn.close_sent = true;
-        conn.out.enqueue_final(frame::close(code, reason));
+        conn.out
+            .enqueue_final(frame::close(code, reason), &mut self.send_buffers);
         self.mark_dirty(key);
         self.close_after_flush(key, false);
     }
@@ -735,7 +749,7 @@ impl Shard {
         for &ConnId(slot) in &self.topics.entry(id).subscribers {
             let key = slot as usize;
             let conn = &mut self.conns[key];
-            match conn.enqueue(frame.clone(), budget) {
+            match conn.enqueue(frame.clone(), budget, &mut self.send_buffers) {
                 Enqueued::Yes => {
                     delivered += 1;
                     if !conn.dirty {

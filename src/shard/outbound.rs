@@ -5,7 +5,10 @@
 //! how many bytes the kernel took. A send takes everything queued (up to
 //! `IOV_MAX` frames) as one iovec array. While the kernel holds a send, its
 //! buffers and iovecs live in a boxed [`InFlight`], so they do not move when
-//! the connection slab grows.
+//! the connection slab grows. When a connection has nothing left to send it
+//! hands its queue and in-flight buffers to the shard's [`SendBuffers`] pool,
+//! so an idle connection holds no write state and a busy shard does not
+//! allocate per delivery.
 
 use std::collections::VecDeque;
 
@@ -35,6 +38,24 @@ impl InFlight {
     }
 }
 
+/// Idle buffer sets the pool keeps per shard. A set is a few hundred bytes, so
+/// the pool stays under about a megabyte; past this many concurrently idle
+/// sets, extras are freed.
+const POOLED_SETS: usize = 4096;
+/// Buffers that grew past this many entries (a burst to a slow reader) are
+/// freed instead of pooled, so the pool does not hoard large allocations.
+const POOLED_MAX_ENTRIES: usize = 64;
+
+/// Per-shard pool of send buffers released by idle connections.
+#[derive(Default)]
+pub struct SendBuffers {
+    // Boxed on purpose: a connection takes one out and the kernel reads its
+    // msghdr and iovecs by address, which must not move with this Vec.
+    #[allow(clippy::vec_box)]
+    inflight: Vec<Box<InFlight>>,
+    queues: Vec<VecDeque<Bytes>>,
+}
+
 /// Outcome of queueing a frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Enqueued {
@@ -46,67 +67,148 @@ pub enum Enqueued {
     OverBudget,
 }
 
+/// What to submit for a connection's next send.
+#[derive(Debug, Clone, Copy)]
+pub enum SendPlan {
+    /// Exactly one frame is queued: a plain `send` of these bytes.
+    One {
+        /// Start of the bytes.
+        ptr: *const u8,
+        /// Their length.
+        len: usize,
+    },
+    /// Several frames: a `sendmsg` whose iovecs are all of them.
+    Many(*const libc::msghdr),
+}
+
+/// What the kernel holds during a send.
+enum Sending {
+    Idle,
+    One(Bytes),
+    Many,
+}
+
 /// The outbound side of one connection.
-#[derive(Default)]
+///
+/// The oldest queued frame lives inline in `head`, so the common case of a
+/// subscriber that takes each push as it comes allocates nothing: the frame
+/// moves from `head` into `Sending::One` and is sent with a plain `send`.
+/// Only a backlog of two or more frames uses `rest` and the vectored path.
 pub struct Outbound {
-    queue: VecDeque<Bytes>,
+    /// Oldest queued frame; `None` implies `rest` is empty.
+    head: Option<Bytes>,
+    rest: VecDeque<Bytes>,
     /// Bytes queued and in flight that the kernel has not taken yet.
     queued_bytes: usize,
+    sending: Sending,
     inflight: Option<Box<InFlight>>,
-    sending: bool,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Outbound {
+            head: None,
+            rest: VecDeque::new(),
+            queued_bytes: 0,
+            sending: Sending::Idle,
+            inflight: None,
+        }
+    }
 }
 
 impl Outbound {
     /// Queues a frame unless that would pass `budget` bytes not yet taken by the kernel.
-    pub fn enqueue(&mut self, frame: Bytes, budget: usize) -> Enqueued {
+    pub fn enqueue(&mut self, frame: Bytes, budget: usize, pool: &mut SendBuffers) -> Enqueued {
         if self.queued_bytes + frame.len() > budget {
             return Enqueued::OverBudget;
         }
-        self.queued_bytes += frame.len();
-        self.queue.push_back(frame);
+        self.push_back(frame, pool);
         Enqueued::Yes
     }
 
     /// Queues a frame regardless of budget and closing state: close frames and
     /// the last HTTP response.
-    pub fn enqueue_final(&mut self, frame: Bytes) {
+    pub fn enqueue_final(&mut self, frame: Bytes, pool: &mut SendBuffers) {
+        self.push_back(frame, pool);
+    }
+
+    fn push_back(&mut self, frame: Bytes, pool: &mut SendBuffers) {
         self.queued_bytes += frame.len();
-        self.queue.push_back(frame);
+        if self.head.is_none() {
+            self.head = Some(frame);
+            return;
+        }
+        if self.rest.capacity() == 0 {
+            if let Some(queue) = pool.queues.pop() {
+                self.rest = queue;
+            }
+        }
+        self.rest.push_back(frame);
+    }
+
+    /// Puts an unsent remainder back in front of everything queued.
+    fn push_front(&mut self, frame: Bytes) {
+        if let Some(old) = self.head.replace(frame) {
+            self.rest.push_front(old);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Bytes> {
+        let frame = self.head.take()?;
+        self.head = self.rest.pop_front();
+        Some(frame)
     }
 
     /// Drops frames not yet handed to the kernel (a slow consumer's backlog).
     /// Frames in flight stay: a frame cut in half would corrupt the stream.
     pub fn discard_queued(&mut self) {
-        let dropped: usize = self.queue.iter().map(Bytes::len).sum();
+        let dropped: usize = self
+            .head
+            .iter()
+            .chain(self.rest.iter())
+            .map(Bytes::len)
+            .sum();
         self.queued_bytes -= dropped;
-        self.queue.clear();
-        self.queue.shrink_to(0);
+        self.head = None;
+        self.rest = VecDeque::new();
     }
 
     /// True if nothing is queued or in flight.
     pub fn is_flushed(&self) -> bool {
-        self.queue.is_empty() && !self.sending
+        self.head.is_none() && !self.is_sending()
     }
 
     /// True if a send is in flight.
     pub fn is_sending(&self) -> bool {
-        self.sending
+        !matches!(self.sending, Sending::Idle)
     }
 
-    /// Moves queued frames into the in-flight buffers and returns the msghdr
-    /// for a send, or `None` if nothing is queued or a send is already in flight.
-    pub fn prepare_send(&mut self) -> Option<*const libc::msghdr> {
-        if self.sending || self.queue.is_empty() {
+    /// Hands queued frames to the in-flight state and says what to submit, or
+    /// `None` if nothing is queued or a send is already in flight. The pointers
+    /// stay valid until `complete_send` or `fail_send`.
+    pub fn prepare_send(&mut self, pool: &mut SendBuffers) -> Option<SendPlan> {
+        if self.is_sending() || self.head.is_none() {
             return None;
         }
-        let inflight = self.inflight.get_or_insert_with(InFlight::new);
+        if self.rest.is_empty() {
+            let frame = self.head.take()?;
+            let plan = SendPlan::One {
+                ptr: frame.as_ptr(),
+                len: frame.len(),
+            };
+            self.sending = Sending::One(frame);
+            return Some(plan);
+        }
+        let mut inflight = self
+            .inflight
+            .take()
+            .or_else(|| pool.inflight.pop())
+            .unwrap_or_else(InFlight::new);
         inflight.frames.clear();
         inflight.iovecs.clear();
         inflight.bytes = 0;
         while inflight.frames.len() < MAX_IOVECS {
-            let Some(frame) = self.queue.pop_front() else {
-                break;
-            };
+            let Some(frame) = self.pop_front() else { break };
             inflight.bytes += frame.len();
             inflight.iovecs.push(libc::iovec {
                 iov_base: frame.as_ptr() as *mut _,
@@ -116,55 +218,86 @@ impl Outbound {
         }
         inflight.msg.msg_iov = inflight.iovecs.as_mut_ptr();
         inflight.msg.msg_iovlen = inflight.iovecs.len() as _;
-        self.sending = true;
-        Some(&inflight.msg as *const libc::msghdr)
+        let msg = &inflight.msg as *const libc::msghdr;
+        self.inflight = Some(inflight);
+        self.sending = Sending::Many;
+        Some(SendPlan::Many(msg))
     }
 
     /// Accounts a finished send of `sent` bytes; unsent remainders go back to
     /// the front of the queue in order. Returns the bytes sent.
     pub fn complete_send(&mut self, sent: usize) -> usize {
-        self.sending = false;
-        let Some(inflight) = self.inflight.as_mut() else {
-            return 0;
-        };
-        let sent = sent.min(inflight.bytes);
-        self.queued_bytes -= sent;
-        let mut skip = sent;
-        let mut rest = Vec::new();
-        for mut frame in inflight.frames.drain(..) {
-            if skip >= frame.len() {
-                skip -= frame.len();
-                continue;
+        match std::mem::replace(&mut self.sending, Sending::Idle) {
+            Sending::Idle => 0,
+            Sending::One(mut frame) => {
+                let sent = sent.min(frame.len());
+                self.queued_bytes -= sent;
+                if sent < frame.len() {
+                    frame.advance(sent);
+                    self.push_front(frame);
+                }
+                sent
             }
-            frame.advance(skip);
-            skip = 0;
-            rest.push(frame);
+            Sending::Many => {
+                let Some(inflight) = self.inflight.as_mut() else {
+                    return 0;
+                };
+                let sent = sent.min(inflight.bytes);
+                self.queued_bytes -= sent;
+                let mut skip = sent;
+                let mut unsent = Vec::new();
+                for mut frame in inflight.frames.drain(..) {
+                    if skip >= frame.len() {
+                        skip -= frame.len();
+                        continue;
+                    }
+                    frame.advance(skip);
+                    skip = 0;
+                    unsent.push(frame);
+                }
+                inflight.iovecs.clear();
+                for frame in unsent.into_iter().rev() {
+                    self.push_front(frame);
+                }
+                sent
+            }
         }
-        for frame in rest.into_iter().rev() {
-            self.queue.push_front(frame);
-        }
-        inflight.iovecs.clear();
-        sent
     }
 
     /// Forgets everything in flight after a failed send.
     pub fn fail_send(&mut self) {
-        self.sending = false;
-        if let Some(inflight) = self.inflight.as_mut() {
-            self.queued_bytes -= inflight.bytes;
-            inflight.frames.clear();
-            inflight.iovecs.clear();
-            inflight.bytes = 0;
+        match std::mem::replace(&mut self.sending, Sending::Idle) {
+            Sending::Idle => {}
+            Sending::One(frame) => self.queued_bytes -= frame.len(),
+            Sending::Many => {
+                if let Some(inflight) = self.inflight.as_mut() {
+                    self.queued_bytes -= inflight.bytes;
+                    inflight.frames.clear();
+                    inflight.iovecs.clear();
+                    inflight.bytes = 0;
+                }
+            }
         }
     }
 
-    /// Releases buffers kept for sends once the queue is empty, so an idle
-    /// connection holds no write state.
-    pub fn release_idle_buffers(&mut self) {
-        if self.is_flushed() {
-            self.inflight = None;
-            if self.queue.capacity() > 0 {
-                self.queue = VecDeque::new();
+    /// Once nothing is queued or in flight, hands the backlog buffers to the
+    /// shard's pool, so an idle connection holds no write state.
+    pub fn release_idle_buffers(&mut self, pool: &mut SendBuffers) {
+        if !self.is_flushed() {
+            return;
+        }
+        if let Some(mut inflight) = self.inflight.take() {
+            if pool.inflight.len() < POOLED_SETS && inflight.frames.capacity() <= POOLED_MAX_ENTRIES
+            {
+                inflight.frames.clear();
+                inflight.iovecs.clear();
+                pool.inflight.push(inflight);
+            }
+        }
+        if self.rest.capacity() > 0 {
+            let queue = std::mem::take(&mut self.rest);
+            if pool.queues.len() < POOLED_SETS && queue.capacity() <= POOLED_MAX_ENTRIES {
+                pool.queues.push(queue);
             }
         }
     }
@@ -181,40 +314,105 @@ mod tests {
 
     #[test]
     fn partial_sends_requeue_the_unsent_tail_in_order() {
+        let mut pool = SendBuffers::default();
         let mut c = Outbound::default();
-        assert_eq!(c.enqueue(Bytes::from_static(b"abc"), 100), Enqueued::Yes);
-        assert_eq!(c.enqueue(Bytes::from_static(b"defg"), 100), Enqueued::Yes);
-        assert!(c.prepare_send().is_some());
-        assert!(c.prepare_send().is_none(), "one send in flight at a time");
-        c.enqueue(Bytes::from_static(b"h"), 100);
+        assert_eq!(
+            c.enqueue(Bytes::from_static(b"abc"), 100, &mut pool),
+            Enqueued::Yes
+        );
+        assert_eq!(
+            c.enqueue(Bytes::from_static(b"defg"), 100, &mut pool),
+            Enqueued::Yes
+        );
+        assert!(c.prepare_send(&mut pool).is_some());
+        assert!(
+            c.prepare_send(&mut pool).is_none(),
+            "one send in flight at a time"
+        );
+        c.enqueue(Bytes::from_static(b"h"), 100, &mut pool);
         assert_eq!(c.complete_send(5), 5);
-        let rest: Vec<u8> = c.queue.iter().flat_map(|b| b.iter().copied()).collect();
+        let rest: Vec<u8> = c
+            .head
+            .iter()
+            .chain(c.rest.iter())
+            .flat_map(|b| b.iter().copied())
+            .collect();
         assert_eq!(rest, b"fgh");
         assert_eq!(c.queued_bytes, 3);
     }
 
     #[test]
     fn the_budget_counts_bytes_in_flight_and_refuses_past_it() {
+        let mut pool = SendBuffers::default();
         let mut c = Outbound::default();
-        c.enqueue(Bytes::from(vec![0; 60]), 100);
-        c.prepare_send();
+        c.enqueue(Bytes::from(vec![0; 60]), 100, &mut pool);
+        c.prepare_send(&mut pool);
         assert_eq!(
-            c.enqueue(Bytes::from(vec![0; 50]), 100),
+            c.enqueue(Bytes::from(vec![0; 50]), 100, &mut pool),
             Enqueued::OverBudget
         );
         c.complete_send(60);
-        assert_eq!(c.enqueue(Bytes::from(vec![0; 50]), 100), Enqueued::Yes);
+        assert_eq!(
+            c.enqueue(Bytes::from(vec![0; 50]), 100, &mut pool),
+            Enqueued::Yes
+        );
     }
 
     #[test]
     fn discarding_keeps_frames_in_flight() {
+        let mut pool = SendBuffers::default();
         let mut c = Outbound::default();
-        c.enqueue(Bytes::from_static(b"in-flight"), 100);
-        c.prepare_send();
-        c.enqueue(Bytes::from_static(b"queued"), 100);
+        c.enqueue(Bytes::from_static(b"in-flight"), 100, &mut pool);
+        c.prepare_send(&mut pool);
+        c.enqueue(Bytes::from_static(b"queued"), 100, &mut pool);
         c.discard_queued();
         assert_eq!(c.queued_bytes, 9);
         c.complete_send(9);
         assert!(c.is_flushed());
+    }
+
+    #[test]
+    fn an_idle_connection_returns_its_buffers_to_the_pool_and_the_next_reuses_them() {
+        let mut pool = SendBuffers::default();
+        let mut a = Outbound::default();
+        a.enqueue(Bytes::from_static(b"x"), 100, &mut pool);
+        a.enqueue(Bytes::from_static(b"z"), 100, &mut pool);
+        a.prepare_send(&mut pool);
+        a.release_idle_buffers(&mut pool);
+        assert!(pool.inflight.is_empty(), "nothing released while sending");
+        a.complete_send(2);
+        a.release_idle_buffers(&mut pool);
+        assert_eq!((pool.inflight.len(), pool.queues.len()), (1, 1));
+        assert_eq!(a.rest.capacity(), 0);
+        let mut b = Outbound::default();
+        b.enqueue(Bytes::from_static(b"y"), 100, &mut pool);
+        b.enqueue(Bytes::from_static(b"w"), 100, &mut pool);
+        b.prepare_send(&mut pool);
+        assert_eq!((pool.inflight.len(), pool.queues.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_single_frame_is_sent_inline_without_buffers() {
+        let mut pool = SendBuffers::default();
+        let mut c = Outbound::default();
+        c.enqueue(Bytes::from_static(b"hello"), 100, &mut pool);
+        match c.prepare_send(&mut pool) {
+            Some(SendPlan::One { len, .. }) => assert_eq!(len, 5),
+            other => panic!("expected a plain send, got {other:?}"),
+        }
+        assert!(c.inflight.is_none() && c.rest.capacity() == 0);
+        c.enqueue(Bytes::from_static(b"!"), 100, &mut pool);
+        assert_eq!(c.complete_send(2), 2);
+        let queued: Vec<u8> = c
+            .head
+            .iter()
+            .chain(c.rest.iter())
+            .flat_map(|b| b.iter().copied())
+            .collect();
+        assert_eq!(
+            queued, b"llo!",
+            "the unsent tail stays ahead of newer frames"
+        );
+        assert_eq!(c.queued_bytes(), 4);
     }
 }

@@ -46,7 +46,8 @@ impl Shard {
             // RFC 6455 5.5.1: answer with the code the peer sent.
             let code = code.map_or(1000, |(code, _)| code);
             conn.close_sent = true;
-            conn.out.enqueue_final(frame::close(code, ""));
+            conn.out
+                .enqueue_final(frame::close(code, ""), &mut self.send_buffers);
             self.mark_dirty(key);
         }
         self.close_after_flush(key, true);

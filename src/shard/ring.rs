@@ -265,6 +265,31 @@ impl ConnRing {
         self.push(entry)
     }
 
+    /// Sends `len` bytes at `ptr` on a connection.
+    ///
+    /// # Safety
+    /// The bytes must stay valid and unmoved until the completion for this
+    /// token has been returned by `drain`.
+    pub(crate) unsafe fn send_one(
+        &mut self,
+        fd: RawFd,
+        ptr: *const u8,
+        len: usize,
+        slot: u32,
+        generation: u32,
+    ) -> io::Result<()> {
+        let token = Token {
+            kind: OpKind::Send,
+            slot,
+            generation,
+        };
+        let entry = opcode::Send::new(types::Fd(fd), ptr, len as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(token.encode());
+        self.push(entry)
+    }
+
     /// Cancels every operation on `fd` (the listener at shutdown).
     pub(crate) fn cancel_fd(&mut self, fd: RawFd) -> io::Result<()> {
         let token = Token {
