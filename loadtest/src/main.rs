@@ -303,9 +303,11 @@ fn main() -> Result<()> {
     let want_fds = (args.subscribers + args.publishers * (1 + args.topics / 50) + 256) as u64;
     let nofile = procstat::raise_nofile(want_fds);
     if nofile < want_fds {
-        progress(format!(
-            "warning: RLIMIT_NOFILE is {nofile}, below the {want_fds} needed; connections will fail"
-        ));
+        bail!(
+            "RLIMIT_NOFILE could not be raised to the {want_fds} descriptors this run needs (got {nofile}; \
+             the hard limit needs CAP_SYS_RESOURCE to go higher): lower --subscribers, or raise `ulimit -Hn` \
+             as root before starting ringcast-load"
+        );
     }
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -439,6 +441,7 @@ fn main() -> Result<()> {
                 args.payload_bytes,
                 args.pipeline_depth,
                 counters.clone(),
+                topic_subs.clone(),
             )?);
         }
     }
@@ -458,6 +461,7 @@ fn main() -> Result<()> {
     };
     let env = Env {
         cores,
+        machine_cpus: procstat::online_cpus().max(cores),
         threads,
         nofile,
         server_pids: server_procs.clone(),
@@ -483,7 +487,6 @@ fn main() -> Result<()> {
             measure_start,
             end,
             rate,
-            topic_subs: topic_subs.clone(),
         };
         if publishing {
             progress(format!(
@@ -510,7 +513,10 @@ fn main() -> Result<()> {
         // Drain: stop early once every expected delivery arrived.
         let drain_deadline = publish_done.max(end) + args.drain.as_nanos() as u64;
         while now_ns() < drain_deadline {
-            if publishing && shared.unique_so_far() >= counters.expected.load(SeqCst) {
+            if publishing
+                && counters.unanswered() == 0
+                && shared.unique_so_far() >= counters.expected.load(SeqCst)
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));

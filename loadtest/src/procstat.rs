@@ -84,6 +84,13 @@ pub(crate) fn machine_jiffies() -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
+/// Online cpus of the machine (not limited by this process's affinity).
+pub(crate) fn online_cpus() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    n.max(1) as usize
+}
+
 /// Raises the soft (and if needed and permitted, hard) open-file limit to at
 /// least `want`; returns the resulting soft limit.
 pub(crate) fn raise_nofile(want: u64) -> u64 {

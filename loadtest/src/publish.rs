@@ -12,11 +12,18 @@ use crate::sub::new_histogram;
 use crate::ws::{self, Decoded, Upgrade, Url};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
+use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
+
+/// Times an unanswered HTTP publish is re-sent on a new connection after the
+/// server closed the old one (nginx closes a keep-alive connection after
+/// `keepalive_requests` and drops what was pipelined behind it).
+const MAX_RESENDS: u8 = 3;
 
 /// Bytes a publisher batches into one `write` when it is behind schedule.
 /// Bounds the burst a stalled publisher emits per syscall.
@@ -39,7 +46,9 @@ pub(crate) enum Via {
 /// Counters summed over all publishers, reset by the main thread per epoch.
 #[derive(Default)]
 pub(crate) struct PubCounters {
-    /// Messages written to a socket.
+    /// Distinct messages the schedule produced (each counted once, however often re-sent).
+    pub(crate) attempted: AtomicU64,
+    /// Messages accepted: answered 2xx (HTTP) or written (WebSocket).
     pub(crate) sent: AtomicU64,
     /// Sum over sent messages of the ready subscriber count of their topic.
     pub(crate) expected: AtomicU64,
@@ -58,9 +67,17 @@ pub(crate) struct PubCounters {
 }
 
 impl PubCounters {
+    /// Publishes neither accepted, rejected nor given up on yet.
+    pub(crate) fn unanswered(&self) -> u64 {
+        self.attempted.load(Relaxed).saturating_sub(
+            self.sent.load(Relaxed) + self.rejected.load(Relaxed) + self.write_failed.load(Relaxed),
+        )
+    }
+
     /// Resets all counters to zero.
     pub(crate) fn reset(&self) {
         for c in [
+            &self.attempted,
             &self.sent,
             &self.expected,
             &self.measured_expected,
@@ -87,8 +104,6 @@ pub(crate) struct Plan {
     pub(crate) end: u64,
     /// Total messages per second over all publishers.
     pub(crate) rate: f64,
-    /// Ready subscribers per topic, frozen before publishing.
-    pub(crate) topic_subs: Arc<Vec<u64>>,
 }
 
 struct TopicWire {
@@ -100,11 +115,27 @@ struct TopicWire {
     body_suffix: Vec<u8>,
 }
 
+/// An HTTP publish written but not yet answered.
+#[derive(Clone, Copy)]
+struct Pending {
+    marker: Marker,
+    measured: bool,
+    resends: u8,
+}
+
+/// Requests in flight on one HTTP connection, in order; the reader thread pops
+/// one per response and counts it, so a publish is expected only once the
+/// server accepted it.
+#[derive(Default)]
+struct Inflight {
+    queue: Mutex<VecDeque<Pending>>,
+    closed: AtomicBool,
+}
+
 struct PubConn {
     stream: Option<TcpStream>,
-    /// Responses read so far on the current stream (HTTP pipelining window).
-    answered: Arc<AtomicU64>,
-    asked: u64,
+    inflight: Arc<Inflight>,
+    reader: Option<JoinHandle<()>>,
     out: Vec<u8>,
     url: Url,
     /// For WebSocket publishing: the topic indices this connection subscribed to.
@@ -124,6 +155,7 @@ pub(crate) struct Publisher {
     payload_bytes: usize,
     pipeline_depth: u64,
     counters: Arc<PubCounters>,
+    topic_subs: Arc<Vec<u64>>,
     scratch: Vec<u8>,
     rng: u64,
 }
@@ -149,6 +181,7 @@ impl Publisher {
         payload_bytes: usize,
         pipeline_depth: u64,
         counters: Arc<PubCounters>,
+        topic_subs: Arc<Vec<u64>>,
     ) -> Result<Publisher> {
         let mut wires = Vec::with_capacity(names.len());
         let mut conns: Vec<PubConn> = Vec::new();
@@ -211,6 +244,7 @@ impl Publisher {
             payload_bytes,
             pipeline_depth: pipeline_depth.max(1),
             counters,
+            topic_subs,
             scratch: Vec::with_capacity(payload_bytes + 256),
             rng: 0x9e37_79b9_7f4a_7c15 ^ id as u64,
         };
@@ -224,17 +258,19 @@ impl Publisher {
         let stream = TcpStream::connect(self.addr)
             .with_context(|| format!("publisher connect {}", self.addr))?;
         stream.set_nodelay(true)?;
-        let answered = Arc::new(AtomicU64::new(0));
         let mut reader = stream.try_clone()?;
         let conn = &mut self.conns[c];
-        conn.asked = 0;
-        conn.answered = answered.clone();
         match &self.via {
             Via::Http { .. } => {
                 let counters = self.counters.clone();
-                std::thread::Builder::new()
-                    .name("pub-http-reader".into())
-                    .spawn(move || http_reader(&mut reader, &answered, &counters))?;
+                let inflight = Arc::new(Inflight::default());
+                conn.inflight = inflight.clone();
+                let subs = self.topic_subs.clone();
+                conn.reader = Some(
+                    std::thread::Builder::new()
+                        .name("pub-http-reader".into())
+                        .spawn(move || http_reader(&mut reader, &inflight, &counters, &subs))?,
+                );
             }
             Via::Ws { .. } => {
                 let mut w = &stream;
@@ -294,7 +330,7 @@ impl Publisher {
         (self.rng as u32).to_le_bytes()
     }
 
-    fn encode(&mut self, topic: usize, m: &Marker) -> usize {
+    fn encode(&mut self, topic: usize, m: &Marker, measured: bool, resends: u8) -> usize {
         let c = topic_conn(&self.via, topic);
         self.scratch.clear();
         let w = &self.wires[topic];
@@ -303,10 +339,20 @@ impl Publisher {
                 self.scratch.extend_from_slice(&w.body_prefix);
                 m.write_padded(&mut self.scratch, self.payload_bytes);
                 self.scratch.extend_from_slice(&w.body_suffix);
-                let out = &mut self.conns[c].out;
-                out.extend_from_slice(&w.head);
-                let _ = write!(out, "{}\r\n\r\n", self.scratch.len());
-                out.extend_from_slice(&self.scratch);
+                let conn = &mut self.conns[c];
+                conn.out.extend_from_slice(&w.head);
+                let _ = write!(conn.out, "{}\r\n\r\n", self.scratch.len());
+                conn.out.extend_from_slice(&self.scratch);
+                // Queued before the write so the reader can never see an unknown response.
+                conn.inflight
+                    .queue
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back(Pending {
+                        marker: *m,
+                        measured,
+                        resends,
+                    });
             }
             Via::Ws { .. } => {
                 self.scratch.extend_from_slice(&w.head);
@@ -316,8 +362,57 @@ impl Publisher {
                 ws::encode_masked(&mut self.conns[c].out, ws::OP_TEXT, &self.scratch, mask);
             }
         }
-        self.conns[c].asked += 1;
         c
+    }
+
+    /// Re-opens every HTTP connection the server closed and re-queues what it
+    /// left unanswered (keeping the original schedule times).
+    fn revive(&mut self) {
+        if !matches!(self.via, Via::Http { .. }) {
+            return;
+        }
+        for c in 0..self.conns.len() {
+            let conn = &mut self.conns[c];
+            if conn.stream.is_some() && !conn.inflight.closed.load(Relaxed) {
+                continue;
+            }
+            if let Some(s) = conn.stream.take() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            // The reader has exited (or will, the socket is shut down): after the
+            // join no response can pop the queue, so nothing is sent twice.
+            if let Some(r) = conn.reader.take() {
+                let _ = r.join();
+            }
+            let left: Vec<Pending> = std::mem::take(
+                &mut *conn
+                    .inflight
+                    .queue
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            )
+            .into();
+            self.counters.reconnects.fetch_add(1, Relaxed);
+            if self.open(c).is_err() {
+                self.counters
+                    .write_failed
+                    .fetch_add(left.len() as u64, Relaxed);
+                continue;
+            }
+            for p in left {
+                if p.resends >= MAX_RESENDS {
+                    self.counters.write_failed.fetch_add(1, Relaxed);
+                    continue;
+                }
+                self.encode(
+                    p.marker.topic as usize,
+                    &p.marker,
+                    p.measured,
+                    p.resends + 1,
+                );
+            }
+            self.flush(c);
+        }
     }
 
     /// Publishes one epoch's schedule; returns the send-lag histogram (actual
@@ -342,6 +437,7 @@ impl Publisher {
                 break;
             }
             sleep_until(due);
+            self.revive();
             self.wait_pipeline();
             let now = now_ns();
             batch.clear();
@@ -360,7 +456,9 @@ impl Publisher {
                     sched_ns: due,
                 };
                 self.seq[topic] += 1;
-                let c = self.encode(topic, &m);
+                let measured = due >= plan.measure_start;
+                self.counters.attempted.fetch_add(1, Relaxed);
+                let c = self.encode(topic, &m, measured, 0);
                 bytes += self.conns[c].out.len();
                 batch.push((topic as u32, due >= plan.measure_start, c));
                 lag.saturating_record(now.saturating_sub(due).max(1_000));
@@ -375,12 +473,17 @@ impl Publisher {
                     failed_conns |= 1 << c.min(63);
                 }
             }
+            if matches!(self.via, Via::Http { .. }) {
+                // HTTP publishes are counted by the reader when answered; a failed
+                // write leaves them queued for `revive`.
+                continue;
+            }
             for &(topic, measured, c) in &batch {
                 if failed_conns & (1 << c.min(63)) != 0 {
                     self.counters.write_failed.fetch_add(1, Relaxed);
                     continue;
                 }
-                let subs = plan.topic_subs[topic as usize];
+                let subs = self.topic_subs[topic as usize];
                 self.counters.sent.fetch_add(1, Relaxed);
                 self.counters.expected.fetch_add(subs, Relaxed);
                 if measured {
@@ -399,7 +502,8 @@ impl Publisher {
         let deadline = now_ns() + 10_000_000_000;
         for c in &self.conns {
             while c.stream.is_some()
-                && c.asked.saturating_sub(c.answered.load(Relaxed)) >= self.pipeline_depth
+                && !c.inflight.closed.load(Relaxed)
+                && c.inflight.queue.lock().map_or(0, |q| q.len()) as u64 >= self.pipeline_depth
                 && now_ns() < deadline
             {
                 std::thread::sleep(Duration::from_micros(50));
@@ -407,18 +511,24 @@ impl Publisher {
         }
     }
 
-    /// Writes connection `c`'s buffer; on failure reopens the connection once.
+    /// Writes connection `c`'s buffer. On failure an HTTP connection is marked
+    /// closed (its queue is re-sent by `revive`); a WebSocket one is reopened.
     fn flush(&mut self, c: usize) -> bool {
         let conn = &mut self.conns[c];
         let ok = match conn.stream.as_mut() {
             Some(s) => s.write_all(&conn.out).is_ok(),
             None => false,
         };
-        self.conns[c].out.clear();
+        conn.out.clear();
         if !ok {
-            self.conns[c].stream = None;
-            self.counters.reconnects.fetch_add(1, Relaxed);
-            let _ = self.open(c);
+            match self.via {
+                Via::Http { .. } => conn.inflight.closed.store(true, Relaxed),
+                Via::Ws { .. } => {
+                    conn.stream = None;
+                    self.counters.reconnects.fetch_add(1, Relaxed);
+                    let _ = self.open(c);
+                }
+            }
         }
         ok
     }
@@ -428,8 +538,8 @@ impl PubConn {
     fn new(url: Url, topics: Vec<u32>) -> PubConn {
         PubConn {
             stream: None,
-            answered: Arc::new(AtomicU64::new(0)),
-            asked: 0,
+            inflight: Arc::new(Inflight::default()),
+            reader: None,
             out: Vec::with_capacity(MAX_BATCH_BYTES + 4096),
             url,
             topics,
@@ -513,7 +623,17 @@ pub(crate) fn parse_response(buf: &[u8]) -> Response {
     Response::Complete(code, head + body)
 }
 
-fn http_reader(stream: &mut TcpStream, answered: &AtomicU64, counters: &PubCounters) {
+fn http_reader(stream: &mut TcpStream, inflight: &Inflight, counters: &PubCounters, subs: &[u64]) {
+    http_read_loop(stream, inflight, counters, subs);
+    inflight.closed.store(true, Relaxed);
+}
+
+fn http_read_loop(
+    stream: &mut TcpStream,
+    inflight: &Inflight,
+    counters: &PubCounters,
+    subs: &[u64],
+) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut have = 0;
     loop {
@@ -529,8 +649,21 @@ fn http_reader(stream: &mut TcpStream, answered: &AtomicU64, counters: &PubCount
         loop {
             match parse_response(&buf[at..have]) {
                 Response::Complete(code, used) => {
+                    let pending = inflight
+                        .queue
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .pop_front();
                     if (200..300).contains(&code) {
                         counters.ok.fetch_add(1, Relaxed);
+                        if let Some(p) = pending {
+                            let n = subs.get(p.marker.topic as usize).copied().unwrap_or(0);
+                            counters.sent.fetch_add(1, Relaxed);
+                            counters.expected.fetch_add(n, Relaxed);
+                            if p.measured {
+                                counters.measured_expected.fetch_add(n, Relaxed);
+                            }
+                        }
                     } else {
                         counters.rejected.fetch_add(1, Relaxed);
                         if let Ok(mut l) = counters.last_rejection.lock() {
@@ -541,7 +674,6 @@ fn http_reader(stream: &mut TcpStream, answered: &AtomicU64, counters: &PubCount
                             *l = Some(String::from_utf8_lossy(line).into_owned());
                         }
                     }
-                    answered.fetch_add(1, Relaxed);
                     at += used;
                 }
                 Response::Partial => break,

@@ -36,7 +36,10 @@ pub(crate) struct Scenario {
 
 /// Where it ran.
 pub(crate) struct Env {
+    /// Cores this process may run on (affinity).
     pub(crate) cores: usize,
+    /// Online cpus of the machine.
+    pub(crate) machine_cpus: usize,
     pub(crate) threads: usize,
     pub(crate) nofile: u64,
     pub(crate) server_pids: Vec<String>,
@@ -174,6 +177,7 @@ pub(crate) struct StepReport {
     rate: f64,
     duration_s: f64,
     sent: u64,
+    unanswered: u64,
     write_failed: u64,
     ok: u64,
     rejected: u64,
@@ -235,6 +239,7 @@ impl StepReport {
             rate,
             duration_s: window.duration_s,
             sent: pc.sent.load(Relaxed),
+            unanswered: pc.unanswered(),
             write_failed: pc.write_failed.load(Relaxed),
             ok: pc.ok.load(Relaxed),
             rejected: pc.rejected.load(Relaxed),
@@ -291,6 +296,7 @@ impl StepReport {
             && self.counts.duplicates == 0
             && self.write_failed == 0
             && self.rejected == 0
+            && self.unanswered == 0
             && self.latency.p99 <= p99_limit_ms
             && self.send_lag.p99 <= p99_limit_ms
     }
@@ -317,9 +323,9 @@ impl StepReport {
             .is_some_and(|b| b >= MACHINE_SATURATED_UTIL)
         {
             w.push(format!(
-                "MACHINE CPU SATURATED ({:.0}% busy over {} cores): client and server compete for the same cores",
+                "MACHINE CPU SATURATED ({:.0}% busy over all {} cpus): client and server compete for CPU",
                 self.machine_busy.unwrap_or(0.0) * 100.0,
-                env.cores
+                env.machine_cpus
             ));
         }
         if self.missing() > 0 {
@@ -334,12 +340,14 @@ impl StepReport {
                 self.unexpected()
             ));
         }
-        if self.rejected > 0 || self.write_failed > 0 {
+        if self.rejected > 0 || self.write_failed > 0 || self.unanswered > 0 {
             w.push(format!(
-                "publish errors: {} rejected ({}), {} not written",
+                "publish errors: {} rejected ({}), {} not written, {} never answered \
+                 (not counted as expected)",
                 self.rejected,
                 self.last_rejection.as_deref().unwrap_or("-"),
-                self.write_failed
+                self.write_failed,
+                self.unanswered
             ));
         }
         if self.conn_errors > 0 {
@@ -354,6 +362,7 @@ impl StepReport {
             "duration_s": self.duration_s,
             "published": self.sent,
             "publish_ok": self.ok,
+            "publish_unanswered": self.unanswered,
             "publish_rejected": self.rejected,
             "publish_write_failed": self.write_failed,
             "publish_reconnects": self.reconnects,
@@ -441,7 +450,7 @@ impl Run {
                 "publishers": s.publishers, "payload_bytes": s.payload_bytes,
                 "duration_s": s.duration_s, "warmup_s": s.warmup_s,
             },
-            "client": {"cores": self.env.cores, "threads": self.env.threads, "nofile": self.env.nofile},
+            "client": {"cores": self.env.cores, "machine_cpus": self.env.machine_cpus, "threads": self.env.threads, "nofile": self.env.nofile},
             "connections": {
                 "requested": c.requested, "ready": c.ready, "connect_failed": c.connect_failed,
                 "upgrade_refused": c.upgrade_refused, "not_ready": c.not_ready,
@@ -485,8 +494,8 @@ impl Run {
         );
         let _ = writeln!(
             o,
-            "  client     {} cores, {} worker threads, nofile {}",
-            self.env.cores, self.env.threads, self.env.nofile
+            "  client     {} of {} cpus, {} worker threads, nofile {}",
+            self.env.cores, self.env.machine_cpus, self.env.threads, self.env.nofile
         );
         let _ = writeln!(
             o,

@@ -283,6 +283,10 @@ pub(crate) async fn run(sh: Arc<Shared>, spec: SubSpec, gate: Arc<Semaphore>, ti
     let permit = gate.acquire().await;
     let connected = tokio::time::timeout(timeout, connect(&spec)).await;
     drop(permit);
+    if !matches!(connected, Ok(Ok(_))) && sh.frozen.load(Relaxed) {
+        // Already counted as not ready when the run froze its subscriber set.
+        return;
+    }
     let (mut stream, rest) = match connected {
         Ok(Ok(v)) => v,
         Ok(Err(ConnectError::Refused(status))) => {

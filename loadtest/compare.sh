@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Side-by-side fan-out benchmark: ringcast vs nginx+nchan, same scenarios, same tool, same cores.
+#
+# usage: loadtest/compare.sh            full size (takes several minutes)
+#        SCALE=0.1 loadtest/compare.sh  quick version (connection counts and rates x0.1)
+#
+# Environment (all optional):
+#   SCALE=1            multiplies subscriber counts, topic counts and rates
+#   CORES=1            server cores: ringcast --shards and nchan worker_processes
+#   DURATION=10s WARMUP=2s DRAIN=3s   per scenario
+#   SCENARIOS="a b c d"               which scenarios to run
+#   PEERS="ringcast nchan"            which servers
+#   N_A RATE_A | N_B T_B RATE_B | N_C | N_D T_D RATE_D_START   override single sizes
+#   SOURCE_IPS=127.0.0.1-127.0.0.4    client source addresses (needed past ~28k connections)
+#   SHARED=../shared                  where peers/nchan.sh lives
+#   OUT=/tmp/ringcast-compare         JSON results per server and scenario
+#   SKIP_BUILD=1 RINGCAST_BIN=... LOAD_BIN=...   use existing binaries
+#
+# The server is pinned to the first CORES cpus with taskset and the client to the rest, when the
+# machine has more cores than CORES; otherwise they share cores and the table says so.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+shared="${SHARED:-$root/../shared}"
+SCALE="${SCALE:-1}"; CORES="${CORES:-1}"
+DURATION="${DURATION:-10s}"; WARMUP="${WARMUP:-2s}"; DRAIN="${DRAIN:-3s}"
+SCENARIOS="${SCENARIOS:-a b c d}"; PEERS="${PEERS:-ringcast nchan}"
+SOURCE_IPS="${SOURCE_IPS:-127.0.0.1-127.0.0.4}"
+OUT="${OUT:-${TMPDIR:-/tmp}/ringcast-compare}"
+mkdir -p "$OUT"; rm -f "$OUT"/*.json
+
+scale() { python3 -c "import sys; print(max(1, int(round($1 * $SCALE))))"; }
+N_A="${N_A:-$(scale 10000)}"; RATE_A="${RATE_A:-100}"
+N_B="${N_B:-$(scale 10000)}"; T_B="${T_B:-$(scale 1000)}"; RATE_B="${RATE_B:-$(scale 20000)}"
+N_C="${N_C:-$(scale 50000)}"
+N_D="${N_D:-$(scale 1000)}"; T_D="${T_D:-$(scale 100)}"; RATE_D_START="${RATE_D_START:-$(scale 2000)}"
+
+# Open files: both the client and the server hold one descriptor per connection.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+nofile="$(ulimit -n)"
+notes=()
+if [ "$N_C" -gt $((nofile - 500)) ]; then
+  notes+=("scenario c: $N_C connections asked, but the open-file hard limit here is $nofile (raising it needs CAP_SYS_RESOURCE); ran $((nofile - 500))")
+  N_C=$((nofile - 500))
+fi
+for v in N_A N_B N_D; do
+  if [ "${!v}" -gt $((nofile - 500)) ]; then
+    notes+=("$v=${!v} clamped to $((nofile - 500)) by the open-file limit"); printf -v "$v" '%s' $((nofile - 500))
+  fi
+done
+
+tdir="${CARGO_TARGET_DIR:-$root/target}"
+if [ -z "${SKIP_BUILD:-}" ]; then
+  echo "== building release" >&2
+  (cd "$root" && cargo build --release -q -p ringcast -p ringcast-load)
+fi
+RINGCAST="${RINGCAST_BIN:-$tdir/release/ringcast}"; LOAD="${LOAD_BIN:-$tdir/release/ringcast-load}"
+
+ncpu="$(nproc)"
+server_cpus="0-$((CORES - 1))"
+if [ "$ncpu" -gt "$CORES" ]; then
+  client_cpus="$CORES-$((ncpu - 1))"; client_threads=$((ncpu - CORES))
+  cpu_note="server pinned to cpus $server_cpus ($CORES core(s)), client to cpus $client_cpus; machine has $ncpu cores"
+else
+  client_cpus="0-$((ncpu - 1))"; client_threads="$ncpu"
+  cpu_note="machine has only $ncpu core(s): client and server SHARE them (numbers are pessimistic for both)"
+fi
+if [ "$ncpu" -le 2 ]; then
+  cpu_note="$cpu_note; with $ncpu cores in all, client and server run side by side, so absolute figures are small-machine figures"
+fi
+
+server_pid=""; port=""
+start_server() { # $1 = ringcast | nchan
+  case "$1" in
+    ringcast)
+      local log="$OUT/ringcast.log"
+      taskset -c "$server_cpus" "$RINGCAST" --listen 127.0.0.1:0 --shards "$CORES" >"$log" 2>&1 &
+      server_pid=$!
+      for _ in $(seq 100); do
+        port="$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log" | head -1)"
+        [ -n "$port" ] && break; sleep 0.05
+      done
+      [ -n "$port" ] || { echo "ringcast did not start; see $log" >&2; exit 1; }
+      ;;
+    nchan)
+      port=8091
+      "$shared/peers/nchan.sh" stop >/dev/null 2>&1 || true
+      sleep 0.3
+      "$shared/peers/nchan.sh" start "$port" "$CORES" >&2
+      server_pid="$(cat "${TMPDIR:-/tmp}/ringcast-nchan/nginx.pid")"
+      for p in $server_pid $(pgrep -P "$server_pid"); do taskset -pc "$server_cpus" "$p" >/dev/null; done
+      ;;
+  esac
+}
+stop_server() {
+  case "$1" in
+    ringcast) kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true ;;
+    nchan) "$shared/peers/nchan.sh" stop >/dev/null 2>&1 || true ;;
+  esac
+  sleep 0.5
+}
+trap 'for s in $PEERS; do stop_server "$s"; done' EXIT
+
+target_args() { # $1 = server
+  case "$1" in
+    ringcast) echo "--host 127.0.0.1:$port" ;;
+    nchan) echo "--sub-url ws://127.0.0.1:$port/sub/{topic} --pub-url http://127.0.0.1:$port/pub/{topic} --pub-body raw" ;;
+  esac
+}
+
+run() { # $1 = server, $2 = scenario, rest = ringcast-load args
+  local srv="$1" scn="$2"; shift 2
+  start_server "$srv"
+  echo "== $srv scenario $scn: $*" >&2
+  # shellcheck disable=SC2046
+  taskset -c "$client_cpus" "$LOAD" $(target_args "$srv") --server-pid "$server_pid" \
+    --threads "$client_threads" --warmup "${warm:-$WARMUP}" --duration "${dur:-$DURATION}" --drain "$DRAIN" \
+    --label "$srv/$scn" --json --quiet "$@" >"$OUT/$srv-$scn.json" \
+    || echo "   ($srv scenario $scn failed; see above)" >&2
+  stop_server "$srv"
+}
+
+for srv in $PEERS; do
+  for scn in $SCENARIOS; do
+    case "$scn" in
+      a) run "$srv" a --subscribers "$N_A" --topics 1 --rate "$RATE_A" ;;
+      b) run "$srv" b --subscribers "$N_B" --topics "$T_B" --rate "$RATE_B" ;;
+      c) dur=2s warm=0s run "$srv" c --subscribers "$N_C" --topics 100 --rate 0 \
+           --source-ips "$SOURCE_IPS" --connect-rate 20000 ;;
+      d) run "$srv" d --subscribers "$N_D" --topics "$T_D" --rate "$RATE_D_START" --find-ceiling \
+           --ceiling-factor 1.5 --ceiling-p99-ms 50 ;;
+      *) echo "unknown scenario $scn" >&2 ;;
+    esac
+  done
+done
+
+python3 - "$OUT" "$PEERS" "$SCENARIOS" "$cpu_note" "${notes[@]+"${notes[@]}"}" <<'PY'
+import json, os, sys
+out, peers, scns, cpu_note, notes = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4], sys.argv[5:]
+desc = {"a": "broadcast", "b": "many topics", "c": "idle connections", "d": "throughput ceiling"}
+def load(srv, scn):
+    try:
+        with open(os.path.join(out, f"{srv}-{scn}.json")) as f:
+            return json.load(f)
+    except Exception:
+        return None
+def fmt(v, unit=""):
+    if v is None: return "-"
+    if isinstance(v, float) and abs(v) < 100: return f"{v:.2f}{unit}"
+    return f"{v:,.0f}{unit}"
+metrics = [
+    ("delivered msg/s", lambda r: r.get("delivered_per_s")),
+    ("p50 ms", lambda r: r["latency_ms"]["p50"] if r["latency_ms"]["count"] else None),
+    ("p99 ms", lambda r: r["latency_ms"]["p99"] if r["latency_ms"]["count"] else None),
+    ("p99.9 ms", lambda r: r["latency_ms"]["p99_9"] if r["latency_ms"]["count"] else None),
+    ("cpu s/M deliv", lambda r: r.get("server_cpu_s_per_million_deliveries")),
+    ("RSS B/conn", lambda r: r.get("server_rss_per_connection_bytes")),
+    ("ceiling msg/s", lambda r: r.get("ceiling_rate")),
+    ("missing", lambda r: r.get("missing")),
+]
+ref = peers[0]
+others = peers[1:]
+hdr = f"{'scenario':<24} {'metric':<16}" + "".join(f"{p:>16}" for p in peers) + "".join(f"{ref+'/'+o:>18}" for o in others)
+print(hdr); print("-" * len(hdr))
+warn = []
+for scn in scns:
+    rs = {p: load(p, scn) for p in peers}
+    first = next((r for r in rs.values() if r), None)
+    size = ""
+    if first:
+        s = first["scenario"]; size = f"{s['subscribers']} subs/{s['topics']} t"
+    label = f"({scn}) {desc.get(scn, scn)}"
+    for i, (name, get) in enumerate(metrics):
+        vals = {}
+        for p, r in rs.items():
+            try: vals[p] = get(r) if r else None
+            except Exception: vals[p] = None
+        if all(v is None for v in vals.values()):
+            continue
+        if scn == "c" and name not in ("RSS B/conn", "missing"): continue
+        line = f"{(label if i == 0 else (size if i == 1 else '')):<24} {name:<16}"
+        line += "".join(f"{fmt(vals[p]):>16}" for p in peers)
+        for o in others:
+            a, b = vals[ref], vals[o]
+            ratio = (a / b) if (isinstance(a, (int, float)) and isinstance(b, (int, float)) and b) else None
+            line += f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>18}"
+        print(line)
+    for p, r in rs.items():
+        if r is None:
+            warn.append(f"{p} ({scn}): no result")
+            continue
+        for w in r.get("warnings", []):
+            warn.append(f"{p} ({scn}): {w}")
+        if r["connections"]["ready"] < r["connections"]["requested"]:
+            warn.append(f"{p} ({scn}): only {r['connections']['ready']} of {r['connections']['requested']} subscribers connected")
+    print()
+print("ratio = " + ref + " / peer: above 1 is better for msg/s and ceiling, below 1 is better for latency, CPU and RSS.")
+print("cores: " + cpu_note)
+for n in notes: print("note: " + n)
+for w in warn: print("warning: " + w)
+PY
