@@ -170,7 +170,8 @@ for scn in scns:
     if first:
         s = first["scenario"]; size = f"{s['subscribers']} subs/{s['topics']} t"
     label = f"({scn}) {desc.get(scn, scn)}"
-    for i, (name, get) in enumerate(metrics):
+    printed = 0
+    for name, get in metrics:
         vals = {}
         for p, r in rs.items():
             try: vals[p] = get(r) if r else None
@@ -178,7 +179,8 @@ for scn in scns:
         if all(v is None for v in vals.values()):
             continue
         if scn == "c" and name not in ("RSS B/conn", "missing"): continue
-        line = f"{(label if i == 0 else (size if i == 1 else '')):<24} {name:<16}"
+        line = f"{(label if printed == 0 else (size if printed == 1 else '')):<24} {name:<16}"
+        printed += 1
         line += "".join(f"{fmt(vals[p]):>16}" for p in peers)
         for o in others:
             a, b = vals[ref], vals[o]
