@@ -50,6 +50,17 @@ impl ShardSet {
     }
 }
 
+/// Which of a shard's name indexes an interest notice is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IndexKind {
+    /// Topic -> relay subscribers.
+    Topic,
+    /// User id -> that user's relay connections.
+    User,
+    /// User id -> that user's `/chat` connections.
+    Chat,
+}
+
 /// A message from one shard to another.
 #[derive(Debug)]
 pub enum Envelope {
@@ -60,22 +71,65 @@ pub enum Envelope {
         /// The complete WebSocket frame, shared with every other receiver.
         frame: Bytes,
     },
-    /// The sender gained (`on`) or lost its first/last local subscriber of `topic`.
-    Interest {
+    /// Deliver a framed push to the local connections of `user` that hold `topic`.
+    UserPublish {
+        /// The user id.
+        user: Arc<str>,
         /// Topic name.
         topic: Arc<str>,
+        /// The complete WebSocket frame.
+        frame: Bytes,
+    },
+    /// Deliver a framed chat line to the local `/chat` connections of `user`.
+    Chat {
+        /// The recipient's user id.
+        user: Arc<str>,
+        /// The complete WebSocket frame.
+        frame: Bytes,
+    },
+    /// The sender gained (`on`) or lost its first/last local holder of `name`.
+    Interest {
+        /// Which index.
+        kind: IndexKind,
+        /// Topic name or user id.
+        name: Arc<str>,
         /// Gained or lost.
         on: bool,
         /// Echoed in the ack so the sender can match it to this notice.
         epoch: u64,
     },
-    /// The receiver has recorded an `Interest { on: true }` notice: publishes it
+    /// The receiver has recorded an `Interest { on: true }` notice: traffic it
     /// accepts from now on will be forwarded to the sender.
     InterestAck {
-        /// Topic name.
-        topic: Arc<str>,
+        /// Which index.
+        kind: IndexKind,
+        /// Topic name or user id.
+        name: Arc<str>,
         /// The epoch of the notice acknowledged.
         epoch: u64,
+    },
+    /// Record a client registration (every shard keeps every registration).
+    Register {
+        /// Returned in the `Ack`.
+        ticket: u64,
+        /// Registration id.
+        id: Arc<str>,
+        /// Its user id.
+        user: Arc<str>,
+        /// Topics its connection starts with.
+        topics: Arc<[String]>,
+    },
+    /// Forget a registration and close its live connections with 1000.
+    Unregister {
+        /// Returned in the `Ack`.
+        ticket: u64,
+        /// Registration id.
+        id: Arc<str>,
+    },
+    /// The receiver has applied the envelope carrying `ticket`.
+    Ack {
+        /// The ticket.
+        ticket: u64,
     },
     /// Stop accepting, close every connection with 1001, and exit.
     Shutdown,
@@ -84,7 +138,10 @@ pub enum Envelope {
 impl Envelope {
     /// Control envelopes must never be dropped: losing one corrupts routing state.
     pub fn is_control(&self) -> bool {
-        !matches!(self, Envelope::Publish { .. })
+        !matches!(
+            self,
+            Envelope::Publish { .. } | Envelope::UserPublish { .. } | Envelope::Chat { .. }
+        )
     }
 }
 

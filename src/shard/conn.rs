@@ -2,11 +2,13 @@
 //! outbound queue, subscriptions and close progress.
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
 use crate::protocol::frame::FrameDecoder;
+use crate::protocol::http::Response;
 use crate::shard::outbound::{Enqueued, Outbound, SendBuffers};
 use crate::shard::topics::TopicId;
 
@@ -30,6 +32,37 @@ pub(crate) enum WsKind {
     Relay,
     /// `/echo`: raw echo.
     Echo,
+    /// `/chat`: one-to-one plain-text chat with `Conn::chat_recipient`.
+    Chat,
+}
+
+/// Where an identified connection sits in its shard's user (or chat user) index.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ident {
+    pub(crate) entry: TopicId,
+    /// Position among the user's active connections; `None` while waiting for
+    /// other shards to acknowledge that this shard holds the user.
+    pub(crate) pos: Option<u32>,
+}
+
+/// Work parked until other shards have answered; the connection reads no
+/// further input meanwhile, so pipelined requests stay in order.
+pub(crate) enum Deferred {
+    /// The `101` response and starting topics of an identified WebSocket.
+    Upgrade {
+        /// The complete `101 Switching Protocols` response.
+        switching: Bytes,
+        /// Topics to subscribe right after it (from a registration).
+        topics: Arc<[String]>,
+    },
+    /// An HTTP response to send once the registry change with this ticket is
+    /// acknowledged everywhere.
+    Response {
+        /// The ticket of the broadcast.
+        ticket: u64,
+        /// The response.
+        response: Response,
+    },
 }
 
 /// One subscription held by the connection.
@@ -76,6 +109,15 @@ pub(crate) struct Conn {
     /// In the shard's list of connections with queued output.
     pub(crate) dirty: bool,
     pub(crate) out: Outbound,
+    /// The user id, for identified connections.
+    pub(crate) user: Option<Arc<str>>,
+    /// This connection's entry in the user or chat index.
+    pub(crate) ident: Option<Ident>,
+    /// The registration it was opened with (`/ws/{id}`).
+    pub(crate) registration: Option<Arc<str>>,
+    /// For `/chat`: whose chat connections get this one's lines.
+    pub(crate) chat_recipient: Option<Arc<str>>,
+    pub(crate) deferred: Option<Deferred>,
 }
 
 impl Conn {
@@ -91,6 +133,11 @@ impl Conn {
             close_sent: false,
             dirty: false,
             out: Outbound::default(),
+            user: None,
+            ident: None,
+            registration: None,
+            chat_recipient: None,
+            deferred: None,
         }
     }
 

@@ -1,13 +1,17 @@
-//! HTTP routes on a shard: health, metrics, publish, and the upgrades to
-//! `/ws` and `/echo`. Requests arrive parsed; answers are queued in order, so
-//! pipelined requests get pipelined responses.
+//! HTTP routes on a shard: health, metrics, publish, registration, and the
+//! upgrades to `/ws`, `/ws/{id}`, `/chat` and `/echo`. Requests arrive parsed;
+//! answers are queued in order, so pipelined requests get pipelined responses
+//! (a request that waits for other shards holds back the ones behind it).
 
 use crate::metrics;
 use crate::protocol::handshake;
 use crate::protocol::http::{error_json, Method, Request, Response};
 use crate::protocol::message;
 
+use std::sync::Arc;
+
 use super::conn::WsKind;
+use super::users::Opening;
 use super::Shard;
 
 /// Paths this server serves, with the methods each allows (for 405's `Allow`).
@@ -16,9 +20,14 @@ const ROUTES: &[(&str, &str)] = &[
     ("/health", "GET, HEAD"),
     ("/metrics", "GET"),
     ("/publish", "POST"),
+    ("/register", "POST"),
     ("/ws", "GET"),
+    ("/chat", "GET"),
     ("/echo", "GET"),
 ];
+
+/// Routes with an id after the prefix, with their allowed methods.
+const PREFIX_ROUTES: &[(&str, &str)] = &[("/ws/", "GET"), ("/register/", "DELETE")];
 
 /// The built-in chat page.
 const CHAT_PAGE: &str = include_str!("../../static/chat.html");
@@ -26,20 +35,57 @@ const CHAT_PAGE: &str = include_str!("../../static/chat.html");
 impl Shard {
     pub(super) fn handle_request(&mut self, key: usize, request: Request) {
         let keep_alive = request.keep_alive();
-        let response = match (request.method, request.path.as_str()) {
+        let path = request.path.as_str();
+        let response = match (request.method, path) {
             (Method::Get | Method::Head, "/health") => self.health(),
             (Method::Get, "/metrics") => {
                 let text = metrics::render_prometheus(&self.shared.stats);
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
             (Method::Post, "/publish") => self.http_publish(&request),
-            (Method::Get, "/ws") => return self.upgrade_request(key, &request, WsKind::Relay),
-            (Method::Get, "/echo") => return self.upgrade_request(key, &request, WsKind::Echo),
-            (Method::Get, "/") => Response::text(200, "text/html; charset=utf-8", CHAT_PAGE),
-            (_, path) => match ROUTES.iter().find(|(p, _)| *p == path) {
-                Some((_, allow)) => error_json(405, "method not allowed").header("Allow", *allow),
-                None => error_json(404, "not found"),
+            (Method::Post, "/register") => match self.register(key, &request) {
+                Some(response) => response,
+                None => return,
             },
+            (Method::Get, "/ws") => {
+                let mut opening = Opening::anonymous(WsKind::Relay);
+                opening.user = request
+                    .query_param("user_id")
+                    .filter(|u| !u.is_empty())
+                    .map(Arc::from);
+                return self.upgrade_request(key, &request, opening);
+            }
+            (Method::Get, "/echo") => {
+                return self.upgrade_request(key, &request, Opening::anonymous(WsKind::Echo))
+            }
+            (Method::Get, "/chat") => match chat_opening(&request) {
+                Ok(opening) => return self.upgrade_request(key, &request, opening),
+                Err(response) => response,
+            },
+            (Method::Get, "/") => Response::text(200, "text/html; charset=utf-8", CHAT_PAGE),
+            (Method::Get, _) if path.starts_with("/ws/") => {
+                let id = &path["/ws/".len()..];
+                match self.users_state.registry.get(id) {
+                    Some(registration) => {
+                        let opening = Opening {
+                            kind: WsKind::Relay,
+                            user: Some(registration.user.clone()),
+                            topics: registration.topics.clone(),
+                            registration: Some(Arc::from(id)),
+                            recipient: None,
+                        };
+                        return self.upgrade_request(key, &request, opening);
+                    }
+                    None => error_json(404, "unknown registration id"),
+                }
+            }
+            (Method::Delete, _) if path.starts_with("/register/") => {
+                match self.unregister(key, &path["/register/".len()..], keep_alive) {
+                    Some(response) => response,
+                    None => return,
+                }
+            }
+            (_, path) => not_routed(path),
         };
         self.respond(key, response.keep_alive(keep_alive));
     }
@@ -73,11 +119,14 @@ impl Shard {
             Err(e) => return error_json(400, &e.to_string()),
         };
         let frame = message::push(&publish.topic, &publish.event, &publish.payload_json);
-        let shards = self.publish(&publish.topic, frame);
+        let shards = match &publish.user_id {
+            Some(user) => self.publish_to_user(user, &publish.topic, frame),
+            None => self.publish(&publish.topic, frame),
+        };
         Response::json(202, format!("{{\"delivered_shards\":{shards}}}"))
     }
 
-    fn upgrade_request(&mut self, key: usize, request: &Request, kind: WsKind) {
+    fn upgrade_request(&mut self, key: usize, request: &Request, opening: Opening) {
         if !handshake::is_upgrade_request(request) {
             let response = error_json(
                 426,
@@ -88,14 +137,38 @@ impl Shard {
             return self.respond(key, response);
         }
         match handshake::accept(request) {
-            Ok(switching) => {
-                self.conns[key]
-                    .out
-                    .enqueue_final(switching, &mut self.send_buffers);
-                self.mark_dirty(key);
-                self.upgrade(key, kind);
-            }
+            Ok(switching) => self.open_websocket(key, switching, opening),
             Err(e) => self.respond(key, e.response().keep_alive(request.keep_alive())),
         }
+    }
+}
+
+/// `/chat?user_id=A&recipient_id=B`: both required.
+fn chat_opening(request: &Request) -> Result<Opening, Response> {
+    let param = |name: &str| request.query_param(name).filter(|v| !v.is_empty());
+    match (param("user_id"), param("recipient_id")) {
+        (Some(user), Some(recipient)) => Ok(Opening {
+            kind: WsKind::Chat,
+            user: Some(Arc::from(user)),
+            topics: Arc::from([]),
+            registration: None,
+            recipient: Some(Arc::from(recipient)),
+        }),
+        _ => Err(error_json(
+            400,
+            "/chat needs both user_id and recipient_id query parameters",
+        )),
+    }
+}
+
+/// 405 with `Allow` for a known path and the wrong method, else 404.
+fn not_routed(path: &str) -> Response {
+    let exact = ROUTES.iter().find(|(p, _)| *p == path);
+    let prefixed = PREFIX_ROUTES
+        .iter()
+        .find(|(p, _)| path.len() > p.len() && path.starts_with(p));
+    match exact.or(prefixed) {
+        Some((_, allow)) => error_json(405, "method not allowed").header("Allow", *allow),
+        None => error_json(404, "not found"),
     }
 }

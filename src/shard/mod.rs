@@ -10,10 +10,12 @@
 
 mod conn;
 mod http;
+mod interest;
 pub mod outbound;
 mod relay;
 mod ring;
 pub mod topics;
+mod users;
 
 use std::cell::RefCell;
 use std::io;
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use slab::Slab;
 
-use crate::bus::{Bus, Envelope, Outbox, Sent, ShardId};
+use crate::bus::{Bus, Envelope, IndexKind, Outbox, Sent, ShardId};
 use crate::config::Config;
 use crate::metrics::ShardStats;
 use crate::protocol::frame::{self, FrameDecoder, FrameLimits};
@@ -37,6 +39,7 @@ use conn::{Closing, Conn, Phase, WsKind};
 use outbound::{Enqueued, SendBuffers, SendPlan};
 use ring::{Completion, ConnRing, OpKind, Token};
 use topics::{ConnId, TopicId, TopicIndex};
+use users::{Registration, Users};
 
 /// Completions handled per pass before the bus gets a turn, so a flood of
 /// receives cannot starve cross-shard deliveries (and vice versa).
@@ -118,6 +121,8 @@ enum Step {
     Partial,
     /// The connection stopped reading (closing or upgraded into a dead end).
     Stop,
+    /// The connection waits for other shards; keep the input for later.
+    Blocked,
 }
 
 /// State of one shard. Lives on its own thread, reached only through `&mut`.
@@ -133,6 +138,11 @@ pub(crate) struct Shard {
     /// Connections allowed on this shard: the global limit split evenly.
     max_conns: usize,
     topics: TopicIndex,
+    /// User id -> this shard's identified relay connections of that user.
+    users: TopicIndex,
+    /// User id -> this shard's `/chat` connections of that user.
+    chatters: TopicIndex,
+    users_state: Users,
     outbox: Outbox,
     /// Connections with queued output, in the order they got it.
     dirty: Vec<usize>,
@@ -162,6 +172,9 @@ impl Shard {
             next_generation: 0,
             max_conns: config.limits.max_connections.div_ceil(shards),
             topics: TopicIndex::new(config.limits.max_topics_per_shard),
+            users: TopicIndex::new(config.limits.max_connections),
+            chatters: TopicIndex::new(config.limits.max_connections),
+            users_state: Users::default(),
             outbox: Outbox::new(id, shards),
             dirty: Vec::new(),
             rearm: Vec::new(),
@@ -455,7 +468,7 @@ impl Shard {
         while used < input.len() {
             match self.step(key, &input[used..]) {
                 Step::Consumed(n) => used += n,
-                Step::Partial => break,
+                Step::Partial | Step::Blocked => break,
                 Step::Stop => return,
             }
         }
@@ -476,6 +489,9 @@ impl Shard {
         let conn = &mut self.conns[key];
         if conn.closing == Closing::Terminating {
             return Step::Stop;
+        }
+        if conn.deferred.is_some() {
+            return Step::Blocked;
         }
         match &mut conn.phase {
             Phase::Http => {
@@ -632,7 +648,7 @@ impl Shard {
     }
 
     fn close_after_flush(&mut self, key: usize, then_terminate: bool) {
-        self.drop_subscriptions(key);
+        self.leave_indexes(key);
         let deadline = Instant::now() + self.shared.config.close_timeout;
         let conn = &mut self.conns[key];
         match conn.closing {
@@ -654,6 +670,16 @@ impl Shard {
         }
     }
 
+    /// Removes a closing connection from every index, so nothing more is
+    /// routed to it and other shards learn when this shard lost a name.
+    fn leave_indexes(&mut self, key: usize) {
+        self.drop_subscriptions(key);
+        self.drop_identity(key);
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.deferred = None;
+        }
+    }
+
     /// Shuts the socket down; the slot is freed once the kernel has returned
     /// every operation on it.
     fn terminate(&mut self, key: usize) {
@@ -667,7 +693,7 @@ impl Shard {
         conn.out.discard_queued();
         // SAFETY: shutdown on a socket fd we own; it ends pending receives and sends.
         unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
-        self.drop_subscriptions(key);
+        self.leave_indexes(key);
         self.maybe_release(key);
     }
 
@@ -696,19 +722,27 @@ impl Shard {
                     self.deliver_local(id, &frame);
                 }
             }
-            Envelope::Interest { topic, on, epoch } => {
-                self.topics.set_remote_interest(&topic, from, on);
-                self.update_topic_gauge();
-                if on {
-                    self.outbox.send(
-                        &self.shared.bus,
-                        from,
-                        Envelope::InterestAck { topic, epoch },
-                    );
-                    ShardStats::add(&self.stats().bus_sent_total, 1);
-                }
+            Envelope::UserPublish { user, topic, frame } => {
+                self.deliver_to_user(IndexKind::User, &user, Some(&topic), &frame);
             }
-            Envelope::InterestAck { topic, epoch } => self.on_interest_ack(&topic, epoch),
+            Envelope::Chat { user, frame } => {
+                self.deliver_to_user(IndexKind::Chat, &user, None, &frame);
+            }
+            Envelope::Interest {
+                kind,
+                name,
+                on,
+                epoch,
+            } => self.on_remote_interest(from, kind, name, on, epoch),
+            Envelope::InterestAck { kind, name, epoch } => self.on_interest_ack(kind, &name, epoch),
+            Envelope::Register {
+                ticket,
+                id,
+                user,
+                topics,
+            } => self.on_register(from, ticket, id, Registration { user, topics }),
+            Envelope::Unregister { ticket, id } => self.on_unregister(from, ticket, &id),
+            Envelope::Ack { ticket } => self.on_ack(ticket),
             Envelope::Shutdown => self.begin_shutdown(),
         }
     }

@@ -6,13 +6,13 @@
 //! of them have acknowledged it, so any publish accepted anywhere after that
 //! reply reaches it.
 
-use crate::bus::{Envelope, ShardId};
+use crate::bus::IndexKind;
 use crate::metrics::ShardStats;
 use crate::protocol::frame::{self, Incoming};
 use crate::protocol::message::{self, ClientMessage};
 
 use super::conn::{Sub, WsKind};
-use super::topics::{ConnId, TopicId};
+use super::topics::TopicId;
 use super::Shard;
 
 impl Shard {
@@ -29,6 +29,7 @@ impl Shard {
             Incoming::Text(text) => match kind {
                 WsKind::Echo => self.send_frame(key, frame::text(&text)),
                 WsKind::Relay => self.handle_relay_text(key, &text),
+                WsKind::Chat => self.chat_line(key, &text),
             },
             Incoming::Binary(data) => match kind {
                 WsKind::Echo => self.send_frame(key, frame::binary(&data)),
@@ -36,6 +37,9 @@ impl Shard {
                     key,
                     "binary messages are not supported on /ws; send JSON text",
                 ),
+                WsKind::Chat => {
+                    self.send_frame(key, frame::text(b"error: /chat carries text messages only"))
+                }
             },
         }
     }
@@ -132,8 +136,8 @@ impl Shard {
             self.send_error(key, &message);
             return;
         }
-        let id = match self.topics.get_or_insert(topic, true) {
-            Ok(id) => id,
+        let (id, pos) = match self.join_index(IndexKind::Topic, key, topic) {
+            Ok(joined) => joined,
             Err(limit) => {
                 self.send_error(key, &limit.to_string());
                 return;
@@ -141,99 +145,21 @@ impl Shard {
         };
         ShardStats::add(&self.stats().subscriptions, 1);
         self.update_topic_gauge();
-        let shards = self.shared.bus.shards();
-        let entry = self.topics.entry_mut(id);
-        if entry.local_count() == 0 && shards > 1 {
-            let epoch = self.next_epoch;
-            self.next_epoch += 1;
-            entry.epoch = epoch;
-            entry.acks_pending = shards - 1;
-            entry.waiting.push(ConnId(key as u32));
-            let name = entry.name.clone();
-            self.conns[key].subs.push(Sub {
-                topic: id,
-                pos: None,
-            });
-            self.broadcast_control(|| Envelope::Interest {
-                topic: name.clone(),
-                on: true,
-                epoch,
-            });
-        } else if entry.acks_pending > 0 {
-            entry.waiting.push(ConnId(key as u32));
-            self.conns[key].subs.push(Sub {
-                topic: id,
-                pos: None,
-            });
-        } else {
-            let pos = self.topics.add_subscriber(id, ConnId(key as u32));
-            self.conns[key].subs.push(Sub {
-                topic: id,
-                pos: Some(pos),
-            });
+        self.conns[key].subs.push(Sub { topic: id, pos });
+        if pos.is_some() {
             self.send_frame(key, message::subscribed(topic));
         }
     }
 
-    pub(super) fn on_interest_ack(&mut self, topic: &str, epoch: u64) {
-        let Some(id) = self.topics.lookup(topic) else {
-            return;
-        };
-        let entry = self.topics.entry_mut(id);
-        if entry.epoch != epoch || entry.acks_pending == 0 {
-            return;
-        }
-        entry.acks_pending -= 1;
-        if entry.acks_pending > 0 {
-            return;
-        }
-        let waiting = std::mem::take(&mut entry.waiting);
-        let name = entry.name.clone();
-        for conn in waiting {
-            let pos = self.topics.add_subscriber(id, conn);
-            let key = conn.0 as usize;
-            if let Some(sub) = self.conns[key].subs.iter_mut().find(|s| s.topic == id) {
-                sub.pos = Some(pos);
-            }
-            self.send_frame(key, message::subscribed(&name));
-        }
-    }
-
-    /// Removes one subscription of a connection, telling other shards when
-    /// this shard lost its last subscriber of the topic.
+    /// Removes one subscription of a connection.
     pub(super) fn unsubscribe(&mut self, key: usize, id: TopicId) {
         let subs = &mut self.conns[key].subs;
         let Some(index) = subs.iter().position(|s| s.topic == id) else {
             return;
         };
         let sub = subs.swap_remove(index);
-        match sub.pos {
-            Some(pos) => {
-                if let Some(moved) = self.topics.remove_subscriber(id, pos) {
-                    let moved_subs = &mut self.conns[moved.0 as usize].subs;
-                    if let Some(s) = moved_subs.iter_mut().find(|s| s.topic == id) {
-                        s.pos = Some(pos);
-                    }
-                }
-            }
-            None => self.topics.remove_waiting(id, ConnId(key as u32)),
-        }
         ShardStats::sub(&self.stats().subscriptions, 1);
-        let entry = self.topics.entry_mut(id);
-        if entry.local_count() == 0 {
-            entry.acks_pending = 0;
-            if self.shared.bus.shards() > 1 {
-                let name = entry.name.clone();
-                let epoch = entry.epoch;
-                self.broadcast_control(|| Envelope::Interest {
-                    topic: name.clone(),
-                    on: false,
-                    epoch,
-                });
-            }
-            self.topics.remove_if_unused(id);
-        }
-        self.update_topic_gauge();
+        self.leave_index(IndexKind::Topic, key, id, sub.pos);
     }
 
     /// Removes every subscription of a connection (it is closing).
@@ -272,16 +198,6 @@ impl Shard {
         for topic in unique {
             if self.subscription(key, topic).is_none() {
                 self.subscribe(key, topic);
-            }
-        }
-    }
-
-    /// Sends a control envelope to every other shard; control is never dropped.
-    fn broadcast_control(&mut self, make: impl Fn() -> Envelope) {
-        for to in 0..self.shared.bus.shards() {
-            if to != self.id.0 {
-                self.outbox.send(&self.shared.bus, ShardId(to), make());
-                ShardStats::add(&self.stats().bus_sent_total, 1);
             }
         }
     }
