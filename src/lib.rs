@@ -19,6 +19,7 @@ pub mod bus;
 pub mod config;
 pub mod metrics;
 pub mod protocol;
+pub mod rules;
 pub mod server;
 pub mod shard;
 
