@@ -367,7 +367,8 @@ mod tests {
         assert_eq!(out.send(&bus, ShardId(1), publish("a")), Sent::Queued);
         assert_eq!(out.send(&bus, ShardId(1), publish("b")), Sent::Dropped);
         let interest = |epoch| Envelope::Interest {
-            topic: "t".into(),
+            kind: IndexKind::Topic,
+            name: "t".into(),
             on: true,
             epoch,
         };
