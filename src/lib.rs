@@ -15,6 +15,7 @@
 //! Rules: `protocol` depends on nothing else here; `bus` knows envelopes, not
 //! sockets; only `shard` names `tokio_uring` or `io_uring`.
 
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod metrics;
