@@ -2,14 +2,19 @@
 //!
 //! Everything the relay bounds is a field of [`Limits`]; the shard code reads
 //! these values and never re-parses anything. Unknown keys are rejected so a
-//! typo in a limit cannot silently leave the default in place.
+//! typo in a limit cannot silently leave the default in place. `[auth]` holds
+//! secrets: [`AuthConfig`]'s `Debug` never prints them.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::auth::Auth;
+use crate::rules::{Pattern, Rule, RuleSet};
 
 /// Shards are addressed by bit in a `u64` interest mask.
 pub const MAX_SHARDS: usize = 64;
@@ -80,6 +85,34 @@ impl Default for Limits {
     }
 }
 
+/// Credentials from `[auth]`. `Debug` prints `<redacted>` for a set value.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// HS256 secret; when set, `/ws` and `/chat` need a token whose `sub` is the
+    /// user id. Default: none, and clients name themselves with `?user_id=`.
+    pub jwt_secret: Option<String>,
+    /// When set, HTTP publish, register and presence need `Authorization: Bearer <api_key>`.
+    /// Default: none, and those endpoints are open to anyone who can reach the port.
+    pub api_key: Option<String>,
+}
+
+impl AuthConfig {
+    /// The verifier the shards use for these credentials.
+    pub fn build(&self) -> Auth {
+        Auth::new(self.jwt_secret.as_deref(), self.api_key.as_deref())
+    }
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |v: &Option<String>| if v.is_some() { "<redacted>" } else { "<none>" };
+        f.debug_struct("AuthConfig")
+            .field("jwt_secret", &redacted(&self.jwt_secret))
+            .field("api_key", &redacted(&self.api_key))
+            .finish()
+    }
+}
+
 /// The whole relay configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -95,6 +128,11 @@ pub struct Config {
     pub close_timeout: Duration,
     /// Pin shard `i` to core `i % cores`. Default true.
     pub pin_cores: bool,
+    /// JWT secret and API key. Default: both off.
+    pub auth: AuthConfig,
+    /// Topic rules. Default [`RuleSet::default_rules`] (one catch-all) when the file
+    /// has no `[[rules]]`; with rules, a topic none of them matches is refused.
+    pub rules: RuleSet,
 }
 
 impl Default for Config {
@@ -106,6 +144,8 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(5),
             close_timeout: Duration::from_secs(3),
             pin_cores: true,
+            auth: AuthConfig::default(),
+            rules: RuleSet::default_rules(),
         }
     }
 }
@@ -125,6 +165,31 @@ struct FileConfig {
     pin_cores: Option<bool>,
     #[serde(default)]
     limits: FileLimits,
+    #[serde(default)]
+    auth: FileAuth,
+    rules: Option<Vec<FileRule>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    jwt_secret: Option<String>,
+    api_key: Option<String>,
+}
+
+/// One `[[rules]]` entry; flags left out are off.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRule {
+    pattern: String,
+    #[serde(default)]
+    client_publish: bool,
+    #[serde(default)]
+    presence: bool,
+    #[serde(default)]
+    join_leave: bool,
+    #[serde(default)]
+    require_auth: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -161,7 +226,7 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: "<text>".into(),
-            message: e.message().to_string(),
+            message: parse_message(text, &e),
         })?;
         let mut config = Config::default();
         if let Some(listen) = file.listen {
@@ -199,6 +264,10 @@ impl Config {
             max_topics_per_shard,
             bus_queue_capacity
         );
+        config.auth = auth_config(file.auth)?;
+        if let Some(rules) = file.rules {
+            config.rules = rule_set(rules)?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -244,6 +313,63 @@ impl Config {
     }
 }
 
+/// The parser's message plus the line and key it points at: type errors
+/// ("invalid type: string, expected a boolean") do not name the key themselves.
+/// Only the key is quoted, never the line, which may hold a secret.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    let Some(start) = e.span().map(|span| span.start) else {
+        return message.to_string();
+    };
+    let Some(before) = text.get(..start) else {
+        return message.to_string();
+    };
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && !key.starts_with('['));
+    let header = line.trim();
+    match key {
+        Some(key) => format!("line {line_no}, key `{key}`: {message}"),
+        // A table header such as `[[rules]]` holds no value, so it is safe to quote.
+        None if header.starts_with('[') => format!("line {line_no}, in `{header}`: {message}"),
+        None => format!("line {line_no}: {message}"),
+    }
+}
+
+fn auth_config(file: FileAuth) -> Result<AuthConfig, ConfigError> {
+    for (name, value) in [("jwt_secret", &file.jwt_secret), ("api_key", &file.api_key)] {
+        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            return Err(ConfigError::Invalid(format!(
+                "auth.{name} must not be empty; leave it out to turn it off"
+            )));
+        }
+    }
+    Ok(AuthConfig {
+        jwt_secret: file.jwt_secret,
+        api_key: file.api_key,
+    })
+}
+
+fn rule_set(file: Vec<FileRule>) -> Result<RuleSet, ConfigError> {
+    let mut rules = Vec::with_capacity(file.len());
+    for (i, r) in file.into_iter().enumerate() {
+        let pattern = Pattern::parse(&r.pattern)
+            .map_err(|e| ConfigError::Invalid(format!("rules[{i}].pattern: {e}")))?;
+        rules.push(Rule {
+            pattern,
+            client_publish: r.client_publish,
+            presence: r.presence,
+            join_leave: r.join_leave,
+            require_auth: r.require_auth,
+        });
+    }
+    RuleSet::new(rules).map_err(|e| ConfigError::Invalid(format!("rules: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +403,91 @@ mod tests {
         assert!(Config::from_toml("[limits]\nmax_message_bytes = 0\n").is_err());
         assert!(Config::from_toml("shards = 65\n").is_err());
         assert!(Config::from_toml("listen = \"nowhere\"\n").is_err());
+    }
+
+    #[test]
+    fn no_rules_gives_the_built_in_catch_all() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.rules, RuleSet::default_rules());
+        assert!(c.auth.jwt_secret.is_none() && c.auth.api_key.is_none());
+    }
+
+    #[test]
+    fn rules_are_read_with_flags_defaulting_to_off() {
+        let c = Config::from_toml(
+            r#"
+[[rules]]
+pattern = "room:*"
+client_publish = true
+presence = true
+join_leave = true
+require_auth = true
+
+[[rules]]
+pattern = "chat:lobby"
+"#,
+        )
+        .unwrap();
+        let room = c.rules.rule(c.rules.resolve("room:9").unwrap());
+        assert_eq!(room.pattern, Pattern::Prefix("room:".into()));
+        assert!(room.client_publish && room.presence && room.join_leave && room.require_auth);
+        let lobby = c.rules.rule(c.rules.resolve("chat:lobby").unwrap());
+        assert_eq!(lobby, &Rule::new(Pattern::Exact("chat:lobby".into())));
+        assert_eq!(c.rules.resolve("other"), None);
+    }
+
+    #[test]
+    fn rule_errors_name_the_rule_and_pattern() {
+        let err = Config::from_toml(
+            "[[rules]]\npattern = \"a:*\"\n[[rules]]\npattern = \"b\"\n[[rules]]\npattern = \"a:*\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("`a:*`"), "{err}");
+        let err = Config::from_toml("[[rules]]\npattern = \"a*b\"\n").unwrap_err();
+        assert!(err.to_string().contains("rules[0].pattern"), "{err}");
+        assert!(err.to_string().contains("a*b"), "{err}");
+        let err = Config::from_toml("[[rules]]\npattern = \"\"\n").unwrap_err();
+        assert!(err.to_string().contains("rules[0].pattern"), "{err}");
+    }
+
+    #[test]
+    fn rule_keys_are_checked_by_name() {
+        let err = Config::from_toml("[[rules]]\npattern = \"a\"\npublish = true\n").unwrap_err();
+        assert!(err.to_string().contains("publish"), "{err}");
+        let err = Config::from_toml("[[rules]]\npresence = true\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("line 1, in `[[rules]]`: missing field `pattern`"),
+            "{err}"
+        );
+        let err =
+            Config::from_toml("[[rules]]\npattern = \"a\"\npresence = \"yes\"\n").unwrap_err();
+        assert!(err.to_string().contains("line 3, key `presence`"), "{err}");
+    }
+
+    #[test]
+    fn auth_is_read_and_redacted_in_debug() {
+        let c =
+            Config::from_toml("[auth]\njwt_secret = \"s3cret-jwt\"\napi_key = \"s3cret-key\"\n")
+                .unwrap();
+        assert_eq!(c.auth.jwt_secret.as_deref(), Some("s3cret-jwt"));
+        assert_eq!(c.auth.api_key.as_deref(), Some("s3cret-key"));
+        let auth = c.auth.build();
+        assert!(auth.jwt_enabled() && auth.api_key_ok(Some("s3cret-key")));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("<redacted>"), "{debug}");
+    }
+
+    #[test]
+    fn auth_errors_name_the_key() {
+        let err = Config::from_toml("[auth]\njwt_secrt = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("jwt_secrt"), "{err}");
+        let err = Config::from_toml("[auth]\napi_key = \"\"\n").unwrap_err();
+        assert!(err.to_string().contains("auth.api_key"), "{err}");
+        let err = Config::from_toml("[auth]\njwt_secret = \"  \"\n").unwrap_err();
+        assert!(err.to_string().contains("auth.jwt_secret"), "{err}");
+        let err = Config::from_toml("[auth]\napi_key = 5\n").unwrap_err();
+        assert!(err.to_string().contains("key `api_key`"), "{err}");
     }
 }
