@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs what the
-# real-client tests need (Python `websockets`), builds, then tests.
+# real-client tests need (Python `websockets`; Debian's Chromium and npm
+# playwright-core for the browser test), builds, then tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! python3 -c 'import websockets' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'websockets>=13,<16'
+fi
+
+# The browser test (tests/browser_chat.rs) drives Debian's Chromium through
+# npm playwright-core; no browser is downloaded.
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+pinned=$(node -p 'require("./tests/browser/package.json").dependencies["playwright-core"]')
+installed=$(node -p 'require("./tests/browser/node_modules/playwright-core/package.json").version' 2>/dev/null || true)
+if [ "$pinned" != "$installed" ]; then
+  npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
 
 # The load generator's integration test runs the ringcast binary built here.
