@@ -9,8 +9,31 @@
 //! - `shard`: one thread per core running a tokio-uring loop with its own
 //!   listener, connection slab, topic index and connection ring. The only
 //!   module that does I/O. Its [`shard::topics`] index is plain data.
+//! - [`rules`]: topic rules by pattern (exact, then longest prefix).
+//! - [`hooks`]: the channel hook API; configured rules are hooks too.
+//! - [`auth`]: HS256 JWT verification and the API key.
 //! - [`metrics`]: per-shard counters summed on read.
-//! - [`server`]: binds the listeners and starts the shards.
+//! - [`server`]: [`Relay`] and its builder: binds the listeners, starts the shards.
+//!
+//! # Library use
+//!
+//! ```no_run
+//! use ringcast::hooks::{ChannelHook, ClientMessage, HookContext, Verdict};
+//! use ringcast::{Config, Relay};
+//!
+//! struct Shout;
+//! impl ChannelHook for Shout {
+//!     fn message(&self, _ctx: &mut HookContext<'_>, m: &ClientMessage<'_>) -> Verdict {
+//!         let text = m.payload.get().to_uppercase();
+//!         Verdict::Rewrite { event: m.event.into(), payload: serde_json::json!(text) }
+//!     }
+//! }
+//!
+//! let relay = Relay::builder(Config::default()).channel("loud:*", Shout)?.start()?;
+//! relay.shutdown();
+//! relay.join()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! Rules: `protocol` depends on nothing else here; `bus` knows envelopes, not
 //! sockets; only `shard` names `tokio_uring` or `io_uring`.
@@ -18,6 +41,7 @@
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod hooks;
 pub mod metrics;
 pub mod protocol;
 pub mod rules;
@@ -25,4 +49,4 @@ pub mod server;
 pub mod shard;
 
 pub use config::{Config, Limits};
-pub use server::Server;
+pub use server::{Relay, RelayBuilder};

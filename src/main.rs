@@ -9,7 +9,7 @@ use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use ringcast::{server, Config, Server};
+use ringcast::{server, Config, Relay};
 
 /// A thread-per-core io_uring WebSocket pub/sub relay.
 #[derive(Parser, Debug)]
@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     // and only the signal thread below receives them.
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
     let shards = config.shards;
-    let server = Server::start(config).context("starting the relay")?;
+    let server = Relay::start(config).context("starting the relay")?;
     println!("listening on {}", server.local_addr());
     std::io::stdout().flush()?;
     tracing::info!(shards = shards.get(), addr = %server.local_addr(), "ringcast started");

@@ -1,5 +1,6 @@
 //! Starting and stopping the relay: binds one `SO_REUSEPORT` listener per
-//! shard, creates the bus, and runs each shard on its own thread.
+//! shard, creates the bus, and runs each shard on its own thread. The
+//! builder takes the configuration and channel hooks by pattern.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -11,7 +12,9 @@ use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 
 use crate::bus::{Bus, ShardId};
 use crate::config::Config;
+use crate::hooks::{ChannelHook, Channels};
 use crate::metrics::ShardStats;
+use crate::rules::RuleError;
 use crate::shard::{self, Shared};
 
 /// Backlog of each shard's listener: large enough for a connection storm of a
@@ -24,17 +27,47 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 3;
 
+/// Collects the configuration and channel hooks, then starts a [`Relay`].
+pub struct RelayBuilder {
+    config: Config,
+    channels: Channels,
+}
+
+impl RelayBuilder {
+    /// Registers `hook` for topics matching `pattern` (`chat:lobby` or
+    /// `room:*`); it replaces a configured rule with the same pattern.
+    pub fn channel(mut self, pattern: &str, hook: impl ChannelHook) -> Result<Self, RuleError> {
+        self.channels.add(pattern, hook)?;
+        Ok(self)
+    }
+
+    /// Binds the listeners and starts every shard.
+    pub fn start(self) -> io::Result<Relay> {
+        Relay::start_with(self.config, self.channels)
+    }
+}
+
 /// A running relay.
-pub struct Server {
+pub struct Relay {
     local_addr: SocketAddr,
     bus: Arc<Bus>,
     stats: Arc<[ShardStats]>,
     shards: Vec<JoinHandle<io::Result<()>>>,
 }
 
-impl Server {
-    /// Binds the listeners and starts every shard.
-    pub fn start(config: Config) -> io::Result<Server> {
+impl Relay {
+    /// A builder starting from `config`; its `[[rules]]` become the first channels.
+    pub fn builder(config: Config) -> RelayBuilder {
+        let channels = Channels::from_rules(&config.rules);
+        RelayBuilder { config, channels }
+    }
+
+    /// Starts a relay with the configured rules and no other hooks.
+    pub fn start(config: Config) -> io::Result<Relay> {
+        Relay::builder(config).start()
+    }
+
+    fn start_with(config: Config, channels: Channels) -> io::Result<Relay> {
         config
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -48,10 +81,13 @@ impl Server {
         }
         let bus = Arc::new(Bus::new(shards, config.limits.bus_queue_capacity)?);
         let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::default()).collect();
+        let auth = Arc::new(config.auth.build());
         let shared = Shared {
             config: Arc::new(config),
             bus: bus.clone(),
             stats: stats.clone(),
+            channels: Arc::new(channels),
+            auth,
         };
         let mut handles = Vec::with_capacity(shards);
         for (i, listener) in listeners.into_iter().enumerate() {
@@ -61,7 +97,7 @@ impl Server {
                 .spawn(move || shard::run(ShardId(i), shared, listener))?;
             handles.push(handle);
         }
-        Ok(Server {
+        Ok(Relay {
             local_addr,
             bus,
             stats,

@@ -126,6 +126,22 @@ pub enum Envelope {
         /// Registration id.
         id: Arc<str>,
     },
+    /// Count the receiver's presence members of `topic` and reply.
+    PresenceQuery {
+        /// Returned in the reply.
+        ticket: u64,
+        /// Topic name.
+        topic: Arc<str>,
+    },
+    /// One shard's presence members of the topic asked about.
+    PresenceReply {
+        /// The query's ticket.
+        ticket: u64,
+        /// Members on the replying shard.
+        count: usize,
+        /// Their `{"conn_id":..,"meta":..}` objects, comma-separated.
+        members: String,
+    },
     /// The receiver has applied the envelope carrying `ticket`.
     Ack {
         /// The ticket.

@@ -55,6 +55,11 @@ pub(crate) enum Deferred {
         /// Topics to subscribe right after it (from a registration).
         topics: Arc<[String]>,
     },
+    /// A presence count gathered from every shard, answered over HTTP.
+    Presence {
+        /// Whether the request asked to keep the connection open.
+        keep_alive: bool,
+    },
     /// An HTTP response to send once the registry change with this ticket is
     /// acknowledged everywhere.
     Response {
@@ -66,12 +71,15 @@ pub(crate) enum Deferred {
 }
 
 /// One subscription held by the connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Sub {
     pub(crate) topic: TopicId,
     /// Position in the topic's subscriber list, or `None` while waiting for
     /// other shards to acknowledge interest.
     pub(crate) pos: Option<u32>,
+    /// Presence meta (a JSON object) when the channel's hook tracks this
+    /// connection on the topic.
+    pub(crate) meta: Option<Arc<str>>,
 }
 
 /// How far the connection is in closing.

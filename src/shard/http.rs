@@ -10,7 +10,8 @@ use crate::protocol::message;
 
 use std::sync::Arc;
 
-use super::conn::WsKind;
+use super::channels::PresenceThen;
+use super::conn::{Deferred, WsKind};
 use super::users::Opening;
 use super::Shard;
 
@@ -27,7 +28,11 @@ const ROUTES: &[(&str, &str)] = &[
 ];
 
 /// Routes with an id after the prefix, with their allowed methods.
-const PREFIX_ROUTES: &[(&str, &str)] = &[("/ws/", "GET"), ("/register/", "DELETE")];
+const PREFIX_ROUTES: &[(&str, &str)] = &[
+    ("/ws/", "GET"),
+    ("/register/", "DELETE"),
+    ("/topics/", "GET"),
+];
 
 /// The built-in chat page.
 const CHAT_PAGE: &str = include_str!("../../static/chat.html");
@@ -41,6 +46,9 @@ impl Shard {
             (Method::Get, "/metrics") => {
                 let text = metrics::render_prometheus(&self.shared.stats);
                 Response::text(200, "text/plain; version=0.0.4", text)
+            }
+            _ if needs_api_key(request.method, path) && !self.api_key_ok(&request) => {
+                unauthorized("missing or invalid API key: send Authorization: Bearer <api_key>")
             }
             (Method::Post, "/publish") => self.http_publish(&request),
             (Method::Post, "/register") => match self.register(key, &request) {
@@ -58,10 +66,17 @@ impl Shard {
             (Method::Get, "/echo") => {
                 return self.upgrade_request(key, &request, Opening::anonymous(WsKind::Echo))
             }
-            (Method::Get, "/chat") => match chat_opening(&request) {
+            (Method::Get, "/chat") => match self.chat_opening(&request) {
                 Ok(opening) => return self.upgrade_request(key, &request, opening),
                 Err(response) => response,
             },
+            (Method::Get, _) if path.starts_with("/topics/") && path.ends_with("/presence") => {
+                let topic = &path["/topics/".len()..path.len() - "/presence".len()];
+                match self.presence_request(key, &request, topic) {
+                    Some(response) => response,
+                    None => return,
+                }
+            }
             (Method::Get, "/") => Response::text(200, "text/html; charset=utf-8", CHAT_PAGE),
             (Method::Get, _) if path.starts_with("/ws/") => {
                 let id = &path["/ws/".len()..];
@@ -126,6 +141,84 @@ impl Shard {
         Response::json(202, format!("{{\"delivered_shards\":{shards}}}"))
     }
 
+    fn api_key_ok(&self, request: &Request) -> bool {
+        self.shared.auth.api_key_ok(request.bearer_token())
+    }
+
+    /// The user a `/ws` or `/chat` upgrade speaks for: the token's `sub` when
+    /// JWT auth is on (the token from `Authorization: Bearer` or, for browsers,
+    /// `?token=`), else the `param` query parameter if given.
+    fn identify(&self, request: &Request, param: &str) -> Result<Option<Arc<str>>, Response> {
+        let auth = &self.shared.auth;
+        if !auth.jwt_enabled() {
+            return Ok(request
+                .query_param(param)
+                .filter(|u| !u.is_empty())
+                .map(Arc::from));
+        }
+        let token = request
+            .bearer_token()
+            .map(str::to_string)
+            .or_else(|| request.query_param("token"));
+        match auth.verify_token(token.as_deref().unwrap_or("")) {
+            Ok(identity) => Ok(Some(Arc::from(identity.user_id))),
+            Err(e) => Err(unauthorized(&e.to_string())),
+        }
+    }
+
+    /// `/chat?user_id=A&recipient_id=B`: both required (with JWT auth the
+    /// token names A, and a `user_id` that differs is refused).
+    fn chat_opening(&self, request: &Request) -> Result<Opening, Response> {
+        let user = self.identify(request, "user_id")?;
+        if self.shared.auth.jwt_enabled() {
+            let claimed = request.query_param("user_id").filter(|u| !u.is_empty());
+            if claimed.is_some_and(|c| Some(c.as_str()) != user.as_deref()) {
+                return Err(error_json(403, "user_id does not match the token"));
+            }
+        }
+        let recipient = request
+            .query_param("recipient_id")
+            .filter(|v| !v.is_empty());
+        match (user, recipient) {
+            (Some(user), Some(recipient)) => Ok(Opening {
+                kind: WsKind::Chat,
+                user: Some(user),
+                topics: Arc::from([]),
+                registration: None,
+                recipient: Some(Arc::from(recipient)),
+            }),
+            _ => Err(error_json(
+                400,
+                "/chat needs both user_id and recipient_id query parameters",
+            )),
+        }
+    }
+
+    /// `GET /topics/{topic}/presence`: parks the request while every shard counts.
+    fn presence_request(&mut self, key: usize, request: &Request, topic: &str) -> Option<Response> {
+        if !self.api_key_ok(request) {
+            return Some(unauthorized(
+                "missing or invalid API key: send Authorization: Bearer <api_key>",
+            ));
+        }
+        if let Err(e) = message::check_topic(topic, self.config().limits.max_topic_bytes) {
+            return Some(error_json(400, &e.to_string()));
+        }
+        if !self.presence_tracked(topic) {
+            return Some(error_json(
+                404,
+                &format!("presence is not tracked for topic `{topic}`"),
+            ));
+        }
+        let conn = &mut self.conns[key];
+        conn.deferred = Some(Deferred::Presence {
+            keep_alive: request.keep_alive(),
+        });
+        let generation = conn.generation;
+        self.start_presence(topic, PresenceThen::Http { key, generation });
+        None
+    }
+
     fn upgrade_request(&mut self, key: usize, request: &Request, opening: Opening) {
         if !handshake::is_upgrade_request(request) {
             let response = error_json(
@@ -143,22 +236,19 @@ impl Shard {
     }
 }
 
-/// `/chat?user_id=A&recipient_id=B`: both required.
-fn chat_opening(request: &Request) -> Result<Opening, Response> {
-    let param = |name: &str| request.query_param(name).filter(|v| !v.is_empty());
-    match (param("user_id"), param("recipient_id")) {
-        (Some(user), Some(recipient)) => Ok(Opening {
-            kind: WsKind::Chat,
-            user: Some(Arc::from(user)),
-            topics: Arc::from([]),
-            registration: None,
-            recipient: Some(Arc::from(recipient)),
-        }),
-        _ => Err(error_json(
-            400,
-            "/chat needs both user_id and recipient_id query parameters",
-        )),
+/// Publish and registry changes need the API key when one is configured
+/// (presence queries check it themselves).
+fn needs_api_key(method: Method, path: &str) -> bool {
+    match method {
+        Method::Post => path == "/publish" || path == "/register",
+        Method::Delete => path.starts_with("/register/"),
+        _ => false,
     }
+}
+
+/// 401 with the Bearer challenge.
+fn unauthorized(message: &str) -> Response {
+    error_json(401, message).header("WWW-Authenticate", "Bearer")
 }
 
 /// 405 with `Allow` for a known path and the wrong method, else 404.

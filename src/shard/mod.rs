@@ -8,6 +8,7 @@
 //! when they queue envelopes. Every wake-up runs one [`Shard::turn`]: handle
 //! completions, drain the bus, queue sends, submit once.
 
+mod channels;
 mod conn;
 mod http;
 mod interest;
@@ -28,8 +29,10 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use slab::Slab;
 
+use crate::auth::Auth;
 use crate::bus::{Bus, Envelope, IndexKind, Outbox, Sent, ShardId};
 use crate::config::Config;
+use crate::hooks::Channels;
 use crate::metrics::ShardStats;
 use crate::protocol::frame::{self, FrameDecoder, FrameLimits};
 use crate::protocol::http::{parse_request, HttpLimits, Response};
@@ -59,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
     pub(crate) bus: Arc<Bus>,
     pub(crate) stats: Arc<[ShardStats]>,
+    pub(crate) channels: Arc<Channels>,
+    pub(crate) auth: Arc<Auth>,
 }
 
 /// Runs shard `id` on the calling thread until it has shut down.
@@ -143,6 +148,7 @@ pub(crate) struct Shard {
     /// User id -> this shard's `/chat` connections of that user.
     chatters: TopicIndex,
     users_state: Users,
+    presence: channels::PresenceQueries,
     outbox: Outbox,
     /// Connections with queued output, in the order they got it.
     dirty: Vec<usize>,
@@ -175,6 +181,7 @@ impl Shard {
             users: TopicIndex::new(config.limits.max_connections),
             chatters: TopicIndex::new(config.limits.max_connections),
             users_state: Users::default(),
+            presence: channels::PresenceQueries::default(),
             outbox: Outbox::new(id, shards),
             dirty: Vec::new(),
             rearm: Vec::new(),
@@ -743,6 +750,14 @@ impl Shard {
             } => self.on_register(from, ticket, id, Registration { user, topics }),
             Envelope::Unregister { ticket, id } => self.on_unregister(from, ticket, &id),
             Envelope::Ack { ticket } => self.on_ack(ticket),
+            Envelope::PresenceQuery { ticket, topic } => {
+                self.on_presence_query(from, ticket, &topic)
+            }
+            Envelope::PresenceReply {
+                ticket,
+                count,
+                members,
+            } => self.on_presence_reply(ticket, count, &members),
             Envelope::Shutdown => self.begin_shutdown(),
         }
     }

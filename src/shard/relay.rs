@@ -11,6 +11,7 @@ use crate::metrics::ShardStats;
 use crate::protocol::frame::{self, Incoming};
 use crate::protocol::message::{self, ClientMessage};
 
+use super::channels::PresenceThen;
 use super::conn::{Sub, WsKind};
 use super::topics::TopicId;
 use super::Shard;
@@ -57,7 +58,7 @@ impl Shard {
         self.close_after_flush(key, true);
     }
 
-    fn send_error(&mut self, key: usize, message: &str) {
+    pub(super) fn send_error(&mut self, key: usize, message: &str) {
         ShardStats::add(&self.stats().ws_errors_total, 1);
         self.send_frame(key, message::error(message));
     }
@@ -91,24 +92,21 @@ impl Shard {
                 event,
                 payload,
             }) => {
-                if self.subscription(key, &topic).is_none() {
-                    let message =
-                        format!("not subscribed to `{topic}`: subscribe before publishing to it");
-                    self.send_error(key, &message);
-                    return;
-                }
-                let event = event.as_deref().unwrap_or("message");
-                let payload = payload.map_or("null", |p| p.get());
-                self.publish(&topic, message::push(&topic, event, payload));
+                self.client_publish(key, &topic, event.as_deref(), payload);
             }
-            Ok(ClientMessage::Presence { .. }) => {
-                self.send_error(key, "presence is not tracked for this topic");
+            Ok(ClientMessage::Presence { topic }) => {
+                if !self.presence_tracked(&topic) {
+                    return self
+                        .send_error(key, &format!("presence is not tracked for topic `{topic}`"));
+                }
+                let generation = self.conns[key].generation;
+                self.start_presence(&topic, PresenceThen::Ws { key, generation });
             }
         }
     }
 
     /// The topic id if the connection holds `topic` (active or waiting).
-    fn subscription(&self, key: usize, topic: &str) -> Option<TopicId> {
+    pub(super) fn subscription(&self, key: usize, topic: &str) -> Option<TopicId> {
         let id = self.topics.lookup(topic)?;
         self.conns[key]
             .subs
@@ -136,19 +134,29 @@ impl Shard {
             self.send_error(key, &message);
             return;
         }
+        let Some(channel) = self.channel_for(topic) else {
+            return self.send_error(key, &format!("no rule allows topic `{topic}`"));
+        };
+        let actions = match self.hook_join(key, channel, topic) {
+            Ok(actions) => actions,
+            Err(reason) => return self.send_error(key, &reason),
+        };
         let (id, pos) = match self.join_index(IndexKind::Topic, key, topic) {
             Ok(joined) => joined,
-            Err(limit) => {
-                self.send_error(key, &limit.to_string());
-                return;
-            }
+            Err(limit) => return self.send_error(key, &limit.to_string()),
         };
+        self.topics.entry_mut(id).channel = Some(channel);
         ShardStats::add(&self.stats().subscriptions, 1);
         self.update_topic_gauge();
-        self.conns[key].subs.push(Sub { topic: id, pos });
+        self.conns[key].subs.push(Sub {
+            topic: id,
+            pos,
+            meta: None,
+        });
         if pos.is_some() {
             self.send_frame(key, message::subscribed(topic));
         }
+        self.apply_actions(key, topic, actions);
     }
 
     /// Removes one subscription of a connection.
@@ -159,12 +167,15 @@ impl Shard {
         };
         let sub = subs.swap_remove(index);
         ShardStats::sub(&self.stats().subscriptions, 1);
+        let entry = self.topics.entry(id);
+        let (name, channel) = (entry.name.clone(), entry.channel);
         self.leave_index(IndexKind::Topic, key, id, sub.pos);
+        self.hook_leave(key, channel, &name);
     }
 
     /// Removes every subscription of a connection (it is closing).
     pub(super) fn drop_subscriptions(&mut self, key: usize) {
-        while let Some(sub) = self.conns.get(key).and_then(|c| c.subs.last().copied()) {
+        while let Some(sub) = self.conns.get(key).and_then(|c| c.subs.last().cloned()) {
             self.unsubscribe(key, sub.topic);
         }
     }

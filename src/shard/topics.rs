@@ -11,6 +11,7 @@ use std::sync::Arc;
 use slab::Slab;
 
 use crate::bus::{ShardId, ShardSet};
+use crate::hooks::ChannelId;
 
 /// A connection's slot in its shard's slab.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,6 +37,9 @@ pub struct TopicEntry {
     pub acks_pending: usize,
     /// Epoch of the latest interest notice this shard sent for the topic.
     pub epoch: u64,
+    /// The channel (hook) governing the topic, resolved once when a local
+    /// subscriber first needs it.
+    pub channel: Option<ChannelId>,
 }
 
 impl TopicEntry {
@@ -110,6 +114,7 @@ impl TopicIndex {
             remote: ShardSet::default(),
             acks_pending: 0,
             epoch: 0,
+            channel: None,
         }) as u32);
         self.by_name.insert(name, id);
         Ok(id)

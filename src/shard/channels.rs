@@ -1,0 +1,313 @@
+//! Channel hooks on a shard: running a topic's hook for joins, client
+//! messages and leaves, carrying out what it asked for, and presence queries
+//! gathered from every shard.
+//!
+//! Presence is not a separate store: a topic's members are its subscribers
+//! whose hook tracked them, with the meta it gave. A query counts them here
+//! and asks every other shard for theirs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+
+use crate::bus::Envelope;
+use crate::hooks::{Action, ChannelHook, ChannelId, ClientMessage, HookContext, Verdict};
+use crate::protocol::http::Response;
+use crate::protocol::message;
+
+use super::conn::Deferred;
+use super::Shard;
+
+/// Where a presence answer goes once every shard has replied.
+pub(crate) enum PresenceThen {
+    /// An HTTP `GET /topics/{topic}/presence` (its connection is parked).
+    Http { key: usize, generation: u32 },
+    /// A `{"type":"presence"}` request on a WebSocket.
+    Ws { key: usize, generation: u32 },
+    /// A join/leave announcement waiting for the new count.
+    Announce {
+        event: String,
+        user: Option<Arc<str>>,
+    },
+}
+
+/// A presence query waiting for other shards.
+pub(crate) struct PresenceWait {
+    topic: Arc<str>,
+    remaining: usize,
+    count: usize,
+    /// Member objects so far, comma-separated.
+    members: String,
+    then: PresenceThen,
+}
+
+/// Presence queries in flight, by ticket.
+#[derive(Default)]
+pub(crate) struct PresenceQueries {
+    waits: HashMap<u64, PresenceWait>,
+    next_ticket: u64,
+}
+
+impl Shard {
+    /// The process-unique id hooks and presence show for a connection.
+    fn conn_id(&self, key: usize) -> String {
+        format!("{}-{}-{}", self.id.0, key, self.conns[key].generation)
+    }
+
+    /// The channel governing `topic`: cached on the topic entry when there is one.
+    pub(super) fn channel_for(&self, topic: &str) -> Option<ChannelId> {
+        let cached = self
+            .topics
+            .lookup(topic)
+            .and_then(|id| self.topics.entry(id).channel);
+        cached.or_else(|| self.shared.channels.resolve(topic))
+    }
+
+    /// Runs one hook call for connection `key` on `topic` and returns its
+    /// result with the actions it queued.
+    fn run_hook<R>(
+        &self,
+        key: usize,
+        channel: ChannelId,
+        topic: &str,
+        subscribed: bool,
+        call: impl FnOnce(&dyn ChannelHook, &mut HookContext<'_>) -> R,
+    ) -> (R, Vec<Action>) {
+        let conn_id = self.conn_id(key);
+        let user = self.conns[key].user.clone();
+        let mut ctx = HookContext::new(topic, &conn_id, user.as_deref(), subscribed);
+        let result = call(self.shared.channels.hook(channel), &mut ctx);
+        (result, ctx.actions)
+    }
+
+    /// Asks the topic's hook whether `key` may join. `Err` carries the reason
+    /// for the client; `Ok` carries the actions to apply once it has joined.
+    pub(super) fn hook_join(
+        &self,
+        key: usize,
+        channel: ChannelId,
+        topic: &str,
+    ) -> Result<Vec<Action>, String> {
+        let (result, actions) =
+            self.run_hook(key, channel, topic, false, |hook, ctx| hook.join(ctx));
+        result.map(|()| actions)
+    }
+
+    /// Tells the topic's hook that `key` left, then applies what it asked for.
+    pub(super) fn hook_leave(&mut self, key: usize, channel: Option<ChannelId>, topic: &Arc<str>) {
+        let Some(channel) = channel else { return };
+        let (_, actions) = self.run_hook(key, channel, topic, false, |hook, ctx| hook.leave(ctx));
+        self.apply_actions(key, topic, actions);
+    }
+
+    /// A client's `{"type":"message"}`: the hook decides what is broadcast.
+    pub(super) fn client_publish(
+        &mut self,
+        key: usize,
+        topic: &str,
+        event: Option<&str>,
+        payload: Option<&RawValue>,
+    ) {
+        let Some(channel) = self.channel_for(topic) else {
+            return self.send_error(key, &format!("no rule allows topic `{topic}`"));
+        };
+        let subscribed = self.subscription(key, topic).is_some();
+        let null = RawValue::NULL;
+        let message = ClientMessage {
+            event: event.unwrap_or("message"),
+            payload: payload.unwrap_or(null),
+        };
+        let (verdict, actions) = self.run_hook(key, channel, topic, subscribed, |hook, ctx| {
+            hook.message(ctx, &message)
+        });
+        match verdict {
+            Verdict::Broadcast => {
+                let frame = message::push(topic, message.event, message.payload.get());
+                self.publish(topic, frame);
+            }
+            Verdict::Rewrite { event, payload } => {
+                self.publish(topic, message::push(topic, &event, &payload.to_string()));
+            }
+            Verdict::Drop => {}
+            Verdict::Reject(reason) => self.send_error(key, &reason),
+        }
+        self.apply_actions(key, topic, actions);
+    }
+
+    /// Carries out what a hook asked for on behalf of connection `key`
+    /// (which may be closing: pushes and announcements still happen).
+    pub(super) fn apply_actions(&mut self, key: usize, topic: &str, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Push {
+                    topic,
+                    event,
+                    payload_json,
+                } => {
+                    self.publish(&topic, message::push(&topic, &event, &payload_json));
+                }
+                Action::Track { meta_json } => {
+                    self.set_presence_meta(key, topic, Some(meta_json.into()))
+                }
+                Action::Untrack => self.set_presence_meta(key, topic, None),
+                Action::Announce { event } => {
+                    let user = self.conns.get(key).and_then(|c| c.user.clone());
+                    self.start_presence(topic, PresenceThen::Announce { event, user });
+                }
+            }
+        }
+    }
+
+    fn set_presence_meta(&mut self, key: usize, topic: &str, meta: Option<Arc<str>>) {
+        let Some(id) = self.topics.lookup(topic) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Some(sub) = conn.subs.iter_mut().find(|s| s.topic == id) {
+            sub.meta = meta;
+        }
+    }
+
+    /// Whether presence is answered for `topic`.
+    pub(super) fn presence_tracked(&self, topic: &str) -> bool {
+        self.channel_for(topic)
+            .is_some_and(|c| self.shared.channels.hook(c).tracks_presence())
+    }
+
+    /// This shard's members of `topic`: count and comma-separated member objects.
+    fn local_presence(&self, topic: &str) -> (usize, String) {
+        let Some(id) = self.topics.lookup(topic) else {
+            return (0, String::new());
+        };
+        let entry = self.topics.entry(id);
+        let mut members = String::new();
+        let mut count = 0;
+        for conn in entry.subscribers.iter().chain(entry.waiting.iter()) {
+            let key = conn.0 as usize;
+            let Some(meta) = self.conns[key]
+                .subs
+                .iter()
+                .find(|s| s.topic == id)
+                .and_then(|s| s.meta.as_deref())
+            else {
+                continue;
+            };
+            if count > 0 {
+                members.push(',');
+            }
+            count += 1;
+            members.push_str("{\"conn_id\":\"");
+            members.push_str(&self.conn_id(key));
+            members.push_str("\",\"meta\":");
+            members.push_str(meta);
+            members.push('}');
+        }
+        (count, members)
+    }
+
+    /// Counts `topic`'s members here and asks every other shard; `then` says
+    /// where the total goes.
+    pub(super) fn start_presence(&mut self, topic: &str, then: PresenceThen) {
+        let (count, members) = self.local_presence(topic);
+        let topic: Arc<str> = Arc::from(topic);
+        let others = self.shared.bus.shards() - 1;
+        let wait = PresenceWait {
+            topic: topic.clone(),
+            remaining: others,
+            count,
+            members,
+            then,
+        };
+        if others == 0 {
+            return self.finish_presence(wait);
+        }
+        let ticket = self.presence.next_ticket;
+        self.presence.next_ticket += 1;
+        self.presence.waits.insert(ticket, wait);
+        self.broadcast_control(|| Envelope::PresenceQuery {
+            ticket,
+            topic: topic.clone(),
+        });
+    }
+
+    pub(super) fn on_presence_query(
+        &mut self,
+        from: crate::bus::ShardId,
+        ticket: u64,
+        topic: &str,
+    ) {
+        let (count, members) = self.local_presence(topic);
+        self.outbox.send(
+            &self.shared.bus,
+            from,
+            Envelope::PresenceReply {
+                ticket,
+                count,
+                members,
+            },
+        );
+    }
+
+    pub(super) fn on_presence_reply(&mut self, ticket: u64, count: usize, members: &str) {
+        let Some(wait) = self.presence.waits.get_mut(&ticket) else {
+            return;
+        };
+        wait.count += count;
+        if !members.is_empty() {
+            if !wait.members.is_empty() {
+                wait.members.push(',');
+            }
+            wait.members.push_str(members);
+        }
+        wait.remaining -= 1;
+        if wait.remaining == 0 {
+            if let Some(wait) = self.presence.waits.remove(&ticket) {
+                self.finish_presence(wait);
+            }
+        }
+    }
+
+    fn finish_presence(&mut self, wait: PresenceWait) {
+        let members = format!("[{}]", wait.members);
+        match wait.then {
+            PresenceThen::Http { key, generation } => {
+                let Some(conn) = self
+                    .conns
+                    .get_mut(key)
+                    .filter(|c| c.generation == generation)
+                else {
+                    return;
+                };
+                if !matches!(conn.deferred, Some(Deferred::Presence { keep_alive: _ })) {
+                    return;
+                }
+                let Some(Deferred::Presence { keep_alive }) = conn.deferred.take() else {
+                    return;
+                };
+                let body = format!("{{\"count\":{},\"members\":{members}}}", wait.count);
+                self.respond(key, Response::json(200, body).keep_alive(keep_alive));
+                self.on_input(key, &[]);
+            }
+            PresenceThen::Ws { key, generation } => {
+                if self
+                    .conns
+                    .get(key)
+                    .is_some_and(|c| c.generation == generation)
+                {
+                    self.send_frame(key, message::presence(&wait.topic, wait.count, &members));
+                }
+            }
+            PresenceThen::Announce { event, user } => {
+                let payload =
+                    serde_json::json!({ "user_id": user.as_deref(), "count": wait.count });
+                self.publish(
+                    &wait.topic,
+                    message::push(&wait.topic, &event, &payload.to_string()),
+                );
+            }
+        }
+    }
+}
