@@ -55,14 +55,14 @@ impl Shard {
                 Some(response) => response,
                 None => return,
             },
-            (Method::Get, "/ws") => {
-                let mut opening = Opening::anonymous(WsKind::Relay);
-                opening.user = request
-                    .query_param("user_id")
-                    .filter(|u| !u.is_empty())
-                    .map(Arc::from);
-                return self.upgrade_request(key, &request, opening);
-            }
+            (Method::Get, "/ws") => match self.identify(&request, "user_id") {
+                Ok(user) => {
+                    let mut opening = Opening::anonymous(WsKind::Relay);
+                    opening.user = user;
+                    return self.upgrade_request(key, &request, opening);
+                }
+                Err(response) => response,
+            },
             (Method::Get, "/echo") => {
                 return self.upgrade_request(key, &request, Opening::anonymous(WsKind::Echo))
             }

@@ -20,7 +20,7 @@ pub struct TestServer {
     _config: Option<tempfile_path::TempPath>,
 }
 
-mod tempfile_path {
+pub mod tempfile_path {
     /// A file removed when dropped.
     pub struct TempPath(pub std::path::PathBuf);
     impl Drop for TempPath {
@@ -48,17 +48,24 @@ impl TestServer {
             cmd.arg("--config").arg(&path);
             tempfile_path::TempPath(path)
         });
+        TestServer::spawn(cmd, config)
+    }
+
+    /// Starts a program that prints `listening on ADDR` first (an example).
+    /// Its stdin is a pipe held open for the server's lifetime.
+    pub fn spawn(mut cmd: Command, config: Option<tempfile_path::TempPath>) -> TestServer {
         let mut child = cmd
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .env("RUST_LOG", "ringcast=warn")
             .spawn()
-            .expect("ringcast binary starts");
+            .expect("server program starts");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout)
             .read_line(&mut line)
-            .expect("ringcast prints its address");
+            .expect("the server prints its address");
         let addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -70,6 +77,36 @@ impl TestServer {
             child,
             _config: config,
         }
+    }
+
+    /// Same, with an `Authorization: Bearer` header.
+    pub fn http_with_key(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        key: &str,
+    ) -> (u16, String) {
+        let body = body.unwrap_or("");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        parse_response(&self.raw(request.as_bytes()))
+    }
+
+    /// Tries a WebSocket upgrade; returns the HTTP status of a refusal, or 101.
+    pub fn upgrade_status(&self, path: &str, extra_headers: &str) -> u16 {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
+        );
+        let mut stream = TcpStream::connect(self.addr).unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap();
+        String::from_utf8_lossy(&head[9..12]).parse().unwrap()
     }
 
     pub fn ws_url(&self, path: &str) -> String {
