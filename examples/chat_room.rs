@@ -76,7 +76,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .as_deref()
         .unwrap_or("127.0.0.1:8000")
         .parse()?;
-    let mut config = Config { listen, ..Config::default() };
+    let mut config = Config {
+        listen,
+        ..Config::default()
+    };
     config.set_shards(2)?;
     let relay = Relay::builder(config)
         .channel("room:*", ChatRoom)?

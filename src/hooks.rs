@@ -272,7 +272,8 @@ impl Channels {
             }
             Pattern::Prefix(prefix) => {
                 self.prefixes.push((prefix, id));
-                self.prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+                self.prefixes
+                    .sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
             }
         }
     }
