@@ -126,6 +126,10 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// How long a closing connection may take to finish its close handshake. Default 3 s.
     pub close_timeout: Duration,
+    /// How long an HTTP connection may take to send its next complete request
+    /// (a keep-alive connection's idle time, or a slow trickled head). Default
+    /// 30 s; then it is closed, with 408 if a request was under way.
+    pub http_idle_timeout: Duration,
     /// Pin shard `i` to core `i % cores`. Default true.
     pub pin_cores: bool,
     /// JWT secret and API key. Default: both off.
@@ -143,6 +147,7 @@ impl Default for Config {
             limits: Limits::default(),
             shutdown_timeout: Duration::from_secs(5),
             close_timeout: Duration::from_secs(3),
+            http_idle_timeout: Duration::from_secs(30),
             pin_cores: true,
             auth: AuthConfig::default(),
             rules: RuleSet::default_rules(),
@@ -162,6 +167,7 @@ struct FileConfig {
     shards: Option<usize>,
     shutdown_timeout_ms: Option<u64>,
     close_timeout_ms: Option<u64>,
+    http_idle_timeout_ms: Option<u64>,
     pin_cores: Option<bool>,
     #[serde(default)]
     limits: FileLimits,
@@ -244,6 +250,9 @@ impl Config {
         }
         if let Some(ms) = file.close_timeout_ms {
             config.close_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = file.http_idle_timeout_ms {
+            config.http_idle_timeout = Duration::from_millis(ms);
         }
         if let Some(pin) = file.pin_cores {
             config.pin_cores = pin;

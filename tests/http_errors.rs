@@ -134,3 +134,28 @@ fn metrics_are_prometheus_text_with_per_shard_series() {
         assert!(raw.contains(series), "missing {series}");
     }
 }
+
+#[test]
+fn idle_and_trickling_http_connections_are_closed_after_the_idle_timeout() {
+    use std::io::{Read, Write};
+    let server = TestServer::start(1, Some("http_idle_timeout_ms = 1000\n"));
+    let mut idle = std::net::TcpStream::connect(server.addr).unwrap();
+    idle.set_read_timeout(Some(common::IO_TIMEOUT)).unwrap();
+    let mut partial = std::net::TcpStream::connect(server.addr).unwrap();
+    partial.set_read_timeout(Some(common::IO_TIMEOUT)).unwrap();
+    partial
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    assert_eq!(
+        idle.read_to_end(&mut got).unwrap(),
+        0,
+        "idle connection closed without a response"
+    );
+    partial.read_to_end(&mut got).unwrap();
+    let reply = String::from_utf8_lossy(&got);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(server.http("GET", "/health", None).0, 200);
+}

@@ -126,10 +126,12 @@ pub(crate) struct Conn {
     /// For `/chat`: whose chat connections get this one's lines.
     pub(crate) chat_recipient: Option<Arc<str>>,
     pub(crate) deferred: Option<Deferred>,
+    /// While in HTTP: when the next complete request must have arrived.
+    pub(crate) http_deadline: Instant,
 }
 
 impl Conn {
-    pub(crate) fn new(fd: RawFd, generation: u32) -> Conn {
+    pub(crate) fn new(fd: RawFd, generation: u32, http_deadline: Instant) -> Conn {
         Conn {
             fd,
             generation,
@@ -146,6 +148,7 @@ impl Conn {
             registration: None,
             chat_recipient: None,
             deferred: None,
+            http_deadline,
         }
     }
 

@@ -55,6 +55,9 @@ const MAX_PASSES_PER_TURN: usize = 8;
 /// Timer period for close deadlines and shutdown progress. Deadlines are
 /// seconds long, so a tenth of a second of slack is invisible.
 const TICK: Duration = Duration::from_millis(100);
+/// Ticks between scans for HTTP connections past their idle deadline: the
+/// scan visits every connection, so it runs once a second, not every tick.
+const HTTP_IDLE_SCAN_TICKS: u32 = 10;
 
 /// What every shard shares: configuration, bus and statistics.
 #[derive(Clone)]
@@ -163,6 +166,7 @@ pub(crate) struct Shard {
     shutdown_deadline: Option<Instant>,
     accept_armed: bool,
     next_epoch: u64,
+    ticks: u32,
 }
 
 impl Shard {
@@ -191,6 +195,7 @@ impl Shard {
             shutdown_deadline: None,
             accept_armed: false,
             next_epoch: 1,
+            ticks: 0,
             shared,
         })
     }
@@ -321,6 +326,10 @@ impl Shard {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks % HTTP_IDLE_SCAN_TICKS == 0 {
+            self.expire_idle_http(now);
+        }
         if let Some(deadline) = self.shutdown_deadline {
             if now >= deadline {
                 let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
@@ -346,6 +355,32 @@ impl Shard {
         self.flush();
         if self.is_finished() {
             self.shared.bus.waker(self.id).signal();
+        }
+    }
+
+    /// Closes HTTP connections that did not complete a request in time: a
+    /// silent close when idle between requests, 408 when one was under way.
+    fn expire_idle_http(&mut self, now: Instant) {
+        let expired: Vec<(usize, bool)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.phase, Phase::Http)
+                    && c.closing == Closing::No
+                    && c.deferred.is_none()
+                    && c.out.is_flushed()
+                    && c.http_deadline <= now
+            })
+            .map(|(key, c)| (key, !c.inbuf.is_empty()))
+            .collect();
+        for (key, partial) in expired {
+            if partial {
+                let response =
+                    crate::protocol::http::error_json(408, "request not completed in time");
+                self.respond(key, response.keep_alive(false));
+            } else {
+                self.terminate(key);
+            }
         }
     }
 
@@ -377,7 +412,8 @@ impl Shard {
         set_nodelay(fd);
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
-        let key = self.conns.insert(Conn::new(fd, generation));
+        let deadline = Instant::now() + self.config().http_idle_timeout;
+        let key = self.conns.insert(Conn::new(fd, generation, deadline));
         ShardStats::add(&self.stats().connections, 1);
         ShardStats::add(&self.stats().connections_accepted_total, 1);
         if self.conns.len() > self.max_conns {
@@ -513,6 +549,7 @@ impl Shard {
                 match parse_request(input, &limits) {
                     Ok(Decoded::Partial) => Step::Partial,
                     Ok(Decoded::Complete(request, used)) => {
+                        conn.http_deadline = Instant::now() + self.shared.config.http_idle_timeout;
                         ShardStats::add(&self.stats().http_requests_total, 1);
                         self.handle_request(key, request);
                         Step::Consumed(used)
