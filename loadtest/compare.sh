@@ -95,7 +95,12 @@ start_server() { # $1 = ringcast | nchan
 stop_server() {
   case "$1" in
     ringcast) kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true ;;
-    nchan) "$shared/peers/nchan.sh" stop >/dev/null 2>&1 || true ;;
+    nchan)
+      "$shared/peers/nchan.sh" stop >/dev/null 2>&1 || true
+      # nginx drains thousands of connections before its master exits and
+      # removes its pid file; starting the next one earlier races with it.
+      for _ in $(seq 200); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.05; done
+      ;;
   esac
   sleep 0.5
 }
