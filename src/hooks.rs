@@ -8,13 +8,12 @@
 //! [`HookContext`] (pushes, presence tracking, join/leave announcements).
 //! Pure code: no I/O, no runtime.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::rules::{Pattern, Rule, RuleError, RuleSet};
+use crate::rules::{Pattern, PatternMap, Rule, RuleError, RuleSet};
 
 /// Decides what happens on one channel (all topics its pattern matches).
 /// Every method has a permissive default.
@@ -219,17 +218,14 @@ pub struct ChannelId(pub u32);
 /// Hooks by pattern. A topic no pattern matches is refused.
 #[derive(Clone, Default)]
 pub struct Channels {
-    exact: HashMap<String, ChannelId>,
-    /// Longest prefix first.
-    prefixes: Vec<(String, ChannelId)>,
+    index: PatternMap<ChannelId>,
     hooks: Vec<Arc<dyn ChannelHook>>,
 }
 
 impl std::fmt::Debug for Channels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channels")
-            .field("exact", &self.exact)
-            .field("prefixes", &self.prefixes)
+            .field("index", &self.index)
             .finish()
     }
 }
@@ -252,41 +248,18 @@ impl Channels {
     }
 
     fn set(&mut self, pattern: Pattern, hook: Arc<dyn ChannelHook>) {
-        let existing = match &pattern {
-            Pattern::Exact(name) => self.exact.get(name).copied(),
-            Pattern::Prefix(prefix) => self
-                .prefixes
-                .iter()
-                .find(|(p, _)| p == prefix)
-                .map(|&(_, id)| id),
-        };
-        if let Some(id) = existing {
+        if let Some(id) = self.index.get(&pattern) {
             self.hooks[id.0 as usize] = hook;
             return;
         }
         let id = ChannelId(self.hooks.len() as u32);
         self.hooks.push(hook);
-        match pattern {
-            Pattern::Exact(name) => {
-                self.exact.insert(name, id);
-            }
-            Pattern::Prefix(prefix) => {
-                self.prefixes.push((prefix, id));
-                self.prefixes
-                    .sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
-            }
-        }
+        self.index.insert(&pattern, id);
     }
 
     /// The channel of `topic`: exact match, then the longest prefix.
     pub fn resolve(&self, topic: &str) -> Option<ChannelId> {
-        if let Some(&id) = self.exact.get(topic) {
-            return Some(id);
-        }
-        self.prefixes
-            .iter()
-            .find(|(prefix, _)| topic.starts_with(prefix.as_str()))
-            .map(|&(_, id)| id)
+        self.index.resolve(topic)
     }
 
     /// The hook of a resolved channel.

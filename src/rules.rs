@@ -5,7 +5,7 @@
 //! prefix. This module is plain data with no I/O and no clock: the shard
 //! resolves a topic once, caches the [`RuleId`], and enforces the flags itself.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 
 /// Errors building patterns and rule sets; each names the offending pattern.
@@ -108,13 +108,72 @@ impl Rule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RuleId(pub u32);
 
+/// Values by pattern, looked up by topic: an exact match wins, then the
+/// longest prefix. Shared by rules and channel hooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatternMap<T> {
+    exact: HashMap<String, T>,
+    /// Longest prefix first, so the first match is the most specific one.
+    prefixes: Vec<(String, T)>,
+}
+
+impl<T> Default for PatternMap<T> {
+    fn default() -> Self {
+        PatternMap {
+            exact: HashMap::new(),
+            prefixes: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy> PatternMap<T> {
+    /// The value stored for exactly this pattern.
+    pub fn get(&self, pattern: &Pattern) -> Option<T> {
+        match pattern {
+            Pattern::Exact(name) => self.exact.get(name).copied(),
+            Pattern::Prefix(prefix) => self
+                .prefixes
+                .iter()
+                .find(|(p, _)| p == prefix)
+                .map(|&(_, v)| v),
+        }
+    }
+
+    /// Stores `value` for `pattern`; returns the value it replaced.
+    pub fn insert(&mut self, pattern: &Pattern, value: T) -> Option<T> {
+        match pattern {
+            Pattern::Exact(name) => self.exact.insert(name.clone(), value),
+            Pattern::Prefix(prefix) => {
+                if let Some(slot) = self.prefixes.iter_mut().find(|(p, _)| p == prefix) {
+                    return Some(std::mem::replace(&mut slot.1, value));
+                }
+                self.prefixes.push((prefix.clone(), value));
+                // Distinct prefixes of equal length cannot both match one topic,
+                // so only length matters; the stable sort keeps insertion order.
+                self.prefixes
+                    .sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+                None
+            }
+        }
+    }
+
+    /// Exact match wins, then the longest prefix; None if nothing matches.
+    pub fn resolve(&self, topic: &str) -> Option<T> {
+        if let Some(&value) = self.exact.get(topic) {
+            return Some(value);
+        }
+        self.prefixes
+            .iter()
+            .find(|(prefix, _)| topic.starts_with(prefix.as_str()))
+            .map(|&(_, value)| value)
+    }
+}
+
 /// Rules indexed for lookup by topic name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSet {
     rules: Vec<Rule>,
-    exact: HashMap<String, RuleId>,
-    /// Longest prefix first, so the first match is the most specific one.
-    prefixes: Vec<(String, RuleId)>,
+    index: PatternMap<RuleId>,
 }
 
 impl RuleSet {
@@ -124,37 +183,22 @@ impl RuleSet {
     /// [`Pattern::parse`], and a `Pattern` built by hand with a `*` in its text is
     /// rejected here too.
     pub fn new(rules: Vec<Rule>) -> Result<RuleSet, RuleError> {
-        let mut exact = HashMap::new();
-        let mut prefixes = Vec::new();
-        let mut seen_prefixes = HashSet::new();
-        for (index, rule) in rules.iter().enumerate() {
-            let id = RuleId(u32::try_from(index).map_err(|_| RuleError::TooMany)?);
+        let mut index = PatternMap::default();
+        for (position, rule) in rules.iter().enumerate() {
+            let id = RuleId(u32::try_from(position).map_err(|_| RuleError::TooMany)?);
             match &rule.pattern {
                 Pattern::Exact(name) | Pattern::Prefix(name) if name.contains('*') => {
                     return Err(RuleError::MisplacedWildcard(rule.pattern.to_string()));
                 }
                 Pattern::Exact(name) if name.is_empty() => return Err(RuleError::Empty),
-                Pattern::Exact(name) => {
-                    if exact.insert(name.clone(), id).is_some() {
+                pattern => {
+                    if index.insert(pattern, id).is_some() {
                         return Err(RuleError::Duplicate(rule.pattern.to_string()));
                     }
-                }
-                Pattern::Prefix(prefix) => {
-                    if !seen_prefixes.insert(prefix.as_str()) {
-                        return Err(RuleError::Duplicate(rule.pattern.to_string()));
-                    }
-                    prefixes.push((prefix.clone(), id));
                 }
             }
         }
-        // Distinct prefixes of equal length cannot both match one topic, so the
-        // order among them does not matter; sort stably anyway for a stable Debug.
-        prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
-        Ok(RuleSet {
-            rules,
-            exact,
-            prefixes,
-        })
+        Ok(RuleSet { rules, index })
     }
 
     /// The built-in catch-all of DESIGN.md when no rules are configured: clients may publish
@@ -167,22 +211,17 @@ impl RuleSet {
             join_leave: false,
             require_auth: false,
         };
+        let mut index = PatternMap::default();
+        index.insert(&rule.pattern, RuleId(0));
         RuleSet {
             rules: vec![rule],
-            exact: HashMap::new(),
-            prefixes: vec![(String::new(), RuleId(0))],
+            index,
         }
     }
 
     /// Exact match wins, then the longest prefix; None if nothing matches.
     pub fn resolve(&self, topic: &str) -> Option<RuleId> {
-        if let Some(&id) = self.exact.get(topic) {
-            return Some(id);
-        }
-        self.prefixes
-            .iter()
-            .find(|(prefix, _)| topic.starts_with(prefix.as_str()))
-            .map(|&(_, id)| id)
+        self.index.resolve(topic)
     }
 
     /// The rule behind `id`.

@@ -274,22 +274,12 @@ impl Shard {
         let members = format!("[{}]", wait.members);
         match wait.then {
             PresenceThen::Http { key, generation } => {
-                let Some(conn) = self
-                    .conns
-                    .get_mut(key)
-                    .filter(|c| c.generation == generation)
-                else {
-                    return;
-                };
-                if !matches!(conn.deferred, Some(Deferred::Presence { keep_alive: _ })) {
-                    return;
+                let parked =
+                    self.take_deferred(key, generation, |d| matches!(d, Deferred::Presence { .. }));
+                if let Some(Deferred::Presence { keep_alive }) = parked {
+                    let body = format!("{{\"count\":{},\"members\":{members}}}", wait.count);
+                    self.answer_parked(key, Response::json(200, body).keep_alive(keep_alive));
                 }
-                let Some(Deferred::Presence { keep_alive }) = conn.deferred.take() else {
-                    return;
-                };
-                let body = format!("{{\"count\":{},\"members\":{members}}}", wait.count);
-                self.respond(key, Response::json(200, body).keep_alive(keep_alive));
-                self.on_input(key, &[]);
             }
             PresenceThen::Ws { key, generation } => {
                 if self

@@ -38,7 +38,7 @@ use crate::protocol::frame::{self, FrameDecoder, FrameLimits};
 use crate::protocol::http::{parse_request, HttpLimits, Response};
 use crate::protocol::Decoded;
 
-use conn::{Closing, Conn, Phase, WsKind};
+use conn::{Closing, Conn, Deferred, Phase, WsKind};
 use outbound::{Enqueued, SendBuffers, SendPlan};
 use ring::{Completion, ConnRing, OpKind, Token};
 use topics::{ConnId, TopicId, TopicIndex};
@@ -582,6 +582,30 @@ impl Shard {
         }
     }
 
+    /// Takes connection `key`'s parked work, if the slot still holds the
+    /// connection `generation` names and `parked` recognises the work.
+    fn take_deferred(
+        &mut self,
+        key: usize,
+        generation: u32,
+        parked: impl Fn(&Deferred) -> bool,
+    ) -> Option<Deferred> {
+        let conn = self
+            .conns
+            .get_mut(key)
+            .filter(|c| c.generation == generation)?;
+        if !conn.deferred.as_ref().is_some_and(parked) {
+            return None;
+        }
+        conn.deferred.take()
+    }
+
+    /// Sends a parked HTTP response and reads the requests queued behind it.
+    fn answer_parked(&mut self, key: usize, response: Response) {
+        self.respond(key, response);
+        self.on_input(key, &[]);
+    }
+
     /// Switches a connection to WebSocket after the 101 response was queued.
     fn upgrade(&mut self, key: usize, kind: WsKind) {
         let limits = &self.shared.config.limits;
@@ -830,27 +854,27 @@ impl Shard {
     /// Queues `frame` to every active local subscriber of a topic.
     fn deliver_local(&mut self, id: TopicId, frame: &Bytes) {
         let budget = self.shared.config.limits.max_outbound_bytes_per_connection;
-        let mut slow = Vec::new();
-        let mut delivered = 0u64;
-        for &ConnId(slot) in &self.topics.entry(id).subscribers {
-            let key = slot as usize;
-            let conn = &mut self.conns[key];
-            match conn.enqueue(frame.clone(), budget, &mut self.send_buffers) {
-                Enqueued::Yes => {
-                    delivered += 1;
-                    if !conn.dirty {
-                        conn.dirty = true;
-                        self.dirty.push(key);
-                    }
-                }
-                Enqueued::Discarded => {}
-                Enqueued::OverBudget => slow.push(key),
-            }
-        }
-        ShardStats::add(&self.stats().messages_out_total, delivered);
-        for key in slow {
+        let targets = &self.topics.entry(id).subscribers;
+        let outcome = enqueue_all(
+            &mut self.conns,
+            &mut self.dirty,
+            &mut self.send_buffers,
+            budget,
+            targets,
+            frame,
+            |_| true,
+        );
+        self.settle_fan_out(outcome);
+    }
+
+    /// Counts a fan-out's deliveries and closes its slow consumers (after the
+    /// loop, since closing leaves the indexes the loop was reading).
+    fn settle_fan_out(&mut self, outcome: FanOut) -> usize {
+        ShardStats::add(&self.stats().messages_out_total, outcome.delivered as u64);
+        for key in outcome.slow {
             self.slow_consumer(key);
         }
+        outcome.delivered
     }
 
     /// Delivers a framed push to local subscribers and forwards it to every
@@ -882,6 +906,50 @@ impl Shard {
         }
         shards
     }
+}
+
+/// What one fan-out did.
+struct FanOut {
+    delivered: usize,
+    /// Connections whose outbound budget the frame would have passed.
+    slow: Vec<usize>,
+}
+
+/// Queues `frame` to each of `targets` that passes `wanted`. Takes the shard's
+/// fields separately so the target list can be borrowed from an index while
+/// connections are mutated.
+fn enqueue_all(
+    conns: &mut Slab<Conn>,
+    dirty: &mut Vec<usize>,
+    pool: &mut SendBuffers,
+    budget: usize,
+    targets: &[ConnId],
+    frame: &Bytes,
+    wanted: impl Fn(&Conn) -> bool,
+) -> FanOut {
+    let mut outcome = FanOut {
+        delivered: 0,
+        slow: Vec::new(),
+    };
+    for &ConnId(slot) in targets {
+        let key = slot as usize;
+        let conn = &mut conns[key];
+        if !wanted(conn) {
+            continue;
+        }
+        match conn.enqueue(frame.clone(), budget, pool) {
+            Enqueued::Yes => {
+                outcome.delivered += 1;
+                if !conn.dirty {
+                    conn.dirty = true;
+                    dirty.push(key);
+                }
+            }
+            Enqueued::Discarded => {}
+            Enqueued::OverBudget => outcome.slow.push(key),
+        }
+    }
+    outcome
 }
 
 fn set_nodelay(fd: RawFd) {

@@ -20,8 +20,6 @@ use crate::protocol::http::{error_json, Request, Response};
 use crate::protocol::message;
 
 use super::conn::{Deferred, Ident, Phase, WsKind};
-use super::outbound::Enqueued;
-use super::topics::ConnId;
 use super::Shard;
 
 /// A client registration: who connects with the id and what it starts with.
@@ -240,19 +238,13 @@ impl Shard {
         else {
             return;
         };
-        let Some(conn) = self
-            .conns
-            .get_mut(key)
-            .filter(|c| c.generation == generation)
-        else {
-            return;
-        };
-        if !matches!(conn.deferred, Some(Deferred::Response { ticket: t, .. }) if t == ticket) {
-            return;
-        }
-        if let Some(Deferred::Response { response, .. }) = conn.deferred.take() {
-            self.respond(key, response);
-            self.on_input(key, &[]);
+        let parked = self.take_deferred(
+            key,
+            generation,
+            |d| matches!(d, Deferred::Response { ticket: t, .. } if *t == ticket),
+        );
+        if let Some(Deferred::Response { response, .. }) = parked {
+            self.answer_parked(key, response);
         }
     }
 
@@ -312,37 +304,24 @@ impl Shard {
             IndexKind::Chat => &self.chatters,
             _ => &self.users,
         };
-        let mut delivered = 0;
-        let mut slow = Vec::new();
-        for &ConnId(slot) in &index.entry(entry).subscribers {
-            let key = slot as usize;
-            let conn = &mut self.conns[key];
-            if let Some(topic) = topic {
-                if !conn
-                    .subs
-                    .iter()
-                    .any(|s| s.topic == topic && s.pos.is_some())
-                {
-                    continue;
-                }
-            }
-            match conn.enqueue(frame.clone(), budget, &mut self.send_buffers) {
-                Enqueued::Yes => {
-                    delivered += 1;
-                    if !conn.dirty {
-                        conn.dirty = true;
-                        self.dirty.push(key);
-                    }
-                }
-                Enqueued::Discarded => {}
-                Enqueued::OverBudget => slow.push(key),
-            }
-        }
-        ShardStats::add(&self.stats().messages_out_total, delivered as u64);
-        for key in slow {
-            self.slow_consumer(key);
-        }
-        delivered
+        let targets = &index.entry(entry).subscribers;
+        let holds_topic = |conn: &super::conn::Conn| match topic {
+            Some(topic) => conn
+                .subs
+                .iter()
+                .any(|s| s.topic == topic && s.pos.is_some()),
+            None => true,
+        };
+        let outcome = super::enqueue_all(
+            &mut self.conns,
+            &mut self.dirty,
+            &mut self.send_buffers,
+            budget,
+            targets,
+            frame,
+            holds_topic,
+        );
+        self.settle_fan_out(outcome)
     }
 
     /// Delivers to `user` here and on every shard that holds the user.

@@ -79,23 +79,6 @@ impl TestServer {
         }
     }
 
-    /// Same, with an `Authorization: Bearer` header.
-    pub fn http_with_key(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        key: &str,
-    ) -> (u16, String) {
-        let body = body.unwrap_or("");
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        );
-        parse_response(&self.raw(request.as_bytes()))
-    }
-
     /// Tries a WebSocket upgrade; returns the HTTP status of a refusal, or 101.
     pub fn upgrade_status(&self, path: &str, extra_headers: &str) -> u16 {
         let request = format!(
@@ -125,14 +108,39 @@ impl TestServer {
 
     /// One HTTP request on a fresh connection; returns (status, body).
     pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        self.request(method, path, body, "")
+    }
+
+    /// Same, with an `Authorization: Bearer` header.
+    pub fn http_with_key(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        key: &str,
+    ) -> (u16, String) {
+        self.request(
+            method,
+            path,
+            body,
+            &format!("Authorization: Bearer {key}\r\n"),
+        )
+    }
+
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        extra_headers: &str,
+    ) -> (u16, String) {
         let body = body.unwrap_or("");
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{extra_headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             self.addr,
             body.len()
         );
-        let response = self.raw(request.as_bytes());
-        parse_response(&response)
+        parse_response(&self.raw(request.as_bytes()))
     }
 
     /// Publishes over HTTP and returns the status.
