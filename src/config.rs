@@ -64,6 +64,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Distinct topics with subscribers, per shard. Default 1,000,000.
     pub max_topics_per_shard: usize,
+    /// Client registrations kept in memory (each shard holds all of them).
+    /// Default 100,000; past it `POST /register` gets 503.
+    pub max_registrations: usize,
     /// Envelopes queued from one shard to another. Default 65,536: a full second of a
     /// 20k msgs/s publish burst aimed at one shard, at 24 bytes an envelope.
     pub bus_queue_capacity: usize,
@@ -80,6 +83,7 @@ impl Default for Limits {
             max_topic_bytes: 256,
             max_connections: 1_000_000,
             max_topics_per_shard: 1_000_000,
+            max_registrations: 100_000,
             bus_queue_capacity: 65_536,
         }
     }
@@ -209,6 +213,7 @@ struct FileLimits {
     max_topic_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_topics_per_shard: Option<usize>,
+    max_registrations: Option<usize>,
     bus_queue_capacity: Option<usize>,
 }
 
@@ -271,6 +276,7 @@ impl Config {
             max_topic_bytes,
             max_connections,
             max_topics_per_shard,
+            max_registrations,
             bus_queue_capacity
         );
         config.auth = auth_config(file.auth)?;

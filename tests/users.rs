@@ -172,3 +172,19 @@ fn chat_without_both_users_gets_400() {
     assert!(upgrade("/chat?recipient_id=b").starts_with("HTTP/1.1 400"));
     assert!(upgrade("/chat?user_id=&recipient_id=b").starts_with("HTTP/1.1 400"));
 }
+
+#[test]
+fn registrations_past_the_limit_get_503() {
+    let server = TestServer::start(2, Some("[limits]\nmax_registrations = 2\n"));
+    register(&server, r#"{"user_id":"a"}"#);
+    let second = register(&server, r#"{"user_id":"b"}"#);
+    let (status, body) = server.http("POST", "/register", Some(r#"{"user_id":"c"}"#));
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("registration limit of 2"), "{body}");
+    let id = second["id"].as_str().unwrap();
+    assert_eq!(
+        server.http("DELETE", &format!("/register/{id}"), None).0,
+        204
+    );
+    register(&server, r#"{"user_id":"c"}"#);
+}

@@ -315,9 +315,9 @@ impl Shard {
         for key in std::mem::take(&mut self.rearm) {
             self.arm_recv(key);
         }
-        if self.outbox.retry_backlog(&self.shared.bus) {
-            // Room will appear when the peer drains; look again next tick at the latest.
-        }
+        // What still finds no room waits for the peer to drain; every turn and
+        // every tick retries.
+        self.outbox.retry_backlog(&self.shared.bus);
         self.outbox.wake_all(&self.shared.bus);
         if let Err(e) = self.ring.submit() {
             tracing::error!(shard = self.id.0, "io_uring submit failed: {e}");

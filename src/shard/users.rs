@@ -143,6 +143,10 @@ impl Shard {
             Ok(parsed) => parsed,
             Err(message) => return Some(error_json(400, &message)),
         };
+        if self.users_state.registry.len() >= limits.max_registrations {
+            let message = format!("registration limit of {} reached", limits.max_registrations);
+            return Some(error_json(503, &message));
+        }
         let max = limits.max_subscriptions_per_connection;
         if topics.len() > max {
             return Some(error_json(
