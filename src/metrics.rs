@@ -33,6 +33,8 @@ counters! {
     connections: "gauge",
     /// Connections accepted since start.
     connections_accepted_total: "counter",
+    /// Accept operations that failed (out of descriptors or memory).
+    accept_errors_total: "counter",
     /// Connections refused because max_connections was reached.
     connections_rejected_total: "counter",
     /// Open WebSocket connections.

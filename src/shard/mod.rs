@@ -21,7 +21,7 @@ mod users;
 use std::cell::RefCell;
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +55,9 @@ const MAX_PASSES_PER_TURN: usize = 8;
 /// Timer period for close deadlines and shutdown progress. Deadlines are
 /// seconds long, so a tenth of a second of slack is invisible.
 const TICK: Duration = Duration::from_millis(100);
+/// Accept failures logged per shard; later ones are only counted, so a
+/// descriptor shortage cannot flood the log.
+const ACCEPT_ERRORS_LOGGED: u32 = 10;
 /// Ticks between scans for HTTP connections past their idle deadline: the
 /// scan visits every connection, so it runs once a second, not every tick.
 const HTTP_IDLE_SCAN_TICKS: u32 = 10;
@@ -165,6 +168,7 @@ pub(crate) struct Shard {
     /// Set when shutdown began: the deadline for closing every connection.
     shutdown_deadline: Option<Instant>,
     accept_armed: bool,
+    accept_errors_logged: u32,
     next_epoch: u64,
     ticks: u32,
 }
@@ -194,6 +198,7 @@ impl Shard {
             send_buffers: SendBuffers::default(),
             shutdown_deadline: None,
             accept_armed: false,
+            accept_errors_logged: 0,
             next_epoch: 1,
             ticks: 0,
             shared,
@@ -258,7 +263,6 @@ impl Shard {
                 OpKind::Accept => self.on_accept(completion),
                 OpKind::Recv => self.on_recv(completion),
                 OpKind::Send => self.on_send(completion),
-                OpKind::Cancel => {}
             }
         }
         self.completions = batch;
@@ -338,6 +342,9 @@ impl Shard {
                 }
             }
         }
+        if !self.accept_armed {
+            self.arm_accept();
+        }
         let closing = std::mem::take(&mut self.closing);
         for (key, generation) in closing {
             let Some(conn) = self.conns.get(key) else {
@@ -387,14 +394,17 @@ impl Shard {
     // ---- accept ----------------------------------------------------------
 
     fn on_accept(&mut self, c: Completion) {
-        if !c.more {
-            self.accept_armed = false;
-            if self.shutdown_deadline.is_none() && c.result != -libc::ECANCELED {
-                self.arm_accept();
-            }
-        }
         if c.result < 0 {
-            if c.result != -libc::ECANCELED && c.result != -libc::EINVAL {
+            self.accept_armed = self.accept_armed && c.more;
+            if self.shutdown_deadline.is_some() {
+                return;
+            }
+            // Out of descriptors or memory: re-arming now would fail again at
+            // once, so the next tick re-arms (see `on_tick`) and connections
+            // wait in the listen backlog meanwhile.
+            ShardStats::add(&self.stats().accept_errors_total, 1);
+            if !self.accept_armed && self.accept_errors_logged < ACCEPT_ERRORS_LOGGED {
+                self.accept_errors_logged += 1;
                 tracing::warn!(
                     shard = self.id.0,
                     "accept failed: {}",
@@ -402,6 +412,10 @@ impl Shard {
                 );
             }
             return;
+        }
+        if !c.more {
+            self.accept_armed = false;
+            self.arm_accept();
         }
         let fd = c.result;
         if self.shutdown_deadline.is_some() {
@@ -829,16 +843,11 @@ impl Shard {
         }
         self.shutdown_deadline = Some(Instant::now() + self.shared.config.shutdown_timeout);
         if let Some(listener) = self.listener.take() {
-            let fd = listener.into_raw_fd();
-            // SAFETY: shutting down our own listening socket fails its pending
-            // accept; the fd is then closed, the kernel keeps the file until the
-            // accept operation has completed.
-            unsafe {
-                libc::shutdown(fd, libc::SHUT_RDWR);
-            }
-            let _ = self.ring.cancel_fd(fd);
-            // SAFETY: as above; `fd` came from `into_raw_fd` and is closed once.
-            unsafe { libc::close(fd) };
+            // Shutting a listening socket down fails its pending accept
+            // (EINVAL), which ends the multishot accept; dropping the listener
+            // closes it, and the kernel keeps the file until that completes.
+            // SAFETY: shutdown on our own listening socket.
+            unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
         }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {

@@ -43,8 +43,6 @@ pub(crate) enum OpKind {
     Recv = 2,
     /// A connection's send.
     Send = 3,
-    /// A cancellation request; its completion carries nothing to act on.
-    Cancel = 4,
 }
 
 /// A connection slot and the generation that owned it when the op was made,
@@ -68,7 +66,6 @@ impl Token {
             1 => OpKind::Accept,
             2 => OpKind::Recv,
             3 => OpKind::Send,
-            4 => OpKind::Cancel,
             _ => return None,
         };
         Some(Token {
@@ -285,19 +282,6 @@ impl ConnRing {
         };
         let entry = opcode::Send::new(types::Fd(fd), ptr, len as u32)
             .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(token.encode());
-        self.push(entry)
-    }
-
-    /// Cancels every operation on `fd` (the listener at shutdown).
-    pub(crate) fn cancel_fd(&mut self, fd: RawFd) -> io::Result<()> {
-        let token = Token {
-            kind: OpKind::Cancel,
-            slot: 0,
-            generation: 0,
-        };
-        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
             .build()
             .user_data(token.encode());
         self.push(entry)
