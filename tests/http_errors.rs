@@ -159,3 +159,17 @@ fn idle_and_trickling_http_connections_are_closed_after_the_idle_timeout() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     assert_eq!(server.http("GET", "/health", None).0, 200);
 }
+
+#[test]
+fn a_head_request_gets_headers_only_and_the_next_pipelined_request_still_parses() {
+    let server = TestServer::start(1, None);
+    let raw = server.raw(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(head.contains("Content-Length: "), "{raw}");
+    assert!(
+        rest.starts_with("HTTP/1.1 200"),
+        "no body after the HEAD response: {raw}"
+    );
+    assert!(rest.ends_with('}'), "{raw}");
+}

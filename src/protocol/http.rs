@@ -412,6 +412,7 @@ pub struct Response {
     headers: Vec<(&'static str, String)>,
     body: Bytes,
     keep_alive: bool,
+    head_only: bool,
 }
 
 impl Response {
@@ -422,6 +423,7 @@ impl Response {
             headers: Vec::new(),
             body: Bytes::new(),
             keep_alive: true,
+            head_only: false,
         }
     }
 
@@ -474,8 +476,15 @@ impl Response {
         self.keep_alive
     }
 
+    /// Answers a HEAD request: the same head, Content-Length included, and
+    /// no body (RFC 9110 9.3.2), so the next pipelined response parses.
+    pub fn head_only(mut self, yes: bool) -> Self {
+        self.head_only = yes;
+        self
+    }
+
     /// The full response bytes: status line, headers, `Content-Length`,
-    /// `Connection: close` when not kept alive, and the body.
+    /// `Connection: close` when not kept alive, and the body (unless HEAD).
     pub fn encode(&self) -> Bytes {
         let mut head = String::with_capacity(128);
         // Writing into a String cannot fail.
@@ -498,7 +507,9 @@ impl Response {
         head.push_str("\r\n");
         let mut out = Vec::with_capacity(head.len() + self.body.len());
         out.extend_from_slice(head.as_bytes());
-        out.extend_from_slice(&self.body);
+        if !self.head_only {
+            out.extend_from_slice(&self.body);
+        }
         Bytes::from(out)
     }
 }
@@ -828,5 +839,13 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_head_response_keeps_the_length_and_drops_the_body() {
+        let bytes = Response::json(200, "{\"a\":1}").head_only(true).encode();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(text.contains("Content-Length: 7\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
     }
 }

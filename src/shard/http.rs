@@ -102,7 +102,8 @@ impl Shard {
             }
             (_, path) => not_routed(path),
         };
-        self.respond(key, response.keep_alive(keep_alive));
+        let head_only = request.method == Method::Head;
+        self.respond(key, response.keep_alive(keep_alive).head_only(head_only));
     }
 
     fn health(&self) -> Response {
