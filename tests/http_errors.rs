@@ -173,3 +173,25 @@ fn a_head_request_gets_headers_only_and_the_next_pipelined_request_still_parses(
     );
     assert!(rest.ends_with('}'), "{raw}");
 }
+
+#[test]
+fn a_client_that_expects_100_continue_is_told_to_send_its_body() {
+    use std::io::{Read, Write};
+    let server = TestServer::start(1, None);
+    let body = r#"{"topic":"t","payload":1}"#;
+    let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+    stream.set_read_timeout(Some(common::IO_TIMEOUT)).unwrap();
+    write!(
+        stream,
+        "POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(body.as_bytes()).unwrap();
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).unwrap();
+    assert!(rest.starts_with("HTTP/1.1 202"), "{rest}");
+}

@@ -227,6 +227,24 @@ enum BodyFraming {
     Chunked,
 }
 
+/// The interim response that tells a client waiting on `Expect: 100-continue`
+/// to send its body.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Whether `buf` starts with a complete request head carrying
+/// `Expect: 100-continue` (RFC 9110 10.1.1): such a client (curl, for bodies
+/// over 1 KiB) waits for [`CONTINUE`] before sending the body.
+pub fn expects_continue(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => request.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("expect") && h.value.eq_ignore_ascii_case(b"100-continue")
+        }),
+        _ => false,
+    }
+}
+
 /// Parses one request from the front of `buf`.
 ///
 /// Returns `Partial` while the head or body is incomplete; the caller keeps the
@@ -847,5 +865,18 @@ mod tests {
         let text = std::str::from_utf8(&bytes).unwrap();
         assert!(text.contains("Content-Length: 7\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\n"), "{text}");
+    }
+
+    #[test]
+    fn a_complete_head_with_expect_100_continue_is_recognised() {
+        let head = b"POST /publish HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\nContent-Length: 5\r\n\r\n";
+        assert!(expects_continue(head));
+        assert!(
+            !expects_continue(&head[..head.len() - 2]),
+            "head not complete yet"
+        );
+        assert!(!expects_continue(
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
+        ));
     }
 }

@@ -128,6 +128,8 @@ pub(crate) struct Conn {
     pub(crate) deferred: Option<Deferred>,
     /// While in HTTP: when the next complete request must have arrived.
     pub(crate) http_deadline: Instant,
+    /// A `100 Continue` went out for the request being received.
+    pub(crate) continue_sent: bool,
 }
 
 impl Conn {
@@ -149,6 +151,7 @@ impl Conn {
             chat_recipient: None,
             deferred: None,
             http_deadline,
+            continue_sent: false,
         }
     }
 

@@ -35,7 +35,7 @@ use crate::config::Config;
 use crate::hooks::Channels;
 use crate::metrics::ShardStats;
 use crate::protocol::frame::{self, FrameDecoder, FrameLimits};
-use crate::protocol::http::{parse_request, HttpLimits, Response};
+use crate::protocol::http::{expects_continue, parse_request, HttpLimits, Response, CONTINUE};
 use crate::protocol::Decoded;
 
 use conn::{Closing, Conn, Deferred, Phase, WsKind};
@@ -561,8 +561,17 @@ impl Shard {
                     ..HttpLimits::default()
                 };
                 match parse_request(input, &limits) {
-                    Ok(Decoded::Partial) => Step::Partial,
+                    Ok(Decoded::Partial) => {
+                        if !conn.continue_sent && expects_continue(input) {
+                            conn.continue_sent = true;
+                            let interim = Bytes::from_static(CONTINUE);
+                            conn.out.enqueue_final(interim, &mut self.send_buffers);
+                            self.mark_dirty(key);
+                        }
+                        Step::Partial
+                    }
                     Ok(Decoded::Complete(request, used)) => {
+                        conn.continue_sent = false;
                         conn.http_deadline = Instant::now() + self.shared.config.http_idle_timeout;
                         ShardStats::add(&self.stats().http_requests_total, 1);
                         self.handle_request(key, request);
