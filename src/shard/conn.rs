@@ -1,7 +1,6 @@
 //! One connection's state inside its shard: protocol phase, partial input,
 //! outbound queue, subscriptions and close progress.
 
-use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -102,7 +101,8 @@ pub(crate) enum Closing {
 
 /// A connection.
 pub(crate) struct Conn {
-    pub(crate) fd: RawFd,
+    /// The direct descriptor: an index in the ring's file table.
+    pub(crate) file: u32,
     pub(crate) generation: u32,
     pub(crate) phase: Phase,
     /// Input not yet forming a complete request or frame. Empty (and
@@ -133,9 +133,9 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(fd: RawFd, generation: u32, http_deadline: Instant) -> Conn {
+    pub(crate) fn new(file: u32, generation: u32, http_deadline: Instant) -> Conn {
         Conn {
-            fd,
+            file,
             generation,
             phase: Phase::Http,
             inbuf: BytesMut::new(),

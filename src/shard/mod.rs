@@ -21,7 +21,7 @@ mod users;
 use std::cell::RefCell;
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +55,9 @@ const MAX_PASSES_PER_TURN: usize = 8;
 /// Timer period for close deadlines and shutdown progress. Deadlines are
 /// seconds long, so a tenth of a second of slack is invisible.
 const TICK: Duration = Duration::from_millis(100);
+/// Direct descriptors beyond the connection limit, so connections over it can
+/// still be accepted and told 503 instead of waiting in the backlog.
+const REFUSAL_HEADROOM: usize = 256;
 /// Accept failures logged per shard; later ones are only counted, so a
 /// descriptor shortage cannot flood the log.
 const ACCEPT_ERRORS_LOGGED: u32 = 10;
@@ -175,16 +178,17 @@ pub(crate) struct Shard {
 
 impl Shard {
     fn new(id: ShardId, shared: Shared, listener: TcpListener) -> io::Result<Shard> {
-        let ring = ConnRing::new(shared.bus.waker(id).raw_fd())?;
         let config = &shared.config;
         let shards = config.shards.get();
+        let max_conns = config.limits.max_connections.div_ceil(shards);
+        let ring = ConnRing::new(shared.bus.waker(id).raw_fd(), direct_descriptors(max_conns))?;
         Ok(Shard {
             id,
             ring,
             listener: Some(listener),
             conns: Slab::new(),
             next_generation: 0,
-            max_conns: config.limits.max_connections.div_ceil(shards),
+            max_conns,
             topics: TopicIndex::new(config.limits.max_topics_per_shard),
             users: TopicIndex::new(config.limits.max_connections),
             chatters: TopicIndex::new(config.limits.max_connections),
@@ -263,6 +267,7 @@ impl Shard {
                 OpKind::Accept => self.on_accept(completion),
                 OpKind::Recv => self.on_recv(completion),
                 OpKind::Send => self.on_send(completion),
+                OpKind::Housekeeping => {}
             }
         }
         self.completions = batch;
@@ -295,15 +300,15 @@ impl Shard {
             };
             conn.dirty = false;
             if let Some(plan) = conn.out.prepare_send(&mut self.send_buffers) {
-                let (fd, generation) = (conn.fd, conn.generation);
+                let (file, generation) = (conn.file, conn.generation);
                 // SAFETY: the plan points into frames the connection's in-flight
                 // state owns until `on_send` reports the completion.
                 let submitted = unsafe {
                     match plan {
                         SendPlan::One { ptr, len } => {
-                            self.ring.send_one(fd, ptr, len, key as u32, generation)
+                            self.ring.send_one(file, ptr, len, key as u32, generation)
                         }
-                        SendPlan::Many(msg) => self.ring.send(fd, msg, key as u32, generation),
+                        SendPlan::Many(msg) => self.ring.send(file, msg, key as u32, generation),
                     }
                 };
                 if submitted.is_err() {
@@ -417,17 +422,16 @@ impl Shard {
             self.accept_armed = false;
             self.arm_accept();
         }
-        let fd = c.result;
+        // A direct descriptor: an index in the ring's file table.
+        let file = c.result as u32;
         if self.shutdown_deadline.is_some() {
-            // SAFETY: `fd` is a socket the kernel just handed to us and nobody else holds.
-            unsafe { libc::close(fd) };
+            let _ = self.ring.close(file);
             return;
         }
-        set_nodelay(fd);
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1);
         let deadline = Instant::now() + self.config().http_idle_timeout;
-        let key = self.conns.insert(Conn::new(fd, generation, deadline));
+        let key = self.conns.insert(Conn::new(file, generation, deadline));
         ShardStats::add(&self.stats().connections, 1);
         ShardStats::add(&self.stats().connections_accepted_total, 1);
         if self.conns.len() > self.max_conns {
@@ -447,8 +451,8 @@ impl Shard {
         if conn.recv_armed || conn.closing == Closing::Terminating {
             return;
         }
-        let (fd, generation) = (conn.fd, conn.generation);
-        if self.ring.recv(fd, key as u32, generation).is_ok() {
+        let (file, generation) = (conn.file, conn.generation);
+        if self.ring.recv(file, key as u32, generation).is_ok() {
             self.conns[key].recv_armed = true;
         } else {
             self.terminate(key);
@@ -782,8 +786,9 @@ impl Shard {
         }
         conn.closing = Closing::Terminating;
         conn.out.discard_queued();
-        // SAFETY: shutdown on a socket fd we own; it ends pending receives and sends.
-        unsafe { libc::shutdown(conn.fd, libc::SHUT_RDWR) };
+        // Ends the pending receive and fails a pending send; their completions
+        // let `maybe_release` free the slot.
+        let _ = self.ring.shutdown(conn.file);
         self.leave_indexes(key);
         self.maybe_release(key);
     }
@@ -796,8 +801,8 @@ impl Shard {
             return;
         }
         let conn = self.conns.remove(key);
-        // SAFETY: the fd is ours and no operation on it is pending any more.
-        unsafe { libc::close(conn.fd) };
+        // No operation on the descriptor is pending any more.
+        let _ = self.ring.close(conn.file);
         ShardStats::sub(&self.stats().connections, 1);
         if matches!(conn.phase, Phase::WebSocket { .. }) {
             ShardStats::sub(&self.stats().websockets, 1);
@@ -926,6 +931,24 @@ impl Shard {
     }
 }
 
+/// Size of a shard's direct-descriptor table: its connection limit plus room
+/// for the connections it refuses with 503, capped by RLIMIT_NOFILE, which the
+/// kernel also applies to registered file tables.
+fn direct_descriptors(max_conns: usize) -> u32 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes a live local struct.
+    let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    let wanted = max_conns.saturating_add(REFUSAL_HEADROOM) as u64;
+    wanted.min(nofile).min(u64::from(u32::MAX)) as u32
+}
+
 /// What one fan-out did.
 struct FanOut {
     delivered: usize,
@@ -968,18 +991,4 @@ fn enqueue_all(
         }
     }
     outcome
-}
-
-fn set_nodelay(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads an int from a live local; failure only costs latency.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
 }

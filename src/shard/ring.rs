@@ -6,9 +6,12 @@
 //! buffer in the kernel. So the shard runs its tokio-uring loop as the host
 //! (timers, the wake-up read) and drives this ring itself: a multishot accept,
 //! a multishot receive per connection over one provided-buffer ring (the kernel
-//! lends a buffer only when bytes arrive), and `sendmsg` with all of a
-//! connection's queued frames as one iovec array. The ring signals the shard's
-//! eventfd on every completion, which the tokio-uring loop is reading.
+//! lends a buffer only when bytes arrive), and `send`/`sendmsg` with a
+//! connection's queued frames. Connections are direct descriptors: accepted
+//! straight into the ring's registered file table, so no operation pays for an
+//! fd-table lookup and connections do not occupy the process's fd table. The
+//! ring signals the shard's eventfd on every completion, which the tokio-uring
+//! loop is reading.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -43,6 +46,8 @@ pub(crate) enum OpKind {
     Recv = 2,
     /// A connection's send.
     Send = 3,
+    /// A shutdown or close of a direct descriptor; nothing to act on.
+    Housekeeping = 4,
 }
 
 /// A connection slot and the generation that owned it when the op was made,
@@ -66,6 +71,7 @@ impl Token {
             1 => OpKind::Accept,
             2 => OpKind::Recv,
             3 => OpKind::Send,
+            4 => OpKind::Housekeeping,
             _ => return None,
         };
         Some(Token {
@@ -73,6 +79,14 @@ impl Token {
             slot: data as u32,
             generation: ((data >> 32) & 0x00ff_ffff) as u32,
         })
+    }
+
+    fn housekeeping() -> Token {
+        Token {
+            kind: OpKind::Housekeeping,
+            slot: 0,
+            generation: 0,
+        }
     }
 
     /// Generations are compared modulo 2^24, the bits `user_data` has room for.
@@ -169,9 +183,9 @@ pub(crate) struct ConnRing {
 }
 
 impl ConnRing {
-    /// Creates the ring, registers the receive buffers, and makes every
-    /// completion signal `eventfd`.
-    pub(crate) fn new(eventfd: RawFd) -> io::Result<ConnRing> {
+    /// Creates the ring with a table of `files` direct descriptors, registers
+    /// the receive buffers, and makes every completion signal `eventfd`.
+    pub(crate) fn new(eventfd: RawFd, files: u32) -> io::Result<ConnRing> {
         let ring = IoUring::builder()
             .setup_cqsize(CQ_ENTRIES)
             .setup_submit_all()
@@ -189,6 +203,7 @@ impl ConnRing {
         for id in 0..RECV_BUFFERS {
             bufs.provide(id);
         }
+        ring.submitter().register_files_sparse(files)?;
         ring.submitter().register_eventfd(eventfd)?;
         Ok(ConnRing {
             ring,
@@ -211,7 +226,8 @@ impl ConnRing {
         }
     }
 
-    /// Arms a multishot accept on `listener`.
+    /// Arms a multishot accept on `listener`; each completion carries the
+    /// direct descriptor (file table index) of a new connection.
     pub(crate) fn accept(&mut self, listener: RawFd) -> io::Result<()> {
         let token = Token {
             kind: OpKind::Accept,
@@ -219,20 +235,37 @@ impl ConnRing {
             generation: 0,
         };
         let entry = opcode::AcceptMulti::new(types::Fd(listener))
-            .flags(libc::SOCK_CLOEXEC)
+            .allocate_file_index(true)
             .build()
             .user_data(token.encode());
         self.push(entry)
     }
 
-    /// Arms a multishot receive on a connection.
-    pub(crate) fn recv(&mut self, fd: RawFd, slot: u32, generation: u32) -> io::Result<()> {
+    /// Shuts a connection down (both directions): its pending receive ends
+    /// and its pending send fails.
+    pub(crate) fn shutdown(&mut self, file: u32) -> io::Result<()> {
+        let entry = opcode::Shutdown::new(types::Fixed(file), libc::SHUT_RDWR)
+            .build()
+            .user_data(Token::housekeeping().encode());
+        self.push(entry)
+    }
+
+    /// Closes a connection's direct descriptor, freeing its table slot.
+    pub(crate) fn close(&mut self, file: u32) -> io::Result<()> {
+        let entry = opcode::Close::new(types::Fixed(file))
+            .build()
+            .user_data(Token::housekeeping().encode());
+        self.push(entry)
+    }
+
+    /// Arms a multishot receive on a connection's direct descriptor.
+    pub(crate) fn recv(&mut self, file: u32, slot: u32, generation: u32) -> io::Result<()> {
         let token = Token {
             kind: OpKind::Recv,
             slot,
             generation,
         };
-        let entry = opcode::RecvMulti::new(types::Fd(fd), RECV_GROUP)
+        let entry = opcode::RecvMulti::new(types::Fixed(file), RECV_GROUP)
             .build()
             .user_data(token.encode());
         self.push(entry)
@@ -245,7 +278,7 @@ impl ConnRing {
     /// unmoved until the completion for this token has been returned by `drain`.
     pub(crate) unsafe fn send(
         &mut self,
-        fd: RawFd,
+        file: u32,
         msg: *const libc::msghdr,
         slot: u32,
         generation: u32,
@@ -255,7 +288,7 @@ impl ConnRing {
             slot,
             generation,
         };
-        let entry = opcode::SendMsg::new(types::Fd(fd), msg)
+        let entry = opcode::SendMsg::new(types::Fixed(file), msg)
             .flags(libc::MSG_NOSIGNAL as u32)
             .build()
             .user_data(token.encode());
@@ -269,7 +302,7 @@ impl ConnRing {
     /// token has been returned by `drain`.
     pub(crate) unsafe fn send_one(
         &mut self,
-        fd: RawFd,
+        file: u32,
         ptr: *const u8,
         len: usize,
         slot: u32,
@@ -280,7 +313,7 @@ impl ConnRing {
             slot,
             generation,
         };
-        let entry = opcode::Send::new(types::Fd(fd), ptr, len as u32)
+        let entry = opcode::Send::new(types::Fixed(file), ptr, len as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build()
             .user_data(token.encode());
