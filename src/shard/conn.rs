@@ -112,6 +112,9 @@ pub(crate) struct Conn {
     pub(crate) closing: Closing,
     /// The multishot receive is armed (it ends on EOF, error or ENOBUFS).
     pub(crate) recv_armed: bool,
+    /// A shutdown operation is in flight; the slot and its descriptor stay
+    /// ours until it completes.
+    pub(crate) shutdown_pending: bool,
     /// A close frame has been queued; nothing but the close may follow it.
     pub(crate) close_sent: bool,
     /// In the shard's list of connections with queued output.
@@ -142,6 +145,7 @@ impl Conn {
             subs: Vec::new(),
             closing: Closing::No,
             recv_armed: false,
+            shutdown_pending: false,
             close_sent: false,
             dirty: false,
             out: Outbound::default(),

@@ -267,7 +267,13 @@ impl Shard {
                 OpKind::Accept => self.on_accept(completion),
                 OpKind::Recv => self.on_recv(completion),
                 OpKind::Send => self.on_send(completion),
-                OpKind::Housekeeping => {}
+                OpKind::Shutdown => {
+                    if let Some(key) = self.live(completion.token) {
+                        self.conns[key].shutdown_pending = false;
+                        self.maybe_release(key);
+                    }
+                }
+                OpKind::Close => {}
             }
         }
         self.completions = batch;
@@ -786,9 +792,10 @@ impl Shard {
         }
         conn.closing = Closing::Terminating;
         conn.out.discard_queued();
-        // Ends the pending receive and fails a pending send; their completions
-        // let `maybe_release` free the slot.
-        let _ = self.ring.shutdown(conn.file);
+        // Ends the pending receive and fails a pending send; their completions,
+        // and the shutdown's own, let `maybe_release` free the slot.
+        let (file, generation) = (conn.file, conn.generation);
+        conn.shutdown_pending = self.ring.shutdown(file, key as u32, generation).is_ok();
         self.leave_indexes(key);
         self.maybe_release(key);
     }
@@ -797,7 +804,11 @@ impl Shard {
         let Some(conn) = self.conns.get(key) else {
             return;
         };
-        if conn.closing != Closing::Terminating || conn.recv_armed || conn.out.is_sending() {
+        if conn.closing != Closing::Terminating
+            || conn.recv_armed
+            || conn.shutdown_pending
+            || conn.out.is_sending()
+        {
             return;
         }
         let conn = self.conns.remove(key);

@@ -46,8 +46,10 @@ pub(crate) enum OpKind {
     Recv = 2,
     /// A connection's send.
     Send = 3,
-    /// A shutdown or close of a direct descriptor; nothing to act on.
-    Housekeeping = 4,
+    /// A connection's shutdown.
+    Shutdown = 4,
+    /// A close of a direct descriptor; nothing to act on.
+    Close = 5,
 }
 
 /// A connection slot and the generation that owned it when the op was made,
@@ -71,7 +73,8 @@ impl Token {
             1 => OpKind::Accept,
             2 => OpKind::Recv,
             3 => OpKind::Send,
-            4 => OpKind::Housekeeping,
+            4 => OpKind::Shutdown,
+            5 => OpKind::Close,
             _ => return None,
         };
         Some(Token {
@@ -79,14 +82,6 @@ impl Token {
             slot: data as u32,
             generation: ((data >> 32) & 0x00ff_ffff) as u32,
         })
-    }
-
-    fn housekeeping() -> Token {
-        Token {
-            kind: OpKind::Housekeeping,
-            slot: 0,
-            generation: 0,
-        }
     }
 
     /// Generations are compared modulo 2^24, the bits `user_data` has room for.
@@ -243,18 +238,32 @@ impl ConnRing {
 
     /// Shuts a connection down (both directions): its pending receive ends
     /// and its pending send fails.
-    pub(crate) fn shutdown(&mut self, file: u32) -> io::Result<()> {
+    ///
+    /// The kernel runs shutdown from a worker and looks the direct descriptor
+    /// up only then, so the slot must not be closed (and reused by an accept)
+    /// before this operation's completion has been seen.
+    pub(crate) fn shutdown(&mut self, file: u32, slot: u32, generation: u32) -> io::Result<()> {
+        let token = Token {
+            kind: OpKind::Shutdown,
+            slot,
+            generation,
+        };
         let entry = opcode::Shutdown::new(types::Fixed(file), libc::SHUT_RDWR)
             .build()
-            .user_data(Token::housekeeping().encode());
+            .user_data(token.encode());
         self.push(entry)
     }
 
     /// Closes a connection's direct descriptor, freeing its table slot.
     pub(crate) fn close(&mut self, file: u32) -> io::Result<()> {
-        let entry = opcode::Close::new(types::Fixed(file))
-            .build()
-            .user_data(Token::housekeeping().encode());
+        let entry = opcode::Close::new(types::Fixed(file)).build().user_data(
+            Token {
+                kind: OpKind::Close,
+                slot: 0,
+                generation: 0,
+            }
+            .encode(),
+        );
         self.push(entry)
     }
 
