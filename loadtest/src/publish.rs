@@ -634,58 +634,62 @@ fn http_read_loop(
     counters: &PubCounters,
     subs: &[u64],
 ) {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut have = 0;
-    loop {
-        if have == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
-        let n = match stream.read(&mut buf[have..]) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        have += n;
-        let mut at = 0;
-        loop {
-            match parse_response(&buf[at..have]) {
-                Response::Complete(code, used) => {
-                    let pending = inflight
-                        .queue
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .pop_front();
-                    if (200..300).contains(&code) {
-                        counters.ok.fetch_add(1, Relaxed);
-                        if let Some(p) = pending {
-                            let n = subs.get(p.marker.topic as usize).copied().unwrap_or(0);
-                            counters.sent.fetch_add(1, Relaxed);
-                            counters.expected.fetch_add(n, Relaxed);
-                            if p.measured {
-                                counters.measured_expected.fetch_add(n, Relaxed);
-                            }
-                        }
-                    } else {
-                        counters.rejected.fetch_add(1, Relaxed);
-                        if let Ok(mut l) = counters.last_rejection.lock() {
-                            let line = buf[at..at + used]
-                                .split(|&b| b == b'\r')
-                                .next()
-                                .unwrap_or_default();
-                            *l = Some(String::from_utf8_lossy(line).into_owned());
-                        }
+    read_loop(stream, |data| match parse_response(data) {
+        Response::Complete(code, used) => {
+            let pending = inflight
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front();
+            if (200..300).contains(&code) {
+                counters.ok.fetch_add(1, Relaxed);
+                if let Some(p) = pending {
+                    let n = subs.get(p.marker.topic as usize).copied().unwrap_or(0);
+                    counters.sent.fetch_add(1, Relaxed);
+                    counters.expected.fetch_add(n, Relaxed);
+                    if p.measured {
+                        counters.measured_expected.fetch_add(n, Relaxed);
                     }
-                    at += used;
                 }
-                Response::Partial => break,
-                Response::Invalid => return,
+            } else {
+                counters.rejected.fetch_add(1, Relaxed);
+                if let Ok(mut l) = counters.last_rejection.lock() {
+                    let line = data[..used]
+                        .split(|&b| b == b'\r')
+                        .next()
+                        .unwrap_or_default();
+                    *l = Some(String::from_utf8_lossy(line).into_owned());
+                }
             }
+            Step::Used(used)
         }
-        buf.copy_within(at..have, 0);
-        have -= at;
-    }
+        Response::Partial => Step::NeedMore,
+        Response::Invalid => Step::Stop,
+    });
 }
 
 fn ws_drain(stream: &mut TcpStream) {
+    read_loop(stream, |data| match ws::decode(data) {
+        Decoded::Complete(f) if f.opcode == ws::OP_CLOSE => Step::Stop,
+        Decoded::Complete(f) => Step::Used(f.end()),
+        Decoded::Partial => Step::NeedMore,
+        Decoded::Invalid(_) => Step::Stop,
+    });
+}
+
+/// What a parser made of the front of the read buffer.
+enum Step {
+    /// A complete item of this many bytes was handled.
+    Used(usize),
+    /// The rest is incomplete: read more.
+    NeedMore,
+    /// Stop reading (close frame, garbage).
+    Stop,
+}
+
+/// Reads `stream` into one growing buffer and feeds it to `step` until the
+/// stream ends or `step` says stop; incomplete tails are kept for the next read.
+fn read_loop(stream: &mut TcpStream, mut step: impl FnMut(&[u8]) -> Step) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut have = 0;
     loop {
@@ -699,11 +703,10 @@ fn ws_drain(stream: &mut TcpStream) {
         have += n;
         let mut at = 0;
         loop {
-            match ws::decode(&buf[at..have]) {
-                Decoded::Complete(f) if f.opcode == ws::OP_CLOSE => return,
-                Decoded::Complete(f) => at += f.end(),
-                Decoded::Partial => break,
-                Decoded::Invalid(_) => return,
+            match step(&buf[at..have]) {
+                Step::Used(used) => at += used,
+                Step::NeedMore => break,
+                Step::Stop => return,
             }
         }
         buf.copy_within(at..have, 0);
