@@ -345,13 +345,13 @@ impl Shard {
         let (name, remote) = (entry.name.clone(), entry.remote);
         let topic: Option<Arc<str>> = topic.map(Arc::from);
         for to in remote.iter() {
-            let envelope = match (&topic, kind) {
-                (Some(topic), _) => Envelope::UserPublish {
+            let envelope = match &topic {
+                Some(topic) => Envelope::UserPublish {
                     user: name.clone(),
                     topic: topic.clone(),
                     frame: frame.clone(),
                 },
-                (None, _) => Envelope::Chat {
+                None => Envelope::Chat {
                     user: name.clone(),
                     frame: frame.clone(),
                 },
