@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use ringcast::protocol::message::push;
+use ringcast::shard::key::ConnKey;
+use ringcast::shard::names::NameIndex;
 use ringcast::shard::outbound::{Enqueued, Outbound, SendBuffers};
-use ringcast::shard::topics::{ConnId, TopicIndex};
 
 /// Short runs keep `cargo bench` usable in CI; 3 s gives stable medians here.
 const MEASUREMENT_TIME: Duration = Duration::from_secs(3);
@@ -48,11 +49,11 @@ fn scattered(n: usize) -> impl Iterator<Item = usize> {
 
 /// An index with one topic whose subscribers are connections `0..CONNS`, and
 /// each connection's position in it.
-fn one_topic_of(conns: usize) -> (TopicIndex, Vec<u32>) {
-    let mut index = TopicIndex::new(1);
+fn one_topic_of(conns: usize) -> (NameIndex, Vec<u32>) {
+    let mut index = NameIndex::new(1);
     let topic = index.get_or_insert("room:1", true).unwrap();
     let positions = (0..conns as u32)
-        .map(|c| index.add_subscriber(topic, ConnId(c)))
+        .map(|c| index.add_subscriber(topic, ConnKey::new(c, 1)))
         .collect();
     (index, positions)
 }
@@ -67,12 +68,12 @@ fn topic_index(c: &mut Criterion) {
     group.throughput(Throughput::Elements(CONNS as u64));
     group.bench_function("subscribe", |b| {
         b.iter_batched(
-            || TopicIndex::new(SUBSCRIBE_TOPICS),
+            || NameIndex::new(SUBSCRIBE_TOPICS),
             |mut index| {
                 for conn in 0..CONNS {
                     let name = black_box(names[conn % SUBSCRIBE_TOPICS].as_str());
                     let topic = index.get_or_insert(name, true).unwrap();
-                    black_box(index.add_subscriber(topic, ConnId(conn as u32)));
+                    black_box(index.add_subscriber(topic, ConnKey::new(conn as u32, 1)));
                 }
                 index
             },
@@ -80,7 +81,7 @@ fn topic_index(c: &mut Criterion) {
         )
     });
 
-    let mut index = TopicIndex::new(LOOKUP_TOPICS);
+    let mut index = NameIndex::new(LOOKUP_TOPICS);
     for i in 0..LOOKUP_TOPICS {
         index.get_or_insert(&topic_name(i), true).unwrap();
     }
@@ -107,7 +108,7 @@ fn topic_index(c: &mut Criterion) {
                 for conn in scattered(CONNS) {
                     let pos = positions[conn];
                     if let Some(moved) = index.remove_subscriber(topic, pos) {
-                        positions[moved.0 as usize] = pos;
+                        positions[moved.slot()] = pos;
                     }
                 }
                 debug_assert!(index.entry(topic).subscribers.is_empty());
@@ -121,7 +122,7 @@ fn topic_index(c: &mut Criterion) {
 
 /// Encodes one push and queues it for every subscriber, as the shard does on publish.
 fn enqueue_publish(
-    index: &TopicIndex,
+    index: &NameIndex,
     outbound: &mut [Outbound],
     pool: &mut SendBuffers,
     payload: &str,
@@ -129,7 +130,7 @@ fn enqueue_publish(
     let frame = push(black_box("room:1"), black_box("say"), black_box(payload));
     let topic = index.lookup(black_box("room:1")).unwrap();
     for &conn in &index.entry(topic).subscribers {
-        let queued = outbound[conn.0 as usize].enqueue(frame.clone(), OUTBOUND_BUDGET, pool);
+        let queued = outbound[conn.slot()].enqueue(frame.clone(), OUTBOUND_BUDGET, pool);
         debug_assert_eq!(queued, Enqueued::Yes);
     }
     frame
@@ -139,7 +140,7 @@ fn enqueue_publish(
 /// whole frame; with `release`, an idle connection then drops its write
 /// buffers as the shard's `on_flushed` does.
 fn send_all(
-    index: &TopicIndex,
+    index: &NameIndex,
     outbound: &mut [Outbound],
     pool: &mut SendBuffers,
     frame_len: usize,
@@ -147,7 +148,7 @@ fn send_all(
 ) {
     let topic = index.lookup("room:1").unwrap();
     for &conn in &index.entry(topic).subscribers {
-        let out = &mut outbound[conn.0 as usize];
+        let out = &mut outbound[conn.slot()];
         if let Some(msg) = out.prepare_send(pool) {
             black_box(msg);
             black_box(out.complete_send(frame_len));

@@ -134,6 +134,13 @@ pub struct Config {
     /// (a keep-alive connection's idle time, or a slow trickled head). Default
     /// 30 s; then it is closed, with 408 if a request was under way.
     pub http_idle_timeout: Duration,
+    /// How long a WebSocket may stay silent before the server pings it.
+    /// Default 25 s (below common proxy idle timeouts of 30-60 s); zero
+    /// turns pings off, leaving dead peers to TCP keepalive (~90 s).
+    pub ping_interval: Duration,
+    /// How long a ping may go unanswered (by a pong or anything else) before
+    /// the connection is dropped as dead. Default 10 s.
+    pub pong_timeout: Duration,
     /// Pin shard `i` to core `i % cores`. Default true.
     pub pin_cores: bool,
     /// JWT secret and API key. Default: both off.
@@ -152,6 +159,8 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(5),
             close_timeout: Duration::from_secs(3),
             http_idle_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(10),
             pin_cores: true,
             auth: AuthConfig::default(),
             rules: RuleSet::default_rules(),
@@ -172,6 +181,8 @@ struct FileConfig {
     shutdown_timeout_ms: Option<u64>,
     close_timeout_ms: Option<u64>,
     http_idle_timeout_ms: Option<u64>,
+    ping_interval_ms: Option<u64>,
+    pong_timeout_ms: Option<u64>,
     pin_cores: Option<bool>,
     #[serde(default)]
     limits: FileLimits,
@@ -258,6 +269,12 @@ impl Config {
         }
         if let Some(ms) = file.http_idle_timeout_ms {
             config.http_idle_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = file.ping_interval_ms {
+            config.ping_interval = Duration::from_millis(ms);
+        }
+        if let Some(ms) = file.pong_timeout_ms {
+            config.pong_timeout = Duration::from_millis(ms);
         }
         if let Some(pin) = file.pin_cores {
             config.pin_cores = pin;

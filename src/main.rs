@@ -49,19 +49,38 @@ fn main() -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!("open-file limit raised to {limit}"),
         Err(e) => tracing::warn!("could not raise the open-file limit: {e}"),
     }
+    // A panic in release builds aborts the process (`panic = "abort"`): say
+    // which thread and why before the abort, in the log's own format.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        tracing::error!("thread {name} panicked: {info}; ringcast is stopping");
+        default_hook(info);
+    }));
     // Block the signals before the shard threads exist so they inherit the mask
     // and only the signal thread below receives them.
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
     let shards = config.shards;
-    let server = Relay::start(config).context("starting the relay")?;
-    println!("listening on {}", server.local_addr());
+    let relay = Relay::start(config).context("starting the relay")?;
+    println!("listening on {}", relay.local_addr());
     std::io::stdout().flush()?;
-    tracing::info!(shards = shards.get(), addr = %server.local_addr(), "ringcast started");
-    if let Some(signal) = signals.forever().next() {
-        tracing::info!(signal, "shutting down");
+    tracing::info!(shards = shards.get(), addr = %relay.local_addr(), "ringcast started");
+    let stop = relay.shutdown_handle();
+    std::thread::Builder::new()
+        .name("ringcast-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                tracing::info!(signal, "shutting down");
+                stop.shutdown();
+            }
+        })
+        .context("starting the signal thread")?;
+    if let Err(e) = relay.join() {
+        tracing::error!("ringcast failed: {e}");
+        // Shard threads that did not stop in time are abandoned, not joined.
+        std::process::exit(1);
     }
-    server.shutdown();
-    server.join().context("a shard failed")?;
     tracing::info!("stopped");
     Ok(())
 }

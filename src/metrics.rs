@@ -71,6 +71,22 @@ counters! {
     bus_sent_total: "counter",
     /// Envelopes received from other shards.
     bus_received_total: "counter",
+    /// Control envelopes waiting for room in the busiest peer's bus queue.
+    control_backlog: "gauge",
+    /// Requests refused because a peer's control backlog was full (subscribe, register, presence, identified upgrades).
+    control_refused_total: "counter",
+    /// Presence queries refused: too many in flight per connection or shard.
+    presence_refused_total: "counter",
+    /// Connections closed because they kept sending while a request of theirs waited for other shards.
+    parked_input_overflows_total: "counter",
+    /// WebSockets closed because a ping went unanswered for pong_timeout.
+    ping_timeouts_total: "counter",
+    /// io_uring_enter system calls made by the shard.
+    ring_enters_total: "counter",
+    /// Times completions spilled into the kernel's overflow list and were flushed.
+    cq_overflow_flushes_total: "counter",
+    /// Completions the kernel dropped (must stay 0).
+    cq_dropped_total: "counter",
 }
 
 impl ShardStats {
@@ -81,6 +97,12 @@ impl ShardStats {
             counter.load(Ordering::Relaxed).wrapping_add(n),
             Ordering::Relaxed,
         );
+    }
+
+    /// Sets a gauge or a counter kept elsewhere. Only the owning shard calls this.
+    #[inline]
+    pub fn set(counter: &AtomicU64, value: u64) {
+        counter.store(value, Ordering::Relaxed);
     }
 
     /// Subtracts `n` from a gauge. Only the owning shard calls this.

@@ -4,8 +4,9 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
@@ -50,9 +51,33 @@ impl RelayBuilder {
 /// A running relay.
 pub struct Relay {
     local_addr: SocketAddr,
+    shared: Shared,
+    stopping: Arc<AtomicBool>,
+    exits: mpsc::Receiver<ShardExit>,
+    shards: usize,
+}
+
+/// How a shard thread ended.
+struct ShardExit {
+    shard: ShardId,
+    outcome: Result<(), String>,
+}
+
+/// Asks a running relay to stop; cheap to clone and send to another thread
+/// (a signal handler's, say).
+#[derive(Clone)]
+pub struct ShutdownHandle {
     bus: Arc<Bus>,
-    stats: Arc<[ShardStats]>,
-    shards: Vec<JoinHandle<io::Result<()>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl ShutdownHandle {
+    /// Asks every shard to stop accepting, deliver what it acknowledged,
+    /// close its connections with 1001 and exit.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.bus.shutdown_all();
+    }
 }
 
 impl Relay {
@@ -79,29 +104,32 @@ impl Relay {
         for _ in 1..shards {
             listeners.push(bind_reuseport(local_addr)?);
         }
-        let bus = Arc::new(Bus::new(shards, config.limits.bus_queue_capacity)?);
-        let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::default()).collect();
-        let auth = Arc::new(config.auth.build());
-        let shared = Shared {
-            config: Arc::new(config),
-            bus: bus.clone(),
-            stats: stats.clone(),
-            channels: Arc::new(channels),
-            auth,
-        };
-        let mut handles = Vec::with_capacity(shards);
+        let shared = Shared::new(config, channels)?;
+        let (exit_tx, exits) = mpsc::channel();
         for (i, listener) in listeners.into_iter().enumerate() {
             let shared = shared.clone();
-            let handle = std::thread::Builder::new()
+            let exit_tx = exit_tx.clone();
+            std::thread::Builder::new()
                 .name(format!("ringcast-shard-{i}"))
-                .spawn(move || shard::run(ShardId(i), shared, listener))?;
-            handles.push(handle);
+                .spawn(move || {
+                    let shard = ShardId(i);
+                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        shard::run(shard, shared, listener)
+                    }));
+                    let outcome = match outcome {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(format!("I/O error: {e}")),
+                        Err(panic) => Err(format!("panicked: {}", panic_message(&*panic))),
+                    };
+                    let _ = exit_tx.send(ShardExit { shard, outcome });
+                })?;
         }
         Ok(Relay {
             local_addr,
-            bus,
-            stats,
-            shards: handles,
+            shared,
+            stopping: Arc::new(AtomicBool::new(false)),
+            exits,
+            shards,
         })
     }
 
@@ -112,26 +140,75 @@ impl Relay {
 
     /// Per-shard statistics.
     pub fn stats(&self) -> &[ShardStats] {
-        &self.stats
+        self.shared.stats()
     }
 
-    /// Asks every shard to stop accepting, close its connections with 1001 and exit.
+    /// A handle that can stop the relay from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            bus: self.shared.bus().clone(),
+            stopping: self.stopping.clone(),
+        }
+    }
+
+    /// Asks every shard to stop accepting, deliver what it acknowledged,
+    /// close its connections with 1001 and exit.
     pub fn shutdown(&self) {
-        self.bus.shutdown_all();
+        self.shutdown_handle().shutdown();
     }
 
-    /// Waits for every shard thread; returns the first error a shard reported.
+    /// Waits until every shard has stopped. A shard that stops on its own (a
+    /// panic, a ring error) is never left half-alive: the others depend on
+    /// it for acknowledgements, so they are told to stop at once, and the
+    /// error names the shard and why. Waiting for them is bounded by the
+    /// shutdown timeout.
     pub fn join(self) -> io::Result<()> {
-        let mut result = Ok(());
-        for handle in self.shards {
-            let outcome = handle
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("shard thread panicked")));
-            if result.is_ok() {
-                result = outcome;
+        let mut failure: Option<String> = None;
+        let grace = self.shared.config.shutdown_timeout + SHUTDOWN_GRACE;
+        for _ in 0..self.shards {
+            let exit = if failure.is_some() {
+                match self.exits.recv_timeout(grace) {
+                    Ok(exit) => exit,
+                    Err(_) => break,
+                }
+            } else {
+                match self.exits.recv() {
+                    Ok(exit) => exit,
+                    Err(_) => break,
+                }
+            };
+            let unexpected = match exit.outcome {
+                Err(reason) => Some(reason),
+                Ok(()) if !self.stopping.load(Ordering::SeqCst) => {
+                    Some("stopped without being asked to".to_string())
+                }
+                Ok(()) => None,
+            };
+            if let (Some(reason), None) = (unexpected, &failure) {
+                let message = format!("shard {} {reason}", exit.shard.0);
+                tracing::error!("{message}; stopping the other shards");
+                failure = Some(message);
+                self.shutdown();
             }
         }
-        result
+        match failure {
+            Some(message) => Err(io::Error::other(message)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Time beyond the shutdown timeout that `join` waits for the other shards
+/// after one failed: their forced closes run on their next timer tick.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "with a non-string payload".to_string()
     }
 }
 

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -147,6 +147,9 @@ pub enum Envelope {
         /// The ticket.
         ticket: u64,
     },
+    /// The sender has stopped accepting publishes (it is shutting down):
+    /// everything it published to the receiver is ahead of this marker.
+    Drained,
     /// Stop accepting, close every connection with 1001, and exit.
     Shutdown,
 }
@@ -189,9 +192,16 @@ impl Waker {
         self.fd.as_raw_fd()
     }
 
-    /// Wakes the owner unless a wake-up is already on its way.
+    /// Wakes the owner unless a wake-up is already on its way. Call after
+    /// pushing to the owner's queues.
     pub fn wake(&self) {
-        if !self.pending.swap(true, Ordering::AcqRel) {
+        // Sender: push (store), then read `pending`; owner: clear `pending`
+        // (store), then read the queues. Without a SeqCst fence on both sides
+        // each could miss the other's store (store buffering) and a wake-up
+        // would be lost; with them, either the owner sees the push or the
+        // sender sees `pending == false` and writes the eventfd.
+        fence(Ordering::SeqCst);
+        if !self.pending.swap(true, Ordering::SeqCst) {
             self.signal();
         }
     }
@@ -204,10 +214,11 @@ impl Waker {
         unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
-    /// Called by the owner right after its eventfd read completes and before it
-    /// drains queues: any push after this point signals again.
+    /// Called by the owner before it checks its queues one last time and
+    /// sleeps: any push the check misses signals the eventfd (see `wake`).
     pub fn rearm(&self) {
-        self.pending.store(false, Ordering::Release);
+        self.pending.store(false, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
     }
 }
 
@@ -250,6 +261,11 @@ impl Bus {
     /// envelope comes back.
     pub fn push(&self, from: ShardId, to: ShardId, envelope: Envelope) -> Result<(), Envelope> {
         self.queues[from.0 * self.shards + to.0].push(envelope)
+    }
+
+    /// True if any queue to `to` holds an envelope.
+    pub fn has_mail(&self, to: ShardId) -> bool {
+        (0..self.shards).any(|from| !self.queues[from * self.shards + to.0].is_empty())
     }
 
     /// Takes one envelope sent from `from` to `to`.
@@ -342,6 +358,11 @@ impl Outbox {
             }
         }
         left
+    }
+
+    /// The most control envelopes waiting for any one peer.
+    pub fn longest_backlog(&self) -> usize {
+        self.backlog.iter().map(VecDeque::len).max().unwrap_or(0)
     }
 
     /// Wakes every shard that received something since the last call: one

@@ -423,6 +423,53 @@ fn partial_or_too_large<T>(buffered: usize, max_encoded: usize) -> Result<Decode
     }
 }
 
+/// Per-connection request decoder; keeps its progress between calls.
+// TEMPORARY: a non-incremental stand-in until the incremental decoder lands.
+#[derive(Debug)]
+pub struct RequestDecoder {
+    limits: HttpLimits,
+    in_request: bool,
+    expects_continue: bool,
+}
+
+impl RequestDecoder {
+    /// A decoder for requests within `limits`.
+    pub fn new(limits: HttpLimits) -> Self {
+        RequestDecoder {
+            limits,
+            in_request: false,
+            expects_continue: false,
+        }
+    }
+
+    /// Reads from the front of `buf`; returns the bytes consumed and the
+    /// request once complete.
+    pub fn decode(&mut self, buf: &[u8]) -> Result<(usize, Option<Request>), HttpError> {
+        match parse_request(buf, &self.limits)? {
+            Decoded::Complete(request, used) => {
+                self.in_request = false;
+                self.expects_continue = false;
+                Ok((used, Some(request)))
+            }
+            Decoded::Partial => {
+                self.in_request = !buf.is_empty();
+                self.expects_continue = expects_continue(buf);
+                Ok((0, None))
+            }
+        }
+    }
+
+    /// A complete head asked for `Expect: 100-continue` and its body is not complete yet.
+    pub fn expects_continue(&self) -> bool {
+        self.expects_continue
+    }
+
+    /// Some bytes of a request have arrived but it is not complete.
+    pub fn in_request(&self) -> bool {
+        self.in_request
+    }
+}
+
 /// An HTTP/1.1 response under construction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {

@@ -24,6 +24,8 @@ struct InFlight {
     msg: libc::msghdr,
     /// Bytes this send carries.
     bytes: usize,
+    /// The first frame is the tail of a frame already partly sent.
+    first_partial: bool,
 }
 
 impl InFlight {
@@ -34,6 +36,7 @@ impl InFlight {
             // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
             msg: unsafe { std::mem::zeroed() },
             bytes: 0,
+            first_partial: false,
         })
     }
 }
@@ -61,8 +64,6 @@ pub struct SendBuffers {
 pub enum Enqueued {
     /// Queued; the connection may need a send.
     Yes,
-    /// The connection is closing; the frame was discarded.
-    Discarded,
     /// Over the outbound budget: the caller must close it as a slow consumer.
     OverBudget,
 }
@@ -84,21 +85,32 @@ pub enum SendPlan {
 /// What the kernel holds during a send.
 enum Sending {
     Idle,
-    One(Bytes),
+    /// One frame; `partial` if it is the tail of a frame already partly sent.
+    One {
+        frame: Bytes,
+        partial: bool,
+    },
+    /// The frames in `inflight`.
     Many,
 }
 
 /// The outbound side of one connection.
 ///
-/// The oldest queued frame lives inline in `head`, so the common case of a
-/// subscriber that takes each push as it comes allocates nothing: the frame
-/// moves from `head` into `Sending::One` and is sent with a plain `send`.
-/// Only a backlog of two or more frames uses `rest` and the vectored path.
+/// Frames leave in order: first the unsent tail of a frame the kernel has
+/// taken part of (`partial`), then the queue. The oldest queued frame lives
+/// inline in `head`, so the common case of a subscriber that takes each push
+/// as it comes allocates nothing: the frame moves from `head` into
+/// `Sending::One` and is sent with a plain `send`. Only a backlog of two or
+/// more frames uses `rest` and the vectored path.
 pub struct Outbound {
+    /// The rest of a frame whose beginning is on the wire. It must go out
+    /// before anything else, whole, and discarding never touches it: anything
+    /// written after half a frame would be read as the rest of that frame.
+    partial: Option<Bytes>,
     /// Oldest queued frame; `None` implies `rest` is empty.
     head: Option<Bytes>,
     rest: VecDeque<Bytes>,
-    /// Bytes queued and in flight that the kernel has not taken yet.
+    /// Bytes queued, partial or in flight that the kernel has not taken yet.
     queued_bytes: usize,
     sending: Sending,
     inflight: Option<Box<InFlight>>,
@@ -107,6 +119,7 @@ pub struct Outbound {
 impl Default for Outbound {
     fn default() -> Self {
         Outbound {
+            partial: None,
             head: None,
             rest: VecDeque::new(),
             queued_bytes: 0,
@@ -126,13 +139,15 @@ impl Outbound {
         Enqueued::Yes
     }
 
-    /// Queues a frame regardless of budget and closing state: close frames and
-    /// the last HTTP response.
+    /// Queues a frame regardless of budget: close frames and the last HTTP response.
     pub fn enqueue_final(&mut self, frame: Bytes, pool: &mut SendBuffers) {
         self.push_back(frame, pool);
     }
 
     fn push_back(&mut self, frame: Bytes, pool: &mut SendBuffers) {
+        if frame.is_empty() {
+            return;
+        }
         self.queued_bytes += frame.len();
         if self.head.is_none() {
             self.head = Some(frame);
@@ -146,7 +161,7 @@ impl Outbound {
         self.rest.push_back(frame);
     }
 
-    /// Puts an unsent remainder back in front of everything queued.
+    /// Puts an untouched frame back in front of everything queued.
     fn push_front(&mut self, frame: Bytes) {
         if let Some(old) = self.head.replace(frame) {
             self.rest.push_front(old);
@@ -160,7 +175,8 @@ impl Outbound {
     }
 
     /// Drops frames not yet handed to the kernel (a slow consumer's backlog).
-    /// Frames in flight stay: a frame cut in half would corrupt the stream.
+    /// Frames in flight and a partly sent frame's tail stay: a frame cut in
+    /// half would corrupt the stream.
     pub fn discard_queued(&mut self) {
         let dropped: usize = self
             .head
@@ -175,7 +191,7 @@ impl Outbound {
 
     /// True if nothing is queued or in flight.
     pub fn is_flushed(&self) -> bool {
-        self.head.is_none() && !self.is_sending()
+        self.head.is_none() && self.partial.is_none() && !self.is_sending()
     }
 
     /// True if a send is in flight.
@@ -187,18 +203,31 @@ impl Outbound {
     /// `None` if nothing is queued or a send is already in flight. The pointers
     /// stay valid until `complete_send` or `fail_send`.
     pub fn prepare_send(&mut self, pool: &mut SendBuffers) -> Option<SendPlan> {
-        if self.is_sending() || self.head.is_none() {
+        if self.is_sending() {
             return None;
         }
-        if self.rest.is_empty() {
-            let frame = self.head.take()?;
-            let plan = SendPlan::One {
-                ptr: frame.as_ptr(),
-                len: frame.len(),
-            };
-            self.sending = Sending::One(frame);
-            return Some(plan);
+        let frames = usize::from(self.partial.is_some())
+            + usize::from(self.head.is_some())
+            + self.rest.len();
+        match frames {
+            0 => None,
+            1 => {
+                let (frame, partial) = match self.partial.take() {
+                    Some(frame) => (frame, true),
+                    None => (self.head.take()?, false),
+                };
+                let plan = SendPlan::One {
+                    ptr: frame.as_ptr(),
+                    len: frame.len(),
+                };
+                self.sending = Sending::One { frame, partial };
+                Some(plan)
+            }
+            _ => Some(self.prepare_many(pool)),
         }
+    }
+
+    fn prepare_many(&mut self, pool: &mut SendBuffers) -> SendPlan {
         let mut inflight = self
             .inflight
             .take()
@@ -207,8 +236,12 @@ impl Outbound {
         inflight.frames.clear();
         inflight.iovecs.clear();
         inflight.bytes = 0;
+        inflight.first_partial = self.partial.is_some();
+        let mut next = self.partial.take();
         while inflight.frames.len() < MAX_IOVECS {
-            let Some(frame) = self.pop_front() else { break };
+            let Some(frame) = next.take().or_else(|| self.pop_front()) else {
+                break;
+            };
             inflight.bytes += frame.len();
             inflight.iovecs.push(libc::iovec {
                 iov_base: frame.as_ptr() as *mut _,
@@ -221,54 +254,68 @@ impl Outbound {
         let msg = &inflight.msg as *const libc::msghdr;
         self.inflight = Some(inflight);
         self.sending = Sending::Many;
-        Some(SendPlan::Many(msg))
+        SendPlan::Many(msg)
     }
 
-    /// Accounts a finished send of `sent` bytes; unsent remainders go back to
-    /// the front of the queue in order. Returns the bytes sent.
+    /// Accounts a finished send of `sent` bytes: a frame the kernel took part
+    /// of keeps its tail in the partial slot, untouched frames go back to the
+    /// front of the queue in order. Returns the bytes sent.
     pub fn complete_send(&mut self, sent: usize) -> usize {
         match std::mem::replace(&mut self.sending, Sending::Idle) {
             Sending::Idle => 0,
-            Sending::One(mut frame) => {
+            Sending::One { frame, partial } => {
                 let sent = sent.min(frame.len());
                 self.queued_bytes -= sent;
-                if sent < frame.len() {
-                    frame.advance(sent);
-                    self.push_front(frame);
-                }
+                self.put_back(frame, sent, partial);
                 sent
             }
             Sending::Many => {
-                let Some(inflight) = self.inflight.as_mut() else {
+                let Some(mut inflight) = self.inflight.take() else {
                     return 0;
                 };
                 let sent = sent.min(inflight.bytes);
                 self.queued_bytes -= sent;
                 let mut skip = sent;
                 let mut unsent = Vec::new();
-                for mut frame in inflight.frames.drain(..) {
+                for (i, frame) in inflight.frames.drain(..).enumerate() {
                     if skip >= frame.len() {
                         skip -= frame.len();
                         continue;
                     }
-                    frame.advance(skip);
+                    let was_partial = i == 0 && inflight.first_partial;
+                    unsent.push((frame, skip, was_partial));
                     skip = 0;
-                    unsent.push(frame);
                 }
                 inflight.iovecs.clear();
-                for frame in unsent.into_iter().rev() {
-                    self.push_front(frame);
+                self.inflight = Some(inflight);
+                for (frame, taken, was_partial) in unsent.into_iter().rev() {
+                    self.put_back(frame, taken, was_partial);
                 }
                 sent
             }
         }
     }
 
-    /// Forgets everything in flight after a failed send.
+    /// Returns an unsent frame or tail: into the partial slot if any of the
+    /// frame is already on the wire, else to the front of the queue.
+    fn put_back(&mut self, mut frame: Bytes, taken: usize, was_partial: bool) {
+        if taken >= frame.len() {
+            return;
+        }
+        if taken > 0 || was_partial {
+            frame.advance(taken);
+            self.partial = Some(frame);
+        } else {
+            self.push_front(frame);
+        }
+    }
+
+    /// Forgets everything in flight after a failed send: the connection is
+    /// going away.
     pub fn fail_send(&mut self) {
         match std::mem::replace(&mut self.sending, Sending::Idle) {
             Sending::Idle => {}
-            Sending::One(frame) => self.queued_bytes -= frame.len(),
+            Sending::One { frame, .. } => self.queued_bytes -= frame.len(),
             Sending::Many => {
                 if let Some(inflight) = self.inflight.as_mut() {
                     self.queued_bytes -= inflight.bytes;
@@ -312,6 +359,16 @@ impl Outbound {
 mod tests {
     use super::*;
 
+    /// Every byte not yet taken by the kernel, in the order it will be sent.
+    fn pending(c: &Outbound) -> Vec<u8> {
+        c.partial
+            .iter()
+            .chain(c.head.iter())
+            .chain(c.rest.iter())
+            .flat_map(|b| b.iter().copied())
+            .collect()
+    }
+
     #[test]
     fn partial_sends_requeue_the_unsent_tail_in_order() {
         let mut pool = SendBuffers::default();
@@ -331,13 +388,7 @@ mod tests {
         );
         c.enqueue(Bytes::from_static(b"h"), 100, &mut pool);
         assert_eq!(c.complete_send(5), 5);
-        let rest: Vec<u8> = c
-            .head
-            .iter()
-            .chain(c.rest.iter())
-            .flat_map(|b| b.iter().copied())
-            .collect();
-        assert_eq!(rest, b"fgh");
+        assert_eq!(pending(&c), b"fgh");
         assert_eq!(c.queued_bytes, 3);
     }
 
@@ -403,16 +454,50 @@ mod tests {
         assert!(c.inflight.is_none() && c.rest.capacity() == 0);
         c.enqueue(Bytes::from_static(b"!"), 100, &mut pool);
         assert_eq!(c.complete_send(2), 2);
-        let queued: Vec<u8> = c
-            .head
-            .iter()
-            .chain(c.rest.iter())
-            .flat_map(|b| b.iter().copied())
-            .collect();
         assert_eq!(
-            queued, b"llo!",
+            pending(&c),
+            b"llo!",
             "the unsent tail stays ahead of newer frames"
         );
         assert_eq!(c.queued_bytes(), 4);
+    }
+
+    #[test]
+    fn discarding_after_a_short_send_keeps_the_tail_of_the_cut_frame() {
+        let mut pool = SendBuffers::default();
+        let mut c = Outbound::default();
+        c.enqueue(Bytes::from_static(b"frame-one"), 100, &mut pool);
+        c.enqueue(Bytes::from_static(b"frame-two"), 100, &mut pool);
+        c.prepare_send(&mut pool);
+        assert_eq!(c.complete_send(4), 4, "the kernel took half of frame-one");
+        c.discard_queued();
+        c.enqueue_final(Bytes::from_static(b"close"), &mut pool);
+        assert_eq!(
+            pending(&c),
+            b"e-oneclose",
+            "the rest of the cut frame goes out before the close, frame-two is dropped"
+        );
+        assert_eq!(c.queued_bytes(), 10);
+    }
+
+    #[test]
+    fn a_tail_sent_with_zero_progress_stays_partial() {
+        let mut pool = SendBuffers::default();
+        let mut c = Outbound::default();
+        c.enqueue(Bytes::from_static(b"abcdef"), 100, &mut pool);
+        c.prepare_send(&mut pool);
+        c.complete_send(2);
+        c.enqueue(Bytes::from_static(b"next"), 100, &mut pool);
+        c.prepare_send(&mut pool);
+        c.complete_send(0);
+        c.discard_queued();
+        assert_eq!(
+            pending(&c),
+            b"cdef",
+            "the tail survives a send that took nothing"
+        );
+        c.prepare_send(&mut pool);
+        c.complete_send(4);
+        assert!(c.is_flushed());
     }
 }

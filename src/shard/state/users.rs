@@ -9,24 +9,29 @@
 //! is acknowledged by every shard before the HTTP response goes out.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::bus::{Envelope, IndexKind};
+use crate::bus::{Envelope, IndexKind, ShardId};
 use crate::metrics::ShardStats;
 use crate::protocol::frame;
 use crate::protocol::http::{error_json, Request, Response};
 use crate::protocol::message;
+use crate::shard::key::ConnKey;
 
-use super::conn::{Deferred, Ident, Phase, WsKind};
-use super::Shard;
+use super::conn::{Deferred, Ident, WsKind};
+use super::{Command, ShardState};
 
 /// A client registration: who connects with the id and what it starts with.
 #[derive(Debug, Clone)]
 pub(crate) struct Registration {
     pub(crate) user: Arc<str>,
     pub(crate) topics: Arc<[String]>,
+    /// The shard that created it: the one that counts it against
+    /// `max_registrations` and gives the count back when it is deleted.
+    pub(crate) origin: ShardId,
 }
 
 /// Registration ids are 16 random bytes as 32 hex characters.
@@ -34,8 +39,7 @@ const REGISTRATION_ID_BYTES: usize = 16;
 
 /// An HTTP response waiting for acknowledgements of a broadcast.
 pub(crate) struct Ticket {
-    key: usize,
-    generation: u32,
+    key: ConnKey,
     remaining: usize,
 }
 
@@ -68,85 +72,95 @@ impl Opening {
     }
 }
 
-impl Shard {
+impl ShardState {
     /// Switches a connection to WebSocket. An identified one gets its `101`
     /// only when every shard knows this shard holds the user.
-    pub(super) fn open_websocket(&mut self, key: usize, switching: Bytes, opening: Opening) {
-        self.upgrade(key, opening.kind);
-        let conn = &mut self.conns[key];
-        conn.registration = opening.registration;
-        conn.chat_recipient = opening.recipient;
-        conn.deferred = Some(Deferred::Upgrade {
-            switching,
-            topics: opening.topics,
-        });
-        let Some(user) = opening.user else {
-            return self.finish_upgrade(key);
-        };
-        conn.user = Some(user.clone());
-        let kind = if opening.kind == WsKind::Chat {
+    pub(super) fn open_websocket(&mut self, key: ConnKey, switching: Bytes, opening: Opening) {
+        let index_kind = if opening.kind == WsKind::Chat {
             IndexKind::Chat
         } else {
             IndexKind::User
         };
-        match self.join_index(kind, key, &user) {
+        if let Some(user) = &opening.user {
+            if self.index(index_kind).lookup(user).is_none() && !self.control_has_room() {
+                let response = error_json(503, "server busy: try again").keep_alive(false);
+                return self.respond(key, response);
+            }
+        }
+        self.upgrade(key, opening.kind);
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        conn.deferred = Some(Box::new(Deferred::Upgrade {
+            switching,
+            topics: opening.topics,
+        }));
+        if opening.registration.is_some() || opening.recipient.is_some() {
+            let identity = conn.identity_mut();
+            identity.registration = opening.registration;
+            identity.chat_recipient = opening.recipient;
+        }
+        let Some(user) = opening.user else {
+            return self.finish_upgrade(key);
+        };
+        conn.identity_mut().user = Some(user.clone());
+        match self.join_index(index_kind, key, &user) {
             Ok((entry, pos)) => {
-                self.conns[key].ident = Some(Ident { entry, pos });
+                if let Some(conn) = self.conns.get_mut(key) {
+                    conn.identity_mut().ident = Some(Ident { entry, pos });
+                }
                 if pos.is_some() {
                     self.finish_upgrade(key);
                 }
             }
             Err(limit) => {
-                self.conns[key].deferred = None;
-                self.respond(key, error_json(503, &limit.to_string()).keep_alive(false));
+                if let Some(conn) = self.conns.get_mut(key) {
+                    conn.deferred = None;
+                }
+                let response = error_json(503, &limit.to_string()).keep_alive(false);
+                self.end(key, Some(response.encode()), super::CloseMode::AfterFlush);
             }
         }
     }
 
     /// Sends the parked `101`, subscribes the starting topics, and resumes
     /// reading whatever the client sent meanwhile.
-    pub(super) fn finish_upgrade(&mut self, key: usize) {
-        let Some(Deferred::Upgrade { switching, topics }) = self.conns[key].deferred.take() else {
-            return;
-        };
-        self.conns[key]
-            .out
-            .enqueue_final(switching, &mut self.send_buffers);
-        self.mark_dirty(key);
-        for topic in topics.iter() {
-            self.subscribe(key, topic);
-        }
-        self.on_input(key, &[]);
-    }
-
-    /// Takes a connection out of the user or chat index (it is closing).
-    pub(super) fn drop_identity(&mut self, key: usize) {
+    pub(super) fn finish_upgrade(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let Some(ident) = conn.ident.take() else {
+        let Some(Deferred::Upgrade { switching, topics }) = conn.deferred.take().map(|d| *d) else {
             return;
         };
-        let kind = match conn.phase {
-            Phase::WebSocket {
-                kind: WsKind::Chat, ..
-            } => IndexKind::Chat,
+        self.send(key, switching);
+        for topic in topics.iter() {
+            self.subscribe(key, topic);
+        }
+        self.resume_input(key);
+    }
+
+    /// Takes a connection out of the user or chat index (it is closing).
+    pub(super) fn drop_identity(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let kind = match conn.ws_kind() {
+            Some(WsKind::Chat) => IndexKind::Chat,
             _ => IndexKind::User,
+        };
+        let Some(ident) = conn.identity.as_mut().and_then(|i| i.ident.take()) else {
+            return;
         };
         self.leave_index(kind, key, ident.entry, ident.pos);
     }
 
     /// `POST /register {"user_id":U,"topics"?:[..]}`.
-    pub(super) fn register(&mut self, key: usize, request: &Request) -> Option<Response> {
+    pub(super) fn register(&mut self, key: ConnKey, request: &Request) -> Option<Response> {
         let limits = &self.config().limits;
         let (user, topics) = match parse_registration(&request.body, limits.max_topic_bytes) {
             Ok(parsed) => parsed,
             Err(message) => return Some(error_json(400, &message)),
         };
-        if self.users_state.registry.len() >= limits.max_registrations {
-            let message = format!("registration limit of {} reached", limits.max_registrations);
-            return Some(error_json(503, &message));
-        }
         let max = limits.max_subscriptions_per_connection;
         if topics.len() > max {
             return Some(error_json(
@@ -154,9 +168,22 @@ impl Shard {
                 &format!("at most {max} topics per registration"),
             ));
         }
-        let id: Arc<str> = match new_registration_id() {
+        if !self.control_has_room() {
+            return Some(error_json(503, "server busy: try again"));
+        }
+        if !self.reserve_registration() {
+            let max = self.config().limits.max_registrations;
+            return Some(error_json(
+                503,
+                &format!("registration limit of {max} reached"),
+            ));
+        }
+        let id: Arc<str> = match self.new_registration_id() {
             Ok(id) => id.into(),
-            Err(e) => return Some(error_json(500, &format!("no randomness for an id: {e}"))),
+            Err(e) => {
+                self.release_registration();
+                return Some(error_json(500, &format!("no randomness for an id: {e}")));
+            }
         };
         let host = request
             .header("host")
@@ -171,6 +198,7 @@ impl Shard {
             Registration {
                 user: user.clone(),
                 topics: topics.clone(),
+                origin: self.id,
             },
         );
         let response = Response::json(201, body).keep_alive(request.keep_alive());
@@ -182,16 +210,48 @@ impl Shard {
         })
     }
 
+    /// Counts a new registration against `max_registrations` across all
+    /// shards. A shared atomic, not a message: registrations are rare, and a
+    /// per-shard check let concurrent registrations on different shards pass
+    /// the limit.
+    fn reserve_registration(&self) -> bool {
+        let max = self.config().limits.max_registrations;
+        self.shared
+            .registrations
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release_registration(&self) {
+        self.shared.registrations.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Forgets registration `id` here; the shard that created it gives its
+    /// count back, so each registration is released exactly once.
+    fn forget_registration(&mut self, id: &str) -> Option<Arc<str>> {
+        let (id, registration) = self.users_state.registry.remove_entry(id)?;
+        if registration.origin == self.id {
+            self.release_registration();
+        }
+        Some(id)
+    }
+
     /// `DELETE /register/{id}`: forget it everywhere and close its connections.
     pub(super) fn unregister(
         &mut self,
-        key: usize,
+        key: ConnKey,
         id: &str,
         keep_alive: bool,
     ) -> Option<Response> {
-        let Some((id, _)) = self.users_state.registry.remove_entry(id) else {
+        if !self.users_state.registry.contains_key(id) {
             return Some(error_json(404, "unknown registration id"));
-        };
+        }
+        if !self.control_has_room() {
+            return Some(error_json(503, "server busy: try again"));
+        }
+        let id = self.forget_registration(id)?;
         self.close_registered(&id);
         let response = Response::new(204).keep_alive(keep_alive);
         self.broadcast_with_ack(key, response, |ticket| Envelope::Unregister {
@@ -204,7 +264,7 @@ impl Shard {
     /// acknowledged it; answers at once when there is no other shard.
     fn broadcast_with_ack(
         &mut self,
-        key: usize,
+        key: ConnKey,
         response: Response,
         make: impl Fn(u64) -> Envelope,
     ) -> Option<Response> {
@@ -214,16 +274,16 @@ impl Shard {
         }
         let ticket = self.users_state.next_ticket;
         self.users_state.next_ticket += 1;
-        let generation = self.conns[key].generation;
         self.users_state.tickets.insert(
             ticket,
             Ticket {
                 key,
-                generation,
                 remaining: others,
             },
         );
-        self.conns[key].deferred = Some(Deferred::Response { ticket, response });
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.deferred = Some(Box::new(Deferred::Response { ticket, response }));
+        }
         self.broadcast_control(|| make(ticket));
         None
     }
@@ -236,15 +296,11 @@ impl Shard {
         if entry.remaining > 0 {
             return;
         }
-        let Some(Ticket {
-            key, generation, ..
-        }) = self.users_state.tickets.remove(&ticket)
-        else {
+        let Some(Ticket { key, .. }) = self.users_state.tickets.remove(&ticket) else {
             return;
         };
         let parked = self.take_deferred(
             key,
-            generation,
             |d| matches!(d, Deferred::Response { ticket: t, .. } if *t == ticket),
         );
         if let Some(Deferred::Response { response, .. }) = parked {
@@ -254,29 +310,30 @@ impl Shard {
 
     pub(super) fn on_register(
         &mut self,
-        from: crate::bus::ShardId,
+        from: ShardId,
         ticket: u64,
         id: Arc<str>,
         registration: Registration,
     ) {
         self.users_state.registry.insert(id, registration);
-        self.outbox
-            .send(&self.shared.bus, from, Envelope::Ack { ticket });
+        self.post_control(from, Envelope::Ack { ticket });
     }
 
-    pub(super) fn on_unregister(&mut self, from: crate::bus::ShardId, ticket: u64, id: &str) {
-        self.users_state.registry.remove(id);
-        self.close_registered(id);
-        self.outbox
-            .send(&self.shared.bus, from, Envelope::Ack { ticket });
+    pub(super) fn on_unregister(&mut self, from: ShardId, ticket: u64, id: &str) {
+        if let Some(id) = self.forget_registration(id) {
+            self.close_registered(&id);
+        }
+        self.post_control(from, Envelope::Ack { ticket });
     }
 
     /// Closes (1000) this shard's connections opened with registration `id`.
     fn close_registered(&mut self, id: &str) {
-        let keys: Vec<usize> = self
+        let keys: Vec<ConnKey> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.registration.as_deref() == Some(id))
+            .filter(|(_, c)| {
+                c.identity.as_ref().and_then(|i| i.registration.as_deref()) == Some(id)
+            })
             .map(|(k, _)| k)
             .collect();
         for key in keys {
@@ -303,34 +360,31 @@ impl Shard {
             },
             None => None,
         };
-        let budget = self.config().limits.max_outbound_bytes_per_connection;
         let index = match kind {
             IndexKind::Chat => &self.chatters,
             _ => &self.users,
         };
-        let targets = &index.entry(entry).subscribers;
-        let holds_topic = |conn: &super::conn::Conn| match topic {
-            Some(topic) => conn
-                .subs
-                .iter()
-                .any(|s| s.topic == topic && s.pos.is_some()),
-            None => true,
-        };
-        let outcome = super::enqueue_all(
-            &mut self.conns,
-            &mut self.dirty,
-            &mut self.send_buffers,
-            budget,
-            targets,
-            frame,
-            holds_topic,
-        );
-        self.settle_fan_out(outcome)
+        let mut delivered = 0;
+        for &key in &index.entry(entry).subscribers {
+            let holds_topic = match topic {
+                Some(topic) => self.conns.get(key).is_some_and(|conn| {
+                    conn.subs
+                        .iter()
+                        .any(|s| s.topic == topic && s.pos.is_some())
+                }),
+                None => true,
+            };
+            if holds_topic {
+                self.commands.push(Command::Send(key, frame.clone()));
+                delivered += 1;
+            }
+        }
+        delivered
     }
 
     /// Delivers to `user` here and on every shard that holds the user.
     /// Returns how many shards took it.
-    pub(super) fn send_to_user(
+    fn send_to_user(
         &mut self,
         kind: IndexKind,
         user: &str,
@@ -356,25 +410,25 @@ impl Shard {
                     frame: frame.clone(),
                 },
             };
-            match self.outbox.send(&self.shared.bus, to, envelope) {
-                crate::bus::Sent::Queued => {
-                    shards += 1;
-                    ShardStats::add(&self.stats().bus_sent_total, 1);
-                }
-                crate::bus::Sent::Dropped => ShardStats::add(&self.stats().bus_drops_total, 1),
-            }
+            shards += usize::from(self.forward(to, envelope));
         }
         shards
     }
 
     /// A text line from a `/chat` connection: `sender: text` to every chat
     /// connection of its recipient.
-    pub(super) fn chat_line(&mut self, key: usize, text: &[u8]) {
-        let conn = &self.conns[key];
-        let (Some(sender), Some(recipient)) = (conn.user.clone(), conn.chat_recipient.clone())
+    pub(super) fn chat_line(&mut self, key: ConnKey, text: &[u8]) {
+        let Some(identity) = self.conns.get(key).and_then(|c| c.identity.as_ref()) else {
+            return;
+        };
+        let (Some(sender), Some(recipient)) =
+            (identity.user.clone(), identity.chat_recipient.clone())
         else {
             return;
         };
+        if !self.accepting_publishes() {
+            return self.send(key, frame::text(b"error: server shutting down"));
+        }
         let text = String::from_utf8_lossy(text);
         let line =
             frame::text(format!("{sender}: {}", text.trim_end_matches(['\r', '\n'])).as_bytes());
@@ -386,6 +440,12 @@ impl Shard {
     pub(super) fn publish_to_user(&mut self, user: &str, topic: &str, frame: Bytes) -> usize {
         ShardStats::add(&self.stats().publishes_total, 1);
         self.send_to_user(IndexKind::User, user, Some(topic), frame)
+    }
+
+    fn new_registration_id(&mut self) -> std::io::Result<String> {
+        let mut bytes = [0u8; REGISTRATION_ID_BYTES];
+        self.ids.fill(&mut bytes)?;
+        Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
     }
 }
 
@@ -419,12 +479,6 @@ fn parse_registration(
     Ok((user, topics))
 }
 
-fn new_registration_id() -> std::io::Result<String> {
-    let mut bytes = [0u8; REGISTRATION_ID_BYTES];
-    getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,14 +497,5 @@ mod tests {
         assert!(parse_registration(br#"{"user_id":"u","topics":"a"}"#, 16).is_err());
         assert!(parse_registration(br#"{"user_id":"u","topics":[""]}"#, 16).is_err());
         assert!(parse_registration(b"nope", 16).is_err());
-    }
-
-    #[test]
-    fn registration_ids_are_32_hex_characters_and_differ() {
-        let a = new_registration_id().unwrap();
-        let b = new_registration_id().unwrap();
-        assert_eq!(a.len(), 32);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
     }
 }

@@ -10,10 +10,12 @@ use crate::protocol::message;
 
 use std::sync::Arc;
 
+use crate::shard::key::ConnKey;
+
 use super::channels::PresenceThen;
 use super::conn::{Deferred, WsKind};
 use super::users::Opening;
-use super::Shard;
+use super::ShardState;
 
 /// Paths this server serves, with the methods each allows (for 405's `Allow`).
 const ROUTES: &[(&str, &str)] = &[
@@ -35,10 +37,10 @@ const PREFIX_ROUTES: &[(&str, &str)] = &[
 ];
 
 /// The built-in chat page.
-const CHAT_PAGE: &str = include_str!("../../static/chat.html");
+const CHAT_PAGE: &str = include_str!("../../../static/chat.html");
 
-impl Shard {
-    pub(super) fn handle_request(&mut self, key: usize, request: Request) {
+impl ShardState {
+    pub(super) fn handle_request(&mut self, key: ConnKey, request: Request) {
         let keep_alive = request.keep_alive();
         let path = request.path.as_str();
         let response = match (request.method, path) {
@@ -63,9 +65,13 @@ impl Shard {
                 }
                 Err(response) => response,
             },
-            (Method::Get, "/echo") => {
-                return self.upgrade_request(key, &request, Opening::anonymous(WsKind::Echo))
-            }
+            // With JWT auth on, echo needs a token like every other upgrade.
+            (Method::Get, "/echo") => match self.identify(&request, "user_id") {
+                Ok(_) => {
+                    return self.upgrade_request(key, &request, Opening::anonymous(WsKind::Echo))
+                }
+                Err(response) => response,
+            },
             (Method::Get, "/chat") => match self.chat_opening(&request) {
                 Ok(opening) => return self.upgrade_request(key, &request, opening),
                 Err(response) => response,
@@ -110,7 +116,7 @@ impl Shard {
         let connections = metrics::total(&self.shared.stats, |s| &s.connections);
         let body = format!(
             "{{\"status\":\"{}\",\"shards\":{},\"connections\":{connections}}}",
-            if self.shutdown_deadline.is_some() {
+            if self.shutdown.begun {
                 "shutting_down"
             } else {
                 "ok"
@@ -128,6 +134,9 @@ impl Shard {
             .starts_with("application/json")
         {
             return error_json(415, "Content-Type must be application/json");
+        }
+        if !self.accepting_publishes() {
+            return error_json(503, "server shutting down: publishes are refused");
         }
         let max_topic_bytes = self.config().limits.max_topic_bytes;
         let publish = match message::parse_publish(&request.body, max_topic_bytes) {
@@ -196,7 +205,12 @@ impl Shard {
     }
 
     /// `GET /topics/{topic}/presence`: parks the request while every shard counts.
-    fn presence_request(&mut self, key: usize, request: &Request, topic: &str) -> Option<Response> {
+    fn presence_request(
+        &mut self,
+        key: ConnKey,
+        request: &Request,
+        topic: &str,
+    ) -> Option<Response> {
         if !self.api_key_ok(request) {
             return Some(unauthorized(
                 "missing or invalid API key: send Authorization: Bearer <api_key>",
@@ -211,16 +225,19 @@ impl Shard {
                 &format!("presence is not tracked for topic `{topic}`"),
             ));
         }
-        let conn = &mut self.conns[key];
-        conn.deferred = Some(Deferred::Presence {
-            keep_alive: request.keep_alive(),
-        });
-        let generation = conn.generation;
-        self.start_presence(topic, PresenceThen::Http { key, generation });
+        if let Err(reason) = self.admit_presence(key) {
+            return Some(error_json(503, &reason));
+        }
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.deferred = Some(Box::new(Deferred::Presence {
+                keep_alive: request.keep_alive(),
+            }));
+        }
+        self.start_presence(topic, PresenceThen::Http { key });
         None
     }
 
-    fn upgrade_request(&mut self, key: usize, request: &Request, opening: Opening) {
+    fn upgrade_request(&mut self, key: ConnKey, request: &Request, opening: Opening) {
         if !handshake::is_upgrade_request(request) {
             let response = error_json(
                 426,

@@ -11,20 +11,29 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use crate::bus::Envelope;
+use crate::bus::{Envelope, ShardId};
 use crate::hooks::{Action, ChannelHook, ChannelId, ClientMessage, HookContext, Verdict};
+use crate::metrics::ShardStats;
 use crate::protocol::http::Response;
 use crate::protocol::message;
+use crate::shard::key::ConnKey;
 
 use super::conn::Deferred;
-use super::Shard;
+use super::ShardState;
+
+/// Presence queries one connection may have in flight: each costs a pass
+/// over the topic's members on every shard, so a client must not queue
+/// thousands. A dashboard needs one at a time; four allows some overlap.
+const MAX_PRESENCE_PER_CONN: u8 = 4;
+/// Presence queries one shard may have in flight, from all its connections.
+const MAX_PRESENCE_PER_SHARD: usize = 1024;
 
 /// Where a presence answer goes once every shard has replied.
 pub(crate) enum PresenceThen {
     /// An HTTP `GET /topics/{topic}/presence` (its connection is parked).
-    Http { key: usize, generation: u32 },
+    Http { key: ConnKey },
     /// A `{"type":"presence"}` request on a WebSocket.
-    Ws { key: usize, generation: u32 },
+    Ws { key: ConnKey },
     /// A join/leave announcement waiting for the new count.
     Announce {
         event: String,
@@ -49,10 +58,32 @@ pub(crate) struct PresenceQueries {
     next_ticket: u64,
 }
 
-impl Shard {
+impl ShardState {
     /// The process-unique id hooks and presence show for a connection.
-    fn conn_id(&self, key: usize) -> String {
-        format!("{}-{}-{}", self.id.0, key, self.conns[key].generation)
+    fn conn_id(&self, key: ConnKey) -> String {
+        format!("{}-{}-{}", self.id.0, key.slot(), key.generation())
+    }
+
+    /// Admits a presence query from connection `key`, or says why not.
+    pub(super) fn admit_presence(&mut self, key: ConnKey) -> Result<(), String> {
+        let in_flight = self.conns.get(key).map_or(0, |c| c.presence_queries);
+        let refusal = if in_flight >= MAX_PRESENCE_PER_CONN {
+            Some(format!(
+                "at most {MAX_PRESENCE_PER_CONN} presence queries in flight per connection"
+            ))
+        } else if self.presence.waits.len() >= MAX_PRESENCE_PER_SHARD || !self.control_has_room() {
+            Some("server busy: too many presence queries in flight, try again".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            ShardStats::add(&self.stats().presence_refused_total, 1);
+            return Err(reason);
+        }
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.presence_queries += 1;
+        }
+        Ok(())
     }
 
     /// The channel governing `topic`: cached on the topic entry when there is one.
@@ -68,14 +99,14 @@ impl Shard {
     /// result with the actions it queued.
     fn run_hook<R>(
         &self,
-        key: usize,
+        key: ConnKey,
         channel: ChannelId,
         topic: &str,
         subscribed: bool,
         call: impl FnOnce(&dyn ChannelHook, &mut HookContext<'_>) -> R,
     ) -> (R, Vec<Action>) {
         let conn_id = self.conn_id(key);
-        let user = self.conns[key].user.clone();
+        let user = self.conns.get(key).and_then(|c| c.user().cloned());
         let mut ctx = HookContext::new(topic, &conn_id, user.as_deref(), subscribed);
         let result = call(self.shared.channels.hook(channel), &mut ctx);
         (result, ctx.actions)
@@ -85,7 +116,7 @@ impl Shard {
     /// for the client; `Ok` carries the actions to apply once it has joined.
     pub(super) fn hook_join(
         &self,
-        key: usize,
+        key: ConnKey,
         channel: ChannelId,
         topic: &str,
     ) -> Result<Vec<Action>, String> {
@@ -95,7 +126,12 @@ impl Shard {
     }
 
     /// Tells the topic's hook that `key` left, then applies what it asked for.
-    pub(super) fn hook_leave(&mut self, key: usize, channel: Option<ChannelId>, topic: &Arc<str>) {
+    pub(super) fn hook_leave(
+        &mut self,
+        key: ConnKey,
+        channel: Option<ChannelId>,
+        topic: &Arc<str>,
+    ) {
         let Some(channel) = channel else { return };
         let (_, actions) = self.run_hook(key, channel, topic, false, |hook, ctx| hook.leave(ctx));
         self.apply_actions(key, topic, actions);
@@ -104,7 +140,7 @@ impl Shard {
     /// A client's `{"type":"message"}`: the hook decides what is broadcast.
     pub(super) fn client_publish(
         &mut self,
-        key: usize,
+        key: ConnKey,
         topic: &str,
         event: Option<&str>,
         payload: Option<&RawValue>,
@@ -121,6 +157,11 @@ impl Shard {
         let (verdict, actions) = self.run_hook(key, channel, topic, subscribed, |hook, ctx| {
             hook.message(ctx, &message)
         });
+        if !self.accepting_publishes()
+            && matches!(verdict, Verdict::Broadcast | Verdict::Rewrite { .. })
+        {
+            return self.send_error(key, "server shutting down: publishes are refused");
+        }
         match verdict {
             Verdict::Broadcast => {
                 let frame = message::push(topic, message.event, message.payload.get());
@@ -137,7 +178,7 @@ impl Shard {
 
     /// Carries out what a hook asked for on behalf of connection `key`
     /// (which may be closing: pushes and announcements still happen).
-    pub(super) fn apply_actions(&mut self, key: usize, topic: &str, actions: Vec<Action>) {
+    pub(super) fn apply_actions(&mut self, key: ConnKey, topic: &str, actions: Vec<Action>) {
         for action in actions {
             match action {
                 Action::Push {
@@ -152,14 +193,14 @@ impl Shard {
                 }
                 Action::Untrack => self.set_presence_meta(key, topic, None),
                 Action::Announce { event } => {
-                    let user = self.conns.get(key).and_then(|c| c.user.clone());
+                    let user = self.conns.get(key).and_then(|c| c.user().cloned());
                     self.start_presence(topic, PresenceThen::Announce { event, user });
                 }
             }
         }
     }
 
-    fn set_presence_meta(&mut self, key: usize, topic: &str, meta: Option<Arc<str>>) {
+    fn set_presence_meta(&mut self, key: ConnKey, topic: &str, meta: Option<Arc<str>>) {
         let Some(id) = self.topics.lookup(topic) else {
             return;
         };
@@ -185,11 +226,12 @@ impl Shard {
         let entry = self.topics.entry(id);
         let mut members = String::new();
         let mut count = 0;
-        for conn in entry.subscribers.iter().chain(entry.waiting.iter()) {
-            let key = conn.0 as usize;
-            let Some(meta) = self.conns[key]
-                .subs
-                .iter()
+        for &key in entry.subscribers.iter().chain(entry.waiting.iter()) {
+            let Some(meta) = self
+                .conns
+                .get(key)
+                .into_iter()
+                .flat_map(|c| c.subs.iter())
                 .find(|s| s.topic == id)
                 .and_then(|s| s.meta.as_deref())
             else {
@@ -233,15 +275,9 @@ impl Shard {
         });
     }
 
-    pub(super) fn on_presence_query(
-        &mut self,
-        from: crate::bus::ShardId,
-        ticket: u64,
-        topic: &str,
-    ) {
+    pub(super) fn on_presence_query(&mut self, from: ShardId, ticket: u64, topic: &str) {
         let (count, members) = self.local_presence(topic);
-        self.outbox.send(
-            &self.shared.bus,
+        self.post_control(
             from,
             Envelope::PresenceReply {
                 ticket,
@@ -273,22 +309,17 @@ impl Shard {
     fn finish_presence(&mut self, wait: PresenceWait) {
         let members = format!("[{}]", wait.members);
         match wait.then {
-            PresenceThen::Http { key, generation } => {
-                let parked =
-                    self.take_deferred(key, generation, |d| matches!(d, Deferred::Presence { .. }));
+            PresenceThen::Http { key } => {
+                self.presence_answered(key);
+                let parked = self.take_deferred(key, |d| matches!(d, Deferred::Presence { .. }));
                 if let Some(Deferred::Presence { keep_alive }) = parked {
                     let body = format!("{{\"count\":{},\"members\":{members}}}", wait.count);
                     self.answer_parked(key, Response::json(200, body).keep_alive(keep_alive));
                 }
             }
-            PresenceThen::Ws { key, generation } => {
-                if self
-                    .conns
-                    .get(key)
-                    .is_some_and(|c| c.generation == generation)
-                {
-                    self.send_frame(key, message::presence(&wait.topic, wait.count, &members));
-                }
+            PresenceThen::Ws { key } => {
+                self.presence_answered(key);
+                self.send(key, message::presence(&wait.topic, wait.count, &members));
             }
             PresenceThen::Announce { event, user } => {
                 let payload =
@@ -298,6 +329,12 @@ impl Shard {
                     message::push(&wait.topic, &event, &payload.to_string()),
                 );
             }
+        }
+    }
+
+    fn presence_answered(&mut self, key: ConnKey) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.presence_queries = conn.presence_queries.saturating_sub(1);
         }
     }
 }

@@ -10,14 +10,14 @@
 use std::sync::Arc;
 
 use crate::bus::{Envelope, IndexKind, ShardId};
-use crate::metrics::ShardStats;
 use crate::protocol::message;
+use crate::shard::key::ConnKey;
 
-use super::topics::{ConnId, TopicId, TopicIndex, TopicLimit};
-use super::Shard;
+use super::names::{NameId, NameIndex, NameLimit};
+use super::ShardState;
 
-impl Shard {
-    pub(super) fn index(&self, kind: IndexKind) -> &TopicIndex {
+impl ShardState {
+    pub(super) fn index(&self, kind: IndexKind) -> &NameIndex {
         match kind {
             IndexKind::Topic => &self.topics,
             IndexKind::User => &self.users,
@@ -25,7 +25,7 @@ impl Shard {
         }
     }
 
-    pub(super) fn index_mut(&mut self, kind: IndexKind) -> &mut TopicIndex {
+    pub(super) fn index_mut(&mut self, kind: IndexKind) -> &mut NameIndex {
         match kind {
             IndexKind::Topic => &mut self.topics,
             IndexKind::User => &mut self.users,
@@ -35,23 +35,22 @@ impl Shard {
 
     /// Adds connection `key` under `name`. Returns the entry and, if the
     /// connection is active already, its position; `None` means it waits for
-    /// other shards' acknowledgements (see [`Shard::on_interest_ack`]).
+    /// other shards' acknowledgements (see [`ShardState::on_interest_ack`]).
     pub(super) fn join_index(
         &mut self,
         kind: IndexKind,
-        key: usize,
+        key: ConnKey,
         name: &str,
-    ) -> Result<(TopicId, Option<u32>), TopicLimit> {
+    ) -> Result<(NameId, Option<u32>), NameLimit> {
         let shards = self.shared.bus.shards();
         let first_epoch = self.next_epoch;
         let index = self.index_mut(kind);
         let id = index.get_or_insert(name, true)?;
-        let conn = ConnId(key as u32);
         let entry = index.entry_mut(id);
         if entry.local_count() == 0 && shards > 1 {
             entry.epoch = first_epoch;
             entry.acks_pending = shards - 1;
-            entry.waiting.push(conn);
+            entry.waiting.push(key);
             let name = entry.name.clone();
             self.next_epoch += 1;
             self.broadcast_control(|| Envelope::Interest {
@@ -63,10 +62,10 @@ impl Shard {
             return Ok((id, None));
         }
         if entry.acks_pending > 0 {
-            entry.waiting.push(conn);
+            entry.waiting.push(key);
             return Ok((id, None));
         }
-        let pos = index.add_subscriber(id, conn);
+        let pos = index.add_subscriber(id, key);
         Ok((id, Some(pos)))
     }
 
@@ -75,15 +74,15 @@ impl Shard {
     pub(super) fn leave_index(
         &mut self,
         kind: IndexKind,
-        key: usize,
-        id: TopicId,
+        key: ConnKey,
+        id: NameId,
         pos: Option<u32>,
     ) {
         let index = self.index_mut(kind);
         let moved = match pos {
             Some(pos) => index.remove_subscriber(id, pos).map(|moved| (moved, pos)),
             None => {
-                index.remove_waiting(id, ConnId(key as u32));
+                index.remove_waiting(id, key);
                 None
             }
         };
@@ -110,8 +109,8 @@ impl Shard {
     }
 
     /// Records where connection `conn` now sits in entry `id`.
-    fn set_position(&mut self, kind: IndexKind, conn: ConnId, id: TopicId, pos: u32) {
-        let Some(c) = self.conns.get_mut(conn.0 as usize) else {
+    fn set_position(&mut self, kind: IndexKind, conn: ConnKey, id: NameId, pos: u32) {
+        let Some(c) = self.conns.get_mut(conn) else {
             return;
         };
         match kind {
@@ -121,7 +120,8 @@ impl Shard {
                 }
             }
             IndexKind::User | IndexKind::Chat => {
-                if let Some(ident) = c.ident.as_mut().filter(|i| i.entry == id) {
+                let ident = c.identity.as_mut().and_then(|i| i.ident.as_mut());
+                if let Some(ident) = ident.filter(|i| i.entry == id) {
                     ident.pos = Some(pos);
                 }
             }
@@ -140,12 +140,7 @@ impl Shard {
         self.index_mut(kind).set_remote_interest(&name, from, on);
         self.update_topic_gauge();
         if on {
-            self.outbox.send(
-                &self.shared.bus,
-                from,
-                Envelope::InterestAck { kind, name, epoch },
-            );
-            ShardStats::add(&self.stats().bus_sent_total, 1);
+            self.post_control(from, Envelope::InterestAck { kind, name, epoch });
         }
     }
 
@@ -167,20 +162,9 @@ impl Shard {
         for conn in waiting {
             let pos = self.index_mut(kind).add_subscriber(id, conn);
             self.set_position(kind, conn, id, pos);
-            let key = conn.0 as usize;
             match kind {
-                IndexKind::Topic => self.send_frame(key, message::subscribed(&name)),
-                IndexKind::User | IndexKind::Chat => self.finish_upgrade(key),
-            }
-        }
-    }
-
-    /// Sends a control envelope to every other shard; control is never dropped.
-    pub(super) fn broadcast_control(&mut self, make: impl Fn() -> Envelope) {
-        for to in 0..self.shared.bus.shards() {
-            if to != self.id.0 {
-                self.outbox.send(&self.shared.bus, ShardId(to), make());
-                ShardStats::add(&self.stats().bus_sent_total, 1);
+                IndexKind::Topic => self.send(conn, message::subscribed(&name)),
+                IndexKind::User | IndexKind::Chat => self.finish_upgrade(conn),
             }
         }
     }

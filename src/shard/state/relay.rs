@@ -10,78 +10,67 @@ use crate::bus::IndexKind;
 use crate::metrics::ShardStats;
 use crate::protocol::frame::{self, Incoming};
 use crate::protocol::message::{self, ClientMessage};
+use crate::shard::key::ConnKey;
 
 use super::channels::PresenceThen;
-use super::conn::{Sub, WsKind};
-use super::topics::TopicId;
-use super::Shard;
+use super::conn::{Closing, Sub, WsKind};
+use super::names::NameId;
+use super::ShardState;
 
-impl Shard {
-    pub(super) fn handle_ws(&mut self, key: usize, kind: WsKind, incoming: Incoming) {
+impl ShardState {
+    pub(super) fn handle_ws(&mut self, key: ConnKey, kind: WsKind, incoming: Incoming) {
         if !matches!(incoming, Incoming::Fragment) {
             ShardStats::add(&self.stats().messages_in_total, 1);
         }
+        let closing = self.conns.get(key).map_or(Closing::Done, |c| c.closing);
         match incoming {
-            Incoming::Fragment | Incoming::Pong(_) => {}
-            Incoming::Ping(payload) => self.send_frame(key, frame::pong(&payload)),
             Incoming::Close(code) => self.on_peer_close(key, code),
-            Incoming::Text(text) if self.conns[key].close_sent => drop(text),
-            Incoming::Binary(_) if self.conns[key].close_sent => {}
+            // After our close frame only the peer's close matters (RFC 6455 5.5.1).
+            _ if closing != Closing::No => {}
+            Incoming::Fragment | Incoming::Pong(_) => {}
+            Incoming::Ping(payload) => self.send(key, frame::pong(&payload)),
             Incoming::Text(text) => match kind {
-                WsKind::Echo => self.send_frame(key, frame::text(&text)),
+                WsKind::Echo => self.send(key, frame::text(&text)),
                 WsKind::Relay => self.handle_relay_text(key, &text),
                 WsKind::Chat => self.chat_line(key, &text),
             },
             Incoming::Binary(data) => match kind {
-                WsKind::Echo => self.send_frame(key, frame::binary(&data)),
+                WsKind::Echo => self.send(key, frame::binary(&data)),
                 WsKind::Relay => self.send_error(
                     key,
                     "binary messages are not supported on /ws; send JSON text",
                 ),
                 WsKind::Chat => {
-                    self.send_frame(key, frame::text(b"error: /chat carries text messages only"))
+                    self.send(key, frame::text(b"error: /chat carries text messages only"))
                 }
             },
         }
     }
 
-    fn on_peer_close(&mut self, key: usize, code: Option<(u16, String)>) {
-        let conn = &mut self.conns[key];
-        if !conn.close_sent {
-            // RFC 6455 5.5.1: answer with the code the peer sent.
-            let code = code.map_or(1000, |(code, _)| code);
-            conn.close_sent = true;
-            conn.out
-                .enqueue_final(frame::close(code, ""), &mut self.send_buffers);
-            self.mark_dirty(key);
-        }
-        self.close_after_flush(key, true);
-    }
-
-    pub(super) fn send_error(&mut self, key: usize, message: &str) {
+    pub(super) fn send_error(&mut self, key: ConnKey, message: &str) {
         ShardStats::add(&self.stats().ws_errors_total, 1);
-        self.send_frame(key, message::error(message));
+        self.send(key, message::error(message));
     }
 
-    fn handle_relay_text(&mut self, key: usize, text: &[u8]) {
+    fn handle_relay_text(&mut self, key: ConnKey, text: &[u8]) {
         // The frame decoder has validated UTF-8 for text messages.
         let Ok(text) = std::str::from_utf8(text) else {
             return;
         };
         if text.trim() == "ping" {
-            self.send_frame(key, message::pong_text());
+            self.send(key, message::pong_text());
             return;
         }
         let max_topic_bytes = self.config().limits.max_topic_bytes;
         match message::parse_client(text, max_topic_bytes) {
             Err(e) => self.send_error(key, &e.to_string()),
-            Ok(ClientMessage::Ping) => self.send_frame(key, message::pong()),
+            Ok(ClientMessage::Ping) => self.send(key, message::pong()),
             Ok(ClientMessage::Subscribe { topic }) => self.subscribe(key, &topic),
             Ok(ClientMessage::Unsubscribe { topic }) => {
                 if let Some(id) = self.subscription(key, &topic) {
                     self.unsubscribe(key, id);
                 }
-                self.send_frame(key, message::unsubscribed(&topic));
+                self.send(key, message::unsubscribed(&topic));
             }
             Ok(ClientMessage::SetTopics(topics)) => {
                 let wanted: Vec<&str> = topics.iter().map(|t| t.as_ref()).collect();
@@ -94,49 +83,54 @@ impl Shard {
             }) => {
                 self.client_publish(key, &topic, event.as_deref(), payload);
             }
-            Ok(ClientMessage::Presence { topic }) => {
-                if !self.presence_tracked(&topic) {
-                    return self
-                        .send_error(key, &format!("presence is not tracked for topic `{topic}`"));
-                }
-                let generation = self.conns[key].generation;
-                self.start_presence(&topic, PresenceThen::Ws { key, generation });
-            }
+            Ok(ClientMessage::Presence { topic }) => self.ws_presence(key, &topic),
         }
     }
 
+    fn ws_presence(&mut self, key: ConnKey, topic: &str) {
+        if !self.presence_tracked(topic) {
+            return self.send_error(key, &format!("presence is not tracked for topic `{topic}`"));
+        }
+        if let Err(reason) = self.admit_presence(key) {
+            return self.send_error(key, &reason);
+        }
+        self.start_presence(topic, PresenceThen::Ws { key });
+    }
+
     /// The topic id if the connection holds `topic` (active or waiting).
-    pub(super) fn subscription(&self, key: usize, topic: &str) -> Option<TopicId> {
+    pub(super) fn subscription(&self, key: ConnKey, topic: &str) -> Option<NameId> {
         let id = self.topics.lookup(topic)?;
-        self.conns[key]
+        self.conns
+            .get(key)?
             .subs
             .iter()
             .any(|s| s.topic == id)
             .then_some(id)
     }
 
-    pub(super) fn subscribe(&mut self, key: usize, topic: &str) {
+    pub(super) fn subscribe(&mut self, key: ConnKey, topic: &str) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
         if let Some(id) = self.subscription(key, topic) {
             // Idempotent; a waiting subscription gets its reply when the acks arrive.
-            if self.conns[key]
-                .subs
-                .iter()
-                .any(|s| s.topic == id && s.pos.is_some())
-            {
-                self.send_frame(key, message::subscribed(topic));
+            if conn.subs.iter().any(|s| s.topic == id && s.pos.is_some()) {
+                self.send(key, message::subscribed(topic));
             }
             return;
         }
         let max = self.config().limits.max_subscriptions_per_connection;
-        if self.conns[key].subs.len() >= max {
+        if conn.subs.len() >= max {
             let message =
                 format!("subscription limit of {max} reached; unsubscribe from a topic first");
-            self.send_error(key, &message);
-            return;
+            return self.send_error(key, &message);
         }
         let Some(channel) = self.channel_for(topic) else {
             return self.send_error(key, &format!("no rule allows topic `{topic}`"));
         };
+        if self.topics.lookup(topic).is_none() && !self.control_has_room() {
+            return self.send_error(key, "server busy: cannot subscribe now, try again");
+        }
         let actions = match self.hook_join(key, channel, topic) {
             Ok(actions) => actions,
             Err(reason) => return self.send_error(key, &reason),
@@ -148,24 +142,28 @@ impl Shard {
         self.topics.entry_mut(id).channel = Some(channel);
         ShardStats::add(&self.stats().subscriptions, 1);
         self.update_topic_gauge();
-        self.conns[key].subs.push(Sub {
-            topic: id,
-            pos,
-            meta: None,
-        });
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.subs.push(Sub {
+                topic: id,
+                pos,
+                meta: None,
+            });
+        }
         if pos.is_some() {
-            self.send_frame(key, message::subscribed(topic));
+            self.send(key, message::subscribed(topic));
         }
         self.apply_actions(key, topic, actions);
     }
 
     /// Removes one subscription of a connection.
-    pub(super) fn unsubscribe(&mut self, key: usize, id: TopicId) {
-        let subs = &mut self.conns[key].subs;
-        let Some(index) = subs.iter().position(|s| s.topic == id) else {
+    pub(super) fn unsubscribe(&mut self, key: ConnKey, id: NameId) {
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let sub = subs.swap_remove(index);
+        let Some(index) = conn.subs.iter().position(|s| s.topic == id) else {
+            return;
+        };
+        let sub = conn.subs.swap_remove(index);
         ShardStats::sub(&self.stats().subscriptions, 1);
         let entry = self.topics.entry(id);
         let (name, channel) = (entry.name.clone(), entry.channel);
@@ -174,7 +172,7 @@ impl Shard {
     }
 
     /// Removes every subscription of a connection (it is closing).
-    pub(super) fn drop_subscriptions(&mut self, key: usize) {
+    pub(super) fn drop_subscriptions(&mut self, key: ConnKey) {
         while let Some(sub) = self.conns.get(key).and_then(|c| c.subs.last().cloned()) {
             self.unsubscribe(key, sub.topic);
         }
@@ -182,7 +180,7 @@ impl Shard {
 
     /// `{"topics":[...]}`: replaces the whole set, answering `unsubscribed`
     /// for topics dropped and `subscribed` for topics added.
-    fn set_topics(&mut self, key: usize, wanted: &[&str]) {
+    fn set_topics(&mut self, key: ConnKey, wanted: &[&str]) {
         let mut unique: Vec<&str> = Vec::with_capacity(wanted.len());
         for &topic in wanted {
             if !unique.contains(&topic) {
@@ -198,12 +196,16 @@ impl Shard {
             self.send_error(key, &message);
             return;
         }
-        let held: Vec<TopicId> = self.conns[key].subs.iter().map(|s| s.topic).collect();
+        let held: Vec<NameId> = self
+            .conns
+            .get(key)
+            .map(|c| c.subs.iter().map(|s| s.topic).collect())
+            .unwrap_or_default();
         for id in held {
             let name = self.topics.entry(id).name.clone();
             if !unique.contains(&name.as_ref()) {
                 self.unsubscribe(key, id);
-                self.send_frame(key, message::unsubscribed(&name));
+                self.send(key, message::unsubscribed(&name));
             }
         }
         for topic in unique {

@@ -1,0 +1,607 @@
+//! The driver: the only code that does I/O. It owns the shard's ring, the
+//! I/O side of every connection (its direct descriptor, outbound queue and
+//! close lifecycle) and the listener, feeds the shard state events, and
+//! carries out the commands the state answers with.
+//!
+//! One loop per shard thread, one ring, one wait: a turn handles the
+//! completions that are ready, drains the bus, submits every send queued in
+//! the turn with the next `io_uring_enter`, and then sleeps in that same
+//! `io_uring_enter` until a completion (a receive, a send, a wake-up from
+//! another shard on the eventfd) arrives or the next timer tick is due.
+
+pub mod outbound;
+mod ring;
+
+use std::io;
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::bus::{Envelope, ShardId};
+use crate::metrics::ShardStats;
+use crate::shard::key::{ConnKey, ConnTable};
+use crate::shard::state::{CloseMode, Command, Event, ShardState};
+use crate::shard::Shared;
+
+use outbound::{Enqueued, Outbound, SendBuffers, SendPlan};
+use ring::{Completion, OpKind, Ring};
+
+/// Completions handled per pass before the bus gets a turn, so a flood of
+/// receives cannot starve cross-shard deliveries (and vice versa).
+const COMPLETION_BATCH: usize = 1024;
+/// Envelopes drained from each peer shard per pass, for the same reason.
+const BUS_DRAIN_BOUND: usize = 256;
+/// Passes per turn before the loop checks its timers; a pass that found
+/// nothing to do ends the turn early.
+const MAX_PASSES_PER_TURN: usize = 8;
+/// Timer period for close deadlines, shutdown progress and the state's
+/// timers. Deadlines are seconds long, so a tenth of a second of slack is
+/// invisible.
+const TICK: Duration = Duration::from_millis(100);
+/// Direct descriptors beyond the connection limit, so connections over it can
+/// still be accepted and told 503 instead of waiting in the backlog.
+const REFUSAL_HEADROOM: usize = 256;
+/// Accept failures logged per shard; later ones are only counted, so a
+/// descriptor shortage cannot flood the log.
+const ACCEPT_ERRORS_LOGGED: u32 = 10;
+
+/// Where a connection's socket is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    /// Open: sends are queued within the outbound budget.
+    Open,
+    /// A send passed the budget: the queue was dropped and further sends are
+    /// discarded until the state closes the connection.
+    Overflowed,
+    /// Sending its last bytes; then shut down (`AfterFlush`), or wait for
+    /// the peer to close (`Linger`), in either case by `deadline`.
+    Closing { mode: CloseMode, deadline: Instant },
+    /// Shut down; the slot is freed once the kernel has returned every
+    /// operation on it (`shutdown_pending` is the shutdown op itself).
+    ShuttingDown { shutdown_pending: bool },
+}
+
+/// The I/O side of one connection.
+struct IoConn {
+    /// The direct descriptor: an index in the ring's file table.
+    file: u32,
+    lifecycle: Lifecycle,
+    /// The multishot receive is armed (it ends on EOF, error or ENOBUFS).
+    recv_armed: bool,
+    /// In the driver's list of connections with queued output.
+    dirty: bool,
+    out: Outbound,
+}
+
+/// One shard's driver and the state it drives.
+pub(crate) struct Driver {
+    id: ShardId,
+    shared: Shared,
+    ring: Ring,
+    listener: Option<TcpListener>,
+    conns: ConnTable<IoConn>,
+    state: ShardState,
+    /// Commands taken from the state, kept to reuse the allocation.
+    commands: Vec<Command>,
+    /// Connections that passed their budget while commands were carried out;
+    /// the state hears of them once the batch is done.
+    overflowed: Vec<ConnKey>,
+    /// Connections with queued output, in the order they got it.
+    dirty: Vec<ConnKey>,
+    /// Connections whose receive ended and must be re-armed.
+    rearm: Vec<ConnKey>,
+    /// Connections with a close deadline.
+    closing: Vec<ConnKey>,
+    completions: Vec<Completion>,
+    /// Send buffers released by idle connections, reused by the next sender.
+    send_buffers: SendBuffers,
+    budget: usize,
+    /// Frames queued since the counters were last published.
+    frames_queued: u64,
+    /// Set when shutdown began: the deadline for closing every connection.
+    shutdown_deadline: Option<Instant>,
+    accept_armed: bool,
+    accept_errors_logged: u32,
+    next_tick: Instant,
+}
+
+impl Driver {
+    /// Sets up shard `id`'s ring and state around `listener`.
+    pub(crate) fn new(id: ShardId, shared: Shared, listener: TcpListener) -> io::Result<Driver> {
+        let config = &shared.config;
+        let wanted = config.limits.max_connections.div_ceil(config.shards.get());
+        let files = direct_descriptors(wanted);
+        let max_conns = wanted.min((files as usize).saturating_sub(REFUSAL_HEADROOM).max(1));
+        if max_conns < wanted {
+            tracing::warn!(
+                shard = id.0,
+                "connection limit lowered to {max_conns} on this shard (asked {wanted}): \
+                 the open-file limit caps the ring's descriptor table at {files}"
+            );
+        }
+        let ring = Ring::new(shared.bus.waker(id).raw_fd(), files, max_conns)?;
+        let now = Instant::now();
+        let state = ShardState::new(id, shared.clone(), max_conns, now);
+        Ok(Driver {
+            id,
+            ring,
+            listener: Some(listener),
+            conns: ConnTable::default(),
+            state,
+            commands: Vec::new(),
+            overflowed: Vec::new(),
+            dirty: Vec::new(),
+            rearm: Vec::new(),
+            closing: Vec::new(),
+            completions: Vec::with_capacity(COMPLETION_BATCH),
+            send_buffers: SendBuffers::default(),
+            budget: config.limits.max_outbound_bytes_per_connection,
+            frames_queued: 0,
+            shutdown_deadline: None,
+            accept_armed: false,
+            accept_errors_logged: 0,
+            next_tick: now + TICK,
+            shared,
+        })
+    }
+
+    /// Runs the shard until it has shut down.
+    pub(crate) fn run(&mut self) -> io::Result<()> {
+        self.arm_accept();
+        loop {
+            let now = Instant::now();
+            if now >= self.next_tick {
+                self.next_tick = now + TICK;
+                self.tick(now);
+            }
+            let busy = self.turn(now);
+            if self.is_finished() {
+                return Ok(());
+            }
+            if busy || self.ring.has_completions() {
+                self.ring.submit()?;
+                continue;
+            }
+            // Clear the wake-up flag, then look at the queues one last time:
+            // a push this misses will write the eventfd, whose read is armed.
+            self.shared.bus.waker(self.id).rearm();
+            if self.shared.bus.has_mail(self.id) {
+                self.ring.submit()?;
+                continue;
+            }
+            let timeout = self.next_tick.saturating_duration_since(Instant::now());
+            self.ring.submit_and_wait(timeout)?;
+        }
+    }
+
+    fn stats(&self) -> &ShardStats {
+        &self.shared.stats[self.id.0]
+    }
+
+    fn is_finished(&self) -> bool {
+        self.shutdown_deadline.is_some() && self.conns.is_empty() && !self.accept_armed
+    }
+
+    /// Completions and bus until there is nothing left or the pass bound is
+    /// hit; then sends. Returns true if work may be left.
+    fn turn(&mut self, now: Instant) -> bool {
+        let mut progressed = false;
+        for _ in 0..MAX_PASSES_PER_TURN {
+            progressed = self.handle_completions(now);
+            progressed |= self.drain_bus(now);
+            self.flush();
+            if !progressed {
+                break;
+            }
+        }
+        self.state.wake_peers();
+        ShardStats::add(&self.stats().messages_out_total, self.frames_queued);
+        self.frames_queued = 0;
+        progressed
+    }
+
+    /// Tells the state `event` and carries out what it answers, including
+    /// what that causes (a connection over its budget is reported back).
+    fn feed(&mut self, now: Instant, event: Event<'_>) {
+        self.state.handle(now, event);
+        self.apply_commands(now);
+    }
+
+    fn apply_commands(&mut self, now: Instant) {
+        loop {
+            let mut commands = std::mem::take(&mut self.commands);
+            self.state.take_commands(&mut commands);
+            if commands.is_empty() && self.overflowed.is_empty() {
+                self.commands = commands;
+                return;
+            }
+            for command in commands.drain(..) {
+                match command {
+                    Command::Send(key, bytes) => self.queue(key, bytes),
+                    Command::Close { conn, last, mode } => self.close(now, conn, last, mode),
+                }
+            }
+            self.commands = commands;
+            for key in std::mem::take(&mut self.overflowed) {
+                self.state.handle(now, Event::Overflow(key));
+            }
+        }
+    }
+
+    // ---- commands ------------------------------------------------------------
+
+    /// Queues bytes on an open connection; past its budget, drops its queue
+    /// and reports it to the state as a slow consumer.
+    fn queue(&mut self, key: ConnKey, bytes: Bytes) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.lifecycle != Lifecycle::Open {
+            return;
+        }
+        match conn.out.enqueue(bytes, self.budget, &mut self.send_buffers) {
+            Enqueued::Yes => {
+                self.frames_queued += 1;
+                mark_dirty(&mut self.dirty, conn, key);
+            }
+            Enqueued::OverBudget => {
+                conn.out.discard_queued();
+                conn.lifecycle = Lifecycle::Overflowed;
+                self.overflowed.push(key);
+            }
+        }
+    }
+
+    fn close(&mut self, now: Instant, key: ConnKey, last: Option<Bytes>, mode: CloseMode) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let (mode, deadline) = match conn.lifecycle {
+            Lifecycle::ShuttingDown { .. } => return,
+            _ if mode == CloseMode::Now => return self.terminate(key),
+            Lifecycle::Closing {
+                mode: was,
+                deadline,
+            } => (was.max(mode), deadline),
+            Lifecycle::Open | Lifecycle::Overflowed => {
+                self.closing.push(key);
+                (mode, now + self.shared.config.close_timeout)
+            }
+        };
+        conn.lifecycle = Lifecycle::Closing { mode, deadline };
+        if let Some(last) = last {
+            conn.out.enqueue_final(last, &mut self.send_buffers);
+            self.frames_queued += 1;
+            mark_dirty(&mut self.dirty, conn, key);
+        }
+        if mode == CloseMode::AfterFlush && conn.out.is_flushed() {
+            self.terminate(key);
+        }
+    }
+
+    /// Shuts the socket down; the slot is freed once the kernel has returned
+    /// every operation on it.
+    fn terminate(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. }) {
+            return;
+        }
+        conn.lifecycle = Lifecycle::ShuttingDown {
+            shutdown_pending: true,
+        };
+        conn.out.discard_queued();
+        // Ends the pending receive and fails a pending send; their
+        // completions, and the shutdown's own, let `maybe_release` free the slot.
+        self.ring.shutdown(conn.file, key);
+    }
+
+    /// Frees a shut-down connection's slot once nothing is pending on it,
+    /// closes its descriptor, and tells the state it is gone.
+    fn maybe_release(&mut self, now: Instant, key: ConnKey) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        let idle = conn.lifecycle
+            == Lifecycle::ShuttingDown {
+                shutdown_pending: false,
+            }
+            && !conn.recv_armed
+            && !conn.out.is_sending();
+        if !idle {
+            return;
+        }
+        if let Some(conn) = self.conns.remove(key) {
+            self.ring.close(conn.file);
+        }
+        ShardStats::sub(&self.stats().connections, 1);
+        self.feed(now, Event::Closed(key));
+    }
+
+    // ---- completions -----------------------------------------------------------
+
+    fn handle_completions(&mut self, now: Instant) -> bool {
+        let mut batch = std::mem::take(&mut self.completions);
+        self.ring.drain(&mut batch, COMPLETION_BATCH);
+        let progressed = !batch.is_empty();
+        for completion in batch.drain(..) {
+            match completion.token.kind {
+                OpKind::Accept => self.on_accept(now, completion),
+                OpKind::Recv => self.on_recv(now, completion),
+                OpKind::Send => self.on_send(now, completion),
+                OpKind::Shutdown => {
+                    let key = completion.token.key;
+                    if let Some(conn) = self.conns.get_mut(key) {
+                        conn.lifecycle = Lifecycle::ShuttingDown {
+                            shutdown_pending: false,
+                        };
+                        self.maybe_release(now, key);
+                    }
+                }
+                OpKind::Close => {}
+                OpKind::Wake => self.ring.arm_wake(),
+            }
+        }
+        self.completions = batch;
+        progressed
+    }
+
+    fn arm_accept(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        if self.shutdown_deadline.is_none() && !self.accept_armed {
+            self.ring.accept(listener.as_raw_fd());
+            self.accept_armed = true;
+        }
+    }
+
+    fn on_accept(&mut self, now: Instant, c: Completion) {
+        if c.result < 0 {
+            self.accept_armed = self.accept_armed && c.more;
+            if self.shutdown_deadline.is_some() {
+                return;
+            }
+            // Out of descriptors or memory: re-arming now would fail again at
+            // once, so the next tick re-arms and connections wait in the
+            // listen backlog meanwhile.
+            ShardStats::add(&self.stats().accept_errors_total, 1);
+            if !self.accept_armed && self.accept_errors_logged < ACCEPT_ERRORS_LOGGED {
+                self.accept_errors_logged += 1;
+                tracing::warn!(
+                    shard = self.id.0,
+                    "accept failed: {}",
+                    io::Error::from_raw_os_error(-c.result)
+                );
+            }
+            return;
+        }
+        if !c.more {
+            self.accept_armed = false;
+            self.arm_accept();
+        }
+        // A direct descriptor: an index in the ring's file table.
+        let file = c.result as u32;
+        if self.shutdown_deadline.is_some() {
+            self.ring.close(file);
+            return;
+        }
+        let key = self.conns.insert(IoConn {
+            file,
+            lifecycle: Lifecycle::Open,
+            recv_armed: false,
+            dirty: false,
+            out: Outbound::default(),
+        });
+        ShardStats::add(&self.stats().connections, 1);
+        ShardStats::add(&self.stats().connections_accepted_total, 1);
+        self.arm_recv(key);
+        self.feed(now, Event::Opened(key));
+    }
+
+    fn arm_recv(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.recv_armed || matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. }) {
+            return;
+        }
+        conn.recv_armed = true;
+        self.ring.recv(conn.file, key);
+    }
+
+    fn on_recv(&mut self, now: Instant, c: Completion) {
+        let key = c.token.key;
+        let Some(conn) = self.conns.get_mut(key) else {
+            if let Some(id) = c.buffer {
+                self.ring.recycle(id);
+            }
+            return;
+        };
+        if !c.more {
+            conn.recv_armed = false;
+        }
+        let open = !matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. });
+        match c.result {
+            n if n > 0 => {
+                if let Some(id) = c.buffer {
+                    ShardStats::add(&self.stats().bytes_in_total, n as u64);
+                    if open {
+                        // SAFETY: the buffer came with this completion and is
+                        // recycled only below, after the state has read it.
+                        let data = unsafe { self.ring.received(id, n as usize) };
+                        self.state.handle(now, Event::Input(key, data));
+                        self.apply_commands(now);
+                    }
+                    self.ring.recycle(id);
+                }
+                if !c.more && open {
+                    self.rearm.push(key);
+                }
+            }
+            0 => {
+                if open {
+                    self.feed(now, Event::InputEnded(key));
+                }
+            }
+            e if e == -libc::ENOBUFS => self.rearm.push(key),
+            _ => self.terminate(key),
+        }
+        self.maybe_release(now, key);
+    }
+
+    fn on_send(&mut self, now: Instant, c: Completion) {
+        let key = c.token.key;
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if c.result < 0 {
+            conn.out.fail_send();
+            self.terminate(key);
+            self.maybe_release(now, key);
+            return;
+        }
+        let sent = conn.out.complete_send(c.result as usize);
+        ShardStats::add(&self.shared.stats[self.id.0].bytes_out_total, sent as u64);
+        if !conn.out.is_flushed() {
+            mark_dirty(&mut self.dirty, conn, key);
+        } else {
+            match conn.lifecycle {
+                Lifecycle::Closing {
+                    mode: CloseMode::AfterFlush,
+                    ..
+                } => self.terminate(key),
+                Lifecycle::Open => conn.out.release_idle_buffers(&mut self.send_buffers),
+                _ => {}
+            }
+        }
+        self.maybe_release(now, key);
+    }
+
+    // ---- sends and the bus -------------------------------------------------------
+
+    /// Queues a send for every connection with output and re-arms receives.
+    fn flush(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for key in dirty.drain(..) {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            conn.dirty = false;
+            if matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. }) {
+                continue;
+            }
+            let Some(plan) = conn.out.prepare_send(&mut self.send_buffers) else {
+                continue;
+            };
+            // SAFETY: the plan points into frames the connection's in-flight
+            // state owns until `on_send` reports the completion.
+            unsafe {
+                match plan {
+                    SendPlan::One { ptr, len } => self.ring.send(conn.file, ptr, len, key),
+                    SendPlan::Many(msg) => self.ring.send_msg(conn.file, msg, key),
+                }
+            }
+            ShardStats::add(&self.stats().send_ops_total, 1);
+        }
+        self.dirty = dirty;
+        for key in std::mem::take(&mut self.rearm) {
+            self.arm_recv(key);
+        }
+    }
+
+    fn drain_bus(&mut self, now: Instant) -> bool {
+        let bus = self.shared.bus.clone();
+        let mut progressed = false;
+        for from in 0..bus.shards() {
+            for _ in 0..BUS_DRAIN_BOUND {
+                let Some(envelope) = bus.pop(ShardId(from), self.id) else {
+                    break;
+                };
+                progressed = true;
+                ShardStats::add(&self.stats().bus_received_total, 1);
+                if matches!(envelope, Envelope::Shutdown) {
+                    self.begin_shutdown(now);
+                }
+                self.feed(now, Event::Envelope(ShardId(from), envelope));
+            }
+        }
+        progressed
+    }
+
+    // ---- timers and shutdown -------------------------------------------------------
+
+    fn tick(&mut self, now: Instant) {
+        self.feed(now, Event::Tick);
+        if self
+            .shutdown_deadline
+            .is_some_and(|deadline| now >= deadline)
+        {
+            for key in self.conns.keys() {
+                self.terminate(key);
+            }
+        }
+        self.arm_accept();
+        let closing = std::mem::take(&mut self.closing);
+        for key in closing {
+            match self.conns.get(key).map(|c| c.lifecycle) {
+                Some(Lifecycle::Closing { deadline, .. }) if now >= deadline => self.terminate(key),
+                Some(Lifecycle::Closing { .. }) => self.closing.push(key),
+                _ => {}
+            }
+        }
+        self.flush();
+        self.publish_counters();
+    }
+
+    fn begin_shutdown(&mut self, now: Instant) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        self.shutdown_deadline = Some(now + self.shared.config.shutdown_timeout);
+        if let Some(listener) = self.listener.take() {
+            // Shutting a listening socket down fails its pending accept
+            // (EINVAL), which ends the multishot accept; dropping the listener
+            // closes it, and the kernel keeps the file until that completes.
+            // SAFETY: shutdown on our own listening socket.
+            unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+
+    fn publish_counters(&mut self) {
+        let counters = self.ring.counters();
+        let stats = self.stats();
+        ShardStats::set(&stats.ring_enters_total, counters.enters);
+        ShardStats::set(&stats.cq_overflow_flushes_total, counters.overflow_flushes);
+        ShardStats::set(&stats.cq_dropped_total, counters.dropped);
+        ShardStats::set(&stats.control_backlog, self.state.control_backlog() as u64);
+    }
+}
+
+fn mark_dirty(dirty: &mut Vec<ConnKey>, conn: &mut IoConn, key: ConnKey) {
+    if !conn.dirty {
+        conn.dirty = true;
+        dirty.push(key);
+    }
+}
+
+/// Size of a shard's direct-descriptor table: its connection limit plus room
+/// for the connections it refuses with 503, capped by RLIMIT_NOFILE, which the
+/// kernel also applies to registered file tables.
+fn direct_descriptors(max_conns: usize) -> u32 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes a live local struct.
+    let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    let wanted = max_conns.saturating_add(REFUSAL_HEADROOM) as u64;
+    wanted.min(nofile).min(u64::from(u32::MAX)) as u32
+}

@@ -1,0 +1,501 @@
+//! The shard's ring: one io_uring, built on the `io-uring` crate, that
+//! carries every operation of the shard and is the only thing it waits on.
+//!
+//! A multishot accept puts new connections straight into the ring's
+//! registered file table (direct descriptors: no fd-table lookup per
+//! operation, no process fd per connection); each connection has a multishot
+//! receive over one provided-buffer ring, so an idle connection holds no read
+//! buffer; sends are `send` for one frame or `sendmsg` for a backlog. A read
+//! of the shard's eventfd, re-armed after each completion, is how other shards
+//! (and the process's shutdown) wake it. The loop waits for completions with a
+//! timeout, which is also its timer.
+//!
+//! tokio-uring 0.5 (the latest release) can submit none of these operations:
+//! no multishot, no provided buffers, no direct descriptors.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::shard::key::{ConnKey, GENERATION_BITS};
+
+/// Submission queue entries. Fan-out pushes one send per subscriber per loop
+/// turn; when the queue fills it is submitted and reused, so this only sets how
+/// many sends share one `io_uring_enter`.
+const SQ_ENTRIES: u32 = 4096;
+/// Fewest completion queue entries: four times the submission queue, so a
+/// burst of receives and sends in one turn stays in the shared ring.
+const MIN_CQ_ENTRIES: u32 = 4 * SQ_ENTRIES;
+/// Most completion queue entries the kernel allows (`IORING_MAX_CQ_ENTRIES`).
+const MAX_CQ_ENTRIES: u32 = 65_536;
+/// Completions one connection can have outstanding at once: its receive, its
+/// send and its shutdown.
+const COMPLETIONS_PER_CONN: u32 = 3;
+/// Provided receive buffers per shard. Buffers return to the ring as soon as
+/// their completion is handled, so this bounds receives pending between two
+/// loop turns, not connections.
+pub(crate) const RECV_BUFFERS: u16 = 2048;
+/// Size of one provided buffer: a full page, larger than any control message
+/// and most publishes; longer messages span several receives.
+pub(crate) const RECV_BUFFER_BYTES: usize = 4096;
+/// Buffer group id of the receive buffers.
+const RECV_GROUP: u16 = 0;
+
+/// What a completion belongs to; encoded in the top byte of `user_data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpKind {
+    /// The multishot accept on the listener.
+    Accept = 1,
+    /// A connection's multishot receive.
+    Recv = 2,
+    /// A connection's send.
+    Send = 3,
+    /// A connection's shutdown.
+    Shutdown = 4,
+    /// A close of a direct descriptor; nothing to act on.
+    Close = 5,
+    /// The read of the shard's eventfd: someone woke the shard.
+    Wake = 6,
+}
+
+/// An operation's kind and the connection it is for, so a completion that
+/// outlives its connection is recognised by the key's generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Token {
+    pub(crate) kind: OpKind,
+    pub(crate) key: ConnKey,
+}
+
+impl Token {
+    fn new(kind: OpKind, key: ConnKey) -> Token {
+        Token { kind, key }
+    }
+
+    /// For operations that belong to no connection.
+    fn shard(kind: OpKind) -> Token {
+        Token::new(kind, ConnKey::new(0, 0))
+    }
+
+    fn encode(self) -> u64 {
+        ((self.kind as u64) << 56)
+            | (u64::from(self.key.generation()) << 32)
+            | self.key.slot() as u64
+    }
+
+    fn decode(data: u64) -> Option<Token> {
+        let kind = match data >> 56 {
+            1 => OpKind::Accept,
+            2 => OpKind::Recv,
+            3 => OpKind::Send,
+            4 => OpKind::Shutdown,
+            5 => OpKind::Close,
+            6 => OpKind::Wake,
+            _ => return None,
+        };
+        let generation = ((data >> 32) & ((1 << GENERATION_BITS) - 1)) as u32;
+        Some(Token::new(kind, ConnKey::new(data as u32, generation)))
+    }
+}
+
+/// One completion, copied out of the queue so handling it can borrow the shard.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Completion {
+    pub(crate) token: Token,
+    pub(crate) result: i32,
+    /// The operation stays armed (multishot) and will complete again.
+    pub(crate) more: bool,
+    /// The provided buffer the kernel filled, for receives.
+    pub(crate) buffer: Option<u16>,
+}
+
+/// Memory handed to the kernel as the provided-buffer ring: the ring of
+/// descriptors and the buffers themselves, both raw allocations the kernel
+/// writes into, alive as long as the ring.
+struct BufRing {
+    entries: NonNull<types::BufRingEntry>,
+    entries_layout: std::alloc::Layout,
+    data: NonNull<u8>,
+    data_layout: std::alloc::Layout,
+    tail: u16,
+}
+
+impl BufRing {
+    fn new() -> io::Result<BufRing> {
+        let count = usize::from(RECV_BUFFERS);
+        // The kernel requires the descriptor ring to be page aligned.
+        let entries_layout = std::alloc::Layout::from_size_align(
+            count * std::mem::size_of::<types::BufRingEntry>(),
+            4096,
+        )
+        .map_err(io::Error::other)?;
+        let data_layout = std::alloc::Layout::from_size_align(count * RECV_BUFFER_BYTES, 4096)
+            .map_err(io::Error::other)?;
+        // SAFETY: both layouts have a non-zero size.
+        let (entries, data) = unsafe {
+            (
+                std::alloc::alloc_zeroed(entries_layout),
+                std::alloc::alloc(data_layout),
+            )
+        };
+        let out_of_memory = || io::Error::other("out of memory for receive buffers");
+        let ring = BufRing {
+            entries: NonNull::new(entries.cast()).ok_or_else(out_of_memory)?,
+            entries_layout,
+            data: NonNull::new(data).ok_or_else(out_of_memory)?,
+            data_layout,
+            tail: 0,
+        };
+        Ok(ring)
+    }
+
+    /// Hands buffer `id` (back) to the kernel.
+    fn provide(&mut self, id: u16) {
+        let mask = RECV_BUFFERS - 1;
+        let index = usize::from(self.tail & mask);
+        let offset = usize::from(id) * RECV_BUFFER_BYTES;
+        // SAFETY: `index < RECV_BUFFERS`, the allocation holds that many entries,
+        // and the kernel only reads entries between its head and our tail, which
+        // this slot is not until the tail store below publishes it. `offset` is
+        // inside the data allocation because `id < RECV_BUFFERS`.
+        unsafe {
+            let entry = &mut *self.entries.as_ptr().add(index);
+            entry.set_addr(self.data.as_ptr().add(offset) as u64);
+            entry.set_len(RECV_BUFFER_BYTES as u32);
+            entry.set_bid(id);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: the tail field overlays the first entry's reserved field, as
+        // the kernel ABI defines; the pointer comes from our own mutable
+        // allocation, is 2-byte aligned, and the kernel only reads it. The
+        // release store publishes the entry written above.
+        unsafe {
+            let tail = types::BufRingEntry::tail(self.entries.as_ptr()) as *mut u16;
+            AtomicU16::from_ptr(tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// The bytes the kernel wrote into buffer `id`.
+    ///
+    /// # Safety
+    /// `id` must be a buffer a completion has handed to us and not yet given
+    /// back with `provide`: only then does the kernel leave it alone.
+    unsafe fn filled(&self, id: u16, len: usize) -> &[u8] {
+        let offset = usize::from(id % RECV_BUFFERS) * RECV_BUFFER_BYTES;
+        // SAFETY: the range lies inside the data allocation; the caller
+        // guarantees the kernel is not writing it.
+        unsafe {
+            std::slice::from_raw_parts(self.data.as_ptr().add(offset), len.min(RECV_BUFFER_BYTES))
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with these layouts. The ring (and with it
+        // the kernel's registration) is dropped before this field, see `Ring`.
+        unsafe {
+            std::alloc::dealloc(self.entries.as_ptr().cast(), self.entries_layout);
+            std::alloc::dealloc(self.data.as_ptr(), self.data_layout);
+        }
+    }
+}
+
+/// The shard's ring.
+pub(crate) struct Ring {
+    // Field order matters: the ring is dropped (and unregisters the buffers)
+    // before the buffer memory is freed.
+    ring: IoUring,
+    bufs: BufRing,
+    /// Entries that found the submission queue full while the kernel would not
+    /// take more; they go first at the next submission, so none is lost.
+    waiting: VecDeque<squeue::Entry>,
+    /// Where the eventfd read lands; boxed so it does not move while the
+    /// kernel holds the read.
+    wake_buf: Box<u64>,
+    eventfd: RawFd,
+    /// `io_uring_enter` calls made, for the syscall counters.
+    enters: u64,
+    /// Times the kernel had to keep completions in its overflow list.
+    overflow_flushes: u64,
+}
+
+/// Completion queue size for a shard of `max_conns` connections: room for
+/// every connection's receive, send and shutdown at once, so one turn cannot
+/// overflow it, within what the kernel allows.
+fn cq_entries(max_conns: usize) -> u32 {
+    let wanted = (max_conns as u64)
+        .saturating_mul(u64::from(COMPLETIONS_PER_CONN))
+        .saturating_add(u64::from(SQ_ENTRIES));
+    let wanted = wanted.clamp(u64::from(MIN_CQ_ENTRIES), u64::from(MAX_CQ_ENTRIES));
+    (wanted as u32).next_power_of_two().min(MAX_CQ_ENTRIES)
+}
+
+impl Ring {
+    /// Creates the ring with a table of `files` direct descriptors and a
+    /// completion queue sized for `max_conns`, registers the receive buffers,
+    /// and arms the read of `eventfd`.
+    pub(crate) fn new(eventfd: RawFd, files: u32, max_conns: usize) -> io::Result<Ring> {
+        let ring = IoUring::builder()
+            .setup_cqsize(cq_entries(max_conns))
+            .setup_clamp()
+            .setup_submit_all()
+            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .build(SQ_ENTRIES)?;
+        let mut bufs = BufRing::new()?;
+        // SAFETY: the descriptor memory stays valid until the ring is dropped,
+        // which happens before `bufs` is dropped (field order).
+        unsafe {
+            ring.submitter().register_buf_ring(
+                bufs.entries.as_ptr() as u64,
+                RECV_BUFFERS,
+                RECV_GROUP,
+            )?;
+        }
+        for id in 0..RECV_BUFFERS {
+            bufs.provide(id);
+        }
+        ring.submitter().register_files_sparse(files)?;
+        let mut ring = Ring {
+            ring,
+            bufs,
+            waiting: VecDeque::new(),
+            wake_buf: Box::new(0),
+            eventfd,
+            enters: 0,
+            overflow_flushes: 0,
+        };
+        ring.arm_wake();
+        Ok(ring)
+    }
+
+    /// Queues an entry. It never fails: when the submission queue is full and
+    /// the kernel will not take it now, the entry waits for the next submit.
+    fn push(&mut self, entry: squeue::Entry) {
+        if self.waiting.is_empty() && self.try_push(&entry) {
+            return;
+        }
+        if self.submit().is_ok() && self.waiting.is_empty() && self.try_push(&entry) {
+            return;
+        }
+        self.waiting.push_back(entry);
+    }
+
+    fn try_push(&mut self, entry: &squeue::Entry) -> bool {
+        // SAFETY: every entry built here points only at memory that outlives
+        // the operation: descriptors stay open until their ops complete, send
+        // buffers are owned by the connection's in-flight send until its
+        // completion is handled, and the wake buffer lives as long as the ring.
+        unsafe { self.ring.submission().push(entry) }.is_ok()
+    }
+
+    /// Moves entries that waited for room into the submission queue.
+    fn refill(&mut self) {
+        while let Some(entry) = self.waiting.pop_front() {
+            if !self.try_push(&entry) {
+                self.waiting.push_front(entry);
+                return;
+            }
+        }
+    }
+
+    /// Arms a multishot accept on `listener`; each completion carries the
+    /// direct descriptor (file table index) of a new connection.
+    pub(crate) fn accept(&mut self, listener: RawFd) {
+        let entry = opcode::AcceptMulti::new(types::Fd(listener))
+            .allocate_file_index(true)
+            .build()
+            .user_data(Token::shard(OpKind::Accept).encode());
+        self.push(entry);
+    }
+
+    /// Arms the read of the shard's eventfd.
+    pub(crate) fn arm_wake(&mut self) {
+        let buf: *mut u64 = &mut *self.wake_buf;
+        let entry = opcode::Read::new(types::Fd(self.eventfd), buf.cast(), 8)
+            .build()
+            .user_data(Token::shard(OpKind::Wake).encode());
+        self.push(entry);
+    }
+
+    /// Shuts a connection down (both directions): its pending receive ends
+    /// and its pending send fails.
+    ///
+    /// The kernel runs shutdown from a worker and looks the direct descriptor
+    /// up only then, so the slot must not be closed (and reused by an accept)
+    /// before this operation's completion has been seen.
+    pub(crate) fn shutdown(&mut self, file: u32, key: ConnKey) {
+        let entry = opcode::Shutdown::new(types::Fixed(file), libc::SHUT_RDWR)
+            .build()
+            .user_data(Token::new(OpKind::Shutdown, key).encode());
+        self.push(entry);
+    }
+
+    /// Closes a connection's direct descriptor, freeing its table slot.
+    pub(crate) fn close(&mut self, file: u32) {
+        let entry = opcode::Close::new(types::Fixed(file))
+            .build()
+            .user_data(Token::shard(OpKind::Close).encode());
+        self.push(entry);
+    }
+
+    /// Arms a multishot receive on a connection's direct descriptor.
+    pub(crate) fn recv(&mut self, file: u32, key: ConnKey) {
+        let entry = opcode::RecvMulti::new(types::Fixed(file), RECV_GROUP)
+            .build()
+            .user_data(Token::new(OpKind::Recv, key).encode());
+        self.push(entry);
+    }
+
+    /// Sends the iovecs described by `msg` on a connection.
+    ///
+    /// # Safety
+    /// `msg`, its iovec array and every buffer it points at must stay valid and
+    /// unmoved until the completion for this key has been returned by `drain`.
+    pub(crate) unsafe fn send_msg(&mut self, file: u32, msg: *const libc::msghdr, key: ConnKey) {
+        let entry = opcode::SendMsg::new(types::Fixed(file), msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(Token::new(OpKind::Send, key).encode());
+        self.push(entry);
+    }
+
+    /// Sends up to `len` bytes at `ptr` on a connection (at most 4 GiB at
+    /// once; the caller sends the rest after the completion).
+    ///
+    /// # Safety
+    /// The bytes must stay valid and unmoved until the completion for this
+    /// key has been returned by `drain`.
+    pub(crate) unsafe fn send(&mut self, file: u32, ptr: *const u8, len: usize, key: ConnKey) {
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        let entry = opcode::Send::new(types::Fixed(file), ptr, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(Token::new(OpKind::Send, key).encode());
+        self.push(entry);
+    }
+
+    /// Submits what is queued without waiting. Enters the kernel also when
+    /// nothing is queued but completions sit in the kernel's overflow list, so
+    /// they are flushed into the ring.
+    pub(crate) fn submit(&mut self) -> io::Result<()> {
+        self.refill();
+        let overflowed = self.ring.submission().cq_overflow();
+        if self.ring.submission().is_empty() && !overflowed {
+            return Ok(());
+        }
+        self.count_enter(overflowed);
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if is_transient(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Submits what is queued and sleeps until a completion arrives or
+    /// `timeout` passes.
+    pub(crate) fn submit_and_wait(&mut self, timeout: Duration) -> io::Result<()> {
+        self.refill();
+        let overflowed = self.ring.submission().cq_overflow();
+        self.count_enter(overflowed);
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e) if is_transient(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn count_enter(&mut self, overflowed: bool) {
+        self.enters += 1;
+        self.overflow_flushes += u64::from(overflowed);
+    }
+
+    /// True if completions are waiting to be drained.
+    pub(crate) fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    /// Moves up to `limit` completions into `out`.
+    pub(crate) fn drain(&mut self, out: &mut Vec<Completion>, limit: usize) {
+        let cq = self.ring.completion();
+        for cqe in cq.take(limit) {
+            let Some(token) = Token::decode(cqe.user_data()) else {
+                continue;
+            };
+            out.push(Completion {
+                token,
+                result: cqe.result(),
+                more: cqueue::more(cqe.flags()),
+                buffer: cqueue::buffer_select(cqe.flags()),
+            });
+        }
+    }
+
+    /// The bytes of a filled receive buffer. Valid until `recycle(id)`.
+    ///
+    /// # Safety
+    /// `id` must come from a receive completion and not have been recycled yet.
+    pub(crate) unsafe fn received(&self, id: u16, len: usize) -> &[u8] {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.bufs.filled(id, len) }
+    }
+
+    /// Returns a receive buffer to the kernel.
+    pub(crate) fn recycle(&mut self, id: u16) {
+        self.bufs.provide(id);
+    }
+
+    /// Counters for /metrics: `io_uring_enter` calls, overflow flushes, and
+    /// completions the kernel dropped (must stay 0).
+    pub(crate) fn counters(&mut self) -> RingCounters {
+        RingCounters {
+            enters: self.enters,
+            overflow_flushes: self.overflow_flushes,
+            dropped: u64::from(self.ring.completion().overflow()),
+        }
+    }
+}
+
+/// What the ring has counted since it was created.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RingCounters {
+    pub(crate) enters: u64,
+    pub(crate) overflow_flushes: u64,
+    pub(crate) dropped: u64,
+}
+
+/// Errors of `io_uring_enter` that only mean "try again next turn": a signal,
+/// the wait's timeout, or the kernel asking us to reap completions first.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::ETIME | libc::EBUSY | libc::EAGAIN)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_through_user_data() {
+        let t = Token::new(OpKind::Send, ConnKey::new(123_456, 0x0123_4567));
+        let back = Token::decode(t.encode()).unwrap();
+        assert_eq!(back, t);
+        assert!(Token::decode(0).is_none());
+    }
+
+    #[test]
+    fn the_completion_queue_is_sized_from_the_connection_limit() {
+        assert_eq!(cq_entries(10), MIN_CQ_ENTRIES);
+        assert_eq!(cq_entries(5_000), 32_768);
+        assert_eq!(cq_entries(1_000_000), MAX_CQ_ENTRIES);
+    }
+}

@@ -1,0 +1,191 @@
+//! One connection as the shard state sees it: protocol phase, unparsed
+//! input, subscriptions, identity, parked work and how far it is in closing.
+//! The driver keeps the I/O side (descriptor, outbound queue) under the same
+//! [`ConnKey`](crate::shard::key::ConnKey).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::protocol::frame::FrameDecoder;
+use crate::protocol::http::{RequestDecoder, Response};
+
+use super::names::NameId;
+
+/// What the connection speaks now.
+pub(crate) enum Phase {
+    /// HTTP/1.1 requests, possibly pipelined.
+    Http(Box<HttpConn>),
+    /// An upgraded WebSocket.
+    WebSocket(WsConn),
+}
+
+/// An HTTP connection between or inside requests.
+pub(crate) struct HttpConn {
+    pub(crate) decoder: RequestDecoder,
+    /// When the next complete request must have arrived.
+    pub(crate) deadline: Instant,
+    /// A `100 Continue` went out for the request being received.
+    pub(crate) continue_sent: bool,
+}
+
+/// An upgraded connection.
+pub(crate) struct WsConn {
+    pub(crate) kind: WsKind,
+    /// Frame decoder with its reassembly state.
+    pub(crate) decoder: Box<FrameDecoder>,
+    /// When the peer last sent anything, in the state's clock.
+    pub(crate) last_seen: Millis,
+    /// When our unanswered ping went out, if one is outstanding.
+    pub(crate) ping_sent: Option<Millis>,
+}
+
+/// Milliseconds since the shard state started, wrapping after 49 days; only
+/// differences of less than that are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Millis(pub(crate) u32);
+
+impl Millis {
+    /// Milliseconds from `earlier` to `self`.
+    pub(crate) fn since(self, earlier: Millis) -> u32 {
+        self.0.wrapping_sub(earlier.0)
+    }
+}
+
+/// The endpoint a WebSocket was opened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WsKind {
+    /// `/ws`: the JSON relay protocol.
+    Relay,
+    /// `/echo`: raw echo.
+    Echo,
+    /// `/chat`: one-to-one plain-text chat with the identity's recipient.
+    Chat,
+}
+
+/// Where an identified connection sits in its shard's user (or chat user) index.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ident {
+    pub(crate) entry: NameId,
+    /// Position among the user's active connections; `None` while waiting for
+    /// other shards to acknowledge that this shard holds the user.
+    pub(crate) pos: Option<u32>,
+}
+
+/// Who an identified connection speaks for. Boxed on the connection: most
+/// connections of a broadcast workload are anonymous.
+#[derive(Debug, Default)]
+pub(crate) struct Identity {
+    /// The user id.
+    pub(crate) user: Option<Arc<str>>,
+    /// This connection's entry in the user or chat index.
+    pub(crate) ident: Option<Ident>,
+    /// The registration it was opened with (`/ws/{id}`).
+    pub(crate) registration: Option<Arc<str>>,
+    /// For `/chat`: whose chat connections get this one's lines.
+    pub(crate) chat_recipient: Option<Arc<str>>,
+}
+
+/// Work parked until other shards have answered; the connection reads no
+/// further input meanwhile, so pipelined requests stay in order.
+pub(crate) enum Deferred {
+    /// The `101` response and starting topics of an identified WebSocket.
+    Upgrade {
+        /// The complete `101 Switching Protocols` response.
+        switching: Bytes,
+        /// Topics to subscribe right after it (from a registration).
+        topics: Arc<[String]>,
+    },
+    /// A presence count gathered from every shard, answered over HTTP.
+    Presence {
+        /// Whether the request asked to keep the connection open.
+        keep_alive: bool,
+    },
+    /// An HTTP response to send once the registry change with this ticket is
+    /// acknowledged everywhere.
+    Response {
+        /// The ticket of the broadcast.
+        ticket: u64,
+        /// The response.
+        response: Response,
+    },
+}
+
+/// One subscription held by the connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Sub {
+    pub(crate) topic: NameId,
+    /// Position in the topic's subscriber list, or `None` while waiting for
+    /// other shards to acknowledge interest.
+    pub(crate) pos: Option<u32>,
+    /// Presence meta (a JSON object) when the channel's hook tracks this
+    /// connection on the topic.
+    pub(crate) meta: Option<Arc<str>>,
+}
+
+/// How far the connection is in closing, as far as the state is concerned
+/// (the driver tracks the socket's side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closing {
+    /// Open.
+    No,
+    /// Our close frame is queued; waiting for the peer's. Input is read only
+    /// to find that close frame.
+    Handshake,
+    /// The driver was told to end the connection; input is ignored.
+    Done,
+}
+
+/// A connection.
+pub(crate) struct Conn {
+    pub(crate) phase: Phase,
+    /// Input not yet forming a complete request or frame. Empty (and
+    /// unallocated) between messages, which is the common idle state.
+    pub(crate) inbuf: BytesMut,
+    pub(crate) subs: Vec<Sub>,
+    pub(crate) closing: Closing,
+    /// The peer closed its sending side: answer what was asked, then close.
+    pub(crate) input_ended: bool,
+    pub(crate) identity: Option<Box<Identity>>,
+    pub(crate) deferred: Option<Box<Deferred>>,
+    /// Presence queries this connection has in flight.
+    pub(crate) presence_queries: u8,
+}
+
+impl Conn {
+    pub(crate) fn new(decoder: RequestDecoder, deadline: Instant) -> Conn {
+        Conn {
+            phase: Phase::Http(Box::new(HttpConn {
+                decoder,
+                deadline,
+                continue_sent: false,
+            })),
+            inbuf: BytesMut::new(),
+            subs: Vec::new(),
+            closing: Closing::No,
+            input_ended: false,
+            identity: None,
+            deferred: None,
+            presence_queries: 0,
+        }
+    }
+
+    /// The user id, for identified connections.
+    pub(crate) fn user(&self) -> Option<&Arc<str>> {
+        self.identity.as_ref()?.user.as_ref()
+    }
+
+    /// The identity, created on first use.
+    pub(crate) fn identity_mut(&mut self) -> &mut Identity {
+        self.identity.get_or_insert_with(Default::default)
+    }
+
+    /// The WebSocket endpoint, if upgraded.
+    pub(crate) fn ws_kind(&self) -> Option<WsKind> {
+        match &self.phase {
+            Phase::WebSocket(ws) => Some(ws.kind),
+            Phase::Http(_) => None,
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! How connections end, and the timers: closing (the WebSocket close
+//! handshake, HTTP `Connection: close`, slow consumers), forgetting a
+//! connection the driver has released, graceful shutdown that delivers every
+//! acknowledged publish first, idle HTTP connections and dead WebSocket peers.
+
+use bytes::Bytes;
+
+use crate::bus::{Envelope, IndexKind};
+use crate::metrics::ShardStats;
+use crate::protocol::frame;
+use crate::protocol::http::error_json;
+use crate::shard::key::ConnKey;
+
+use super::conn::{Closing, Phase};
+use super::{CloseMode, ShardState};
+
+/// How often connections are scanned for timeouts. Deadlines are seconds
+/// long, so a scan per second is precise enough and costs one pass over the
+/// connections per second.
+const SCAN_INTERVAL_MS: u128 = 1000;
+
+impl ShardState {
+    /// Ends a connection: it leaves every index at once (nothing more is
+    /// routed to it), and the driver sends `last` after what is queued and
+    /// shuts the socket down as `mode` says.
+    pub(super) fn end(&mut self, key: ConnKey, last: Option<Bytes>, mode: CloseMode) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let already = match conn.closing {
+            Closing::No => false,
+            // Only a stronger mode (sooner shutdown) changes anything now.
+            Closing::Handshake => mode == CloseMode::Linger,
+            Closing::Done => mode != CloseMode::Now,
+        };
+        if already {
+            return;
+        }
+        conn.closing = if mode == CloseMode::Linger {
+            Closing::Handshake
+        } else {
+            Closing::Done
+        };
+        self.leave_indexes(key);
+        self.commands.push(super::Command::Close {
+            conn: key,
+            last,
+            mode,
+        });
+    }
+
+    /// Starts the WebSocket close handshake with `code`: the close frame goes
+    /// after what is queued, and the connection ends when the peer answers or
+    /// the close timeout passes.
+    pub(super) fn close_ws(&mut self, key: ConnKey, code: u16, reason: &str) {
+        if self.conns.get(key).map(|c| c.closing) != Some(Closing::No) {
+            return;
+        }
+        self.end(key, Some(frame::close(code, reason)), CloseMode::Linger);
+    }
+
+    /// Fails a WebSocket (RFC 6455 7.1.7): the close frame goes out and the
+    /// socket is shut down without waiting for the peer.
+    pub(super) fn fail_ws(&mut self, key: ConnKey, code: u16, reason: &str) {
+        let last = match self.conns.get(key).map(|c| c.closing) {
+            Some(Closing::No) => Some(frame::close(code, reason)),
+            Some(Closing::Handshake) => None,
+            Some(Closing::Done) | None => return,
+        };
+        self.end(key, last, CloseMode::AfterFlush);
+    }
+
+    /// The peer's close frame: answer with its code unless ours is out
+    /// already (RFC 6455 5.5.1), then end once that is sent.
+    pub(super) fn on_peer_close(&mut self, key: ConnKey, code: Option<(u16, String)>) {
+        let code = code.map_or(1000, |(code, _)| code);
+        self.fail_ws(key, code, "");
+    }
+
+    /// The driver found the connection over its outbound budget.
+    pub(super) fn on_overflow(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        if conn.closing == Closing::Done {
+            return;
+        }
+        ShardStats::add(&self.stats().slow_consumer_disconnects_total, 1);
+        match conn.phase {
+            Phase::WebSocket(_) if conn.closing == Closing::No => {
+                self.close_ws(key, 1013, "slow consumer: outbound queue over its limit")
+            }
+            _ => self.end(key, None, CloseMode::Now),
+        }
+    }
+
+    /// The driver released the connection: forget it.
+    pub(super) fn on_closed(&mut self, key: ConnKey) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        self.leave_indexes(key);
+        if let Some(conn) = self.conns.remove(key) {
+            if matches!(conn.phase, Phase::WebSocket(_)) {
+                ShardStats::sub(&self.stats().websockets, 1);
+            }
+        }
+    }
+
+    /// Removes a closing connection from every index, so nothing more is
+    /// routed to it and other shards learn when this shard lost a name.
+    fn leave_indexes(&mut self, key: ConnKey) {
+        self.drop_subscriptions(key);
+        self.drop_identity(key);
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.deferred = None;
+        }
+    }
+
+    // ---- shutdown ------------------------------------------------------------
+
+    /// The process asked this shard to stop. Publishes are refused from now
+    /// on; every other shard is told so with a drain marker, which follows
+    /// everything this shard published on the same ordered queue. Once every
+    /// peer's marker has arrived, every publish acknowledged anywhere has been
+    /// queued to this shard's connections, and they are closed with 1001.
+    pub(super) fn begin_shutdown(&mut self) {
+        if self.shutdown.begun {
+            return;
+        }
+        self.shutdown.begun = true;
+        self.broadcast_control(|| Envelope::Drained);
+        self.close_all_if_drained();
+    }
+
+    pub(super) fn on_peer_drained(&mut self) {
+        self.shutdown.drained_peers += 1;
+        self.close_all_if_drained();
+    }
+
+    fn close_all_if_drained(&mut self) {
+        let peers = self.shared.bus.shards() - 1;
+        if !self.shutdown.begun || self.shutdown.closing || self.shutdown.drained_peers < peers {
+            return;
+        }
+        self.shutdown.closing = true;
+        for key in self.conns.keys() {
+            match self.conns.get(key).map(|c| &c.phase) {
+                Some(Phase::WebSocket(_)) => self.close_ws(key, 1001, "server shutting down"),
+                Some(Phase::Http(_)) => self.end(key, None, CloseMode::AfterFlush),
+                None => {}
+            }
+        }
+    }
+
+    // ---- timers --------------------------------------------------------------
+
+    pub(super) fn on_tick(&mut self) {
+        if self
+            .now
+            .saturating_duration_since(self.last_scan)
+            .as_millis()
+            < SCAN_INTERVAL_MS
+        {
+            return;
+        }
+        self.last_scan = self.now;
+        self.expire_idle_http();
+        self.ping_websockets();
+    }
+
+    /// Closes HTTP connections that did not complete a request in time: a
+    /// silent close when idle between requests, 408 when one was under way.
+    /// A connection whose response the client never reads is closed too.
+    fn expire_idle_http(&mut self) {
+        let now = self.now;
+        let expired: Vec<(ConnKey, bool)> = self
+            .conns
+            .iter()
+            .filter_map(|(key, c)| match &c.phase {
+                Phase::Http(http)
+                    if c.closing == Closing::No && c.deferred.is_none() && http.deadline <= now =>
+                {
+                    Some((key, http.decoder.in_request()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (key, partial) in expired {
+            if partial {
+                let response = error_json(408, "request not completed in time");
+                self.respond(key, response.keep_alive(false));
+            } else {
+                self.end(key, None, CloseMode::Now);
+            }
+        }
+    }
+
+    /// Pings WebSockets that have been silent for `ping_interval`, and ends
+    /// those that left a ping unanswered for `pong_timeout`: a peer that
+    /// vanished without a FIN is found in seconds, not TCP keepalive's minutes.
+    fn ping_websockets(&mut self) {
+        let config = self.config();
+        let interval = config.ping_interval.as_millis() as u32;
+        let timeout = config.pong_timeout.as_millis() as u32;
+        if interval == 0 {
+            return;
+        }
+        let now = self.millis();
+        let mut dead = Vec::new();
+        let mut ping = Vec::new();
+        for (key, conn) in self.conns.iter() {
+            let Phase::WebSocket(ws) = &conn.phase else {
+                continue;
+            };
+            if conn.closing != Closing::No {
+                continue;
+            }
+            match ws.ping_sent {
+                Some(sent) if now.since(sent) >= timeout => dead.push(key),
+                Some(_) => {}
+                None if now.since(ws.last_seen) >= interval => ping.push(key),
+                None => {}
+            }
+        }
+        for key in dead {
+            ShardStats::add(&self.stats().ping_timeouts_total, 1);
+            self.end(key, None, CloseMode::Now);
+        }
+        for key in ping {
+            if let Some(Phase::WebSocket(ws)) = self.conns.get_mut(key).map(|c| &mut c.phase) {
+                ws.ping_sent = Some(now);
+            }
+            self.send(key, frame::ping(b""));
+        }
+    }
+}
+
+/// See [`ShardState::check_invariants`].
+pub(super) fn check_invariants(state: &ShardState) -> Result<(), String> {
+    for (kind, index) in [
+        (IndexKind::Topic, &state.topics),
+        (IndexKind::User, &state.users),
+        (IndexKind::Chat, &state.chatters),
+    ] {
+        for (id, entry) in index.iter() {
+            if entry.local_count() == 0 && entry.remote.is_empty() {
+                return Err(format!("{kind:?} `{}` outlived its holders", entry.name));
+            }
+            if entry.remote.iter().any(|s| s == state.id) {
+                return Err(format!("{kind:?} `{}` lists its own shard", entry.name));
+            }
+            for (pos, &key) in entry.subscribers.iter().enumerate() {
+                let conn = state
+                    .conns
+                    .get(key)
+                    .ok_or_else(|| format!("{kind:?} `{}` holds a gone connection", entry.name))?;
+                if conn.closing != Closing::No {
+                    return Err(format!(
+                        "{kind:?} `{}` routes to a closing connection",
+                        entry.name
+                    ));
+                }
+                let recorded = match kind {
+                    IndexKind::Topic => {
+                        conn.subs.iter().find(|s| s.topic == id).and_then(|s| s.pos)
+                    }
+                    _ => conn
+                        .identity
+                        .as_ref()
+                        .and_then(|i| i.ident)
+                        .filter(|i| i.entry == id)
+                        .and_then(|i| i.pos),
+                };
+                if recorded != Some(pos as u32) {
+                    return Err(format!(
+                        "{kind:?} `{}`: connection at {pos} records {recorded:?}",
+                        entry.name
+                    ));
+                }
+            }
+        }
+    }
+    for (key, conn) in state.conns.iter() {
+        if conn.closing != Closing::No && !conn.subs.is_empty() {
+            return Err(format!("closing connection {key:?} still holds topics"));
+        }
+        for sub in &conn.subs {
+            let entry = state
+                .topics
+                .get(sub.topic)
+                .ok_or_else(|| format!("connection {key:?} holds a gone topic"))?;
+            let listed = match sub.pos {
+                Some(pos) => entry.subscribers.get(pos as usize) == Some(&key),
+                None => entry.waiting.contains(&key),
+            };
+            if !listed {
+                return Err(format!(
+                    "connection {key:?} is not listed in `{}`",
+                    entry.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}

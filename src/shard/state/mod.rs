@@ -1,0 +1,431 @@
+//! The shard state: everything a shard knows that is not I/O. Topics and
+//! their subscribers, interest from other shards and its acknowledgements,
+//! users and registrations, presence, channel hooks, and each connection's
+//! protocol (HTTP requests, WebSocket frames, the JSON relay messages).
+//!
+//! It is a state machine in the manner of `quinn-proto`: the driver (or a
+//! simulation) feeds it [`Event`]s with the current time and carries out the
+//! [`Command`]s it answers with. It never touches a socket, a ring or a
+//! clock. Envelopes to other shards go straight onto the lock-free bus (plain
+//! memory); waking those shards is the driver's job ([`ShardState::wake_peers`]).
+//!
+//! Commands are only carried out after the call that produced them returns,
+//! so nothing the driver does in reaction (a connection over its outbound
+//! budget, a connection that ended) can change an index while the state is
+//! iterating it: the driver reports those as later events.
+
+mod channels;
+mod conn;
+mod http;
+mod input;
+mod interest;
+mod lifecycle;
+pub mod names;
+mod relay;
+mod users;
+
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::bus::{Envelope, Outbox, Sent, ShardId};
+use crate::config::Config;
+use crate::metrics::ShardStats;
+use crate::protocol::http::Response;
+use crate::shard::key::{ConnKey, ConnTable};
+use crate::shard::Shared;
+
+use conn::{Closing, Conn, Millis};
+use names::{NameId, NameIndex};
+use users::Users;
+
+/// What the driver tells the state.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A connection was accepted.
+    Opened(ConnKey),
+    /// Bytes arrived on a connection.
+    Input(ConnKey, &'a [u8]),
+    /// The peer closed its sending side (end of stream).
+    InputEnded(ConnKey),
+    /// A `Send` would have passed the connection's outbound budget: its
+    /// queued frames were dropped and further sends are discarded. The state
+    /// must close it (a slow consumer).
+    Overflow(ConnKey),
+    /// The connection is gone; the key will not be used again.
+    Closed(ConnKey),
+    /// An envelope from another shard (or the process, for shutdown).
+    Envelope(ShardId, Envelope),
+    /// Time passed; timers are checked.
+    Tick,
+}
+
+/// What the state asks the driver to do, in order.
+#[derive(Debug)]
+pub enum Command {
+    /// Queue bytes on a connection, within its outbound budget.
+    Send(ConnKey, Bytes),
+    /// End a connection: queue `last` (outside the budget) after what is
+    /// queued, then close as `mode` says.
+    Close {
+        /// The connection.
+        conn: ConnKey,
+        /// A close frame or a final response, if any.
+        last: Option<Bytes>,
+        /// When to shut the socket down.
+        mode: CloseMode,
+    },
+}
+
+/// When the driver shuts a closing connection's socket down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CloseMode {
+    /// After everything queued is sent, wait for the peer to close (the
+    /// WebSocket close handshake), up to the close timeout.
+    Linger,
+    /// As soon as everything queued is sent.
+    AfterFlush,
+    /// Now, dropping whatever is queued.
+    Now,
+}
+
+/// Where registration ids come from: the OS, or a seeded generator so a
+/// simulation replays exactly.
+enum Ids {
+    Os,
+    Seeded(u64),
+}
+
+impl Ids {
+    fn fill(&mut self, bytes: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Ids::Os => getrandom::fill(bytes).map_err(|e| std::io::Error::other(e.to_string())),
+            Ids::Seeded(state) => {
+                for chunk in bytes.chunks_mut(8) {
+                    *state = splitmix64(*state);
+                    chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// SplitMix64's output function: a seeded sequence good enough for test ids.
+pub fn splitmix64(state: u64) -> u64 {
+    let mut z = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Progress of a graceful shutdown.
+#[derive(Debug, Clone, Copy)]
+struct Shutdown {
+    /// The process asked this shard to stop.
+    begun: bool,
+    /// Shards whose drain marker arrived: everything they published before
+    /// refusing publishes has reached this shard.
+    drained_peers: usize,
+    /// Connections have been told to close.
+    closing: bool,
+}
+
+/// One shard's state.
+pub struct ShardState {
+    id: ShardId,
+    shared: Shared,
+    conns: ConnTable<Conn>,
+    /// Connections allowed on this shard.
+    max_conns: usize,
+    topics: NameIndex,
+    /// User id -> this shard's identified relay connections of that user.
+    users: NameIndex,
+    /// User id -> this shard's `/chat` connections of that user.
+    chatters: NameIndex,
+    users_state: Users,
+    presence: channels::PresenceQueries,
+    outbox: Outbox,
+    commands: Vec<Command>,
+    next_epoch: u64,
+    ids: Ids,
+    started: Instant,
+    now: Instant,
+    /// When connections were last scanned for timeouts.
+    last_scan: Instant,
+    shutdown: Shutdown,
+}
+
+impl ShardState {
+    /// The state of shard `id`, allowing `max_conns` connections.
+    pub fn new(id: ShardId, shared: Shared, max_conns: usize, now: Instant) -> ShardState {
+        let limits = &shared.config.limits;
+        let shards = shared.bus.shards();
+        ShardState {
+            id,
+            conns: ConnTable::default(),
+            max_conns,
+            topics: NameIndex::new(limits.max_topics_per_shard),
+            users: NameIndex::new(limits.max_connections),
+            chatters: NameIndex::new(limits.max_connections),
+            users_state: Users::default(),
+            presence: channels::PresenceQueries::default(),
+            outbox: Outbox::new(id, shards),
+            commands: Vec::new(),
+            next_epoch: 1,
+            ids: Ids::Os,
+            started: now,
+            now,
+            last_scan: now,
+            shutdown: Shutdown {
+                begun: false,
+                drained_peers: 0,
+                closing: false,
+            },
+            shared,
+        }
+    }
+
+    /// Makes registration ids come from a generator seeded with `seed`
+    /// instead of the OS, so a simulation replays exactly.
+    pub fn with_seed(mut self, seed: u64) -> ShardState {
+        self.ids = Ids::Seeded(seed);
+        self
+    }
+
+    /// Handles one event at time `now`; the commands it produces wait in
+    /// [`ShardState::take_commands`].
+    pub fn handle(&mut self, now: Instant, event: Event<'_>) {
+        self.now = now;
+        match event {
+            Event::Opened(key) => self.on_opened(key),
+            Event::Input(key, data) => self.on_input(key, data),
+            Event::InputEnded(key) => self.on_input_ended(key),
+            Event::Overflow(key) => self.on_overflow(key),
+            Event::Closed(key) => self.on_closed(key),
+            Event::Envelope(from, envelope) => self.on_envelope(from, envelope),
+            Event::Tick => self.on_tick(),
+        }
+    }
+
+    /// Moves the commands produced so far into `out` (which should be empty).
+    pub fn take_commands(&mut self, out: &mut Vec<Command>) {
+        std::mem::swap(&mut self.commands, out);
+    }
+
+    /// Retries control envelopes that found a peer's queue full and wakes
+    /// every shard that got envelopes since the last call. Called by the
+    /// driver once per loop turn (the wake-up is an eventfd write).
+    pub fn wake_peers(&mut self) {
+        self.outbox.retry_backlog(&self.shared.bus);
+        self.outbox.wake_all(&self.shared.bus);
+    }
+
+    /// True once shutdown has begun and every connection has been told to close.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.begun
+    }
+
+    /// The longest control backlog toward any peer.
+    pub fn control_backlog(&self) -> usize {
+        self.outbox.longest_backlog()
+    }
+
+    /// Connections the state holds.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Checks the state's internal invariants (index positions, interest,
+    /// presence bookkeeping); returns what is wrong. For tests and simulation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        lifecycle::check_invariants(self)
+    }
+
+    fn stats(&self) -> &ShardStats {
+        &self.shared.stats[self.id.0]
+    }
+
+    fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The state's coarse clock, for per-connection timestamps.
+    fn millis(&self) -> Millis {
+        Millis(self.now.saturating_duration_since(self.started).as_millis() as u32)
+    }
+
+    fn update_topic_gauge(&self) {
+        self.stats().topics.store(
+            self.topics.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    // ---- output ------------------------------------------------------------
+
+    /// Queues a frame (or HTTP bytes) for a connection that is not closing.
+    fn send(&mut self, key: ConnKey, bytes: Bytes) {
+        if self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.closing == Closing::No)
+        {
+            self.commands.push(Command::Send(key, bytes));
+        }
+    }
+
+    /// Queues an HTTP response; a `Connection: close` one ends the connection after it.
+    fn respond(&mut self, key: ConnKey, response: Response) {
+        if response.status() >= 400 {
+            ShardStats::add(&self.stats().http_errors_total, 1);
+        }
+        let keep_alive = response.is_keep_alive();
+        let input_ended = self.conns.get(key).is_some_and(|c| c.input_ended);
+        if keep_alive && !input_ended {
+            self.send(key, response.encode());
+        } else {
+            self.end(key, Some(response.encode()), CloseMode::AfterFlush);
+        }
+    }
+
+    // ---- bus and fan-out -----------------------------------------------------
+
+    fn on_envelope(&mut self, from: ShardId, envelope: Envelope) {
+        match envelope {
+            Envelope::Publish { topic, frame } => {
+                if let Some(id) = self.topics.lookup(&topic) {
+                    self.deliver_local(id, &frame);
+                }
+            }
+            Envelope::UserPublish { user, topic, frame } => {
+                self.deliver_to_user(crate::bus::IndexKind::User, &user, Some(&topic), &frame);
+            }
+            Envelope::Chat { user, frame } => {
+                self.deliver_to_user(crate::bus::IndexKind::Chat, &user, None, &frame);
+            }
+            Envelope::Interest {
+                kind,
+                name,
+                on,
+                epoch,
+            } => self.on_remote_interest(from, kind, name, on, epoch),
+            Envelope::InterestAck { kind, name, epoch } => self.on_interest_ack(kind, &name, epoch),
+            Envelope::Register {
+                ticket,
+                id,
+                user,
+                topics,
+            } => {
+                let registration = users::Registration {
+                    user,
+                    topics,
+                    origin: from,
+                };
+                self.on_register(from, ticket, id, registration)
+            }
+            Envelope::Unregister { ticket, id } => self.on_unregister(from, ticket, &id),
+            Envelope::Ack { ticket } => self.on_ack(ticket),
+            Envelope::PresenceQuery { ticket, topic } => {
+                self.on_presence_query(from, ticket, &topic)
+            }
+            Envelope::PresenceReply {
+                ticket,
+                count,
+                members,
+            } => self.on_presence_reply(ticket, count, &members),
+            Envelope::Drained => self.on_peer_drained(),
+            Envelope::Shutdown => self.begin_shutdown(),
+        }
+    }
+
+    /// Sends a control envelope to shard `to`; control is never dropped.
+    fn post_control(&mut self, to: ShardId, envelope: Envelope) {
+        self.outbox.send(&self.shared.bus, to, envelope);
+        ShardStats::add(&self.stats().bus_sent_total, 1);
+    }
+
+    /// Sends a control envelope to every other shard.
+    fn broadcast_control(&mut self, make: impl Fn() -> Envelope) {
+        for to in 0..self.shared.bus.shards() {
+            if to != self.id.0 {
+                self.post_control(ShardId(to), make());
+            }
+        }
+    }
+
+    /// Whether the bus to other shards has room for new control traffic. A
+    /// request that would start a broadcast (a first subscriber, an
+    /// identified connection, a registration, a presence query) is refused
+    /// while a peer's backlog is this long, so a stalled peer cannot make the
+    /// backlog grow without bound; leaving, closing and acknowledging are
+    /// never refused.
+    fn control_has_room(&self) -> bool {
+        let room = self.outbox.longest_backlog() < MAX_CONTROL_BACKLOG;
+        if !room {
+            ShardStats::add(&self.stats().control_refused_total, 1);
+        }
+        room
+    }
+
+    /// Queues `frame` to every active local subscriber of a topic. Returns how
+    /// many it was queued for.
+    fn deliver_local(&mut self, id: NameId, frame: &Bytes) -> usize {
+        let Some(entry) = self.topics.get(id) else {
+            return 0;
+        };
+        self.commands.reserve(entry.subscribers.len());
+        for &key in &entry.subscribers {
+            self.commands.push(Command::Send(key, frame.clone()));
+        }
+        entry.subscribers.len()
+    }
+
+    /// Delivers a framed push to local subscribers and forwards it to every
+    /// shard with interest. Returns how many shards took it.
+    fn publish(&mut self, topic: &str, frame: Bytes) -> usize {
+        ShardStats::add(&self.stats().publishes_total, 1);
+        let Some(id) = self.topics.lookup(topic) else {
+            return 0;
+        };
+        let mut shards = usize::from(self.deliver_local(id, &frame) > 0);
+        let entry = self.topics.entry(id);
+        let (name, remote) = (entry.name.clone(), entry.remote);
+        for to in remote.iter() {
+            let envelope = Envelope::Publish {
+                topic: name.clone(),
+                frame: frame.clone(),
+            };
+            shards += usize::from(self.forward(to, envelope));
+        }
+        shards
+    }
+
+    /// Puts a publish on the bus to `to`; a full queue drops it (counted).
+    fn forward(&mut self, to: ShardId, envelope: Envelope) -> bool {
+        match self.outbox.send(&self.shared.bus, to, envelope) {
+            Sent::Queued => {
+                ShardStats::add(&self.stats().bus_sent_total, 1);
+                true
+            }
+            Sent::Dropped => {
+                ShardStats::add(&self.stats().bus_drops_total, 1);
+                false
+            }
+        }
+    }
+
+    /// Whether publishes are still accepted: not once shutdown has begun, so
+    /// everything acknowledged before it is delivered before connections close.
+    fn accepting_publishes(&self) -> bool {
+        !self.shutdown.begun
+    }
+}
+
+/// Control envelopes a peer's backlog may hold before new broadcasts are
+/// refused. The backlog only forms when the peer's bus queue (65,536 by
+/// default) is full, so this is a stalled or flooded peer, not a busy one.
+const MAX_CONTROL_BACKLOG: usize = 4096;
+
+#[cfg(test)]
+mod tests;
