@@ -6,9 +6,10 @@
 //! - [`protocol`]: sans-IO HTTP/1.1 parsing, the WebSocket handshake and
 //!   frames, and the JSON relay messages. No runtime, no clock, no sockets.
 //! - [`bus`]: bounded lock-free queues between shards and their eventfd wake-ups.
-//! - `shard`: one thread per core running a tokio-uring loop with its own
-//!   listener, connection slab, topic index and connection ring. The only
-//!   module that does I/O. Its [`shard::topics`] index is plain data.
+//! - [`shard`]: one thread per core. Its driver owns the shard's one
+//!   io_uring ring, the listener and each connection's I/O, and is the only
+//!   code that does I/O; its [`shard::state`] is the sans-IO state (topics,
+//!   interest, users, presence, hooks) driven by events, simulated in memory.
 //! - [`rules`]: topic rules by pattern (exact, then longest prefix).
 //! - [`hooks`]: the channel hook API; configured rules are hooks too.
 //! - [`auth`]: HS256 JWT verification and the API key.
@@ -36,7 +37,7 @@
 //! ```
 //!
 //! Rules: `protocol` depends on nothing else here; `bus` knows envelopes, not
-//! sockets; only `shard` names `tokio_uring` or `io_uring`.
+//! sockets; only the shard's driver names `io_uring`.
 
 pub mod auth;
 pub mod bus;

@@ -33,7 +33,11 @@ pub mod tempfile_path {
 impl TestServer {
     /// Starts ringcast with `shards` shards and an optional TOML config.
     pub fn start(shards: usize, config_toml: Option<&str>) -> TestServer {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringcast"));
+        // RINGCAST_TEST_BIN runs the tests against another build (an older
+        // commit's binary, to see a regression test fail before its fix).
+        let bin = std::env::var("RINGCAST_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ringcast").to_string());
+        let mut cmd = Command::new(bin);
         cmd.args(["--listen", "127.0.0.1:0", "--shards", &shards.to_string()]);
         let config = config_toml.map(|text| {
             let path = std::env::temp_dir().join(format!(
@@ -191,6 +195,51 @@ impl TestServer {
         // SAFETY: kill with our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
+
+    /// Sends SIGTERM and waits (up to `IO_TIMEOUT`) for the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < IO_TIMEOUT,
+                "the server did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A raw WebSocket handshake on a fresh socket (for clients that must
+    /// not read, or must read byte by byte); returns the socket after the 101.
+    pub fn raw_ws(&self, path: &str, recv_buffer: Option<usize>) -> TcpStream {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        if let Some(bytes) = recv_buffer {
+            socket.set_recv_buffer_size(bytes).unwrap();
+        }
+        socket.connect(&self.addr.into()).unwrap();
+        let mut stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "upgrade refused: {}",
+            String::from_utf8_lossy(&head)
+        );
+        stream
+    }
 }
 
 impl Drop for TestServer {
@@ -283,4 +332,48 @@ impl Ws {
         }
         result
     }
+}
+
+/// A masked client text frame (RFC 6455 5.3), as a client library would send it.
+pub fn client_text_frame(text: &str) -> Vec<u8> {
+    let payload = text.as_bytes();
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut out = vec![0x81];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// One server frame read from a raw stream: (opcode, payload).
+pub fn read_server_frame(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head)?;
+    assert_eq!(head[1] & 0x80, 0, "server frames are never masked");
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            stream.read_exact(&mut b)?;
+            u64::from(u16::from_be_bytes(b))
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            stream.read_exact(&mut b)?;
+            u64::from_be_bytes(b)
+        }
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; len as usize];
+    stream.read_exact(&mut payload)?;
+    Ok((head[0] & 0x0f, payload))
 }
