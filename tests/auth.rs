@@ -137,3 +137,14 @@ fn publish_register_and_presence_need_the_api_key() {
         "health stays open"
     );
 }
+
+#[test]
+fn echo_needs_a_token_when_jwt_auth_is_on() {
+    let server = TestServer::start(1, Some(&config()));
+    assert_eq!(server.upgrade_status("/echo", ""), 401);
+    let good = token(SECRET, "alice", 300);
+    assert_eq!(
+        server.upgrade_status(&format!("/echo?token={good}"), ""),
+        101
+    );
+}

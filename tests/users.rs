@@ -188,3 +188,22 @@ fn registrations_past_the_limit_get_503() {
     );
     register(&server, r#"{"user_id":"c"}"#);
 }
+
+#[test]
+fn concurrent_registrations_on_every_shard_never_pass_the_limit() {
+    let server = TestServer::start(2, Some("[limits]\nmax_registrations = 5\n"));
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..40)
+            .map(|i| {
+                let server = &server;
+                scope.spawn(move || {
+                    let body = format!(r#"{{"user_id":"u{i}"}}"#);
+                    server.http("POST", "/register", Some(&body)).0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses.iter().filter(|&&s| s == 201).count(), 5);
+    assert_eq!(statuses.iter().filter(|&&s| s == 503).count(), 35);
+}

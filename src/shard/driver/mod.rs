@@ -115,7 +115,7 @@ impl Driver {
         let files = direct_descriptors(wanted);
         let max_conns = wanted.min((files as usize).saturating_sub(REFUSAL_HEADROOM).max(1));
         if max_conns < wanted {
-            tracing::warn!(
+            tracing::info!(
                 shard = id.0,
                 "connection limit lowered to {max_conns} on this shard (asked {wanted}): \
                  the open-file limit caps the ring's descriptor table at {files}"
