@@ -7,10 +7,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ringcast::bus::ShardId;
+use ringcast::hooks::Channels;
 use ringcast::protocol::message::push;
-use ringcast::shard::key::ConnKey;
+use ringcast::shard::key::{ConnKey, ConnTable};
 use ringcast::shard::names::NameIndex;
 use ringcast::shard::outbound::{Enqueued, Outbound, SendBuffers};
+use ringcast::shard::state::{Command, Event, ShardState};
+use ringcast::shard::Shared;
+use ringcast::Config;
 
 /// Short runs keep `cargo bench` usable in CI; 3 s gives stable medians here.
 const MEASUREMENT_TIME: Duration = Duration::from_secs(3);
@@ -207,5 +212,88 @@ fn fanout(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, topic_index, fanout);
+/// A one-shard state with `conns` WebSockets subscribed to `room:1`, driven
+/// through the same events the driver feeds it.
+fn subscribed_state(conns: usize) -> (ShardState, Vec<ConnKey>) {
+    let mut config = Config::default();
+    config.set_shards(1).unwrap();
+    config.ping_interval = Duration::ZERO;
+    let channels = Channels::from_rules(&config.rules);
+    let shared = Shared::new(config, channels).unwrap();
+    let now = Instant::now();
+    let mut state = ShardState::new(ShardId(0), shared, conns + 1, now);
+    let mut table = ConnTable::default();
+    let mut commands = Vec::new();
+    let upgrade = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let subscribe = masked(br#"{"type":"subscribe","topic":"room:1"}"#);
+    let keys: Vec<ConnKey> = (0..conns)
+        .map(|_| {
+            let key = table.insert(());
+            state.handle(now, Event::Opened(key));
+            state.handle(now, Event::Input(key, upgrade));
+            state.handle(now, Event::Input(key, &subscribe));
+            state.take_commands(&mut commands);
+            commands.clear();
+            key
+        })
+        .collect();
+    (state, keys)
+}
+
+fn masked(payload: &[u8]) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// The whole in-memory publish path: an HTTP publish parsed by the state,
+/// fanned out as commands, queued on each connection as the driver does,
+/// and each send built and completed.
+fn state_fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fanout");
+    group.measurement_time(MEASUREMENT_TIME);
+    group.warm_up_time(WARM_UP_TIME);
+    group.sample_size(SAMPLE_SIZE);
+    group.throughput(Throughput::Elements(CONNS as u64));
+    let (mut state, keys) = subscribed_state(CONNS);
+    let publisher = ConnKey::new(CONNS as u32 + 7, 1);
+    let now = Instant::now();
+    state.handle(now, Event::Opened(publisher));
+    let body = format!(
+        r#"{{"topic":"room:1","event":"say","payload":{}}}"#,
+        payload_json()
+    );
+    let request = format!(
+        "POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut outbound: Vec<Outbound> = (0..=CONNS + 7).map(|_| Outbound::default()).collect();
+    let mut pool = SendBuffers::default();
+    let mut commands = Vec::new();
+    group.bench_function("state_publish_to_10k", |b| {
+        b.iter(|| {
+            state.handle(now, Event::Input(publisher, black_box(request.as_bytes())));
+            state.take_commands(&mut commands);
+            for command in commands.drain(..) {
+                if let Command::Send(key, frame) = command {
+                    let out = &mut outbound[key.slot()];
+                    let queued = out.enqueue(frame, OUTBOUND_BUDGET, &mut pool);
+                    debug_assert_eq!(queued, Enqueued::Yes);
+                    if let Some(plan) = out.prepare_send(&mut pool) {
+                        black_box(plan);
+                        let len = out.queued_bytes();
+                        black_box(out.complete_send(len));
+                        out.release_idle_buffers(&mut pool);
+                    }
+                }
+            }
+        })
+    });
+    black_box(keys);
+    group.finish();
+}
+
+criterion_group!(benches, topic_index, fanout, state_fanout);
 criterion_main!(benches);
