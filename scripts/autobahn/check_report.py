@@ -92,8 +92,10 @@ def main():
 
     unknown = [c for b in set(by_class) - set(CLASSES) for c in by_class[b]]
     bad = sorted(set(by_class.get("FAILED", []) + close_failed + unexpected + unknown), key=case_key)
+    # The plain closing line CI logs are read for: N passed, N failed.
+    verdict = f"autobahn: {len(results) - len(bad)} passed, {len(bad)} failed"
     if not bad:
-        print("autobahn: ok")
+        print(verdict)
         return 0
     print(f"autobahn: {len(bad)} unexpected case(s):")
     for case_id in bad:
@@ -102,6 +104,7 @@ def main():
             f"  {case_id}: {result.get('behavior')} (close {result.get('behaviorClose')}, "
             f"remote code {result.get('remoteCloseCode')}) {explain(report_dir, result)}"
         )
+    print(verdict)
     return 1
 
 
