@@ -647,14 +647,16 @@ enum BodyProgress {
     /// Waits until this many bytes are in the caller's buffer, then takes
     /// them: one length check per call.
     Length(usize),
-    Chunked(ChunkedBody),
+    /// Boxed: most requests are not chunked, and the state is moved on
+    /// every call.
+    Chunked(Box<ChunkedBody>),
 }
 
 impl BodyProgress {
     fn new(framing: BodyFraming) -> Self {
         match framing {
             BodyFraming::Length(n) => BodyProgress::Length(n),
-            BodyFraming::Chunked => BodyProgress::Chunked(ChunkedBody::default()),
+            BodyFraming::Chunked => BodyProgress::Chunked(Box::default()),
         }
     }
 
