@@ -1,11 +1,11 @@
 //! Criterion benches for the sans-IO protocol core: frame encode and decode,
-//! client JSON parsing and HTTP request parsing, all in memory.
+//! client JSON parsing and HTTP request decoding, all in memory.
 
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use ringcast::protocol::frame::{apply_mask, FrameDecoder, FrameLimits};
-use ringcast::protocol::http::{parse_request, HttpLimits};
+use ringcast::protocol::http::{HttpLimits, RequestDecoder};
 use ringcast::protocol::message::{parse_client, push};
 
 /// Short runs keep `cargo bench` usable in CI; 3 s gives stable medians here.
@@ -16,6 +16,13 @@ const PAYLOAD_BYTES: usize = 200;
 
 /// Longest topic accepted by the default config.
 const MAX_TOPIC_BYTES: usize = 256;
+
+/// Chunk size of the chunked publish bench: a client streaming small writes.
+const CHUNK_BYTES: usize = 64;
+
+/// Bytes per read in the chunked publish bench: a slow link or a peer trickling
+/// a body, the case that used to cost a re-parse of the whole body per read.
+const READ_BYTES: usize = 16;
 
 fn payload_json() -> String {
     format!("{{\"text\":\"{}\"}}", "x".repeat(PAYLOAD_BYTES - 11))
@@ -66,21 +73,62 @@ fn client_json(c: &mut Criterion) {
     group.finish();
 }
 
+fn publish_body() -> String {
+    format!(
+        r#"{{"topic":"room:1","event":"say","payload":{}}}"#,
+        payload_json()
+    )
+}
+
+/// Head of the publish benches, up to the framing field: a typical API client.
+const PUBLISH_HEAD: &str = "POST /publish HTTP/1.1\r\nHost: localhost:8000\r\nUser-Agent: bench\r\nAuthorization: Bearer secret\r\nContent-Type: application/json\r\n";
+
+/// `body` in chunks of `CHUNK_BYTES`, each with a short extension.
+fn chunked(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() * 2);
+    for chunk in body.chunks(CHUNK_BYTES) {
+        out.extend_from_slice(format!("{:x};seq=1\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
 fn http(c: &mut Criterion) {
     let mut group = c.benchmark_group("http");
     group.measurement_time(MEASUREMENT_TIME);
-    let body = format!(
-        r#"{{"topic":"room:1","event":"say","payload":{}}}"#,
-        payload_json()
-    );
-    let request = format!(
-        "POST /publish HTTP/1.1\r\nHost: localhost:8000\r\nUser-Agent: bench\r\nAuthorization: Bearer secret\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let body = publish_body();
+    let request = format!("{PUBLISH_HEAD}Content-Length: {}\r\n\r\n{body}", body.len());
     group.throughput(Throughput::Bytes(request.len() as u64));
-    let limits = HttpLimits::default();
+    // The whole request in one read, as most arrive: the plain path.
+    let mut decoder = RequestDecoder::new(HttpLimits::default());
+    assert!(matches!(
+        decoder.decode(request.as_bytes()),
+        Ok((_, Some(_)))
+    ));
     group.bench_function("parse_post_publish", |b| {
-        b.iter(|| parse_request(black_box(request.as_bytes()), &limits))
+        b.iter(|| decoder.decode(black_box(request.as_bytes())))
+    });
+
+    let mut request = format!("{PUBLISH_HEAD}Transfer-Encoding: chunked\r\n\r\n").into_bytes();
+    request.extend_from_slice(&chunked(body.as_bytes()));
+    group.throughput(Throughput::Bytes(request.len() as u64));
+    let mut held = Vec::with_capacity(request.len());
+    group.bench_function("decode_chunked_post_publish_16b_reads", |b| {
+        b.iter(|| {
+            // What a connection does per read: append, decode, drop what was consumed.
+            let mut complete = None;
+            for read in black_box(&request).chunks(READ_BYTES) {
+                held.extend_from_slice(read);
+                if let Ok((used, request)) = decoder.decode(&held) {
+                    held.drain(..used);
+                    complete = complete.or(request);
+                }
+            }
+            assert!(complete.is_some() && held.is_empty());
+            complete
+        })
     });
     group.finish();
 }

@@ -20,6 +20,9 @@ pub enum HandshakeError {
     /// The method is not GET: answer 405.
     #[error("websocket upgrade requires GET")]
     NotGet,
+    /// An HTTP/1.0 request (RFC 6455 4.1 requires HTTP/1.1 or later): answer 400.
+    #[error("websocket upgrade requires HTTP/1.1 or later")]
+    NotHttp11,
     /// No `Upgrade: websocket` header: answer 400.
     #[error("missing `Upgrade: websocket` header")]
     MissingUpgrade,
@@ -59,6 +62,10 @@ pub fn is_upgrade_request(req: &Request) -> bool {
 pub fn accept(req: &Request) -> Result<Bytes, HandshakeError> {
     if req.method != Method::Get {
         return Err(HandshakeError::NotGet);
+    }
+    // httparse only accepts 1.0 and 1.1, and 1.0 has no `Upgrade` (RFC 6455 4.1).
+    if req.version_minor < 1 {
+        return Err(HandshakeError::NotHttp11);
     }
     if !is_upgrade_request(req) {
         return Err(HandshakeError::MissingUpgrade);
@@ -190,5 +197,18 @@ mod tests {
         }
         let missing = request(b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n");
         assert_eq!(accept(&missing), Err(HandshakeError::BadKey));
+    }
+
+    #[test]
+    fn an_http_1_0_upgrade_gets_400_naming_http_1_1() {
+        let req = request(b"GET /ws HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+        assert!(is_upgrade_request(&req));
+        assert_eq!(accept(&req), Err(HandshakeError::NotHttp11));
+        let response = HandshakeError::NotHttp11.response();
+        assert_eq!(response.status(), 400);
+        assert_eq!(
+            &response.body()[..],
+            &br#"{"error":"websocket upgrade requires HTTP/1.1 or later"}"#[..]
+        );
     }
 }

@@ -1,7 +1,8 @@
-//! HTTP/1.1 on the server side: parsing one request (head and body) from the
-//! front of a buffer with `httparse`, and encoding responses. It owns request
+//! HTTP/1.1 on the server side: decoding requests (head and body) with
+//! `httparse` as their bytes arrive, in work linear in those bytes however
+//! they are split ([`RequestDecoder`]), and encoding responses. It owns request
 //! limits and the mapping of every parse failure to a status code; it never
-//! touches a socket, and pipelining is the caller's loop over `buf[used..]`.
+//! touches a socket, and pipelining is the caller's loop over what is left.
 
 use std::fmt::Write as _;
 
@@ -18,6 +19,10 @@ const STACK_HEADERS: usize = 64;
 /// Real clients send a few hex digits; 4 KiB only exists to stop a peer from
 /// streaming an endless extension while we keep answering `Partial`.
 const MAX_CHUNK_LINE_BYTES: usize = 4096;
+
+/// Most trailer fields after a chunked body; more is answered 431. We drop
+/// trailers, so this only bounds work; 16 was the slot count used before.
+const MAX_TRAILER_FIELDS: usize = 16;
 
 /// Bytes of chunked framing allowed per body byte on top of the body limit.
 /// One-byte chunks cost `1\r\nX\r\n`, 6 bytes per body byte; 8 leaves room
@@ -221,12 +226,6 @@ fn map_httparse(err: httparse::Error) -> HttpError {
     }
 }
 
-/// How the body is delimited, from the head.
-enum BodyFraming {
-    Length(usize),
-    Chunked,
-}
-
 /// The interim response that tells a client waiting on `Expect: 100-continue`
 /// to send its body.
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
@@ -234,23 +233,150 @@ pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// Whether `buf` starts with a complete request head carrying
 /// `Expect: 100-continue` (RFC 9110 10.1.1): such a client (curl, for bodies
 /// over 1 KiB) waits for [`CONTINUE`] before sending the body.
+///
+/// Re-parses the head on every call; a connection driven by a
+/// [`RequestDecoder`] asks [`RequestDecoder::expects_continue`] instead.
 pub fn expects_continue(buf: &[u8]) -> bool {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
-        Ok(httparse::Status::Complete(_)) => request.headers.iter().any(|h| {
-            h.name.eq_ignore_ascii_case("expect") && h.value.eq_ignore_ascii_case(b"100-continue")
-        }),
+        Ok(httparse::Status::Complete(_)) => request.headers.iter().any(is_expect_continue),
         _ => false,
     }
 }
 
-/// Parses one request from the front of `buf`.
+fn is_expect_continue(field: &httparse::Header<'_>) -> bool {
+    field.name.eq_ignore_ascii_case("expect") && field.value.eq_ignore_ascii_case(b"100-continue")
+}
+
+/// Parses one request from the front of `buf`: a fresh [`RequestDecoder`]
+/// fed the whole buffer at once.
 ///
 /// Returns `Partial` while the head or body is incomplete; the caller keeps the
-/// bytes and calls again with more. `Complete(request, used)` leaves any
-/// pipelined bytes after `used` untouched.
+/// bytes and calls again with more, which reads them all again, so a
+/// connection that receives requests in pieces keeps a [`RequestDecoder`]
+/// instead. `Complete(request, used)` leaves any pipelined bytes after `used`
+/// untouched.
 pub fn parse_request(buf: &[u8], limits: &HttpLimits) -> Result<Decoded<Request>, HttpError> {
+    match RequestDecoder::new(*limits).decode(buf)? {
+        (used, Some(request)) => Ok(Decoded::Complete(request, used)),
+        (_, None) => Ok(Decoded::Partial),
+    }
+}
+
+/// Per-connection request decoder; keeps its progress between calls, so the
+/// work per request is linear in its bytes however they are split.
+///
+/// The head stays in the caller's buffer until it is complete (at most
+/// `max_header_bytes`); each call looks only at the bytes that arrived since
+/// the last one, and the head is parsed once, then consumed. A
+/// `Content-Length` body stays in the caller's buffer until all of it is
+/// there. A chunked body is consumed as it is decoded, so the caller holds at
+/// most one unfinished chunk-size or trailer line. After an error the decoder
+/// starts afresh, but the caller answers [`HttpError::response`] and closes.
+#[derive(Debug)]
+pub struct RequestDecoder {
+    limits: HttpLimits,
+    state: State,
+}
+
+impl RequestDecoder {
+    /// A decoder waiting for the first byte of a request.
+    pub fn new(limits: HttpLimits) -> Self {
+        Self {
+            limits,
+            state: State::default(),
+        }
+    }
+
+    /// Reads from the front of `buf` (the caller's unconsumed input: what it
+    /// passed last time minus what was consumed, plus new bytes).
+    /// Returns how many bytes of `buf` the decoder consumed (the caller drops
+    /// them) and the request once it is complete. Errors map to statuses
+    /// through [`HttpError::status`]. Bytes after a complete request are left
+    /// alone: call again for a pipelined one.
+    pub fn decode(&mut self, buf: &[u8]) -> Result<(usize, Option<Request>), HttpError> {
+        // Taken out, so that an error leaves a fresh decoder behind.
+        let (mut pending, head_len) = match std::mem::take(&mut self.state) {
+            State::Body(pending) => (pending, 0),
+            State::Head(mut scan) => match decode_head(&mut scan, buf, &self.limits)? {
+                Some(found) => found,
+                None => {
+                    self.state = State::Head(scan);
+                    return Ok((0, None));
+                }
+            },
+        };
+        let (body_len, body) = pending.progress.decode(&buf[head_len..], &self.limits)?;
+        let used = head_len + body_len;
+        match body {
+            Some(body) => Ok((used, Some(pending.finish(body)))),
+            None => {
+                self.state = State::Body(pending);
+                Ok((used, None))
+            }
+        }
+    }
+
+    /// A complete head asked for `Expect: 100-continue` and its body is not
+    /// complete yet (the shard answers [`CONTINUE`] once per request).
+    pub fn expects_continue(&self) -> bool {
+        matches!(&self.state, State::Body(pending) if pending.expect_continue)
+    }
+
+    /// Some bytes of a request have arrived but it is not complete (a timeout
+    /// then gets 408, not a silent close). Empty lines before a request do not
+    /// count (RFC 9112 2.2 lets a server ignore them).
+    pub fn in_request(&self) -> bool {
+        match &self.state {
+            State::Head(scan) => scan.line != HeadLine::Leading,
+            State::Body(_) => true,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    /// Looking for the end of the head in the caller's buffer.
+    Head(HeadScan),
+    /// The head is parsed and consumed; the body is on its way.
+    Body(PendingBody),
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State::Head(HeadScan::default())
+    }
+}
+
+/// Finds the end of the head at the front of `buf` and parses it, or notes
+/// how far it looked. Returns the request so far and the head's length.
+fn decode_head(
+    scan: &mut HeadScan,
+    buf: &[u8],
+    limits: &HttpLimits,
+) -> Result<Option<(PendingBody, usize)>, HttpError> {
+    if scan.is_fresh() {
+        // The whole head usually arrives in one read: one httparse pass then
+        // finds its end and parses it. Anything else falls back to the scan,
+        // which reaches the same verdict after looking at each byte once.
+        if let Ok(Some(found)) = parse_head(buf, limits) {
+            return Ok(Some(found));
+        }
+    }
+    let Some(head_len) = scan.find_end(buf, limits.max_header_bytes)? else {
+        return Ok(None);
+    };
+    // httparse ends a head at the same empty line as the scan (both follow
+    // RFC 9112 2.1 with bare LF allowed), so `None` here means a parser bug.
+    match parse_head(&buf[..head_len], limits)? {
+        Some(found) => Ok(Some(found)),
+        None => Err(HttpError::Malformed("incomplete request head")),
+    }
+}
+
+/// Parses a head with httparse; `None` when `buf` holds no complete head.
+fn parse_head(buf: &[u8], limits: &HttpLimits) -> Result<Option<(PendingBody, usize)>, HttpError> {
     let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
     let mut heap;
     let slots: &mut [httparse::Header<'_>] = if limits.max_headers <= STACK_HEADERS {
@@ -261,98 +387,243 @@ pub fn parse_request(buf: &[u8], limits: &HttpLimits) -> Result<Decoded<Request>
     };
     let mut parsed = httparse::Request::new(slots);
     let head_len = match parsed.parse(buf).map_err(map_httparse)? {
-        httparse::Status::Complete(n) => n,
-        // Refuse to buffer an endless head instead of waiting forever.
-        httparse::Status::Partial if buf.len() > limits.max_header_bytes => {
+        httparse::Status::Complete(n) if n > limits.max_header_bytes => {
             return Err(HttpError::HeadersTooLarge)
         }
-        httparse::Status::Partial => return Ok(Decoded::Partial),
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return Ok(None),
     };
-    if head_len > limits.max_header_bytes {
-        return Err(HttpError::HeadersTooLarge);
+    Ok(Some((PendingBody::from_head(&parsed, limits)?, head_len)))
+}
+
+/// How far the search for the end of a head has got, so that each byte is
+/// looked at once however the head is split across reads.
+#[derive(Debug, Clone, Copy, Default)]
+struct HeadScan {
+    /// Bytes at the front of the caller's buffer already looked at.
+    scanned: usize,
+    /// Where the line being received starts.
+    line_start: usize,
+    /// Which line that is.
+    line: HeadLine,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum HeadLine {
+    /// Empty lines before the request line, skipped (RFC 9112 2.2, as httparse does).
+    #[default]
+    Leading,
+    /// The request line.
+    Request,
+    /// A header field line, or the empty line that ends the head.
+    Field,
+}
+
+impl HeadScan {
+    fn is_fresh(&self) -> bool {
+        self.scanned == 0 && self.line == HeadLine::Leading
     }
 
-    let (Some(method), Some(target), Some(version_minor)) =
-        (parsed.method, parsed.path, parsed.version)
-    else {
-        return Err(HttpError::Malformed("incomplete request line"));
-    };
-    let (raw_path, query) = target.split_once('?').unwrap_or((target, ""));
-    if !raw_path.starts_with('/') && raw_path != "*" {
-        return Err(HttpError::Malformed(
-            "request target must be an absolute path",
-        ));
-    }
-
-    let mut headers = Vec::with_capacity(parsed.headers.len());
-    let mut content_length: Option<u64> = None;
-    let mut transfer_encoding: Option<String> = None;
-    for header in parsed.headers.iter() {
-        let name = header.name.to_ascii_lowercase();
-        let value = String::from_utf8_lossy(header.value).into_owned();
-        if name == "content-length" {
-            // RFC 9112 6.3: a list of identical values is one value; anything else is fatal.
-            for item in value.split(',') {
-                let n = parse_content_length(item.trim())?;
-                if content_length.is_some_and(|seen| seen != n) {
-                    return Err(HttpError::Malformed("conflicting content-length"));
+    /// The head's length once its empty line has arrived. Looks only at bytes
+    /// after `scanned` (and back at the current line), within `max_header_bytes`.
+    fn find_end(
+        &mut self,
+        buf: &[u8],
+        max_header_bytes: usize,
+    ) -> Result<Option<usize>, HttpError> {
+        let window = &buf[..buf.len().min(max_header_bytes)];
+        while self.scanned < window.len() {
+            if self.line == HeadLine::Leading {
+                if !self.skip_leading(window)? {
+                    break;
                 }
-                content_length = Some(n);
+                continue;
             }
-        } else if name == "transfer-encoding" {
-            let combined = transfer_encoding.get_or_insert_with(String::new);
-            if !combined.is_empty() {
-                combined.push(',');
+            let Some(offset) = window[self.scanned..].iter().position(|&b| b == b'\n') else {
+                self.scanned = window.len();
+                break;
+            };
+            let lf = self.scanned + offset;
+            self.scanned = lf + 1;
+            if self.line_ends(window, lf)? {
+                return Ok(Some(lf + 1));
             }
-            combined.push_str(&value);
         }
-        headers.push((name, value));
+        // Refuse to buffer an endless head instead of waiting forever.
+        if buf.len() > max_header_bytes {
+            return Err(HttpError::HeadersTooLarge);
+        }
+        Ok(None)
     }
 
-    let framing = match (content_length, transfer_encoding) {
-        // RFC 9112 6.3: both is a smuggling vector; refuse rather than pick one.
-        (Some(_), Some(_)) => {
-            return Err(HttpError::Malformed(
-                "both content-length and transfer-encoding",
-            ))
-        }
-        (None, Some(te)) => {
-            let mut codings = te.split(',').map(str::trim).filter(|c| !c.is_empty());
-            match (codings.next(), codings.next()) {
-                (Some(c), None) if c.eq_ignore_ascii_case("chunked") => BodyFraming::Chunked,
-                _ => return Err(HttpError::UnsupportedTransferEncoding),
+    /// Steps over one empty line before the request line, or finds where the
+    /// request line starts; `false` when it needs more bytes.
+    fn skip_leading(&mut self, window: &[u8]) -> Result<bool, HttpError> {
+        match window[self.scanned..] {
+            [] | [b'\r'] => return Ok(false),
+            [b'\n', ..] => self.scanned += 1,
+            [b'\r', b'\n', ..] => self.scanned += 2,
+            [b'\r', ..] => return Err(map_httparse(httparse::Error::NewLine)),
+            // The method's first byte already tells non-HTTP (TLS, a wrong
+            // port) from a request: answer 400 now, not at a limit or timeout.
+            [first, ..] if !is_tchar(first) => return Err(map_httparse(httparse::Error::Token)),
+            [_, ..] => {
+                self.line = HeadLine::Request;
+                self.line_start = self.scanned;
             }
         }
-        (Some(n), None) => match usize::try_from(n) {
-            Ok(n) if n <= limits.max_body_bytes => BodyFraming::Length(n),
-            _ => return Err(HttpError::BodyTooLarge),
-        },
-        (None, None) => BodyFraming::Length(0),
-    };
+        Ok(true)
+    }
 
-    let rest = &buf[head_len..];
-    let (body, body_used) = match framing {
-        BodyFraming::Length(n) => match rest.get(..n) {
-            Some(body) => (Bytes::copy_from_slice(body), n),
-            None => return Ok(Decoded::Partial),
-        },
-        BodyFraming::Chunked => match decode_chunked(rest, limits)? {
-            Decoded::Complete(body, used) => (body, used),
-            Decoded::Partial => return Ok(Decoded::Partial),
-        },
-    };
+    /// Handles the line that ends with the LF at `lf`; `true` when it is the
+    /// empty line that ends the head.
+    fn line_ends(&mut self, window: &[u8], lf: usize) -> Result<bool, HttpError> {
+        let line = &window[self.line_start..lf];
+        self.line_start = lf + 1;
+        if self.line == HeadLine::Request {
+            // Checked once, as soon as it is complete, so a bad method, target
+            // or version is refused before the rest of the head arrives.
+            let mut no_fields = [];
+            httparse::Request::new(&mut no_fields)
+                .parse(&window[..=lf])
+                .map_err(map_httparse)?;
+            self.line = HeadLine::Field;
+            return Ok(false);
+        }
+        Ok(line.is_empty() || line == b"\r")
+    }
+}
 
-    let request = Request {
-        method: Method::from_token(method),
-        path: percent_decode_str(raw_path)
-            .decode_utf8_lossy()
-            .into_owned(),
-        query: query.to_owned(),
-        version_minor,
-        headers,
-        body,
-    };
-    Ok(Decoded::Complete(request, head_len + body_used))
+/// RFC 9110 5.6.2 `tchar`, the bytes of a method token.
+fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+/// A request whose head is parsed and whose body is still arriving.
+#[derive(Debug)]
+struct PendingBody {
+    /// The request, with an empty body until the body is complete.
+    request: Request,
+    /// The head carried `Expect: 100-continue`.
+    expect_continue: bool,
+    progress: BodyProgress,
+}
+
+impl PendingBody {
+    /// Validates the request line and framing of a parsed head.
+    fn from_head(
+        parsed: &httparse::Request<'_, '_>,
+        limits: &HttpLimits,
+    ) -> Result<Self, HttpError> {
+        let (Some(method), Some(target), Some(version_minor)) =
+            (parsed.method, parsed.path, parsed.version)
+        else {
+            return Err(HttpError::Malformed("incomplete request line"));
+        };
+        let (raw_path, query) = target.split_once('?').unwrap_or((target, ""));
+        if !raw_path.starts_with('/') && raw_path != "*" {
+            return Err(HttpError::Malformed(
+                "request target must be an absolute path",
+            ));
+        }
+        let fields = HeadFields::collect(parsed.headers)?;
+        let progress = BodyProgress::new(fields.framing(limits)?);
+        let request = Request {
+            method: Method::from_token(method),
+            path: percent_decode_str(raw_path)
+                .decode_utf8_lossy()
+                .into_owned(),
+            query: query.to_owned(),
+            version_minor,
+            headers: fields.headers,
+            body: Bytes::new(),
+        };
+        Ok(Self {
+            request,
+            expect_continue: fields.expect_continue,
+            progress,
+        })
+    }
+
+    fn finish(self, body: Bytes) -> Request {
+        Request {
+            body,
+            ..self.request
+        }
+    }
+}
+
+/// The header fields of a head, with what framing and `Expect` need picked out.
+struct HeadFields {
+    headers: Vec<(String, String)>,
+    content_length: Option<u64>,
+    /// Every `Transfer-Encoding` field, joined with commas.
+    transfer_encoding: Option<String>,
+    expect_continue: bool,
+}
+
+impl HeadFields {
+    fn collect(fields: &[httparse::Header<'_>]) -> Result<Self, HttpError> {
+        let mut out = Self {
+            headers: Vec::with_capacity(fields.len()),
+            content_length: None,
+            transfer_encoding: None,
+            expect_continue: false,
+        };
+        for field in fields {
+            let name = field.name.to_ascii_lowercase();
+            let value = String::from_utf8_lossy(field.value).into_owned();
+            match name.as_str() {
+                "content-length" => out.add_content_length(&value)?,
+                "transfer-encoding" => {
+                    let combined = out.transfer_encoding.get_or_insert_with(String::new);
+                    if !combined.is_empty() {
+                        combined.push(',');
+                    }
+                    combined.push_str(&value);
+                }
+                "expect" => out.expect_continue |= is_expect_continue(field),
+                _ => {}
+            }
+            out.headers.push((name, value));
+        }
+        Ok(out)
+    }
+
+    fn add_content_length(&mut self, value: &str) -> Result<(), HttpError> {
+        // RFC 9112 6.3: a list of identical values is one value; anything else is fatal.
+        for item in value.split(',') {
+            let n = parse_content_length(item.trim())?;
+            if self.content_length.is_some_and(|seen| seen != n) {
+                return Err(HttpError::Malformed("conflicting content-length"));
+            }
+            self.content_length = Some(n);
+        }
+        Ok(())
+    }
+
+    fn framing(&self, limits: &HttpLimits) -> Result<BodyFraming, HttpError> {
+        match (self.content_length, &self.transfer_encoding) {
+            // RFC 9112 6.3: both is a smuggling vector; refuse rather than pick one.
+            (Some(_), Some(_)) => Err(HttpError::Malformed(
+                "both content-length and transfer-encoding",
+            )),
+            (None, Some(te)) => {
+                let mut codings = te.split(',').map(str::trim).filter(|c| !c.is_empty());
+                match (codings.next(), codings.next()) {
+                    (Some(c), None) if c.eq_ignore_ascii_case("chunked") => {
+                        Ok(BodyFraming::Chunked)
+                    }
+                    _ => Err(HttpError::UnsupportedTransferEncoding),
+                }
+            }
+            (Some(n), None) => match usize::try_from(n) {
+                Ok(n) if n <= limits.max_body_bytes => Ok(BodyFraming::Length(n)),
+                _ => Err(HttpError::BodyTooLarge),
+            },
+            (None, None) => Ok(BodyFraming::Length(0)),
+        }
+    }
 }
 
 fn parse_content_length(text: &str) -> Result<u64, HttpError> {
@@ -364,62 +635,216 @@ fn parse_content_length(text: &str) -> Result<u64, HttpError> {
     text.parse().map_err(|_| HttpError::BodyTooLarge)
 }
 
-/// Decodes a chunked body from the front of `buf` (RFC 9112 7.1), trailers discarded.
-fn decode_chunked(buf: &[u8], limits: &HttpLimits) -> Result<Decoded<Bytes>, HttpError> {
-    let max_encoded = limits
-        .max_body_bytes
-        .saturating_mul(CHUNKED_OVERHEAD_FACTOR)
-        .saturating_add(limits.max_header_bytes);
-    let mut body = Vec::new();
-    let mut pos = 0;
-    loop {
-        let rest = &buf[pos..];
-        let (line_len, size) = match httparse::parse_chunk_size(rest) {
-            Ok(httparse::Status::Complete(found)) => found,
-            Ok(httparse::Status::Partial) if rest.len() > MAX_CHUNK_LINE_BYTES => {
-                return Err(HttpError::Malformed("chunk size line too long"))
-            }
-            Ok(httparse::Status::Partial) => return Ok(Decoded::Partial),
-            Err(_) => return Err(HttpError::Malformed("invalid chunk size")),
-        };
-        pos += line_len;
-        if size == 0 {
-            break;
-        }
-        let size = match usize::try_from(size) {
-            Ok(size) if size <= limits.max_body_bytes - body.len() => size,
-            _ => return Err(HttpError::BodyTooLarge),
-        };
-        let Some(chunk) = buf.get(pos..pos.saturating_add(size).saturating_add(2)) else {
-            return partial_or_too_large(buf.len(), max_encoded);
-        };
-        if &chunk[size..] != b"\r\n" {
-            return Err(HttpError::Malformed("chunk not followed by CRLF"));
-        }
-        body.extend_from_slice(&chunk[..size]);
-        pos += size + 2;
-        if pos > max_encoded {
-            return Err(HttpError::BodyTooLarge);
+/// How the body is delimited, from the head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyFraming {
+    Length(usize),
+    Chunked,
+}
+
+#[derive(Debug)]
+enum BodyProgress {
+    /// Waits until this many bytes are in the caller's buffer, then takes
+    /// them: one length check per call.
+    Length(usize),
+    /// Boxed: most requests are not chunked, and the state is moved on
+    /// every call.
+    Chunked(Box<ChunkedBody>),
+}
+
+impl BodyProgress {
+    fn new(framing: BodyFraming) -> Self {
+        match framing {
+            BodyFraming::Length(n) => BodyProgress::Length(n),
+            BodyFraming::Chunked => BodyProgress::Chunked(Box::default()),
         }
     }
-    // Trailer section: header fields we ignore, ending with an empty line.
-    let mut trailers = [httparse::EMPTY_HEADER; 16];
-    match httparse::parse_headers(&buf[pos..], &mut trailers) {
-        Ok(httparse::Status::Complete((n, _))) => Ok(Decoded::Complete(Bytes::from(body), pos + n)),
-        Ok(httparse::Status::Partial) if buf.len() - pos > limits.max_header_bytes => {
-            Err(HttpError::HeadersTooLarge)
+
+    /// Bytes consumed from the front of `buf`, and the body once complete.
+    fn decode(
+        &mut self,
+        buf: &[u8],
+        limits: &HttpLimits,
+    ) -> Result<(usize, Option<Bytes>), HttpError> {
+        match self {
+            BodyProgress::Length(n) => Ok(match buf.get(..*n) {
+                Some(body) => (*n, Some(Bytes::copy_from_slice(body))),
+                None => (0, None),
+            }),
+            BodyProgress::Chunked(chunked) => chunked.decode(buf, limits),
         }
-        Ok(httparse::Status::Partial) => Ok(Decoded::Partial),
-        Err(httparse::Error::TooManyHeaders) => Err(HttpError::HeadersTooLarge),
-        Err(_) => Err(HttpError::Malformed("invalid trailer")),
     }
 }
 
-fn partial_or_too_large<T>(buffered: usize, max_encoded: usize) -> Result<Decoded<T>, HttpError> {
-    if buffered > max_encoded {
-        Err(HttpError::BodyTooLarge)
-    } else {
-        Ok(Decoded::Partial)
+/// A chunked body being decoded (RFC 9112 7.1): decoded bytes move out of the
+/// caller's buffer into `body` as they arrive; trailers are checked, then dropped.
+#[derive(Debug, Default)]
+struct ChunkedBody {
+    body: Vec<u8>,
+    part: ChunkPart,
+    /// Bytes of sizes, extensions, data and CRLFs consumed, bounded through
+    /// `CHUNKED_OVERHEAD_FACTOR`.
+    encoded: usize,
+    /// Bytes of the unfinished line at the front of the caller's buffer
+    /// already searched for its end.
+    line_scanned: usize,
+    /// Trailer section bytes consumed, bounded by `max_header_bytes`.
+    trailer_bytes: usize,
+    trailer_fields: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+enum ChunkPart {
+    /// `size[;ext]CRLF`
+    #[default]
+    SizeLine,
+    /// Chunk data, with this many bytes still to come.
+    Data(usize),
+    /// The CRLF after chunk data.
+    DataEnd,
+    /// Trailer fields up to the empty line that ends the body.
+    Trailers,
+}
+
+/// What one step of chunked decoding did.
+enum Step {
+    /// Consumed this many bytes; more may follow.
+    Used(usize),
+    /// Consumed this many bytes, the last of the body.
+    Done(usize),
+    /// Needs more bytes; consumed nothing.
+    NeedMore,
+}
+
+impl ChunkedBody {
+    fn decode(
+        &mut self,
+        buf: &[u8],
+        limits: &HttpLimits,
+    ) -> Result<(usize, Option<Bytes>), HttpError> {
+        let max_encoded = limits
+            .max_body_bytes
+            .saturating_mul(CHUNKED_OVERHEAD_FACTOR)
+            .saturating_add(limits.max_header_bytes);
+        let mut used = 0;
+        loop {
+            let rest = &buf[used..];
+            let framing = !matches!(self.part, ChunkPart::Trailers);
+            let step = match self.part {
+                ChunkPart::SizeLine => self.size_line(rest, limits)?,
+                ChunkPart::Data(left) => self.data(rest, left),
+                ChunkPart::DataEnd => self.data_end(rest)?,
+                ChunkPart::Trailers => self.trailer_line(rest, limits)?,
+            };
+            let n = match step {
+                Step::Used(n) => n,
+                Step::Done(n) => {
+                    let body = Bytes::from(std::mem::take(&mut self.body));
+                    return Ok((used + n, Some(body)));
+                }
+                Step::NeedMore => return Ok((used, None)),
+            };
+            used += n;
+            if framing {
+                self.encoded += n;
+                if self.encoded > max_encoded {
+                    return Err(HttpError::BodyTooLarge);
+                }
+            }
+        }
+    }
+
+    fn size_line(&mut self, rest: &[u8], limits: &HttpLimits) -> Result<Step, HttpError> {
+        // httparse ends a size line only at CRLF; a bare LF may sit in an extension.
+        let Some(len) = self.find_line(rest, MAX_CHUNK_LINE_BYTES, true) else {
+            return if rest.len() > MAX_CHUNK_LINE_BYTES {
+                Err(HttpError::Malformed("chunk size line too long"))
+            } else {
+                Ok(Step::NeedMore)
+            };
+        };
+        let size = match httparse::parse_chunk_size(&rest[..len]) {
+            Ok(httparse::Status::Complete((_, size))) => size,
+            _ => return Err(HttpError::Malformed("invalid chunk size")),
+        };
+        let room = limits.max_body_bytes.saturating_sub(self.body.len());
+        self.part = match usize::try_from(size) {
+            Ok(0) => ChunkPart::Trailers,
+            Ok(size) if size <= room => ChunkPart::Data(size),
+            _ => return Err(HttpError::BodyTooLarge),
+        };
+        Ok(Step::Used(len))
+    }
+
+    fn data(&mut self, rest: &[u8], left: usize) -> Step {
+        let take = left.min(rest.len());
+        if take == 0 {
+            return Step::NeedMore;
+        }
+        self.body.extend_from_slice(&rest[..take]);
+        self.part = if take == left {
+            ChunkPart::DataEnd
+        } else {
+            ChunkPart::Data(left - take)
+        };
+        Step::Used(take)
+    }
+
+    fn data_end(&mut self, rest: &[u8]) -> Result<Step, HttpError> {
+        match rest.get(..2) {
+            None => Ok(Step::NeedMore),
+            Some(b"\r\n") => {
+                self.part = ChunkPart::SizeLine;
+                Ok(Step::Used(2))
+            }
+            Some(_) => Err(HttpError::Malformed("chunk not followed by CRLF")),
+        }
+    }
+
+    fn trailer_line(&mut self, rest: &[u8], limits: &HttpLimits) -> Result<Step, HttpError> {
+        let room = limits.max_header_bytes.saturating_sub(self.trailer_bytes);
+        let Some(len) = self.find_line(rest, room, false) else {
+            return if rest.len() > room {
+                Err(HttpError::HeadersTooLarge)
+            } else {
+                Ok(Step::NeedMore)
+            };
+        };
+        let line = &rest[..len];
+        if line == b"\n" || line == b"\r\n" {
+            return Ok(Step::Done(len));
+        }
+        // One field line parses as an unfinished header section exactly when
+        // it would be valid inside the whole section.
+        if httparse::parse_headers(line, &mut [httparse::EMPTY_HEADER; 1]).is_err() {
+            return Err(HttpError::Malformed("invalid trailer"));
+        }
+        self.trailer_fields += 1;
+        if self.trailer_fields > MAX_TRAILER_FIELDS {
+            return Err(HttpError::HeadersTooLarge);
+        }
+        self.trailer_bytes += len;
+        Ok(Step::Used(len))
+    }
+
+    /// Length, through its LF, of the line at the front of `rest` once it has
+    /// arrived within `cap` bytes. Searches only bytes not searched before.
+    fn find_line(&mut self, rest: &[u8], cap: usize, crlf_only: bool) -> Option<usize> {
+        let window = &rest[..rest.len().min(cap)];
+        while let Some(offset) = window
+            .get(self.line_scanned..)?
+            .iter()
+            .position(|&b| b == b'\n')
+        {
+            let lf = self.line_scanned + offset;
+            self.line_scanned = lf + 1;
+            if !crlf_only || (lf > 0 && window[lf - 1] == b'\r') {
+                self.line_scanned = 0;
+                return Some(lf + 1);
+            }
+        }
+        self.line_scanned = window.len();
+        None
     }
 }
 
@@ -925,5 +1350,316 @@ mod tests {
         assert!(!expects_continue(
             b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
         ));
+    }
+
+    /// Everything decoded from `data` delivered in pieces ending at `cuts`,
+    /// the way a connection would: keep what was not consumed, append, call
+    /// again after each complete request. Also the most bytes ever held.
+    fn decode_in_pieces(
+        data: &[u8],
+        cuts: &[usize],
+        limits: HttpLimits,
+    ) -> (Vec<Request>, Option<HttpError>, usize) {
+        let mut decoder = RequestDecoder::new(limits);
+        let (mut pending, mut requests, mut most_held) = (Vec::new(), Vec::new(), 0);
+        let mut from = 0;
+        for to in cuts.iter().copied().chain([data.len()]) {
+            let to = to.clamp(from, data.len());
+            pending.extend_from_slice(&data[from..to]);
+            from = to;
+            most_held = most_held.max(pending.len());
+            loop {
+                match decoder.decode(&pending) {
+                    Ok((used, request)) => {
+                        pending.drain(..used);
+                        match request {
+                            Some(request) => requests.push(request),
+                            None => break,
+                        }
+                    }
+                    Err(e) => return (requests, Some(e), most_held),
+                }
+            }
+        }
+        (requests, None, most_held)
+    }
+
+    /// Everything `parse_request` finds in `data` read at once.
+    fn decode_at_once(data: &[u8], limits: HttpLimits) -> (Vec<Request>, Option<HttpError>) {
+        let (mut rest, mut requests) = (data, Vec::new());
+        loop {
+            match parse_request(rest, &limits) {
+                Ok(Decoded::Complete(request, used)) => {
+                    requests.push(request);
+                    rest = &rest[used..];
+                }
+                Ok(Decoded::Partial) => return (requests, None),
+                Err(e) => return (requests, Some(e)),
+            }
+        }
+    }
+
+    fn one_byte_cuts(data: &[u8]) -> Vec<usize> {
+        (1..data.len()).collect()
+    }
+
+    #[test]
+    fn a_request_fed_one_byte_at_a_time_decodes_like_one_read() {
+        for data in [
+            &b"GET /ws/a%20b?user_id=42 HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"\r\n\nGET / HTTP/1.0\nHost: x\n\nGET /b HTTP/1.1\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET /health HTTP/1.1\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=\"a\nb\"\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT",
+        ] {
+            let whole = decode_at_once(data, HttpLimits::default());
+            let (requests, error, _) = decode_in_pieces(data, &one_byte_cuts(data), HttpLimits::default());
+            assert_eq!((requests, error), whole, "{:?}", String::from_utf8_lossy(data));
+            assert!(!whole.0.is_empty());
+        }
+    }
+
+    #[test]
+    fn the_head_is_consumed_once_complete_and_a_length_body_waits_in_the_buffer() {
+        let mut decoder = RequestDecoder::new(HttpLimits::default());
+        let head = b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(decoder.decode(&head[..10]), Ok((0, None)));
+        assert!(decoder.in_request());
+        assert_eq!(decoder.decode(head), Ok((head.len(), None)));
+        assert_eq!(decoder.decode(b"hel"), Ok((0, None)));
+        let (used, request) = decoder.decode(b"helloGET").unwrap();
+        assert_eq!((used, &request.unwrap().body[..]), (5, &b"hello"[..]));
+        assert!(!decoder.in_request(), "ready for the next request");
+    }
+
+    #[test]
+    fn a_chunked_body_is_consumed_as_it_is_decoded() {
+        let mut decoder = RequestDecoder::new(HttpLimits::default());
+        let head = b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(decoder.decode(head), Ok((head.len(), None)));
+        assert_eq!(
+            decoder.decode(b"a;ext"),
+            Ok((0, None)),
+            "size line not complete"
+        );
+        assert_eq!(decoder.decode(b"a;ext\r\n0123"), Ok((11, None)));
+        assert_eq!(
+            decoder.decode(b"456789\r"),
+            Ok((6, None)),
+            "CRLF waits for both bytes"
+        );
+        assert_eq!(decoder.decode(b"\r\n0\r\n"), Ok((5, None)));
+        let (used, request) = decoder.decode(b"\r\nGET").unwrap();
+        assert_eq!((used, &request.unwrap().body[..]), (2, &b"0123456789"[..]));
+    }
+
+    #[test]
+    fn expect_continue_holds_from_a_complete_head_until_the_body_is_complete() {
+        let mut decoder = RequestDecoder::new(HttpLimits::default());
+        let head = b"POST /publish HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(decoder.decode(&head[..head.len() - 1]), Ok((0, None)));
+        assert!(!decoder.expects_continue(), "head not complete yet");
+        assert_eq!(decoder.decode(head), Ok((head.len(), None)));
+        assert!(decoder.expects_continue());
+        assert!(decoder.decode(b"{}").unwrap().1.is_some());
+        assert!(!decoder.expects_continue());
+
+        let mut whole = head.to_vec();
+        whole.extend_from_slice(b"{}");
+        assert!(decoder.decode(&whole).unwrap().1.is_some());
+        assert!(!decoder.expects_continue(), "body came with the head");
+        let plain = b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(decoder.decode(plain), Ok((plain.len(), None)));
+        assert!(!decoder.expects_continue());
+    }
+
+    #[test]
+    fn only_bytes_of_a_request_count_as_in_request() {
+        let mut decoder = RequestDecoder::new(HttpLimits::default());
+        assert!(!decoder.in_request());
+        assert_eq!(decoder.decode(b"\r\n\r"), Ok((0, None)));
+        assert!(
+            !decoder.in_request(),
+            "empty lines before a request are ignored"
+        );
+        assert_eq!(decoder.decode(b"\r\n\r\nG"), Ok((0, None)));
+        assert!(decoder.in_request());
+    }
+
+    #[test]
+    fn garbage_is_refused_at_its_first_byte_or_line_not_at_the_head_limit() {
+        let mut decoder = RequestDecoder::new(HttpLimits::default());
+        let tls_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+        assert_eq!(decoder.decode(tls_hello).unwrap_err().status(), 400);
+        for (line, status) in [
+            (&b"SSH-2.0-OpenSSH_9.6\r\n"[..], 400),
+            (b"GET / HTTP/2.0\r\n", 505),
+            (b"GET /\r\n", 400),
+        ] {
+            let mut decoder = RequestDecoder::new(HttpLimits::default());
+            assert_eq!(decoder.decode(&line[..1]), Ok((0, None)));
+            assert_eq!(decoder.decode(line).unwrap_err().status(), status);
+        }
+    }
+
+    #[test]
+    fn a_mebibyte_in_one_byte_chunks_is_decoded_with_the_caller_holding_a_few_bytes() {
+        const BODY_BYTES: usize = 1024 * 1024;
+        let mut data = b"POST /publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for i in 0..BODY_BYTES {
+            data.extend_from_slice(b"1\r\n");
+            data.push(b'a' + (i % 26) as u8);
+            data.extend_from_slice(b"\r\n");
+        }
+        data.extend_from_slice(b"0\r\n\r\n");
+        let mut decoder = RequestDecoder::new(HttpLimits::default());
+        let (mut held, mut most_held, mut body) = (Vec::new(), 0, None);
+        // The head arrives in one read, then the body one byte per read.
+        let (head, chunks) = data.split_at(data.len() - BODY_BYTES * 6 - 5);
+        assert_eq!(decoder.decode(head), Ok((head.len(), None)));
+        for &byte in chunks {
+            held.push(byte);
+            most_held = most_held.max(held.len());
+            let (used, request) = decoder.decode(&held).unwrap();
+            held.drain(..used);
+            body = body.or(request.map(|r| r.body));
+        }
+        let body = body.expect("complete");
+        assert_eq!(body.len(), BODY_BYTES);
+        assert!(body
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == b'a' + (i % 26) as u8));
+        assert!(held.is_empty());
+        // A size line waits for its CRLF, a chunk's CRLF for both bytes.
+        assert!(most_held <= 3, "held {most_held} bytes");
+    }
+
+    #[test]
+    fn chunk_size_lines_and_trailers_have_bounds() {
+        let head = b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let endless_ext = [
+            head.clone(),
+            b"1;".to_vec(),
+            vec![b'x'; MAX_CHUNK_LINE_BYTES],
+        ]
+        .concat();
+        assert_eq!(
+            parse(&endless_ext),
+            Err(HttpError::Malformed("chunk size line too long"))
+        );
+        let many_trailers = [
+            head.clone(),
+            b"0\r\n".to_vec(),
+            b"T: 1\r\n".repeat(MAX_TRAILER_FIELDS + 1),
+        ]
+        .concat();
+        assert_eq!(parse(&many_trailers), Err(HttpError::HeadersTooLarge));
+        let bad_trailer = [head.clone(), b"0\r\nNo Colon\r\n".to_vec()].concat();
+        assert_eq!(
+            parse(&bad_trailer),
+            Err(HttpError::Malformed("invalid trailer"))
+        );
+        let limits = HttpLimits {
+            max_body_bytes: 2,
+            max_header_bytes: 128,
+            ..HttpLimits::default()
+        };
+        let long_extensions = [
+            head.clone(),
+            format!("1;{}\r\na\r\n", "e".repeat(100))
+                .repeat(2)
+                .into_bytes(),
+        ]
+        .concat();
+        assert_eq!(
+            parse_request(&long_extensions, &limits),
+            Err(HttpError::BodyTooLarge)
+        );
+    }
+
+    /// A request with a random method, path, fields and framing; chunked
+    /// bodies get random chunk sizes, extensions and trailers.
+    fn request_strategy() -> impl Strategy<Value = Vec<u8>> {
+        let fields = proptest::collection::vec(("[A-Za-z-]{1,8}", "[ -~]{0,12}"), 0..4);
+        let body = proptest::collection::vec(any::<u8>(), 0..96);
+        let chunks =
+            proptest::collection::vec((1usize..24, proptest::option::of("[a-z=\"; ]{0,8}")), 1..8);
+        (
+            ("(GET|POST|X)", "/[a-z%0-9?=&+]{0,12}", "(0|1)"),
+            fields,
+            body,
+            any::<bool>(),
+            chunks,
+            any::<bool>(),
+        )
+            .prop_map(
+                |((method, path, minor), fields, body, chunked, chunks, trailer)| {
+                    let mut out = format!("{method} {path} HTTP/1.{minor}\r\n").into_bytes();
+                    for (name, value) in fields {
+                        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+                    }
+                    if !chunked {
+                        out.extend_from_slice(
+                            format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes(),
+                        );
+                        out.extend_from_slice(&body);
+                        return out;
+                    }
+                    out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                    let mut rest = &body[..];
+                    for (size, ext) in chunks.iter().cycle().take(body.len()) {
+                        if rest.is_empty() {
+                            break;
+                        }
+                        let (chunk, after) = rest.split_at((*size).min(rest.len()));
+                        let ext = ext.as_deref().map(|e| format!(";{e}")).unwrap_or_default();
+                        out.extend_from_slice(format!("{:X}{ext}\r\n", chunk.len()).as_bytes());
+                        out.extend_from_slice(chunk);
+                        out.extend_from_slice(b"\r\n");
+                        rest = after;
+                    }
+                    out.extend_from_slice(if trailer {
+                        &b"0\r\nX-T: 1\r\n\r\n"[..]
+                    } else {
+                        b"0\r\n\r\n"
+                    });
+                    out
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn requests_split_anywhere_decode_like_one_read(
+            first in request_strategy(),
+            second in request_strategy(),
+            pipelined in any::<bool>(),
+            damage in proptest::option::of((any::<prop::sample::Index>(), any::<u8>())),
+            mut cuts in proptest::collection::vec(0usize..600, 0..12),
+        ) {
+            let mut data = first;
+            if pipelined {
+                data.extend_from_slice(&second);
+            }
+            if let Some((at, byte)) = damage {
+                let at = at.index(data.len());
+                data[at] = byte;
+            }
+            cuts.sort_unstable();
+            let limits = HttpLimits { max_header_bytes: 256, max_headers: 8, max_body_bytes: 64 };
+            let (requests, error, _) = decode_in_pieces(&data, &cuts, limits);
+            prop_assert_eq!((requests, error), decode_at_once(&data, limits));
+            if damage.is_none() {
+                let (requests, error) = decode_at_once(&data, HttpLimits::default());
+                prop_assert_eq!((requests.len(), error), (1 + usize::from(pipelined), None));
+            }
+        }
+
+        #[test]
+        fn requests_fed_one_byte_at_a_time_decode_like_one_read(first in request_strategy()) {
+            let limits = HttpLimits::default();
+            let (requests, error, _) = decode_in_pieces(&first, &one_byte_cuts(&first), limits);
+            prop_assert_eq!((requests, error), decode_at_once(&first, limits));
+        }
     }
 }
