@@ -230,21 +230,6 @@ fn map_httparse(err: httparse::Error) -> HttpError {
 /// to send its body.
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// Whether `buf` starts with a complete request head carrying
-/// `Expect: 100-continue` (RFC 9110 10.1.1): such a client (curl, for bodies
-/// over 1 KiB) waits for [`CONTINUE`] before sending the body.
-///
-/// Re-parses the head on every call; a connection driven by a
-/// [`RequestDecoder`] asks [`RequestDecoder::expects_continue`] instead.
-pub fn expects_continue(buf: &[u8]) -> bool {
-    let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(buf) {
-        Ok(httparse::Status::Complete(_)) => request.headers.iter().any(is_expect_continue),
-        _ => false,
-    }
-}
-
 fn is_expect_continue(field: &httparse::Header<'_>) -> bool {
     field.name.eq_ignore_ascii_case("expect") && field.value.eq_ignore_ascii_case(b"100-continue")
 }
@@ -848,53 +833,6 @@ impl ChunkedBody {
     }
 }
 
-/// Per-connection request decoder; keeps its progress between calls.
-// TEMPORARY: a non-incremental stand-in until the incremental decoder lands.
-#[derive(Debug)]
-pub struct RequestDecoder {
-    limits: HttpLimits,
-    in_request: bool,
-    expects_continue: bool,
-}
-
-impl RequestDecoder {
-    /// A decoder for requests within `limits`.
-    pub fn new(limits: HttpLimits) -> Self {
-        RequestDecoder {
-            limits,
-            in_request: false,
-            expects_continue: false,
-        }
-    }
-
-    /// Reads from the front of `buf`; returns the bytes consumed and the
-    /// request once complete.
-    pub fn decode(&mut self, buf: &[u8]) -> Result<(usize, Option<Request>), HttpError> {
-        match parse_request(buf, &self.limits)? {
-            Decoded::Complete(request, used) => {
-                self.in_request = false;
-                self.expects_continue = false;
-                Ok((used, Some(request)))
-            }
-            Decoded::Partial => {
-                self.in_request = !buf.is_empty();
-                self.expects_continue = expects_continue(buf);
-                Ok((0, None))
-            }
-        }
-    }
-
-    /// A complete head asked for `Expect: 100-continue` and its body is not complete yet.
-    pub fn expects_continue(&self) -> bool {
-        self.expects_continue
-    }
-
-    /// Some bytes of a request have arrived but it is not complete.
-    pub fn in_request(&self) -> bool {
-        self.in_request
-    }
-}
-
 /// An HTTP/1.1 response under construction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
@@ -1337,19 +1275,6 @@ mod tests {
         let text = std::str::from_utf8(&bytes).unwrap();
         assert!(text.contains("Content-Length: 7\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\n"), "{text}");
-    }
-
-    #[test]
-    fn a_complete_head_with_expect_100_continue_is_recognised() {
-        let head = b"POST /publish HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\nContent-Length: 5\r\n\r\n";
-        assert!(expects_continue(head));
-        assert!(
-            !expects_continue(&head[..head.len() - 2]),
-            "head not complete yet"
-        );
-        assert!(!expects_continue(
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
-        ));
     }
 
     /// Everything decoded from `data` delivered in pieces ending at `cuts`,
