@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::Auth;
-use crate::rules::{Pattern, Rule, RuleSet};
+use crate::rules::{History, Pattern, Rule, RuleSet};
 
 /// Shards are addressed by bit in a `u64` interest mask.
 pub const MAX_SHARDS: usize = 64;
@@ -67,6 +67,10 @@ pub struct Limits {
     /// Client registrations kept in memory (each shard holds all of them).
     /// Default 100,000; past it `POST /register` gets 503.
     pub max_registrations: usize,
+    /// Bytes of stream history one shard keeps for the topics it is home
+    /// to, across all of them. Default 64 MiB; past it the oldest
+    /// publications are evicted first, whatever their topic.
+    pub max_history_bytes: usize,
     /// Envelopes queued from one shard to another. Default 65,536: a full second of a
     /// 20k msgs/s publish burst aimed at one shard, at 24 bytes an envelope.
     pub bus_queue_capacity: usize,
@@ -84,6 +88,7 @@ impl Default for Limits {
             max_connections: 1_000_000,
             max_topics_per_shard: 1_000_000,
             max_registrations: 100_000,
+            max_history_bytes: 64 * 1024 * 1024,
             bus_queue_capacity: 65_536,
         }
     }
@@ -211,6 +216,12 @@ struct FileRule {
     join_leave: bool,
     #[serde(default)]
     require_auth: bool,
+    #[serde(default)]
+    history_size: usize,
+    #[serde(default)]
+    history_ttl_s: u64,
+    #[serde(default)]
+    replay_on_subscribe: usize,
 }
 
 #[derive(Deserialize, Default)]
@@ -225,6 +236,7 @@ struct FileLimits {
     max_connections: Option<usize>,
     max_topics_per_shard: Option<usize>,
     max_registrations: Option<usize>,
+    max_history_bytes: Option<usize>,
     bus_queue_capacity: Option<usize>,
 }
 
@@ -294,6 +306,7 @@ impl Config {
             max_connections,
             max_topics_per_shard,
             max_registrations,
+            max_history_bytes,
             bus_queue_capacity
         );
         config.auth = auth_config(file.auth)?;
@@ -386,17 +399,39 @@ fn auth_config(file: FileAuth) -> Result<AuthConfig, ConfigError> {
     })
 }
 
+/// A rule's history settings: both `history_size` and `history_ttl_s`, or neither.
+fn history(i: usize, r: &FileRule) -> Result<Option<History>, ConfigError> {
+    let invalid = |message: &str| Err(ConfigError::Invalid(format!("rules[{i}]: {message}")));
+    match (r.history_size, r.history_ttl_s) {
+        (0, 0) if r.replay_on_subscribe > 0 => {
+            invalid("replay_on_subscribe needs history_size and history_ttl_s")
+        }
+        (0, 0) => Ok(None),
+        (0, _) | (_, 0) => invalid("history_size and history_ttl_s must both be greater than 0"),
+        (size, _) if r.replay_on_subscribe > size => {
+            invalid("replay_on_subscribe must not be greater than history_size")
+        }
+        (size, ttl_s) => Ok(Some(History {
+            size,
+            ttl: Duration::from_secs(ttl_s),
+            replay_on_subscribe: r.replay_on_subscribe,
+        })),
+    }
+}
+
 fn rule_set(file: Vec<FileRule>) -> Result<RuleSet, ConfigError> {
     let mut rules = Vec::with_capacity(file.len());
     for (i, r) in file.into_iter().enumerate() {
         let pattern = Pattern::parse(&r.pattern)
             .map_err(|e| ConfigError::Invalid(format!("rules[{i}].pattern: {e}")))?;
+        let history = history(i, &r)?;
         rules.push(Rule {
             pattern,
             client_publish: r.client_publish,
             presence: r.presence,
             join_leave: r.join_leave,
             require_auth: r.require_auth,
+            history,
         });
     }
     RuleSet::new(rules).map_err(|e| ConfigError::Invalid(format!("rules: {e}")))

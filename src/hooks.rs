@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::rules::{Pattern, PatternMap, Rule, RuleError, RuleSet};
+use crate::rules::{History, Pattern, PatternMap, Rule, RuleError, RuleSet};
 
 /// Decides what happens on one channel (all topics its pattern matches).
 /// Every method has a permissive default.
@@ -21,6 +21,12 @@ pub trait ChannelHook: Send + Sync + 'static {
     /// Whether presence queries are answered for these topics.
     fn tracks_presence(&self) -> bool {
         false
+    }
+
+    /// History settings when these topics are streams (ordered publications
+    /// with offsets, recovery after a reconnect); `None` for plain topics.
+    fn history(&self) -> Option<History> {
+        None
     }
 
     /// A connection asks to subscribe to `ctx.topic()`. `Err(reason)` refuses:
@@ -172,6 +178,10 @@ pub struct RuleHook(pub Rule);
 impl ChannelHook for RuleHook {
     fn tracks_presence(&self) -> bool {
         self.0.presence
+    }
+
+    fn history(&self) -> Option<History> {
+        self.0.history
     }
 
     fn join(&self, ctx: &mut HookContext<'_>) -> Result<(), String> {

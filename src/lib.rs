@@ -42,6 +42,7 @@
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod engine;
 pub mod hooks;
 pub mod metrics;
 pub mod protocol;

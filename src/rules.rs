@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::time::Duration;
 
 /// Errors building patterns and rule sets; each names the offending pattern.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +89,22 @@ pub struct Rule {
     pub join_leave: bool,
     /// Only authenticated connections may subscribe or publish. Config default `false`.
     pub require_auth: bool,
+    /// Makes these topics streams: publications get offsets and a bounded
+    /// history that reconnecting clients recover from. Config default: none.
+    pub history: Option<History>,
+}
+
+/// History settings of a stream topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    /// Publications kept per topic (`history_size`); older ones are evicted.
+    pub size: usize,
+    /// How long a publication is kept (`history_ttl_s`); a stream with no
+    /// publication for this long is forgotten and starts a new epoch.
+    pub ttl: Duration,
+    /// Latest publications sent to every new subscriber, marked as replay
+    /// (`replay_on_subscribe`), at most `size`. Default 0.
+    pub replay_on_subscribe: usize,
 }
 
 impl Rule {
@@ -100,6 +117,7 @@ impl Rule {
             presence: false,
             join_leave: false,
             require_auth: false,
+            history: None,
         }
     }
 }
@@ -210,6 +228,7 @@ impl RuleSet {
             presence: true,
             join_leave: false,
             require_auth: false,
+            history: None,
         };
         let mut index = PatternMap::default();
         index.insert(&rule.pattern, RuleId(0));
