@@ -34,10 +34,12 @@ const BRACKET_COUNT_BLOCK: usize = 64;
 /// A message from a WebSocket client.
 #[derive(Debug, Clone)]
 pub enum ClientMessage<'a> {
-    /// `{"type":"subscribe","topic":T}`
+    /// `{"type":"subscribe","topic":T,"since"?:{"offset":N,"epoch":E}}`
     Subscribe {
         /// Validated topic name.
         topic: Cow<'a, str>,
+        /// The stream position to recover from, if given.
+        since: Option<Since>,
     },
     /// `{"type":"unsubscribe","topic":T}`
     Unsubscribe {
@@ -55,8 +57,9 @@ pub enum ClientMessage<'a> {
     },
     /// `{"type":"ping"}` or the plain text `ping`.
     Ping,
-    /// `{"topics":[...]}`: replace the whole subscription set.
-    SetTopics(Vec<Cow<'a, str>>),
+    /// `{"topics":[...]}`: replace the whole subscription set. Each element
+    /// is a topic name or `{"topic":T,"since":{"offset":N,"epoch":E}}`.
+    SetTopics(Vec<TopicRequest<'a>>),
     /// `{"type":"presence","topic":T}`: ask who is on a topic.
     Presence {
         /// Validated topic name.
@@ -68,8 +71,17 @@ impl PartialEq for ClientMessage<'_> {
     fn eq(&self, other: &Self) -> bool {
         use ClientMessage::*;
         match (self, other) {
-            (Subscribe { topic: a }, Subscribe { topic: b })
-            | (Unsubscribe { topic: a }, Unsubscribe { topic: b })
+            (
+                Subscribe {
+                    topic: a,
+                    since: sa,
+                },
+                Subscribe {
+                    topic: b,
+                    since: sb,
+                },
+            ) => a == b && sa == sb,
+            (Unsubscribe { topic: a }, Unsubscribe { topic: b })
             | (Presence { topic: a }, Presence { topic: b }) => a == b,
             (
                 Publish {
@@ -130,6 +142,26 @@ pub enum ClientError {
     },
 }
 
+/// A stream position a client resumes from: the offset of the last
+/// publication it has and the epoch that offset belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Since {
+    /// Offset of the last publication the client has.
+    pub offset: u64,
+    /// The epoch of the stream that offset belongs to.
+    pub epoch: String,
+}
+
+/// One topic of a `{"topics":[..]}` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicRequest<'a> {
+    /// Validated topic name.
+    pub topic: Cow<'a, str>,
+    /// The position to recover from, if given.
+    pub since: Option<Since>,
+}
+
 /// A string that borrows from the input unless it had escapes.
 #[derive(Deserialize)]
 struct BorrowedStr<'a>(#[serde(borrow)] Cow<'a, str>);
@@ -147,6 +179,8 @@ struct RawClient<'a> {
     payload: Option<&'a RawValue>,
     #[serde(borrow, default)]
     topics: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    since: Option<&'a RawValue>,
 }
 
 /// Parses one text message from a client. `max_topic_bytes` bounds every topic.
@@ -171,7 +205,10 @@ pub fn parse_client(text: &str, max_topic_bytes: usize) -> Result<ClientMessage<
         expected: "a string",
     })?;
     match kind.as_ref() {
-        "subscribe" => Ok(ClientMessage::Subscribe { topic: topic()? }),
+        "subscribe" => Ok(ClientMessage::Subscribe {
+            topic: topic()?,
+            since: since_field(raw.since)?,
+        }),
         "unsubscribe" => Ok(ClientMessage::Unsubscribe { topic: topic()? }),
         "message" | "publish" => Ok(ClientMessage::Publish {
             topic: topic()?,
@@ -276,14 +313,53 @@ fn topic_field(raw: Option<&RawValue>, max_bytes: usize) -> Result<Cow<'_, str>,
     Ok(topic)
 }
 
-fn topic_list(raw: &RawValue, max_bytes: usize) -> Result<Vec<Cow<'_, str>>, ClientError> {
-    let list: Vec<BorrowedStr<'_>> =
-        serde_json::from_str(raw.get()).map_err(|_| ClientError::WrongType {
-            field: "topics",
-            expected: "an array of strings",
-        })?;
+/// `"since":{"offset":N,"epoch":E}`; `null` is the same as absent.
+fn since_field(raw: Option<&RawValue>) -> Result<Option<Since>, ClientError> {
+    match raw {
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) => {
+            serde_json::from_str(raw.get())
+                .map(Some)
+                .map_err(|_| ClientError::WrongType {
+                    field: "since",
+                    expected: r#"an object {"offset":N,"epoch":E}"#,
+                })
+        }
+    }
+}
+
+/// An element of `topics` written as an object.
+#[derive(Deserialize)]
+struct RawTopicObject<'a> {
+    #[serde(borrow, default)]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    since: Option<&'a RawValue>,
+}
+
+fn topic_list(raw: &RawValue, max_bytes: usize) -> Result<Vec<TopicRequest<'_>>, ClientError> {
+    let wrong = || ClientError::WrongType {
+        field: "topics",
+        expected: r#"an array of topic names or {"topic":T,"since":{"offset":N,"epoch":E}}"#,
+    };
+    let list: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|_| wrong())?;
     list.into_iter()
-        .map(|BorrowedStr(topic)| check_topic(&topic, max_bytes).map(|()| topic))
+        .map(|item| {
+            let (topic, since) = if item.get().starts_with('"') {
+                (string_field(item).ok_or_else(wrong)?, None)
+            } else {
+                let object: RawTopicObject<'_> =
+                    serde_json::from_str(item.get()).map_err(|_| wrong())?;
+                let topic = object.topic.ok_or_else(wrong)?;
+                (
+                    string_field(topic).ok_or_else(wrong)?,
+                    since_field(object.since)?,
+                )
+            };
+            check_topic(&topic, max_bytes)?;
+            Ok(TopicRequest { topic, since })
+        })
         .collect()
 }
 
@@ -419,6 +495,28 @@ pub fn unsubscribed(topic: &str) -> Bytes {
     typed_topic("unsubscribed", topic)
 }
 
+/// `{"type":"subscribed","topic":T,"recovered"?:B,"offset":N,"epoch":E}`:
+/// the reply for a stream topic, with its position (and whether the
+/// position the client asked to resume from was recovered).
+pub fn subscribed_at(topic: &str, recovered: Option<bool>, offset: u64, epoch: &str) -> Bytes {
+    frame::text_with(64 + topic.len() + epoch.len(), |out| {
+        out.extend_from_slice(b"{\"type\":\"subscribed\",\"topic\":");
+        write_json_str(out, topic);
+        if let Some(recovered) = recovered {
+            out.extend_from_slice(if recovered {
+                b",\"recovered\":true"
+            } else {
+                b",\"recovered\":false"
+            });
+        }
+        out.extend_from_slice(b",\"offset\":");
+        out.extend_from_slice(offset.to_string().as_bytes());
+        out.extend_from_slice(b",\"epoch\":");
+        write_json_str(out, epoch);
+        out.push(b'}');
+    })
+}
+
 /// `{"type":"pong"}` as a text frame; static, no allocation.
 pub fn pong() -> Bytes {
     Bytes::from_static(b"\x81\x0f{\"type\":\"pong\"}")
@@ -451,6 +549,56 @@ pub fn push(topic: &str, event: &str, payload_json: &str) -> Bytes {
         out.extend_from_slice(or_default(payload_json, "null").as_bytes());
         out.push(b'}');
     })
+}
+
+/// `{"type":"push","topic":T,"offset":N,"event":E,"payload":P}`: a
+/// publication of a stream topic, framed once on its home.
+pub fn push_at(topic: &str, offset: u64, event: &str, payload_json: &str) -> Bytes {
+    let hint = 64 + topic.len() + event.len() + payload_json.len();
+    frame::text_with(hint, |out| {
+        out.extend_from_slice(b"{\"type\":\"push\",\"topic\":");
+        write_json_str(out, topic);
+        out.extend_from_slice(b",\"offset\":");
+        out.extend_from_slice(offset.to_string().as_bytes());
+        out.extend_from_slice(b",\"event\":");
+        write_json_str(out, event);
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(or_default(payload_json, "null").as_bytes());
+        out.push(b'}');
+    })
+}
+
+/// The JSON text of a server text frame built here (its payload: server
+/// frames are unmasked), or `None` for anything else.
+pub fn frame_json(frame: &[u8]) -> Option<&[u8]> {
+    let (&first, rest) = frame.split_first()?;
+    if first != 0x81 {
+        return None;
+    }
+    let (&len, rest) = rest.split_first()?;
+    let (len, rest) = match len {
+        126 => (
+            usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?])),
+            rest.get(2..)?,
+        ),
+        127 => (
+            usize::try_from(u64::from_be_bytes(rest.get(..8)?.try_into().ok()?)).ok()?,
+            rest.get(8..)?,
+        ),
+        n => (usize::from(n), rest),
+    };
+    (rest.len() == len).then_some(rest)
+}
+
+/// A replayed stream publication (last values sent on subscribe): the stored
+/// push with `"replay":true`, so a client can tell it from live traffic.
+pub fn replayed(push_frame: &[u8]) -> Option<Bytes> {
+    let json = frame_json(push_frame)?;
+    let rest = json.strip_prefix(b"{\"type\":\"push\",")?;
+    Some(frame::text_with(json.len() + 16, |out| {
+        out.extend_from_slice(b"{\"type\":\"push\",\"replay\":true,");
+        out.extend_from_slice(rest);
+    }))
 }
 
 /// `{"type":"presence","topic":T,"count":N,"members":M}` as a text frame;
@@ -506,7 +654,8 @@ mod tests {
         assert_eq!(
             parse(r#"{"type":"subscribe","topic":"orders:new"}"#),
             Ok(ClientMessage::Subscribe {
-                topic: "orders:new".into()
+                topic: "orders:new".into(),
+                since: None,
             })
         );
         assert_eq!(
@@ -517,12 +666,13 @@ mod tests {
 
     #[test]
     fn topics_borrow_unless_escaped() {
-        let Ok(ClientMessage::Subscribe { topic }) = parse(r#"{"type":"subscribe","topic":"abc"}"#)
+        let Ok(ClientMessage::Subscribe { topic, .. }) =
+            parse(r#"{"type":"subscribe","topic":"abc"}"#)
         else {
             panic!()
         };
         assert!(matches!(topic, Cow::Borrowed("abc")));
-        let Ok(ClientMessage::Subscribe { topic }) =
+        let Ok(ClientMessage::Subscribe { topic, .. }) =
             parse(r#"{"type":"subscribe","topic":"a\u00e9"}"#)
         else {
             panic!()
@@ -568,11 +718,78 @@ mod tests {
         );
     }
 
+    fn named(topic: &str) -> TopicRequest<'_> {
+        TopicRequest {
+            topic: topic.into(),
+            since: None,
+        }
+    }
+
+    #[test]
+    fn subscribes_may_carry_a_position_to_recover_from() {
+        let since = Some(Since {
+            offset: 41,
+            epoch: "e1".into(),
+        });
+        assert_eq!(
+            parse(r#"{"type":"subscribe","topic":"t","since":{"offset":41,"epoch":"e1"}}"#),
+            Ok(ClientMessage::Subscribe {
+                topic: "t".into(),
+                since: since.clone(),
+            })
+        );
+        assert_eq!(
+            parse(
+                r#"{"topics":["a",{"topic":"b","since":{"offset":41,"epoch":"e1"}},{"topic":"c"}]}"#
+            ),
+            Ok(ClientMessage::SetTopics(vec![
+                named("a"),
+                TopicRequest {
+                    topic: "b".into(),
+                    since,
+                },
+                named("c"),
+            ]))
+        );
+        assert_eq!(
+            err(r#"{"type":"subscribe","topic":"t","since":{"offset":-1,"epoch":"e"}}"#),
+            r#"field `since` must be an object {"offset":N,"epoch":E}"#
+        );
+        assert_eq!(
+            err(r#"{"type":"subscribe","topic":"t","since":7}"#),
+            r#"field `since` must be an object {"offset":N,"epoch":E}"#
+        );
+    }
+
+    #[test]
+    fn stream_replies_carry_positions_and_replays_are_marked() {
+        assert_eq!(
+            json_of(&subscribed_at("t", Some(true), 7, "e1")),
+            serde_json::json!({"type":"subscribed","topic":"t","recovered":true,"offset":7,"epoch":"e1"})
+        );
+        assert_eq!(
+            json_of(&subscribed_at("t", None, 0, "e1")),
+            serde_json::json!({"type":"subscribed","topic":"t","offset":0,"epoch":"e1"})
+        );
+        let live = push_at("t", 3, "tick", r#"{"v":1}"#);
+        assert_eq!(
+            json_of(&live),
+            serde_json::json!({"type":"push","topic":"t","offset":3,"event":"tick","payload":{"v":1}})
+        );
+        let big = push_at("t", 4, "e", &format!("\"{}\"", "x".repeat(70_000)));
+        assert!(frame_json(&big).is_some(), "a 64-bit length");
+        let replay = replayed(&live).unwrap();
+        assert_eq!(
+            json_of(&replay),
+            serde_json::json!({"type":"push","replay":true,"topic":"t","offset":3,"event":"tick","payload":{"v":1}})
+        );
+    }
+
     #[test]
     fn set_topics_and_presence() {
         assert_eq!(
             parse(r#"{"topics":["cats","dogs"]}"#),
-            Ok(ClientMessage::SetTopics(vec!["cats".into(), "dogs".into()]))
+            Ok(ClientMessage::SetTopics(vec![named("cats"), named("dogs")]))
         );
         assert_eq!(
             parse(r#"{"topics":[]}"#),
@@ -580,7 +797,7 @@ mod tests {
         );
         assert_eq!(
             err(r#"{"topics":"cats"}"#),
-            "field `topics` must be an array of strings"
+            r#"field `topics` must be an array of topic names or {"topic":T,"since":{"offset":N,"epoch":E}}"#
         );
         assert_eq!(
             err(r#"{"topics":["ok",""]}"#),

@@ -65,7 +65,7 @@ impl ShardState {
         match message::parse_client(text, max_topic_bytes) {
             Err(e) => self.send_error(key, &e.to_string()),
             Ok(ClientMessage::Ping) => self.send(key, message::pong()),
-            Ok(ClientMessage::Subscribe { topic }) => self.subscribe(key, &topic),
+            Ok(ClientMessage::Subscribe { topic, .. }) => self.subscribe(key, &topic),
             Ok(ClientMessage::Unsubscribe { topic }) => {
                 if let Some(id) = self.subscription(key, &topic) {
                     self.unsubscribe(key, id);
@@ -73,7 +73,7 @@ impl ShardState {
                 self.send(key, message::unsubscribed(&topic));
             }
             Ok(ClientMessage::SetTopics(topics)) => {
-                let wanted: Vec<&str> = topics.iter().map(|t| t.as_ref()).collect();
+                let wanted: Vec<&str> = topics.iter().map(|t| t.topic.as_ref()).collect();
                 self.set_topics(key, &wanted);
             }
             Ok(ClientMessage::Publish {
