@@ -276,6 +276,13 @@ impl StepReport {
         per_million(self.cost.core_busy_s, self.counts.measured)
     }
 
+    /// Core busy less other processes' user time on the server's cpus, per
+    /// million deliveries: the server's share when the machine is shared.
+    fn core_own_per_million(&self) -> Option<f64> {
+        let own = (self.cost.core_busy_s? - self.cost.foreign_user_s?).max(0.0);
+        per_million(Some(own), self.counts.measured)
+    }
+
     /// Client CPU (all its processes) per million deliveries.
     fn client_per_million(&self) -> Option<f64> {
         per_million(self.cost.client_cpu_s, self.counts.measured)
@@ -404,6 +411,7 @@ impl StepReport {
             "server_cpu_with_ksoftirqd_s_per_million_deliveries": self.cpu_softirqd_per_million(),
             "server_core_busy_s": c.core_busy_s,
             "server_core_busy_s_per_million_deliveries": self.core_per_million(),
+            "server_core_busy_less_foreign_user_s_per_million_deliveries": self.core_own_per_million(),
             "server_core_softirq_s": c.core_softirq_s,
             "server_core_foreign_user_s": c.foreign_user_s,
             "server_rss_bytes": c.server_rss,
@@ -542,11 +550,13 @@ impl Run {
             (Some(cpus), Some(busy)) => {
                 let _ = writeln!(
                     o,
-                    "  server     cpus {cpus:?} busy {} ({}/M deliveries; softirq {}, other processes' user {})",
+                    "  server     cpus {cpus:?} busy {} ({}/M deliveries; softirq {}, other processes' user {}, \
+                     {}/M without it)",
                     f(Some(busy)),
                     f(st.core_per_million()),
                     f(c.core_softirq_s),
-                    f(c.foreign_user_s)
+                    f(c.foreign_user_s),
+                    f(st.core_own_per_million())
                 );
             }
             _ => {
