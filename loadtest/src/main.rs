@@ -121,9 +121,16 @@ fn run(plan: &Plan) -> Result<report::Run> {
         server_cpus: probe.cpus.clone(),
         server_cpus_note: probe.cpus_note.clone(),
     };
-    let steps = measure(
-        plan, &mut fleet, &mut pubs, &counters, &probe, &env, &progress,
-    )?;
+    let steps = Rig {
+        plan,
+        fleet: &mut fleet,
+        pubs: &mut pubs,
+        counters: &counters,
+        probe: &probe,
+        env: &env,
+        progress: &progress,
+    }
+    .measure()?;
     let conns = Conns::new(
         a.subscribers,
         frozen.ready,
@@ -175,7 +182,7 @@ fn connect(plan: &Plan, progress: &Progress) -> Result<(Fleet, Frozen, f64)> {
             last_print = now_ns();
             progress.say(format!(
                 "connecting: {ready} ready, {} failed of {}",
-                settled - ready,
+                settled.saturating_sub(ready),
                 a.subscribers
             ));
         }
@@ -217,118 +224,113 @@ fn open_publishers(
         .collect()
 }
 
-/// Measure phase: one step at the given rate, or, with --find-ceiling, steps
-/// of rising rate until one fails.
-fn measure(
-    plan: &Plan,
-    fleet: &mut Fleet,
-    pubs: &mut [Publisher],
-    counters: &PubCounters,
-    probe: &ServerProbe,
-    env: &Env,
-    progress: &Progress,
-) -> Result<Vec<StepReport>> {
-    let a = &plan.args;
-    let mut steps = Vec::new();
-    let mut rate = a.rate.max(if a.find_ceiling { 1.0 } else { 0.0 });
-    for epoch in 1u32.. {
-        let step = measure_step(
-            plan, fleet, pubs, counters, probe, env, epoch, rate, progress,
-        )?;
-        let held = step.held(a.ceiling_p99_ms);
-        steps.push(step);
-        if !a.find_ceiling || !held || rate * a.ceiling_factor > a.ceiling_max_rate {
-            break;
-        }
-        rate *= a.ceiling_factor;
-    }
-    Ok(steps)
+/// Everything the measure phase drives.
+struct Rig<'a> {
+    plan: &'a Plan,
+    fleet: &'a mut Fleet,
+    pubs: &'a mut [Publisher],
+    counters: &'a PubCounters,
+    probe: &'a ServerProbe,
+    env: &'a Env,
+    progress: &'a Progress,
 }
 
-/// One rate step: warm-up, the measured window, the drain, the report.
-#[allow(clippy::too_many_arguments)]
-fn measure_step(
-    plan: &Plan,
-    fleet: &mut Fleet,
-    pubs: &mut [Publisher],
-    counters: &PubCounters,
-    probe: &ServerProbe,
-    env: &Env,
-    epoch: u32,
-    rate: f64,
-    progress: &Progress,
-) -> Result<StepReport> {
-    let a = &plan.args;
-    counters.reset();
-    let t0 = now_ns() + STEP_LEAD.as_nanos() as u64;
-    let measure_start = t0 + a.warmup.as_nanos() as u64;
-    let end = measure_start + a.duration.as_nanos() as u64;
-    fleet.begin_epoch(epoch, measure_start)?;
-    let schedule = publish::Plan {
-        epoch,
-        t0,
-        measure_start,
-        end,
-        rate,
-    };
-    if plan.publishing() {
-        progress.say(format!(
-            "step {epoch}: {rate:.0} msgs/s for {:.1}s after {:.1}s warmup",
-            a.duration.as_secs_f64(),
-            a.warmup.as_secs_f64()
-        ));
-    }
-    let client_pids = fleet.child_pids();
-    let mut window = probe.begin();
-    let lag = std::thread::scope(|s| {
-        let handles: Vec<_> = pubs
-            .iter_mut()
-            .map(|p| s.spawn(|| p.run(&schedule)))
-            .collect();
-        sleep_until(measure_start);
-        window.start(&client_pids);
-        sleep_until(end);
-        let mut lag = sub::new_histogram();
-        for h in handles {
-            if let Ok(l) = h.join() {
-                let _ = lag.add(&l);
+impl Rig<'_> {
+    /// Measure phase: one step at the given rate, or, with --find-ceiling,
+    /// steps of rising rate until one fails.
+    fn measure(&mut self) -> Result<Vec<StepReport>> {
+        let a = &self.plan.args;
+        let mut steps = Vec::new();
+        let mut rate = a.rate.max(if a.find_ceiling { 1.0 } else { 0.0 });
+        for epoch in 1u32.. {
+            let step = self.step(epoch, rate)?;
+            let held = step.held(a.ceiling_p99_ms);
+            steps.push(step);
+            if !a.find_ceiling || !held || rate * a.ceiling_factor > a.ceiling_max_rate {
+                break;
             }
+            rate *= a.ceiling_factor;
         }
-        lag
-    });
-    let publish_done = now_ns();
-    drain(plan, fleet, counters, publish_done.max(end))?;
-    let samples = window.stop(&client_pids);
-    let (counts, hist) = fleet.take_stats()?;
-    let conns = fleet.conn_stats()?;
-    let collected = Collected {
-        rate,
-        publishers: counters,
-        counts,
-        hist: &hist,
-        lag: &lag,
-        samples: &samples,
-        publish_overrun_s: publish_done.saturating_sub(end) as f64 / 1e9,
-        conns: &conns,
-    };
-    let window = report::Window {
-        duration_s: a.duration.as_secs_f64(),
-    };
-    Ok(StepReport::build(collected, &window, env))
-}
-
-/// Drain phase: waits up to `--drain` after publishing for deliveries still
-/// in flight, and stops early once every expected delivery arrived.
-fn drain(plan: &Plan, fleet: &mut Fleet, counters: &PubCounters, from: u64) -> Result<()> {
-    let deadline = from + plan.args.drain.as_nanos() as u64;
-    while now_ns() < deadline {
-        if plan.publishing()
-            && counters.unanswered() == 0
-            && fleet.unique_so_far()? >= counters.expected.load(SeqCst)
-        {
-            break;
-        }
-        std::thread::sleep(DRAIN_POLL);
+        Ok(steps)
     }
-    Ok(())
+
+    /// One rate step: warm-up, the measured window, the drain, the report.
+    fn step(&mut self, epoch: u32, rate: f64) -> Result<StepReport> {
+        let a = &self.plan.args;
+        // perf attaches (counters off) before the schedule is fixed, so its
+        // start-up cannot delay the publishers or the window's start.
+        let mut window = self.probe.begin();
+        self.counters.reset();
+        let t0 = now_ns() + STEP_LEAD.as_nanos() as u64;
+        let measure_start = t0 + a.warmup.as_nanos() as u64;
+        let end = measure_start + a.duration.as_nanos() as u64;
+        self.fleet.begin_epoch(epoch, measure_start)?;
+        let schedule = publish::Plan {
+            epoch,
+            t0,
+            measure_start,
+            end,
+            rate,
+        };
+        if self.plan.publishing() {
+            self.progress.say(format!(
+                "step {epoch}: {rate:.0} msgs/s for {:.1}s after {:.1}s warmup",
+                a.duration.as_secs_f64(),
+                a.warmup.as_secs_f64()
+            ));
+        }
+        let client_pids = self.fleet.child_pids();
+        let lag = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .pubs
+                .iter_mut()
+                .map(|p| s.spawn(|| p.run(&schedule)))
+                .collect();
+            sleep_until(measure_start);
+            window.start(&client_pids);
+            sleep_until(end);
+            let mut lag = sub::new_histogram();
+            for h in handles {
+                if let Ok(l) = h.join() {
+                    let _ = lag.add(&l);
+                }
+            }
+            lag
+        });
+        let publish_done = now_ns();
+        self.drain(publish_done.max(end))?;
+        let samples = window.stop(&client_pids);
+        let (counts, hist) = self.fleet.take_stats()?;
+        let conns = self.fleet.conn_stats()?;
+        let collected = Collected {
+            rate,
+            publishers: self.counters,
+            counts,
+            hist: &hist,
+            lag: &lag,
+            samples: &samples,
+            publish_overrun_s: publish_done.saturating_sub(end) as f64 / 1e9,
+            conns: &conns,
+        };
+        let window = report::Window {
+            duration_s: a.duration.as_secs_f64(),
+        };
+        Ok(StepReport::build(collected, &window, self.env))
+    }
+
+    /// Drain phase: waits up to `--drain` after publishing for deliveries
+    /// still in flight, and stops early once every expected delivery arrived.
+    fn drain(&mut self, from: u64) -> Result<()> {
+        let deadline = from + self.plan.args.drain.as_nanos() as u64;
+        while now_ns() < deadline {
+            if self.plan.publishing()
+                && self.counters.unanswered() == 0
+                && self.fleet.unique_so_far()? >= self.counters.expected.load(SeqCst)
+            {
+                break;
+            }
+            std::thread::sleep(DRAIN_POLL);
+        }
+        Ok(())
+    }
 }
