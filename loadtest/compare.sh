@@ -202,6 +202,7 @@ metrics = [
     ("srv core s/M", lambda r: r.get("server_core_busy_s_per_million_deliveries")),
     ("srv core* s/M", lambda r: r.get("server_core_busy_less_foreign_user_s_per_million_deliveries")),
     ("client s/M", lambda r: r.get("client_cpu_s_per_million_deliveries")),
+    ("client recv s/M", lambda r: r.get("client_recv_cpu_s_per_million_deliveries")),
     ("syscalls/deliv", lambda r: r.get("server_syscalls_per_delivery")),
     ("ctxsw/deliv", lambda r: r.get("server_context_switches_per_delivery")),
     ("RSS B/conn", lambda r: r.get("server_rss_per_connection_bytes")),
@@ -251,7 +252,8 @@ for scn in scns:
 print("ratio = " + ref + " / peer: above 1 is better for msg/s and ceiling, below 1 is better for latency, CPU, syscalls and RSS.")
 print("srv proc = the server's own process CPU; srv core = busy time of the server's pinned cpus (its process plus the")
 print("  loopback/softirq work it causes there, ksoftirqd included); srv core* = the same less other processes' user")
-print("  time on those cpus (a shared machine's builds); client = all ringcast-load processes.")
+print("  time on those cpus (a shared machine's builds); client = all ringcast-load processes, client recv = its")
+print("  subscriber side alone (handshakes and the receive path; the rest is publishing).")
 first = next((r for p in peers for s in scns for r in [load(p, s)] if r), None)
 if first:
     c = first["client"]

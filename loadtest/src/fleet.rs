@@ -59,6 +59,7 @@ impl Local {
         let range = plan.local_subscribers();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(plan.threads)
+            .thread_name(format!("{}tokio", sub::THREAD_PREFIX))
             .enable_all()
             .build()?;
         let shared = Arc::new(Shared::new(a.topics, a.publishers));

@@ -2,7 +2,8 @@
 //! measured window: the server's process CPU and RSS, the `ksoftirqd`
 //! threads of the server's cpus, those cpus' busy time from /proc/stat, the
 //! server's syscalls and context switches (`perf.rs`), and the client's own
-//! CPU over all its processes. Loopback delivery work that the kernel defers
+//! CPU over all its processes, with its subscriber side (receive) apart from
+//! its publishers. Loopback delivery work that the kernel defers
 //! to `ksoftirqd` runs under another pid than the server's, so a server that
 //! batches ~1,000 sends per `io_uring_enter` looks cheaper by its process
 //! time alone; the core's busy time charges it for all the work it causes.
@@ -10,6 +11,7 @@
 use crate::clock::now_ns;
 use crate::perf::{self, PerfCounts, PerfStat};
 use crate::procstat::{self, CpuTicks};
+use crate::sub::THREAD_PREFIX;
 
 /// The server as seen from outside, fixed for the run.
 pub(crate) struct ServerProbe {
@@ -101,6 +103,15 @@ impl ServerProbe {
             .chain(client_pids.iter().map(String::as_str))
             .map(procstat::cpu_seconds)
             .sum();
+        // Children hold only subscribers; here only the `sub-` threads do.
+        let client_recv_cpu =
+            procstat::threads_cpu_seconds("self", THREAD_PREFIX).and_then(|own| {
+                client_pids
+                    .iter()
+                    .map(|p| procstat::cpu_seconds(p))
+                    .sum::<Option<f64>>()
+                    .map(|kids| own + kids)
+            });
         Point {
             t_ns: now_ns(),
             server: if self.pids.is_empty() {
@@ -120,6 +131,7 @@ impl ServerProbe {
             },
             cores: self.cpus.as_deref().and_then(procstat::cpus_ticks),
             client_cpu,
+            client_recv_cpu,
             machine: procstat::machine_jiffies(),
         }
     }
@@ -179,6 +191,9 @@ struct Point {
     cores: Option<CpuTicks>,
     /// CPU seconds of this process and its subscriber children.
     client_cpu: Option<f64>,
+    /// CPU seconds of the subscriber side: this process's `sub-` threads and
+    /// the children.
+    client_recv_cpu: Option<f64>,
     /// Machine (busy, total) ticks.
     machine: Option<(u64, u64)>,
 }
@@ -246,6 +261,11 @@ impl Samples {
     /// CPU seconds of the client (this process and its children).
     pub(crate) fn client_cpu_s(&self) -> Option<f64> {
         delta(self.start.client_cpu, self.stop.client_cpu)
+    }
+
+    /// CPU seconds of the client's subscriber side (handshakes and receive).
+    pub(crate) fn client_recv_cpu_s(&self) -> Option<f64> {
+        delta(self.start.client_recv_cpu, self.stop.client_recv_cpu)
     }
 
     /// Machine busy share.

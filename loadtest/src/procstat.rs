@@ -27,6 +27,19 @@ pub(crate) fn cpu_seconds(pid: &str) -> Option<f64> {
     cpu_times(pid).map(|(u, s)| u + s)
 }
 
+/// CPU seconds of the live threads of `pid` whose name starts with `prefix`.
+pub(crate) fn threads_cpu_seconds(pid: &str, prefix: &str) -> Option<f64> {
+    let mut sum = 0.0;
+    for e in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let tid = e.file_name().to_string_lossy().into_owned();
+        let comm = fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+        if comm.starts_with(prefix) {
+            sum += cpu_seconds(&format!("{pid}/task/{tid}")).unwrap_or(0.0);
+        }
+    }
+    Some(sum)
+}
+
 /// (user, system) CPU seconds of one process. The kernel scales both so that
 /// they sum to the scheduler's exact runtime; only the split is sampled.
 pub(crate) fn cpu_times(pid: &str) -> Option<(f64, f64)> {

@@ -169,6 +169,7 @@ struct Cost {
     core_softirq_s: Option<f64>,
     foreign_user_s: Option<f64>,
     client_cpu_s: Option<f64>,
+    client_recv_cpu_s: Option<f64>,
     client_util: Option<f64>,
     machine_busy: Option<f64>,
     syscalls: Option<u64>,
@@ -189,6 +190,7 @@ impl Cost {
             core_softirq_s: s.core_softirq_s(),
             foreign_user_s: s.foreign_user_s(),
             client_cpu_s,
+            client_recv_cpu_s: s.client_recv_cpu_s(),
             client_util: client_cpu_s.map(|c| c / (wall_s.max(1e-9) * env.cores as f64)),
             machine_busy: s.machine_busy(),
             syscalls: s.perf.map(|p| p.syscalls),
@@ -286,6 +288,11 @@ impl StepReport {
     /// Client CPU (all its processes) per million deliveries.
     fn client_per_million(&self) -> Option<f64> {
         per_million(self.cost.client_cpu_s, self.counts.measured)
+    }
+
+    /// The client's subscriber side (receive path) per million deliveries.
+    fn client_recv_per_million(&self) -> Option<f64> {
+        per_million(self.cost.client_recv_cpu_s, self.counts.measured)
     }
 
     /// Client-side saturation: the numbers measure the client, not the server.
@@ -422,6 +429,8 @@ impl StepReport {
             "perf_note": c.perf_note,
             "client_cpu_s": c.client_cpu_s,
             "client_cpu_s_per_million_deliveries": self.client_per_million(),
+            "client_recv_cpu_s": c.client_recv_cpu_s,
+            "client_recv_cpu_s_per_million_deliveries": self.client_recv_per_million(),
             "client_cpu_util": c.client_util,
             "client_saturated": self.client_saturated(),
             "machine_cpu_busy": c.machine_busy,
@@ -588,9 +597,10 @@ impl Run {
         }
         let _ = writeln!(
             o,
-            "  client     cpu {} ({}/M deliveries, {:.0}% of its cpus); machine busy {:.0}%",
+            "  client     cpu {} ({}/M deliveries, of which receive {}/M; {:.0}% of its cpus); machine busy {:.0}%",
             f(c.client_cpu_s),
             f(st.client_per_million()),
+            f(st.client_recv_per_million()),
             c.client_util.unwrap_or(0.0) * 100.0,
             c.machine_busy.unwrap_or(0.0) * 100.0
         );

@@ -27,6 +27,10 @@ use tokio::sync::Semaphore;
 /// to stay in L2 cache.
 const READ_BUF_BYTES: usize = 64 * 1024;
 
+/// Name prefix of every subscriber-side thread (handshake and receive), so
+/// the client's receive CPU can be told from its publishers' by thread.
+pub(crate) const THREAD_PREFIX: &str = "sub-";
+
 /// Latency histogram bounds: 1 us to 10 min, 3 significant digits.
 pub(crate) fn new_histogram() -> Histogram<u64> {
     // Bounds are constants that hdrhistogram accepts (low >= 1, high >= 2 * low).

@@ -109,7 +109,7 @@ impl Pool {
             let (ready_tx, ready_rx) = mpsc::channel();
             let (sh, inner) = (sh.clone(), inner.clone());
             std::thread::Builder::new()
-                .name(format!("recv-uring-{i}"))
+                .name(format!("{}uring-{i}", crate::sub::THREAD_PREFIX))
                 .spawn(move || {
                     // The ring is built on the thread that submits to it:
                     // SINGLE_ISSUER and DEFER_TASKRUN require that.
