@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# Side-by-side fan-out benchmark: ringcast vs nginx+nchan, same scenarios, same tool, same cores.
+# Side-by-side fan-out benchmark: ringcast vs the axum relay and nginx+nchan, same scenarios,
+# same tool, same cores.
 #
 # usage: loadtest/compare.sh            full size (takes several minutes)
 #        SCALE=0.1 loadtest/compare.sh  quick version (connection counts and rates x0.1)
 #
+# Scenarios:
+#   s1  1,000 subs, 1 topic, 200 publishes/s (200k deliveries/s)
+#   s2  5,000 subs, 500 topics, 5,000 publishes/s (50k deliveries/s)
+#   a   broadcast: 10,000 subs, 1 topic, 100 publishes/s
+#   b   many topics: 10,000 subs, 1,000 topics, 20,000 publishes/s
+#   c   idle connections: 50,000 (RSS per connection)
+#   d   throughput ceiling: 1,000 subs, 100 topics, rate raised until p99 > 50 ms or loss
+#
 # Environment (all optional):
-#   SCALE=1            multiplies subscriber counts, topic counts and rates
-#   CORES=1            server cores: ringcast --shards and nchan worker_processes
+#   SCALE=1            multiplies subscriber counts, topic counts and rates (not s1's and a's rate)
+#   CORES=1            server cores: ringcast --shards, nchan worker_processes, axum TOKIO_WORKER_THREADS
 #   DURATION=10s WARMUP=2s DRAIN=3s   per scenario
-#   SCENARIOS="a b c d"               which scenarios to run
-#   PEERS="ringcast nchan"            which servers
-#   N_A RATE_A | N_B T_B RATE_B | N_C | N_D T_D RATE_D_START   override single sizes
+#   SCENARIOS="s1 s2 a b c d"         which scenarios to run
+#   PEERS="ringcast axum nchan"       which servers (the first is the reference of the ratios)
+#   RECV_PATH=uring RECV_BATCH_US=0 PROCS=1   ringcast-load's receive path, batch window, processes
+#   N_S1 RATE_S1 | N_S2 T_S2 RATE_S2 | N_A RATE_A | N_B T_B RATE_B | N_C | N_D T_D RATE_D_START
 #   SOURCE_IPS=127.0.0.1-127.0.0.4    client source addresses (needed past ~28k connections)
 #   SHARED=../shared                  where peers/nchan.sh lives
 #   OUT=/tmp/ringcast-compare         JSON results per server and scenario
@@ -24,12 +34,15 @@ root="$(cd "$here/.." && pwd)"
 shared="${SHARED:-$root/../shared}"
 SCALE="${SCALE:-1}"; CORES="${CORES:-1}"
 DURATION="${DURATION:-10s}"; WARMUP="${WARMUP:-2s}"; DRAIN="${DRAIN:-3s}"
-SCENARIOS="${SCENARIOS:-a b c d}"; PEERS="${PEERS:-ringcast nchan}"
+SCENARIOS="${SCENARIOS:-s1 s2 a b c d}"; PEERS="${PEERS:-ringcast axum nchan}"
+RECV_PATH="${RECV_PATH:-uring}"; RECV_BATCH_US="${RECV_BATCH_US:-0}"; PROCS="${PROCS:-1}"
 SOURCE_IPS="${SOURCE_IPS:-127.0.0.1-127.0.0.4}"
 OUT="${OUT:-${TMPDIR:-/tmp}/ringcast-compare}"
 mkdir -p "$OUT"; rm -f "$OUT"/*.json
 
 scale() { python3 -c "import sys; print(max(1, int(round($1 * $SCALE))))"; }
+N_S1="${N_S1:-$(scale 1000)}"; RATE_S1="${RATE_S1:-200}"
+N_S2="${N_S2:-$(scale 5000)}"; T_S2="${T_S2:-$(scale 500)}"; RATE_S2="${RATE_S2:-$(scale 5000)}"
 N_A="${N_A:-$(scale 10000)}"; RATE_A="${RATE_A:-100}"
 N_B="${N_B:-$(scale 10000)}"; T_B="${T_B:-$(scale 1000)}"; RATE_B="${RATE_B:-$(scale 20000)}"
 N_C="${N_C:-$(scale 50000)}"
@@ -40,10 +53,10 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 nofile="$(ulimit -n)"
 notes=()
 if [ "$N_C" -gt $((nofile - 500)) ]; then
-  notes+=("scenario c: $N_C connections asked, but the open-file hard limit here is $nofile (raising it needs CAP_SYS_RESOURCE); ran $((nofile - 500))")
+  [[ " $SCENARIOS " == *" c "* ]] && notes+=("scenario c: $N_C connections asked, but the open-file hard limit here is $nofile (raising it needs CAP_SYS_RESOURCE); ran $((nofile - 500))")
   N_C=$((nofile - 500))
 fi
-for v in N_A N_B N_D; do
+for v in N_S1 N_S2 N_A N_B N_D; do
   if [ "${!v}" -gt $((nofile - 500)) ]; then
     notes+=("$v=${!v} clamped to $((nofile - 500)) by the open-file limit"); printf -v "$v" '%s' $((nofile - 500))
   fi
@@ -61,16 +74,26 @@ server_cpus="0-$((CORES - 1))"
 if [ "$ncpu" -gt "$CORES" ]; then
   client_cpus="$CORES-$((ncpu - 1))"; client_threads=$((ncpu - CORES))
   cpu_note="server pinned to cpus $server_cpus ($CORES core(s)), client to cpus $client_cpus; machine has $ncpu cores"
+  # Core busy is read from these cpus' /proc/stat: everything that ran there
+  # (the server, its deferred softirq work, and anything else scheduled there).
+  server_cpus_arg="--server-cpus $server_cpus"
 else
   client_cpus="0-$((ncpu - 1))"; client_threads="$ncpu"
   cpu_note="machine has only $ncpu core(s): client and server SHARE them (numbers are pessimistic for both)"
+  server_cpus_arg=""
 fi
 if [ "$ncpu" -le 2 ]; then
   cpu_note="$cpu_note; with $ncpu cores in all, client and server run side by side, so absolute figures are small-machine figures"
 fi
 
+# The axum relay keeps its pid file and log in its own TMPDIR, so stopping it
+# never touches another run's relay; its build is cached across runs.
+axum_tmp="$OUT/axum"; mkdir -p "$axum_tmp"
+axum_target="${AXUM_TARGET_DIR:-${TMPDIR:-/tmp}/ringcast-axum-relay-target}"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
 server_pid=""; port=""
-start_server() { # $1 = ringcast | nchan
+start_server() { # $1 = ringcast | axum | nchan
   case "$1" in
     ringcast)
       local log="$OUT/ringcast.log"
@@ -81,6 +104,14 @@ start_server() { # $1 = ringcast | nchan
         [ -n "$port" ] && break; sleep 0.05
       done
       [ -n "$port" ] || { echo "ringcast did not start; see $log" >&2; exit 1; }
+      ;;
+    axum)
+      port="$(free_port)"
+      TMPDIR="$axum_tmp" CARGO_TARGET_DIR="$axum_target" TOKIO_WORKER_THREADS="$CORES" \
+        "$shared/peers/axum-relay.sh" start "$port" >&2
+      server_pid="$(cat "$axum_tmp/ringcast-axum-relay.pid")"
+      # -a: every thread; threads the runtime starts later inherit the mask.
+      taskset -a -pc "$server_cpus" "$server_pid" >/dev/null
       ;;
     nchan)
       port=8091
@@ -95,6 +126,10 @@ start_server() { # $1 = ringcast | nchan
 stop_server() {
   case "$1" in
     ringcast) kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true ;;
+    axum)
+      TMPDIR="$axum_tmp" "$shared/peers/axum-relay.sh" stop >/dev/null 2>&1 || true
+      for _ in $(seq 200); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.05; done
+      ;;
     nchan)
       "$shared/peers/nchan.sh" stop >/dev/null 2>&1 || true
       # nginx drains thousands of connections before its master exits and
@@ -108,7 +143,7 @@ trap 'for s in $PEERS; do stop_server "$s"; done' EXIT
 
 target_args() { # $1 = server
   case "$1" in
-    ringcast) echo "--host 127.0.0.1:$port" ;;
+    ringcast | axum) echo "--host 127.0.0.1:$port" ;;
     nchan) echo "--sub-url ws://127.0.0.1:$port/sub/{topic} --pub-url http://127.0.0.1:$port/pub/{topic} --pub-body raw" ;;
   esac
 }
@@ -118,8 +153,9 @@ run() { # $1 = server, $2 = scenario, rest = ringcast-load args
   start_server "$srv"
   echo "== $srv scenario $scn: $*" >&2
   # shellcheck disable=SC2046
-  taskset -c "$client_cpus" "$LOAD" $(target_args "$srv") --server-pid "$server_pid" \
-    --threads "$client_threads" --warmup "${warm:-$WARMUP}" --duration "${dur:-$DURATION}" --drain "$DRAIN" \
+  taskset -c "$client_cpus" "$LOAD" $(target_args "$srv") --server-pid "$server_pid" $server_cpus_arg \
+    --threads "$client_threads" --recv-path "$RECV_PATH" --recv-batch-us "$RECV_BATCH_US" --procs "$PROCS" \
+    --warmup "${warm:-$WARMUP}" --duration "${dur:-$DURATION}" --drain "$DRAIN" \
     --label "$srv/$scn" --json --quiet "$@" >"$OUT/$srv-$scn.json" \
     || echo "   ($srv scenario $scn failed; see above)" >&2
   stop_server "$srv"
@@ -128,6 +164,8 @@ run() { # $1 = server, $2 = scenario, rest = ringcast-load args
 for srv in $PEERS; do
   for scn in $SCENARIOS; do
     case "$scn" in
+      s1) run "$srv" s1 --subscribers "$N_S1" --topics 1 --rate "$RATE_S1" ;;
+      s2) run "$srv" s2 --subscribers "$N_S2" --topics "$T_S2" --rate "$RATE_S2" ;;
       a) run "$srv" a --subscribers "$N_A" --topics 1 --rate "$RATE_A" ;;
       b) run "$srv" b --subscribers "$N_B" --topics "$T_B" --rate "$RATE_B" ;;
       c) dur=2s warm=0s run "$srv" c --subscribers "$N_C" --topics 100 --rate 0 \
@@ -142,7 +180,8 @@ done
 python3 - "$OUT" "$PEERS" "$SCENARIOS" "$cpu_note" "${notes[@]+"${notes[@]}"}" <<'PY'
 import json, os, sys
 out, peers, scns, cpu_note, notes = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4], sys.argv[5:]
-desc = {"a": "broadcast", "b": "many topics", "c": "idle connections", "d": "throughput ceiling"}
+desc = {"s1": "1 topic", "s2": "500 topics", "a": "broadcast", "b": "many topics", "c": "idle connections",
+        "d": "throughput ceiling"}
 def load(srv, scn):
     try:
         with open(os.path.join(out, f"{srv}-{scn}.json")) as f:
@@ -151,6 +190,7 @@ def load(srv, scn):
         return None
 def fmt(v, unit=""):
     if v is None: return "-"
+    if isinstance(v, float) and abs(v) < 1: return f"{v:.3g}{unit}"
     if isinstance(v, float) and abs(v) < 100: return f"{v:.2f}{unit}"
     return f"{v:,.0f}{unit}"
 metrics = [
@@ -158,7 +198,13 @@ metrics = [
     ("p50 ms", lambda r: r["latency_ms"]["p50"] if r["latency_ms"]["count"] else None),
     ("p99 ms", lambda r: r["latency_ms"]["p99"] if r["latency_ms"]["count"] else None),
     ("p99.9 ms", lambda r: r["latency_ms"]["p99_9"] if r["latency_ms"]["count"] else None),
-    ("cpu s/M deliv", lambda r: r.get("server_cpu_s_per_million_deliveries")),
+    ("srv proc s/M", lambda r: r.get("server_cpu_s_per_million_deliveries")),
+    ("srv core s/M", lambda r: r.get("server_core_busy_s_per_million_deliveries")),
+    ("srv core* s/M", lambda r: r.get("server_core_busy_less_foreign_user_s_per_million_deliveries")),
+    ("client s/M", lambda r: r.get("client_cpu_s_per_million_deliveries")),
+    ("client recv s/M", lambda r: r.get("client_recv_cpu_s_per_million_deliveries")),
+    ("syscalls/deliv", lambda r: r.get("server_syscalls_per_delivery")),
+    ("ctxsw/deliv", lambda r: r.get("server_context_switches_per_delivery")),
     ("RSS B/conn", lambda r: r.get("server_rss_per_connection_bytes")),
     ("ceiling msg/s", lambda r: r.get("ceiling_rate")),
     ("missing", lambda r: r.get("missing")),
@@ -198,10 +244,21 @@ for scn in scns:
             continue
         for w in r.get("warnings", []):
             warn.append(f"{p} ({scn}): {w}")
+        if r.get("perf_note"):
+            warn.append(f"{p} ({scn}): {r['perf_note']}")
         if r["connections"]["ready"] < r["connections"]["requested"]:
             warn.append(f"{p} ({scn}): only {r['connections']['ready']} of {r['connections']['requested']} subscribers connected")
     print()
-print("ratio = " + ref + " / peer: above 1 is better for msg/s and ceiling, below 1 is better for latency, CPU and RSS.")
+print("ratio = " + ref + " / peer: above 1 is better for msg/s and ceiling, below 1 is better for latency, CPU, syscalls and RSS.")
+print("srv proc = the server's own process CPU; srv core = busy time of the server's pinned cpus (its process plus the")
+print("  loopback/softirq work it causes there, ksoftirqd included); srv core* = the same less other processes' user")
+print("  time on those cpus (a shared machine's builds); client = all ringcast-load processes, client recv = its")
+print("  subscriber side alone (handshakes and the receive path; the rest is publishing).")
+first = next((r for p in peers for s in scns for r in [load(p, s)] if r), None)
+if first:
+    c = first["client"]
+    print(f"client: receive path {c.get('recv_path')}, {c.get('procs')} process(es) x {c.get('threads')} thread(s)"
+          + (f", batch window {c.get('recv_batch_us')} us" if c.get('recv_batch_us') else ""))
 print("cores: " + cpu_note)
 for n in notes: print("note: " + n)
 for w in warn: print("warning: " + w)

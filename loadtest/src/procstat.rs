@@ -1,10 +1,11 @@
-//! Reads process and machine CPU and memory from /proc, and raises
-//! RLIMIT_NOFILE. Linux only; every reader returns `None` rather than failing
-//! the run when /proc is not what it expects.
+//! Reads process, per-cpu and machine CPU and memory from /proc, cpu
+//! affinities, and raises RLIMIT_NOFILE. Linux only; every reader returns
+//! `None` rather than failing the run when /proc is not what it expects.
 
 use std::fs;
 
-fn clk_tck() -> f64 {
+/// Clock ticks per second of /proc's CPU times (USER_HZ).
+pub(crate) fn clk_tck() -> f64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 {
@@ -21,12 +22,140 @@ fn stat_fields(pid: &str) -> Option<Vec<String>> {
     Some(after.split_whitespace().map(str::to_string).collect())
 }
 
-/// User + system CPU seconds of one process (all its threads).
+/// User + system CPU seconds of one process (all its threads, live and exited).
 pub(crate) fn cpu_seconds(pid: &str) -> Option<f64> {
+    cpu_times(pid).map(|(u, s)| u + s)
+}
+
+/// CPU seconds of the live threads of `pid` whose name starts with `prefix`.
+pub(crate) fn threads_cpu_seconds(pid: &str, prefix: &str) -> Option<f64> {
+    let mut sum = 0.0;
+    for e in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let tid = e.file_name().to_string_lossy().into_owned();
+        let comm = fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+        if comm.starts_with(prefix) {
+            sum += cpu_seconds(&format!("{pid}/task/{tid}")).unwrap_or(0.0);
+        }
+    }
+    Some(sum)
+}
+
+/// (user, system) CPU seconds of one process. The kernel scales both so that
+/// they sum to the scheduler's exact runtime; only the split is sampled.
+pub(crate) fn cpu_times(pid: &str) -> Option<(f64, f64)> {
     let f = stat_fields(pid)?;
     // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 here.
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / clk_tck())
+    let u = f.get(11)?.parse::<u64>().ok()? as f64;
+    let s = f.get(12)?.parse::<u64>().ok()? as f64;
+    Some((u / clk_tck(), s / clk_tck()))
+}
+
+/// One cpu's counters from /proc/stat, in ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct CpuTicks {
+    /// Everything but idle and iowait (user, nice, system, irq, softirq, steal).
+    pub(crate) busy: u64,
+    /// user + nice.
+    pub(crate) user: u64,
+    /// softirq (including what the kernel ran outside any process).
+    pub(crate) softirq: u64,
+    /// busy + idle + iowait.
+    pub(crate) total: u64,
+}
+
+impl CpuTicks {
+    fn parse(fields: &[u64]) -> Option<CpuTicks> {
+        // user nice system idle iowait irq softirq steal (guest is inside user).
+        let total: u64 = fields.iter().take(8).sum();
+        let idle = fields.get(3)? + fields.get(4).unwrap_or(&0);
+        Some(CpuTicks {
+            busy: total - idle,
+            user: fields.first()? + fields.get(1)?,
+            softirq: *fields.get(6).unwrap_or(&0),
+            total,
+        })
+    }
+
+    /// Counters accumulated from `earlier` to `self`.
+    pub(crate) fn since(&self, earlier: &CpuTicks) -> CpuTicks {
+        CpuTicks {
+            busy: self.busy.saturating_sub(earlier.busy),
+            user: self.user.saturating_sub(earlier.user),
+            softirq: self.softirq.saturating_sub(earlier.softirq),
+            total: self.total.saturating_sub(earlier.total),
+        }
+    }
+
+    fn add(&mut self, o: &CpuTicks) {
+        self.busy += o.busy;
+        self.user += o.user;
+        self.softirq += o.softirq;
+        self.total += o.total;
+    }
+}
+
+/// The summed /proc/stat counters of `cpus`; `None` if one is missing.
+pub(crate) fn cpus_ticks(cpus: &[usize]) -> Option<CpuTicks> {
+    let s = fs::read_to_string("/proc/stat").ok()?;
+    let mut sum = CpuTicks::default();
+    let mut found = 0;
+    for line in s.lines() {
+        let Some(rest) = line.strip_prefix("cpu") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let Some(Ok(n)) = words.next().map(str::parse::<usize>) else {
+            continue;
+        };
+        if cpus.contains(&n) {
+            let v: Vec<u64> = words.filter_map(|x| x.parse().ok()).collect();
+            sum.add(&CpuTicks::parse(&v)?);
+            found += 1;
+        }
+    }
+    (found == cpus.len()).then_some(sum)
+}
+
+/// The cpus process (or thread) `pid` may run on; 0 = this process.
+pub(crate) fn affinity(pid: u32) -> Option<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain bits; all-zero is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
+    let rc = unsafe {
+        libc::sched_getaffinity(pid as libc::pid_t, std::mem::size_of_val(&set), &mut set)
+    };
+    if rc != 0 {
+        return None;
+    }
+    let max = 8 * std::mem::size_of_val(&set);
+    // SAFETY: CPU_ISSET only reads `set` at indices below its size in bits.
+    Some(
+        (0..max)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect(),
+    )
+}
+
+/// Pids of the `ksoftirqd/N` kernel threads of `cpus`: where the kernel
+/// defers softirq work (loopback TCP receive, for one) that it could not
+/// finish in the context that raised it.
+pub(crate) fn ksoftirqd(cpus: &[usize]) -> Vec<String> {
+    let names: Vec<String> = cpus.iter().map(|c| format!("ksoftirqd/{c}")).collect();
+    let mut out = Vec::new();
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            if let Ok(comm) = fs::read_to_string(format!("/proc/{pid}/comm")) {
+                if names.iter().any(|n| n == comm.trim()) {
+                    out.push(pid);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Resident set size of one process in bytes (VmRSS).
@@ -140,5 +269,14 @@ mod tests {
         assert!(rss_bytes(&me).unwrap() > 0);
         let (busy, total) = machine_jiffies().unwrap();
         assert!(busy <= total);
+    }
+
+    #[test]
+    fn cpu_zero_has_ticks_and_a_ksoftirqd() {
+        let t = cpus_ticks(&[0]).unwrap();
+        assert!(t.busy <= t.total && t.softirq <= t.busy);
+        assert!(cpus_ticks(&[usize::MAX]).is_none());
+        assert!(affinity(0).unwrap().contains(&0) || !affinity(0).unwrap().is_empty());
+        assert_eq!(ksoftirqd(&[0]).len(), 1);
     }
 }

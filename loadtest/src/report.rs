@@ -1,12 +1,13 @@
 //! Turns counters, histograms and /proc samples into the report: a human table
 //! or one JSON object. Also decides whether a run is trustworthy (client
-//! saturated, publishers behind schedule, machine CPU exhausted) and says so.
+//! saturated, publishers behind schedule, machine CPU exhausted, the server's
+//! cpus shared with other work) and says so.
 
 use crate::account::DeliveryCounts;
-use crate::clock::now_ns;
-use crate::procstat;
+use crate::fleet::RecvInfo;
+use crate::probe::Samples;
 use crate::publish::PubCounters;
-use crate::sub::Shared;
+use crate::sub::ConnStats;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -18,6 +19,10 @@ const CLIENT_SATURATED_UTIL: f64 = 0.85;
 const MACHINE_SATURATED_UTIL: f64 = 0.95;
 /// Publisher lateness (p99, ms) above which the schedule was not kept.
 const SEND_LAG_WARN_MS: f64 = 5.0;
+/// Share of the window in which other processes ran user code on the
+/// server's cpus above which "core busy" is called inflated: a build on the
+/// shared machine shows up at several percent, the server's own jitter below one.
+const FOREIGN_CORE_WARN: f64 = 0.03;
 
 /// What was run.
 pub(crate) struct Scenario {
@@ -45,6 +50,14 @@ pub(crate) struct Env {
     pub(crate) server_pids: Vec<String>,
     pub(crate) rss_baseline: Option<u64>,
     pub(crate) rss_connected: Option<u64>,
+    /// `tokio` or `uring`.
+    pub(crate) recv_path: String,
+    /// Subscriber processes.
+    pub(crate) procs: usize,
+    /// The server's cpus used for "core busy".
+    pub(crate) server_cpus: Option<Vec<usize>>,
+    /// Why core busy is not measured.
+    pub(crate) server_cpus_note: Option<String>,
 }
 
 /// Measurement window length.
@@ -56,84 +69,27 @@ pub(crate) struct Window {
 pub(crate) struct Conns {
     requested: usize,
     ready: u64,
-    connect_failed: u64,
-    upgrade_refused: u64,
-    not_ready: u64,
-    closed_by_server: u64,
-    dropped: u64,
-    protocol_errors: u64,
-    last_close_code: u32,
     connect_s: f64,
-    first_error: Option<String>,
+    stats: ConnStats,
+    recv: RecvInfo,
 }
 
 impl Conns {
-    /// Reads the shared connection counters.
-    pub(crate) fn read(sh: &Shared, requested: usize, ready: u64, connect_s: f64) -> Conns {
-        let c = &sh.conn;
+    /// The connection outcome of a run.
+    pub(crate) fn new(
+        requested: usize,
+        ready: u64,
+        connect_s: f64,
+        stats: ConnStats,
+        recv: RecvInfo,
+    ) -> Conns {
         Conns {
             requested,
             ready,
-            connect_failed: c.connect_failed.load(Relaxed),
-            upgrade_refused: c.upgrade_refused.load(Relaxed),
-            not_ready: c.not_ready.load(Relaxed),
-            closed_by_server: c.closed_by_server.load(Relaxed),
-            dropped: c.dropped.load(Relaxed),
-            protocol_errors: c.protocol_errors.load(Relaxed),
-            last_close_code: c.last_close_code.load(Relaxed),
             connect_s,
-            first_error: sh.first_error.lock().ok().and_then(|e| e.clone()),
+            stats,
+            recv,
         }
-    }
-
-    fn errors(&self) -> u64 {
-        self.connect_failed
-            + self.upgrade_refused
-            + self.not_ready
-            + self.closed_by_server
-            + self.dropped
-            + self.protocol_errors
-    }
-}
-
-#[derive(Clone, Copy, Default)]
-struct Point {
-    t_ns: u64,
-    server: Option<(f64, u64)>,
-    client_cpu: Option<f64>,
-    machine: Option<(u64, u64)>,
-}
-
-impl Point {
-    fn now(procs: &[String]) -> Point {
-        Point {
-            t_ns: now_ns(),
-            server: if procs.is_empty() {
-                None
-            } else {
-                procstat::sample(procs)
-            },
-            client_cpu: procstat::cpu_seconds("self"),
-            machine: procstat::machine_jiffies(),
-        }
-    }
-}
-
-/// CPU and memory samples at the start and end of a measurement window.
-#[derive(Default)]
-pub(crate) struct Samples {
-    start: Point,
-    stop: Point,
-}
-
-impl Samples {
-    /// Samples at measurement start.
-    pub(crate) fn start(&mut self, procs: &[String]) {
-        self.start = Point::now(procs);
-    }
-    /// Samples at the end of the drain.
-    pub(crate) fn stop(&mut self, procs: &[String]) {
-        self.stop = Point::now(procs);
     }
 }
 
@@ -172,6 +128,78 @@ impl Lat {
     }
 }
 
+/// What one rate step collected, handed to `StepReport::build`.
+pub(crate) struct Collected<'a> {
+    /// Target rate, messages/s.
+    pub(crate) rate: f64,
+    /// Publisher counters at the end of the drain.
+    pub(crate) publishers: &'a PubCounters,
+    /// Delivery counts summed over subscriber threads and processes.
+    pub(crate) counts: DeliveryCounts,
+    /// Latency of measured unique deliveries.
+    pub(crate) hist: &'a Histogram<u64>,
+    /// Publisher send lag.
+    pub(crate) lag: &'a Histogram<u64>,
+    /// /proc and perf samples of the window.
+    pub(crate) samples: &'a Samples,
+    /// How far publishing ran past its schedule's end, seconds.
+    pub(crate) publish_overrun_s: f64,
+    /// Subscriber connection counters so far.
+    pub(crate) conns: &'a ConnStats,
+}
+
+/// Seconds per million deliveries.
+fn per_million(seconds: Option<f64>, deliveries: u64) -> Option<f64> {
+    (deliveries > 0).then_some(seconds? / deliveries as f64 * 1e6)
+}
+
+/// Events per delivery.
+fn per_delivery(events: Option<u64>, deliveries: u64) -> Option<f64> {
+    (deliveries > 0).then_some(events? as f64 / deliveries as f64)
+}
+
+/// CPU and kernel figures of one window.
+#[derive(Default)]
+struct Cost {
+    wall_s: f64,
+    server_cpu_s: Option<f64>,
+    server_rss: Option<u64>,
+    softirqd_s: Option<f64>,
+    core_busy_s: Option<f64>,
+    core_softirq_s: Option<f64>,
+    foreign_user_s: Option<f64>,
+    client_cpu_s: Option<f64>,
+    client_recv_cpu_s: Option<f64>,
+    client_util: Option<f64>,
+    machine_busy: Option<f64>,
+    syscalls: Option<u64>,
+    context_switches: Option<u64>,
+    perf_note: Option<String>,
+}
+
+impl Cost {
+    fn of(s: &Samples, env: &Env) -> Cost {
+        let wall_s = s.wall_s();
+        let client_cpu_s = s.client_cpu_s();
+        Cost {
+            wall_s,
+            server_cpu_s: s.server_cpu_s(),
+            server_rss: s.server_rss(),
+            softirqd_s: s.softirqd_s(),
+            core_busy_s: s.core_busy_s(),
+            core_softirq_s: s.core_softirq_s(),
+            foreign_user_s: s.foreign_user_s(),
+            client_cpu_s,
+            client_recv_cpu_s: s.client_recv_cpu_s(),
+            client_util: client_cpu_s.map(|c| c / (wall_s.max(1e-9) * env.cores as f64)),
+            machine_busy: s.machine_busy(),
+            syscalls: s.perf.map(|p| p.syscalls),
+            context_switches: s.perf.map(|p| p.context_switches),
+            perf_note: s.perf_note.clone(),
+        }
+    }
+}
+
 /// One rate step.
 pub(crate) struct StepReport {
     rate: f64,
@@ -189,54 +217,17 @@ pub(crate) struct StepReport {
     latency: Lat,
     send_lag: Lat,
     publish_overrun_s: f64,
-    server_cpu_s: Option<f64>,
-    server_rss: Option<u64>,
-    client_cpu_s: Option<f64>,
-    client_util: Option<f64>,
-    machine_busy: Option<f64>,
+    cost: Cost,
     conn_errors: u64,
     warnings: Vec<String>,
 }
 
 impl StepReport {
     /// Builds one step's report from what the run collected.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn build(
-        rate: f64,
-        window: &Window,
-        pc: &PubCounters,
-        sh: &Shared,
-        counts: DeliveryCounts,
-        hist: &Histogram<u64>,
-        lag: &Histogram<u64>,
-        samples: &Samples,
-        env: &Env,
-        publish_overrun_s: f64,
-    ) -> StepReport {
-        let (a, b) = (&samples.start, &samples.stop);
-        let wall_s = (b.t_ns.saturating_sub(a.t_ns)) as f64 / 1e9;
-        let server_cpu_s = match (a.server, b.server) {
-            (Some(x), Some(y)) => Some((y.0 - x.0).max(0.0)),
-            _ => None,
-        };
-        let client_cpu_s = match (a.client_cpu, b.client_cpu) {
-            (Some(x), Some(y)) => Some((y - x).max(0.0)),
-            _ => None,
-        };
-        let client_util = client_cpu_s.map(|c| c / (wall_s.max(1e-9) * env.cores as f64));
-        let machine_busy = match (a.machine, b.machine) {
-            (Some(x), Some(y)) if y.1 > x.1 => Some((y.0 - x.0) as f64 / (y.1 - x.1) as f64),
-            _ => None,
-        };
-        let c = &sh.conn;
-        let conn_errors = c.connect_failed.load(Relaxed)
-            + c.upgrade_refused.load(Relaxed)
-            + c.not_ready.load(Relaxed)
-            + c.closed_by_server.load(Relaxed)
-            + c.dropped.load(Relaxed)
-            + c.protocol_errors.load(Relaxed);
+    pub(crate) fn build(c: Collected<'_>, window: &Window, env: &Env) -> StepReport {
+        let pc = c.publishers;
         let mut s = StepReport {
-            rate,
+            rate: c.rate,
             duration_s: window.duration_s,
             sent: pc.sent.load(Relaxed),
             unanswered: pc.unanswered(),
@@ -246,17 +237,13 @@ impl StepReport {
             reconnects: pc.reconnects.load(Relaxed),
             last_rejection: pc.last_rejection.lock().ok().and_then(|l| l.clone()),
             expected: pc.expected.load(Relaxed),
-            counts,
+            counts: c.counts,
             measured_expected: pc.measured_expected.load(Relaxed),
-            latency: Lat::of(hist),
-            send_lag: Lat::of(lag),
-            publish_overrun_s,
-            server_cpu_s,
-            server_rss: b.server.map(|s| s.1),
-            client_cpu_s,
-            client_util,
-            machine_busy,
-            conn_errors,
+            latency: Lat::of(c.hist),
+            send_lag: Lat::of(c.lag),
+            publish_overrun_s: c.publish_overrun_s,
+            cost: Cost::of(c.samples, env),
+            conn_errors: c.conns.errors(),
             warnings: Vec::new(),
         };
         s.warnings = s.warn(env);
@@ -275,17 +262,44 @@ impl StepReport {
         self.counts.measured as f64 / self.duration_s.max(1e-9)
     }
 
+    /// Server process CPU seconds per million measured deliveries.
     fn cpu_per_million(&self) -> Option<f64> {
-        let cpu = self.server_cpu_s?;
-        if self.counts.measured == 0 {
-            return None;
-        }
-        Some(cpu / self.counts.measured as f64 * 1e6)
+        per_million(self.cost.server_cpu_s, self.counts.measured)
+    }
+
+    /// Server process plus its cpus' ksoftirqd, per million deliveries.
+    fn cpu_softirqd_per_million(&self) -> Option<f64> {
+        let s = self.cost.server_cpu_s? + self.cost.softirqd_s?;
+        per_million(Some(s), self.counts.measured)
+    }
+
+    /// Busy time of the server's cpus per million deliveries.
+    fn core_per_million(&self) -> Option<f64> {
+        per_million(self.cost.core_busy_s, self.counts.measured)
+    }
+
+    /// Core busy less other processes' user time on the server's cpus, per
+    /// million deliveries: the server's share when the machine is shared.
+    fn core_own_per_million(&self) -> Option<f64> {
+        let own = (self.cost.core_busy_s? - self.cost.foreign_user_s?).max(0.0);
+        per_million(Some(own), self.counts.measured)
+    }
+
+    /// Client CPU (all its processes) per million deliveries.
+    fn client_per_million(&self) -> Option<f64> {
+        per_million(self.cost.client_cpu_s, self.counts.measured)
+    }
+
+    /// The client's subscriber side (receive path) per million deliveries.
+    fn client_recv_per_million(&self) -> Option<f64> {
+        per_million(self.cost.client_recv_cpu_s, self.counts.measured)
     }
 
     /// Client-side saturation: the numbers measure the client, not the server.
     fn client_saturated(&self) -> bool {
-        self.client_util.is_some_and(|u| u >= CLIENT_SATURATED_UTIL)
+        self.cost
+            .client_util
+            .is_some_and(|u| u >= CLIENT_SATURATED_UTIL)
     }
 
     /// True if the step kept every promise: all delivered once, p99 within the limit,
@@ -307,7 +321,7 @@ impl StepReport {
             w.push(format!(
                 "CLIENT SATURATED: ringcast-load used {:.0}% of {} cores; latency and throughput \
                  measure the client, not the server",
-                self.client_util.unwrap_or(0.0) * 100.0,
+                self.cost.client_util.unwrap_or(0.0) * 100.0,
                 env.cores
             ));
         }
@@ -319,14 +333,23 @@ impl StepReport {
             ));
         }
         if self
+            .cost
             .machine_busy
             .is_some_and(|b| b >= MACHINE_SATURATED_UTIL)
         {
             w.push(format!(
                 "MACHINE CPU SATURATED ({:.0}% busy over all {} cpus): client and server compete for CPU",
-                self.machine_busy.unwrap_or(0.0) * 100.0,
+                self.cost.machine_busy.unwrap_or(0.0) * 100.0,
                 env.machine_cpus
             ));
+        }
+        if let Some(f) = self.cost.foreign_user_s {
+            if f > FOREIGN_CORE_WARN * self.cost.wall_s {
+                w.push(format!(
+                    "other processes ran {f:.2}s of user code on the server's cpus: core busy \
+                     overstates the server"
+                ));
+            }
         }
         if self.missing() > 0 {
             w.push(format!(
@@ -357,7 +380,9 @@ impl StepReport {
     }
 
     fn json(&self) -> Value {
-        json!({
+        let c = &self.cost;
+        let m = self.counts.measured;
+        let mut v = json!({
             "rate_target": self.rate,
             "duration_s": self.duration_s,
             "published": self.sent,
@@ -377,21 +402,43 @@ impl StepReport {
             "stale": self.counts.stale,
             "malformed": self.counts.malformed,
             "measured_expected": self.measured_expected,
-            "measured_delivered": self.counts.measured,
+            "measured_delivered": m,
             "delivered_per_s": self.delivered_per_s(),
             "latency_ms": self.latency.json(),
             "send_lag_ms": self.send_lag.json(),
             "publish_overrun_s": self.publish_overrun_s,
-            "server_cpu_s": self.server_cpu_s,
-            "server_cpu_s_per_million_deliveries": self.cpu_per_million(),
-            "server_rss_bytes": self.server_rss,
-            "client_cpu_s": self.client_cpu_s,
-            "client_cpu_util": self.client_util,
-            "client_saturated": self.client_saturated(),
-            "machine_cpu_busy": self.machine_busy,
             "connection_errors": self.conn_errors,
             "warnings": self.warnings,
-        })
+        });
+        let cost = json!({
+            "window_s": c.wall_s,
+            "server_cpu_s": c.server_cpu_s,
+            "server_cpu_s_per_million_deliveries": self.cpu_per_million(),
+            "server_ksoftirqd_cpu_s": c.softirqd_s,
+            "server_cpu_with_ksoftirqd_s_per_million_deliveries": self.cpu_softirqd_per_million(),
+            "server_core_busy_s": c.core_busy_s,
+            "server_core_busy_s_per_million_deliveries": self.core_per_million(),
+            "server_core_busy_less_foreign_user_s_per_million_deliveries": self.core_own_per_million(),
+            "server_core_softirq_s": c.core_softirq_s,
+            "server_core_foreign_user_s": c.foreign_user_s,
+            "server_rss_bytes": c.server_rss,
+            "server_syscalls": c.syscalls,
+            "server_context_switches": c.context_switches,
+            "server_syscalls_per_delivery": per_delivery(c.syscalls, m),
+            "server_context_switches_per_delivery": per_delivery(c.context_switches, m),
+            "perf_note": c.perf_note,
+            "client_cpu_s": c.client_cpu_s,
+            "client_cpu_s_per_million_deliveries": self.client_per_million(),
+            "client_recv_cpu_s": c.client_recv_cpu_s,
+            "client_recv_cpu_s_per_million_deliveries": self.client_recv_per_million(),
+            "client_cpu_util": c.client_util,
+            "client_saturated": self.client_saturated(),
+            "machine_cpu_busy": c.machine_busy,
+        });
+        if let (Some(obj), Value::Object(cost)) = (v.as_object_mut(), cost) {
+            obj.extend(cost);
+        }
+        v
     }
 }
 
@@ -450,15 +497,23 @@ impl Run {
                 "publishers": s.publishers, "payload_bytes": s.payload_bytes,
                 "duration_s": s.duration_s, "warmup_s": s.warmup_s,
             },
-            "client": {"cores": self.env.cores, "machine_cpus": self.env.machine_cpus, "threads": self.env.threads, "nofile": self.env.nofile},
+            "client": {
+                "cores": self.env.cores, "machine_cpus": self.env.machine_cpus,
+                "threads": self.env.threads, "nofile": self.env.nofile,
+                "recv_path": self.env.recv_path, "procs": self.env.procs,
+                "recv_rearms": c.recv.rearms, "rings_not_deferred": c.recv.not_deferred,
+                "recv_batch_us": c.recv.batch_us,
+            },
             "connections": {
-                "requested": c.requested, "ready": c.ready, "connect_failed": c.connect_failed,
-                "upgrade_refused": c.upgrade_refused, "not_ready": c.not_ready,
-                "closed_by_server": c.closed_by_server, "last_close_code": c.last_close_code,
-                "dropped": c.dropped, "protocol_errors": c.protocol_errors,
-                "connect_s": c.connect_s, "first_error": c.first_error,
+                "requested": c.requested, "ready": c.ready, "connect_failed": c.stats.connect_failed,
+                "upgrade_refused": c.stats.upgrade_refused, "not_ready": c.stats.not_ready,
+                "closed_by_server": c.stats.closed_by_server, "last_close_code": c.stats.last_close_code,
+                "dropped": c.stats.dropped, "protocol_errors": c.stats.protocol_errors,
+                "connect_s": c.connect_s, "first_error": c.stats.first_error,
             },
             "server_pids": self.env.server_pids,
+            "server_cpus": self.env.server_cpus,
+            "server_cpus_note": self.env.server_cpus_note,
             "server_rss_baseline_bytes": self.env.rss_baseline,
             "server_rss_connected_bytes": self.env.rss_connected,
             "server_rss_per_connection_bytes": self.rss_per_conn(),
@@ -474,6 +529,82 @@ impl Run {
             v["steps"] = Value::Array(self.steps.iter().map(StepReport::json).collect());
         }
         v
+    }
+
+    /// The CPU, kernel and memory lines of the table for one step.
+    fn cost_lines(&self, st: &StepReport) -> String {
+        let c = &st.cost;
+        let mut o = String::new();
+        let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}s"));
+        match c.server_cpu_s {
+            Some(cpu) => {
+                let _ = writeln!(
+                    o,
+                    "  server     process cpu {} ({}/M deliveries), + ksoftirqd {} ({}/M); RSS {:.1} MiB",
+                    f(Some(cpu)),
+                    f(st.cpu_per_million()),
+                    f(c.softirqd_s),
+                    f(st.cpu_softirqd_per_million()),
+                    c.server_rss.unwrap_or(0) as f64 / 1048576.0
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    "  server     (no --server-pid: process CPU/RSS not measured)"
+                );
+            }
+        }
+        match (&self.env.server_cpus, c.core_busy_s) {
+            (Some(cpus), Some(busy)) => {
+                let _ = writeln!(
+                    o,
+                    "  server     cpus {cpus:?} busy {} ({}/M deliveries; softirq {}, other processes' user {}, \
+                     {}/M without it)",
+                    f(Some(busy)),
+                    f(st.core_per_million()),
+                    f(c.core_softirq_s),
+                    f(c.foreign_user_s),
+                    f(st.core_own_per_million())
+                );
+            }
+            _ => {
+                let why = self
+                    .env
+                    .server_cpus_note
+                    .as_deref()
+                    .unwrap_or("server cpus unknown");
+                let _ = writeln!(o, "  server     core busy not measured: {why}");
+            }
+        }
+        match (c.syscalls, c.context_switches) {
+            (Some(sc), Some(cs)) => {
+                let m = st.counts.measured;
+                let _ = writeln!(
+                    o,
+                    "  server     {sc} syscalls ({:.4}/delivery), {cs} context switches ({:.4}/delivery)",
+                    per_delivery(Some(sc), m).unwrap_or(0.0),
+                    per_delivery(Some(cs), m).unwrap_or(0.0)
+                );
+            }
+            _ => {
+                let why = c.perf_note.as_deref().unwrap_or("perf skipped");
+                let _ = writeln!(
+                    o,
+                    "  server     syscalls/context switches not counted: {why}"
+                );
+            }
+        }
+        let _ = writeln!(
+            o,
+            "  client     cpu {} ({}/M deliveries, of which receive {}/M; {:.0}% of its cpus); machine busy {:.0}%",
+            f(c.client_cpu_s),
+            f(st.client_per_million()),
+            f(st.client_recv_per_million()),
+            c.client_util.unwrap_or(0.0) * 100.0,
+            c.machine_busy.unwrap_or(0.0) * 100.0
+        );
+        o
     }
 
     /// The report as a human-readable table.
@@ -494,16 +625,27 @@ impl Run {
         );
         let _ = writeln!(
             o,
-            "  client     {} of {} cpus, {} worker threads, nofile {}",
-            self.env.cores, self.env.machine_cpus, self.env.threads, self.env.nofile
+            "  client     {} of {} cpus, {} process(es) x {} thread(s), receive path {}{}, nofile {}",
+            self.env.cores,
+            self.env.machine_cpus,
+            self.env.procs,
+            self.env.threads,
+            self.env.recv_path,
+            if self.conns.recv.batch_us > 0 {
+                format!(" (batch window {} us)", self.conns.recv.batch_us)
+            } else {
+                String::new()
+            },
+            self.env.nofile
         );
+        let st = &c.stats;
         let _ = writeln!(
             o,
             "  connect    {} ready of {} in {:.2}s; errors: {} connect, {} refused, {} not acked, {} closed by server (last code {}), {} dropped, {} protocol",
-            c.ready, c.requested, c.connect_s, c.connect_failed, c.upgrade_refused, c.not_ready,
-            c.closed_by_server, c.last_close_code, c.dropped, c.protocol_errors
+            c.ready, c.requested, c.connect_s, st.connect_failed, st.upgrade_refused, st.not_ready,
+            st.closed_by_server, st.last_close_code, st.dropped, st.protocol_errors
         );
-        if let Some(e) = &c.first_error {
+        if let Some(e) = &st.first_error {
             let _ = writeln!(o, "  first error: {e}");
         }
         if let (Some(base), Some(conn)) = (self.env.rss_baseline, self.env.rss_connected) {
@@ -519,14 +661,15 @@ impl Run {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "  {:>10} {:>10} {:>12} {:>12} {:>8} {:>6} {:>6} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7}",
+            "  {:>10} {:>10} {:>12} {:>12} {:>8} {:>6} {:>6} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7}",
             "rate", "published", "expected", "delivered", "missing", "dup", "ooo", "deliv/s",
-            "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "srv cpu/M", "cli cpu"
+            "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "srv cpu/M", "core/M", "cli cpu/M", "cli cpu"
         );
+        let secs = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}s"));
         for st in &self.steps {
             let _ = writeln!(
                 o,
-                "  {:>10.0} {:>10} {:>12} {:>12} {:>8} {:>6} {:>6} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>6.0}%",
+                "  {:>10.0} {:>10} {:>12} {:>12} {:>8} {:>6} {:>6} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>9} {:>9} {:>6.0}%",
                 st.rate,
                 st.sent,
                 st.expected,
@@ -540,8 +683,10 @@ impl Run {
                 st.latency.p99,
                 st.latency.p999,
                 st.latency.max,
-                st.cpu_per_million().map_or("-".into(), |v| format!("{v:.2}s")),
-                st.client_util.unwrap_or(0.0) * 100.0
+                secs(st.cpu_per_million()),
+                secs(st.core_per_million()),
+                secs(st.client_per_million()),
+                st.cost.client_util.unwrap_or(0.0) * 100.0
             );
         }
         if let Some(st) = self.result_step() {
@@ -551,21 +696,7 @@ impl Run {
                 st.send_lag.p50, st.send_lag.p99, st.send_lag.max, st.ok, st.rejected, st.write_failed,
                 st.counts.misrouted, st.counts.stale, st.counts.malformed
             );
-            if let Some(cpu) = st.server_cpu_s {
-                let _ = writeln!(
-                    o,
-                    "  server cpu {:.2}s in window, RSS {:.1} MiB; machine busy {:.0}%",
-                    cpu,
-                    st.server_rss.unwrap_or(0) as f64 / 1048576.0,
-                    st.machine_busy.unwrap_or(0.0) * 100.0
-                );
-            } else {
-                let _ = writeln!(
-                    o,
-                    "  (no --server-pid: server CPU/RSS not measured); machine busy {:.0}%",
-                    st.machine_busy.unwrap_or(0.0) * 100.0
-                );
-            }
+            o.push_str(&self.cost_lines(st));
         }
         if let Some(r) = self.ceiling_rate() {
             let _ = writeln!(
@@ -586,7 +717,7 @@ impl Run {
                 let _ = writeln!(o, "  WARNING [{:.0}/s]: {w}", st.rate);
             }
         }
-        if !warned && self.conns.errors() == 0 {
+        if !warned && self.conns.stats.errors() == 0 {
             let _ = writeln!(o, "\n  OK: client not saturated, no loss, no duplicates");
         }
         o

@@ -1,11 +1,15 @@
-//! Subscriber connections: one tokio task per WebSocket, each with a few dozen
-//! bytes of its own state. Reads go into one buffer per worker thread (only a
-//! partial frame tail is ever copied into the connection), deliveries are
-//! classified with `account` and recorded into per-thread statistics that the
-//! main thread sums when it reads them. Nothing on the delivery path allocates.
+//! Subscriber connections: the handshake (connect, upgrade, subscribe) on a
+//! tokio task, the per-connection frame state (`Conn`) and, for
+//! `--recv-path tokio`, the read loop. With `--recv-path uring` the task hands
+//! the socket and its `Conn` to a receive ring (`uring.rs`) after the
+//! subscribe frame is written. Either way, deliveries are classified with
+//! `account` and recorded into per-thread statistics that the main thread sums
+//! when it reads them; only a partial frame tail is ever copied into the
+//! connection, and nothing on the delivery path allocates.
 
 use crate::account::{DeliveryCounts, Marker, SeqWindow};
 use crate::clock::now_ns;
+use crate::uring;
 use crate::ws::{self, Decoded, Upgrade};
 use hdrhistogram::Histogram;
 use std::cell::RefCell;
@@ -22,6 +26,10 @@ use tokio::sync::Semaphore;
 /// fan-out frames is drained in one syscall (the "batched reads"), small enough
 /// to stay in L2 cache.
 const READ_BUF_BYTES: usize = 64 * 1024;
+
+/// Name prefix of every subscriber-side thread (handshake and receive), so
+/// the client's receive CPU can be told from its publishers' by thread.
+pub(crate) const THREAD_PREFIX: &str = "sub-";
 
 /// Latency histogram bounds: 1 us to 10 min, 3 significant digits.
 pub(crate) fn new_histogram() -> Histogram<u64> {
@@ -54,6 +62,49 @@ pub(crate) struct ConnCounters {
     pub(crate) protocol_errors: AtomicU64,
     /// Last close code received (0 if none).
     pub(crate) last_close_code: AtomicU32,
+}
+
+/// A plain copy of the connection counters (and the first error), summed over
+/// subscriber processes with `add`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ConnStats {
+    pub(crate) connect_failed: u64,
+    pub(crate) upgrade_refused: u64,
+    pub(crate) not_ready: u64,
+    pub(crate) closed_by_server: u64,
+    pub(crate) dropped: u64,
+    pub(crate) protocol_errors: u64,
+    pub(crate) last_close_code: u32,
+    pub(crate) first_error: Option<String>,
+}
+
+impl ConnStats {
+    /// Adds `o` into `self`; the first error and a close code are kept from
+    /// whichever side has one.
+    pub(crate) fn add(&mut self, o: &ConnStats) {
+        self.connect_failed += o.connect_failed;
+        self.upgrade_refused += o.upgrade_refused;
+        self.not_ready += o.not_ready;
+        self.closed_by_server += o.closed_by_server;
+        self.dropped += o.dropped;
+        self.protocol_errors += o.protocol_errors;
+        if self.last_close_code == 0 {
+            self.last_close_code = o.last_close_code;
+        }
+        if self.first_error.is_none() {
+            self.first_error.clone_from(&o.first_error);
+        }
+    }
+
+    /// Subscribers that failed or were lost, for any reason.
+    pub(crate) fn errors(&self) -> u64 {
+        self.connect_failed
+            + self.upgrade_refused
+            + self.not_ready
+            + self.closed_by_server
+            + self.dropped
+            + self.protocol_errors
+    }
 }
 
 /// State shared by every subscriber task and the main thread.
@@ -94,6 +145,34 @@ impl Shared {
             conn: ConnCounters::default(),
             first_error: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Registers one receiving thread's statistics, summed by `take_stats`.
+    pub(crate) fn register_thread(&self) -> Arc<Mutex<ThreadStats>> {
+        let stats = Arc::new(Mutex::new(ThreadStats {
+            counts: DeliveryCounts::default(),
+            hist: new_histogram(),
+        }));
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stats.clone());
+        stats
+    }
+
+    /// A copy of the connection counters.
+    pub(crate) fn conn_stats(&self) -> ConnStats {
+        let c = &self.conn;
+        ConnStats {
+            connect_failed: c.connect_failed.load(Relaxed),
+            upgrade_refused: c.upgrade_refused.load(Relaxed),
+            not_ready: c.not_ready.load(Relaxed),
+            closed_by_server: c.closed_by_server.load(Relaxed),
+            dropped: c.dropped.load(Relaxed),
+            protocol_errors: c.protocol_errors.load(Relaxed),
+            last_close_code: c.last_close_code.load(Relaxed),
+            first_error: self.first_error.lock().ok().and_then(|e| e.clone()),
         }
     }
 
@@ -154,7 +233,9 @@ pub(crate) struct SubSpec {
     pub(crate) source: Option<Ipv4Addr>,
 }
 
-struct Conn {
+/// One subscriber's frame state: what is needed to classify its deliveries
+/// and to carry a partial frame from one read to the next.
+pub(crate) struct Conn {
     topic: u32,
     ready: bool,
     excluded: bool,
@@ -167,9 +248,14 @@ struct Conn {
     close_code: Option<u16>,
 }
 
-enum Step {
+/// What reading a connection came to.
+pub(crate) enum Step {
+    /// Still open: read more (or, as a final outcome, the socket ended
+    /// without a close frame).
     More,
+    /// The server sent a close frame.
     Closed,
+    /// The server broke RFC 6455.
     Invalid(&'static str),
 }
 
@@ -276,10 +362,105 @@ impl Conn {
             at += f.end();
         }
     }
+
+    fn new(sh: &Shared, spec: &SubSpec, carry: Vec<u8>) -> Conn {
+        let mut conn = Conn {
+            topic: spec.topic,
+            ready: false,
+            excluded: false,
+            ack: spec.ack.clone(),
+            windows: vec![SeqWindow::default(); sh.publishers].into_boxed_slice(),
+            carry,
+            frag: Vec::new(),
+            in_frag: false,
+            pong: None,
+            close_code: None,
+        };
+        if conn.ack.is_none() {
+            conn.mark_ready(sh);
+        }
+        conn
+    }
+
+    /// Handles bytes just read: whole frames are consumed where they lie, a
+    /// partial tail is kept in the connection for the next read.
+    pub(crate) fn feed(
+        &mut self,
+        sh: &Shared,
+        data: &[u8],
+        st: &mut ThreadStats,
+        now: u64,
+    ) -> Step {
+        if self.carry.is_empty() {
+            let (used, step) = self.frames(sh, data, st, now);
+            self.carry.extend_from_slice(&data[used..]);
+            step
+        } else {
+            let mut carry = std::mem::take(&mut self.carry);
+            carry.extend_from_slice(data);
+            let (used, step) = self.frames(sh, &carry, st, now);
+            carry.drain(..used);
+            self.carry = carry;
+            step
+        }
+    }
+
+    /// The masked pong owed for the last ping, if any.
+    pub(crate) fn take_pong(&mut self) -> Option<Vec<u8>> {
+        let p = self.pong.take()?;
+        let mut out = Vec::with_capacity(p.len() + 8);
+        ws::encode_masked(&mut out, ws::OP_PONG, &p, [1, 2, 3, 4]);
+        Some(out)
+    }
+
+    /// Counts how a ready connection ended.
+    pub(crate) fn finish(&self, sh: &Shared, outcome: Step) {
+        if !self.ready || self.excluded {
+            // Not ready: settled as "not ready" by the main thread's deadline
+            // accounting. Excluded: not part of the run.
+            return;
+        }
+        match outcome {
+            Step::Closed => {
+                sh.conn.closed_by_server.fetch_add(1, Relaxed);
+                sh.conn
+                    .last_close_code
+                    .store(self.close_code.unwrap_or(0) as u32, Relaxed);
+                sh.note_error(format!(
+                    "server closed a subscriber with code {}",
+                    self.close_code.unwrap_or(0)
+                ));
+            }
+            Step::Invalid(why) => {
+                sh.conn.protocol_errors.fetch_add(1, Relaxed);
+                sh.note_error(format!("protocol error: {why}"));
+            }
+            Step::More => {
+                sh.conn.dropped.fetch_add(1, Relaxed);
+                sh.note_error("subscriber connection dropped".into());
+            }
+        }
+    }
 }
 
-/// Runs one subscriber until the server closes it or the runtime shuts down.
-pub(crate) async fn run(sh: Arc<Shared>, spec: SubSpec, gate: Arc<Semaphore>, timeout: Duration) {
+/// Where a connected subscriber is read.
+#[derive(Clone)]
+pub(crate) enum Reader {
+    /// On its own tokio task (`--recv-path tokio`).
+    Tokio,
+    /// Handed to one of the receive rings (`--recv-path uring`).
+    Uring(uring::Pool),
+}
+
+/// Runs one subscriber: the handshake, then reading on the chosen path until
+/// the server closes it or the run ends.
+pub(crate) async fn run(
+    sh: Arc<Shared>,
+    spec: SubSpec,
+    gate: Arc<Semaphore>,
+    timeout: Duration,
+    reader: Reader,
+) {
     let permit = gate.acquire().await;
     let connected = tokio::time::timeout(timeout, connect(&spec)).await;
     drop(permit);
@@ -308,48 +489,16 @@ pub(crate) async fn run(sh: Arc<Shared>, spec: SubSpec, gate: Arc<Semaphore>, ti
             return;
         }
     };
-    let mut conn = Conn {
-        topic: spec.topic,
-        ready: false,
-        excluded: false,
-        ack: spec.ack.clone(),
-        windows: vec![SeqWindow::default(); sh.publishers].into_boxed_slice(),
-        carry: rest,
-        frag: Vec::new(),
-        in_frag: false,
-        pong: None,
-        close_code: None,
-    };
-    if conn.ack.is_none() {
-        conn.mark_ready(&sh);
-    }
-    let outcome = read_loop(&sh, &mut stream, &mut conn).await;
-    if !conn.ready {
-        // Settled as "not ready" by the main thread's deadline accounting.
-        return;
-    }
-    if conn.excluded {
-        return;
-    }
-    match outcome {
-        Step::Closed => {
-            sh.conn.closed_by_server.fetch_add(1, Relaxed);
-            sh.conn
-                .last_close_code
-                .store(conn.close_code.unwrap_or(0) as u32, Relaxed);
-            sh.note_error(format!(
-                "server closed a subscriber with code {}",
-                conn.close_code.unwrap_or(0)
-            ));
+    let mut conn = Conn::new(&sh, &spec, rest);
+    match reader {
+        Reader::Tokio => {
+            let outcome = read_loop(&sh, &mut stream, &mut conn).await;
+            conn.finish(&sh, outcome);
         }
-        Step::Invalid(why) => {
-            sh.conn.protocol_errors.fetch_add(1, Relaxed);
-            sh.note_error(format!("protocol error: {why}"));
-        }
-        Step::More => {
-            sh.conn.dropped.fetch_add(1, Relaxed);
-            sh.note_error("subscriber connection dropped".into());
-        }
+        Reader::Uring(pool) => match stream.into_std() {
+            Ok(stream) => pool.adopt(stream, conn),
+            Err(_) => conn.finish(&sh, Step::More),
+        },
     }
 }
 
@@ -357,11 +506,7 @@ async fn read_loop(sh: &Shared, stream: &mut TcpStream, conn: &mut Conn) -> Step
     // Frames that arrived together with the upgrade response.
     if !conn.carry.is_empty() {
         let carry = std::mem::take(&mut conn.carry);
-        let step = with_local(sh, |_, st| {
-            let (used, step) = conn.frames(sh, &carry, st, now_ns());
-            conn.carry = carry[used..].to_vec();
-            step
-        });
+        let step = with_local(sh, |_, st| conn.feed(sh, &carry, st, now_ns()));
         if !matches!(step, Step::More) {
             return step;
         }
@@ -377,20 +522,7 @@ async fn read_loop(sh: &Shared, stream: &mut TcpStream, conn: &mut Conn) -> Step
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
                 Err(_) => return Some(Step::More),
             };
-            let now = now_ns();
-            let step = if conn.carry.is_empty() {
-                let (used, step) = conn.frames(sh, &buf[..n], st, now);
-                conn.carry.extend_from_slice(&buf[used..n]);
-                step
-            } else {
-                let mut carry = std::mem::take(&mut conn.carry);
-                carry.extend_from_slice(&buf[..n]);
-                let (used, step) = conn.frames(sh, &carry, st, now);
-                carry.drain(..used);
-                conn.carry = carry;
-                step
-            };
-            match step {
+            match conn.feed(sh, &buf[..n], st, now_ns()) {
                 Step::More => None,
                 other => Some(other),
             }
@@ -398,9 +530,7 @@ async fn read_loop(sh: &Shared, stream: &mut TcpStream, conn: &mut Conn) -> Step
         if let Some(step) = step {
             return step;
         }
-        if let Some(p) = conn.pong.take() {
-            let mut out = Vec::with_capacity(p.len() + 8);
-            ws::encode_masked(&mut out, ws::OP_PONG, &p, [1, 2, 3, 4]);
+        if let Some(out) = conn.take_pong() {
             if stream.write_all(&out).await.is_err() {
                 return Step::More;
             }
@@ -411,19 +541,9 @@ async fn read_loop(sh: &Shared, stream: &mut TcpStream, conn: &mut Conn) -> Step
 fn with_local<R>(sh: &Shared, f: impl FnOnce(&mut [u8], &mut ThreadStats) -> R) -> R {
     LOCAL.with(|cell| {
         let mut slot = cell.borrow_mut();
-        let local = slot.get_or_insert_with(|| {
-            let stats = Arc::new(Mutex::new(ThreadStats {
-                counts: DeliveryCounts::default(),
-                hist: new_histogram(),
-            }));
-            sh.threads
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(stats.clone());
-            Local {
-                buf: vec![0u8; READ_BUF_BYTES].into_boxed_slice(),
-                stats,
-            }
+        let local = slot.get_or_insert_with(|| Local {
+            buf: vec![0u8; READ_BUF_BYTES].into_boxed_slice(),
+            stats: sh.register_thread(),
         });
         let stats = local.stats.clone();
         let mut st = stats.lock().unwrap_or_else(|p| p.into_inner());

@@ -94,7 +94,9 @@ fn run_load(server: &Server, extra: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("ringcast-load prints one JSON object")
 }
 
-fn assert_all_delivered(r: &Value, subscribers: u64, per_topic: u64) {
+/// Every subscriber ready, something published, and every expected delivery
+/// arrived exactly once, without connection errors.
+fn assert_complete(r: &Value, subscribers: u64) {
     let n = |k: &str| {
         r[k].as_u64()
             .unwrap_or_else(|| panic!("{k} missing in {r:#}"))
@@ -105,13 +107,19 @@ fn assert_all_delivered(r: &Value, subscribers: u64, per_topic: u64) {
         "{r:#}"
     );
     assert!(n("published") > 0, "{r:#}");
-    assert_eq!(n("expected"), n("published") * per_topic, "{r:#}");
     assert_eq!(n("delivered"), n("expected"), "{r:#}");
     assert_eq!(n("missing"), 0, "{r:#}");
     assert_eq!(n("duplicates"), 0, "{r:#}");
     assert_eq!(n("misrouted"), 0, "{r:#}");
     assert_eq!(n("connection_errors"), 0, "{r:#}");
     assert!(r["latency_ms"]["count"].as_u64().unwrap_or(0) > 0, "{r:#}");
+}
+
+/// `assert_complete`, with `per_topic` subscribers on every topic.
+fn assert_all_delivered(r: &Value, subscribers: u64, per_topic: u64) {
+    assert_complete(r, subscribers);
+    let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    assert_eq!(n("expected"), n("published") * per_topic, "{r:#}");
 }
 
 #[test]
@@ -174,4 +182,71 @@ fn every_websocket_published_message_reaches_every_subscriber_of_its_topic() {
     assert_eq!(n("delivered"), n("expected"), "{r:#}");
     assert_eq!(n("missing"), 0, "{r:#}");
     assert_eq!(n("duplicates"), 0, "{r:#}");
+}
+
+#[test]
+fn the_tokio_receive_path_counts_the_same_deliveries() {
+    let server = start_server();
+    let r = run_load(
+        &server,
+        &[
+            "--recv-path",
+            "tokio",
+            "--subscribers",
+            "100",
+            "--topics",
+            "5",
+            "--rate",
+            "100",
+            "--duration",
+            "1s",
+            "--warmup",
+            "300ms",
+            "--drain",
+            "5s",
+        ],
+    );
+    assert_all_delivered(&r, 100, 20);
+    assert_eq!(r["client"]["recv_path"].as_str(), Some("tokio"), "{r:#}");
+}
+
+#[test]
+fn subscribers_split_over_child_processes_are_counted_once() {
+    let server = start_server();
+    let pid = server.child.as_ref().map(|c| c.id().to_string());
+    let mut extra = vec![
+        "--procs",
+        "3",
+        "--threads",
+        "2",
+        "--recv-batch-us",
+        "200",
+        "--subscribers",
+        "151",
+        "--topics",
+        "7",
+        "--rate",
+        "140",
+        "--duration",
+        "1s",
+        "--warmup",
+        "300ms",
+        "--drain",
+        "5s",
+    ];
+    if let Some(pid) = pid.as_deref() {
+        extra.extend(["--server-pid", pid, "--no-perf"]);
+    }
+    let r = run_load(&server, &extra);
+    assert_complete(&r, 151);
+    assert_eq!(r["client"]["procs"].as_u64(), Some(3), "{r:#}");
+    assert_eq!(
+        r["latency_ms"]["count"].as_u64(),
+        r["measured_delivered"].as_u64(),
+        "merged histograms hold every measured delivery: {r:#}"
+    );
+    assert!(r["client_cpu_s"].as_f64().is_some(), "{r:#}");
+    if pid.is_some() {
+        assert!(r["server_cpu_s"].as_f64().is_some(), "{r:#}");
+    }
 }

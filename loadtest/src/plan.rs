@@ -1,0 +1,242 @@
+//! What a run will do, resolved once from the command line: URLs and
+//! addresses, topic names, which subscriber goes to which topic and source
+//! address, how many threads and processes. The parent and every subscriber
+//! child build the same `Plan` from the same arguments, so subscriber `i`
+//! is the same connection whichever process opens it.
+
+use crate::cli::{parse_source_ips, Args, Dist, PubBody, PublishVia};
+use crate::publish::Via;
+use crate::report::Scenario;
+use crate::sub::SubSpec;
+use crate::ws;
+use anyhow::{bail, Context, Result};
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Descriptors a process needs beside its sockets: stdio, the ring and
+/// runtime fds, /proc reads, perf's pipes. Generous, it only sets a floor.
+const SPARE_FDS: usize = 256;
+
+/// The resolved run.
+pub(crate) struct Plan {
+    /// The command line as given.
+    pub(crate) args: Args,
+    /// Subscribe URL template.
+    pub(crate) sub_url: String,
+    /// Subscribe frame template, if one is sent.
+    pub(crate) sub_msg: Option<String>,
+    /// Text marking the subscription acknowledged, if one is awaited.
+    pub(crate) sub_ack: Option<Arc<[u8]>>,
+    /// Publish URL template.
+    pub(crate) pub_url: String,
+    /// Topic names, index = topic id.
+    pub(crate) names: Vec<String>,
+    /// Where subscribers connect.
+    pub(crate) sub_addr: SocketAddr,
+    /// Where publishers connect.
+    pub(crate) pub_addr: SocketAddr,
+    /// Source addresses for subscriber sockets, round robin.
+    pub(crate) sources: Option<Vec<Ipv4Addr>>,
+    /// Cpus this process may run on.
+    pub(crate) cores: usize,
+    /// Subscriber threads per process.
+    pub(crate) threads: usize,
+}
+
+impl Plan {
+    /// Resolves `args`; fails on values no run can use.
+    pub(crate) fn new(args: Args) -> Result<Plan> {
+        if args.topics == 0 || args.publishers == 0 || args.procs == 0 {
+            bail!("--topics, --publishers and --procs must be at least 1");
+        }
+        if !(args.rate >= 0.0 && args.rate.is_finite()) {
+            bail!("--rate must be a non-negative number");
+        }
+        let sub_url = args
+            .sub_url
+            .clone()
+            .unwrap_or_else(|| format!("ws://{}/ws", args.host));
+        let topic_in_url = sub_url.contains("{topic}");
+        let sub_msg = match args.sub_msg.as_deref() {
+            Some("none") | Some("") => None,
+            Some(m) => Some(m.to_string()),
+            None if topic_in_url => None,
+            None => Some(r#"{"type":"subscribe","topic":"{topic}"}"#.to_string()),
+        };
+        let sub_ack = match args.sub_ack.as_deref() {
+            Some("none") | Some("") => None,
+            Some(a) => Some(a.to_string()),
+            None if sub_msg.is_some() => Some(r#""subscribed""#.to_string()),
+            None => None,
+        };
+        let pub_url = args
+            .pub_url
+            .clone()
+            .unwrap_or_else(|| match args.publish_via {
+                PublishVia::Http => format!("http://{}/publish", args.host),
+                PublishVia::Ws => format!("ws://{}/ws", args.host),
+            });
+        let names: Vec<String> = (0..args.topics)
+            .map(|t| format!("{}{t}", args.topic_prefix))
+            .collect();
+        let sub_addr = resolve(&ws::Url::parse(&ws::fill(&sub_url, &names[0]))?)?;
+        let pub_addr = resolve(&ws::Url::parse(&ws::fill(&pub_url, &names[0]))?)?;
+        let sources = match &args.source_ips {
+            Some(s) => Some(parse_source_ips(s)?),
+            None => None,
+        };
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let threads = args.threads.unwrap_or(cores).max(1);
+        Ok(Plan {
+            sub_url,
+            sub_msg,
+            sub_ack: sub_ack.map(|a| Arc::from(a.as_bytes())),
+            pub_url,
+            names,
+            sub_addr,
+            pub_addr,
+            sources,
+            cores,
+            threads,
+            args,
+        })
+    }
+
+    /// Whether any rate step publishes.
+    pub(crate) fn publishing(&self) -> bool {
+        self.args.rate > 0.0 || self.args.find_ceiling
+    }
+
+    /// Subscribers held by this process (the parent holds none with --procs > 1).
+    pub(crate) fn local_subscribers(&self) -> Range<usize> {
+        match (self.args.child, self.args.procs) {
+            (Some(i), n) => share(self.args.subscribers, n, i),
+            (None, 1) => 0..self.args.subscribers,
+            (None, _) => 0..0,
+        }
+    }
+
+    /// Raises RLIMIT_NOFILE to what this process's sockets need; fails with
+    /// advice when the hard limit is too low.
+    pub(crate) fn raise_nofile(&self) -> Result<u64> {
+        let publisher_fds = if self.args.child.is_some() {
+            0
+        } else {
+            self.args.publishers * (1 + self.args.topics / 50)
+        };
+        let want = (self.local_subscribers().len() + publisher_fds + SPARE_FDS) as u64;
+        let nofile = crate::procstat::raise_nofile(want);
+        if nofile < want {
+            bail!(
+                "RLIMIT_NOFILE could not be raised to the {want} descriptors this process needs (got {nofile}; \
+                 the hard limit needs CAP_SYS_RESOURCE to go higher): use more --procs, lower --subscribers, \
+                 or raise `ulimit -Hn` as root before starting ringcast-load"
+            );
+        }
+        Ok(nofile)
+    }
+
+    /// What subscriber `i` connects to and sends.
+    pub(crate) fn spec(&self, i: usize) -> Result<SubSpec> {
+        let a = &self.args;
+        let topic = topic_of(i, a.subscribers, a.topics, a.dist, a.hot_fraction);
+        let name = &self.names[topic];
+        let url = ws::Url::parse(&ws::fill(&self.sub_url, name))?;
+        Ok(SubSpec {
+            addr: self.sub_addr,
+            request: ws::upgrade_request(&url, i as u64 + 1),
+            subscribe: self
+                .sub_msg
+                .as_ref()
+                .map(|m| ws::fill(m, name).into_bytes()),
+            ack: self.sub_ack.clone(),
+            topic: topic as u32,
+            source: self.sources.as_ref().map(|s| s[i % s.len()]),
+        })
+    }
+
+    /// How publishers reach the server.
+    pub(crate) fn via(&self) -> Via {
+        match self.args.publish_via {
+            PublishVia::Http => Via::Http {
+                url: self.pub_url.clone(),
+                json: self.args.pub_body == PubBody::Json,
+            },
+            PublishVia::Ws => Via::Ws {
+                url: self.pub_url.clone(),
+            },
+        }
+    }
+
+    /// The scenario as the report describes it.
+    pub(crate) fn scenario(&self) -> Scenario {
+        let a = &self.args;
+        Scenario {
+            label: a.label.clone(),
+            sub_url: self.sub_url.clone(),
+            pub_url: self.pub_url.clone(),
+            publish_via: format!("{:?}", a.publish_via).to_lowercase(),
+            subscribers: a.subscribers,
+            topics: a.topics,
+            dist: format!("{:?}", a.dist).to_lowercase(),
+            publishers: a.publishers,
+            payload_bytes: a.payload_bytes,
+            duration_s: a.duration.as_secs_f64(),
+            warmup_s: a.warmup.as_secs_f64(),
+        }
+    }
+}
+
+fn resolve(url: &ws::Url) -> Result<SocketAddr> {
+    url.authority
+        .to_socket_addrs()
+        .with_context(|| format!("resolve {}", url.authority))?
+        .find(|a| a.is_ipv4())
+        .with_context(|| format!("{}: no IPv4 address", url.authority))
+}
+
+/// Subscribers of child `i` of `procs`: contiguous, sizes differing by at most one.
+pub(crate) fn share(n: usize, procs: usize, i: usize) -> Range<usize> {
+    (n * i / procs)..(n * (i + 1) / procs)
+}
+
+/// Topic index of subscriber `i`.
+pub(crate) fn topic_of(i: usize, n: usize, topics: usize, dist: Dist, hot_fraction: f64) -> usize {
+    match dist {
+        Dist::Uniform => i % topics,
+        Dist::Hot => {
+            let hot = ((n as f64) * hot_fraction.clamp(0.0, 1.0)).round() as usize;
+            if i < hot || topics == 1 {
+                0
+            } else {
+                1 + (i - hot) % (topics - 1)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_distribution_puts_the_fraction_on_topic_zero() {
+        let n = 1000;
+        let on0 = (0..n)
+            .filter(|&i| topic_of(i, n, 10, Dist::Hot, 0.5) == 0)
+            .count();
+        assert_eq!(on0, 500);
+        assert!((0..n).all(|i| topic_of(i, n, 10, Dist::Uniform, 0.5) == i % 10));
+    }
+
+    #[test]
+    fn shares_cover_every_subscriber_once() {
+        let parts: Vec<_> = (0..3).map(|i| share(10, 3, i)).collect();
+        assert_eq!(parts, vec![0..3, 3..6, 6..10]);
+        assert_eq!(share(2, 4, 0), 0..0);
+        assert_eq!((0..4).map(|i| share(2, 4, i).len()).sum::<usize>(), 2);
+    }
+}
