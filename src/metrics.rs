@@ -87,6 +87,22 @@ counters! {
     cq_overflow_flushes_total: "counter",
     /// Completions the kernel dropped (must stay 0).
     cq_dropped_total: "counter",
+    /// Stream topics this shard is home to.
+    streams: "gauge",
+    /// Publications kept in history on this shard.
+    stream_publications: "gauge",
+    /// Bytes of history kept on this shard (frames and bookkeeping).
+    stream_stored_bytes: "gauge",
+    /// Publications evicted from history (size, TTL or max_history_bytes).
+    stream_evictions_total: "counter",
+    /// Streams started, each with a new epoch.
+    stream_epochs_total: "counter",
+    /// Subscriptions that recovered from the position they asked for.
+    stream_recoveries_total: "counter",
+    /// Subscriptions whose position was gone (recovered:false).
+    stream_recovery_failures_total: "counter",
+    /// Publications replayed to subscribers (recovered or last values).
+    stream_replayed_total: "counter",
 }
 
 impl ShardStats {

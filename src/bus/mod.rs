@@ -147,6 +147,69 @@ pub enum Envelope {
         /// The ticket.
         ticket: u64,
     },
+    /// A publication of a stream topic for its home shard, which assigns
+    /// its offset and fans it out. `ticket` asks for a `StreamReply` (an
+    /// HTTP publish waits for its offset).
+    StreamPublish {
+        /// Topic name.
+        topic: Arc<str>,
+        /// Event name.
+        event: String,
+        /// The payload as JSON text.
+        payload: String,
+        /// Reply ticket, if the publisher waits for the outcome.
+        ticket: Option<u64>,
+    },
+    /// A subscriber on the sender opens a stream topic: the home answers with
+    /// `StreamOpened` (the position, and what to replay). Sent only once the
+    /// home routes the topic's publications to the sender, so everything
+    /// after the position follows the answer on the same ordered queue.
+    StreamOpen {
+        /// Returned in the answer.
+        ticket: u64,
+        /// Topic name.
+        topic: Arc<str>,
+        /// The position to recover from, if the client gave one.
+        since: Option<(u64, Arc<str>)>,
+    },
+    /// The home's answer to `StreamOpen`.
+    StreamOpened {
+        /// The request's ticket.
+        ticket: u64,
+        /// Whether the position asked for was recovered; `None` if none was asked.
+        recovered: Option<bool>,
+        /// The stream's latest offset when it answered.
+        offset: u64,
+        /// The stream's epoch.
+        epoch: Arc<str>,
+        /// Publications to send before live ones: the recovered ones, or
+        /// the latest values (then `marked`, sent with `"replay":true`).
+        frames: Vec<Bytes>,
+        /// The frames are last values, not a recovery.
+        marked: bool,
+    },
+    /// `GET /topics/{topic}/history` for the stream's home.
+    StreamQuery {
+        /// Returned in the `StreamReply`.
+        ticket: u64,
+        /// Topic name.
+        topic: Arc<str>,
+        /// Publications after this offset; all retained when absent.
+        since: Option<u64>,
+        /// The epoch `since` belongs to, if the client gave it.
+        epoch: Option<String>,
+        /// Most publications to return.
+        limit: usize,
+    },
+    /// An HTTP answer from a stream's home: to a ticketed `StreamPublish` or a `StreamQuery`.
+    StreamReply {
+        /// The request's ticket.
+        ticket: u64,
+        /// HTTP status.
+        status: u16,
+        /// JSON body.
+        body: Bytes,
+    },
     /// The sender has stopped accepting publishes (it is shutting down):
     /// everything it published to the receiver is ahead of this marker.
     Drained,
@@ -159,7 +222,10 @@ impl Envelope {
     pub fn is_control(&self) -> bool {
         !matches!(
             self,
-            Envelope::Publish { .. } | Envelope::UserPublish { .. } | Envelope::Chat { .. }
+            Envelope::Publish { .. }
+                | Envelope::UserPublish { .. }
+                | Envelope::Chat { .. }
+                | Envelope::StreamPublish { .. }
         )
     }
 }

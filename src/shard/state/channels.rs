@@ -164,11 +164,10 @@ impl ShardState {
         }
         match verdict {
             Verdict::Broadcast => {
-                let frame = message::push(topic, message.event, message.payload.get());
-                self.publish(topic, frame);
+                self.publish(topic, message.event, message.payload.get(), None);
             }
             Verdict::Rewrite { event, payload } => {
-                self.publish(topic, message::push(topic, &event, &payload.to_string()));
+                self.publish(topic, &event, &payload.to_string(), None);
             }
             Verdict::Drop => {}
             Verdict::Reject(reason) => self.send_error(key, &reason),
@@ -186,7 +185,7 @@ impl ShardState {
                     event,
                     payload_json,
                 } => {
-                    self.publish(&topic, message::push(&topic, &event, &payload_json));
+                    self.publish(&topic, &event, &payload_json, None);
                 }
                 Action::Track { meta_json } => {
                     self.set_presence_meta(key, topic, Some(meta_json.into()))
@@ -324,10 +323,7 @@ impl ShardState {
             PresenceThen::Announce { event, user } => {
                 let payload =
                     serde_json::json!({ "user_id": user.as_deref(), "count": wait.count });
-                self.publish(
-                    &wait.topic,
-                    message::push(&wait.topic, &event, &payload.to_string()),
-                );
+                self.publish(&wait.topic, &event, &payload.to_string(), None);
             }
         }
     }

@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::protocol::frame::FrameDecoder;
 use crate::protocol::http::{RequestDecoder, Response};
+use crate::protocol::message::Since;
 
 use super::names::NameId;
 
@@ -102,6 +103,14 @@ pub(crate) enum Deferred {
         /// Whether the request asked to keep the connection open.
         keep_alive: bool,
     },
+    /// An HTTP request answered by a stream's home shard (a publish waiting
+    /// for its offset, a history query).
+    Stream {
+        /// The request's ticket.
+        ticket: u64,
+        /// Whether the request asked to keep the connection open.
+        keep_alive: bool,
+    },
     /// An HTTP response to send once the registry change with this ticket is
     /// acknowledged everywhere.
     Response {
@@ -122,6 +131,9 @@ pub(crate) struct Sub {
     /// Presence meta (a JSON object) when the channel's hook tracks this
     /// connection on the topic.
     pub(crate) meta: Option<Arc<str>>,
+    /// For a stream topic: the position the client asked to recover from,
+    /// kept until the subscription is opened at the topic's home.
+    pub(crate) since: Option<Box<Since>>,
 }
 
 /// How far the connection is in closing, as far as the state is concerned

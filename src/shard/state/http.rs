@@ -14,6 +14,7 @@ use crate::shard::key::ConnKey;
 
 use super::channels::PresenceThen;
 use super::conn::{Deferred, WsKind};
+use super::streams::{publish_accepted, Published};
 use super::users::Opening;
 use super::ShardState;
 
@@ -52,7 +53,10 @@ impl ShardState {
             _ if needs_api_key(request.method, path) && !self.api_key_ok(&request) => {
                 unauthorized("missing or invalid API key: send Authorization: Bearer <api_key>")
             }
-            (Method::Post, "/publish") => self.http_publish(&request),
+            (Method::Post, "/publish") => match self.http_publish(key, &request) {
+                Some(response) => response,
+                None => return,
+            },
             (Method::Post, "/register") => match self.register(key, &request) {
                 Some(response) => response,
                 None => return,
@@ -76,6 +80,16 @@ impl ShardState {
                 Ok(opening) => return self.upgrade_request(key, &request, opening),
                 Err(response) => response,
             },
+            (Method::Get, _) if path.starts_with("/topics/") && path.ends_with("/history") => {
+                let topic = &path["/topics/".len()..path.len() - "/history".len()];
+                match self.checked_topic_request(&request, topic) {
+                    Err(response) => response,
+                    Ok(()) => match self.history_request(key, &request, topic) {
+                        Some(response) => response,
+                        None => return,
+                    },
+                }
+            }
             (Method::Get, _) if path.starts_with("/topics/") && path.ends_with("/presence") => {
                 let topic = &path["/topics/".len()..path.len() - "/presence".len()];
                 match self.presence_request(key, &request, topic) {
@@ -126,29 +140,56 @@ impl ShardState {
         Response::json(200, body)
     }
 
-    fn http_publish(&mut self, request: &Request) -> Response {
+    /// `POST /publish`; `None` when the answer waits for a stream's home.
+    fn http_publish(&mut self, key: ConnKey, request: &Request) -> Option<Response> {
         let content_type = request.header("content-type").unwrap_or("application/json");
         if !content_type
             .trim_start()
             .to_ascii_lowercase()
             .starts_with("application/json")
         {
-            return error_json(415, "Content-Type must be application/json");
-        }
-        if !self.accepting_publishes() {
-            return error_json(503, "server shutting down: publishes are refused");
+            return Some(error_json(415, "Content-Type must be application/json"));
         }
         let max_topic_bytes = self.config().limits.max_topic_bytes;
         let publish = match message::parse_publish(&request.body, max_topic_bytes) {
             Ok(publish) => publish,
-            Err(e) => return error_json(400, &e.to_string()),
+            Err(e) => return Some(error_json(400, &e.to_string())),
         };
-        let frame = message::push(&publish.topic, &publish.event, &publish.payload_json);
-        let shards = match &publish.user_id {
-            Some(user) => self.publish_to_user(user, &publish.topic, frame),
-            None => self.publish(&publish.topic, frame),
-        };
-        Response::json(202, format!("{{\"delivered_shards\":{shards}}}"))
+        if let Some(user) = &publish.user_id {
+            if !self.accepting_publishes() {
+                return Some(error_json(
+                    503,
+                    "server shutting down: publishes are refused",
+                ));
+            }
+            let frame = message::push(&publish.topic, &publish.event, &publish.payload_json);
+            let shards = self.publish_to_user(user, &publish.topic, frame);
+            return Some(publish_accepted(shards, None));
+        }
+        let reply = (key, request.keep_alive());
+        match self.publish(
+            &publish.topic,
+            &publish.event,
+            &publish.payload_json,
+            Some(reply),
+        ) {
+            Published::Done { shards, position } => {
+                Some(publish_accepted(shards, position.as_ref()))
+            }
+            Published::Parked => None,
+            Published::Refused(status, message) => Some(error_json(status, &message)),
+        }
+    }
+
+    /// API key and topic checks shared by `/topics/{topic}/...` requests.
+    fn checked_topic_request(&self, request: &Request, topic: &str) -> Result<(), Response> {
+        if !self.api_key_ok(request) {
+            return Err(unauthorized(
+                "missing or invalid API key: send Authorization: Bearer <api_key>",
+            ));
+        }
+        message::check_topic(topic, self.config().limits.max_topic_bytes)
+            .map_err(|e| error_json(400, &e.to_string()))
     }
 
     fn api_key_ok(&self, request: &Request) -> bool {
@@ -211,13 +252,8 @@ impl ShardState {
         request: &Request,
         topic: &str,
     ) -> Option<Response> {
-        if !self.api_key_ok(request) {
-            return Some(unauthorized(
-                "missing or invalid API key: send Authorization: Bearer <api_key>",
-            ));
-        }
-        if let Err(e) = message::check_topic(topic, self.config().limits.max_topic_bytes) {
-            return Some(error_json(400, &e.to_string()));
+        if let Err(response) = self.checked_topic_request(request, topic) {
+            return Some(response);
         }
         if !self.presence_tracked(topic) {
             return Some(error_json(

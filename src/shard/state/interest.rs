@@ -35,12 +35,15 @@ impl ShardState {
 
     /// Adds connection `key` under `name`. Returns the entry and, if the
     /// connection is active already, its position; `None` means it waits for
-    /// other shards' acknowledgements (see [`ShardState::on_interest_ack`]).
+    /// other shards' acknowledgements (see [`ShardState::on_interest_ack`]),
+    /// or, when `activate` is false (a stream's subscriber, which its home
+    /// must open first), that it waits in any case.
     pub(super) fn join_index(
         &mut self,
         kind: IndexKind,
         key: ConnKey,
         name: &str,
+        activate: bool,
     ) -> Result<(NameId, Option<u32>), NameLimit> {
         let shards = self.shared.bus.shards();
         let first_epoch = self.next_epoch;
@@ -61,7 +64,7 @@ impl ShardState {
             });
             return Ok((id, None));
         }
-        if entry.acks_pending > 0 {
+        if entry.acks_pending > 0 || !activate {
             entry.waiting.push(key);
             return Ok((id, None));
         }
@@ -157,8 +160,16 @@ impl ShardState {
         if entry.acks_pending > 0 {
             return;
         }
-        let waiting = std::mem::take(&mut entry.waiting);
         let name = entry.name.clone();
+        if kind == IndexKind::Topic && self.stream_history(&name).is_some() {
+            // A stream's subscribers stay waiting until their home opens them.
+            let waiting = self.topics.entry(id).waiting.clone();
+            for conn in waiting {
+                self.open_stream(conn, id);
+            }
+            return;
+        }
+        let waiting = std::mem::take(&mut self.index_mut(kind).entry_mut(id).waiting);
         for conn in waiting {
             let pos = self.index_mut(kind).add_subscriber(id, conn);
             self.set_position(kind, conn, id, pos);

@@ -165,6 +165,7 @@ impl ShardState {
             return;
         }
         self.last_scan = self.now;
+        self.expire_streams();
         self.expire_idle_http();
         self.ping_websockets();
     }

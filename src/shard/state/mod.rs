@@ -22,6 +22,7 @@ mod interest;
 mod lifecycle;
 pub mod names;
 mod relay;
+mod streams;
 mod users;
 
 use std::time::Instant;
@@ -145,6 +146,7 @@ pub struct ShardState {
     chatters: NameIndex,
     users_state: Users,
     presence: channels::PresenceQueries,
+    streams: streams::Streams,
     outbox: Outbox,
     commands: Vec<Command>,
     next_epoch: u64,
@@ -170,6 +172,7 @@ impl ShardState {
             chatters: NameIndex::new(limits.max_connections),
             users_state: Users::default(),
             presence: channels::PresenceQueries::default(),
+            streams: streams::Streams::new(limits.max_history_bytes, now),
             outbox: Outbox::new(id, shards),
             commands: Vec::new(),
             next_epoch: 1,
@@ -334,6 +337,47 @@ impl ShardState {
                 count,
                 members,
             } => self.on_presence_reply(ticket, count, &members),
+            Envelope::StreamPublish {
+                topic,
+                event,
+                payload,
+                ticket,
+            } => self.on_stream_publish(from, &topic, &event, &payload, ticket),
+            Envelope::StreamOpen {
+                ticket,
+                topic,
+                since,
+            } => self.on_stream_open(from, ticket, &topic, since),
+            Envelope::StreamOpened {
+                ticket,
+                recovered,
+                offset,
+                epoch,
+                frames,
+                marked,
+            } => {
+                let position = crate::engine::Position { offset, epoch };
+                self.on_stream_opened(ticket, recovered, position, frames, marked)
+            }
+            Envelope::StreamQuery {
+                ticket,
+                topic,
+                since,
+                epoch,
+                limit,
+            } => {
+                let query = streams::HistoryQuery {
+                    since,
+                    epoch,
+                    limit,
+                };
+                self.on_stream_query(from, ticket, &topic, query)
+            }
+            Envelope::StreamReply {
+                ticket,
+                status,
+                body,
+            } => self.on_stream_reply(ticket, status, body),
             Envelope::Drained => self.on_peer_drained(),
             Envelope::Shutdown => self.begin_shutdown(),
         }
@@ -379,26 +423,6 @@ impl ShardState {
             self.commands.push(Command::Send(key, frame.clone()));
         }
         entry.subscribers.len()
-    }
-
-    /// Delivers a framed push to local subscribers and forwards it to every
-    /// shard with interest. Returns how many shards took it.
-    fn publish(&mut self, topic: &str, frame: Bytes) -> usize {
-        ShardStats::add(&self.stats().publishes_total, 1);
-        let Some(id) = self.topics.lookup(topic) else {
-            return 0;
-        };
-        let mut shards = usize::from(self.deliver_local(id, &frame) > 0);
-        let entry = self.topics.entry(id);
-        let (name, remote) = (entry.name.clone(), entry.remote);
-        for to in remote.iter() {
-            let envelope = Envelope::Publish {
-                topic: name.clone(),
-                frame: frame.clone(),
-            };
-            shards += usize::from(self.forward(to, envelope));
-        }
-        shards
     }
 
     /// Puts a publish on the bus to `to`; a full queue drops it (counted).

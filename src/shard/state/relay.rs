@@ -9,7 +9,7 @@
 use crate::bus::IndexKind;
 use crate::metrics::ShardStats;
 use crate::protocol::frame::{self, Incoming};
-use crate::protocol::message::{self, ClientMessage};
+use crate::protocol::message::{self, ClientMessage, Since, TopicRequest};
 use crate::shard::key::ConnKey;
 
 use super::channels::PresenceThen;
@@ -65,17 +65,14 @@ impl ShardState {
         match message::parse_client(text, max_topic_bytes) {
             Err(e) => self.send_error(key, &e.to_string()),
             Ok(ClientMessage::Ping) => self.send(key, message::pong()),
-            Ok(ClientMessage::Subscribe { topic, .. }) => self.subscribe(key, &topic),
+            Ok(ClientMessage::Subscribe { topic, since }) => self.subscribe(key, &topic, since),
             Ok(ClientMessage::Unsubscribe { topic }) => {
                 if let Some(id) = self.subscription(key, &topic) {
                     self.unsubscribe(key, id);
                 }
                 self.send(key, message::unsubscribed(&topic));
             }
-            Ok(ClientMessage::SetTopics(topics)) => {
-                let wanted: Vec<&str> = topics.iter().map(|t| t.topic.as_ref()).collect();
-                self.set_topics(key, &wanted);
-            }
+            Ok(ClientMessage::SetTopics(topics)) => self.set_topics(key, topics),
             Ok(ClientMessage::Publish {
                 topic,
                 event,
@@ -108,7 +105,10 @@ impl ShardState {
             .then_some(id)
     }
 
-    pub(super) fn subscribe(&mut self, key: ConnKey, topic: &str) {
+    /// Subscribes connection `key` to `topic`. A stream topic's subscriber
+    /// is opened at its home (recovering from `since` if given) before it
+    /// gets `subscribed`; `since` means nothing for a plain topic.
+    pub(super) fn subscribe(&mut self, key: ConnKey, topic: &str, since: Option<Since>) {
         let Some(conn) = self.conns.get(key) else {
             return;
         };
@@ -135,7 +135,8 @@ impl ShardState {
             Ok(actions) => actions,
             Err(reason) => return self.send_error(key, &reason),
         };
-        let (id, pos) = match self.join_index(IndexKind::Topic, key, topic) {
+        let stream = self.stream_history(topic).is_some();
+        let (id, pos) = match self.join_index(IndexKind::Topic, key, topic, !stream) {
             Ok(joined) => joined,
             Err(limit) => return self.send_error(key, &limit.to_string()),
         };
@@ -147,10 +148,13 @@ impl ShardState {
                 topic: id,
                 pos,
                 meta: None,
+                since: since.filter(|_| stream).map(Box::new),
             });
         }
         if pos.is_some() {
             self.send(key, message::subscribed(topic));
+        } else if stream && self.topics.entry(id).acks_pending == 0 {
+            self.open_stream(key, id);
         }
         self.apply_actions(key, topic, actions);
     }
@@ -179,12 +183,13 @@ impl ShardState {
     }
 
     /// `{"topics":[...]}`: replaces the whole set, answering `unsubscribed`
-    /// for topics dropped and `subscribed` for topics added.
-    fn set_topics(&mut self, key: ConnKey, wanted: &[&str]) {
-        let mut unique: Vec<&str> = Vec::with_capacity(wanted.len());
-        for &topic in wanted {
-            if !unique.contains(&topic) {
-                unique.push(topic);
+    /// for topics dropped and `subscribed` for topics added (a topic added
+    /// with a position recovers from it; topics held already keep going).
+    fn set_topics(&mut self, key: ConnKey, wanted: Vec<TopicRequest<'_>>) {
+        let mut unique: Vec<TopicRequest<'_>> = Vec::with_capacity(wanted.len());
+        for request in wanted {
+            if !unique.iter().any(|u| u.topic == request.topic) {
+                unique.push(request);
             }
         }
         let max = self.config().limits.max_subscriptions_per_connection;
@@ -203,14 +208,14 @@ impl ShardState {
             .unwrap_or_default();
         for id in held {
             let name = self.topics.entry(id).name.clone();
-            if !unique.contains(&name.as_ref()) {
+            if !unique.iter().any(|u| u.topic == name.as_ref()) {
                 self.unsubscribe(key, id);
                 self.send(key, message::unsubscribed(&name));
             }
         }
-        for topic in unique {
-            if self.subscription(key, topic).is_none() {
-                self.subscribe(key, topic);
+        for request in unique {
+            if self.subscription(key, &request.topic).is_none() {
+                self.subscribe(key, &request.topic, request.since);
             }
         }
     }

@@ -104,7 +104,7 @@ impl ShardState {
             return self.finish_upgrade(key);
         };
         conn.identity_mut().user = Some(user.clone());
-        match self.join_index(index_kind, key, &user) {
+        match self.join_index(index_kind, key, &user, true) {
             Ok((entry, pos)) => {
                 if let Some(conn) = self.conns.get_mut(key) {
                     conn.identity_mut().ident = Some(Ident { entry, pos });
@@ -134,7 +134,7 @@ impl ShardState {
         };
         self.send(key, switching);
         for topic in topics.iter() {
-            self.subscribe(key, topic);
+            self.subscribe(key, topic, None);
         }
         self.resume_input(key);
     }
