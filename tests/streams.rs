@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::process::Command;
 use std::time::Duration;
 
 use common::{TestServer, Ws};
@@ -32,6 +33,11 @@ history_ttl_s = 1
 [[rules]]
 pattern = "small:*"
 history_size = 5
+history_ttl_s = 60
+
+[[rules]]
+pattern = "storm:*"
+history_size = 1000
 history_ttl_s = 60
 
 [[rules]]
@@ -386,4 +392,23 @@ fn the_topics_form_carries_positions_per_topic() {
         (replay["topic"].as_str(), replay["offset"].as_u64()),
         (Some("feed:2"), Some(2))
     );
+}
+
+#[test]
+fn a_reconnect_storm_of_python_clients_ends_with_every_publication_once_in_order() {
+    let server = server(2);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/stream_storm.py");
+    let output = Command::new("python3")
+        .args([script, &server.addr.to_string(), "1000", "10"])
+        .output()
+        .expect("python3 runs (CI installs it with the websockets package)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "storm failed:\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("storm ok"), "{stdout}");
+    println!("{stdout}");
+    assert!(server.metric("stream_recoveries_total") >= 1000);
 }
