@@ -8,14 +8,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use ringcast::bus::ShardId;
+use ringcast::engine::memory::MemoryEngine;
+use ringcast::engine::{Position, Recovery, StreamEngine};
 use ringcast::hooks::Channels;
-use ringcast::protocol::message::push;
+use ringcast::protocol::message::{push, push_at};
+use ringcast::rules::History;
 use ringcast::shard::key::{ConnKey, ConnTable};
 use ringcast::shard::names::NameIndex;
 use ringcast::shard::outbound::{Enqueued, Outbound, SendBuffers};
 use ringcast::shard::state::{Command, Event, ShardState};
 use ringcast::shard::Shared;
 use ringcast::Config;
+use std::sync::Arc;
 
 /// Short runs keep `cargo bench` usable in CI; 3 s gives stable medians here.
 const MEASUREMENT_TIME: Duration = Duration::from_secs(3);
@@ -295,5 +299,66 @@ fn state_fanout(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, topic_index, fanout, state_fanout);
+/// Publications a stream keeps in the history benches: a recovery replays all.
+const HISTORY: usize = 1_000;
+
+/// The memory engine on a stream's home: appending a publication (in steady
+/// state, so each append also evicts the oldest) and reading 1,000 back for
+/// a recovering subscriber.
+fn history(c: &mut Criterion) {
+    let mut group = c.benchmark_group("history");
+    group.measurement_time(MEASUREMENT_TIME);
+    group.warm_up_time(WARM_UP_TIME);
+    group.sample_size(SAMPLE_SIZE);
+    let settings = History {
+        size: HISTORY,
+        ttl: Duration::from_secs(300),
+        replay_on_subscribe: 0,
+    };
+    let payload = payload_json();
+    let now = Instant::now();
+    let mut engine = MemoryEngine::new(1 << 30);
+    let mut epoch = || Arc::<str>::from("e");
+    for _ in 0..HISTORY {
+        engine.publish("room:1", &settings, now, &mut epoch, &mut |offset| {
+            push_at("room:1", offset, "say", &payload)
+        });
+    }
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("append_with_eviction", |b| {
+        b.iter(|| {
+            engine.publish(
+                black_box("room:1"),
+                &settings,
+                now,
+                &mut epoch,
+                &mut |offset| push_at("room:1", offset, "say", &payload),
+            )
+        })
+    });
+    let position = engine.position("room:1", &settings, now, &mut epoch);
+    let since = Position {
+        offset: position.offset - HISTORY as u64,
+        epoch: position.epoch.clone(),
+    };
+    group.throughput(Throughput::Elements(HISTORY as u64));
+    group.bench_function("recover_1000", |b| {
+        b.iter(|| {
+            match engine.recover(
+                "room:1",
+                &settings,
+                black_box(&since),
+                usize::MAX,
+                now,
+                &mut epoch,
+            ) {
+                Recovery::Recovered { publications, .. } => black_box(publications.len()),
+                Recovery::Gone { .. } => unreachable!("the position is in history"),
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, topic_index, fanout, state_fanout, history);
 criterion_main!(benches);
