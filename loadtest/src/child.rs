@@ -7,19 +7,22 @@
 //! |---|---|
 //! | `status` | `{"ready":R,"settled":S}` |
 //! | `freeze` | `{"ready":R,"topic_ready":[..]}` |
-//! | `epoch E M` | `{}` (epoch E, measured from M ns on CLOCK_MONOTONIC) |
+//! | `epoch E M END` | `{}` (epoch E, measured from M ns on CLOCK_MONOTONIC; drops until END) |
 //! | `unique` | `{"unique":U}` |
 //! | `stats` | `{"counts":{..},"hist":HEX}`, the histogram V2-serialized |
 //! | `conns` | connection counters |
 //! | `recv` | receive-path diagnostics |
+//! | `streams` | the run's stream figures, histograms V2-serialized |
 //!
 //! End of stdin ends the child. Latencies need no clock exchange: markers
 //! carry CLOCK_MONOTONIC times, which every process reads alike.
 
 use crate::account::DeliveryCounts;
+use crate::churn::Reconnects;
 use crate::fleet::Local;
+use crate::offsets::{StreamCounts, TopicTails};
 use crate::plan::Plan;
-use crate::sub::ConnStats;
+use crate::sub::{ConnStats, StreamStats};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
@@ -56,7 +59,8 @@ fn answer(local: &Local, cmd: &str) -> Result<Value> {
         "epoch" => {
             let epoch: u32 = words.next().context("epoch number")?.parse()?;
             let start: u64 = words.next().context("measure start")?.parse()?;
-            local.begin_epoch(epoch, start);
+            let end: u64 = words.next().context("window end")?.parse()?;
+            local.begin_epoch(epoch, start, end);
             json!({})
         }
         "unique" => json!({"unique": local.unique_so_far()}),
@@ -65,6 +69,7 @@ fn answer(local: &Local, cmd: &str) -> Result<Value> {
             stats_to_json(&counts, &hist)?
         }
         "conns" => conns_to_json(&local.conn_stats()),
+        "streams" => streams_to_json(&local.stream_stats())?,
         "recv" => {
             let r = local.recv_info();
             json!({"rearms": r.rearms, "not_deferred": r.not_deferred, "batch_us": r.batch_us})
@@ -136,16 +141,72 @@ impl ChildProc {
     }
 }
 
-fn stats_to_json(c: &DeliveryCounts, h: &Histogram<u64>) -> Result<Value> {
+fn hist_to_hex(h: &Histogram<u64>) -> Result<String> {
     let mut bytes = Vec::new();
     V2Serializer::new()
         .serialize(h, &mut bytes)
         .map_err(|e| anyhow::anyhow!("histogram serialization: {e:?}"))?;
+    Ok(hex(&bytes))
+}
+
+fn hist_from_hex(v: &Value) -> Result<Histogram<u64>> {
+    let bytes = unhex(v.as_str().context("histogram missing")?)?;
+    Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| anyhow::anyhow!("histogram deserialization: {e:?}"))
+}
+
+fn stats_to_json(c: &DeliveryCounts, h: &Histogram<u64>) -> Result<Value> {
     Ok(json!({
         "counts": [c.unique, c.measured, c.duplicates, c.out_of_order,
                    c.out_of_order_beyond_window, c.misrouted, c.stale, c.malformed],
-        "hist": hex(&bytes),
+        "hist": hist_to_hex(h)?,
     }))
+}
+
+fn streams_to_json(s: &StreamStats) -> Result<Value> {
+    let r = &s.recovery;
+    Ok(json!({
+        "counts": s.counts.fields(),
+        "ledgers": s.tails.ledgers,
+        "high_sum": s.tails.high_sum,
+        "high_max": s.tails.high_max,
+        "subscribed": hist_to_hex(&r.subscribed)?,
+        "caught_up": hist_to_hex(&r.caught_up)?,
+        "storm": [r.storm_subscribed, r.storm_caught_up,
+                  r.storm_subscribed_last_ns, r.storm_caught_up_last_ns],
+        "reconnects": s.reconnects.fields(),
+    }))
+}
+
+fn u64s(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .map(|a| a.iter().map(|x| x.as_u64().unwrap_or(0)).collect())
+        .unwrap_or_default()
+}
+
+/// Reads a child's `streams` answer.
+pub(crate) fn streams_from_json(v: &Value) -> Result<StreamStats> {
+    let storm = u64s(&v["storm"]);
+    let storm = |i: usize| storm.get(i).copied().unwrap_or(0);
+    let mut s = StreamStats::new(0);
+    s.counts = StreamCounts::from_fields(&u64s(&v["counts"])).context("stream counts")?;
+    s.tails = TopicTails {
+        ledgers: u64s(&v["ledgers"]),
+        high_sum: v["high_sum"]
+            .as_array()
+            .map(|a| a.iter().map(|x| x.as_i64().unwrap_or(0)).collect())
+            .unwrap_or_default(),
+        high_max: u64s(&v["high_max"]),
+    };
+    s.recovery.subscribed = hist_from_hex(&v["subscribed"])?;
+    s.recovery.caught_up = hist_from_hex(&v["caught_up"])?;
+    s.recovery.storm_subscribed = storm(0);
+    s.recovery.storm_caught_up = storm(1);
+    s.recovery.storm_subscribed_last_ns = storm(2);
+    s.recovery.storm_caught_up_last_ns = storm(3);
+    s.reconnects = Reconnects::from_fields(&u64s(&v["reconnects"])).context("reconnect counts")?;
+    Ok(s)
 }
 
 /// Reads a child's `stats` answer.
@@ -169,11 +230,7 @@ pub(crate) fn stats_from_json(v: &Value) -> Result<(DeliveryCounts, Histogram<u6
         stale: n[6],
         malformed: n[7],
     };
-    let bytes = unhex(v["hist"].as_str().context("stats without hist")?)?;
-    let hist: Histogram<u64> = Deserializer::new()
-        .deserialize(&mut bytes.as_slice())
-        .map_err(|e| anyhow::anyhow!("histogram deserialization: {e:?}"))?;
-    Ok((counts, hist))
+    Ok((counts, hist_from_hex(&v["hist"])?))
 }
 
 fn conns_to_json(c: &ConnStats) -> Value {
@@ -246,6 +303,34 @@ mod tests {
         merged.add(&h2).unwrap();
         merged.add(&h).unwrap();
         assert_eq!(merged.len(), 8);
+    }
+
+    #[test]
+    fn stream_figures_survive_the_trip_between_processes() {
+        let mut s = StreamStats::new(3);
+        s.counts.tracked = 5;
+        s.counts.recovered = 7;
+        s.counts.gap_offsets = 2;
+        s.tails.ledgers[1] = 5;
+        s.tails.moved(1, 0, 40);
+        s.tails.moved(2, 9, 3);
+        s.recovery.subscribed.record(2_000_000).unwrap();
+        s.recovery.storm_caught_up = 4;
+        s.recovery.storm_caught_up_last_ns = 123;
+        s.reconnects.drops = 6;
+        s.reconnects.storm_drops = 4;
+        let line = streams_to_json(&s).unwrap().to_string();
+        let back = streams_from_json(&serde_json::from_str(&line).unwrap()).unwrap();
+        assert_eq!(back.counts, s.counts);
+        assert_eq!(back.tails, s.tails);
+        assert_eq!(back.reconnects, s.reconnects);
+        assert_eq!(back.recovery.subscribed, s.recovery.subscribed);
+        assert_eq!(back.recovery.storm_caught_up_last_ns, 123);
+        let mut sum = StreamStats::new(3);
+        sum.add(&back);
+        sum.add(&s);
+        assert_eq!(sum.tails.high_sum, vec![0, 80, -12]);
+        assert_eq!(sum.reconnects.drops, 12);
     }
 
     #[test]

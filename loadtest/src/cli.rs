@@ -51,7 +51,9 @@ pub(crate) enum PubBody {
     about = "Open-loop fan-out latency load generator (no coordinated omission)",
     after_help = "Examples:\n  ringcast-load --subscribers 10000 --topics 100 --rate 20000 --duration 30s\n  \
     ringcast-load --sub-url 'ws://127.0.0.1:8091/sub/{topic}' --pub-url 'http://127.0.0.1:8091/pub/{topic}' --pub-body raw\n  \
-    ringcast-load --subscribers 2000 --topics 100 --rate 5000 --find-ceiling --server-pid $(pgrep -n ringcast)"
+    ringcast-load --subscribers 2000 --topics 100 --rate 5000 --find-ceiling --server-pid $(pgrep -n ringcast)\n  \
+    ringcast-load --subscribers 1000 --topics 10 --rate 1000 --reconnect-every 2s --recover   (topics with history)\n  \
+    ringcast-load --subscribers 1000 --topics 10 --rate 1000 --storm-at 3s --recover"
 )]
 pub(crate) struct Args {
     /// Server host:port used by the default URL templates.
@@ -114,6 +116,24 @@ pub(crate) struct Args {
     /// Maximum unanswered HTTP publish requests per publisher connection.
     #[arg(long, default_value_t = 1024)]
     pub(crate) pipeline_depth: u64,
+
+    /// Each subscriber drops its connection abruptly (RST, no close frame) at random
+    /// times with this mean during the measured window (exponential gaps, seeded by
+    /// --seed) and reconnects at once. E.g. 2s.
+    #[arg(long, value_parser = parse_duration)]
+    pub(crate) reconnect_every: Option<Duration>,
+    /// Reconnect storm: drop every subscriber abruptly at once this long into the
+    /// measured window; all reconnect at once while publishing goes on.
+    #[arg(long, value_parser = parse_duration)]
+    pub(crate) storm_at: Option<Duration>,
+    /// Re-subscribe after a drop from the last position (ringcast streams:
+    /// `since` = offset of the last push and the epoch of the last `subscribed`).
+    /// Without it a reconnect subscribes afresh and loses what was published meanwhile.
+    #[arg(long)]
+    pub(crate) recover: bool,
+    /// Seed of the subscribers' drop schedules (the same seed repeats a run's drops).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
 
     /// Subscriber threads per process (default: available cores): receive rings
     /// with --recv-path uring (plus as many handshake workers), tokio workers otherwise.

@@ -10,7 +10,7 @@ use crate::child::ChildProc;
 use crate::cli::RecvPath;
 use crate::clock::now_ns;
 use crate::plan::Plan;
-use crate::sub::{self, ConnStats, Reader, Shared};
+use crate::sub::{self, ConnStats, Reader, Shared, StreamStats};
 use crate::uring;
 use anyhow::Result;
 use hdrhistogram::Histogram;
@@ -62,12 +62,13 @@ impl Local {
             .thread_name(format!("{}tokio", sub::THREAD_PREFIX))
             .enable_all()
             .build()?;
-        let shared = Arc::new(Shared::new(a.topics, a.publishers));
+        let shared = Arc::new(Shared::new(a.topics, a.publishers, plan.churn));
         let pool = match a.recv_path {
             RecvPath::Uring => Some(uring::Pool::start(
                 shared.clone(),
                 plan.threads,
                 a.recv_batch_us,
+                rt.handle().clone(),
             )?),
             RecvPath::Tokio => None,
         };
@@ -131,11 +132,22 @@ impl Local {
         }
     }
 
-    /// Starts counting epoch `epoch`, measuring messages scheduled from `measure_start`.
-    pub(crate) fn begin_epoch(&self, epoch: u32, measure_start: u64) {
+    /// Starts counting epoch `epoch`, measuring messages scheduled from
+    /// `measure_start`; subscribers drop (if asked to) until `end`.
+    pub(crate) fn begin_epoch(&self, epoch: u32, measure_start: u64, end: u64) {
         self.shared.epoch.store(epoch, SeqCst);
         let _ = self.shared.take_stats();
         self.shared.measure_start_ns.store(measure_start, SeqCst);
+        let churn = &self.shared.churn;
+        if churn.drops() {
+            self.shared
+                .set_churn_window(churn.window(measure_start, end));
+        }
+    }
+
+    /// The run's stream figures so far.
+    pub(crate) fn stream_stats(&self) -> StreamStats {
+        self.shared.stream_stats()
     }
 
     /// Unique deliveries of this epoch so far.
@@ -165,8 +177,9 @@ impl Local {
         }
     }
 
-    /// Stops reading; sockets close when the process exits.
+    /// Stops reading and reconnecting; sockets close when the process exits.
     pub(crate) fn shutdown(self) {
+        self.shared.stopping.store(true, SeqCst);
         if let Some(p) = &self.pool {
             p.stop();
         }
@@ -236,14 +249,28 @@ impl Fleet {
     }
 
     /// Starts counting epoch `epoch` everywhere.
-    pub(crate) fn begin_epoch(&mut self, epoch: u32, measure_start: u64) -> Result<()> {
+    pub(crate) fn begin_epoch(&mut self, epoch: u32, measure_start: u64, end: u64) -> Result<()> {
         match self {
-            Fleet::Local(l) => l.begin_epoch(epoch, measure_start),
+            Fleet::Local(l) => l.begin_epoch(epoch, measure_start, end),
             Fleet::Children(k) => {
-                ChildProc::ask_all(k, &format!("epoch {epoch} {measure_start}"))?;
+                ChildProc::ask_all(k, &format!("epoch {epoch} {measure_start} {end}"))?;
             }
         }
         Ok(())
+    }
+
+    /// The run's stream figures, summed over processes.
+    pub(crate) fn stream_stats(&mut self, topics: usize) -> Result<StreamStats> {
+        match self {
+            Fleet::Local(l) => Ok(l.stream_stats()),
+            Fleet::Children(k) => {
+                let mut sum = StreamStats::new(topics);
+                for r in ChildProc::ask_all(k, "streams")? {
+                    sum.add(&crate::child::streams_from_json(&r)?);
+                }
+                Ok(sum)
+            }
+        }
     }
 
     /// Unique deliveries of this epoch so far, over all processes.

@@ -7,6 +7,8 @@
 //! - `cli.rs`      the command line
 //! - `plan.rs`     the run resolved from it: URLs, topics, who connects where
 //! - `account.rs`  payload marker and per-(subscriber, publisher) sequence accounting
+//! - `offsets.rs`  stream offset accounting per (subscriber, topic): gaps, duplicates, recovery
+//! - `churn.rs`    when subscribers drop (`--reconnect-every`, `--storm-at`), seeded
 //! - `ws.rs`       sans-IO WebSocket client pieces: URLs, upgrade, frames
 //! - `fleet.rs`    the subscribers as the orchestrator sees them (here or in children)
 //! - `sub.rs`      subscriber handshake and frame state; the tokio receive path
@@ -26,15 +28,23 @@
 //! scheduled time, so latency is schedule -> receipt. After the duration a
 //! drain period lets stragglers arrive before missing deliveries are counted.
 //!
+//! With `--reconnect-every` or `--storm-at` subscribers drop their sockets
+//! abruptly during the measured window and reconnect, re-subscribing from
+//! their stream position with `--recover`; the report then adds the offset
+//! accounting (missing, duplicated, out of order), the recoveries and their
+//! latency, and the storm's time to recover everyone.
+//!
 //! With `--procs N` the subscribers live in N re-executed children of this
 //! binary; this process publishes, measures and merges their counts and
 //! histograms.
 
 mod account;
 mod child;
+mod churn;
 mod cli;
 mod clock;
 mod fleet;
+mod offsets;
 mod perf;
 mod plan;
 mod probe;
@@ -106,7 +116,7 @@ fn run(plan: &Plan) -> Result<report::Run> {
     let (mut fleet, frozen, connect_s) = connect(plan, &progress)?;
     std::thread::sleep(RSS_SETTLE);
     let rss_connected = probe.rss();
-    let counters = Arc::new(PubCounters::default());
+    let counters = Arc::new(PubCounters::new(a.topics));
     let mut pubs = open_publishers(plan, &frozen, &counters)?;
     let env = Env {
         cores: plan.cores,
@@ -121,7 +131,7 @@ fn run(plan: &Plan) -> Result<report::Run> {
         server_cpus: probe.cpus.clone(),
         server_cpus_note: probe.cpus_note.clone(),
     };
-    let steps = Rig {
+    let mut rig = Rig {
         plan,
         fleet: &mut fleet,
         pubs: &mut pubs,
@@ -129,8 +139,16 @@ fn run(plan: &Plan) -> Result<report::Run> {
         probe: &probe,
         env: &env,
         progress: &progress,
-    }
-    .measure()?;
+        churn_window: None,
+    };
+    let steps = rig.measure()?;
+    let churn_window = rig.churn_window;
+    let streams = report::Streams::new(
+        fleet.stream_stats(a.topics)?,
+        &counters.last_offsets(),
+        plan.churn,
+        churn_window,
+    );
     let conns = Conns::new(
         a.subscribers,
         frozen.ready,
@@ -144,6 +162,7 @@ fn run(plan: &Plan) -> Result<report::Run> {
         env,
         conns,
         steps,
+        streams,
         find_ceiling: a.find_ceiling,
         ceiling_p99_ms: a.ceiling_p99_ms,
     })
@@ -233,6 +252,8 @@ struct Rig<'a> {
     probe: &'a ServerProbe,
     env: &'a Env,
     progress: &'a Progress,
+    /// The drop window of the last step (with `--reconnect-every`/`--storm-at`).
+    churn_window: Option<churn::Window>,
 }
 
 impl Rig<'_> {
@@ -264,7 +285,10 @@ impl Rig<'_> {
         let t0 = now_ns() + STEP_LEAD.as_nanos() as u64;
         let measure_start = t0 + a.warmup.as_nanos() as u64;
         let end = measure_start + a.duration.as_nanos() as u64;
-        self.fleet.begin_epoch(epoch, measure_start)?;
+        self.fleet.begin_epoch(epoch, measure_start, end)?;
+        if self.plan.churn.drops() {
+            self.churn_window = Some(self.plan.churn.window(measure_start, end));
+        }
         let schedule = publish::Plan {
             epoch,
             t0,
@@ -277,6 +301,19 @@ impl Rig<'_> {
                 "step {epoch}: {rate:.0} msgs/s for {:.1}s after {:.1}s warmup",
                 a.duration.as_secs_f64(),
                 a.warmup.as_secs_f64()
+            ));
+        }
+        if let Some(every) = a.reconnect_every {
+            self.progress.say(format!(
+                "subscribers drop every {:.2}s on average in the window and reconnect {}",
+                every.as_secs_f64(),
+                if a.recover { "with since" } else { "afresh" }
+            ));
+        }
+        if let Some(at) = a.storm_at {
+            self.progress.say(format!(
+                "reconnect storm {:.2}s into the window",
+                at.as_secs_f64()
             ));
         }
         let client_pids = self.fleet.child_pids();

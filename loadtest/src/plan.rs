@@ -4,6 +4,7 @@
 //! child build the same `Plan` from the same arguments, so subscriber `i`
 //! is the same connection whichever process opens it.
 
+use crate::churn;
 use crate::cli::{parse_source_ips, Args, Dist, PubBody, PublishVia};
 use crate::publish::Via;
 use crate::report::Scenario;
@@ -42,6 +43,8 @@ pub(crate) struct Plan {
     pub(crate) cores: usize,
     /// Subscriber threads per process.
     pub(crate) threads: usize,
+    /// When subscribers drop and how they come back.
+    pub(crate) churn: churn::Plan,
 }
 
 impl Plan {
@@ -52,6 +55,20 @@ impl Plan {
         }
         if !(args.rate >= 0.0 && args.rate.is_finite()) {
             bail!("--rate must be a non-negative number");
+        }
+        if args.reconnect_every.is_some_and(|d| d.is_zero()) {
+            bail!("--reconnect-every must be more than 0");
+        }
+        if args.storm_at.is_some_and(|t| t >= args.duration) {
+            bail!("--storm-at must fall inside the measured window (less than --duration)");
+        }
+        let churn = churn::Plan::new(args.reconnect_every, args.storm_at, args.recover, args.seed);
+        if churn.drops() && args.find_ceiling {
+            bail!("--reconnect-every and --storm-at measure one rate: not with --find-ceiling");
+        }
+        if args.recover && args.sub_msg.is_some() {
+            // `since` is ringcast's subscribe field; a custom frame cannot carry it.
+            bail!("--recover re-subscribes with ringcast's subscribe message: not with --sub-msg");
         }
         let sub_url = args
             .sub_url
@@ -101,6 +118,7 @@ impl Plan {
             sources,
             cores,
             threads,
+            churn,
             args,
         })
     }
@@ -154,6 +172,8 @@ impl Plan {
                 .map(|m| ws::fill(m, name).into_bytes()),
             ack: self.sub_ack.clone(),
             topic: topic as u32,
+            topic_name: name.clone(),
+            index: i as u64,
             source: self.sources.as_ref().map(|s| s[i % s.len()]),
         })
     }

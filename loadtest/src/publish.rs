@@ -8,6 +8,7 @@
 
 use crate::account::Marker;
 use crate::clock::{now_ns, sleep_until};
+use crate::offsets;
 use crate::sub::new_histogram;
 use crate::ws::{self, Decoded, Upgrade, Url};
 use anyhow::{bail, Context, Result};
@@ -43,9 +44,13 @@ pub(crate) enum Via {
     Ws { url: String },
 }
 
-/// Counters summed over all publishers, reset by the main thread per epoch.
+/// Counters summed over all publishers, reset by the main thread per epoch
+/// (except `last_offsets`, which spans the run).
 #[derive(Default)]
 pub(crate) struct PubCounters {
+    /// Per topic, the highest stream offset a `202` reply reported (0: none),
+    /// so subscribers' missing offsets at the tail can be counted.
+    pub(crate) last_offsets: Vec<AtomicU64>,
     /// Distinct messages the schedule produced (each counted once, however often re-sent).
     pub(crate) attempted: AtomicU64,
     /// Messages accepted: answered 2xx (HTTP) or written (WebSocket).
@@ -67,6 +72,19 @@ pub(crate) struct PubCounters {
 }
 
 impl PubCounters {
+    /// Zeroed counters for `topics` topics.
+    pub(crate) fn new(topics: usize) -> PubCounters {
+        PubCounters {
+            last_offsets: (0..topics).map(|_| AtomicU64::new(0)).collect(),
+            ..PubCounters::default()
+        }
+    }
+
+    /// The last offsets the publish replies reported, per topic.
+    pub(crate) fn last_offsets(&self) -> Vec<u64> {
+        self.last_offsets.iter().map(|o| o.load(Relaxed)).collect()
+    }
+
     /// Publishes neither accepted, rejected nor given up on yet.
     pub(crate) fn unanswered(&self) -> u64 {
         self.attempted.load(Relaxed).saturating_sub(
@@ -644,7 +662,14 @@ fn http_read_loop(
             if (200..300).contains(&code) {
                 counters.ok.fetch_add(1, Relaxed);
                 if let Some(p) = pending {
-                    let n = subs.get(p.marker.topic as usize).copied().unwrap_or(0);
+                    let topic = p.marker.topic as usize;
+                    if let (Some(o), Some(last)) = (
+                        offsets::reply_offset(&data[..used]),
+                        counters.last_offsets.get(topic),
+                    ) {
+                        last.fetch_max(o, Relaxed);
+                    }
+                    let n = subs.get(topic).copied().unwrap_or(0);
                     counters.sent.fetch_add(1, Relaxed);
                     counters.expected.fetch_add(n, Relaxed);
                     if p.measured {

@@ -1,13 +1,15 @@
 //! Turns counters, histograms and /proc samples into the report: a human table
 //! or one JSON object. Also decides whether a run is trustworthy (client
 //! saturated, publishers behind schedule, machine CPU exhausted, the server's
-//! cpus shared with other work) and says so.
+//! cpus shared with other work) and says so. With stream topics or drops it
+//! adds the offset accounting, the reconnects and the storm (`Streams`).
 
 use crate::account::DeliveryCounts;
+use crate::churn;
 use crate::fleet::RecvInfo;
 use crate::probe::Samples;
 use crate::publish::PubCounters;
-use crate::sub::ConnStats;
+use crate::sub::{ConnStats, StreamStats};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -442,12 +444,247 @@ impl StepReport {
     }
 }
 
+/// The run's stream figures: offsets accounted per (subscriber, topic), the
+/// drops and reconnects, recovery latency and the storm.
+pub(crate) struct Streams {
+    stats: StreamStats,
+    /// Owed offsets beyond every ledger's highest, at the end.
+    missing_tail: u64,
+    /// Whether publish replies gave the topics' last offsets (else the
+    /// highest any subscriber saw stands in).
+    last_from_replies: bool,
+    churn: churn::Plan,
+    window: Option<churn::Window>,
+}
+
+impl Streams {
+    /// The figures of a run whose publishers saw `last_offsets` per topic.
+    pub(crate) fn new(
+        stats: StreamStats,
+        last_offsets: &[u64],
+        churn: churn::Plan,
+        window: Option<churn::Window>,
+    ) -> Streams {
+        Streams {
+            missing_tail: stats.tails.missing_tail(last_offsets),
+            last_from_replies: last_offsets.iter().any(|&o| o > 0),
+            stats,
+            churn,
+            window,
+        }
+    }
+
+    /// Whether there is anything to report: stream topics, or drops.
+    fn shown(&self) -> bool {
+        self.churn.drops() || self.stats.counts.tracked > 0
+    }
+
+    /// Owed offsets never received.
+    fn missing(&self) -> u64 {
+        self.stats.counts.missing_in_gaps() + self.missing_tail
+    }
+
+    fn storm_ns(&self) -> Option<u64> {
+        self.window.and_then(|w| w.storm_ns)
+    }
+
+    /// Seconds from the storm until its last reconnect reached `last_ns`,
+    /// if every subscriber the storm dropped got there.
+    fn storm_took_s(&self, reached: u64, last_ns: u64) -> Option<f64> {
+        let storm = self.storm_ns()?;
+        let dropped = self.stats.reconnects.storm_drops;
+        (dropped > 0 && reached >= dropped).then(|| last_ns.saturating_sub(storm) as f64 / 1e9)
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if !self.shown() {
+            return w;
+        }
+        let c = &self.stats.counts;
+        let r = &self.stats.reconnects;
+        if c.duplicated > 0 || c.out_of_order > 0 {
+            w.push(format!(
+                "stream offsets: {} duplicated, {} out of order",
+                c.duplicated, c.out_of_order
+            ));
+        }
+        if self.churn.recover && self.missing() > 0 {
+            w.push(format!(
+                "stream offsets: {} missing despite --recover ({} in gaps, {} at the tail)",
+                self.missing(),
+                c.missing_in_gaps(),
+                self.missing_tail
+            ));
+        }
+        if self.churn.recover && c.recoveries_failed > 0 {
+            w.push(format!(
+                "{} recoveries answered recovered:false (history too short, or the epoch changed)",
+                c.recoveries_failed
+            ));
+        }
+        if c.untracked > 0 && (self.churn.drops() || c.tracked > 0) {
+            w.push(format!(
+                "{} subscribers' `subscribed` carried no offset (topics without history, or a server \
+                 without streams): their offsets are not accounted{}",
+                c.untracked,
+                if self.churn.recover {
+                    " and they re-subscribe without since"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if c.epoch_changes > 0 {
+            w.push(format!(
+                "{} subscribes found their stream in another epoch: the old epoch's tail is not counted",
+                c.epoch_changes
+            ));
+        }
+        if r.abandoned > 0 {
+            w.push(format!(
+                "{} subscribers gave up reconnecting (their later deliveries are missing)",
+                r.abandoned
+            ));
+        }
+        let rec = &self.stats.recovery;
+        if self.storm_ns().is_some() && self.storm_took_s(rec.storm_caught_up, 0).is_none() {
+            w.push(format!(
+                "storm: only {} of {} dropped subscribers caught up",
+                rec.storm_caught_up, r.storm_drops
+            ));
+        }
+        w
+    }
+
+    fn json(&self) -> Value {
+        if !self.shown() {
+            return Value::Null;
+        }
+        let c = &self.stats.counts;
+        let r = &self.stats.reconnects;
+        let rec = &self.stats.recovery;
+        json!({
+            "tracked_subscribers": c.tracked,
+            "untracked_subscribers": c.untracked,
+            "last_offsets_from": if self.last_from_replies { "publish replies" } else { "subscribers" },
+            "delivered": c.delivered,
+            "recovered": c.recovered,
+            "missing": self.missing(),
+            "missing_in_gaps": c.missing_in_gaps(),
+            "missing_at_tail": self.missing_tail,
+            "duplicated": c.duplicated,
+            "out_of_order": c.out_of_order,
+            "last_value_replays": c.last_values,
+            "not_owed": c.not_owed,
+            "epoch_changes": c.epoch_changes,
+            "reconnect": {
+                "every_s": self.churn.mean_ns.map(|n| n as f64 / 1e9),
+                "recover": self.churn.recover,
+                "seed": self.churn.seed,
+                "drops": r.drops,
+                "reconnects": r.reconnects,
+                "failed_attempts": r.failed_attempts,
+                "abandoned": r.abandoned,
+                "recoveries_ok": c.recoveries_ok,
+                "recoveries_failed": c.recoveries_failed,
+                "resubscribed_fresh": c.resubscribed_fresh,
+            },
+            "recovery_ms": {
+                "subscribed": Lat::of(&rec.subscribed).json(),
+                "caught_up": Lat::of(&rec.caught_up).json(),
+            },
+            "storm": self.storm_ns().map(|_| json!({
+                "at_s": self.churn.storm_after_ns.map(|n| n as f64 / 1e9),
+                "dropped": r.storm_drops,
+                "subscribed": rec.storm_subscribed,
+                "caught_up": rec.storm_caught_up,
+                "all_subscribed_s": self.storm_took_s(rec.storm_subscribed, rec.storm_subscribed_last_ns),
+                "all_recovered_s": self.storm_took_s(rec.storm_caught_up, rec.storm_caught_up_last_ns),
+            })),
+        })
+    }
+
+    fn table(&self, o: &mut String) {
+        if !self.shown() {
+            return;
+        }
+        let c = &self.stats.counts;
+        let r = &self.stats.reconnects;
+        let rec = &self.stats.recovery;
+        let _ = writeln!(
+            o,
+            "  streams    offsets of {} subscribers: {} delivered ({} recovered in replays), missing {} \
+             ({} in gaps, {} at the tail), duplicated {}, out of order {}",
+            c.tracked,
+            c.delivered,
+            c.recovered,
+            self.missing(),
+            c.missing_in_gaps(),
+            self.missing_tail,
+            c.duplicated,
+            c.out_of_order
+        );
+        if !self.churn.drops() {
+            return;
+        }
+        let every = self
+            .churn
+            .mean_ns
+            .map_or("no random drops".to_string(), |n| {
+                format!("drops every {:.2}s on average", n as f64 / 1e9)
+            });
+        let _ = writeln!(
+            o,
+            "  reconnect  {every} (seed {}), {}: {} drops, {} reconnects ({} failed attempts, {} given up); \
+             recoveries {} ok, {} failed; {} fresh subscribes",
+            self.churn.seed,
+            if self.churn.recover { "with since" } else { "without since (no --recover)" },
+            r.drops,
+            r.reconnects,
+            r.failed_attempts,
+            r.abandoned,
+            c.recoveries_ok,
+            c.recoveries_failed,
+            c.resubscribed_fresh
+        );
+        let lat = |h: &Histogram<u64>| {
+            let l = Lat::of(h);
+            if l.count == 0 {
+                "- (none)".to_string()
+            } else {
+                format!("{:.2}/{:.2}/{:.2} ms ({})", l.p50, l.p99, l.max, l.count)
+            }
+        };
+        let _ = writeln!(
+            o,
+            "  recovery   p50/p99/max from the reconnect's TCP connect to subscribed {}; to the last replayed {}",
+            lat(&rec.subscribed),
+            lat(&rec.caught_up)
+        );
+        if let Some(at) = self.churn.storm_after_ns {
+            let secs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}s"));
+            let _ = writeln!(
+                o,
+                "  storm      at {:.2}s: {} dropped; {} subscribed again (all in {}), {} caught up (all in {})",
+                at as f64 / 1e9,
+                r.storm_drops,
+                rec.storm_subscribed,
+                secs(self.storm_took_s(rec.storm_subscribed, rec.storm_subscribed_last_ns)),
+                rec.storm_caught_up,
+                secs(self.storm_took_s(rec.storm_caught_up, rec.storm_caught_up_last_ns)),
+            );
+        }
+    }
+}
+
 /// A whole run.
 pub(crate) struct Run {
     pub(crate) scenario: Scenario,
     pub(crate) env: Env,
     pub(crate) conns: Conns,
     pub(crate) steps: Vec<StepReport>,
+    pub(crate) streams: Streams,
     pub(crate) find_ceiling: bool,
     pub(crate) ceiling_p99_ms: f64,
 }
@@ -527,6 +764,11 @@ impl Run {
         }
         if self.find_ceiling {
             v["steps"] = Value::Array(self.steps.iter().map(StepReport::json).collect());
+        }
+        v["streams"] = self.streams.json();
+        let stream_warnings = self.streams.warnings();
+        if let Some(w) = v["warnings"].as_array_mut() {
+            w.extend(stream_warnings.into_iter().map(Value::from));
         }
         v
     }
@@ -698,6 +940,7 @@ impl Run {
             );
             o.push_str(&self.cost_lines(st));
         }
+        self.streams.table(&mut o);
         if let Some(r) = self.ceiling_rate() {
             let _ = writeln!(
                 o,
@@ -716,6 +959,13 @@ impl Run {
                 }
                 let _ = writeln!(o, "  WARNING [{:.0}/s]: {w}", st.rate);
             }
+        }
+        for w in self.streams.warnings() {
+            if !warned {
+                let _ = writeln!(o);
+                warned = true;
+            }
+            let _ = writeln!(o, "  WARNING [streams]: {w}");
         }
         if !warned && self.conns.stats.errors() == 0 {
             let _ = writeln!(o, "\n  OK: client not saturated, no loss, no duplicates");

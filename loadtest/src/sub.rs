@@ -6,16 +6,26 @@
 //! `account` and recorded into per-thread statistics that the main thread sums
 //! when it reads them; only a partial frame tail is ever copied into the
 //! connection, and nothing on the delivery path allocates.
+//!
+//! A subscriber outlives its sockets: with `--reconnect-every`/`--storm-at`
+//! its `Conn` (sequence windows, stream ledger, drop schedule) is kept when
+//! the socket is dropped, and `redial` connects it again, re-subscribing from
+//! its position with `--recover`.
 
 use crate::account::{DeliveryCounts, Marker, SeqWindow};
+use crate::churn::{self, Reconnects};
 use crate::clock::now_ns;
+use crate::offsets::{self, Ledger, Opened, PushAt, Recovery, StreamCounts, TopicTails};
 use crate::uring;
 use crate::ws::{self, Decoded, Upgrade};
 use hdrhistogram::Histogram;
 use std::cell::RefCell;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,12 +47,64 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1_000, 600_000_000_000, 3).expect("valid histogram bounds")
 }
 
-/// Per worker thread statistics for the current epoch.
+/// Attempts to reconnect a dropped subscriber before giving it up.
+const RECONNECT_ATTEMPTS: u32 = 20;
+/// Longest a reconnect's connect, upgrade and subscribe may take.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed reconnect attempt, times the attempt number: 20
+/// attempts span about 10 s, longer than a relay restart takes.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest a tokio-path reader waits before looking at its drop schedule
+/// again: the schedule appears when the measured window is fixed, after the
+/// reader started waiting. Matches the receive rings' inbox poll.
+const CHURN_POLL: Duration = Duration::from_millis(10);
+
+/// Per worker thread statistics: the current epoch's delivery counts and
+/// latency, and the run's stream accounting (not reset between epochs).
 pub(crate) struct ThreadStats {
     /// Delivery classification counts.
     pub(crate) counts: DeliveryCounts,
     /// Latency (schedule to receipt, ns) of unique measured deliveries.
     pub(crate) hist: Histogram<u64>,
+    /// Stream offset accounting.
+    pub(crate) streams: StreamCounts,
+    /// Where this thread's ledgers stand per topic.
+    pub(crate) tails: TopicTails,
+    /// Reconnect timing.
+    pub(crate) recovery: Recovery,
+}
+
+/// The stream figures of the whole run, summed over threads and processes.
+#[derive(Clone, Debug)]
+pub(crate) struct StreamStats {
+    /// Offset accounting.
+    pub(crate) counts: StreamCounts,
+    /// Ledger positions per topic.
+    pub(crate) tails: TopicTails,
+    /// Reconnect timing.
+    pub(crate) recovery: Recovery,
+    /// Drops and reconnects.
+    pub(crate) reconnects: Reconnects,
+}
+
+impl StreamStats {
+    /// Empty figures for `topics` topics.
+    pub(crate) fn new(topics: usize) -> StreamStats {
+        StreamStats {
+            counts: StreamCounts::default(),
+            tails: TopicTails::new(topics),
+            recovery: Recovery::new(new_histogram),
+            reconnects: Reconnects::default(),
+        }
+    }
+
+    /// Adds `o` into `self`.
+    pub(crate) fn add(&mut self, o: &StreamStats) {
+        self.counts.add(&o.counts);
+        self.tails.add(&o.tails);
+        self.recovery.add(&o.recovery);
+        self.reconnects.add(&o.reconnects);
+    }
 }
 
 /// Connection failure and lifecycle counters, shared by all subscriber tasks.
@@ -62,6 +124,29 @@ pub(crate) struct ConnCounters {
     pub(crate) protocol_errors: AtomicU64,
     /// Last close code received (0 if none).
     pub(crate) last_close_code: AtomicU32,
+}
+
+/// Drop and reconnect counters, shared by the receive paths and the
+/// reconnect tasks.
+#[derive(Default)]
+pub(crate) struct ReconnectCounters {
+    drops: AtomicU64,
+    storm_drops: AtomicU64,
+    reconnects: AtomicU64,
+    failed_attempts: AtomicU64,
+    abandoned: AtomicU64,
+}
+
+impl ReconnectCounters {
+    fn snapshot(&self) -> Reconnects {
+        Reconnects {
+            drops: self.drops.load(Relaxed),
+            storm_drops: self.storm_drops.load(Relaxed),
+            reconnects: self.reconnects.load(Relaxed),
+            failed_attempts: self.failed_attempts.load(Relaxed),
+            abandoned: self.abandoned.load(Relaxed),
+        }
+    }
 }
 
 /// A plain copy of the connection counters (and the first error), summed over
@@ -111,6 +196,17 @@ impl ConnStats {
 pub(crate) struct Shared {
     /// Publisher count: sizes each subscriber's per-publisher window array.
     pub(crate) publishers: usize,
+    /// When subscribers drop and whether they recover.
+    pub(crate) churn: churn::Plan,
+    /// The drop window once the measured window is fixed.
+    churn_window: Mutex<Option<churn::Window>>,
+    /// Changes whenever `churn_window` is set (0: never set), so a
+    /// subscriber recomputes its next drop without taking the lock.
+    pub(crate) churn_gen: AtomicU32,
+    /// Drop and reconnect counters.
+    pub(crate) reconnects: ReconnectCounters,
+    /// Set when the run ends: reconnects stop trying.
+    pub(crate) stopping: AtomicBool,
     /// Epoch whose deliveries are being counted.
     pub(crate) epoch: AtomicU32,
     /// Deliveries of messages scheduled at or after this instant are measured.
@@ -133,9 +229,14 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// New shared state for `topics` topics and `publishers` publishers.
-    pub(crate) fn new(topics: usize, publishers: usize) -> Shared {
+    pub(crate) fn new(topics: usize, publishers: usize, churn: churn::Plan) -> Shared {
         Shared {
             publishers,
+            churn,
+            churn_window: Mutex::new(None),
+            churn_gen: AtomicU32::new(0),
+            reconnects: ReconnectCounters::default(),
+            stopping: AtomicBool::new(false),
             epoch: AtomicU32::new(0),
             measure_start_ns: AtomicU64::new(u64::MAX),
             frozen: AtomicBool::new(false),
@@ -153,6 +254,9 @@ impl Shared {
         let stats = Arc::new(Mutex::new(ThreadStats {
             counts: DeliveryCounts::default(),
             hist: new_histogram(),
+            streams: StreamCounts::default(),
+            tails: TopicTails::new(self.topic_ready.len()),
+            recovery: Recovery::new(new_histogram),
         }));
         self.threads
             .lock()
@@ -198,6 +302,30 @@ impl Shared {
         (counts, hist)
     }
 
+    /// Sums the stream figures of every thread (they are never reset).
+    pub(crate) fn stream_stats(&self) -> StreamStats {
+        let mut sum = StreamStats::new(self.topic_ready.len());
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for t in threads.iter() {
+            let t = t.lock().unwrap_or_else(|p| p.into_inner());
+            sum.counts.add(&t.streams);
+            sum.tails.add(&t.tails);
+            sum.recovery.add(&t.recovery);
+        }
+        sum.reconnects = self.reconnects.snapshot();
+        sum
+    }
+
+    /// Fixes the window subscribers drop in.
+    pub(crate) fn set_churn_window(&self, w: churn::Window) {
+        *self.churn_window.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+        self.churn_gen.fetch_add(1, SeqCst);
+    }
+
+    fn churn_window(&self) -> Option<churn::Window> {
+        *self.churn_window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Sums the unique delivery count without resetting (for early drain exit).
     pub(crate) fn unique_so_far(&self) -> u64 {
         let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
@@ -229,18 +357,43 @@ pub(crate) struct SubSpec {
     pub(crate) ack: Option<Arc<[u8]>>,
     /// Topic index.
     pub(crate) topic: u32,
+    /// Topic name, for a subscribe from a position.
+    pub(crate) topic_name: String,
+    /// Subscriber index in the run: seeds its drop schedule.
+    pub(crate) index: u64,
     /// Local address to bind before connecting.
     pub(crate) source: Option<Ipv4Addr>,
 }
 
-/// One subscriber's frame state: what is needed to classify its deliveries
-/// and to carry a partial frame from one read to the next.
+/// A reconnect in progress, from its TCP connect until it has what it is owed.
+#[derive(Clone, Copy, Debug)]
+struct Resume {
+    /// When the reconnect's TCP connect began, ns.
+    connect_ns: u64,
+    /// The storm's reconnect.
+    storm: bool,
+    /// Waiting for `subscribed`.
+    awaiting_ack: bool,
+    /// Answered `recovered:true`.
+    recovered: bool,
+}
+
+/// One subscriber's state across its sockets: what is needed to classify its
+/// deliveries, to carry a partial frame from one read to the next, and to
+/// drop and come back on schedule.
 pub(crate) struct Conn {
-    topic: u32,
+    spec: Arc<SubSpec>,
     ready: bool,
     excluded: bool,
-    ack: Option<Arc<[u8]>>,
     windows: Box<[SeqWindow]>,
+    ledger: Ledger,
+    resume: Option<Resume>,
+    schedule: churn::Schedule,
+    /// The `churn_gen` that `next_drop` was computed for (0: compute again).
+    drop_gen: u32,
+    next_drop: Option<churn::Drop>,
+    /// The drop that ended the last socket, until the reconnect.
+    last_drop: Option<churn::Drop>,
     carry: Vec<u8>,
     frag: Vec<u8>,
     in_frag: bool,
@@ -257,6 +410,8 @@ pub(crate) enum Step {
     Closed,
     /// The server broke RFC 6455.
     Invalid(&'static str),
+    /// Its drop is due (`--reconnect-every`, `--storm-at`): drop and reconnect.
+    Dropped(churn::Drop),
 }
 
 impl Conn {
@@ -271,25 +426,33 @@ impl Conn {
         m0: u64,
     ) {
         if !self.ready {
-            let acked = match &self.ack {
-                Some(tok) => memchr::memmem::find(payload, tok).is_some(),
-                None => true,
-            };
-            if acked {
+            if self.acks(payload) {
                 self.mark_ready(sh);
+                if !self.excluded {
+                    self.opened(Some(payload), st, now);
+                }
+            }
+        } else if self.resume.is_some_and(|r| r.awaiting_ack) && self.acks(payload) {
+            self.opened(Some(payload), st, now);
+        }
+        if self.excluded || !self.ready {
+            return;
+        }
+        if self.ledger.tracking() {
+            if let Some(p) = offsets::push_at(payload) {
+                if !self.pushed(p, st, now) {
+                    return;
+                }
             }
         }
         let Some(m) = Marker::find(payload) else {
             return;
         };
-        if self.excluded || !self.ready {
-            return;
-        }
         if m.epoch != epoch {
             st.counts.stale += 1;
             return;
         }
-        if m.topic != self.topic {
+        if m.topic != self.spec.topic {
             st.counts.misrouted += 1;
             return;
         }
@@ -304,6 +467,109 @@ impl Conn {
         }
     }
 
+    fn acks(&self, payload: &[u8]) -> bool {
+        match &self.spec.ack {
+            Some(tok) => memchr::memmem::find(payload, tok).is_some(),
+            None => true,
+        }
+    }
+
+    /// Takes the subscription's acknowledgement in (`None`: there is none to
+    /// read, ready after the upgrade): the stream position it reports, and a
+    /// reconnect's timing.
+    fn opened(&mut self, reply: Option<&[u8]>, st: &mut ThreadStats, now: u64) {
+        let topic = self.spec.topic as usize;
+        let c = &mut st.streams;
+        let mut recovered = false;
+        match reply.and_then(offsets::parse_subscribed) {
+            Some(s) => {
+                let before = self.ledger.high();
+                match self.ledger.subscribed(&s) {
+                    Opened::First => {
+                        c.tracked += 1;
+                        if let Some(n) = st.tails.ledgers.get_mut(topic) {
+                            *n += 1;
+                        }
+                    }
+                    Opened::Recovered { .. } => {
+                        c.recoveries_ok += 1;
+                        recovered = true;
+                    }
+                    Opened::Fresh { lost, asked } => {
+                        c.gap_offsets += lost;
+                        if asked {
+                            c.recoveries_failed += 1;
+                        } else {
+                            c.resubscribed_fresh += 1;
+                        }
+                    }
+                    Opened::EpochChanged { asked } => {
+                        c.epoch_changes += 1;
+                        if asked {
+                            c.recoveries_failed += 1;
+                        } else {
+                            c.resubscribed_fresh += 1;
+                        }
+                    }
+                }
+                st.tails.moved(topic, before, self.ledger.high());
+            }
+            None if self.resume.is_none() => c.untracked += 1,
+            None => c.resubscribed_fresh += 1,
+        }
+        if let Some(r) = self.resume.as_mut() {
+            r.awaiting_ack = false;
+            r.recovered = recovered;
+            let rec = &mut st.recovery;
+            rec.subscribed
+                .saturating_record(now.saturating_sub(r.connect_ns).max(1_000));
+            if r.storm {
+                rec.storm_subscribed += 1;
+                rec.storm_subscribed_last_ns = rec.storm_subscribed_last_ns.max(now);
+            }
+            self.caught_up_if_done(st, now);
+        }
+    }
+
+    /// Accounts a stream push by its offset; false if it is not owed (a last
+    /// value, or published before the first `subscribed`), so the payload
+    /// accounting must not count it either.
+    fn pushed(&mut self, p: PushAt, st: &mut ThreadStats, now: u64) -> bool {
+        if p.replay {
+            st.streams.last_values += 1;
+            return false;
+        }
+        let before = self.ledger.high();
+        let arrival = self.ledger.push(p.offset);
+        st.streams.record(arrival);
+        st.tails
+            .moved(self.spec.topic as usize, before, self.ledger.high());
+        if self.resume.is_some() {
+            self.caught_up_if_done(st, now);
+        }
+        arrival != offsets::Arrival::NotOwed
+    }
+
+    /// Ends a reconnect once `subscribed` came and its replay is complete.
+    fn caught_up_if_done(&mut self, st: &mut ThreadStats, now: u64) {
+        let Some(r) = self.resume else {
+            return;
+        };
+        if r.awaiting_ack || self.ledger.replaying() {
+            return;
+        }
+        let rec = &mut st.recovery;
+        if r.recovered {
+            rec.caught_up
+                .saturating_record(now.saturating_sub(r.connect_ns).max(1_000));
+        }
+        if r.storm {
+            rec.storm_caught_up += 1;
+            rec.storm_caught_up_last_ns = rec.storm_caught_up_last_ns.max(now);
+        }
+        self.resume = None;
+    }
+
     fn mark_ready(&mut self, sh: &Shared) {
         self.ready = true;
         if sh.frozen.load(Relaxed) {
@@ -311,7 +577,7 @@ impl Conn {
             self.excluded = true;
             return;
         }
-        sh.topic_ready[self.topic as usize].fetch_add(1, Relaxed);
+        sh.topic_ready[self.spec.topic as usize].fetch_add(1, Relaxed);
         sh.ready.fetch_add(1, Relaxed);
         sh.settled.fetch_add(1, Relaxed);
     }
@@ -363,20 +629,25 @@ impl Conn {
         }
     }
 
-    fn new(sh: &Shared, spec: &SubSpec, carry: Vec<u8>) -> Conn {
+    fn new(sh: &Shared, spec: Arc<SubSpec>, carry: Vec<u8>) -> Conn {
         let mut conn = Conn {
-            topic: spec.topic,
             ready: false,
             excluded: false,
-            ack: spec.ack.clone(),
             windows: vec![SeqWindow::default(); sh.publishers].into_boxed_slice(),
+            ledger: Ledger::default(),
+            resume: None,
+            schedule: churn::Schedule::new(&sh.churn, spec.index),
+            drop_gen: 0,
+            next_drop: None,
+            last_drop: None,
+            spec,
             carry,
             frag: Vec::new(),
             in_frag: false,
             pong: None,
             close_code: None,
         };
-        if conn.ack.is_none() {
+        if conn.spec.ack.is_none() {
             conn.mark_ready(sh);
         }
         conn
@@ -413,6 +684,66 @@ impl Conn {
         Some(out)
     }
 
+    /// The next scheduled drop (computed again once the drop window is set,
+    /// and after each reconnect); `None` while the window is unknown, and
+    /// for subscribers that are not part of the run.
+    pub(crate) fn next_drop(&mut self, sh: &Shared, now: u64) -> Option<churn::Drop> {
+        if !sh.churn.drops() || !self.ready || self.excluded {
+            return None;
+        }
+        let gen = sh.churn_gen.load(Relaxed);
+        if gen == 0 {
+            return None;
+        }
+        if self.drop_gen != gen {
+            self.drop_gen = gen;
+            self.next_drop = sh
+                .churn_window()
+                .and_then(|w| self.schedule.next(&sh.churn, &w, now));
+        }
+        self.next_drop
+    }
+
+    /// The socket was dropped on schedule: forgets that socket's frame state.
+    pub(crate) fn dropped(&mut self, sh: &Shared, d: churn::Drop) {
+        self.schedule.dropped(d);
+        self.last_drop = Some(d);
+        self.drop_gen = 0;
+        self.next_drop = None;
+        self.carry.clear();
+        self.frag.clear();
+        self.in_frag = false;
+        self.pong = None;
+        // A reconnect still catching up is abandoned: its timing is not a recovery's.
+        self.resume = None;
+        sh.reconnects.drops.fetch_add(1, Relaxed);
+        if d.storm {
+            sh.reconnects.storm_drops.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The subscribe frame of a reconnect: from the ledger's position with
+    /// `--recover` (when the server gave one), else the first subscribe's.
+    fn resubscribe(&self, recover: bool) -> Option<Vec<u8>> {
+        match self.ledger.position() {
+            Some((offset, epoch)) if recover && self.spec.subscribe.is_some() => Some(
+                offsets::subscribe_since(&self.spec.topic_name, offset, epoch),
+            ),
+            _ => self.spec.subscribe.clone(),
+        }
+    }
+
+    /// A reconnect has its socket (`rest` arrived with the upgrade response).
+    fn resumed(&mut self, rest: Vec<u8>, connect_ns: u64) {
+        self.carry = rest;
+        self.resume = Some(Resume {
+            connect_ns,
+            storm: self.last_drop.take().is_some_and(|d| d.storm),
+            awaiting_ack: true,
+            recovered: false,
+        });
+    }
+
     /// Counts how a ready connection ended.
     pub(crate) fn finish(&self, sh: &Shared, outcome: Step) {
         if !self.ready || self.excluded {
@@ -439,7 +770,31 @@ impl Conn {
                 sh.conn.dropped.fetch_add(1, Relaxed);
                 sh.note_error("subscriber connection dropped".into());
             }
+            // Dropped on purpose; the reconnect counts its own outcome.
+            Step::Dropped(_) => {}
         }
+    }
+}
+
+/// Makes the next close of `fd` abortive (SO_LINGER with a zero timeout):
+/// the kernel sends RST and discards whatever is queued either way, which is
+/// how a crashed client or a lost path looks to the server. No close frame.
+pub(crate) fn set_abortive(fd: std::os::fd::RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is an open socket owned by the caller for this call; the
+    // option value points to a live `linger` of the length passed. A failure
+    // only makes the close graceful, which the server survives as well.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
     }
 }
 
@@ -453,7 +808,8 @@ pub(crate) enum Reader {
 }
 
 /// Runs one subscriber: the handshake, then reading on the chosen path until
-/// the server closes it or the run ends.
+/// the server closes it or the run ends (on the tokio path, dropping and
+/// reconnecting on schedule in between).
 pub(crate) async fn run(
     sh: Arc<Shared>,
     spec: SubSpec,
@@ -462,7 +818,7 @@ pub(crate) async fn run(
     reader: Reader,
 ) {
     let permit = gate.acquire().await;
-    let connected = tokio::time::timeout(timeout, connect(&spec)).await;
+    let connected = tokio::time::timeout(timeout, dial(&spec, spec.subscribe.as_deref())).await;
     drop(permit);
     if !matches!(connected, Ok(Ok(_))) && sh.frozen.load(Relaxed) {
         // Already counted as not ready when the run froze its subscriber set.
@@ -489,17 +845,74 @@ pub(crate) async fn run(
             return;
         }
     };
-    let mut conn = Conn::new(&sh, &spec, rest);
+    let mut conn = Conn::new(&sh, Arc::new(spec), rest);
     match reader {
-        Reader::Tokio => {
+        Reader::Tokio => loop {
             let outcome = read_loop(&sh, &mut stream, &mut conn).await;
-            conn.finish(&sh, outcome);
-        }
+            let Step::Dropped(d) = outcome else {
+                conn.finish(&sh, outcome);
+                return;
+            };
+            set_abortive(stream.as_raw_fd());
+            drop(stream);
+            conn.dropped(&sh, d);
+            match redial(&sh, &mut conn).await {
+                Some(s) => stream = s,
+                None => return,
+            }
+        },
         Reader::Uring(pool) => match stream.into_std() {
             Ok(stream) => pool.adopt(stream, conn),
             Err(_) => conn.finish(&sh, Step::More),
         },
     }
+}
+
+/// Reconnects a subscriber a receive ring dropped and hands it back to the
+/// rings (`--recv-path uring`).
+pub(crate) async fn rejoin_ring(sh: Arc<Shared>, mut conn: Conn, pool: uring::Pool) {
+    let Some(stream) = redial(&sh, &mut conn).await else {
+        return;
+    };
+    match stream.into_std() {
+        Ok(stream) => pool.adopt(stream, conn),
+        Err(_) => conn.finish(&sh, Step::More),
+    }
+}
+
+/// Connects a dropped subscriber again and subscribes it (from its position
+/// with `--recover`), retrying after a pause; `None` once it is given up or
+/// the run is over.
+async fn redial(sh: &Shared, conn: &mut Conn) -> Option<TcpStream> {
+    let frame = conn.resubscribe(sh.churn.recover);
+    for attempt in 1..=RECONNECT_ATTEMPTS {
+        if sh.stopping.load(Relaxed) {
+            return None;
+        }
+        let start = now_ns();
+        match tokio::time::timeout(RECONNECT_TIMEOUT, dial(&conn.spec, frame.as_deref())).await {
+            Ok(Ok((stream, rest))) => {
+                sh.reconnects.reconnects.fetch_add(1, Relaxed);
+                conn.resumed(rest, start);
+                if conn.spec.ack.is_none() {
+                    with_local(sh, |_, st| conn.opened(None, st, now_ns()));
+                }
+                return Some(stream);
+            }
+            Ok(Err(ConnectError::Refused(status))) => {
+                sh.note_error(format!("reconnect: upgrade refused: {status}"))
+            }
+            Ok(Err(ConnectError::Io(e))) => sh.note_error(format!("reconnect: {e}")),
+            Err(_) => sh.note_error("reconnect: timed out".into()),
+        }
+        sh.reconnects.failed_attempts.fetch_add(1, Relaxed);
+        tokio::time::sleep(RECONNECT_BACKOFF * attempt).await;
+    }
+    sh.reconnects.abandoned.fetch_add(1, Relaxed);
+    sh.note_error(format!(
+        "a subscriber gave up after {RECONNECT_ATTEMPTS} reconnect attempts"
+    ));
+    None
 }
 
 async fn read_loop(sh: &Shared, stream: &mut TcpStream, conn: &mut Conn) -> Step {
@@ -512,7 +925,15 @@ async fn read_loop(sh: &Shared, stream: &mut TcpStream, conn: &mut Conn) -> Step
         }
     }
     loop {
-        if stream.readable().await.is_err() {
+        let ready = match churn_wait(sh, conn) {
+            Ok(None) => stream.readable().await,
+            Ok(Some(wait)) => match tokio::time::timeout(wait, stream.readable()).await {
+                Ok(r) => r,
+                Err(_) => continue,
+            },
+            Err(d) => return Step::Dropped(d),
+        };
+        if ready.is_err() {
             return Step::More;
         }
         let step = with_local(sh, |buf, st| {
@@ -535,6 +956,22 @@ async fn read_loop(sh: &Shared, stream: &mut TcpStream, conn: &mut Conn) -> Step
                 return Step::More;
             }
         }
+    }
+}
+
+/// How long a tokio-path reader may wait for data before its drop is due
+/// (`Ok(None)`: no limit), or the drop that is due now.
+fn churn_wait(sh: &Shared, conn: &mut Conn) -> Result<Option<Duration>, churn::Drop> {
+    if !sh.churn.drops() {
+        return Ok(None);
+    }
+    let now = now_ns();
+    match conn.next_drop(sh, now) {
+        Some(d) if d.at_ns <= now => Err(d),
+        Some(d) => Ok(Some(Duration::from_nanos(d.at_ns - now).min(CHURN_POLL))),
+        // The window is not fixed yet: look again soon.
+        None if sh.churn_gen.load(Relaxed) == 0 => Ok(Some(CHURN_POLL)),
+        None => Ok(None),
     }
 }
 
@@ -593,7 +1030,12 @@ pub(crate) async fn tcp_connect(
     Ok(stream)
 }
 
-async fn connect(spec: &SubSpec) -> Result<(TcpStream, Vec<u8>), ConnectError> {
+/// Connects, upgrades and sends `subscribe` (if any); returns the socket and
+/// whatever arrived after the upgrade response.
+async fn dial(
+    spec: &SubSpec,
+    subscribe: Option<&[u8]>,
+) -> Result<(TcpStream, Vec<u8>), ConnectError> {
     let mut stream = tcp_connect(spec.addr, spec.source).await?;
     stream.write_all(&spec.request).await?;
     let mut buf = Vec::with_capacity(512);
@@ -610,7 +1052,7 @@ async fn connect(spec: &SubSpec) -> Result<(TcpStream, Vec<u8>), ConnectError> {
             Upgrade::Refused(s) => return Err(ConnectError::Refused(s)),
         }
     };
-    if let Some(sub) = &spec.subscribe {
+    if let Some(sub) = subscribe {
         let mut out = Vec::with_capacity(sub.len() + 16);
         ws::encode_masked(&mut out, ws::OP_TEXT, sub, [0x5a, 0xa5, 0x3c, 0xc3]);
         stream.write_all(&out).await?;

@@ -8,11 +8,20 @@
 //! client pays neither an epoll wake-up nor a `read` call per socket per
 //! burst. This module owns the ring and the buffers; what the bytes mean is
 //! `sub::Conn`'s business.
+//!
+//! With `--reconnect-every`/`--storm-at` each ring also keeps its sockets'
+//! drop times. A due drop cancels the socket's receive; once the receive's
+//! final completion is in (the ring holds no reference to the socket any
+//! more), the socket is closed abortively (RST) and its `Conn` goes to a
+//! reconnect task on the handshake runtime, which hands it back to a ring.
 
+use crate::churn;
 use crate::clock::now_ns;
-use crate::sub::{Conn, Shared, Step};
+use crate::sub::{self, Conn, Shared, Step};
 use anyhow::{Context, Result};
 use io_uring::{cqueue, opcode, types, IoUring};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
@@ -46,6 +55,9 @@ const INBOX_POLL: Duration = Duration::from_millis(10);
 /// Completions a batching wait asks for before its batch window ends: more
 /// than any window gathers, so the window, not the count, ends the batch.
 const BATCH_COMPLETIONS: u32 = RECV_BUFFERS as u32;
+/// Tag in the user data of a receive's cancellation, so its own completion
+/// is told from the receive's (slot indices never reach this bit).
+const CANCEL_TAG: u64 = 1 << 63;
 /// `IORING_ENTER_GETEVENTS` (wait for completions).
 const ENTER_GETEVENTS: u32 = 1 << 0;
 /// `IORING_ENTER_EXT_ARG` (the argument is a `GetEventsArg`).
@@ -77,6 +89,8 @@ struct PoolInner {
     batch_us: u32,
     /// Set when the kernel refused the batch window (before Linux 6.12).
     batch_refused: AtomicBool,
+    /// The handshake runtime, where dropped subscribers reconnect.
+    rt: tokio::runtime::Handle,
 }
 
 /// Handle to the receive threads; clones share them.
@@ -88,7 +102,12 @@ pub(crate) struct Pool {
 impl Pool {
     /// Starts `threads` receive threads, each with its own ring; fails if
     /// io_uring cannot be set up here.
-    pub(crate) fn start(sh: Arc<Shared>, threads: usize, batch_us: u32) -> Result<Pool> {
+    pub(crate) fn start(
+        sh: Arc<Shared>,
+        threads: usize,
+        batch_us: u32,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Pool> {
         let mut inboxes = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..threads.max(1) {
@@ -104,6 +123,7 @@ impl Pool {
             deferred: AtomicBool::new(true),
             batch_us,
             batch_refused: AtomicBool::new(false),
+            rt,
         });
         for (i, rx) in receivers.into_iter().enumerate() {
             let (ready_tx, ready_rx) = mpsc::channel();
@@ -289,11 +309,30 @@ impl RecvRing {
         let entry = opcode::RecvMulti::new(types::Fd(fd), RECV_GROUP)
             .build()
             .user_data(slot as u64);
+        // SAFETY: the receive writes only into provided buffers, which
+        // outlive the ring; the socket stays open until its final
+        // completion has been handled (`Receiver::release`, `Receiver::abort`).
+        unsafe { self.push(&entry) }
+    }
+
+    /// Asks the kernel to end slot `slot`'s receive; its final completion follows.
+    fn cancel(&mut self, slot: usize) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(slot as u64)
+            .build()
+            .user_data(CANCEL_TAG | slot as u64);
+        // SAFETY: a cancellation names a request by its user data and
+        // touches no memory of ours.
+        unsafe { self.push(&entry) }
+    }
+
+    /// Queues `entry`, submitting first if the queue is full.
+    ///
+    /// # Safety
+    /// Whatever `entry` points to must stay valid until its completion.
+    unsafe fn push(&mut self, entry: &io_uring::squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: the receive writes only into provided buffers, which
-            // outlive the ring; the socket stays open until its final
-            // completion has been handled (`Receiver::release`).
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+            // SAFETY: the caller's promise.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }
             self.ring.submit()?;
@@ -301,17 +340,17 @@ impl RecvRing {
     }
 
     /// Submits what is queued, then waits for completions: at most
-    /// `INBOX_POLL` for the first one, and, with a batch window, until the
+    /// `timeout` for the first one, and, with a batch window, until the
     /// window has passed since the wait began (`min_wait_usec`, Linux 6.12).
     /// Under load the window gathers many sockets' data into one wake-up and
     /// one batch of receives; a completion after a quiet window returns at
     /// once, so a lone delivery waits for no window. Returns false if the
     /// kernel refused the window, which the caller then drops.
-    fn wait(&mut self, batch_us: u32) -> io::Result<bool> {
+    fn wait(&mut self, batch_us: u32, timeout: Duration) -> io::Result<bool> {
         if !self.ring.submission().is_empty() {
             self.ring.submit()?;
         }
-        let ts = types::Timespec::from(INBOX_POLL);
+        let ts = types::Timespec::from(timeout);
         let arg = GetEventsArg {
             sigmask: 0,
             sigmask_sz: 0,
@@ -356,7 +395,15 @@ struct Slot {
     conn: Conn,
     /// Its outcome is counted; waiting for the receive's final completion.
     closing: bool,
+    /// Its drop is under way: the receive is cancelled, and the final
+    /// completion closes the socket abortively and reconnects.
+    dropping: Option<churn::Drop>,
+    /// Tells this socket's timers from those of an earlier one in the slot.
+    serial: u64,
 }
+
+/// A drop due at `.0` for the socket `.2` in slot `.1`.
+type Timer = Reverse<(u64, usize, u64)>;
 
 struct Receiver {
     ring: RecvRing,
@@ -366,6 +413,11 @@ struct Receiver {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     done: Vec<Completion>,
+    /// Drop times, earliest first; stale entries are skipped when popped.
+    timers: BinaryHeap<Timer>,
+    /// The drop window generation the timers were set for.
+    churn_gen: u32,
+    serial: u64,
 }
 
 impl Receiver {
@@ -383,6 +435,9 @@ impl Receiver {
             slots: Vec::new(),
             free: Vec::new(),
             done: Vec::with_capacity(CQ_ENTRIES as usize),
+            timers: BinaryHeap::new(),
+            churn_gen: 0,
+            serial: 0,
         }
     }
 
@@ -394,7 +449,14 @@ impl Receiver {
                 let mut st = stats.lock().unwrap_or_else(|p| p.into_inner());
                 self.adopt(stream, conn, &mut st);
             }
-            match self.ring.wait(batch_us) {
+            self.schedule_all();
+            let timeout = match self.timers.peek() {
+                Some(Reverse((at, ..))) => {
+                    Duration::from_nanos(at.saturating_sub(now_ns())).min(INBOX_POLL)
+                }
+                None => INBOX_POLL,
+            };
+            match self.ring.wait(batch_us, timeout) {
                 Ok(true) => {}
                 Ok(false) => {
                     self.pool.batch_refused.store(true, Relaxed);
@@ -402,6 +464,7 @@ impl Receiver {
                 }
                 Err(_) => return,
             }
+            self.fire_timers();
             self.done.clear();
             self.done.extend(
                 self.ring
@@ -438,18 +501,82 @@ impl Receiver {
             self.slots.push(None);
             self.slots.len() - 1
         });
+        self.serial += 1;
         self.slots[slot] = Some(Slot {
             stream,
             conn,
             closing: false,
+            dropping: None,
+            serial: self.serial,
         });
         if self.ring.arm(fd, slot).is_err() {
             self.end(slot, Step::More);
             self.release(slot);
+            return;
+        }
+        self.schedule(slot);
+    }
+
+    /// Sets slot `slot`'s drop timer, if it has a drop to come.
+    fn schedule(&mut self, slot: usize) {
+        let sh = &self.sh;
+        if let Some(s) = self.slots.get_mut(slot).and_then(Option::as_mut) {
+            if let Some(d) = s.conn.next_drop(sh, now_ns()) {
+                self.timers.push(Reverse((d.at_ns, slot, s.serial)));
+            }
+        }
+    }
+
+    /// Sets every socket's drop timer once the drop window is fixed.
+    fn schedule_all(&mut self) {
+        if !self.sh.churn.drops() {
+            return;
+        }
+        let gen = self.sh.churn_gen.load(Relaxed);
+        if gen == self.churn_gen {
+            return;
+        }
+        self.churn_gen = gen;
+        self.timers.clear();
+        for slot in 0..self.slots.len() {
+            self.schedule(slot);
+        }
+    }
+
+    /// Starts every drop that is due: cancels the socket's receive, whose
+    /// final completion then finishes the drop (`abort`).
+    fn fire_timers(&mut self) {
+        let now = now_ns();
+        while let Some(&Reverse((at, slot, serial))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(s) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if s.serial != serial || s.closing || s.dropping.is_some() {
+                continue;
+            }
+            match s.conn.next_drop(&self.sh, now) {
+                Some(d) if d.at_ns <= now => {
+                    s.dropping = Some(d);
+                    if self.ring.cancel(slot).is_err() {
+                        self.end(slot, Step::More);
+                    }
+                }
+                Some(d) => self.timers.push(Reverse((d.at_ns, slot, serial))),
+                None => {}
+            }
         }
     }
 
     fn complete(&mut self, c: Completion, st: &mut crate::sub::ThreadStats) {
+        if c.slot as u64 & CANCEL_TAG != 0 {
+            // The cancellation's own answer; the receive's final completion
+            // (or its absence, if it had just ended) is what counts.
+            return;
+        }
         let more = cqueue::more(c.flags);
         if let Some(id) = cqueue::buffer_select(c.flags) {
             if c.result > 0 {
@@ -473,11 +600,15 @@ impl Receiver {
         if more {
             return;
         }
-        let closing = self
+        let state = self
             .slots
             .get(c.slot)
             .and_then(Option::as_ref)
-            .map(|s| s.closing);
+            .map(|s| (s.closing, s.dropping));
+        let closing = match state {
+            Some((false, Some(d))) => return self.abort(c.slot, d),
+            s => s.map(|s| s.0),
+        };
         match closing {
             None => {}
             Some(true) => self.release(c.slot),
@@ -513,6 +644,27 @@ impl Receiver {
                 let _ = s.stream.shutdown(Shutdown::Both);
             }
         }
+    }
+
+    /// Finishes a drop once no receive is armed: closes the socket
+    /// abortively and sends its subscriber off to reconnect.
+    fn abort(&mut self, slot: usize, d: churn::Drop) {
+        let Some(s) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(slot);
+        let Slot {
+            stream, mut conn, ..
+        } = s;
+        sub::set_abortive(stream.as_raw_fd());
+        drop(stream);
+        conn.dropped(&self.sh, d);
+        let pool = Pool {
+            inner: self.pool.clone(),
+        };
+        self.pool
+            .rt
+            .spawn(sub::rejoin_ring(self.sh.clone(), conn, pool));
     }
 
     /// Closes the socket once no receive is armed on it.
