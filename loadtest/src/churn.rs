@@ -157,6 +157,8 @@ pub(crate) struct Reconnects {
     pub(crate) failed_attempts: u64,
     /// Subscribers given up after every attempt failed.
     pub(crate) abandoned: u64,
+    /// Reconnects dropped again before their `subscribed` came.
+    pub(crate) interrupted: u64,
 }
 
 impl Reconnects {
@@ -167,29 +169,34 @@ impl Reconnects {
         self.reconnects += o.reconnects;
         self.failed_attempts += o.failed_attempts;
         self.abandoned += o.abandoned;
+        self.interrupted += o.interrupted;
     }
 
     /// The fields in a fixed order (the child processes' wire order).
-    pub(crate) fn fields(&self) -> [u64; 5] {
+    pub(crate) fn fields(&self) -> [u64; 6] {
         [
             self.drops,
             self.storm_drops,
             self.reconnects,
             self.failed_attempts,
             self.abandoned,
+            self.interrupted,
         ]
     }
 
     /// The inverse of `fields`.
     pub(crate) fn from_fields(f: &[u64]) -> Option<Reconnects> {
         match *f {
-            [drops, storm_drops, reconnects, failed_attempts, abandoned] => Some(Reconnects {
-                drops,
-                storm_drops,
-                reconnects,
-                failed_attempts,
-                abandoned,
-            }),
+            [drops, storm_drops, reconnects, failed_attempts, abandoned, interrupted] => {
+                Some(Reconnects {
+                    drops,
+                    storm_drops,
+                    reconnects,
+                    failed_attempts,
+                    abandoned,
+                    interrupted,
+                })
+            }
             _ => None,
         }
     }

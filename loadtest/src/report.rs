@@ -586,6 +586,7 @@ impl Streams {
                 "reconnects": r.reconnects,
                 "failed_attempts": r.failed_attempts,
                 "abandoned": r.abandoned,
+                "interrupted": r.interrupted,
                 "recoveries_ok": c.recoveries_ok,
                 "recoveries_failed": c.recoveries_failed,
                 "resubscribed_fresh": c.resubscribed_fresh,
@@ -605,13 +606,8 @@ impl Streams {
         })
     }
 
-    fn table(&self, o: &mut String) {
-        if !self.shown() {
-            return;
-        }
+    fn offsets_line(&self, o: &mut String) {
         let c = &self.stats.counts;
-        let r = &self.stats.reconnects;
-        let rec = &self.stats.recovery;
         let _ = writeln!(
             o,
             "  streams    offsets of {} subscribers: {} delivered ({} recovered in replays), missing {} \
@@ -625,6 +621,23 @@ impl Streams {
             c.duplicated,
             c.out_of_order
         );
+    }
+
+    fn table(&self, o: &mut String) {
+        if !self.shown() {
+            return;
+        }
+        let c = &self.stats.counts;
+        let r = &self.stats.reconnects;
+        let rec = &self.stats.recovery;
+        if c.tracked == 0 {
+            let _ = writeln!(
+                o,
+                "  streams    no subscriber got a stream position (no offsets in `subscribed`): offsets not accounted"
+            );
+        } else {
+            self.offsets_line(o);
+        }
         if !self.churn.drops() {
             return;
         }
@@ -636,14 +649,15 @@ impl Streams {
             });
         let _ = writeln!(
             o,
-            "  reconnect  {every} (seed {}), {}: {} drops, {} reconnects ({} failed attempts, {} given up); \
-             recoveries {} ok, {} failed; {} fresh subscribes",
+            "  reconnect  {every} (seed {}), {}: {} drops, {} reconnects ({} failed attempts, {} given up, \
+             {} dropped again before subscribed); recoveries {} ok, {} failed; {} fresh subscribes",
             self.churn.seed,
             if self.churn.recover { "with since" } else { "without since (no --recover)" },
             r.drops,
             r.reconnects,
             r.failed_attempts,
             r.abandoned,
+            r.interrupted,
             c.recoveries_ok,
             c.recoveries_failed,
             c.resubscribed_fresh

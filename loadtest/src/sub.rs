@@ -135,6 +135,7 @@ pub(crate) struct ReconnectCounters {
     reconnects: AtomicU64,
     failed_attempts: AtomicU64,
     abandoned: AtomicU64,
+    interrupted: AtomicU64,
 }
 
 impl ReconnectCounters {
@@ -145,6 +146,7 @@ impl ReconnectCounters {
             reconnects: self.reconnects.load(Relaxed),
             failed_attempts: self.failed_attempts.load(Relaxed),
             abandoned: self.abandoned.load(Relaxed),
+            interrupted: self.interrupted.load(Relaxed),
         }
     }
 }
@@ -715,7 +717,9 @@ impl Conn {
         self.in_frag = false;
         self.pong = None;
         // A reconnect still catching up is abandoned: its timing is not a recovery's.
-        self.resume = None;
+        if self.resume.take().is_some_and(|r| r.awaiting_ack) {
+            sh.reconnects.interrupted.fetch_add(1, Relaxed);
+        }
         sh.reconnects.drops.fetch_add(1, Relaxed);
         if d.storm {
             sh.reconnects.storm_drops.fetch_add(1, Relaxed);
