@@ -12,6 +12,10 @@
 #   b   many topics: 10,000 subs, 1,000 topics, 20,000 publishes/s
 #   c   idle connections: 50,000 (RSS per connection)
 #   d   throughput ceiling: 1,000 subs, 100 topics, rate raised until p99 > 50 ms or loss
+#   r   reconnect storm (ringcast only): 1,000 subs on 10 stream topics (history 1,000), ringcast
+#       --shards 2, steady 1,000 publishes/s; 3 s into the window every subscriber drops abruptly
+#       (RST) and resubscribes with `since` (--recover): missing/duplicated/out of order by
+#       offset, recovery latency and the time until every subscriber has recovered
 #
 # Environment (all optional):
 #   SCALE=1            multiplies subscriber counts, topic counts and rates (not s1's and a's rate)
@@ -21,6 +25,7 @@
 #   PEERS="ringcast axum nchan"       which servers (the first is the reference of the ratios)
 #   RECV_PATH=uring RECV_BATCH_US=0 PROCS=1   ringcast-load's receive path, batch window, processes
 #   N_S1 RATE_S1 | N_S2 T_S2 RATE_S2 | N_A RATE_A | N_B T_B RATE_B | N_C | N_D T_D RATE_D_START
+#   N_R T_R RATE_R STORM_AT_R=3s SHARDS_R=2   (scenario r; its window is at least 5s)
 #   SOURCE_IPS=127.0.0.1-127.0.0.4    client source addresses (needed past ~28k connections)
 #   SHARED=../shared                  where peers/nchan.sh lives
 #   OUT=/tmp/ringcast-compare         JSON results per server and scenario
@@ -34,7 +39,7 @@ root="$(cd "$here/.." && pwd)"
 shared="${SHARED:-$root/../shared}"
 SCALE="${SCALE:-1}"; CORES="${CORES:-1}"
 DURATION="${DURATION:-10s}"; WARMUP="${WARMUP:-2s}"; DRAIN="${DRAIN:-3s}"
-SCENARIOS="${SCENARIOS:-s1 s2 a b c d}"; PEERS="${PEERS:-ringcast axum nchan}"
+SCENARIOS="${SCENARIOS:-s1 s2 a b c d r}"; PEERS="${PEERS:-ringcast axum nchan}"
 RECV_PATH="${RECV_PATH:-uring}"; RECV_BATCH_US="${RECV_BATCH_US:-0}"; PROCS="${PROCS:-1}"
 SOURCE_IPS="${SOURCE_IPS:-127.0.0.1-127.0.0.4}"
 OUT="${OUT:-${TMPDIR:-/tmp}/ringcast-compare}"
@@ -47,6 +52,8 @@ N_A="${N_A:-$(scale 10000)}"; RATE_A="${RATE_A:-100}"
 N_B="${N_B:-$(scale 10000)}"; T_B="${T_B:-$(scale 1000)}"; RATE_B="${RATE_B:-$(scale 20000)}"
 N_C="${N_C:-$(scale 50000)}"
 N_D="${N_D:-$(scale 1000)}"; T_D="${T_D:-$(scale 100)}"; RATE_D_START="${RATE_D_START:-$(scale 2000)}"
+N_R="${N_R:-$(scale 1000)}"; T_R="${T_R:-10}"; RATE_R="${RATE_R:-$(scale 1000)}"
+STORM_AT_R="${STORM_AT_R:-3s}"; SHARDS_R="${SHARDS_R:-2}"
 
 # Open files: both the client and the server hold one descriptor per connection.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -56,7 +63,7 @@ if [ "$N_C" -gt $((nofile - 500)) ]; then
   [[ " $SCENARIOS " == *" c "* ]] && notes+=("scenario c: $N_C connections asked, but the open-file hard limit here is $nofile (raising it needs CAP_SYS_RESOURCE); ran $((nofile - 500))")
   N_C=$((nofile - 500))
 fi
-for v in N_S1 N_S2 N_A N_B N_D; do
+for v in N_S1 N_S2 N_A N_B N_D N_R; do
   if [ "${!v}" -gt $((nofile - 500)) ]; then
     notes+=("$v=${!v} clamped to $((nofile - 500)) by the open-file limit"); printf -v "$v" '%s' $((nofile - 500))
   fi
@@ -92,12 +99,25 @@ axum_tmp="$OUT/axum"; mkdir -p "$axum_tmp"
 axum_target="${AXUM_TARGET_DIR:-${TMPDIR:-/tmp}/ringcast-axum-relay-target}"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
+# Scenario r's topics are streams: every publication keeps an offset and the
+# history a reconnecting subscriber recovers from.
+streams_config="$OUT/streams.toml"
+cat >"$streams_config" <<'TOML'
+[[rules]]
+pattern = "*"
+client_publish = true
+presence = true
+history_size = 1000
+history_ttl_s = 300
+TOML
+
 server_pid=""; port=""
-start_server() { # $1 = ringcast | axum | nchan
+start_server() { # $1 = ringcast | axum | nchan; RINGCAST_ARGS: ringcast's own (default --shards $CORES)
   case "$1" in
     ringcast)
       local log="$OUT/ringcast.log"
-      taskset -c "$server_cpus" "$RINGCAST" --listen 127.0.0.1:0 --shards "$CORES" >"$log" 2>&1 &
+      # shellcheck disable=SC2086
+      taskset -c "$server_cpus" "$RINGCAST" --listen 127.0.0.1:0 ${RINGCAST_ARGS:---shards $CORES} >"$log" 2>&1 &
       server_pid=$!
       for _ in $(seq 100); do
         port="$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log" | head -1)"
@@ -172,6 +192,13 @@ for srv in $PEERS; do
            --source-ips "$SOURCE_IPS" --connect-rate 20000 ;;
       d) run "$srv" d --subscribers "$N_D" --topics "$T_D" --rate "$RATE_D_START" --find-ceiling \
            --ceiling-factor 1.5 --ceiling-p99-ms 50 ;;
+      r)
+        # Topic streams and `since` are ringcast's; the peers have no recovery to measure.
+        [ "$srv" = ringcast ] || continue
+        # The storm needs room in the window after it for the recovery to show.
+        dur_r="$(python3 -c "d='$DURATION'; s=float(d[:-2])/1e3 if d.endswith('ms') else float(d[:-1])*60 if d.endswith('m') else float(d.rstrip('s')); print(d if s >= 5 else '5s')")"
+        dur="$dur_r" RINGCAST_ARGS="--shards $SHARDS_R --config $streams_config" run "$srv" r \
+          --subscribers "$N_R" --topics "$T_R" --rate "$RATE_R" --storm-at "$STORM_AT_R" --recover ;;
       *) echo "unknown scenario $scn" >&2 ;;
     esac
   done
@@ -181,7 +208,8 @@ python3 - "$OUT" "$PEERS" "$SCENARIOS" "$cpu_note" "${notes[@]+"${notes[@]}"}" <
 import json, os, sys
 out, peers, scns, cpu_note, notes = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4], sys.argv[5:]
 desc = {"s1": "1 topic", "s2": "500 topics", "a": "broadcast", "b": "many topics", "c": "idle connections",
-        "d": "throughput ceiling"}
+        "d": "throughput ceiling", "r": "reconnect storm"}
+ringcast_only = {"r"}
 def load(srv, scn):
     try:
         with open(os.path.join(out, f"{srv}-{scn}.json")) as f:
@@ -208,6 +236,15 @@ metrics = [
     ("RSS B/conn", lambda r: r.get("server_rss_per_connection_bytes")),
     ("ceiling msg/s", lambda r: r.get("ceiling_rate")),
     ("missing", lambda r: r.get("missing")),
+    ("stream missing", lambda r: r["streams"]["missing"]),
+    ("stream dup/ooo", lambda r: r["streams"]["duplicated"] + r["streams"]["out_of_order"]),
+    ("recovered deliv", lambda r: r["streams"]["recovered"]),
+    ("recoveries ok", lambda r: r["streams"]["reconnect"]["recoveries_ok"]),
+    ("recov. failed", lambda r: r["streams"]["reconnect"]["recoveries_failed"]),
+    ("resub p50 ms", lambda r: r["streams"]["recovery_ms"]["subscribed"]["p50"]),
+    ("resub p99 ms", lambda r: r["streams"]["recovery_ms"]["subscribed"]["p99"]),
+    ("caught-up p99 ms", lambda r: r["streams"]["recovery_ms"]["caught_up"]["p99"]),
+    ("storm all in s", lambda r: r["streams"]["storm"]["all_recovered_s"]),
 ]
 ref = peers[0]
 others = peers[1:]
@@ -239,6 +276,8 @@ for scn in scns:
             line += f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>18}"
         print(line)
     for p, r in rs.items():
+        if r is None and scn in ringcast_only and p != "ringcast":
+            continue
         if r is None:
             warn.append(f"{p} ({scn}): no result")
             continue
