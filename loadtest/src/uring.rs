@@ -412,6 +412,11 @@ struct Receiver {
     pool: Arc<PoolInner>,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
+    /// Slots of dropped sockets whose receive's cancellation may still sit
+    /// in the submission queue: reused only after the next submission, so a
+    /// cancellation can never meet the receive of the slot's next socket.
+    /// (The kernel runs a cancellation when it is submitted.)
+    quarantine: Vec<usize>,
     done: Vec<Completion>,
     /// Drop times, earliest first; stale entries are skipped when popped.
     timers: BinaryHeap<Timer>,
@@ -434,6 +439,7 @@ impl Receiver {
             pool,
             slots: Vec::new(),
             free: Vec::new(),
+            quarantine: Vec::new(),
             done: Vec::with_capacity(CQ_ENTRIES as usize),
             timers: BinaryHeap::new(),
             churn_gen: 0,
@@ -464,6 +470,7 @@ impl Receiver {
                 }
                 Err(_) => return,
             }
+            self.free.append(&mut self.quarantine);
             self.fire_timers();
             self.done.clear();
             self.done.extend(
@@ -652,7 +659,7 @@ impl Receiver {
         let Some(s) = self.slots.get_mut(slot).and_then(Option::take) else {
             return;
         };
-        self.free.push(slot);
+        self.quarantine.push(slot);
         let Slot {
             stream, mut conn, ..
         } = s;
