@@ -158,7 +158,7 @@ fn send_all(
     let topic = index.lookup("room:1").unwrap();
     for &conn in &index.entry(topic).subscribers {
         let out = &mut outbound[conn.slot()];
-        if let Some(msg) = out.prepare_send(pool) {
+        if let Some(msg) = out.prepare_send() {
             black_box(msg);
             black_box(out.complete_send(frame_len));
             if release {
@@ -285,7 +285,7 @@ fn state_fanout(c: &mut Criterion) {
                     let out = &mut outbound[key.slot()];
                     let queued = out.enqueue(frame, OUTBOUND_BUDGET, &mut pool);
                     debug_assert_eq!(queued, Enqueued::Yes);
-                    if let Some(plan) = out.prepare_send(&mut pool) {
+                    if let Some(plan) = out.prepare_send() {
                         black_box(plan);
                         let len = out.queued_bytes();
                         black_box(out.complete_send(len));

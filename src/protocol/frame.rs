@@ -90,10 +90,15 @@ struct OpenMessage {
 }
 
 /// Decodes client frames one at a time, reassembling fragmented messages.
+///
+/// Sixteen bytes: every WebSocket keeps one for its whole life, and only a
+/// fragmented message in progress needs more (boxed).
 #[derive(Debug)]
 pub struct FrameDecoder {
-    limits: FrameLimits,
-    open: Option<OpenMessage>,
+    /// Limits, at most 4 GiB each (a larger setting is clamped).
+    max_frame_bytes: u32,
+    max_message_bytes: u32,
+    open: Option<Box<OpenMessage>>,
 }
 
 /// A parsed frame header.
@@ -108,12 +113,20 @@ struct Header {
 impl FrameDecoder {
     /// A decoder with no message in progress.
     pub fn new(limits: FrameLimits) -> Self {
-        Self { limits, open: None }
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Self {
+            max_frame_bytes: clamp(limits.max_frame_bytes),
+            max_message_bytes: clamp(limits.max_message_bytes),
+            open: None,
+        }
     }
 
     /// The limits this decoder enforces.
     pub fn limits(&self) -> FrameLimits {
-        self.limits
+        FrameLimits {
+            max_frame_bytes: self.max_frame_bytes as usize,
+            max_message_bytes: self.max_message_bytes as usize,
+        }
     }
 
     /// Whether a fragmented message is partly received.
@@ -166,7 +179,7 @@ impl FrameDecoder {
                 if header.is_final {
                     finish(is_text, payload)?
                 } else {
-                    self.open = Some(OpenMessage { is_text, payload });
+                    self.open = Some(Box::new(OpenMessage { is_text, payload }));
                     Incoming::Fragment
                 }
             }
@@ -256,8 +269,8 @@ impl FrameDecoder {
     }
 
     fn check_size(&self, payload_len: u64, already: usize) -> Result<(), FrameError> {
-        let max_frame = self.limits.max_frame_bytes as u64;
-        let max_message = self.limits.max_message_bytes as u64;
+        let max_frame = u64::from(self.max_frame_bytes);
+        let max_message = u64::from(self.max_message_bytes);
         if payload_len > max_frame || payload_len.saturating_add(already as u64) > max_message {
             return Err(FrameError::TooBig);
         }

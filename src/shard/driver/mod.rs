@@ -494,7 +494,7 @@ impl Driver {
             if matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. }) {
                 continue;
             }
-            let Some(plan) = conn.out.prepare_send(&mut self.send_buffers) else {
+            let Some(plan) = conn.out.prepare_send() else {
                 continue;
             };
             // SAFETY: the plan points into frames the connection's in-flight

@@ -6,9 +6,9 @@
 //! `IOV_MAX` frames) as one iovec array. While the kernel holds a send, its
 //! buffers and iovecs live in a boxed [`InFlight`], so they do not move when
 //! the connection slab grows. When a connection has nothing left to send it
-//! hands its queue and in-flight buffers to the shard's [`SendBuffers`] pool,
-//! so an idle connection holds no write state and a busy shard does not
-//! allocate per delivery.
+//! hands its whole queue to the shard's [`SendBuffers`] pool, so an idle
+//! connection holds one empty pointer of write state and a busy shard does
+//! not allocate per delivery.
 
 use std::collections::VecDeque;
 
@@ -41,22 +41,23 @@ impl InFlight {
     }
 }
 
-/// Idle buffer sets the pool keeps per shard. A set is a few hundred bytes, so
-/// the pool stays under about a megabyte; past this many concurrently idle
-/// sets, extras are freed.
-const POOLED_SETS: usize = 4096;
-/// Buffers that grew past this many entries (a burst to a slow reader) are
-/// freed instead of pooled, so the pool does not hoard large allocations.
-const POOLED_MAX_ENTRIES: usize = 64;
+/// Queues the pool keeps per shard. A pooled queue is about 200 bytes (its
+/// inner buffers are shrunk first), so the pool stays under a few megabytes;
+/// 16,384 covers a broadcast to that many subscribers of one shard without a
+/// malloc per subscriber per publish, which cost more than the rest of the
+/// in-memory fan-out together (criterion, fanout/one_publish_to_10k).
+const POOLED_QUEUES: usize = 16_384;
+/// Inner buffers that grew past this many entries (a burst to a slow reader)
+/// are freed before a queue is pooled, so the pool does not hoard them.
+const POOLED_MAX_ENTRIES: usize = 8;
 
-/// Per-shard pool of send buffers released by idle connections.
+/// Per-shard pool of queues released by idle connections.
 #[derive(Default)]
 pub struct SendBuffers {
-    // Boxed on purpose: a connection takes one out and the kernel reads its
-    // msghdr and iovecs by address, which must not move with this Vec.
+    // Boxed on purpose: a connection takes one out, and the kernel reads the
+    // msghdr and iovecs inside by address, which must not move.
     #[allow(clippy::vec_box)]
-    inflight: Vec<Box<InFlight>>,
-    queues: Vec<VecDeque<Bytes>>,
+    queues: Vec<Box<Queue>>,
 }
 
 /// Outcome of queueing a frame.
@@ -94,7 +95,7 @@ enum Sending {
     Many,
 }
 
-/// The outbound side of one connection.
+/// The queue of a connection with something to send.
 ///
 /// Frames leave in order: first the unsent tail of a frame the kernel has
 /// taken part of (`partial`), then the queue. The oldest queued frame lives
@@ -102,7 +103,7 @@ enum Sending {
 /// as it comes allocates nothing: the frame moves from `head` into
 /// `Sending::One` and is sent with a plain `send`. Only a backlog of two or
 /// more frames uses `rest` and the vectored path.
-pub struct Outbound {
+struct Queue {
     /// The rest of a frame whose beginning is on the wire. It must go out
     /// before anything else, whole, and discarding never touches it: anything
     /// written after half a frame would be read as the rest of that frame.
@@ -116,9 +117,9 @@ pub struct Outbound {
     inflight: Option<Box<InFlight>>,
 }
 
-impl Default for Outbound {
+impl Default for Queue {
     fn default() -> Self {
-        Outbound {
+        Queue {
             partial: None,
             head: None,
             rest: VecDeque::new(),
@@ -129,22 +130,8 @@ impl Default for Outbound {
     }
 }
 
-impl Outbound {
-    /// Queues a frame unless that would pass `budget` bytes not yet taken by the kernel.
-    pub fn enqueue(&mut self, frame: Bytes, budget: usize, pool: &mut SendBuffers) -> Enqueued {
-        if self.queued_bytes + frame.len() > budget {
-            return Enqueued::OverBudget;
-        }
-        self.push_back(frame, pool);
-        Enqueued::Yes
-    }
-
-    /// Queues a frame regardless of budget: close frames and the last HTTP response.
-    pub fn enqueue_final(&mut self, frame: Bytes, pool: &mut SendBuffers) {
-        self.push_back(frame, pool);
-    }
-
-    fn push_back(&mut self, frame: Bytes, pool: &mut SendBuffers) {
+impl Queue {
+    fn push_back(&mut self, frame: Bytes) {
         if frame.is_empty() {
             return;
         }
@@ -152,11 +139,6 @@ impl Outbound {
         if self.head.is_none() {
             self.head = Some(frame);
             return;
-        }
-        if self.rest.capacity() == 0 {
-            if let Some(queue) = pool.queues.pop() {
-                self.rest = queue;
-            }
         }
         self.rest.push_back(frame);
     }
@@ -177,7 +159,7 @@ impl Outbound {
     /// Drops frames not yet handed to the kernel (a slow consumer's backlog).
     /// Frames in flight and a partly sent frame's tail stay: a frame cut in
     /// half would corrupt the stream.
-    pub fn discard_queued(&mut self) {
+    fn discard_queued(&mut self) {
         let dropped: usize = self
             .head
             .iter()
@@ -190,19 +172,19 @@ impl Outbound {
     }
 
     /// True if nothing is queued or in flight.
-    pub fn is_flushed(&self) -> bool {
+    fn is_flushed(&self) -> bool {
         self.head.is_none() && self.partial.is_none() && !self.is_sending()
     }
 
     /// True if a send is in flight.
-    pub fn is_sending(&self) -> bool {
+    fn is_sending(&self) -> bool {
         !matches!(self.sending, Sending::Idle)
     }
 
     /// Hands queued frames to the in-flight state and says what to submit, or
     /// `None` if nothing is queued or a send is already in flight. The pointers
     /// stay valid until `complete_send` or `fail_send`.
-    pub fn prepare_send(&mut self, pool: &mut SendBuffers) -> Option<SendPlan> {
+    fn prepare_send(&mut self) -> Option<SendPlan> {
         if self.is_sending() {
             return None;
         }
@@ -223,16 +205,12 @@ impl Outbound {
                 self.sending = Sending::One { frame, partial };
                 Some(plan)
             }
-            _ => Some(self.prepare_many(pool)),
+            _ => Some(self.prepare_many()),
         }
     }
 
-    fn prepare_many(&mut self, pool: &mut SendBuffers) -> SendPlan {
-        let mut inflight = self
-            .inflight
-            .take()
-            .or_else(|| pool.inflight.pop())
-            .unwrap_or_else(InFlight::new);
+    fn prepare_many(&mut self) -> SendPlan {
+        let mut inflight = self.inflight.take().unwrap_or_else(InFlight::new);
         inflight.frames.clear();
         inflight.iovecs.clear();
         inflight.bytes = 0;
@@ -260,7 +238,7 @@ impl Outbound {
     /// Accounts a finished send of `sent` bytes: a frame the kernel took part
     /// of keeps its tail in the partial slot, untouched frames go back to the
     /// front of the queue in order. Returns the bytes sent.
-    pub fn complete_send(&mut self, sent: usize) -> usize {
+    fn complete_send(&mut self, sent: usize) -> usize {
         match std::mem::replace(&mut self.sending, Sending::Idle) {
             Sending::Idle => 0,
             Sending::One { frame, partial } => {
@@ -312,7 +290,7 @@ impl Outbound {
 
     /// Forgets everything in flight after a failed send: the connection is
     /// going away.
-    pub fn fail_send(&mut self) {
+    fn fail_send(&mut self) {
         match std::mem::replace(&mut self.sending, Sending::Idle) {
             Sending::Idle => {}
             Sending::One { frame, .. } => self.queued_bytes -= frame.len(),
@@ -327,23 +305,103 @@ impl Outbound {
         }
     }
 
-    /// Once nothing is queued or in flight, hands the backlog buffers to the
+    /// Drops inner buffers that grew for a burst, so a pooled queue stays small.
+    fn shrink(&mut self) {
+        if self.rest.capacity() > POOLED_MAX_ENTRIES {
+            self.rest = VecDeque::new();
+        }
+        if self
+            .inflight
+            .as_ref()
+            .is_some_and(|i| i.frames.capacity() > POOLED_MAX_ENTRIES)
+        {
+            self.inflight = None;
+        }
+        if let Some(inflight) = self.inflight.as_mut() {
+            inflight.frames.clear();
+            inflight.iovecs.clear();
+        }
+    }
+}
+
+/// The outbound side of one connection: nothing at all while idle (the
+/// common state of a subscriber between pushes), a pooled [`Queue`] while
+/// anything is queued or in flight.
+#[derive(Default)]
+pub struct Outbound {
+    queue: Option<Box<Queue>>,
+}
+
+impl Outbound {
+    fn queue(&mut self, pool: &mut SendBuffers) -> &mut Queue {
+        self.queue
+            .get_or_insert_with(|| pool.queues.pop().unwrap_or_default())
+    }
+
+    /// Queues a frame unless that would pass `budget` bytes not yet taken by the kernel.
+    pub fn enqueue(&mut self, frame: Bytes, budget: usize, pool: &mut SendBuffers) -> Enqueued {
+        if frame.len() > budget.saturating_sub(self.queued_bytes()) {
+            return Enqueued::OverBudget;
+        }
+        self.queue(pool).push_back(frame);
+        Enqueued::Yes
+    }
+
+    /// Queues a frame regardless of budget: close frames and the last HTTP response.
+    pub fn enqueue_final(&mut self, frame: Bytes, pool: &mut SendBuffers) {
+        self.queue(pool).push_back(frame);
+    }
+
+    /// Drops frames not yet handed to the kernel (a slow consumer's backlog).
+    /// Frames in flight and a partly sent frame's tail stay: a frame cut in
+    /// half would corrupt the stream.
+    pub fn discard_queued(&mut self) {
+        if let Some(queue) = self.queue.as_mut() {
+            queue.discard_queued();
+        }
+    }
+
+    /// True if nothing is queued or in flight.
+    pub fn is_flushed(&self) -> bool {
+        self.queue.as_ref().map_or(true, |q| q.is_flushed())
+    }
+
+    /// True if a send is in flight.
+    pub fn is_sending(&self) -> bool {
+        self.queue.as_ref().is_some_and(|q| q.is_sending())
+    }
+
+    /// Hands queued frames to the in-flight state and says what to submit, or
+    /// `None` if nothing is queued or a send is already in flight. The pointers
+    /// stay valid until `complete_send` or `fail_send`.
+    pub fn prepare_send(&mut self) -> Option<SendPlan> {
+        self.queue.as_mut()?.prepare_send()
+    }
+
+    /// Accounts a finished send of `sent` bytes: a frame the kernel took part
+    /// of keeps its tail in the partial slot, untouched frames go back to the
+    /// front of the queue in order. Returns the bytes sent.
+    pub fn complete_send(&mut self, sent: usize) -> usize {
+        self.queue.as_mut().map_or(0, |q| q.complete_send(sent))
+    }
+
+    /// Forgets everything in flight after a failed send: the connection is
+    /// going away.
+    pub fn fail_send(&mut self) {
+        if let Some(queue) = self.queue.as_mut() {
+            queue.fail_send();
+        }
+    }
+
+    /// Once nothing is queued or in flight, gives the queue back to the
     /// shard's pool, so an idle connection holds no write state.
     pub fn release_idle_buffers(&mut self, pool: &mut SendBuffers) {
         if !self.is_flushed() {
             return;
         }
-        if let Some(mut inflight) = self.inflight.take() {
-            if pool.inflight.len() < POOLED_SETS && inflight.frames.capacity() <= POOLED_MAX_ENTRIES
-            {
-                inflight.frames.clear();
-                inflight.iovecs.clear();
-                pool.inflight.push(inflight);
-            }
-        }
-        if self.rest.capacity() > 0 {
-            let queue = std::mem::take(&mut self.rest);
-            if pool.queues.len() < POOLED_SETS && queue.capacity() <= POOLED_MAX_ENTRIES {
+        if let Some(mut queue) = self.queue.take() {
+            if pool.queues.len() < POOLED_QUEUES {
+                queue.shrink();
                 pool.queues.push(queue);
             }
         }
@@ -351,7 +409,7 @@ impl Outbound {
 
     /// Bytes queued or in flight.
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes
+        self.queue.as_ref().map_or(0, |q| q.queued_bytes)
     }
 }
 
@@ -361,10 +419,13 @@ mod tests {
 
     /// Every byte not yet taken by the kernel, in the order it will be sent.
     fn pending(c: &Outbound) -> Vec<u8> {
-        c.partial
+        let Some(q) = c.queue.as_ref() else {
+            return Vec::new();
+        };
+        q.partial
             .iter()
-            .chain(c.head.iter())
-            .chain(c.rest.iter())
+            .chain(q.head.iter())
+            .chain(q.rest.iter())
             .flat_map(|b| b.iter().copied())
             .collect()
     }
@@ -381,15 +442,12 @@ mod tests {
             c.enqueue(Bytes::from_static(b"defg"), 100, &mut pool),
             Enqueued::Yes
         );
-        assert!(c.prepare_send(&mut pool).is_some());
-        assert!(
-            c.prepare_send(&mut pool).is_none(),
-            "one send in flight at a time"
-        );
+        assert!(c.prepare_send().is_some());
+        assert!(c.prepare_send().is_none(), "one send in flight at a time");
         c.enqueue(Bytes::from_static(b"h"), 100, &mut pool);
         assert_eq!(c.complete_send(5), 5);
         assert_eq!(pending(&c), b"fgh");
-        assert_eq!(c.queued_bytes, 3);
+        assert_eq!(c.queued_bytes(), 3);
     }
 
     #[test]
@@ -397,7 +455,7 @@ mod tests {
         let mut pool = SendBuffers::default();
         let mut c = Outbound::default();
         c.enqueue(Bytes::from(vec![0; 60]), 100, &mut pool);
-        c.prepare_send(&mut pool);
+        c.prepare_send();
         assert_eq!(
             c.enqueue(Bytes::from(vec![0; 50]), 100, &mut pool),
             Enqueued::OverBudget
@@ -414,32 +472,36 @@ mod tests {
         let mut pool = SendBuffers::default();
         let mut c = Outbound::default();
         c.enqueue(Bytes::from_static(b"in-flight"), 100, &mut pool);
-        c.prepare_send(&mut pool);
+        c.prepare_send();
         c.enqueue(Bytes::from_static(b"queued"), 100, &mut pool);
         c.discard_queued();
-        assert_eq!(c.queued_bytes, 9);
+        assert_eq!(c.queued_bytes(), 9);
         c.complete_send(9);
         assert!(c.is_flushed());
     }
 
     #[test]
-    fn an_idle_connection_returns_its_buffers_to_the_pool_and_the_next_reuses_them() {
+    fn an_idle_connection_returns_its_queue_to_the_pool_and_the_next_reuses_it() {
         let mut pool = SendBuffers::default();
         let mut a = Outbound::default();
         a.enqueue(Bytes::from_static(b"x"), 100, &mut pool);
         a.enqueue(Bytes::from_static(b"z"), 100, &mut pool);
-        a.prepare_send(&mut pool);
+        a.prepare_send();
         a.release_idle_buffers(&mut pool);
-        assert!(pool.inflight.is_empty(), "nothing released while sending");
+        assert!(pool.queues.is_empty(), "nothing released while sending");
         a.complete_send(2);
         a.release_idle_buffers(&mut pool);
-        assert_eq!((pool.inflight.len(), pool.queues.len()), (1, 1));
-        assert_eq!(a.rest.capacity(), 0);
+        assert_eq!(pool.queues.len(), 1);
+        assert!(a.queue.is_none(), "an idle connection holds no queue");
+        assert!(
+            pool.queues[0].inflight.is_some(),
+            "the pooled queue keeps its small send buffers"
+        );
         let mut b = Outbound::default();
         b.enqueue(Bytes::from_static(b"y"), 100, &mut pool);
         b.enqueue(Bytes::from_static(b"w"), 100, &mut pool);
-        b.prepare_send(&mut pool);
-        assert_eq!((pool.inflight.len(), pool.queues.len()), (0, 0));
+        b.prepare_send();
+        assert!(pool.queues.is_empty(), "reused");
     }
 
     #[test]
@@ -447,11 +509,12 @@ mod tests {
         let mut pool = SendBuffers::default();
         let mut c = Outbound::default();
         c.enqueue(Bytes::from_static(b"hello"), 100, &mut pool);
-        match c.prepare_send(&mut pool) {
+        match c.prepare_send() {
             Some(SendPlan::One { len, .. }) => assert_eq!(len, 5),
             other => panic!("expected a plain send, got {other:?}"),
         }
-        assert!(c.inflight.is_none() && c.rest.capacity() == 0);
+        let queue = c.queue.as_ref().unwrap();
+        assert!(queue.inflight.is_none() && queue.rest.capacity() == 0);
         c.enqueue(Bytes::from_static(b"!"), 100, &mut pool);
         assert_eq!(c.complete_send(2), 2);
         assert_eq!(
@@ -468,7 +531,7 @@ mod tests {
         let mut c = Outbound::default();
         c.enqueue(Bytes::from_static(b"frame-one"), 100, &mut pool);
         c.enqueue(Bytes::from_static(b"frame-two"), 100, &mut pool);
-        c.prepare_send(&mut pool);
+        c.prepare_send();
         assert_eq!(c.complete_send(4), 4, "the kernel took half of frame-one");
         c.discard_queued();
         c.enqueue_final(Bytes::from_static(b"close"), &mut pool);
@@ -485,10 +548,10 @@ mod tests {
         let mut pool = SendBuffers::default();
         let mut c = Outbound::default();
         c.enqueue(Bytes::from_static(b"abcdef"), 100, &mut pool);
-        c.prepare_send(&mut pool);
+        c.prepare_send();
         c.complete_send(2);
         c.enqueue(Bytes::from_static(b"next"), 100, &mut pool);
-        c.prepare_send(&mut pool);
+        c.prepare_send();
         c.complete_send(0);
         c.discard_queued();
         assert_eq!(
@@ -496,7 +559,7 @@ mod tests {
             b"cdef",
             "the tail survives a send that took nothing"
         );
-        c.prepare_send(&mut pool);
+        c.prepare_send();
         c.complete_send(4);
         assert!(c.is_flushed());
     }

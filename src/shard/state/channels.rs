@@ -6,7 +6,7 @@
 //! whose hook tracked them, with the meta it gave. A query counts them here
 //! and asks every other shard for theirs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
@@ -51,11 +51,36 @@ pub(crate) struct PresenceWait {
     then: PresenceThen,
 }
 
-/// Presence queries in flight, by ticket.
+/// Presence queries in flight, by ticket, and the presence metas in use.
 #[derive(Default)]
 pub(crate) struct PresenceQueries {
     waits: HashMap<u64, PresenceWait>,
     next_ticket: u64,
+    /// Metas shared by the subscriptions that have them: with the default
+    /// rules every subscription of an anonymous connection tracks the same
+    /// `{"user_id":null}`, and one allocation each would be most of what an
+    /// idle subscriber costs.
+    metas: HashSet<Arc<str>>,
+}
+
+/// Distinct metas interned per shard; past it, unused ones are dropped and,
+/// if still full, new ones are not shared.
+const MAX_INTERNED_METAS: usize = 4096;
+
+impl PresenceQueries {
+    fn intern(&mut self, meta: String) -> Arc<str> {
+        if let Some(shared) = self.metas.get(meta.as_str()) {
+            return shared.clone();
+        }
+        if self.metas.len() >= MAX_INTERNED_METAS {
+            self.metas.retain(|m| Arc::strong_count(m) > 1);
+        }
+        let meta: Arc<str> = meta.into();
+        if self.metas.len() < MAX_INTERNED_METAS {
+            self.metas.insert(meta.clone());
+        }
+        meta
+    }
 }
 
 impl ShardState {
@@ -188,7 +213,8 @@ impl ShardState {
                     self.publish(&topic, &event, &payload_json, None);
                 }
                 Action::Track { meta_json } => {
-                    self.set_presence_meta(key, topic, Some(meta_json.into()))
+                    let meta = self.presence.intern(meta_json);
+                    self.set_presence_meta(key, topic, Some(meta))
                 }
                 Action::Untrack => self.set_presence_meta(key, topic, None),
                 Action::Announce { event } => {

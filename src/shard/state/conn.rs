@@ -34,8 +34,8 @@ pub(crate) struct HttpConn {
 /// An upgraded connection.
 pub(crate) struct WsConn {
     pub(crate) kind: WsKind,
-    /// Frame decoder with its reassembly state.
-    pub(crate) decoder: Box<FrameDecoder>,
+    /// Frame decoder with its reassembly state (16 bytes, kept inline).
+    pub(crate) decoder: FrameDecoder,
     /// When the peer last sent anything, in the state's clock.
     pub(crate) last_seen: Millis,
     /// When our unanswered ping went out, if one is outstanding.

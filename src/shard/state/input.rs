@@ -242,7 +242,7 @@ impl ShardState {
         };
         conn.phase = Phase::WebSocket(WsConn {
             kind,
-            decoder: Box::new(decoder),
+            decoder,
             last_seen,
             ping_sent: None,
         });

@@ -144,6 +144,9 @@ impl ShardState {
         ShardStats::add(&self.stats().subscriptions, 1);
         self.update_topic_gauge();
         if let Some(conn) = self.conns.get_mut(key) {
+            // Grow one at a time: most connections hold one or two topics,
+            // and the default growth would reserve four.
+            conn.subs.reserve_exact(1);
             conn.subs.push(Sub {
                 topic: id,
                 pos,
