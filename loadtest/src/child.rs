@@ -8,7 +8,7 @@
 //! | `status` | `{"ready":R,"settled":S}` |
 //! | `freeze` | `{"ready":R,"topic_ready":[..]}` |
 //! | `epoch E M END` | `{}` (epoch E, measured from M ns on CLOCK_MONOTONIC; drops until END) |
-//! | `unique` | `{"unique":U}` |
+//! | `unique` | `{"unique":U,"resuming":R}` (R: reconnects not answered yet) |
 //! | `stats` | `{"counts":{..},"hist":HEX}`, the histogram V2-serialized |
 //! | `conns` | connection counters |
 //! | `recv` | receive-path diagnostics |
@@ -63,7 +63,10 @@ fn answer(local: &Local, cmd: &str) -> Result<Value> {
             local.begin_epoch(epoch, start, end);
             json!({})
         }
-        "unique" => json!({"unique": local.unique_so_far()}),
+        "unique" => {
+            let (unique, resuming) = local.drain_state();
+            json!({"unique": unique, "resuming": resuming})
+        }
         "stats" => {
             let (counts, hist) = local.take_stats();
             stats_to_json(&counts, &hist)?

@@ -159,6 +159,8 @@ pub(crate) struct Reconnects {
     pub(crate) abandoned: u64,
     /// Reconnects dropped again before their `subscribed` came.
     pub(crate) interrupted: u64,
+    /// Drops whose reconnect had no `subscribed` yet when the figures were read.
+    pub(crate) unanswered: u64,
 }
 
 impl Reconnects {
@@ -170,10 +172,11 @@ impl Reconnects {
         self.failed_attempts += o.failed_attempts;
         self.abandoned += o.abandoned;
         self.interrupted += o.interrupted;
+        self.unanswered += o.unanswered;
     }
 
     /// The fields in a fixed order (the child processes' wire order).
-    pub(crate) fn fields(&self) -> [u64; 6] {
+    pub(crate) fn fields(&self) -> [u64; 7] {
         [
             self.drops,
             self.storm_drops,
@@ -181,13 +184,14 @@ impl Reconnects {
             self.failed_attempts,
             self.abandoned,
             self.interrupted,
+            self.unanswered,
         ]
     }
 
     /// The inverse of `fields`.
     pub(crate) fn from_fields(f: &[u64]) -> Option<Reconnects> {
         match *f {
-            [drops, storm_drops, reconnects, failed_attempts, abandoned, interrupted] => {
+            [drops, storm_drops, reconnects, failed_attempts, abandoned, interrupted, unanswered] => {
                 Some(Reconnects {
                     drops,
                     storm_drops,
@@ -195,6 +199,7 @@ impl Reconnects {
                     failed_attempts,
                     abandoned,
                     interrupted,
+                    unanswered,
                 })
             }
             _ => None,

@@ -150,9 +150,13 @@ impl Local {
         self.shared.stream_stats()
     }
 
-    /// Unique deliveries of this epoch so far.
-    pub(crate) fn unique_so_far(&self) -> u64 {
-        self.shared.unique_so_far()
+    /// Unique deliveries of this epoch so far, and dropped subscribers whose
+    /// reconnect has not been answered yet.
+    pub(crate) fn drain_state(&self) -> (u64, u64) {
+        (
+            self.shared.unique_so_far(),
+            self.shared.resuming.load(SeqCst),
+        )
     }
 
     /// This epoch's counts and latency histogram (and resets them).
@@ -273,14 +277,21 @@ impl Fleet {
         }
     }
 
-    /// Unique deliveries of this epoch so far, over all processes.
-    pub(crate) fn unique_so_far(&mut self) -> Result<u64> {
+    /// Unique deliveries of this epoch so far, and reconnects not answered
+    /// yet, over all processes.
+    pub(crate) fn drain_state(&mut self) -> Result<(u64, u64)> {
         match self {
-            Fleet::Local(l) => Ok(l.unique_so_far()),
-            Fleet::Children(k) => Ok(ChildProc::ask_all(k, "unique")?
-                .iter()
-                .map(|r| r["unique"].as_u64().unwrap_or(0))
-                .sum()),
+            Fleet::Local(l) => Ok(l.drain_state()),
+            Fleet::Children(k) => {
+                Ok(ChildProc::ask_all(k, "unique")?
+                    .iter()
+                    .fold((0, 0), |(u, r), a| {
+                        (
+                            u + a["unique"].as_u64().unwrap_or(0),
+                            r + a["resuming"].as_u64().unwrap_or(0),
+                        )
+                    }))
+            }
         }
     }
 

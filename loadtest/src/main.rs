@@ -356,13 +356,16 @@ impl Rig<'_> {
     }
 
     /// Drain phase: waits up to `--drain` after publishing for deliveries
-    /// still in flight, and stops early once every expected delivery arrived.
+    /// still in flight, and stops early once every expected delivery arrived
+    /// and every dropped subscriber's reconnect was answered.
     fn drain(&mut self, from: u64) -> Result<()> {
         let deadline = from + self.plan.args.drain.as_nanos() as u64;
         while now_ns() < deadline {
+            let (unique, resuming) = self.fleet.drain_state()?;
             if self.plan.publishing()
                 && self.counters.unanswered() == 0
-                && self.fleet.unique_so_far()? >= self.counters.expected.load(SeqCst)
+                && unique >= self.counters.expected.load(SeqCst)
+                && resuming == 0
             {
                 break;
             }

@@ -541,6 +541,12 @@ impl Streams {
                 c.epoch_changes
             ));
         }
+        if r.unanswered > 0 {
+            w.push(format!(
+                "{} reconnects had no `subscribed` by the end of the drain",
+                r.unanswered
+            ));
+        }
         if r.abandoned > 0 {
             w.push(format!(
                 "{} subscribers gave up reconnecting (their later deliveries are missing)",
@@ -587,6 +593,7 @@ impl Streams {
                 "failed_attempts": r.failed_attempts,
                 "abandoned": r.abandoned,
                 "interrupted": r.interrupted,
+                "unanswered_at_end": r.unanswered,
                 "recoveries_ok": c.recoveries_ok,
                 "recoveries_failed": c.recoveries_failed,
                 "resubscribed_fresh": c.resubscribed_fresh,

@@ -147,6 +147,7 @@ impl ReconnectCounters {
             failed_attempts: self.failed_attempts.load(Relaxed),
             abandoned: self.abandoned.load(Relaxed),
             interrupted: self.interrupted.load(Relaxed),
+            unanswered: 0,
         }
     }
 }
@@ -209,6 +210,10 @@ pub(crate) struct Shared {
     pub(crate) reconnects: ReconnectCounters,
     /// Set when the run ends: reconnects stop trying.
     pub(crate) stopping: AtomicBool,
+    /// Drops whose reconnect has not had its `subscribed` yet (nor given
+    /// up): the drain waits for them, so the report does not catch a
+    /// reconnect halfway.
+    pub(crate) resuming: AtomicU64,
     /// Epoch whose deliveries are being counted.
     pub(crate) epoch: AtomicU32,
     /// Deliveries of messages scheduled at or after this instant are measured.
@@ -239,6 +244,7 @@ impl Shared {
             churn_gen: AtomicU32::new(0),
             reconnects: ReconnectCounters::default(),
             stopping: AtomicBool::new(false),
+            resuming: AtomicU64::new(0),
             epoch: AtomicU32::new(0),
             measure_start_ns: AtomicU64::new(u64::MAX),
             frozen: AtomicBool::new(false),
@@ -315,6 +321,7 @@ impl Shared {
             sum.recovery.add(&t.recovery);
         }
         sum.reconnects = self.reconnects.snapshot();
+        sum.reconnects.unanswered = self.resuming.load(SeqCst);
         sum
     }
 
@@ -431,11 +438,11 @@ impl Conn {
             if self.acks(payload) {
                 self.mark_ready(sh);
                 if !self.excluded {
-                    self.opened(Some(payload), st, now);
+                    self.opened(sh, Some(payload), st, now);
                 }
             }
         } else if self.resume.is_some_and(|r| r.awaiting_ack) && self.acks(payload) {
-            self.opened(Some(payload), st, now);
+            self.opened(sh, Some(payload), st, now);
         }
         if self.excluded || !self.ready {
             return;
@@ -479,7 +486,7 @@ impl Conn {
     /// Takes the subscription's acknowledgement in (`None`: there is none to
     /// read, ready after the upgrade): the stream position it reports, and a
     /// reconnect's timing.
-    fn opened(&mut self, reply: Option<&[u8]>, st: &mut ThreadStats, now: u64) {
+    fn opened(&mut self, sh: &Shared, reply: Option<&[u8]>, st: &mut ThreadStats, now: u64) {
         let topic = self.spec.topic as usize;
         let c = &mut st.streams;
         let mut recovered = false;
@@ -521,6 +528,7 @@ impl Conn {
         }
         if let Some(r) = self.resume.as_mut() {
             r.awaiting_ack = false;
+            sh.resuming.fetch_sub(1, Relaxed);
             r.recovered = recovered;
             let rec = &mut st.recovery;
             rec.subscribed
@@ -718,7 +726,10 @@ impl Conn {
         self.pong = None;
         // A reconnect still catching up is abandoned: its timing is not a recovery's.
         if self.resume.take().is_some_and(|r| r.awaiting_ack) {
+            // Still counted in `resuming`: the new reconnect takes its place.
             sh.reconnects.interrupted.fetch_add(1, Relaxed);
+        } else {
+            sh.resuming.fetch_add(1, Relaxed);
         }
         sh.reconnects.drops.fetch_add(1, Relaxed);
         if d.storm {
@@ -899,7 +910,7 @@ async fn redial(sh: &Shared, conn: &mut Conn) -> Option<TcpStream> {
                 sh.reconnects.reconnects.fetch_add(1, Relaxed);
                 conn.resumed(rest, start);
                 if conn.spec.ack.is_none() {
-                    with_local(sh, |_, st| conn.opened(None, st, now_ns()));
+                    with_local(sh, |_, st| conn.opened(sh, None, st, now_ns()));
                 }
                 return Some(stream);
             }
@@ -913,6 +924,7 @@ async fn redial(sh: &Shared, conn: &mut Conn) -> Option<TcpStream> {
         tokio::time::sleep(RECONNECT_BACKOFF * attempt).await;
     }
     sh.reconnects.abandoned.fetch_add(1, Relaxed);
+    sh.resuming.fetch_sub(1, Relaxed);
     sh.note_error(format!(
         "a subscriber gave up after {RECONNECT_ATTEMPTS} reconnect attempts"
     ));

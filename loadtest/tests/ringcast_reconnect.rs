@@ -66,6 +66,11 @@ fn assert_recovered_everything(r: &Value, subscribers: u64) {
     assert_eq!(rc("recoveries_failed"), 0, "{r:#}");
     assert_eq!(rc("resubscribed_fresh"), 0, "{r:#}");
     assert_eq!(
+        rc("unanswered_at_end"),
+        0,
+        "the drain waits for reconnects: {r:#}"
+    );
+    assert_eq!(
         rc("recoveries_ok") + rc("interrupted"),
         rc("reconnects"),
         "every reconnect recovered (or was dropped again first): {r:#}"
@@ -82,9 +87,16 @@ fn assert_recovered_everything(r: &Value, subscribers: u64) {
             w.iter()
                 .filter(|w| {
                     let w = w.as_str().unwrap_or("");
-                    ["stream", "recover", "storm", "epoch", "gave up"]
-                        .iter()
-                        .any(|k| w.contains(k))
+                    [
+                        "stream",
+                        "recover",
+                        "reconnect",
+                        "storm",
+                        "epoch",
+                        "gave up",
+                    ]
+                    .iter()
+                    .any(|k| w.contains(k))
                 })
                 .collect()
         })
