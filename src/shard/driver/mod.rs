@@ -12,6 +12,7 @@
 pub mod outbound;
 mod ring;
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
@@ -72,6 +73,8 @@ struct IoConn {
     recv_armed: bool,
     /// In the driver's list of connections with queued output.
     dirty: bool,
+    /// Holding pushes for the write delay (in `delayed`).
+    delayed: bool,
     out: Outbound,
 }
 
@@ -90,6 +93,9 @@ pub(crate) struct Driver {
     overflowed: Vec<ConnKey>,
     /// Connections with queued output, in the order they got it.
     dirty: Vec<ConnKey>,
+    /// Connections holding pushes, with when they go, oldest first.
+    delayed: VecDeque<(Instant, ConnKey)>,
+    write_delay: Duration,
     /// Connections whose receive ended and must be re-armed.
     rearm: Vec<ConnKey>,
     /// Connections with a close deadline.
@@ -133,6 +139,8 @@ impl Driver {
             commands: Vec::new(),
             overflowed: Vec::new(),
             dirty: Vec::new(),
+            delayed: VecDeque::new(),
+            write_delay: config.write_delay,
             rearm: Vec::new(),
             closing: Vec::new(),
             completions: Vec::with_capacity(COMPLETION_BATCH),
@@ -171,7 +179,11 @@ impl Driver {
                 self.ring.submit()?;
                 continue;
             }
-            let timeout = self.next_tick.saturating_duration_since(Instant::now());
+            let wake_at = match self.delayed.front() {
+                Some(&(due, _)) => due.min(self.next_tick),
+                None => self.next_tick,
+            };
+            let timeout = wake_at.saturating_duration_since(Instant::now());
             self.ring.submit_and_wait(timeout)?;
         }
     }
@@ -219,7 +231,8 @@ impl Driver {
             }
             for command in commands.drain(..) {
                 match command {
-                    Command::Send(key, bytes) => self.queue(key, bytes),
+                    Command::Send(key, bytes) => self.queue(now, key, bytes, false),
+                    Command::Push(key, bytes) => self.queue(now, key, bytes, true),
                     Command::Close { conn, last, mode } => self.close(now, conn, last, mode),
                 }
             }
@@ -233,8 +246,9 @@ impl Driver {
     // ---- commands ------------------------------------------------------------
 
     /// Queues bytes on an open connection; past its budget, drops its queue
-    /// and reports it to the state as a slow consumer.
-    fn queue(&mut self, key: ConnKey, bytes: Bytes) {
+    /// and reports it to the state as a slow consumer. A push may be held
+    /// for the write delay.
+    fn queue(&mut self, now: Instant, key: ConnKey, bytes: Bytes, push: bool) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -244,7 +258,14 @@ impl Driver {
         match conn.out.enqueue(bytes, self.budget, &mut self.send_buffers) {
             Enqueued::Yes => {
                 self.frames_queued += 1;
-                mark_dirty(&mut self.dirty, conn, key);
+                if push && !self.write_delay.is_zero() {
+                    if !conn.dirty && !conn.delayed {
+                        conn.delayed = true;
+                        self.delayed.push_back((now + self.write_delay, key));
+                    }
+                } else {
+                    mark_dirty(&mut self.dirty, conn, key);
+                }
             }
             Enqueued::OverBudget => {
                 conn.out.discard_queued();
@@ -394,6 +415,7 @@ impl Driver {
             lifecycle: Lifecycle::Open,
             recv_armed: false,
             dirty: false,
+            delayed: false,
             out: Outbound::default(),
         });
         ShardStats::add(&self.stats().connections, 1);
@@ -483,8 +505,15 @@ impl Driver {
 
     // ---- sends and the bus -------------------------------------------------------
 
-    /// Queues a send for every connection with output and re-arms receives.
+    /// Queues a send for every connection with output (pushes held past
+    /// their write delay included) and re-arms receives.
     fn flush(&mut self) {
+        if let Some(&(due, _)) = self.delayed.front() {
+            let now = Instant::now();
+            if due <= now {
+                self.release_delayed(now);
+            }
+        }
         let mut dirty = std::mem::take(&mut self.dirty);
         for key in dirty.drain(..) {
             let Some(conn) = self.conns.get_mut(key) else {
@@ -510,6 +539,20 @@ impl Driver {
         self.dirty = dirty;
         for key in std::mem::take(&mut self.rearm) {
             self.arm_recv(key);
+        }
+    }
+
+    /// Moves connections whose write delay has passed to the dirty list.
+    fn release_delayed(&mut self, now: Instant) {
+        while let Some(&(due, key)) = self.delayed.front() {
+            if due > now {
+                return;
+            }
+            self.delayed.pop_front();
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.delayed = false;
+                mark_dirty(&mut self.dirty, conn, key);
+            }
         }
     }
 

@@ -66,6 +66,10 @@ pub enum Event<'a> {
 pub enum Command {
     /// Queue bytes on a connection, within its outbound budget.
     Send(ConnKey, Bytes),
+    /// The same for a publication delivered to a subscriber: the driver may
+    /// hold it for up to `write_delay` so it leaves in one send with the
+    /// next ones (replies are never held).
+    Push(ConnKey, Bytes),
     /// End a connection: queue `last` (outside the budget) after what is
     /// queued, then close as `mode` says.
     Close {
@@ -420,7 +424,7 @@ impl ShardState {
         };
         self.commands.reserve(entry.subscribers.len());
         for &key in &entry.subscribers {
-            self.commands.push(Command::Send(key, frame.clone()));
+            self.commands.push(Command::Push(key, frame.clone()));
         }
         entry.subscribers.len()
     }

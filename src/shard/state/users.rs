@@ -375,7 +375,7 @@ impl ShardState {
                 None => true,
             };
             if holds_topic {
-                self.commands.push(Command::Send(key, frame.clone()));
+                self.commands.push(Command::Push(key, frame.clone()));
                 delivered += 1;
             }
         }
