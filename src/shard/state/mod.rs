@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::bus::{Envelope, Outbox, Sent, ShardId};
+use crate::bus::{Envelope, IndexKind, Outbox, Sent, ShardId};
 use crate::config::Config;
 use crate::metrics::ShardStats;
 use crate::protocol::http::Response;
@@ -240,6 +240,15 @@ impl ShardState {
     /// presence bookkeeping); returns what is wrong. For tests and simulation.
     pub fn check_invariants(&self) -> Result<(), String> {
         lifecycle::check_invariants(self)
+    }
+
+    /// One of this shard's name indexes (topics, users or chat users), read
+    /// only: each name's local holders, active and waiting, and the other
+    /// shards recorded as holding it. For tests and the simulation, which
+    /// compare the indexes of all shards (interest is a cross-shard property
+    /// no single shard can check).
+    pub fn name_index(&self, kind: IndexKind) -> &NameIndex {
+        self.index(kind)
     }
 
     fn stats(&self) -> &ShardStats {
