@@ -284,14 +284,15 @@ impl ShardState {
         }
     }
 
-    /// Queues an HTTP response; a `Connection: close` one ends the connection after it.
+    /// Queues an HTTP response; a `Connection: close` one ends the connection
+    /// after it. A half-closed connection is not ended here: requests it sent
+    /// before its end of input may wait in its buffer, and the input path
+    /// ends it once they are answered (`finish_if_input_ended`).
     fn respond(&mut self, key: ConnKey, response: Response) {
         if response.status() >= 400 {
             ShardStats::add(&self.stats().http_errors_total, 1);
         }
-        let keep_alive = response.is_keep_alive();
-        let input_ended = self.conns.get(key).is_some_and(|c| c.input_ended);
-        if keep_alive && !input_ended {
+        if response.is_keep_alive() {
             self.send(key, response.encode());
         } else {
             self.end(key, Some(response.encode()), CloseMode::AfterFlush);

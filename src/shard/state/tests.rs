@@ -122,3 +122,21 @@ fn a_user_whose_first_upgrade_closes_at_once_keeps_routing_to_the_second() {
         [ShardId(1)]
     );
 }
+
+#[test]
+fn a_half_closed_client_gets_answers_to_requests_behind_a_parked_one() {
+    let mut shards = Shards::new(2, |_| {});
+    let requests = b"GET /topics/t/presence HTTP/1.1\r\nHost: t\r\n\r\n\
+                     GET /health HTTP/1.1\r\nHost: t\r\n\r\n";
+    let (key, _) = shards.connect(0, requests);
+    assert!(shards.handle(0, Event::InputEnded(key)).is_empty());
+    shards.deliver(0, 1);
+    let commands = shards.deliver(1, 0);
+    let answered = String::from_utf8(bytes_to(&commands, key)).unwrap();
+    assert_eq!(answered.matches("HTTP/1.1 200").count(), 2, "{answered}");
+    assert!(
+        answered.contains("\"status\":\"ok\""),
+        "the health answer too"
+    );
+    assert!(closes(&commands, key), "then the connection ends");
+}
