@@ -2,7 +2,9 @@
 //! commands and envelopes out, no driver. Each test is a sequence the
 //! simulation (`shard::sim`) found or could find, pinned down.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use super::*;
 use crate::hooks::Channels;
@@ -139,4 +141,44 @@ fn a_half_closed_client_gets_answers_to_requests_behind_a_parked_one() {
         "the health answer too"
     );
     assert!(closes(&commands, key), "then the connection ends");
+}
+
+#[test]
+fn a_parked_upgrade_is_not_pinged() {
+    let mut shards = Shards::new(2, |config| {
+        config.ping_interval = Duration::from_secs(2);
+        config.pong_timeout = Duration::from_secs(1);
+    });
+    let (key, commands) = shards.connect(1, &upgrade("/ws?user_id=u"));
+    assert!(
+        bytes_to(&commands, key).is_empty(),
+        "the 101 waits for shard 0"
+    );
+    shards.now += Duration::from_secs(3);
+    let commands = shards.handle(1, Event::Tick);
+    assert!(
+        bytes_to(&commands, key).is_empty(),
+        "no ping before the 101"
+    );
+    let commands = shards.deliver(1, 0);
+    assert!(commands.is_empty());
+    let commands = shards.deliver(0, 1);
+    assert!(starts_with(&bytes_to(&commands, key), "HTTP/1.1 101"));
+}
+
+#[test]
+fn a_parked_upgrade_refused_at_shutdown_gets_an_http_answer() {
+    let mut shards = Shards::new(2, |_| {});
+    let (key, _) = shards.connect(1, &upgrade("/ws?user_id=u"));
+    shards.shared.bus().shutdown_all();
+    shards.deliver(0, 0);
+    shards.deliver(1, 1);
+    let commands = shards.deliver(0, 1);
+    let sent = bytes_to(&commands, key);
+    assert!(
+        starts_with(&sent, "HTTP/1.1 503"),
+        "{:?}",
+        Bytes::from(sent)
+    );
+    assert!(closes(&commands, key));
 }
