@@ -193,6 +193,13 @@ impl Conn {
         self.identity.get_or_insert_with(Default::default)
     }
 
+    /// Whether the connection's `101` is parked (an identified upgrade
+    /// waiting for other shards). Its client has had no `101` and still
+    /// reads HTTP: it must get no frame, and an HTTP answer if it is refused.
+    pub(crate) fn upgrade_parked(&self) -> bool {
+        matches!(self.deferred.as_deref(), Some(Deferred::Upgrade { .. }))
+    }
+
     /// The WebSocket endpoint, if upgraded.
     pub(crate) fn ws_kind(&self) -> Option<WsKind> {
         match &self.phase {

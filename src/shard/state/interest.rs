@@ -170,9 +170,15 @@ impl ShardState {
             return;
         }
         let waiting = std::mem::take(&mut self.index_mut(kind).entry_mut(id).waiting);
-        for conn in waiting {
+        // Every waiting connection is active before any is told: finishing
+        // an identified upgrade reads the input it parked, which may close
+        // that connection and take it (and perhaps the entry) out of the
+        // index while the others would still be outside it.
+        for &conn in &waiting {
             let pos = self.index_mut(kind).add_subscriber(id, conn);
             self.set_position(kind, conn, id, pos);
+        }
+        for conn in waiting {
             match kind {
                 IndexKind::Topic => self.send(conn, message::subscribed(&name)),
                 IndexKind::User | IndexKind::Chat => self.finish_upgrade(conn),

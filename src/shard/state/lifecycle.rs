@@ -52,9 +52,17 @@ impl ShardState {
     /// Starts the WebSocket close handshake with `code`: the close frame goes
     /// after what is queued, and the connection ends when the peer answers or
     /// the close timeout passes.
+    /// A connection whose `101` is still parked is refused over HTTP with
+    /// 503 and `reason` instead: its client has not switched to frames.
     pub(super) fn close_ws(&mut self, key: ConnKey, code: u16, reason: &str) {
-        if self.conns.get(key).map(|c| c.closing) != Some(Closing::No) {
+        let Some(conn) = self.conns.get(key) else {
             return;
+        };
+        if conn.closing != Closing::No {
+            return;
+        }
+        if conn.upgrade_parked() {
+            return self.respond(key, error_json(503, reason).keep_alive(false));
         }
         self.end(key, Some(frame::close(code, reason)), CloseMode::Linger);
     }
@@ -214,7 +222,9 @@ impl ShardState {
             let Phase::WebSocket(ws) = &conn.phase else {
                 continue;
             };
-            if conn.closing != Closing::No {
+            // A parked upgrade has sent no `101` yet: a ping would reach a
+            // client that still reads HTTP.
+            if conn.closing != Closing::No || conn.upgrade_parked() {
                 continue;
             }
             match ws.ping_sent {

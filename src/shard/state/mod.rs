@@ -29,7 +29,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::bus::{Envelope, Outbox, Sent, ShardId};
+use crate::bus::{Envelope, IndexKind, Outbox, Sent, ShardId};
 use crate::config::Config;
 use crate::metrics::ShardStats;
 use crate::protocol::http::Response;
@@ -249,6 +249,15 @@ impl ShardState {
         lifecycle::check_invariants(self)
     }
 
+    /// One of this shard's name indexes (topics, users or chat users), read
+    /// only: each name's local holders, active and waiting, and the other
+    /// shards recorded as holding it. For tests and the simulation, which
+    /// compare the indexes of all shards (interest is a cross-shard property
+    /// no single shard can check).
+    pub fn name_index(&self, kind: IndexKind) -> &NameIndex {
+        self.index(kind)
+    }
+
     fn stats(&self) -> &ShardStats {
         &self.shared.stats[self.id.0]
     }
@@ -282,14 +291,15 @@ impl ShardState {
         }
     }
 
-    /// Queues an HTTP response; a `Connection: close` one ends the connection after it.
+    /// Queues an HTTP response; a `Connection: close` one ends the connection
+    /// after it. A half-closed connection is not ended here: requests it sent
+    /// before its end of input may wait in its buffer, and the input path
+    /// ends it once they are answered (`finish_if_input_ended`).
     fn respond(&mut self, key: ConnKey, response: Response) {
         if response.status() >= 400 {
             ShardStats::add(&self.stats().http_errors_total, 1);
         }
-        let keep_alive = response.is_keep_alive();
-        let input_ended = self.conns.get(key).is_some_and(|c| c.input_ended);
-        if keep_alive && !input_ended {
+        if response.is_keep_alive() {
             self.send(key, response.encode());
         } else {
             self.end(key, Some(response.encode()), CloseMode::AfterFlush);

@@ -1,0 +1,407 @@
+//! The simulated driver: what `shard::driver` does with a ring, done with
+//! plain data. Per shard it allocates keys, keeps each connection's real
+//! [`Outbound`] queue under the outbound budget, carries out the state's
+//! commands with the real driver's close lifecycle, and frees a slot (then
+//! tells the state `Closed`) only once nothing is pending on it. The
+//! "kernel" completes sends with any number of bytes and shutdowns at a
+//! time the scheduler picks.
+//!
+//! It also checks the command stream: a command for a released key, or a
+//! `Send` after a `Close` for the same key, is a violation.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::shard::key::{ConnKey, ConnTable};
+use crate::shard::outbound::{Enqueued, Outbound, SendBuffers, SendPlan};
+use crate::shard::state::{CloseMode, Command, Event, ShardState};
+
+use super::Sim;
+
+/// Where a connection's socket is in its life (the real driver's `Lifecycle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lifecycle {
+    Open,
+    /// Over budget: queue dropped, sends discarded until the state closes it.
+    Overflowed,
+    /// Sending its last bytes, then shutdown (`AfterFlush`) or waiting for
+    /// the peer (`Linger`), by `deadline` (simulated time).
+    Closing {
+        mode: CloseMode,
+        deadline: Duration,
+    },
+    /// Shut down; freed once the shutdown and any send have completed.
+    ShuttingDown {
+        shutdown_pending: bool,
+    },
+}
+
+/// The I/O side of one connection.
+pub(super) struct IoConn {
+    pub(super) client: usize,
+    pub(super) lifecycle: Lifecycle,
+    pub(super) out: Outbound,
+    /// The send in flight: what the kernel was handed.
+    pub(super) plan: Option<SendPlan>,
+    dirty: bool,
+    /// The state has sent a `Close` for it.
+    close_commanded: bool,
+    /// It was shut down because everything queued had been sent.
+    graceful: bool,
+}
+
+/// One shard: its state and the driver around it.
+pub(super) struct SimShard {
+    pub(super) state: ShardState,
+    pub(super) conns: ConnTable<IoConn>,
+    pool: SendBuffers,
+    dirty: Vec<ConnKey>,
+    overflowed: Vec<ConnKey>,
+    /// Set when the `Shutdown` envelope arrived: no more accepts, and every
+    /// connection is cut at this time.
+    pub(super) shutdown_deadline: Option<Duration>,
+}
+
+impl SimShard {
+    pub(super) fn new(state: ShardState) -> SimShard {
+        SimShard {
+            state,
+            conns: ConnTable::default(),
+            pool: SendBuffers::default(),
+            dirty: Vec::new(),
+            overflowed: Vec::new(),
+            shutdown_deadline: None,
+        }
+    }
+
+    /// Connections with a send the kernel can complete (`stalled` tells
+    /// which clients read nothing) or a shutdown to finish.
+    pub(super) fn kernel_work(&self, stalled: impl Fn(usize) -> bool) -> Vec<ConnKey> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| match c.lifecycle {
+                Lifecycle::ShuttingDown { shutdown_pending } => {
+                    shutdown_pending || c.plan.is_some()
+                }
+                _ => c.plan.is_some() && !stalled(c.client),
+            })
+            .map(|(key, _)| key)
+            .collect()
+    }
+}
+
+/// How the kernel finishes a send.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum SendResult {
+    /// It took this many bytes.
+    Took(usize),
+    /// It failed (the socket was shut down under it).
+    Failed,
+}
+
+impl Sim {
+    // ---- feeding the state -------------------------------------------------
+
+    /// Tells shard `s`'s state `event` and carries out its commands.
+    pub(super) fn feed(&mut self, s: usize, event: Event<'_>) {
+        let now = self.now();
+        self.shards[s].state.handle(now, event);
+        self.apply_commands(s);
+    }
+
+    fn apply_commands(&mut self, s: usize) {
+        loop {
+            let mut commands = std::mem::take(&mut self.commands);
+            self.shards[s].state.take_commands(&mut commands);
+            if commands.is_empty() && self.shards[s].overflowed.is_empty() {
+                self.commands = commands;
+                return;
+            }
+            for command in commands.drain(..) {
+                match command {
+                    // No write delay is simulated: a push goes like any send.
+                    Command::Send(key, bytes) | Command::Push(key, bytes) => {
+                        self.queue(s, key, bytes)
+                    }
+                    Command::Close { conn, last, mode } => self.close(s, conn, last, mode),
+                }
+            }
+            self.commands = commands;
+            // As the real driver: over-budget connections are reported after
+            // the batch, never while the state is in the middle of one.
+            for key in std::mem::take(&mut self.shards[s].overflowed) {
+                // A connection the state has not closed yet is owed a 1013;
+                // one it closed in the same batch keeps that close's code.
+                if let Some(conn) = self.shards[s].conns.get(key) {
+                    if !conn.close_commanded {
+                        self.clients[conn.client].owed_1013 = true;
+                    }
+                }
+                let now = self.now();
+                self.shards[s].state.handle(now, Event::Overflow(key));
+            }
+        }
+    }
+
+    /// Accepts a connection for client `client` on shard `s`; `None` once the
+    /// shard has stopped accepting.
+    pub(super) fn accept(&mut self, s: usize, client: usize) -> Option<ConnKey> {
+        let shard = &mut self.shards[s];
+        if shard.shutdown_deadline.is_some() {
+            return None;
+        }
+        let key = shard.conns.insert(IoConn {
+            client,
+            lifecycle: Lifecycle::Open,
+            out: Outbound::default(),
+            plan: None,
+            dirty: false,
+            close_commanded: false,
+            graceful: false,
+        });
+        Some(key)
+    }
+
+    /// Whether input on `key` still reaches the state: not once it is shut down.
+    pub(super) fn reads(&self, s: usize, key: ConnKey) -> bool {
+        self.shards[s]
+            .conns
+            .get(key)
+            .is_some_and(|c| !matches!(c.lifecycle, Lifecycle::ShuttingDown { .. }))
+    }
+
+    // ---- commands ----------------------------------------------------------
+
+    fn queue(&mut self, s: usize, key: ConnKey, bytes: Bytes) {
+        let budget = self.budget;
+        let shard = &mut self.shards[s];
+        let Some(conn) = shard.conns.get_mut(key) else {
+            return self.fail(format!("shard {s}: Send to released connection {key:?}"));
+        };
+        if conn.close_commanded {
+            let client = conn.client;
+            return self.fail(format!("shard {s}: Send after Close to c{client}"));
+        }
+        if conn.lifecycle != Lifecycle::Open {
+            return;
+        }
+        match conn.out.enqueue(bytes, budget, &mut shard.pool) {
+            Enqueued::Yes => mark_dirty(&mut shard.dirty, conn, key),
+            Enqueued::OverBudget => {
+                conn.out.discard_queued();
+                conn.lifecycle = Lifecycle::Overflowed;
+                shard.overflowed.push(key);
+                let client = conn.client;
+                self.clients[client].overflowed = true;
+                self.overflows += 1;
+                self.note(format!("  s{s}: c{client} over its outbound budget"));
+            }
+        }
+    }
+
+    fn close(&mut self, s: usize, key: ConnKey, last: Option<Bytes>, mode: CloseMode) {
+        let deadline = self.elapsed + self.close_timeout;
+        let shard = &mut self.shards[s];
+        let Some(conn) = shard.conns.get_mut(key) else {
+            return self.fail(format!("shard {s}: Close of released connection {key:?}"));
+        };
+        conn.close_commanded = true;
+        let (mode, deadline) = match conn.lifecycle {
+            Lifecycle::ShuttingDown { .. } => return,
+            _ if mode == CloseMode::Now => return self.terminate(s, key, false),
+            Lifecycle::Closing {
+                mode: was,
+                deadline,
+            } => (was.max(mode), deadline),
+            Lifecycle::Open | Lifecycle::Overflowed => (mode, deadline),
+        };
+        conn.lifecycle = Lifecycle::Closing { mode, deadline };
+        if let Some(last) = last {
+            conn.out.enqueue_final(last, &mut shard.pool);
+            mark_dirty(&mut shard.dirty, conn, key);
+        }
+        if mode == CloseMode::AfterFlush && conn.out.is_flushed() {
+            self.terminate(s, key, true);
+        }
+    }
+
+    /// Shuts the socket down; `graceful` if everything queued was sent.
+    pub(super) fn terminate(&mut self, s: usize, key: ConnKey, graceful: bool) {
+        let Some(conn) = self.shards[s].conns.get_mut(key) else {
+            return;
+        };
+        if matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. }) {
+            return;
+        }
+        conn.lifecycle = Lifecycle::ShuttingDown {
+            shutdown_pending: true,
+        };
+        conn.graceful = graceful;
+        conn.out.discard_queued();
+    }
+
+    /// Frees a shut-down connection once nothing is pending, ends its
+    /// client's connection and tells the state.
+    fn maybe_release(&mut self, s: usize, key: ConnKey) {
+        let Some(conn) = self.shards[s].conns.get(key) else {
+            return;
+        };
+        let idle = conn.lifecycle
+            == Lifecycle::ShuttingDown {
+                shutdown_pending: false,
+            }
+            && !conn.out.is_sending();
+        if !idle {
+            return;
+        }
+        if conn.plan.is_some() {
+            return self.fail(format!("shard {s}: a send plan outlived its send"));
+        }
+        let Some(conn) = self.shards[s].conns.remove(key) else {
+            return;
+        };
+        self.client_ended(conn.client, conn.graceful);
+        self.feed(s, Event::Closed(key));
+    }
+
+    // ---- the kernel --------------------------------------------------------
+
+    /// The bytes of connection `key`'s send in flight, if any.
+    pub(super) fn in_flight(&self, s: usize, key: ConnKey) -> Option<Vec<u8>> {
+        self.shards[s].conns.get(key)?.plan.map(plan_bytes)
+    }
+
+    /// The kernel finishes connection `key`'s send: the client gets what was
+    /// taken, and the driver reacts as the real one does on a completion.
+    pub(super) fn complete_send(&mut self, s: usize, key: ConnKey, result: SendResult) {
+        let Some(bytes) = self.in_flight(s, key) else {
+            return;
+        };
+        let shard = &mut self.shards[s];
+        let Some(conn) = shard.conns.get_mut(key) else {
+            return;
+        };
+        conn.plan = None;
+        let client = conn.client;
+        let taken = match result {
+            SendResult::Failed => {
+                conn.out.fail_send();
+                self.terminate(s, key, false);
+                return self.maybe_release(s, key);
+            }
+            SendResult::Took(n) => n.min(bytes.len()),
+        };
+        conn.out.complete_send(taken);
+        if !conn.out.is_flushed() {
+            mark_dirty(&mut shard.dirty, conn, key);
+        } else {
+            match conn.lifecycle {
+                Lifecycle::Closing {
+                    mode: CloseMode::AfterFlush,
+                    ..
+                } => self.terminate(s, key, true),
+                Lifecycle::Open => conn.out.release_idle_buffers(&mut shard.pool),
+                _ => {}
+            }
+        }
+        self.client_receive(client, &bytes[..taken]);
+        self.maybe_release(s, key);
+    }
+
+    /// The kernel finishes connection `key`'s shutdown.
+    pub(super) fn complete_shutdown(&mut self, s: usize, key: ConnKey) {
+        let Some(conn) = self.shards[s].conns.get_mut(key) else {
+            return;
+        };
+        if conn.lifecycle
+            == (Lifecycle::ShuttingDown {
+                shutdown_pending: true,
+            })
+        {
+            conn.lifecycle = Lifecycle::ShuttingDown {
+                shutdown_pending: false,
+            };
+        }
+        self.maybe_release(s, key);
+    }
+
+    /// Hands every connection with queued output to the kernel (the real
+    /// driver's `flush`, minus the ring).
+    pub(super) fn flush(&mut self, s: usize) {
+        let shard = &mut self.shards[s];
+        for key in std::mem::take(&mut shard.dirty) {
+            let Some(conn) = shard.conns.get_mut(key) else {
+                continue;
+            };
+            conn.dirty = false;
+            if matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. }) || conn.plan.is_some() {
+                continue;
+            }
+            conn.plan = conn.out.prepare_send();
+        }
+    }
+
+    // ---- time and shutdown -------------------------------------------------
+
+    /// The real driver's tick: the state's timers, then close deadlines and
+    /// the shutdown deadline.
+    pub(super) fn tick(&mut self, s: usize) {
+        self.feed(s, Event::Tick);
+        let now = self.elapsed;
+        let cut_all = self.shards[s]
+            .shutdown_deadline
+            .is_some_and(|deadline| now >= deadline);
+        for key in self.shards[s].conns.keys() {
+            let expired = match self.shards[s].conns.get(key).map(|c| c.lifecycle) {
+                Some(Lifecycle::Closing { deadline, .. }) => now >= deadline,
+                _ => false,
+            };
+            if cut_all || expired {
+                self.terminate(s, key, false);
+            }
+        }
+    }
+
+    /// The `Shutdown` envelope reached shard `s`'s driver: it stops accepting
+    /// and gives connections until the shutdown timeout.
+    pub(super) fn driver_begin_shutdown(&mut self, s: usize) {
+        let deadline = self.elapsed + self.shutdown_timeout;
+        self.shards[s].shutdown_deadline.get_or_insert(deadline);
+    }
+}
+
+fn mark_dirty(dirty: &mut Vec<ConnKey>, conn: &mut IoConn, key: ConnKey) {
+    if !conn.dirty {
+        conn.dirty = true;
+        dirty.push(key);
+    }
+}
+
+/// The bytes a send plan points at, in order.
+fn plan_bytes(plan: SendPlan) -> Vec<u8> {
+    match plan {
+        SendPlan::One { ptr, len } => {
+            // SAFETY: `Outbound::prepare_send` keeps the frame a plan points
+            // into alive until `complete_send` or `fail_send`; the plan is
+            // dropped (set to `None`) before either is called.
+            unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
+        }
+        SendPlan::Many(msg) => {
+            // SAFETY: as above: the msghdr lives in the connection's boxed
+            // in-flight state until the send is completed or failed.
+            let msg = unsafe { &*msg };
+            // SAFETY: the iovec array belongs to that same in-flight state and
+            // holds `msg_iovlen` entries.
+            let iovecs = unsafe { std::slice::from_raw_parts(msg.msg_iov, msg.msg_iovlen as _) };
+            let mut bytes = Vec::new();
+            for iov in iovecs {
+                // SAFETY: each iovec points into a frame the in-flight state owns.
+                let part =
+                    unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
+                bytes.extend_from_slice(part);
+            }
+            bytes
+        }
+    }
+}
