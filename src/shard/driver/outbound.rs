@@ -4,7 +4,7 @@
 //! Plain data, no I/O: the shard asks for a `msghdr` to submit and reports
 //! how many bytes the kernel took. A send takes everything queued (up to
 //! `IOV_MAX` frames) as one iovec array. While the kernel holds a send, its
-//! buffers and iovecs live in a boxed [`InFlight`], so they do not move when
+//! buffers and iovecs live in a boxed `InFlight`, so they do not move when
 //! the connection slab grows. When a connection has nothing left to send it
 //! hands its whole queue to the shard's [`SendBuffers`] pool, so an idle
 //! connection holds one empty pointer of write state and a busy shard does
@@ -325,7 +325,7 @@ impl Queue {
 }
 
 /// The outbound side of one connection: nothing at all while idle (the
-/// common state of a subscriber between pushes), a pooled [`Queue`] while
+/// common state of a subscriber between pushes), a pooled `Queue` while
 /// anything is queued or in flight.
 #[derive(Default)]
 pub struct Outbound {

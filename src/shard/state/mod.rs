@@ -228,7 +228,8 @@ impl ShardState {
         self.outbox.wake_all(&self.shared.bus);
     }
 
-    /// True once shutdown has begun and every connection has been told to close.
+    /// True once shutdown has begun: publishes are refused, and connections
+    /// close once every peer's drain marker has arrived.
     pub fn is_shutting_down(&self) -> bool {
         self.shutdown.begun
     }

@@ -337,7 +337,13 @@ impl ShardState {
             .map(|(k, _)| k)
             .collect();
         for key in keys {
-            self.close_ws(key, 1000, "registration deleted");
+            // An upgrade still parked gets what it would get a moment later.
+            if self.conns.get(key).is_some_and(|c| c.upgrade_parked()) {
+                let response = error_json(404, "unknown registration id").keep_alive(false);
+                self.respond(key, response);
+            } else {
+                self.close_ws(key, 1000, "registration deleted");
+            }
         }
     }
 
