@@ -53,6 +53,9 @@ pub struct ConnTable<T> {
     /// Vacant slots, reused last-freed first so the table stays dense.
     free: Vec<u32>,
     len: usize,
+    /// Keys come from another table: no free list is kept (it would only
+    /// grow, by a slot per connection ever closed).
+    mirror: bool,
 }
 
 impl<T> Default for ConnTable<T> {
@@ -61,6 +64,7 @@ impl<T> Default for ConnTable<T> {
             entries: Vec::new(),
             free: Vec::new(),
             len: 0,
+            mirror: false,
         }
     }
 }
@@ -99,6 +103,7 @@ impl<T> ConnTable<T> {
     /// Stores `value` under a key allocated by another table, replacing
     /// whatever that slot held.
     pub fn insert_at(&mut self, key: ConnKey, value: T) {
+        self.mirror = true;
         let slot = key.slot();
         if slot >= self.entries.len() {
             self.entries
@@ -148,7 +153,9 @@ impl<T> ConnTable<T> {
             },
         );
         self.len -= 1;
-        self.free.push(key.slot);
+        if !self.mirror {
+            self.free.push(key.slot);
+        }
         match old {
             Entry::Occupied { value, .. } => Some(value),
             Entry::Vacant { .. } => None,
@@ -203,6 +210,7 @@ mod tests {
         assert_eq!(mirror.len(), 3);
         owner.remove(keys[1]);
         mirror.remove(keys[1]);
+        assert!(mirror.free.is_empty(), "a mirror keeps no free list");
         let again = owner.insert(7);
         assert_eq!(mirror.get(again), None, "the old generation does not match");
         mirror.insert_at(again, 70);
