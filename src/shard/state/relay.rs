@@ -174,6 +174,7 @@ impl ShardState {
         ShardStats::sub(&self.stats().subscriptions, 1);
         let entry = self.topics.entry(id);
         let (name, channel) = (entry.name.clone(), entry.channel);
+        self.cancel_stream_opens(key, &name);
         self.leave_index(IndexKind::Topic, key, id, sub.pos);
         self.hook_leave(key, channel, &name);
     }

@@ -48,6 +48,11 @@ pub(crate) struct Streams {
     next_ticket: u64,
     /// Subscriptions waiting for their home's `StreamOpened`.
     opening: HashMap<u64, (ConnKey, Arc<str>)>,
+    /// The tickets in `opening` per connection, so a subscription dropped
+    /// before its answer cancels its open: the answer must not open the
+    /// connection's next subscription to the topic, which asked for its own
+    /// position and may wait for another round of interest acknowledgements.
+    opens_of: HashMap<ConnKey, Vec<u64>>,
     /// HTTP requests parked until a home answers: ticket -> connection.
     replies: HashMap<u64, ConnKey>,
 }
@@ -59,6 +64,7 @@ impl Streams {
             last_expire: now,
             next_ticket: 0,
             opening: HashMap::new(),
+            opens_of: HashMap::new(),
             replies: HashMap::new(),
         }
     }
@@ -294,6 +300,7 @@ impl ShardState {
         }
         let ticket = self.stream_ticket();
         self.streams.opening.insert(ticket, (key, name.clone()));
+        self.streams.opens_of.entry(key).or_default().push(ticket);
         let since = since.map(|s| (s.offset, Arc::from(s.epoch.as_str())));
         self.post_control(
             home,
@@ -400,8 +407,9 @@ impl ShardState {
         marked: bool,
     ) {
         let Some((key, topic)) = self.streams.opening.remove(&ticket) else {
-            return;
+            return; // its subscription was dropped meanwhile
         };
+        self.forget_open(key, ticket);
         let Some(id) = self.topics.lookup(&topic) else {
             return; // the connection left meanwhile
         };
@@ -412,6 +420,34 @@ impl ShardState {
             marked,
         };
         self.finish_stream_subscribe(key, id, opened);
+    }
+
+    /// Cancels connection `key`'s opens of `topic` still in flight: its
+    /// subscription to it is dropped, so their answers must find nothing.
+    pub(super) fn cancel_stream_opens(&mut self, key: ConnKey, topic: &str) {
+        let Some(tickets) = self.streams.opens_of.get_mut(&key) else {
+            return;
+        };
+        let opening = &mut self.streams.opening;
+        tickets.retain(|ticket| {
+            let of_topic = opening.get(ticket).is_some_and(|(_, t)| **t == *topic);
+            if of_topic {
+                opening.remove(ticket);
+            }
+            !of_topic
+        });
+        if tickets.is_empty() {
+            self.streams.opens_of.remove(&key);
+        }
+    }
+
+    fn forget_open(&mut self, key: ConnKey, ticket: u64) {
+        if let Some(tickets) = self.streams.opens_of.get_mut(&key) {
+            tickets.retain(|t| *t != ticket);
+            if tickets.is_empty() {
+                self.streams.opens_of.remove(&key);
+            }
+        }
     }
 
     /// Moves a waiting subscriber of a stream into the topic's subscribers
