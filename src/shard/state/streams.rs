@@ -312,6 +312,35 @@ impl ShardState {
         );
     }
 
+    /// Connection `key` subscribes again to stream topic `id`, which it
+    /// holds: the answer is `subscribed` with the position its pushes have
+    /// reached. The home knows it: every publication it assigned before
+    /// answering was routed to this shard ahead of the answer, on the same
+    /// ordered queue, and so was sent to the connection before the reply.
+    pub(super) fn restate_stream_position(&mut self, key: ConnKey, id: NameId) {
+        let name = self.topics.entry(id).name.clone();
+        let Some(history) = self.stream_history(&name) else {
+            return;
+        };
+        let home = self.home_of(&name);
+        if home == self.id {
+            let position = self.home_position(&name, &history);
+            let reply = message::subscribed_at(&name, None, position.offset, &position.epoch);
+            return self.send(key, reply);
+        }
+        let ticket = self.stream_ticket();
+        self.streams.opening.insert(ticket, (key, name.clone()));
+        self.streams.opens_of.entry(key).or_default().push(ticket);
+        self.post_control(
+            home,
+            Envelope::StreamOpen {
+                ticket,
+                topic: name,
+                since: None,
+            },
+        );
+    }
+
     /// On the home: the position of `topic` and what a new subscriber gets
     /// before live publications.
     fn home_open(&mut self, topic: &str, history: &History, since: Option<&Since>) -> Opened {
@@ -451,8 +480,21 @@ impl ShardState {
     }
 
     /// Moves a waiting subscriber of a stream into the topic's subscribers
-    /// and sends it `subscribed` with the position, then the replay.
+    /// and sends it `subscribed` with the position, then the replay. For a
+    /// subscriber active already (it subscribed again) only the position.
     fn finish_stream_subscribe(&mut self, key: ConnKey, id: NameId, opened: Opened) {
+        let active = self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.subs.iter().any(|s| s.topic == id && s.pos.is_some()));
+        if active {
+            // Opens of a subscription dropped meanwhile were cancelled, so
+            // this answers a repeated subscribe of the one held now.
+            let name = self.topics.entry(id).name.clone();
+            let position = &opened.position;
+            let reply = message::subscribed_at(&name, None, position.offset, &position.epoch);
+            return self.send(key, reply);
+        }
         let waiting = self
             .topics
             .get(id)

@@ -238,6 +238,15 @@ fn relay_client(shards: &mut Shards, s: usize) -> ConnKey {
     key
 }
 
+/// Delivers everything queued from `from` to `to`.
+fn deliver_all(shards: &mut Shards, from: usize, to: usize) -> Vec<Command> {
+    let mut commands = Vec::new();
+    while let Some(envelope) = shards.shared.bus().pop(ShardId(from), ShardId(to)) {
+        commands.extend(shards.handle(to, Event::Envelope(ShardId(from), envelope)));
+    }
+    commands
+}
+
 fn http_publish(shards: &mut Shards, s: usize, topic: &str) -> Vec<Command> {
     let body = format!("{{\"topic\":\"{topic}\",\"payload\":1}}");
     let request = format!(
@@ -282,4 +291,48 @@ fn a_stale_stream_open_does_not_open_the_next_subscription_to_the_topic() {
     assert_eq!(replies[0]["type"], "subscribed");
     assert_eq!(replies[0]["offset"], 1, "{}", replies[0]);
     assert!(replies[0].get("recovered").is_none(), "{}", replies[0]);
+}
+
+#[test]
+fn a_repeated_stream_subscribe_is_answered_with_where_the_pushes_stand() {
+    let mut shards = Shards::new(2, |c| stream_rules(c, 30));
+    let topic = stream_homed_on(&shards, 0);
+    let subscribe = text_frame(&format!(r#"{{"type":"subscribe","topic":"{topic}"}}"#));
+    // Shard 1 opens through the home; shard 0 is the home.
+    let remote = relay_client(&mut shards, 1);
+    shards.handle(1, Event::Input(remote, &subscribe));
+    shards.deliver(1, 0);
+    shards.deliver(0, 1);
+    shards.deliver(1, 0);
+    let opened = messages(&shards.deliver(0, 1), remote);
+    assert_eq!(opened[0]["offset"], 0, "{opened:?}");
+    let local = relay_client(&mut shards, 0);
+    shards.handle(0, Event::Input(local, &subscribe));
+    shards.deliver(0, 1);
+    assert_eq!(messages(&shards.deliver(1, 0), local)[0]["offset"], 0);
+    http_publish(&mut shards, 0, &topic);
+    http_publish(&mut shards, 0, &topic);
+    // The remote subscriber asks again before the second push reaches it.
+    shards.deliver(0, 1);
+    let mut commands = shards.handle(1, Event::Input(remote, &subscribe));
+    for (from, to) in [(0, 1), (1, 0), (0, 1)] {
+        commands.extend(deliver_all(&mut shards, from, to));
+    }
+    let replies = messages(&commands, remote);
+    let got: Vec<_> = replies
+        .iter()
+        .map(|r| (r["type"].as_str(), r["offset"].as_u64()))
+        .collect();
+    assert_eq!(
+        got,
+        [(Some("push"), Some(2)), (Some("subscribed"), Some(2))],
+        "{replies:?}"
+    );
+    assert_eq!(replies[1]["epoch"], opened[0]["epoch"]);
+    assert!(replies[1].get("recovered").is_none());
+    // On the home, the answer is immediate.
+    let replies = messages(&shards.handle(0, Event::Input(local, &subscribe)), local);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0]["offset"], 2, "{}", replies[0]);
+    assert_eq!(replies[0]["epoch"], opened[0]["epoch"]);
 }
