@@ -668,7 +668,13 @@ impl ShardState {
             return;
         }
         self.streams.last_expire = self.now;
-        self.streams.engine.expire(self.now);
+        // A home's topic entry lives while any shard has a subscriber of the
+        // topic, active or about to be opened (interest reaches the home
+        // before the open does).
+        let topics = &self.topics;
+        self.streams
+            .engine
+            .expire(self.now, &|topic| topics.lookup(topic).is_some());
         let stats = self.streams.engine.stats();
         let s = self.stats();
         ShardStats::set(&s.streams, stats.streams);

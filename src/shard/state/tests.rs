@@ -336,3 +336,50 @@ fn a_repeated_stream_subscribe_is_answered_with_where_the_pushes_stand() {
     assert_eq!(replies[0]["offset"], 2, "{}", replies[0]);
     assert_eq!(replies[0]["epoch"], opened[0]["epoch"]);
 }
+
+#[test]
+fn a_stream_with_a_subscriber_keeps_its_offsets_past_its_ttl_and_the_byte_bound() {
+    let mut shards = Shards::new(2, |c| {
+        stream_rules(c, 2);
+        c.limits.max_history_bytes = 1024;
+    });
+    let topic = stream_homed_on(&shards, 0);
+    let other = (0..)
+        .map(|i| format!("s:x{i}"))
+        .find(|t| shards.states[0].home_of(t) == ShardId(0))
+        .unwrap();
+    let sub = relay_client(&mut shards, 1);
+    let subscribe = text_frame(&format!(r#"{{"type":"subscribe","topic":"{topic}"}}"#));
+    shards.handle(1, Event::Input(sub, &subscribe));
+    shards.deliver(1, 0);
+    shards.deliver(0, 1);
+    shards.deliver(1, 0);
+    let opened = messages(&shards.deliver(0, 1), sub);
+    let offsets = |shards: &mut Shards| -> Vec<u64> {
+        let commands = deliver_all(shards, 0, 1);
+        messages(&commands, sub)
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect()
+    };
+    http_publish(&mut shards, 0, &topic);
+    assert_eq!(offsets(&mut shards), [1]);
+    // Idle past its TTL: its history empties, but a subscriber holds it.
+    shards.now += Duration::from_secs(5);
+    shards.handle(0, Event::Tick);
+    http_publish(&mut shards, 0, &topic);
+    assert_eq!(offsets(&mut shards), [2], "offsets went back to 1");
+    // Another stream's publications evict all of its history.
+    for _ in 0..8 {
+        http_publish(&mut shards, 0, &other);
+    }
+    http_publish(&mut shards, 0, &topic);
+    assert_eq!(offsets(&mut shards), [3], "offsets went back to 1");
+    // Its subscriber's epoch still names the stream, and a repeated
+    // subscribe tells the same.
+    shards.handle(1, Event::Input(sub, &subscribe));
+    shards.deliver(1, 0);
+    let replies = messages(&shards.deliver(0, 1), sub);
+    assert_eq!(replies[0]["offset"], 3, "{replies:?}");
+    assert_eq!(replies[0]["epoch"], opened[0]["epoch"]);
+}
