@@ -5,16 +5,17 @@
 //! to print its whole trace); `SIM_SEEDS=<n>` and `SIM_SEED_START=<s>`
 //! choose the sweep.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use ringcast::shard::sim::{self, HttpCall, Params, Profile, Sim, Upgrade, WsCall};
+use ringcast::shard::sim::{self, HttpCall, Params, Profile, Sim, StreamParams, Upgrade, WsCall};
 
 /// Seeds the sweep runs by default: about 60 s in the default (debug) test
-/// profile on the project machine (2 shared cores). Measured there: 5,000
-/// seeds in 79 s of wall time (56 s of CPU) with other work running, 4,000
-/// in 47 s when it was quiet; ~65-85 seeds/s. Set `SIM_SEEDS` for a longer
+/// profile on the project machine (2 shared cores). Stream topics (three
+/// runs in four) made a seed about a third dearer: measured there, 4,000
+/// seeds in 65 s of wall time (55 s of CPU) with other work running, 1,000
+/// in 13 s when it was quiet; ~60-75 seeds/s. Set `SIM_SEEDS` for a longer
 /// or shorter sweep.
-const DEFAULT_SEEDS: u64 = 4_000;
+const DEFAULT_SEEDS: u64 = 3_500;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
@@ -34,6 +35,14 @@ struct Totals {
     overflows: usize,
     shutdowns: usize,
     lossy: usize,
+    stream_pushes: usize,
+    recovered: usize,
+    not_recovered: usize,
+    marked_replays: usize,
+    history_ok: usize,
+    history_gone: usize,
+    epoch_changes: usize,
+    lost_upgrades: usize,
 }
 
 impl Totals {
@@ -49,6 +58,14 @@ impl Totals {
         self.overflows += s.overflows;
         self.shutdowns += usize::from(s.shutdown);
         self.lossy += usize::from(s.lossy);
+        self.stream_pushes += s.stream_pushes;
+        self.recovered += s.recovered;
+        self.not_recovered += s.not_recovered;
+        self.marked_replays += s.marked_replays;
+        self.history_ok += s.history_ok;
+        self.history_gone += s.history_gone;
+        self.epoch_changes += s.epoch_changes;
+        self.lost_upgrades += s.lost_upgrades;
     }
 }
 
@@ -377,4 +394,223 @@ fn an_overflow_after_a_partly_sent_frame_keeps_that_frame_whole() {
         sim.settle()?;
         ensure(sim.close_code(sub) == Some(1013), "a 1013 close frame")
     });
+}
+
+// ---- topic streams ------------------------------------------------------------
+
+/// Two shards and two stream topics (history 8, TTL `ttl_s`); returns the
+/// params, for a script that puts its subscriber away from the home.
+fn stream_params(ttl_s: u64) -> Params {
+    let mut params = Params::fixed(2);
+    let mut streams = StreamParams::fixed();
+    streams.ttl_s = ttl_s;
+    params.streams = Some(streams);
+    params
+}
+
+/// A stream topic and a shard that is not its home: (topic, home, other).
+fn stream_away(sim: &Sim) -> Result<(String, usize, usize), String> {
+    let topic = sim.stream_topic_homed_on(0).ok_or("a topic homed on 0")?;
+    Ok((topic, 0, 1))
+}
+
+fn publish_to(topic: &str) -> HttpCall {
+    HttpCall::Publish {
+        topic: topic.into(),
+        user: None,
+        pad: 0,
+    }
+}
+
+/// Opens a WebSocket on shard `s` subscribed to `topic` and settles.
+fn stream_subscriber(sim: &mut Sim, s: usize, topic: &str) -> Result<usize, String> {
+    let c = sim
+        .open_ws(s, Upgrade::Anonymous, vec![WsCall::Subscribe(topic.into())])
+        .ok_or("accept")?;
+    sim.transmit_all(c);
+    sim.settle()?;
+    ensure(sim.holds(c, topic), "subscribed")?;
+    Ok(c)
+}
+
+/// Publishes `n` times over HTTP through shard `s` and settles.
+fn publish_settled(sim: &mut Sim, s: usize, topic: &str, n: usize) -> Result<(), String> {
+    let calls = (0..n).map(|_| publish_to(topic)).collect();
+    let publisher = sim.open_http(s, calls, true).ok_or("accept")?;
+    sim.transmit_all(publisher);
+    sim.settle()
+}
+
+/// The simulation's stream model checks every push and reply on the way
+/// (one order, no gap, no duplicate): this script makes publications race a
+/// recovery, one reaching the home before the subscriber's interest (so it
+/// is only in the replay) and one between the interest and the open (so it
+/// is routed live, and the subscriber, still waiting, must skip it as
+/// replayed).
+#[test]
+fn a_reconnect_recovers_what_it_missed_while_publishes_race_its_replay() {
+    scenario("stream recovery race", stream_params(30), |sim| {
+        let (topic, home, away) = stream_away(sim)?;
+        let first = stream_subscriber(sim, away, &topic)?;
+        publish_settled(sim, away, &topic, 3)?;
+        let (offset, epoch) = sim.stream_position(first, &topic).ok_or("a position")?;
+        ensure(offset == 3, "three pushes read")?;
+        sim.reset(first);
+        publish_settled(sim, home, &topic, 2)?;
+        let since = (offset, epoch.clone());
+        let again = sim
+            .open_ws(
+                away,
+                Upgrade::Anonymous,
+                vec![WsCall::SubscribeAt(topic.clone(), since)],
+            )
+            .ok_or("accept")?;
+        sim.transmit_all(again);
+        sim.check()?;
+        // Offset 6, on the home before it knows of the subscriber.
+        let early = sim
+            .open_http(home, vec![publish_to(&topic)], true)
+            .ok_or("accept")?;
+        sim.transmit_all(early);
+        sim.deliver(away, home).ok_or("interest")?;
+        // Offset 7 travels to the home ahead of the open.
+        let late = sim
+            .open_http(away, vec![publish_to(&topic)], true)
+            .ok_or("accept")?;
+        sim.transmit_all(late);
+        sim.deliver(home, away).ok_or("interest ack")?;
+        sim.check()?;
+        sim.deliver(away, home).ok_or("stream publish")?;
+        sim.deliver(away, home).ok_or("stream open")?;
+        sim.check()?;
+        sim.settle()?;
+        ensure(
+            sim.recovered(again, &topic) == Some(Some(true)),
+            "recovered",
+        )?;
+        ensure(
+            sim.stream_position(again, &topic) == Some((7, epoch)),
+            "every offset up to 7, once",
+        )
+    });
+}
+
+/// Before the fix, the home's answer to a subscription dropped while it was
+/// in flight opened the connection's next subscription to the topic, with
+/// the old request's position and, the interest having gone off meanwhile,
+/// a gap after `subscribed`.
+#[test]
+fn a_resubscribe_while_the_open_is_in_flight_waits_for_its_own_open() {
+    scenario("stale stream open", stream_params(30), |sim| {
+        let (topic, home, away) = stream_away(sim)?;
+        let sub = sim
+            .open_ws(away, Upgrade::Anonymous, vec![])
+            .ok_or("accept")?;
+        sim.transmit_all(sub);
+        sim.settle()?;
+        let since = (0, "0000000000000000".to_string());
+        sim.ws(sub, WsCall::SubscribeAt(topic.clone(), since));
+        sim.transmit_all(sub);
+        sim.deliver(away, home).ok_or("interest")?;
+        sim.deliver(home, away).ok_or("ack: the open goes")?;
+        sim.ws(sub, WsCall::Unsubscribe(topic.clone()));
+        sim.ws(sub, WsCall::Subscribe(topic.clone()));
+        sim.transmit_all(sub);
+        sim.deliver(away, home).ok_or("the first open")?;
+        sim.deliver(away, home).ok_or("interest off")?;
+        let publisher = sim
+            .open_http(home, vec![publish_to(&topic)], true)
+            .ok_or("accept")?;
+        sim.transmit_all(publisher);
+        sim.deliver(home, away).ok_or("the first open's answer")?;
+        sim.read_all(sub);
+        sim.check()?;
+        ensure(!sim.holds(sub, &topic), "not opened by the stale answer")?;
+        sim.settle()?;
+        ensure(
+            sim.recovered(sub, &topic) == Some(None),
+            "opened without a position",
+        )?;
+        ensure(
+            sim.stream_position(sub, &topic).map(|p| p.0) == Some(1),
+            "at offset 1",
+        )
+    });
+}
+
+/// Before the fix, a stream with a subscriber but no publication for its
+/// TTL started afresh, and its subscriber read offset 1 again.
+#[test]
+fn a_held_stream_idle_past_its_ttl_keeps_counting() {
+    scenario("stream idle past its ttl", stream_params(2), |sim| {
+        let (topic, home, away) = stream_away(sim)?;
+        let sub = stream_subscriber(sim, away, &topic)?;
+        publish_settled(sim, home, &topic, 1)?;
+        let before = sim.stream_position(sub, &topic).ok_or("a position")?;
+        sim.advance(Duration::from_secs(5));
+        publish_settled(sim, away, &topic, 1)?;
+        ensure(
+            sim.stream_position(sub, &topic) == Some((2, before.1)),
+            "offset 2, same epoch",
+        )
+    });
+}
+
+/// Before the fix, a subscribe repeated while subscribed to a stream was
+/// answered without the offset and epoch.
+#[test]
+fn a_repeated_stream_subscribe_tells_where_the_pushes_stand() {
+    scenario("repeated stream subscribe", stream_params(30), |sim| {
+        let (topic, home, away) = stream_away(sim)?;
+        let near = stream_subscriber(sim, home, &topic)?;
+        let far = stream_subscriber(sim, away, &topic)?;
+        publish_settled(sim, away, &topic, 2)?;
+        for c in [near, far] {
+            sim.ws(c, WsCall::Subscribe(topic.clone()));
+            sim.transmit_all(c);
+        }
+        // A publication between the repeated subscribe and its answer.
+        let publisher = sim
+            .open_http(home, vec![publish_to(&topic)], true)
+            .ok_or("accept")?;
+        sim.transmit_all(publisher);
+        sim.settle()?;
+        for c in [near, far] {
+            ensure(
+                sim.stream_position(c, &topic).map(|p| p.0) == Some(3),
+                "every push, once",
+            )?;
+        }
+        Ok(())
+    });
+}
+
+/// A graceful shutdown while stream publishes travel to their home: every
+/// one acknowledged reaches the subscribers before their 1001.
+#[test]
+fn a_shutdown_with_stream_publishes_in_flight_delivers_what_it_acknowledged() {
+    scenario("stream shutdown", stream_params(30), |sim| {
+        let (topic, home, away) = stream_away(sim)?;
+        stream_subscriber(sim, home, &topic)?;
+        stream_subscriber(sim, away, &topic)?;
+        let calls = (0..3).map(|_| publish_to(&topic)).collect();
+        let publisher = sim.open_http(away, calls, false).ok_or("accept")?;
+        sim.transmit_all(publisher);
+        sim.deliver(away, home).ok_or("a stream publish")?;
+        sim.begin_shutdown();
+        sim.check()
+    });
+}
+
+/// Seeds with streams: home hops, recoveries, replays, the history endpoint.
+#[test]
+fn stream_seeds_keep_every_invariant() {
+    for seed in 0..40 {
+        let outcome = sim::run_seed_with("streams", seed, |p| {
+            p.streams.get_or_insert_with(StreamParams::fixed);
+        });
+        if let Err(failure) = outcome {
+            panic!("{failure}");
+        }
+    }
 }

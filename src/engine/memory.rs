@@ -3,9 +3,12 @@
 //! Each stream keeps its publications oldest first, bounded by its rule's
 //! `history_size` and `history_ttl_s`; the engine as a whole is bounded by
 //! `max_history_bytes`, evicting the oldest publications first whatever
-//! their stream. A stream whose history empties (all expired for a whole
-//! TTL, or evicted by the byte bound) is forgotten: its next publication
-//! starts a new epoch, so no client can mistake the new offsets for the old.
+//! their stream. A stream whose history is empty and that nobody holds,
+//! idle for a whole TTL, is forgotten: its next publication starts a new
+//! epoch, so no client can mistake the new offsets for the old. A stream
+//! that someone holds keeps its offset and epoch however empty its history
+//! (TTL, byte bound): its subscribers' offsets must keep growing, and a
+//! position older than what is kept is refused as gone all the same.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -82,7 +85,7 @@ impl MemoryEngine {
         now: Instant,
         epoch: &mut dyn FnMut() -> Arc<str>,
     ) -> &mut Stream {
-        self.expire_stream(topic, now);
+        self.drop_expired(topic, now);
         if !self.streams.contains_key(topic) {
             self.stats.streams += 1;
             self.stats.epoch_changes += 1;
@@ -105,9 +108,8 @@ impl MemoryEngine {
         stream
     }
 
-    /// Drops `topic`'s expired publications, and the stream itself when it
-    /// is empty and idle for its whole TTL.
-    fn expire_stream(&mut self, topic: &str, now: Instant) {
+    /// Drops `topic`'s expired publications.
+    fn drop_expired(&mut self, topic: &str, now: Instant) {
         let Some(stream) = self.streams.get_mut(topic) else {
             return;
         };
@@ -122,15 +124,11 @@ impl MemoryEngine {
             self.stats.stored_bytes -= bytes as u64;
             self.stats.evictions += 1;
         }
-        if stream.entries.is_empty() && now.saturating_duration_since(stream.touched) >= ttl {
-            self.streams.remove(topic);
-            self.stats.streams -= 1;
-        }
     }
 
     /// Evicts the oldest publications, whatever their stream, until the
-    /// engine is within its byte bound. A stream emptied this way is
-    /// forgotten: its history broke, so it starts a new epoch.
+    /// engine is within its byte bound. A stream emptied this way keeps its
+    /// position (forgetting it is for [`StreamEngine::expire`]).
     fn enforce_bytes(&mut self) {
         while self.stats.stored_bytes as usize > self.max_bytes {
             let Some((topic, seq)) = self.order.pop_front() else {
@@ -146,10 +144,6 @@ impl MemoryEngine {
                 self.stats.publications -= 1;
                 self.stats.stored_bytes -= entry.bytes() as u64;
                 self.stats.evictions += 1;
-            }
-            if stream.entries.is_empty() {
-                self.streams.remove(&topic);
-                self.stats.streams -= 1;
             }
         }
         self.compact_order();
@@ -274,7 +268,7 @@ impl StreamEngine for MemoryEngine {
     }
 
     fn latest(&mut self, topic: &str, count: usize, now: Instant) -> Vec<Publication> {
-        self.expire_stream(topic, now);
+        self.drop_expired(topic, now);
         let Some(stream) = self.streams.get(topic) else {
             return Vec::new();
         };
@@ -290,10 +284,17 @@ impl StreamEngine for MemoryEngine {
             .collect()
     }
 
-    fn expire(&mut self, now: Instant) {
+    fn expire(&mut self, now: Instant, held: &dyn Fn(&str) -> bool) {
         let topics: Vec<Arc<str>> = self.streams.keys().cloned().collect();
         for topic in topics {
-            self.expire_stream(&topic, now);
+            self.drop_expired(&topic, now);
+            let forget = self.streams.get(&topic).is_some_and(|s| {
+                s.entries.is_empty() && now.saturating_duration_since(s.touched) >= s.history.ttl
+            });
+            if forget && !held(&topic) {
+                self.streams.remove(&topic);
+                self.stats.streams -= 1;
+            }
         }
         self.compact_order();
     }
@@ -436,12 +437,13 @@ mod tests {
             start + Duration::from_secs(5),
             &mut epoch,
         );
-        engine.expire(start + Duration::from_secs(12));
+        let nobody = |_: &str| false;
+        engine.expire(start + Duration::from_secs(12), &nobody);
         assert_eq!(
             offsets(&engine.latest("t", 10, start + Duration::from_secs(12))),
             [2]
         );
-        engine.expire(start + Duration::from_secs(16));
+        engine.expire(start + Duration::from_secs(16), &nobody);
         assert_eq!(engine.stats().streams, 0, "empty and idle for its TTL");
         let again = publish(
             &mut engine,
@@ -455,7 +457,27 @@ mod tests {
     }
 
     #[test]
-    fn the_byte_bound_evicts_oldest_first_across_topics_and_breaks_an_emptied_stream() {
+    fn a_held_stream_is_not_forgotten_however_long_idle() {
+        let mut engine = MemoryEngine::new(1 << 20);
+        let (h, start, mut epoch) = (history(10, 10), Instant::now(), epochs());
+        let first = publish(&mut engine, "t", &h, start, &mut epoch);
+        let later = start + Duration::from_secs(60);
+        engine.expire(later, &|topic| topic == "t");
+        assert!(engine.latest("t", 10, later).is_empty(), "expired");
+        let next = publish(&mut engine, "t", &h, later, &mut epoch);
+        assert_eq!((next.offset, &next.epoch), (2, &first.epoch));
+        let before = Position {
+            offset: 0,
+            epoch: first.epoch.clone(),
+        };
+        match engine.recover("t", &h, &before, 10, later, &mut epoch) {
+            Recovery::Gone { position } => assert_eq!(position, next),
+            Recovery::Recovered { .. } => panic!("offset 1 expired"),
+        }
+    }
+
+    #[test]
+    fn the_byte_bound_evicts_oldest_first_across_topics_and_an_emptied_stream_keeps_its_position() {
         let per = frame(1).len() + ENTRY_OVERHEAD_BYTES;
         let mut engine = MemoryEngine::new(3 * per);
         let (h, now, mut epoch) = (history(10, 60), Instant::now(), epochs());
@@ -466,16 +488,20 @@ mod tests {
         let stats = engine.stats();
         assert_eq!(
             (stats.publications, stats.evictions, stats.streams),
-            (3, 1, 1)
+            (3, 1, 2),
+            "`a` is empty, and kept until `expire` forgets it"
         );
         assert!(stats.stored_bytes as usize <= 3 * per);
         let since = Position {
-            offset: 1,
+            offset: 0,
             epoch: a.epoch.clone(),
         };
         assert!(
-            matches!(engine.recover("a", &h, &since, 10, now, &mut epoch), Recovery::Gone { position } if position.epoch != a.epoch)
+            matches!(engine.recover("a", &h, &since, 10, now, &mut epoch), Recovery::Gone { position } if position == a),
+            "offset 1 was evicted; the stream is still at 1"
         );
+        let next = publish(&mut engine, "a", &h, now, &mut epoch);
+        assert_eq!((next.offset, &next.epoch), (2, &a.epoch));
     }
 
     #[test]

@@ -116,8 +116,11 @@ pub trait StreamEngine {
     /// The latest `count` publications, oldest first.
     fn latest(&mut self, topic: &str, count: usize, now: Instant) -> Vec<Publication>;
 
-    /// Drops expired publications and forgotten streams.
-    fn expire(&mut self, now: Instant);
+    /// Drops expired publications, and forgets streams with nothing left
+    /// in history, idle for their TTL and not `held` (a stream someone
+    /// subscribes to keeps its offset and epoch: its subscribers' offsets
+    /// must keep growing in the epoch their `subscribed` named).
+    fn expire(&mut self, now: Instant, held: &dyn Fn(&str) -> bool);
 
     /// The engine's counters.
     fn stats(&self) -> EngineStats;

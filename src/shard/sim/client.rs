@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use crate::shard::key::ConnKey;
 
+use super::streams::{is_stream_topic, StreamView};
+
 /// A fixed, valid `Sec-WebSocket-Key` (RFC 6455's example).
 const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
@@ -41,6 +43,15 @@ pub(super) enum Req {
     },
     /// `GET /health`.
     Health,
+    /// `GET /topics/{topic}/history`; `probe` at quiescence, when nothing
+    /// is published meanwhile.
+    History {
+        topic: String,
+        since: Option<u64>,
+        epoch: Option<String>,
+        limit: Option<usize>,
+        probe: bool,
+    },
 }
 
 /// A request the client wrote, waiting for its response.
@@ -102,6 +113,12 @@ pub(super) struct Client {
     pub(super) upgraded_at: Option<u64>,
     /// Publish indexes received as pushes.
     pub(super) received: HashSet<usize>,
+    /// What the client knows of each stream topic it asked for.
+    pub(super) streams: BTreeMap<String, StreamView>,
+    /// Stream positions it resumes from once upgraded (a reconnect).
+    pub(super) resume: Vec<(String, Option<(u64, String)>)>,
+    /// Its positions were kept for a reconnect already.
+    pub(super) positions_kept: bool,
     pub(super) close_received: Option<u16>,
     pub(super) close_sent: bool,
     /// The driver found it over its outbound budget.
@@ -138,6 +155,9 @@ impl Client {
             leaving: false,
             upgraded_at: None,
             received: HashSet::new(),
+            streams: BTreeMap::new(),
+            resume: Vec::new(),
+            positions_kept: false,
             close_received: None,
             close_sent: false,
             overflowed: false,
@@ -174,11 +194,14 @@ impl Client {
         self.leaving = true;
     }
 
-    /// The client sends a subscribe for `topic`, with `max` the server's
-    /// subscription limit.
-    pub(super) fn sent_subscribe(&mut self, topic: &str, max: usize) {
+    /// The client sends a subscribe for `topic` (from position `since`, for
+    /// a stream), with `max` the server's subscription limit.
+    pub(super) fn sent_subscribe(&mut self, topic: &str, since: Option<(u64, String)>, max: usize) {
         if !self.server_subs.contains(topic) && self.server_subs.len() < max {
             self.server_subs.insert(topic.to_string());
+            if is_stream_topic(topic) {
+                self.stream_view(topic).sent_creating(since);
+            }
         }
     }
 
@@ -187,26 +210,54 @@ impl Client {
         self.held_since.remove(topic);
         self.server_subs.remove(topic);
         *self.unsub_owed.entry(topic.to_string()).or_default() += 1;
+        if is_stream_topic(topic) {
+            self.stream_view(topic).sent_unsubscribe();
+        }
+    }
+
+    /// The view of stream topic `topic`, created empty.
+    pub(super) fn stream_view(&mut self, topic: &str) -> &mut StreamView {
+        if !self.streams.contains_key(topic) {
+            self.streams
+                .insert(topic.to_string(), StreamView::default());
+        }
+        self.streams
+            .get_mut(topic)
+            .expect("inserted above when absent")
+    }
+
+    /// Where the client stands in each stream topic it holds: the offset of
+    /// the last live push it read (else its `subscribed`'s) and the epoch.
+    pub(super) fn stream_positions(&self) -> Vec<(String, (u64, String))> {
+        self.streams
+            .iter()
+            .filter(|(topic, _)| self.observed.contains(*topic))
+            .filter_map(|(topic, view)| Some((topic.clone(), view.position()?)))
+            .collect()
     }
 
     /// The client sends `{"topics":[..]}`: past the limit nothing changes;
     /// else held topics not listed are dropped (each answered), listed ones
     /// not held are subscribed.
-    pub(super) fn sent_set_topics(&mut self, topics: &[String], max: usize) {
+    pub(super) fn sent_set_topics(
+        &mut self,
+        topics: &[(String, Option<(u64, String)>)],
+        max: usize,
+    ) {
         if topics.len() > max {
             return;
         }
         let dropped: Vec<String> = self
             .server_subs
             .iter()
-            .filter(|t| !topics.contains(t))
+            .filter(|t| !topics.iter().any(|(topic, _)| topic == *t))
             .cloned()
             .collect();
         for topic in dropped {
             self.sent_unsubscribe(&topic);
         }
-        for topic in topics {
-            self.sent_subscribe(topic, max);
+        for (topic, since) in topics {
+            self.sent_subscribe(topic, since.clone(), max);
         }
     }
 
@@ -225,6 +276,9 @@ impl Client {
     pub(super) fn read_unsubscribed(&mut self, topic: &str) {
         self.observed.remove(topic);
         *self.unsub_read.entry(topic.to_string()).or_default() += 1;
+        if let Some(view) = self.streams.get_mut(topic) {
+            view.read_unsubscribed();
+        }
     }
 
     /// Parses the next response or frame from `inbuf`, by the phase.

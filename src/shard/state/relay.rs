@@ -113,9 +113,15 @@ impl ShardState {
             return;
         };
         if let Some(id) = self.subscription(key, topic) {
-            // Idempotent; a waiting subscription gets its reply when the acks arrive.
+            // Idempotent; a waiting subscription gets its reply when the acks
+            // arrive. A stream's reply tells where the pushes stand, which
+            // only its home knows (`since` is not for a topic held already).
             if conn.subs.iter().any(|s| s.topic == id && s.pos.is_some()) {
-                self.send(key, message::subscribed(topic));
+                if self.stream_history(topic).is_some() {
+                    self.restate_stream_position(key, id);
+                } else {
+                    self.send(key, message::subscribed(topic));
+                }
             }
             return;
         }
@@ -174,6 +180,7 @@ impl ShardState {
         ShardStats::sub(&self.stats().subscriptions, 1);
         let entry = self.topics.entry(id);
         let (name, channel) = (entry.name.clone(), entry.channel);
+        self.cancel_stream_opens(key, &name);
         self.leave_index(IndexKind::Topic, key, id, sub.pos);
         self.hook_leave(key, channel, &name);
     }

@@ -48,6 +48,11 @@ pub(crate) struct Streams {
     next_ticket: u64,
     /// Subscriptions waiting for their home's `StreamOpened`.
     opening: HashMap<u64, (ConnKey, Arc<str>)>,
+    /// The tickets in `opening` per connection, so a subscription dropped
+    /// before its answer cancels its open: the answer must not open the
+    /// connection's next subscription to the topic, which asked for its own
+    /// position and may wait for another round of interest acknowledgements.
+    opens_of: HashMap<ConnKey, Vec<u64>>,
     /// HTTP requests parked until a home answers: ticket -> connection.
     replies: HashMap<u64, ConnKey>,
 }
@@ -59,6 +64,7 @@ impl Streams {
             last_expire: now,
             next_ticket: 0,
             opening: HashMap::new(),
+            opens_of: HashMap::new(),
             replies: HashMap::new(),
         }
     }
@@ -294,6 +300,7 @@ impl ShardState {
         }
         let ticket = self.stream_ticket();
         self.streams.opening.insert(ticket, (key, name.clone()));
+        self.streams.opens_of.entry(key).or_default().push(ticket);
         let since = since.map(|s| (s.offset, Arc::from(s.epoch.as_str())));
         self.post_control(
             home,
@@ -301,6 +308,35 @@ impl ShardState {
                 ticket,
                 topic: name,
                 since,
+            },
+        );
+    }
+
+    /// Connection `key` subscribes again to stream topic `id`, which it
+    /// holds: the answer is `subscribed` with the position its pushes have
+    /// reached. The home knows it: every publication it assigned before
+    /// answering was routed to this shard ahead of the answer, on the same
+    /// ordered queue, and so was sent to the connection before the reply.
+    pub(super) fn restate_stream_position(&mut self, key: ConnKey, id: NameId) {
+        let name = self.topics.entry(id).name.clone();
+        let Some(history) = self.stream_history(&name) else {
+            return;
+        };
+        let home = self.home_of(&name);
+        if home == self.id {
+            let position = self.home_position(&name, &history);
+            let reply = message::subscribed_at(&name, None, position.offset, &position.epoch);
+            return self.send(key, reply);
+        }
+        let ticket = self.stream_ticket();
+        self.streams.opening.insert(ticket, (key, name.clone()));
+        self.streams.opens_of.entry(key).or_default().push(ticket);
+        self.post_control(
+            home,
+            Envelope::StreamOpen {
+                ticket,
+                topic: name,
+                since: None,
             },
         );
     }
@@ -400,8 +436,9 @@ impl ShardState {
         marked: bool,
     ) {
         let Some((key, topic)) = self.streams.opening.remove(&ticket) else {
-            return;
+            return; // its subscription was dropped meanwhile
         };
+        self.forget_open(key, ticket);
         let Some(id) = self.topics.lookup(&topic) else {
             return; // the connection left meanwhile
         };
@@ -414,9 +451,50 @@ impl ShardState {
         self.finish_stream_subscribe(key, id, opened);
     }
 
+    /// Cancels connection `key`'s opens of `topic` still in flight: its
+    /// subscription to it is dropped, so their answers must find nothing.
+    pub(super) fn cancel_stream_opens(&mut self, key: ConnKey, topic: &str) {
+        let Some(tickets) = self.streams.opens_of.get_mut(&key) else {
+            return;
+        };
+        let opening = &mut self.streams.opening;
+        tickets.retain(|ticket| {
+            let of_topic = opening.get(ticket).is_some_and(|(_, t)| **t == *topic);
+            if of_topic {
+                opening.remove(ticket);
+            }
+            !of_topic
+        });
+        if tickets.is_empty() {
+            self.streams.opens_of.remove(&key);
+        }
+    }
+
+    fn forget_open(&mut self, key: ConnKey, ticket: u64) {
+        if let Some(tickets) = self.streams.opens_of.get_mut(&key) {
+            tickets.retain(|t| *t != ticket);
+            if tickets.is_empty() {
+                self.streams.opens_of.remove(&key);
+            }
+        }
+    }
+
     /// Moves a waiting subscriber of a stream into the topic's subscribers
-    /// and sends it `subscribed` with the position, then the replay.
+    /// and sends it `subscribed` with the position, then the replay. For a
+    /// subscriber active already (it subscribed again) only the position.
     fn finish_stream_subscribe(&mut self, key: ConnKey, id: NameId, opened: Opened) {
+        let active = self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.subs.iter().any(|s| s.topic == id && s.pos.is_some()));
+        if active {
+            // Opens of a subscription dropped meanwhile were cancelled, so
+            // this answers a repeated subscribe of the one held now.
+            let name = self.topics.entry(id).name.clone();
+            let position = &opened.position;
+            let reply = message::subscribed_at(&name, None, position.offset, &position.epoch);
+            return self.send(key, reply);
+        }
         let waiting = self
             .topics
             .get(id)
@@ -590,7 +668,13 @@ impl ShardState {
             return;
         }
         self.streams.last_expire = self.now;
-        self.streams.engine.expire(self.now);
+        // A home's topic entry lives while any shard has a subscriber of the
+        // topic, active or about to be opened (interest reaches the home
+        // before the open does).
+        let topics = &self.topics;
+        self.streams
+            .engine
+            .expire(self.now, &|topic| topics.lookup(topic).is_some());
         let stats = self.streams.engine.stats();
         let s = self.stats();
         ShardStats::set(&s.streams, stats.streams);

@@ -182,3 +182,204 @@ fn a_parked_upgrade_refused_at_shutdown_gets_an_http_answer() {
     );
     assert!(closes(&commands, key));
 }
+
+// ---- topic streams ----------------------------------------------------------
+
+/// `s:*` topics are streams (history 8, TTL `ttl_s`); the rest plain.
+fn stream_rules(config: &mut Config, ttl_s: u64) {
+    use crate::rules::{History, Pattern, Rule, RuleSet};
+    let rule = |pattern: &str, history| Rule {
+        client_publish: true,
+        history,
+        ..Rule::new(Pattern::parse(pattern).unwrap())
+    };
+    let history = History {
+        size: 8,
+        ttl: Duration::from_secs(ttl_s),
+        replay_on_subscribe: 0,
+    };
+    config.rules = RuleSet::new(vec![rule("s:*", Some(history)), rule("*", None)]).unwrap();
+}
+
+/// A stream topic whose home is shard `home`.
+fn stream_homed_on(shards: &Shards, home: usize) -> String {
+    (0..)
+        .map(|i| format!("s:{i}"))
+        .find(|t| shards.states[0].home_of(t) == ShardId(home))
+        .unwrap()
+}
+
+/// A masked client text frame (a mask of zeros: the payload as is).
+fn text_frame(text: &str) -> Vec<u8> {
+    assert!(text.len() < 126);
+    let mut frame = vec![0x81, 0x80 | text.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(text.as_bytes());
+    frame
+}
+
+/// The JSON messages the commands send or push to `key`, in order.
+fn messages(commands: &[Command], key: ConnKey) -> Vec<serde_json::Value> {
+    commands
+        .iter()
+        .filter_map(|command| match command {
+            Command::Send(k, bytes) | Command::Push(k, bytes) if *k == key => {
+                crate::protocol::message::frame_json(bytes)
+            }
+            _ => None,
+        })
+        .map(|json| serde_json::from_slice(json).unwrap())
+        .collect()
+}
+
+/// An upgraded `/ws` connection on shard `s`.
+fn relay_client(shards: &mut Shards, s: usize) -> ConnKey {
+    let (key, commands) = shards.connect(s, &upgrade("/ws"));
+    assert!(starts_with(&bytes_to(&commands, key), "HTTP/1.1 101"));
+    key
+}
+
+/// Delivers everything queued from `from` to `to`.
+fn deliver_all(shards: &mut Shards, from: usize, to: usize) -> Vec<Command> {
+    let mut commands = Vec::new();
+    while let Some(envelope) = shards.shared.bus().pop(ShardId(from), ShardId(to)) {
+        commands.extend(shards.handle(to, Event::Envelope(ShardId(from), envelope)));
+    }
+    commands
+}
+
+fn http_publish(shards: &mut Shards, s: usize, topic: &str) -> Vec<Command> {
+    let body = format!("{{\"topic\":\"{topic}\",\"payload\":1}}");
+    let request = format!(
+        "POST /publish HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    shards.connect(s, request.as_bytes()).1
+}
+
+#[test]
+fn a_stale_stream_open_does_not_open_the_next_subscription_to_the_topic() {
+    let mut shards = Shards::new(2, |c| stream_rules(c, 30));
+    let topic = stream_homed_on(&shards, 0);
+    let sub = relay_client(&mut shards, 1);
+    let subscribe =
+        format!(r#"{{"type":"subscribe","topic":"{topic}","since":{{"offset":0,"epoch":"x"}}}}"#);
+    shards.handle(1, Event::Input(sub, &text_frame(&subscribe)));
+    shards.deliver(1, 0); // interest
+    shards.deliver(0, 1); // its ack: shard 1 asks the home to open
+                          // Left and rejoined, without a position, while that open is in flight.
+    let mut again = text_frame(&format!(r#"{{"type":"unsubscribe","topic":"{topic}"}}"#));
+    again.extend(text_frame(&format!(
+        r#"{{"type":"subscribe","topic":"{topic}"}}"#
+    )));
+    shards.handle(1, Event::Input(sub, &again));
+    shards.deliver(1, 0); // the first open, answered at offset 0
+    shards.deliver(1, 0); // interest off: the home stops routing to shard 1
+    http_publish(&mut shards, 0, &topic); // offset 1, for no one on shard 1
+    let commands = shards.deliver(0, 1); // the first open's answer
+    assert!(
+        messages(&commands, sub).is_empty(),
+        "the answer to a dropped subscription opened its successor: {:?}",
+        messages(&commands, sub)
+    );
+    shards.deliver(1, 0); // interest on, for the rejoin
+    shards.deliver(0, 1); // its ack
+    shards.deliver(1, 0); // the rejoin's open
+    let commands = shards.deliver(0, 1);
+    let replies = messages(&commands, sub);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0]["type"], "subscribed");
+    assert_eq!(replies[0]["offset"], 1, "{}", replies[0]);
+    assert!(replies[0].get("recovered").is_none(), "{}", replies[0]);
+}
+
+#[test]
+fn a_repeated_stream_subscribe_is_answered_with_where_the_pushes_stand() {
+    let mut shards = Shards::new(2, |c| stream_rules(c, 30));
+    let topic = stream_homed_on(&shards, 0);
+    let subscribe = text_frame(&format!(r#"{{"type":"subscribe","topic":"{topic}"}}"#));
+    // Shard 1 opens through the home; shard 0 is the home.
+    let remote = relay_client(&mut shards, 1);
+    shards.handle(1, Event::Input(remote, &subscribe));
+    shards.deliver(1, 0);
+    shards.deliver(0, 1);
+    shards.deliver(1, 0);
+    let opened = messages(&shards.deliver(0, 1), remote);
+    assert_eq!(opened[0]["offset"], 0, "{opened:?}");
+    let local = relay_client(&mut shards, 0);
+    shards.handle(0, Event::Input(local, &subscribe));
+    shards.deliver(0, 1);
+    assert_eq!(messages(&shards.deliver(1, 0), local)[0]["offset"], 0);
+    http_publish(&mut shards, 0, &topic);
+    http_publish(&mut shards, 0, &topic);
+    // The remote subscriber asks again before the second push reaches it.
+    shards.deliver(0, 1);
+    let mut commands = shards.handle(1, Event::Input(remote, &subscribe));
+    for (from, to) in [(0, 1), (1, 0), (0, 1)] {
+        commands.extend(deliver_all(&mut shards, from, to));
+    }
+    let replies = messages(&commands, remote);
+    let got: Vec<_> = replies
+        .iter()
+        .map(|r| (r["type"].as_str(), r["offset"].as_u64()))
+        .collect();
+    assert_eq!(
+        got,
+        [(Some("push"), Some(2)), (Some("subscribed"), Some(2))],
+        "{replies:?}"
+    );
+    assert_eq!(replies[1]["epoch"], opened[0]["epoch"]);
+    assert!(replies[1].get("recovered").is_none());
+    // On the home, the answer is immediate.
+    let replies = messages(&shards.handle(0, Event::Input(local, &subscribe)), local);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0]["offset"], 2, "{}", replies[0]);
+    assert_eq!(replies[0]["epoch"], opened[0]["epoch"]);
+}
+
+#[test]
+fn a_stream_with_a_subscriber_keeps_its_offsets_past_its_ttl_and_the_byte_bound() {
+    let mut shards = Shards::new(2, |c| {
+        stream_rules(c, 2);
+        c.limits.max_history_bytes = 1024;
+    });
+    let topic = stream_homed_on(&shards, 0);
+    let other = (0..)
+        .map(|i| format!("s:x{i}"))
+        .find(|t| shards.states[0].home_of(t) == ShardId(0))
+        .unwrap();
+    let sub = relay_client(&mut shards, 1);
+    let subscribe = text_frame(&format!(r#"{{"type":"subscribe","topic":"{topic}"}}"#));
+    shards.handle(1, Event::Input(sub, &subscribe));
+    shards.deliver(1, 0);
+    shards.deliver(0, 1);
+    shards.deliver(1, 0);
+    let opened = messages(&shards.deliver(0, 1), sub);
+    let offsets = |shards: &mut Shards| -> Vec<u64> {
+        let commands = deliver_all(shards, 0, 1);
+        messages(&commands, sub)
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect()
+    };
+    http_publish(&mut shards, 0, &topic);
+    assert_eq!(offsets(&mut shards), [1]);
+    // Idle past its TTL: its history empties, but a subscriber holds it.
+    shards.now += Duration::from_secs(5);
+    shards.handle(0, Event::Tick);
+    http_publish(&mut shards, 0, &topic);
+    assert_eq!(offsets(&mut shards), [2], "offsets went back to 1");
+    // Another stream's publications evict all of its history.
+    for _ in 0..8 {
+        http_publish(&mut shards, 0, &other);
+    }
+    http_publish(&mut shards, 0, &topic);
+    assert_eq!(offsets(&mut shards), [3], "offsets went back to 1");
+    // Its subscriber's epoch still names the stream, and a repeated
+    // subscribe tells the same.
+    shards.handle(1, Event::Input(sub, &subscribe));
+    shards.deliver(1, 0);
+    let replies = messages(&shards.deliver(0, 1), sub);
+    assert_eq!(replies[0]["offset"], 3, "{replies:?}");
+    assert_eq!(replies[0]["epoch"], opened[0]["epoch"]);
+}
