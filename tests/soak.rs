@@ -43,6 +43,10 @@ const PACE: Duration = Duration::from_millis(1);
 const RSS_EVERY: Duration = Duration::from_secs(10);
 /// How long the gauges may take to return to idle after the last close.
 const SETTLE: Duration = Duration::from_secs(10);
+/// How long to keep watching a gauge that missed `SETTLE`, to tell a
+/// connection the server held until its 30 s HTTP idle timeout (it missed
+/// the client's FIN) from one it never lets go.
+const DIAGNOSE: Duration = Duration::from_secs(40);
 /// Anomalies printed in full; the rest are only counted.
 const NOTES_KEPT: usize = 30;
 
@@ -749,6 +753,25 @@ fn churn_for_a_while_leaks_nothing_and_breaks_no_client() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let settle_ms = settle_start.elapsed().as_millis();
+    if idle
+        .iter()
+        .any(|&(name, v)| v != u64::from(name == "connections"))
+    {
+        let cleared = loop {
+            let now = gauges(&server);
+            if now
+                .iter()
+                .all(|&(name, v)| v == u64::from(name == "connections"))
+            {
+                break Some(settle_start.elapsed());
+            }
+            if settle_start.elapsed() > DIAGNOSE {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        println!("  DIAGNOSIS: the gauges reached idle after {cleared:?} (None: not within {DIAGNOSE:?})");
+    }
     let (_, metrics) = server.http("GET", "/metrics", None);
     let counter = |name: &str| -> u64 {
         let prefix = format!("ringcast_{name} ");

@@ -54,8 +54,12 @@ enum Lifecycle {
     /// Open: sends are queued within the outbound budget.
     Open,
     /// A send passed the budget: the queue was dropped and further sends are
-    /// discarded until the state closes the connection.
-    Overflowed,
+    /// discarded until the state closes the connection. Until the state has
+    /// heard of it (`reported`), a close it asked for in the same batch shuts
+    /// the socket down at once: its last bytes were meant to follow what was
+    /// just dropped (an HTTP response after pipelined ones would answer the
+    /// wrong request), and the state, having closed it, will not again.
+    Overflowed { reported: bool },
     /// Sending its last bytes; then shut down (`AfterFlush`), or wait for
     /// the peer to close (`Linger`), in either case by `deadline`.
     Closing { mode: CloseMode, deadline: Instant },
@@ -73,6 +77,9 @@ struct IoConn {
     recv_armed: bool,
     /// In the driver's list of connections with queued output.
     dirty: bool,
+    /// A byte has been handed to the kernel: the first queued bytes (the
+    /// `101` of an upgrade, a first response) are no longer at stake.
+    sent_any: bool,
     /// Holding pushes for the write delay (in `delayed`).
     delayed: bool,
     out: Outbound,
@@ -238,6 +245,11 @@ impl Driver {
             }
             self.commands = commands;
             for key in std::mem::take(&mut self.overflowed) {
+                if let Some(conn) = self.conns.get_mut(key) {
+                    if conn.lifecycle == (Lifecycle::Overflowed { reported: false }) {
+                        conn.lifecycle = Lifecycle::Overflowed { reported: true };
+                    }
+                }
                 self.state.handle(now, Event::Overflow(key));
             }
         }
@@ -268,8 +280,11 @@ impl Driver {
                 }
             }
             Enqueued::OverBudget => {
-                conn.out.discard_queued();
-                conn.lifecycle = Lifecycle::Overflowed;
+                // The first bytes of a connection are its 101 (or its first
+                // response): a close frame without them is garbage to a
+                // client still reading HTTP.
+                conn.out.discard_queued(!conn.sent_any);
+                conn.lifecycle = Lifecycle::Overflowed { reported: false };
                 self.overflowed.push(key);
             }
         }
@@ -282,11 +297,12 @@ impl Driver {
         let (mode, deadline) = match conn.lifecycle {
             Lifecycle::ShuttingDown { .. } => return,
             _ if mode == CloseMode::Now => return self.terminate(key),
+            Lifecycle::Overflowed { reported: false } => return self.terminate(key),
             Lifecycle::Closing {
                 mode: was,
                 deadline,
             } => (was.max(mode), deadline),
-            Lifecycle::Open | Lifecycle::Overflowed => {
+            Lifecycle::Open | Lifecycle::Overflowed { reported: true } => {
                 self.closing.push(key);
                 (mode, now + self.shared.config.close_timeout)
             }
@@ -314,7 +330,7 @@ impl Driver {
         conn.lifecycle = Lifecycle::ShuttingDown {
             shutdown_pending: true,
         };
-        conn.out.discard_queued();
+        conn.out.discard_queued(false);
         // Ends the pending receive and fails a pending send; their
         // completions, and the shutdown's own, let `maybe_release` free the slot.
         self.ring.shutdown(conn.file, key);
@@ -415,6 +431,7 @@ impl Driver {
             lifecycle: Lifecycle::Open,
             recv_armed: false,
             dirty: false,
+            sent_any: false,
             delayed: false,
             out: Outbound::default(),
         });
@@ -487,6 +504,7 @@ impl Driver {
             return;
         }
         let sent = conn.out.complete_send(c.result as usize);
+        conn.sent_any |= sent > 0;
         ShardStats::add(&self.shared.stats[self.id.0].bytes_out_total, sent as u64);
         if !conn.out.is_flushed() {
             mark_dirty(&mut self.dirty, conn, key);

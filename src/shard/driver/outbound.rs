@@ -352,12 +352,16 @@ impl Outbound {
         self.queue(pool).push_back(frame);
     }
 
-    /// Drops frames not yet handed to the kernel (a slow consumer's backlog).
-    /// Frames in flight and a partly sent frame's tail stay: a frame cut in
-    /// half would corrupt the stream.
-    pub fn discard_queued(&mut self) {
+    /// Drops frames not yet handed to the kernel (a slow consumer's backlog),
+    /// but the oldest if `keep_first`. Frames in flight and a partly sent
+    /// frame's tail stay: a frame cut in half would corrupt the stream.
+    pub fn discard_queued(&mut self, keep_first: bool) {
         if let Some(queue) = self.queue.as_mut() {
+            let first = keep_first.then(|| queue.pop_front()).flatten();
             queue.discard_queued();
+            if let Some(first) = first {
+                queue.push_back(first);
+            }
         }
     }
 
@@ -474,7 +478,7 @@ mod tests {
         c.enqueue(Bytes::from_static(b"in-flight"), 100, &mut pool);
         c.prepare_send();
         c.enqueue(Bytes::from_static(b"queued"), 100, &mut pool);
-        c.discard_queued();
+        c.discard_queued(false);
         assert_eq!(c.queued_bytes(), 9);
         c.complete_send(9);
         assert!(c.is_flushed());
@@ -533,7 +537,7 @@ mod tests {
         c.enqueue(Bytes::from_static(b"frame-two"), 100, &mut pool);
         c.prepare_send();
         assert_eq!(c.complete_send(4), 4, "the kernel took half of frame-one");
-        c.discard_queued();
+        c.discard_queued(false);
         c.enqueue_final(Bytes::from_static(b"close"), &mut pool);
         assert_eq!(
             pending(&c),
@@ -553,7 +557,7 @@ mod tests {
         c.enqueue(Bytes::from_static(b"next"), 100, &mut pool);
         c.prepare_send();
         c.complete_send(0);
-        c.discard_queued();
+        c.discard_queued(false);
         assert_eq!(
             pending(&c),
             b"cdef",

@@ -23,8 +23,12 @@ use super::Sim;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Lifecycle {
     Open,
-    /// Over budget: queue dropped, sends discarded until the state closes it.
-    Overflowed,
+    /// Over budget: queue dropped, sends discarded until the state closes
+    /// it; a close asked for in the same batch (before `reported`) shuts it
+    /// down at once, without its last bytes.
+    Overflowed {
+        reported: bool,
+    },
     /// Sending its last bytes, then shutdown (`AfterFlush`) or waiting for
     /// the peer (`Linger`), by `deadline` (simulated time).
     Closing {
@@ -45,6 +49,8 @@ pub(super) struct IoConn {
     /// The send in flight: what the kernel was handed.
     pub(super) plan: Option<SendPlan>,
     dirty: bool,
+    /// The kernel has taken a byte: the first queued bytes are not at stake.
+    sent_any: bool,
     /// The state has sent a `Close` for it.
     close_commanded: bool,
     /// It was shut down because everything queued had been sent.
@@ -133,9 +139,12 @@ impl Sim {
             for key in std::mem::take(&mut self.shards[s].overflowed) {
                 // A connection the state has not closed yet is owed a 1013;
                 // one it closed in the same batch keeps that close's code.
-                if let Some(conn) = self.shards[s].conns.get(key) {
+                if let Some(conn) = self.shards[s].conns.get_mut(key) {
                     if !conn.close_commanded {
                         self.clients[conn.client].owed_1013 = true;
+                    }
+                    if conn.lifecycle == (Lifecycle::Overflowed { reported: false }) {
+                        conn.lifecycle = Lifecycle::Overflowed { reported: true };
                     }
                 }
                 let now = self.now();
@@ -157,6 +166,7 @@ impl Sim {
             out: Outbound::default(),
             plan: None,
             dirty: false,
+            sent_any: false,
             close_commanded: false,
             graceful: false,
         });
@@ -189,8 +199,8 @@ impl Sim {
         match conn.out.enqueue(bytes, budget, &mut shard.pool) {
             Enqueued::Yes => mark_dirty(&mut shard.dirty, conn, key),
             Enqueued::OverBudget => {
-                conn.out.discard_queued();
-                conn.lifecycle = Lifecycle::Overflowed;
+                conn.out.discard_queued(!conn.sent_any);
+                conn.lifecycle = Lifecycle::Overflowed { reported: false };
                 shard.overflowed.push(key);
                 let client = conn.client;
                 self.clients[client].overflowed = true;
@@ -210,11 +220,12 @@ impl Sim {
         let (mode, deadline) = match conn.lifecycle {
             Lifecycle::ShuttingDown { .. } => return,
             _ if mode == CloseMode::Now => return self.terminate(s, key, false),
+            Lifecycle::Overflowed { reported: false } => return self.terminate(s, key, false),
             Lifecycle::Closing {
                 mode: was,
                 deadline,
             } => (was.max(mode), deadline),
-            Lifecycle::Open | Lifecycle::Overflowed => (mode, deadline),
+            Lifecycle::Open | Lifecycle::Overflowed { reported: true } => (mode, deadline),
         };
         conn.lifecycle = Lifecycle::Closing { mode, deadline };
         if let Some(last) = last {
@@ -238,7 +249,7 @@ impl Sim {
             shutdown_pending: true,
         };
         conn.graceful = graceful;
-        conn.out.discard_queued();
+        conn.out.discard_queued(false);
     }
 
     /// Frees a shut-down connection once nothing is pending, ends its
@@ -293,6 +304,7 @@ impl Sim {
             SendResult::Took(n) => n.min(bytes.len()),
         };
         conn.out.complete_send(taken);
+        conn.sent_any |= taken > 0;
         if !conn.out.is_flushed() {
             mark_dirty(&mut shard.dirty, conn, key);
         } else {
