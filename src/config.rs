@@ -16,8 +16,9 @@ use serde::Deserialize;
 use crate::auth::Auth;
 use crate::rules::{History, Pattern, Rule, RuleSet};
 
-/// Shards are addressed by bit in a `u64` interest mask.
-pub const MAX_SHARDS: usize = 64;
+/// Shards are addressed by bit in a `u64` interest mask; one more bit is the
+/// cluster broker's.
+pub const MAX_SHARDS: usize = 63;
 
 /// Errors reading the configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +159,40 @@ pub struct Config {
     /// Topic rules. Default [`RuleSet::default_rules`] (one catch-all) when the file
     /// has no `[[rules]]`; with rules, a topic none of them matches is refused.
     pub rules: RuleSet,
+    /// `[cluster]`: nodes joined through Redis. Default: none, one node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: where this node meets the others.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub redis_url: String,
+    /// How this node names itself to the others (presence, logs). Default:
+    /// the host name and the listening port.
+    pub node_name: Option<String>,
+    /// Namespace of every Redis key and channel. Default `ringcast`.
+    pub prefix: String,
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("node_name", &self.node_name)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// A URL with its credentials (between `://` and `@`) replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://<redacted>@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 impl Default for Config {
@@ -175,6 +210,7 @@ impl Default for Config {
             pin_cores: true,
             auth: AuthConfig::default(),
             rules: RuleSet::default_rules(),
+            cluster: None,
         }
     }
 }
@@ -201,6 +237,15 @@ struct FileConfig {
     #[serde(default)]
     auth: FileAuth,
     rules: Option<Vec<FileRule>>,
+    cluster: Option<FileCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    redis_url: String,
+    node_name: Option<String>,
+    prefix: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -323,6 +368,7 @@ impl Config {
         if let Some(rules) = file.rules {
             config.rules = rule_set(rules)?;
         }
+        config.cluster = file.cluster.map(cluster_config).transpose()?;
         config.validate()?;
         Ok(config)
     }
@@ -393,6 +439,33 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
         None if header.starts_with('[') => format!("line {line_no}, in `{header}`: {message}"),
         None => format!("line {line_no}: {message}"),
     }
+}
+
+fn cluster_config(file: FileCluster) -> Result<ClusterConfig, ConfigError> {
+    if !(file.redis_url.starts_with("redis://") || file.redis_url.starts_with("rediss://")) {
+        return Err(ConfigError::Invalid(format!(
+            "cluster.redis_url: `{}` is not a URL like redis://127.0.0.1:6379",
+            redact_url(&file.redis_url)
+        )));
+    }
+    let prefix = file.prefix.unwrap_or_else(|| "ringcast".into());
+    // The prefix starts every channel and key; braces would move the hash
+    // tag that keeps a topic's keys on one Redis Cluster slot.
+    if prefix.is_empty() || prefix.contains(['{', '}', ' ']) {
+        return Err(ConfigError::Invalid(format!(
+            "cluster.prefix: `{prefix}` must be non-empty, without braces or spaces"
+        )));
+    }
+    if file.node_name.as_deref().is_some_and(str::is_empty) {
+        return Err(ConfigError::Invalid(
+            "cluster.node_name must not be empty".into(),
+        ));
+    }
+    Ok(ClusterConfig {
+        redis_url: file.redis_url,
+        node_name: file.node_name,
+        prefix,
+    })
 }
 
 fn auth_config(file: FileAuth) -> Result<AuthConfig, ConfigError> {

@@ -41,6 +41,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod hooks;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 
 use crate::bus::{Bus, ShardId};
+use crate::cluster::BrokerHandle;
 use crate::config::Config;
 use crate::hooks::{ChannelHook, Channels};
 use crate::metrics::ShardStats;
@@ -55,6 +56,8 @@ pub struct Relay {
     stopping: Arc<AtomicBool>,
     exits: mpsc::Receiver<ShardExit>,
     shards: usize,
+    /// The cluster broker thread, with `[cluster]`.
+    broker: Option<BrokerHandle>,
 }
 
 /// How a shard thread ended.
@@ -104,7 +107,24 @@ impl Relay {
         for _ in 1..shards {
             listeners.push(bind_reuseport(local_addr)?);
         }
+        let mut config = config;
+        if let Some(cluster) = config.cluster.as_mut() {
+            cluster
+                .node_name
+                .get_or_insert_with(|| format!("{}:{}", host_name(), local_addr.port()));
+        }
         let shared = Shared::new(config, channels)?;
+        let broker = match shared.config.cluster.clone() {
+            Some(cluster) => {
+                tracing::info!(
+                    "cluster: node {} joins through Redis at {}",
+                    cluster.node_name.as_deref().unwrap_or_default(),
+                    crate::config::redact_url(&cluster.redis_url)
+                );
+                Some(crate::cluster::spawn(shared.clone(), cluster)?)
+            }
+            None => None,
+        };
         let (exit_tx, exits) = mpsc::channel();
         for (i, listener) in listeners.into_iter().enumerate() {
             let shared = shared.clone();
@@ -130,6 +150,7 @@ impl Relay {
             stopping: Arc::new(AtomicBool::new(false)),
             exits,
             shards,
+            broker,
         })
     }
 
@@ -191,11 +212,30 @@ impl Relay {
                 self.shutdown();
             }
         }
+        if let Some(broker) = self.broker {
+            // The shards have handed over their last publications.
+            broker.stop(BROKER_FLUSH);
+        }
         match failure {
             Some(message) => Err(io::Error::other(message)),
             None => Ok(()),
         }
     }
+}
+
+/// How long a stopping node waits for its broker to send its last
+/// publications to Redis.
+const BROKER_FLUSH: Duration = Duration::from_secs(2);
+
+/// This machine's host name, for the default cluster node name.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into a live buffer.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return "ringcast".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// Time beyond the shutdown timeout that `join` waits for the other shards

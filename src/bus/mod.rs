@@ -288,11 +288,14 @@ impl Waker {
     }
 }
 
-/// Every queue and waker of the process, shared by all shards.
+/// Every queue and waker of the process, shared by all shards and, in a
+/// cluster, the broker: a member of the bus like a shard, numbered after them.
 #[derive(Debug)]
 pub struct Bus {
     shards: usize,
-    /// `queues[from * shards + to]`.
+    /// Shards plus the broker, if any.
+    members: usize,
+    /// `queues[from * members + to]`.
     queues: Vec<ArrayQueue<Envelope>>,
     wakers: Vec<Waker>,
 }
@@ -300,14 +303,25 @@ pub struct Bus {
 impl Bus {
     /// Creates the queues between `shards` shards, each holding `capacity` envelopes.
     pub fn new(shards: usize, capacity: usize) -> io::Result<Bus> {
-        let queues = (0..shards * shards)
+        Bus::with_members(shards, shards, capacity)
+    }
+
+    /// As [`Bus::new`], plus a broker member (`ShardId(shards)`) that every
+    /// shard can address and that wakes them like a shard.
+    pub fn with_broker(shards: usize, capacity: usize) -> io::Result<Bus> {
+        Bus::with_members(shards, shards + 1, capacity)
+    }
+
+    fn with_members(shards: usize, members: usize, capacity: usize) -> io::Result<Bus> {
+        let queues = (0..members * members)
             .map(|_| ArrayQueue::new(capacity.max(1)))
             .collect();
-        let wakers = (0..shards)
+        let wakers = (0..members)
             .map(|_| Waker::new())
             .collect::<io::Result<_>>()?;
         Ok(Bus {
             shards,
+            members,
             queues,
             wakers,
         })
@@ -318,25 +332,35 @@ impl Bus {
         self.shards
     }
 
-    /// The waker of `shard`.
-    pub fn waker(&self, shard: ShardId) -> &Waker {
-        &self.wakers[shard.0]
+    /// Shards plus the broker: every member a shard drains envelopes from.
+    pub fn members(&self) -> usize {
+        self.members
+    }
+
+    /// The cluster broker's id, when there is one.
+    pub fn broker(&self) -> Option<ShardId> {
+        (self.members > self.shards).then_some(ShardId(self.shards))
+    }
+
+    /// The waker of `member`.
+    pub fn waker(&self, member: ShardId) -> &Waker {
+        &self.wakers[member.0]
     }
 
     /// Queues an envelope without waking the receiver; on a full queue the
     /// envelope comes back.
     pub fn push(&self, from: ShardId, to: ShardId, envelope: Envelope) -> Result<(), Envelope> {
-        self.queues[from.0 * self.shards + to.0].push(envelope)
+        self.queues[from.0 * self.members + to.0].push(envelope)
     }
 
     /// True if any queue to `to` holds an envelope.
     pub fn has_mail(&self, to: ShardId) -> bool {
-        (0..self.shards).any(|from| !self.queues[from * self.shards + to.0].is_empty())
+        (0..self.members).any(|from| !self.queues[from * self.members + to.0].is_empty())
     }
 
     /// Takes one envelope sent from `from` to `to`.
     pub fn pop(&self, from: ShardId, to: ShardId) -> Option<Envelope> {
-        self.queues[from.0 * self.shards + to.0].pop()
+        self.queues[from.0 * self.members + to.0].pop()
     }
 
     /// Sends `Shutdown` to every shard from outside the shards. Retries while a
@@ -374,11 +398,11 @@ pub enum Sent {
 }
 
 impl Outbox {
-    /// An outbox for shard `me`.
-    pub fn new(me: ShardId, shards: usize) -> Outbox {
+    /// An outbox for member `me` of a bus of `members`.
+    pub fn new(me: ShardId, members: usize) -> Outbox {
         Outbox {
             me,
-            backlog: (0..shards).map(|_| VecDeque::new()).collect(),
+            backlog: (0..members).map(|_| VecDeque::new()).collect(),
             touched: ShardSet::default(),
         }
     }

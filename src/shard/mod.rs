@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use crate::auth::Auth;
 use crate::bus::{Bus, ShardId};
+use crate::cluster::ClusterStatus;
 use crate::config::Config;
 use crate::hooks::Channels;
 use crate::metrics::ShardStats;
@@ -44,13 +45,23 @@ pub struct Shared {
     pub(crate) auth: Arc<Auth>,
     /// Registrations held, counted once across shards for `max_registrations`.
     pub(crate) registrations: Arc<AtomicUsize>,
+    /// `[cluster]`: whether Redis is reachable, and the cluster's counters.
+    pub(crate) cluster: Option<Arc<ClusterStatus>>,
 }
 
 impl Shared {
     /// The shared parts for `config.shards` shards with these channels.
     pub fn new(config: Config, channels: Channels) -> io::Result<Shared> {
         let shards = config.shards.get();
-        let bus = Arc::new(Bus::new(shards, config.limits.bus_queue_capacity)?);
+        let capacity = config.limits.bus_queue_capacity;
+        let bus = Arc::new(match config.cluster {
+            Some(_) => Bus::with_broker(shards, capacity)?,
+            None => Bus::new(shards, capacity)?,
+        });
+        let cluster = config
+            .cluster
+            .as_ref()
+            .map(|c| Arc::new(ClusterStatus::new(c.node_name.clone().unwrap_or_default())));
         let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::default()).collect();
         let auth = Arc::new(config.auth.build());
         Ok(Shared {
@@ -60,6 +71,7 @@ impl Shared {
             channels: Arc::new(channels),
             auth,
             registrations: Arc::new(AtomicUsize::new(0)),
+            cluster,
         })
     }
 

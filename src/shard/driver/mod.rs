@@ -577,7 +577,7 @@ impl Driver {
     fn drain_bus(&mut self, now: Instant) -> bool {
         let bus = self.shared.bus.clone();
         let mut progressed = false;
-        for from in 0..bus.shards() {
+        for from in 0..bus.members() {
             for _ in 0..BUS_DRAIN_BOUND {
                 let Some(envelope) = bus.pop(ShardId(from), self.id) else {
                     break;

@@ -19,6 +19,7 @@ use crate::protocol::message;
 use crate::shard::key::ConnKey;
 
 use super::conn::Deferred;
+use super::streams::Published;
 use super::ShardState;
 
 /// Presence queries one connection may have in flight: each costs a pass
@@ -187,15 +188,21 @@ impl ShardState {
         {
             return self.send_error(key, "server shutting down: publishes are refused");
         }
-        match verdict {
+        let published = match verdict {
             Verdict::Broadcast => {
-                self.publish(topic, message.event, message.payload.get(), None);
+                Some(self.publish(topic, message.event, message.payload.get(), None))
             }
             Verdict::Rewrite { event, payload } => {
-                self.publish(topic, &event, &payload.to_string(), None);
+                Some(self.publish(topic, &event, &payload.to_string(), None))
             }
-            Verdict::Drop => {}
-            Verdict::Reject(reason) => self.send_error(key, &reason),
+            Verdict::Drop => None,
+            Verdict::Reject(reason) => {
+                self.send_error(key, &reason);
+                None
+            }
+        };
+        if let Some(Published::LocalOnly { why, .. }) = published {
+            self.send_error(key, why.message());
         }
         self.apply_actions(key, topic, actions);
     }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::shard::key::ConnKey;
 
 use super::channels::PresenceThen;
+use super::cluster::LocalOnly;
 use super::conn::{Deferred, WsKind};
 use super::streams::{publish_accepted, Published};
 use super::users::Opening;
@@ -47,7 +48,10 @@ impl ShardState {
         let response = match (request.method, path) {
             (Method::Get | Method::Head, "/health") => self.health(),
             (Method::Get, "/metrics") => {
-                let text = metrics::render_prometheus(&self.shared.stats);
+                let mut text = metrics::render_prometheus(&self.shared.stats);
+                if let Some(cluster) = &self.shared.cluster {
+                    cluster.render_prometheus(&mut text);
+                }
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
             _ if needs_api_key(request.method, path) && !self.api_key_ok(&request) => {
@@ -126,18 +130,30 @@ impl ShardState {
         self.respond(key, response.keep_alive(keep_alive).head_only(head_only));
     }
 
+    /// `GET /health`: always `200` while the node serves; `degraded` when
+    /// it serves its own clients but cannot reach the other nodes.
     fn health(&self) -> Response {
         let connections = metrics::total(&self.shared.stats, |s| &s.connections);
-        let body = format!(
-            "{{\"status\":\"{}\",\"shards\":{},\"connections\":{connections}}}",
-            if self.shutdown.begun {
-                "shutting_down"
-            } else {
-                "ok"
-            },
-            self.shared.bus.shards(),
-        );
-        Response::json(200, body)
+        let cluster = self.shared.cluster.as_deref();
+        let status = if self.shutdown.begun {
+            "shutting_down"
+        } else if cluster.is_some_and(|c| !c.is_up()) {
+            "degraded"
+        } else {
+            "ok"
+        };
+        let mut body = serde_json::json!({
+            "status": status,
+            "shards": self.shared.bus.shards(),
+            "connections": connections,
+        });
+        if let Some(cluster) = cluster {
+            body["cluster"] = serde_json::json!({
+                "node": cluster.node,
+                "redis": if cluster.is_up() { "up" } else { "down" },
+            });
+        }
+        Response::json(200, body.to_string())
     }
 
     /// `POST /publish`; `None` when the answer waits for a stream's home.
@@ -163,8 +179,10 @@ impl ShardState {
                 ));
             }
             let frame = message::push(&publish.topic, &publish.event, &publish.payload_json);
-            let shards = self.publish_to_user(user, &publish.topic, frame);
-            return Some(publish_accepted(shards, None));
+            return Some(match self.publish_to_user(user, &publish.topic, frame) {
+                (shards, Ok(())) => publish_accepted(shards, None),
+                (shards, Err(why)) => local_only(shards, why),
+            });
         }
         let reply = (key, request.keep_alive());
         match self.publish(
@@ -178,6 +196,7 @@ impl ShardState {
             }
             Published::Parked => None,
             Published::Refused(status, message) => Some(error_json(status, &message)),
+            Published::LocalOnly { shards, why } => Some(local_only(shards, why)),
         }
     }
 
@@ -301,6 +320,12 @@ fn needs_api_key(method: Method, path: &str) -> bool {
 }
 
 /// 401 with the Bearer challenge.
+/// `503`: delivered on this node's `shards` shards, not on the others.
+fn local_only(shards: usize, why: LocalOnly) -> Response {
+    let body = serde_json::json!({ "error": why.message(), "delivered_shards": shards });
+    Response::json(503, body.to_string())
+}
+
 fn unauthorized(message: &str) -> Response {
     error_json(401, message).header("WWW-Authenticate", "Bearer")
 }

@@ -45,18 +45,18 @@ impl ShardState {
         name: &str,
         activate: bool,
     ) -> Result<(NameId, Option<u32>), NameLimit> {
-        let shards = self.shared.bus.shards();
+        let peers = self.interest_peers();
         let first_epoch = self.next_epoch;
         let index = self.index_mut(kind);
         let id = index.get_or_insert(name, true)?;
         let entry = index.entry_mut(id);
-        if entry.local_count() == 0 && shards > 1 {
+        if entry.local_count() == 0 && peers > 0 {
             entry.epoch = first_epoch;
-            entry.acks_pending = shards - 1;
+            entry.acks_pending = peers;
             entry.waiting.push(key);
             let name = entry.name.clone();
             self.next_epoch += 1;
-            self.broadcast_control(|| Envelope::Interest {
+            self.broadcast_interest(|| Envelope::Interest {
                 kind,
                 name: name.clone(),
                 on: true,
@@ -92,15 +92,15 @@ impl ShardState {
         if let Some((moved, pos)) = moved {
             self.set_position(kind, moved, id, pos);
         }
-        let shards = self.shared.bus.shards();
+        let peers = self.interest_peers();
         let index = self.index_mut(kind);
         let entry = index.entry_mut(id);
         if entry.local_count() == 0 {
             entry.acks_pending = 0;
             let (name, epoch) = (entry.name.clone(), entry.epoch);
             index.remove_if_unused(id);
-            if shards > 1 {
-                self.broadcast_control(|| Envelope::Interest {
+            if peers > 0 {
+                self.broadcast_interest(|| Envelope::Interest {
                     kind,
                     name: name.clone(),
                     on: false,

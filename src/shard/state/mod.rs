@@ -15,6 +15,7 @@
 //! iterating it: the driver reports those as later events.
 
 mod channels;
+mod cluster;
 mod conn;
 mod http;
 mod input;
@@ -166,7 +167,6 @@ impl ShardState {
     /// The state of shard `id`, allowing `max_conns` connections.
     pub fn new(id: ShardId, shared: Shared, max_conns: usize, now: Instant) -> ShardState {
         let limits = &shared.config.limits;
-        let shards = shared.bus.shards();
         ShardState {
             id,
             conns: ConnTable::default(),
@@ -177,7 +177,7 @@ impl ShardState {
             users_state: Users::default(),
             presence: channels::PresenceQueries::default(),
             streams: streams::Streams::new(limits.max_history_bytes, now),
-            outbox: Outbox::new(id, shards),
+            outbox: Outbox::new(id, shared.bus.members()),
             commands: Vec::new(),
             next_epoch: 1,
             ids: Ids::Os,

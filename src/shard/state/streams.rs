@@ -32,6 +32,7 @@ use crate::protocol::message::{self, Since};
 use crate::rules::History;
 use crate::shard::key::ConnKey;
 
+use super::cluster::LocalOnly;
 use super::conn::Deferred;
 use super::names::NameId;
 use super::ShardState;
@@ -90,6 +91,8 @@ pub(crate) enum Published {
     Parked,
     /// Refused, with the HTTP status and why.
     Refused(u16, String),
+    /// Delivered on this node (to `shards` shards) but not to the others.
+    LocalOnly { shards: usize, why: LocalOnly },
 }
 
 impl ShardState {
@@ -130,10 +133,17 @@ impl ShardState {
         let Some(history) = self.stream_history(topic) else {
             let frame = message::push(topic, event, payload_json);
             ShardStats::add(&self.stats().publishes_total, 1);
-            let shards = self.fan_out(topic, frame);
-            return Published::Done {
-                shards,
-                position: None,
+            let shards = self.fan_out(topic, frame.clone());
+            let nodes = self.send_to_other_nodes(|| Envelope::Publish {
+                topic: Arc::from(topic),
+                frame,
+            });
+            return match nodes {
+                Ok(()) => Published::Done {
+                    shards,
+                    position: None,
+                },
+                Err(why) => Published::LocalOnly { shards, why },
             };
         };
         let home = self.home_of(topic);

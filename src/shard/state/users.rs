@@ -21,6 +21,7 @@ use crate::protocol::http::{error_json, Request, Response};
 use crate::protocol::message;
 use crate::shard::key::ConnKey;
 
+use super::cluster::LocalOnly;
 use super::conn::{Deferred, Ident, WsKind};
 use super::{Command, ShardState};
 
@@ -388,37 +389,40 @@ impl ShardState {
         delivered
     }
 
-    /// Delivers to `user` here and on every shard that holds the user.
-    /// Returns how many shards took it.
+    /// Delivers to `user` here, on every shard that holds the user and, in
+    /// a cluster, on the other nodes. Returns how many of this node's
+    /// shards took it, and whether the other nodes were reached.
     fn send_to_user(
         &mut self,
         kind: IndexKind,
         user: &str,
         topic: Option<&str>,
         frame: Bytes,
-    ) -> usize {
+    ) -> (usize, Result<(), LocalOnly>) {
         let mut shards = usize::from(self.deliver_to_user(kind, user, topic, &frame) > 0);
-        let Some(entry) = self.index(kind).lookup(user) else {
-            return shards;
-        };
-        let entry = self.index(kind).entry(entry);
-        let (name, remote) = (entry.name.clone(), entry.remote);
         let topic: Option<Arc<str>> = topic.map(Arc::from);
-        for to in remote.iter() {
-            let envelope = match &topic {
-                Some(topic) => Envelope::UserPublish {
-                    user: name.clone(),
-                    topic: topic.clone(),
-                    frame: frame.clone(),
-                },
-                None => Envelope::Chat {
-                    user: name.clone(),
-                    frame: frame.clone(),
-                },
-            };
-            shards += usize::from(self.forward(to, envelope));
+        let user: Arc<str> = match self.index(kind).lookup(user) {
+            Some(entry) => self.index(kind).entry(entry).name.clone(),
+            None => Arc::from(user),
+        };
+        let envelope = || match &topic {
+            Some(topic) => Envelope::UserPublish {
+                user: user.clone(),
+                topic: topic.clone(),
+                frame: frame.clone(),
+            },
+            None => Envelope::Chat {
+                user: user.clone(),
+                frame: frame.clone(),
+            },
+        };
+        if let Some(entry) = self.index(kind).lookup(&user) {
+            for to in self.index(kind).entry(entry).remote.iter() {
+                shards += usize::from(self.forward(to, envelope()));
+            }
         }
-        shards
+        let nodes = self.send_to_other_nodes(envelope);
+        (shards, nodes)
     }
 
     /// A text line from a `/chat` connection: `sender: text` to every chat
@@ -439,11 +443,21 @@ impl ShardState {
         let line =
             frame::text(format!("{sender}: {}", text.trim_end_matches(['\r', '\n'])).as_bytes());
         ShardStats::add(&self.stats().publishes_total, 1);
-        self.send_to_user(IndexKind::Chat, &recipient, None, line);
+        if let (_, Err(why)) = self.send_to_user(IndexKind::Chat, &recipient, None, line) {
+            self.send(
+                key,
+                frame::text(format!("error: {}", why.message()).as_bytes()),
+            );
+        }
     }
 
     /// `POST /publish` with `user_id`.
-    pub(super) fn publish_to_user(&mut self, user: &str, topic: &str, frame: Bytes) -> usize {
+    pub(super) fn publish_to_user(
+        &mut self,
+        user: &str,
+        topic: &str,
+        frame: Bytes,
+    ) -> (usize, Result<(), LocalOnly>) {
         ShardStats::add(&self.stats().publishes_total, 1);
         self.send_to_user(IndexKind::User, user, Some(topic), frame)
     }

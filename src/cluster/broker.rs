@@ -1,0 +1,611 @@
+//! The broker: one thread per node that speaks to Redis for the shards.
+//!
+//! It is a member of the bus like a shard (`ShardId(shards)`), so shards
+//! talk to it the way they talk to each other and never wait on Redis:
+//!
+//! - Interest notices tell it which names (topics, users, chat users) the
+//!   node's shards hold. The first shard to hold a name makes it subscribe
+//!   the name's channel (`SSUBSCRIBE`); its acknowledgement waits for Redis to
+//!   confirm, so a client's `subscribed` means publications from every node
+//!   reach it. The last shard to let go unsubscribes.
+//! - Publications (`Publish`, `UserPublish`, `Chat`) are sent with `SPUBLISH`,
+//!   pipelined in the order they came.
+//! - Messages from other nodes become the same envelopes, queued to the
+//!   shards holding the name. A node's own messages come back to it and are
+//!   skipped: its shards delivered them already.
+//!
+//! Redis lost: the shards see `up == false`, deliver locally and answer
+//! publishes with 503; interest is acknowledged at once (local subscribers
+//! are not held hostage). The Redis client reconnects with exponential
+//! backoff and jitter; on every connection the broker subscribes every
+//! held channel again.
+//!
+//! It runs a single-threaded tokio runtime, because the Redis client (fred)
+//! is built on tokio: one thread, epoll, off the serving path.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::types::{Builder, Message};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::bus::{Bus, Envelope, IndexKind, Outbox, Sent, ShardId, ShardSet};
+use crate::config::{redact_url, ClusterConfig};
+use crate::shard::Shared;
+
+use super::wire;
+use super::ClusterStatus;
+
+/// Envelopes taken from one shard per wake-up before looking at Redis again.
+const DRAIN_BOUND: usize = 4096;
+/// Publications waiting for Redis; past it they are dropped (counted).
+const PUBLISH_QUEUE: usize = 65_536;
+/// Most publications in one pipeline.
+const PIPELINE_BATCH: usize = 1024;
+/// Messages from Redis the client buffers for the broker before dropping
+/// (counted): a second of a busy node's cross-node traffic.
+const RECEIVE_BUFFER: usize = 65_536;
+/// A Redis command that takes longer fails: a down Redis is then noticed
+/// by publishers within this time, not after TCP gives up.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reconnect backoff: 50 ms doubling to 2 s, plus up to 100 ms of jitter so
+/// the nodes of a cluster do not all reconnect at the same instant.
+const BACKOFF_MIN_MS: u32 = 50;
+const BACKOFF_MAX_MS: u32 = 2000;
+const BACKOFF_JITTER_MS: u32 = 100;
+/// How often the broker checks whether it still reaches Redis.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Stops the broker at shutdown, once the shards have handed it everything.
+pub struct BrokerHandle {
+    stop: Arc<AtomicBool>,
+    bus: Arc<Bus>,
+    me: ShardId,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl BrokerHandle {
+    /// Asks the broker to send what it holds and stop; waits for it at most
+    /// `timeout` (Redis may be gone), then leaves it to the process exit.
+    pub fn stop(self, timeout: Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.bus.waker(self.me).signal();
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Starts the broker thread of a node whose bus has a broker member.
+pub fn spawn(shared: Shared, config: ClusterConfig) -> io::Result<BrokerHandle> {
+    let bus = shared.bus.clone();
+    let me = bus
+        .broker()
+        .ok_or_else(|| io::Error::other("the bus has no broker member"))?;
+    let status = shared
+        .cluster
+        .clone()
+        .ok_or_else(|| io::Error::other("no cluster status"))?;
+    let redis = fred::prelude::Config::from_url(&config.redis_url).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cluster.redis_url `{}`: {e}", redact_url(&config.redis_url)),
+        )
+    })?;
+    set_nonblocking(bus.waker(me).raw_fd())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let (bus, stop) = (bus.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("ringcast-broker".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a single-threaded tokio runtime starts");
+                runtime.block_on(async move {
+                    match Broker::connect(me, bus, status, &config, redis, stop) {
+                        Ok(broker) => broker.run().await,
+                        Err(e) => tracing::error!("cluster broker cannot start: {e}"),
+                    }
+                });
+            })?
+    };
+    Ok(BrokerHandle {
+        stop,
+        bus,
+        me,
+        thread,
+    })
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd the bus owns for the life of the process.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above; only adds O_NONBLOCK.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A name some shard of this node holds.
+#[derive(Default)]
+struct Held {
+    shards: ShardSet,
+    /// The subscribe sent for it last, not yet confirmed: its sequence number.
+    pending: Option<u64>,
+    /// Interest notices to acknowledge once that subscribe is confirmed.
+    waiting: Vec<(ShardId, u64)>,
+}
+
+/// A subscription change for the subscription task, in order.
+struct Op {
+    seq: u64,
+    channel: String,
+    subscribe: bool,
+}
+
+/// The subscription task's answer: whether Redis confirmed op `seq`.
+struct OpDone {
+    seq: u64,
+    key: (IndexKind, Arc<str>),
+}
+
+struct Broker {
+    me: ShardId,
+    bus: Arc<Bus>,
+    status: Arc<ClusterStatus>,
+    prefix: String,
+    /// Random id of this process: its own messages come back and are skipped.
+    node: u64,
+    names: HashMap<(IndexKind, Arc<str>), Held>,
+    outbox: Outbox,
+    next_seq: u64,
+    /// After a connection to Redis, the last of the subscribes that restore
+    /// every held channel: the node is not `up` until it is confirmed, so
+    /// `ok` in /health means publications from other nodes arrive.
+    restoring: Option<u64>,
+    stop: Arc<AtomicBool>,
+    subscriber: Client,
+    publisher: Client,
+    ops: mpsc::UnboundedSender<(Op, (IndexKind, Arc<str>))>,
+    op_done: mpsc::UnboundedReceiver<OpDone>,
+    publishes: mpsc::Sender<(String, Bytes)>,
+}
+
+impl Broker {
+    /// Builds the Redis clients and starts connecting (in the background:
+    /// a node starts even when Redis is down, degraded, and keeps trying).
+    fn connect(
+        me: ShardId,
+        bus: Arc<Bus>,
+        status: Arc<ClusterStatus>,
+        config: &ClusterConfig,
+        redis: fred::prelude::Config,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Broker, Error> {
+        let client = |receive_buffer: usize| {
+            let mut redis = redis.clone();
+            // Retry the first connection too: Redis may start after us.
+            redis.fail_fast = false;
+            let mut policy = ReconnectPolicy::new_exponential(0, BACKOFF_MIN_MS, BACKOFF_MAX_MS, 2);
+            policy.set_jitter(BACKOFF_JITTER_MS);
+            Builder::from_config(redis)
+                .set_policy(policy)
+                .with_performance_config(|p| {
+                    p.default_command_timeout = COMMAND_TIMEOUT;
+                    p.broadcast_channel_capacity = receive_buffer;
+                })
+                .with_connection_config(|c| {
+                    c.connection_timeout = COMMAND_TIMEOUT;
+                    c.internal_command_timeout = COMMAND_TIMEOUT;
+                    // A command in flight when the connection drops is not
+                    // sent again on the next one: a publish could arrive twice.
+                    c.max_command_attempts = 1;
+                })
+                .build()
+        };
+        let subscriber = client(RECEIVE_BUFFER)?;
+        let publisher = client(16)?;
+        subscriber.connect();
+        publisher.connect();
+
+        let (ops, ops_rx) = mpsc::unbounded_channel();
+        let (op_done_tx, op_done) = mpsc::unbounded_channel();
+        tokio::spawn(subscriptions(subscriber.clone(), ops_rx, op_done_tx));
+        let (publishes, publishes_rx) = mpsc::channel(PUBLISH_QUEUE);
+        tokio::spawn(publish(publisher.clone(), publishes_rx, status.clone()));
+
+        let mut node = [0u8; 8];
+        getrandom::fill(&mut node).map_err(|e| Error::new(ErrorKind::IO, e.to_string()))?;
+        Ok(Broker {
+            me,
+            outbox: Outbox::new(me, bus.members()),
+            bus,
+            status,
+            prefix: config.prefix.clone(),
+            node: u64::from_le_bytes(node),
+            names: HashMap::new(),
+            next_seq: 1,
+            restoring: None,
+            stop,
+            subscriber,
+            publisher,
+            ops,
+            op_done,
+            publishes,
+        })
+    }
+
+    async fn run(mut self) {
+        let fd = WakerFd(self.bus.waker(self.me).raw_fd());
+        // SAFETY: the eventfd belongs to the bus, which outlives this task
+        // (the broker holds an `Arc` of it) and never closes or reuses it.
+        let waker =
+            match unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) } {
+                Ok(fd) => fd,
+                Err(e) => return tracing::error!("cluster broker cannot watch its eventfd: {e}"),
+            };
+        let mut messages = self.subscriber.message_rx();
+        let mut connected = self.subscriber.reconnect_rx();
+        let mut health = tokio::time::interval(HEALTH_INTERVAL);
+        let mut connections = 0u64;
+        loop {
+            tokio::select! {
+                ready = waker.readable() => {
+                    if let Ok(mut guard) = ready {
+                        drain_eventfd(guard.get_inner().0);
+                        guard.clear_ready();
+                    }
+                    self.bus.waker(self.me).rearm();
+                    self.drain_bus();
+                    if self.stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                }
+                message = messages.recv() => match message {
+                    Ok(message) => self.on_message(message),
+                    Err(broadcast::error::RecvError::Lagged(lost)) => {
+                        tracing::warn!("cluster: {lost} messages from Redis dropped: the broker fell behind");
+                        self.status.stats.drops_total.fetch_add(lost, Ordering::Relaxed);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                server = connected.recv() => {
+                    if server.is_ok() {
+                        connections += 1;
+                        if connections > 1 {
+                            ClusterStatus::count(&self.status.stats.reconnects_total);
+                        }
+                        tracing::info!("cluster: connected to Redis; subscribing {} channels", self.names.len());
+                        self.resubscribe_all();
+                    }
+                }
+                Some(done) = self.op_done.recv() => self.on_op_done(done),
+                _ = health.tick() => self.check_health(),
+            }
+            self.outbox.retry_backlog(&self.bus);
+            self.outbox.wake_all(&self.bus);
+        }
+        // Let the publish task send what the shards handed over.
+        drop(self.publishes);
+        let _ = tokio::time::timeout(COMMAND_TIMEOUT, self.publisher.quit()).await;
+    }
+
+    fn redis_up(&self) -> bool {
+        self.subscriber.is_connected() && self.publisher.is_connected()
+    }
+
+    fn check_health(&mut self) {
+        let up = self.redis_up() && self.restoring.is_none();
+        if up != self.status.is_up() {
+            if up {
+                tracing::info!(
+                    "cluster: Redis reachable; node {} back in the cluster",
+                    self.status.node
+                );
+            } else {
+                tracing::warn!(
+                    "cluster: Redis unreachable; node {} serves its own clients only (degraded)",
+                    self.status.node
+                );
+                // Nobody would confirm the subscribes in flight: release
+                // their waiters now; reconnecting subscribes again.
+                self.release_all_waiters();
+            }
+            self.status.set_up(up);
+        }
+    }
+
+    fn drain_bus(&mut self) {
+        for from in 0..self.bus.shards() {
+            for _ in 0..DRAIN_BOUND {
+                let Some(envelope) = self.bus.pop(ShardId(from), self.me) else {
+                    break;
+                };
+                self.on_envelope(ShardId(from), envelope);
+            }
+        }
+        if (0..self.bus.shards()).any(|from| self.bus.has_mail(ShardId(from))) {
+            // More than the bound: come back after looking at Redis.
+            self.bus.waker(self.me).signal();
+        }
+    }
+
+    fn on_envelope(&mut self, from: ShardId, envelope: Envelope) {
+        match envelope {
+            Envelope::Interest {
+                kind,
+                name,
+                on,
+                epoch,
+            } => self.on_interest(from, kind, name, on, epoch),
+            Envelope::Publish { .. } | Envelope::UserPublish { .. } | Envelope::Chat { .. } => {
+                let Some(message) = wire::encode(&self.prefix, self.node, &envelope) else {
+                    return ClusterStatus::count(&self.status.stats.drops_total);
+                };
+                if self.publishes.try_send(message).is_err() {
+                    ClusterStatus::count(&self.status.stats.drops_total);
+                }
+            }
+            // Shards send the broker nothing else.
+            _ => {}
+        }
+    }
+
+    fn on_interest(
+        &mut self,
+        from: ShardId,
+        kind: IndexKind,
+        name: Arc<str>,
+        on: bool,
+        epoch: u64,
+    ) {
+        let key = (kind, name);
+        if on {
+            let up = self.status.is_up();
+            let held = self.names.entry(key.clone()).or_default();
+            let first = held.shards.is_empty();
+            held.shards.insert(from);
+            if !up {
+                // Subscribed on reconnection; local delivery needs no wait.
+                return self.ack(from, &key, epoch);
+            }
+            if first {
+                let seq = self.subscribe(&key, true);
+                if let Some(held) = self.names.get_mut(&key) {
+                    held.pending = Some(seq);
+                }
+            }
+            match self.names.get_mut(&key) {
+                Some(held) if held.pending.is_some() => held.waiting.push((from, epoch)),
+                _ => self.ack(from, &key, epoch),
+            }
+        } else {
+            let Some(held) = self.names.get_mut(&key) else {
+                return;
+            };
+            held.shards.remove(from);
+            if held.shards.is_empty() {
+                let held = self.names.remove(&key).unwrap_or_default();
+                for (shard, epoch) in held.waiting {
+                    self.ack(shard, &key, epoch);
+                }
+                if self.status.is_up() {
+                    self.subscribe(&key, false);
+                }
+                self.count_channels();
+            }
+        }
+    }
+
+    /// Queues a subscription change; returns its sequence number.
+    fn subscribe(&mut self, key: &(IndexKind, Arc<str>), subscribe: bool) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let channel = wire::channel(&self.prefix, key.0, &key.1);
+        let op = Op {
+            seq,
+            channel,
+            subscribe,
+        };
+        let _ = self.ops.send((op, key.clone()));
+        seq
+    }
+
+    fn on_op_done(&mut self, done: OpDone) {
+        if self.restoring.is_some_and(|last| done.seq >= last) {
+            self.restoring = None;
+            self.check_health();
+        }
+        let Some(held) = self.names.get_mut(&done.key) else {
+            return;
+        };
+        // An older subscribe's answer does not release waiters of a newer one.
+        if held.pending != Some(done.seq) {
+            return;
+        }
+        held.pending = None;
+        let waiting = std::mem::take(&mut held.waiting);
+        for (shard, epoch) in waiting {
+            self.ack(shard, &done.key, epoch);
+        }
+        self.count_channels();
+    }
+
+    fn count_channels(&self) {
+        let held = self.names.len() as u64;
+        self.status.stats.channels.store(held, Ordering::Relaxed);
+    }
+
+    fn release_all_waiters(&mut self) {
+        let mut acks = Vec::new();
+        for (key, held) in &mut self.names {
+            held.pending = None;
+            for (shard, epoch) in held.waiting.drain(..) {
+                acks.push((shard, key.clone(), epoch));
+            }
+        }
+        for (shard, key, epoch) in acks {
+            self.ack(shard, &key, epoch);
+        }
+    }
+
+    fn resubscribe_all(&mut self) {
+        let keys: Vec<_> = self.names.keys().cloned().collect();
+        self.restoring = None;
+        for key in keys {
+            let seq = self.subscribe(&key, true);
+            self.restoring = Some(seq);
+            if let Some(held) = self.names.get_mut(&key) {
+                held.pending = Some(seq);
+            }
+        }
+    }
+
+    fn ack(&mut self, to: ShardId, key: &(IndexKind, Arc<str>), epoch: u64) {
+        let ack = Envelope::InterestAck {
+            kind: key.0,
+            name: key.1.clone(),
+            epoch,
+        };
+        self.outbox.send(&self.bus, to, ack);
+    }
+
+    fn on_message(&mut self, message: Message) {
+        let Some((kind, name)) = wire::parse_channel(&self.prefix, &message.channel) else {
+            return;
+        };
+        let key = (kind, Arc::<str>::from(name));
+        let Some(held) = self.names.get(&key) else {
+            return;
+        };
+        let shards = held.shards;
+        let Some(bytes) = message.value.into_bytes() else {
+            return;
+        };
+        let Some(received) = wire::decode(kind, &key.1, bytes) else {
+            return;
+        };
+        if received.node == self.node {
+            return;
+        }
+        ClusterStatus::count(&self.status.stats.received_total);
+        let mut envelope = Some(received.envelope);
+        let mut targets = shards.iter().peekable();
+        while let Some(to) = targets.next() {
+            let this = if targets.peek().is_some() {
+                clone_publication(envelope.as_ref().expect("kept for the last shard"))
+            } else {
+                envelope.take().expect("taken once")
+            };
+            if self.outbox.send(&self.bus, to, this) == Sent::Dropped {
+                ClusterStatus::count(&self.status.stats.drops_total);
+            }
+        }
+    }
+}
+
+/// Publication envelopes share their frame; cloning one is cheap.
+fn clone_publication(envelope: &Envelope) -> Envelope {
+    match envelope {
+        Envelope::Publish { topic, frame } => Envelope::Publish {
+            topic: topic.clone(),
+            frame: frame.clone(),
+        },
+        Envelope::UserPublish { user, topic, frame } => Envelope::UserPublish {
+            user: user.clone(),
+            topic: topic.clone(),
+            frame: frame.clone(),
+        },
+        Envelope::Chat { user, frame } => Envelope::Chat {
+            user: user.clone(),
+            frame: frame.clone(),
+        },
+        _ => unreachable!("only publications come from Redis"),
+    }
+}
+
+/// Runs subscription changes one at a time, so they reach Redis in order.
+async fn subscriptions(
+    client: Client,
+    mut ops: mpsc::UnboundedReceiver<(Op, (IndexKind, Arc<str>))>,
+    done: mpsc::UnboundedSender<OpDone>,
+) {
+    while let Some((op, key)) = ops.recv().await {
+        let result = if op.subscribe {
+            client.ssubscribe(op.channel.clone()).await
+        } else {
+            client.sunsubscribe(op.channel.clone()).await
+        };
+        if let Err(e) = result {
+            // Reconnecting subscribes every held channel again.
+            tracing::debug!(
+                "cluster: {} {} failed: {e}",
+                if op.subscribe {
+                    "SSUBSCRIBE"
+                } else {
+                    "SUNSUBSCRIBE"
+                },
+                op.channel
+            );
+        }
+        let _ = done.send(OpDone { seq: op.seq, key });
+    }
+}
+
+/// Sends publications in pipelines, in the order the shards handed them over.
+async fn publish(
+    client: Client,
+    mut queue: mpsc::Receiver<(String, Bytes)>,
+    status: Arc<ClusterStatus>,
+) {
+    let mut batch = Vec::with_capacity(PIPELINE_BATCH);
+    while queue.recv_many(&mut batch, PIPELINE_BATCH).await > 0 {
+        let pipeline = client.pipeline();
+        let mut queued = 0u64;
+        for (channel, message) in batch.drain(..) {
+            let ok: Result<(), Error> = pipeline.spublish(channel, message).await;
+            if ok.is_ok() {
+                queued += 1;
+            } else {
+                ClusterStatus::count(&status.stats.drops_total);
+            }
+        }
+        let results: Vec<Result<Value, Error>> = pipeline.try_all().await;
+        let sent = results.iter().filter(|r| r.is_ok()).count() as u64;
+        status
+            .stats
+            .published_total
+            .fetch_add(sent, Ordering::Relaxed);
+        status
+            .stats
+            .drops_total
+            .fetch_add(queued.saturating_sub(sent), Ordering::Relaxed);
+    }
+}
+
+/// The broker's eventfd, for tokio to watch.
+struct WakerFd(RawFd);
+
+impl AsRawFd for WakerFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+fn drain_eventfd(fd: RawFd) {
+    let mut value = 0u64;
+    // SAFETY: reads 8 bytes into a live u64 from the broker's own
+    // (non-blocking) eventfd; EAGAIN just means nothing was pending.
+    unsafe { libc::read(fd, (&mut value as *mut u64).cast(), 8) };
+}

@@ -1,0 +1,9 @@
+//! Nodes joined through Redis (`[cluster]`): a broker thread per node
+//! speaks to Redis and exchanges envelopes with the shards over the bus.
+
+mod broker;
+mod status;
+pub mod wire;
+
+pub use broker::{spawn, BrokerHandle};
+pub use status::{ClusterStats, ClusterStatus};

@@ -1,0 +1,115 @@
+//! What the shards and the broker share about the cluster: whether Redis is
+//! reachable, and the counters /metrics shows.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// The node's view of the cluster, written by the broker, read by shards.
+#[derive(Debug)]
+pub struct ClusterStatus {
+    /// This node's name, as the others see it.
+    pub node: String,
+    up: AtomicBool,
+    /// Counters for /metrics.
+    pub stats: ClusterStats,
+}
+
+/// Cluster counters (all monotonic but `up`).
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Publications this node handed to Redis.
+    pub published_total: AtomicU64,
+    /// Publications from other nodes delivered to this node's shards.
+    pub received_total: AtomicU64,
+    /// Publications answered `503` (or an `error`) because Redis was down:
+    /// delivered on this node only.
+    pub refused_total: AtomicU64,
+    /// Publications for other nodes lost: Redis failed them, or the queue
+    /// between a shard and the broker was full.
+    pub drops_total: AtomicU64,
+    /// Times the broker got Redis back after losing it.
+    pub reconnects_total: AtomicU64,
+    /// Redis channels this node subscribes to.
+    pub channels: AtomicU64,
+}
+
+impl ClusterStatus {
+    /// A node named `node`, not yet connected.
+    pub fn new(node: String) -> ClusterStatus {
+        ClusterStatus {
+            node,
+            up: AtomicBool::new(false),
+            stats: ClusterStats::default(),
+        }
+    }
+
+    /// Whether the broker reaches Redis: publications for other nodes are
+    /// accepted only then.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Set by the broker when it gains or loses Redis.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+    }
+
+    /// Appends the cluster's metrics in Prometheus text format.
+    pub fn render_prometheus(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let s = &self.stats;
+        let metrics = [
+            (
+                "cluster_up",
+                "gauge",
+                "1 while this node reaches Redis, else 0.",
+                u64::from(self.is_up()),
+            ),
+            (
+                "cluster_channels",
+                "gauge",
+                "Redis channels this node subscribes to.",
+                s.channels.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_published_total",
+                "counter",
+                "Publications sent to Redis for the other nodes.",
+                s.published_total.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_received_total",
+                "counter",
+                "Publications from other nodes delivered to this node's shards.",
+                s.received_total.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_refused_total",
+                "counter",
+                "Publications delivered on this node only because Redis was down (503).",
+                s.refused_total.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_drops_total",
+                "counter",
+                "Publications between this node and the others lost (Redis errors, full queues).",
+                s.drops_total.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_reconnects_total",
+                "counter",
+                "Times the node got Redis back after losing it.",
+                s.reconnects_total.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in metrics {
+            let _ = writeln!(out, "# HELP ringcast_{name} {help}");
+            let _ = writeln!(out, "# TYPE ringcast_{name} {kind}");
+            let _ = writeln!(out, "ringcast_{name} {value}");
+        }
+    }
+
+    /// Adds one to a counter.
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

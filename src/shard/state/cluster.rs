@@ -1,0 +1,71 @@
+//! A shard's side of the cluster: publications for other nodes go to the
+//! broker, a member of the bus like a shard, which speaks to Redis. The
+//! shard never waits on it: it hands an envelope over and goes on.
+
+use crate::bus::Envelope;
+use crate::cluster::ClusterStatus;
+
+use super::ShardState;
+
+/// A publication reached this node's subscribers but not the other nodes'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LocalOnly {
+    /// The broker has lost Redis.
+    ClusterDown,
+    /// The queue to the broker is full (Redis is slower than the publishers).
+    BrokerBusy,
+}
+
+impl LocalOnly {
+    /// The `error` text a publisher gets.
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            LocalOnly::ClusterDown => {
+                "cluster unavailable: delivered on this node only, other nodes did not get it"
+            }
+            LocalOnly::BrokerBusy => {
+                "cluster busy: delivered on this node only, other nodes did not get it"
+            }
+        }
+    }
+}
+
+impl ShardState {
+    /// Hands a publication to the broker for the other nodes. `Ok` when
+    /// there is no cluster, or the broker took it.
+    pub(super) fn send_to_other_nodes(
+        &mut self,
+        envelope: impl FnOnce() -> Envelope,
+    ) -> Result<(), LocalOnly> {
+        let (Some(broker), Some(status)) = (self.shared.bus.broker(), &self.shared.cluster) else {
+            return Ok(());
+        };
+        if !status.is_up() {
+            ClusterStatus::count(&status.stats.refused_total);
+            return Err(LocalOnly::ClusterDown);
+        }
+        let status = status.clone();
+        if self.forward(broker, envelope()) {
+            Ok(())
+        } else {
+            ClusterStatus::count(&status.stats.drops_total);
+            Err(LocalOnly::BrokerBusy)
+        }
+    }
+
+    /// Members of the bus that keep an index of this shard's names: the
+    /// other shards and, in a cluster, the broker (it subscribes the node to
+    /// a name's Redis channel while any shard holds it).
+    pub(super) fn interest_peers(&self) -> usize {
+        self.shared.bus.members() - 1
+    }
+
+    /// Sends an interest notice to every other member of the bus.
+    pub(super) fn broadcast_interest(&mut self, make: impl Fn() -> Envelope) {
+        for to in 0..self.shared.bus.members() {
+            if to != self.id.0 {
+                self.post_control(crate::bus::ShardId(to), make());
+            }
+        }
+    }
+}
