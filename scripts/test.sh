@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs what the
 # real-client tests need (Python `websockets`; Debian's Chromium and npm
-# playwright-core for the browser test), builds, then tests.
+# playwright-core for the browser test; Debian's redis-server for the cluster
+# tests), builds, then tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,17 @@ pinned=$(node -p 'require("./tests/browser/package.json").dependencies["playwrig
 installed=$(node -p 'require("./tests/browser/node_modules/playwright-core/package.json").version' 2>/dev/null || true)
 if [ "$pinned" != "$installed" ]; then
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+fi
+
+# The cluster tests (tests/cluster.rs) run their own redis-server on a private
+# loopback port; only the binary is needed (the package's own service on 6379
+# is never used). The package index is refreshed only if the install fails.
+if ! command -v redis-server >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -qq redis-server >/dev/null; then
+    apt-get update -qq
+    apt-get install -y -qq redis-server >/dev/null
+  fi
 fi
 
 # The load generator's integration test runs the ringcast binary built here.

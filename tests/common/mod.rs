@@ -2,6 +2,8 @@
 //! over real sockets with tungstenite's blocking client and raw HTTP.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod redis;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};

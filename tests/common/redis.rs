@@ -1,0 +1,259 @@
+//! A private `redis-server` per test, for the cluster tests: its own loopback
+//! port (never the shared 6379), its own directory, no persistence, killed on
+//! drop. It speaks just enough RESP over a plain `TcpStream` to ping Redis and
+//! send a command; the tests need no Redis client crate.
+
+use std::fs::File;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a fresh `redis-server` gets to answer PING. It takes a few
+/// milliseconds when idle; the margin covers a CI machine running every test
+/// binary at once.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Ports tried by `start` before it gives up: a port can be taken between the
+/// check and Redis's own bind, by another test process.
+const PORT_ATTEMPTS: usize = 20;
+
+/// Ports below this are reserved or well known; candidates start here.
+const LOWEST_PORT: u16 = 10_000;
+
+/// Every port a `RedisServer` of this process holds, stopped ones included,
+/// so two tests running in parallel never get the same one and a stopped
+/// server can come back on its port.
+static PORTS_HELD: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+/// A `redis-server` child process on 127.0.0.1.
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts Redis on a free loopback port and returns once it answers PING.
+    /// Panics with Redis's log if it cannot start.
+    pub fn start() -> RedisServer {
+        let mut failures = Vec::new();
+        for attempt in 0..PORT_ATTEMPTS {
+            let Some(port) = reserve_port(attempt) else {
+                continue;
+            };
+            let mut server = RedisServer {
+                port,
+                dir: std::env::temp_dir()
+                    .join(format!("ringcast-redis-{}-{port}", std::process::id())),
+                child: None,
+            };
+            std::fs::create_dir_all(&server.dir).expect("creating Redis's directory");
+            match server.spawn() {
+                Ok(()) => return server,
+                // Dropping `server` releases the port and removes its directory.
+                Err(log) => failures.push(format!("port {port}: {log}")),
+            }
+        }
+        panic!(
+            "redis-server did not start on any of {PORT_ATTEMPTS} ports:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    /// `redis://127.0.0.1:PORT`, as a ringcast `[cluster] redis_url`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Kills Redis (SIGKILL: clients see their connections drop, as in a
+    /// crash) and waits for it to exit. The port stays reserved for `restart`.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts Redis again on the same port, empty, and returns once it
+    /// answers PING.
+    pub fn restart(&mut self) {
+        self.stop();
+        // The old listener is gone once the process is reaped, and Redis sets
+        // SO_REUSEADDR, so a failure here is a real problem, not a race;
+        // a few tries cover a connection still being torn down.
+        let mut last = String::new();
+        for _ in 0..5 {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(log) => last = log,
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("redis-server did not restart on port {}: {last}", self.port);
+    }
+
+    /// Sends one command (see [`try_redis_cmd`] for the reply's form);
+    /// panics if Redis cannot be reached.
+    pub fn cmd(&self, args: &[&str]) -> String {
+        try_redis_cmd(self.addr(), args)
+            .unwrap_or_else(|e| panic!("Redis on port {} failed {args:?}: {e}", self.port))
+    }
+
+    /// Spawns `redis-server` on `self.port` and waits for PING; on failure
+    /// the child is reaped and the error carries the end of its log.
+    fn spawn(&mut self) -> Result<(), String> {
+        // REDIS_SERVER runs another build; the Debian package is the default.
+        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let log = self.dir.join("redis.log");
+        let stderr = File::create(self.dir.join("stderr")).map_err(|e| e.to_string())?;
+        let mut child = Command::new(&bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {bin}: {e} (scripts/test.sh installs the redis-server package)")
+            });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("exited with {status}: {}", self.log_tail()));
+            }
+            if try_redis_cmd(self.addr(), &["PING"]).is_ok_and(|reply| reply == "PONG") {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "no PONG within {READY_TIMEOUT:?}: {}",
+                    self.log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The last lines Redis wrote to its log and to stderr.
+    fn log_tail(&self) -> String {
+        let mut text = String::new();
+        for name in ["redis.log", "stderr"] {
+            text += &std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        PORTS_HELD
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&p| p != self.port);
+    }
+}
+
+/// Picks a port nobody listens on and records it in `PORTS_HELD`. Candidates
+/// lie below the kernel's ephemeral range, so no outgoing connection (a
+/// ringcast node's, to this very Redis) can take the port while Redis is
+/// stopped and keep `restart` from binding it.
+fn reserve_port(attempt: usize) -> Option<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let mut held = PORTS_HELD.lock().unwrap_or_else(|e| e.into_inner());
+    let port = match ephemeral_low.checked_sub(LOWEST_PORT).filter(|&s| s > 0) {
+        Some(span) => {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_usize(attempt);
+            LOWEST_PORT + (hasher.finish() % u64::from(span)) as u16
+        }
+        // An unusual range leaves no room below it: let the kernel choose.
+        None => TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port(),
+    };
+    if held.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+        return None;
+    }
+    held.push(port);
+    Some(port)
+}
+
+/// Sends one command to the Redis at `addr` on a fresh connection and reads
+/// its reply, rendered as text: a simple or bulk string as is, an integer in
+/// decimal, an error with its leading `-` (`-ERR unknown command ...`), nil as
+/// the empty string, an array as its elements one per line.
+pub fn try_redis_cmd(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request += &format!("${}\r\n{arg}\r\n", arg.len());
+    }
+    stream.write_all(request.as_bytes())?;
+    read_reply(&mut BufReader::new(stream))
+}
+
+/// One RESP2 reply from the front of `reader`.
+fn read_reply(reader: &mut impl BufRead) -> std::io::Result<String> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let line = line.trim_end_matches("\r\n");
+    let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidData, line.to_string());
+    let (kind, rest) = line.split_at_checked(1).ok_or_else(invalid)?;
+    match kind {
+        "+" | ":" => Ok(rest.to_string()),
+        "-" => Ok(line.to_string()),
+        "$" => {
+            let Ok(len) = usize::try_from(rest.parse::<i64>().map_err(|_| invalid())?) else {
+                return Ok(String::new()); // $-1: nil
+            };
+            let mut data = vec![0u8; len + 2];
+            reader.read_exact(&mut data)?;
+            data.truncate(len);
+            Ok(String::from_utf8_lossy(&data).into_owned())
+        }
+        "*" => {
+            let Ok(count) = usize::try_from(rest.parse::<i64>().map_err(|_| invalid())?) else {
+                return Ok(String::new()); // *-1: nil
+            };
+            let items = (0..count)
+                .map(|_| read_reply(reader))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            Ok(items.join("\n"))
+        }
+        _ => Err(invalid()),
+    }
+}
