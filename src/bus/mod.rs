@@ -210,6 +210,23 @@ pub enum Envelope {
         /// JSON body.
         body: Bytes,
     },
+    /// A publication for the other nodes of a cluster, to the broker.
+    /// `seq` numbers the node's publications in the order they were
+    /// accepted (one counter for all shards): the broker sends them to Redis
+    /// in that order, so a publisher's sequential publishes, accepted on
+    /// different shards, reach the other nodes in order.
+    ForNodes {
+        /// Position in the node's order of accepted publications.
+        seq: u64,
+        /// Topic, user (publish to a user) or chat user (chat line).
+        kind: IndexKind,
+        /// The topic or user id.
+        name: Arc<str>,
+        /// For a publish to a user: the topic the user's connections must hold.
+        topic: Option<Arc<str>>,
+        /// The complete WebSocket frame.
+        frame: Bytes,
+    },
     /// The sender has stopped accepting publishes (it is shutting down):
     /// everything it published to the receiver is ahead of this marker.
     Drained,
@@ -226,6 +243,7 @@ impl Envelope {
                 | Envelope::UserPublish { .. }
                 | Envelope::Chat { .. }
                 | Envelope::StreamPublish { .. }
+                | Envelope::ForNodes { .. }
         )
     }
 }

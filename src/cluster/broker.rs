@@ -326,40 +326,83 @@ impl Broker {
         }
     }
 
+    /// Takes what the shards sent. Publications go to Redis in the order
+    /// the node accepted them (their `seq`), not queue by queue: passes
+    /// repeat until one finds nothing, so a publication pushed before
+    /// another that was taken is taken too, and the batch is sorted.
     fn drain_bus(&mut self) {
-        for from in 0..self.bus.shards() {
-            for _ in 0..DRAIN_BOUND {
-                let Some(envelope) = self.bus.pop(ShardId(from), self.me) else {
-                    break;
-                };
-                self.on_envelope(ShardId(from), envelope);
+        let mut publications = Vec::new();
+        let mut taken = 0;
+        loop {
+            let mut found = false;
+            for from in 0..self.bus.shards() {
+                while let Some(envelope) = self.bus.pop(ShardId(from), self.me) {
+                    found = true;
+                    taken += 1;
+                    match envelope {
+                        Envelope::ForNodes { .. } => publications.push(envelope),
+                        other => self.on_envelope(ShardId(from), other),
+                    }
+                    if taken >= DRAIN_BOUND {
+                        break;
+                    }
+                }
+            }
+            if !found || taken >= DRAIN_BOUND {
+                break;
             }
         }
-        if (0..self.bus.shards()).any(|from| self.bus.has_mail(ShardId(from))) {
+        publications.sort_by_key(|p| match p {
+            Envelope::ForNodes { seq, .. } => *seq,
+            _ => 0,
+        });
+        for publication in publications {
+            self.send_to_redis(publication);
+        }
+        if taken >= DRAIN_BOUND {
             // More than the bound: come back after looking at Redis.
             self.bus.waker(self.me).signal();
         }
     }
 
-    fn on_envelope(&mut self, from: ShardId, envelope: Envelope) {
-        match envelope {
-            Envelope::Interest {
-                kind,
-                name,
-                on,
-                epoch,
-            } => self.on_interest(from, kind, name, on, epoch),
-            Envelope::Publish { .. } | Envelope::UserPublish { .. } | Envelope::Chat { .. } => {
-                let Some(message) = wire::encode(&self.prefix, self.node, &envelope) else {
-                    return ClusterStatus::count(&self.status.stats.drops_total);
-                };
-                if self.publishes.try_send(message).is_err() {
-                    ClusterStatus::count(&self.status.stats.drops_total);
-                }
-            }
-            // Shards send the broker nothing else.
-            _ => {}
+    fn send_to_redis(&mut self, publication: Envelope) {
+        let Envelope::ForNodes {
+            kind,
+            name,
+            topic,
+            frame,
+            ..
+        } = publication
+        else {
+            return;
+        };
+        let message = wire::encode(
+            &self.prefix,
+            self.node,
+            kind,
+            &name,
+            topic.as_deref(),
+            &frame,
+        );
+        let Some(message) = message else {
+            return ClusterStatus::count(&self.status.stats.drops_total);
+        };
+        if self.publishes.try_send(message).is_err() {
+            ClusterStatus::count(&self.status.stats.drops_total);
         }
+    }
+
+    fn on_envelope(&mut self, from: ShardId, envelope: Envelope) {
+        if let Envelope::Interest {
+            kind,
+            name,
+            on,
+            epoch,
+        } = envelope
+        {
+            self.on_interest(from, kind, name, on, epoch);
+        }
+        // Shards send the broker nothing else.
     }
 
     fn on_interest(

@@ -9,6 +9,9 @@ pub struct ClusterStatus {
     /// This node's name, as the others see it.
     pub node: String,
     up: AtomicBool,
+    /// The next publication's place in this node's order (see
+    /// `Envelope::ForNodes`).
+    next_seq: AtomicU64,
     /// Counters for /metrics.
     pub stats: ClusterStats,
 }
@@ -38,6 +41,7 @@ impl ClusterStatus {
         ClusterStatus {
             node,
             up: AtomicBool::new(false),
+            next_seq: AtomicU64::new(0),
             stats: ClusterStats::default(),
         }
     }
@@ -46,6 +50,12 @@ impl ClusterStatus {
     /// accepted only then.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// A place in the node's order of publications: taken just before the
+    /// publication is queued to the broker.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::SeqCst)
     }
 
     /// Set by the broker when it gains or loses Redis.

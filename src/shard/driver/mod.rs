@@ -363,7 +363,12 @@ impl Driver {
     fn handle_completions(&mut self, now: Instant) -> bool {
         let mut batch = std::mem::take(&mut self.completions);
         self.ring.drain(&mut batch, COMPLETION_BATCH);
-        let progressed = !batch.is_empty();
+        // Envelopes first: one pushed before a completion was posted (a
+        // publish another shard answered 202 before its client sent the next
+        // one here) is delivered before what that completion brings, so a
+        // publisher's sequential publishes keep their order across shards.
+        let mut progressed = !batch.is_empty() && self.drain_bus(now);
+        progressed |= !batch.is_empty();
         for completion in batch.drain(..) {
             match completion.token.kind {
                 OpKind::Accept => self.on_accept(now, completion),

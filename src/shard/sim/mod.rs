@@ -2631,6 +2631,9 @@ fn describe(envelope: &Envelope) -> String {
         Envelope::Publish { topic, .. } => format!("Publish {topic}"),
         Envelope::UserPublish { user, topic, .. } => format!("UserPublish {user}/{topic}"),
         Envelope::Chat { user, .. } => format!("Chat {user}"),
+        Envelope::ForNodes {
+            seq, kind, name, ..
+        } => format!("ForNodes #{seq} {kind:?} {name}"),
         Envelope::Interest {
             kind,
             name,

@@ -2,7 +2,11 @@
 //! broker, a member of the bus like a shard, which speaks to Redis. The
 //! shard never waits on it: it hands an envelope over and goes on.
 
-use crate::bus::Envelope;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::bus::{Envelope, IndexKind};
 use crate::cluster::ClusterStatus;
 
 use super::ShardState;
@@ -35,7 +39,10 @@ impl ShardState {
     /// there is no cluster, or the broker took it.
     pub(super) fn send_to_other_nodes(
         &mut self,
-        envelope: impl FnOnce() -> Envelope,
+        kind: IndexKind,
+        name: &Arc<str>,
+        topic: Option<&Arc<str>>,
+        frame: Bytes,
     ) -> Result<(), LocalOnly> {
         let (Some(broker), Some(status)) = (self.shared.bus.broker(), &self.shared.cluster) else {
             return Ok(());
@@ -45,7 +52,14 @@ impl ShardState {
             return Err(LocalOnly::ClusterDown);
         }
         let status = status.clone();
-        if self.forward(broker, envelope()) {
+        let envelope = Envelope::ForNodes {
+            seq: status.next_seq(),
+            kind,
+            name: name.clone(),
+            topic: topic.cloned(),
+            frame,
+        };
+        if self.forward(broker, envelope) {
             Ok(())
         } else {
             ClusterStatus::count(&status.stats.drops_total);

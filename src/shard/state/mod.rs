@@ -358,6 +358,8 @@ impl ShardState {
                 payload,
                 ticket,
             } => self.on_stream_publish(from, &topic, &event, &payload, ticket),
+            // Addressed to the broker only.
+            Envelope::ForNodes { .. } => {}
             Envelope::StreamOpen {
                 ticket,
                 topic,

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::bus::{Envelope, ShardId};
+use crate::bus::{Envelope, IndexKind, ShardId};
 use crate::engine::memory::MemoryEngine;
 use crate::engine::{Position, Recovery, StreamEngine, EXPIRE_INTERVAL};
 use crate::metrics::ShardStats;
@@ -134,10 +134,11 @@ impl ShardState {
             let frame = message::push(topic, event, payload_json);
             ShardStats::add(&self.stats().publishes_total, 1);
             let shards = self.fan_out(topic, frame.clone());
-            let nodes = self.send_to_other_nodes(|| Envelope::Publish {
-                topic: Arc::from(topic),
-                frame,
-            });
+            let name = match self.topics.lookup(topic) {
+                Some(id) => self.topics.entry(id).name.clone(),
+                None => Arc::from(topic),
+            };
+            let nodes = self.send_to_other_nodes(IndexKind::Topic, &name, None, frame);
             return match nodes {
                 Ok(()) => Published::Done {
                     shards,

@@ -421,7 +421,7 @@ impl ShardState {
                 shards += usize::from(self.forward(to, envelope()));
             }
         }
-        let nodes = self.send_to_other_nodes(envelope);
+        let nodes = self.send_to_other_nodes(kind, &user, topic.as_ref(), frame);
         (shards, nodes)
     }
 
