@@ -40,6 +40,7 @@ use crate::bus::{Bus, Envelope, IndexKind, Outbox, Sent, ShardId, ShardSet};
 use crate::config::{redact_url, ClusterConfig};
 use crate::shard::Shared;
 
+use super::streams::{self, PublishJob, StreamDone, StreamState};
 use super::wire;
 use super::ClusterStatus;
 
@@ -103,7 +104,7 @@ pub fn spawn(shared: Shared, config: ClusterConfig) -> io::Result<BrokerHandle> 
     set_nonblocking(bus.waker(me).raw_fd())?;
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
-        let (bus, stop) = (bus.clone(), stop.clone());
+        let stop = stop.clone();
         std::thread::Builder::new()
             .name("ringcast-broker".into())
             .spawn(move || {
@@ -112,7 +113,7 @@ pub fn spawn(shared: Shared, config: ClusterConfig) -> io::Result<BrokerHandle> 
                     .build()
                     .expect("a single-threaded tokio runtime starts");
                 runtime.block_on(async move {
-                    match Broker::connect(me, bus, status, &config, redis, stop) {
+                    match Broker::connect(me, shared, status, &config, redis, stop) {
                         Ok(broker) => broker.run().await,
                         Err(e) => tracing::error!("cluster broker cannot start: {e}"),
                     }
@@ -139,8 +140,8 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 
 /// A name some shard of this node holds.
 #[derive(Default)]
-struct Held {
-    shards: ShardSet,
+pub(super) struct Held {
+    pub(super) shards: ShardSet,
     /// The subscribe sent for it last, not yet confirmed: its sequence number.
     pending: Option<u64>,
     /// Interest notices to acknowledge once that subscribe is confirmed.
@@ -160,15 +161,18 @@ struct OpDone {
     key: (IndexKind, Arc<str>),
 }
 
-struct Broker {
+pub(super) struct Broker {
     me: ShardId,
-    bus: Arc<Bus>,
-    status: Arc<ClusterStatus>,
-    prefix: String,
+    pub(super) shared: Shared,
+    pub(super) bus: Arc<Bus>,
+    pub(super) status: Arc<ClusterStatus>,
+    pub(super) prefix: String,
     /// Random id of this process: its own messages come back and are skipped.
     node: u64,
-    names: HashMap<(IndexKind, Arc<str>), Held>,
-    outbox: Outbox,
+    pub(super) names: HashMap<(IndexKind, Arc<str>), Held>,
+    pub(super) outbox: Outbox,
+    /// Streams the node's shards hold (see `cluster::streams`).
+    pub(super) streams: HashMap<Arc<str>, StreamState>,
     next_seq: u64,
     /// After a connection to Redis, the last of the subscribes that restore
     /// every held channel: the node is not `up` until it is confirmed, so
@@ -176,10 +180,13 @@ struct Broker {
     restoring: Option<u64>,
     stop: Arc<AtomicBool>,
     subscriber: Client,
-    publisher: Client,
+    pub(super) publisher: Client,
     ops: mpsc::UnboundedSender<(Op, (IndexKind, Arc<str>))>,
     op_done: mpsc::UnboundedReceiver<OpDone>,
     publishes: mpsc::Sender<(String, Bytes)>,
+    pub(super) stream_publishes: mpsc::Sender<PublishJob>,
+    pub(super) stream_done: mpsc::UnboundedSender<StreamDone>,
+    stream_done_rx: mpsc::UnboundedReceiver<StreamDone>,
 }
 
 impl Broker {
@@ -187,7 +194,7 @@ impl Broker {
     /// a node starts even when Redis is down, degraded, and keeps trying).
     fn connect(
         me: ShardId,
-        bus: Arc<Bus>,
+        shared: Shared,
         status: Arc<ClusterStatus>,
         config: &ClusterConfig,
         redis: fred::prelude::Config,
@@ -224,12 +231,20 @@ impl Broker {
         tokio::spawn(subscriptions(subscriber.clone(), ops_rx, op_done_tx));
         let (publishes, publishes_rx) = mpsc::channel(PUBLISH_QUEUE);
         tokio::spawn(publish(publisher.clone(), publishes_rx, status.clone()));
+        let (stream_done, stream_done_rx) = mpsc::unbounded_channel();
+        let stream_publishes = streams::start(&publisher, stream_done.clone());
+        let bus = shared.bus.clone();
 
         let mut node = [0u8; 8];
         getrandom::fill(&mut node).map_err(|e| Error::new(ErrorKind::IO, e.to_string()))?;
         Ok(Broker {
             me,
             outbox: Outbox::new(me, bus.members()),
+            shared,
+            streams: HashMap::new(),
+            stream_publishes,
+            stream_done,
+            stream_done_rx,
             bus,
             status,
             prefix: config.prefix.clone(),
@@ -291,6 +306,7 @@ impl Broker {
                     }
                 }
                 Some(done) = self.op_done.recv() => self.on_op_done(done),
+                Some(done) = self.stream_done_rx.recv() => self.on_stream_done(done),
                 _ = health.tick() => self.check_health(),
             }
             self.outbox.retry_backlog(&self.bus);
@@ -393,16 +409,54 @@ impl Broker {
     }
 
     fn on_envelope(&mut self, from: ShardId, envelope: Envelope) {
-        if let Envelope::Interest {
-            kind,
-            name,
-            on,
-            epoch,
-        } = envelope
-        {
-            self.on_interest(from, kind, name, on, epoch);
+        match envelope {
+            Envelope::Interest {
+                kind,
+                name,
+                on,
+                epoch,
+            } => self.on_interest(from, kind, name, on, epoch),
+            Envelope::StreamPublish {
+                topic,
+                event,
+                payload,
+                ticket,
+            } => self.on_stream_publish(from, topic, event, payload, ticket),
+            Envelope::StreamOpen {
+                ticket,
+                topic,
+                since,
+            } => self.on_stream_open(from, ticket, topic, since),
+            Envelope::StreamQuery {
+                ticket,
+                topic,
+                since,
+                epoch,
+                limit,
+            } => self.on_stream_query(from, ticket, topic, since, epoch, limit),
+            // Shards send the broker nothing else.
+            _ => {}
         }
-        // Shards send the broker nothing else.
+    }
+
+    fn on_stream_done(&mut self, done: StreamDone) {
+        match done {
+            StreamDone::Published {
+                from,
+                ticket,
+                result,
+            } => self.on_stream_published(from, ticket, result),
+            StreamDone::Opened { opening, result } => self.on_stream_opened(opening, result),
+            StreamDone::Queried {
+                from,
+                ticket,
+                topic,
+                since,
+                epoch,
+                result,
+            } => self.on_stream_queried(from, ticket, &topic, since, epoch, result),
+            StreamDone::Filled { topic, result } => self.on_stream_filled(topic, result),
+        }
     }
 
     fn on_interest(
@@ -440,6 +494,9 @@ impl Broker {
             held.shards.remove(from);
             if held.shards.is_empty() {
                 let held = self.names.remove(&key).unwrap_or_default();
+                if key.0 == IndexKind::Topic {
+                    self.forget_stream(&key.1);
+                }
                 for (shard, epoch) in held.waiting {
                     self.ack(shard, &key, epoch);
                 }
@@ -536,6 +593,9 @@ impl Broker {
         let Some(bytes) = message.value.into_bytes() else {
             return;
         };
+        if kind == IndexKind::Topic && bytes.first() == Some(&b'S') {
+            return self.on_stream_message(&key.1, &bytes);
+        }
         let Some(received) = wire::decode(kind, &key.1, bytes) else {
             return;
         };

@@ -3,6 +3,7 @@
 
 mod broker;
 mod status;
+mod streams;
 pub mod wire;
 
 pub use broker::{spawn, BrokerHandle};

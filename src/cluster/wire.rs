@@ -17,8 +17,11 @@
 //! publish to a user, the topic the user's connections must hold.
 //!
 //! ```text
-//! node id (8, little-endian) | topic length (2, LE; 0 but for user publishes) | topic | frame
+//! 'F' | node id (8, little-endian) | topic length (2, LE; 0 but for user publishes) | topic | frame
 //! ```
+//!
+//! Stream publications (`S...`, see `cluster::streams`) are written by a
+//! Redis script instead, and every node, the publisher's too, delivers them.
 
 use std::sync::Arc;
 
@@ -66,7 +69,8 @@ pub fn encode(
 ) -> Option<(String, Bytes)> {
     let topic = topic.unwrap_or("");
     let topic_len = u16::try_from(topic.len()).ok()?;
-    let mut message = BytesMut::with_capacity(10 + topic.len() + frame.len());
+    let mut message = BytesMut::with_capacity(11 + topic.len() + frame.len());
+    message.put_u8(b'F');
     message.put_u64_le(node);
     message.put_u16_le(topic_len);
     message.put_slice(topic.as_bytes());
@@ -86,9 +90,10 @@ pub struct Received {
 /// Decodes a message on the channel of (`kind`, `name`); `None` if it is
 /// not one of ours (too short, a topic that is not UTF-8).
 pub fn decode(kind: IndexKind, name: &Arc<str>, mut message: Bytes) -> Option<Received> {
-    if message.len() < 10 {
+    if message.len() < 11 || message[0] != b'F' {
         return None;
     }
+    let _ = message.split_to(1);
     let node = u64::from_le_bytes(message[..8].try_into().ok()?);
     let topic_len = usize::from(u16::from_le_bytes(message[8..10].try_into().ok()?));
     if message.len() < 10 + topic_len {
@@ -162,7 +167,8 @@ mod tests {
     fn truncated_messages_are_not_ours() {
         let name: Arc<str> = "t".into();
         assert!(decode(IndexKind::Topic, &name, Bytes::from_static(b"short")).is_none());
-        let mut claims_long_topic = vec![0u8; 8];
+        let mut claims_long_topic = b"F".to_vec();
+        claims_long_topic.extend_from_slice(&[0u8; 8]);
         claims_long_topic.extend_from_slice(&500u16.to_le_bytes());
         claims_long_topic.extend_from_slice(b"abc");
         assert!(decode(IndexKind::User, &name, claims_long_topic.into()).is_none());

@@ -23,7 +23,7 @@ mod interest;
 mod lifecycle;
 pub mod names;
 mod relay;
-mod streams;
+pub(crate) mod streams;
 mod users;
 
 use std::time::Instant;

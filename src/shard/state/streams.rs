@@ -104,7 +104,11 @@ impl ShardState {
 
     /// The shard that orders `topic`'s stream: a hash of the name, the same
     /// on every shard (SipHash with fixed keys).
+    /// In a cluster, Redis orders every stream, through the broker.
     pub(super) fn home_of(&self, topic: &str) -> ShardId {
+        if let Some(broker) = self.shared.bus.broker() {
+            return broker;
+        }
         let mut hasher = DefaultHasher::new();
         topic.hash(&mut hasher);
         ShardId((hasher.finish() % self.shared.bus.shards() as u64) as usize)
@@ -610,14 +614,6 @@ impl ShardState {
     fn home_history(&mut self, topic: &str, history: &History, query: &HistoryQuery) -> Response {
         let current = self.home_position(topic, history);
         let now = self.now;
-        let gone = |why: String, current: &Position| {
-            let body = serde_json::json!({
-                "error": why,
-                "offset": current.offset,
-                "epoch": &*current.epoch,
-            });
-            Response::json(410, body.to_string())
-        };
         if let Some(epoch) = query.epoch.as_deref().filter(|e| *e != &*current.epoch) {
             return gone(
                 format!("epoch `{epoch}` is gone: the stream started afresh"),
@@ -653,21 +649,7 @@ impl ShardState {
             }
             None => (self.streams.engine.latest(topic, query.limit, now), current),
         };
-        let mut body =
-            Vec::with_capacity(64 + publications.iter().map(|p| p.frame.len()).sum::<usize>());
-        body.extend_from_slice(b"{\"topic\":");
-        message::write_json_str(&mut body, topic);
-        body.extend_from_slice(format!(",\"offset\":{},\"epoch\":", position.offset).as_bytes());
-        message::write_json_str(&mut body, &position.epoch);
-        body.extend_from_slice(b",\"publications\":[");
-        for (i, publication) in publications.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(message::frame_json(&publication.frame).unwrap_or(b"null"));
-        }
-        body.extend_from_slice(b"]}");
-        Response::json(200, body)
+        history_found(topic, &position, publications.iter().map(|p| &p.frame))
     }
 
     // ---- timers ----------------------------------------------------------------------
@@ -696,6 +678,41 @@ impl ShardState {
     }
 }
 
+/// `410`: the position a history query asked for is gone; `current` is
+/// where the stream stands.
+pub(crate) fn gone(why: String, current: &Position) -> Response {
+    let body = serde_json::json!({
+        "error": why,
+        "offset": current.offset,
+        "epoch": &*current.epoch,
+    });
+    Response::json(410, body.to_string())
+}
+
+/// `200` to a history query: the stream's position and the publications,
+/// each as the push subscribers got.
+pub(crate) fn history_found<'a>(
+    topic: &str,
+    position: &Position,
+    frames: impl Iterator<Item = &'a Bytes> + Clone,
+) -> Response {
+    let size: usize = frames.clone().map(|f| f.len()).sum();
+    let mut body = Vec::with_capacity(64 + size);
+    body.extend_from_slice(b"{\"topic\":");
+    message::write_json_str(&mut body, topic);
+    body.extend_from_slice(format!(",\"offset\":{},\"epoch\":", position.offset).as_bytes());
+    message::write_json_str(&mut body, &position.epoch);
+    body.extend_from_slice(b",\"publications\":[");
+    for (i, frame) in frames.enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(message::frame_json(frame).unwrap_or(b"null"));
+    }
+    body.extend_from_slice(b"]}");
+    Response::json(200, body)
+}
+
 /// A fresh random epoch: 16 hex characters. Without randomness it falls
 /// back to the clock, which still differs between two starts of a stream.
 fn new_epoch(ids: &mut super::Ids) -> Arc<str> {
@@ -711,7 +728,7 @@ fn new_epoch(ids: &mut super::Ids) -> Arc<str> {
 
 /// The body of a `202` for a publish: shards reached, and the position of a
 /// stream publication.
-pub(super) fn publish_accepted(shards: usize, position: Option<&Position>) -> Response {
+pub(crate) fn publish_accepted(shards: usize, position: Option<&Position>) -> Response {
     let body = match position {
         Some(p) => serde_json::json!({
             "delivered_shards": shards,

@@ -1,0 +1,773 @@
+//! Topic streams in a cluster: Redis orders and keeps them; the broker is
+//! every stream's home for its node's shards.
+//!
+//! Shards address `StreamPublish`, `StreamOpen` and `StreamQuery` to the
+//! broker (it is the home `home_of` names in a cluster) and get the same
+//! answers a home shard gives, so the shard loop does not change.
+//!
+//! In Redis, per topic `T` (the name in a hash tag, beside its channel):
+//!
+//! ```text
+//! {prefix}:s:{T}:meta   hash: e = epoch, o = latest offset     (kept META_TTL after the last publication)
+//! {prefix}:s:{T}:log    stream of the publications, id "<offset>-1", fields e (event) and p (payload);
+//!                       MAXLEN history_size, expires history_ttl after the last publication
+//! ```
+//!
+//! One Lua script per publication assigns the offset, appends and publishes
+//! `S<offset> <epoch> <event length>\n<event><payload>` on the topic's
+//! channel, atomically, so every node sees one order. Each node frames the
+//! push once when the message arrives and forwards it in offset order: a
+//! gap (a message lost in a Redis restart or failover) is filled from the
+//! log before anything newer goes out, and a duplicate is dropped.
+//!
+//! An open (a subscriber's first position, or a recovery) reads the log;
+//! its answer must sit at the right place among the live publications the
+//! broker forwards to the same shard, like a home shard's answer on its
+//! ordered queue: it answers at the offset it has forwarded (`last`),
+//! waiting for live publications to catch up with what Redis reported, or
+//! adding the frames it forwarded since, from a short cache.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::interfaces::LuaInterface;
+use fred::prelude::*;
+use fred::types::{ClusterHash, CustomCommand};
+use tokio::sync::mpsc;
+
+use crate::bus::{Envelope, ShardId};
+use crate::engine::Position;
+use crate::protocol::http::{error_json, Response};
+use crate::protocol::message;
+use crate::rules::History;
+use crate::shard::state::streams::{gone, history_found, publish_accepted};
+
+use super::broker::Broker;
+use super::ClusterStatus;
+
+/// A stream's epoch and offset live this long after its last publication
+/// (its publications only for `history_ttl`): a client reconnecting after
+/// the history expired learns `recovered:false` under the same epoch,
+/// rather than a new stream whose offsets restart.
+const META_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Frames forwarded per stream kept to complete an open that Redis answered
+/// with an older position than the broker has forwarded.
+const RECENT: usize = 256;
+/// Stream publications waiting for Redis, per node; past it a publish gets
+/// 503 (`cluster busy`).
+const PUBLISH_QUEUE: usize = 16_384;
+
+const PUBLISH_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-1', 'e', ARGV[6], 'p', ARGV[7])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('SPUBLISH', ARGV[1], 'S' .. offset .. ' ' .. epoch .. ' ' .. #ARGV[6] .. '\n' .. ARGV[6] .. ARGV[7])
+return {offset, epoch}
+"#;
+
+/// Returns `{epoch, offset, first offset kept (offset + 1 if none), entries}`;
+/// entries are those after ARGV[3] (up to ARGV[4]) or, when ARGV[3] is -1,
+/// the latest ARGV[5], newest first.
+const READ_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+local offset = tonumber(redis.call('HGET', KEYS[1], 'o'))
+local first = offset + 1
+local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+if #head > 0 then first = tonumber(string.match(head[1][1], '^(%d+)')) end
+local entries = {}
+local since = tonumber(ARGV[3])
+if since >= 0 then
+  entries = redis.call('XRANGE', KEYS[2], '(' .. since .. '-1', '+', 'COUNT', ARGV[4])
+elseif tonumber(ARGV[5]) > 0 then
+  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[5])
+end
+return {epoch, offset, first, entries}
+"#;
+
+/// What the broker knows of one stream its node's shards hold.
+#[derive(Default)]
+pub(super) struct StreamState {
+    epoch: Option<Arc<str>>,
+    /// The latest offset forwarded to the shards.
+    last: u64,
+    /// Arrived ahead of a gap, waiting for the gap to be filled.
+    held: BTreeMap<u64, Bytes>,
+    /// A fill from the log is under way.
+    filling: bool,
+    /// The latest frames forwarded, oldest first.
+    recent: VecDeque<(u64, Bytes)>,
+    /// Opens answered by Redis with a position not yet forwarded.
+    opens: Vec<(u64, Opening, Read)>,
+}
+
+/// Who asked for an open, and what.
+pub(super) struct Opening {
+    from: ShardId,
+    ticket: u64,
+    topic: Arc<str>,
+    since: Option<(u64, Arc<str>)>,
+    replay: usize,
+}
+
+/// A read of a stream's log.
+pub(super) struct Read {
+    epoch: Arc<str>,
+    offset: u64,
+    first: u64,
+    /// Offsets and frames, oldest first.
+    entries: Vec<(u64, Bytes)>,
+}
+
+/// A Redis answer for the broker's loop.
+pub(super) enum StreamDone {
+    Published {
+        from: ShardId,
+        ticket: Option<u64>,
+        result: Result<Position, String>,
+    },
+    Opened {
+        opening: Opening,
+        result: Result<Read, String>,
+    },
+    Queried {
+        from: ShardId,
+        ticket: u64,
+        topic: Arc<str>,
+        since: Option<u64>,
+        epoch: Option<String>,
+        result: Result<Read, String>,
+    },
+    Filled {
+        topic: Arc<str>,
+        result: Result<Read, String>,
+    },
+}
+
+/// A publication for the stream publish task.
+pub(super) struct PublishJob {
+    from: ShardId,
+    ticket: Option<u64>,
+    keys: Vec<String>,
+    args: Vec<String>,
+}
+
+/// Keys of topic `T`'s stream.
+fn keys(prefix: &str, topic: &str) -> Vec<String> {
+    vec![
+        format!("{prefix}:s:{{{topic}}}:meta"),
+        format!("{prefix}:s:{{{topic}}}:log"),
+    ]
+}
+
+/// A fresh epoch: 16 hex characters.
+fn new_epoch() -> String {
+    let mut bytes = [0u8; 8];
+    let _ = getrandom::fill(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses a stream message: `S<offset> <epoch> <event length>\n<event><payload>`.
+pub(super) fn parse_message(message: &[u8]) -> Option<(u64, &str, &str, &str)> {
+    let rest = message.strip_prefix(b"S")?;
+    let newline = rest.iter().position(|&b| b == b'\n')?;
+    let head = std::str::from_utf8(&rest[..newline]).ok()?;
+    let mut fields = head.split(' ');
+    let offset = fields.next()?.parse().ok()?;
+    let epoch = fields.next()?;
+    let event_len: usize = fields.next()?.parse().ok()?;
+    let body = std::str::from_utf8(&rest[newline + 1..]).ok()?;
+    if !body.is_char_boundary(event_len) {
+        return None;
+    }
+    let (event, payload) = body.split_at(event_len);
+    Some((offset, epoch, event, payload))
+}
+
+/// Runs stream publications in pipelines, in the order they came.
+pub(super) async fn publish_task(
+    client: Client,
+    mut jobs: mpsc::Receiver<PublishJob>,
+    done: mpsc::UnboundedSender<StreamDone>,
+) {
+    let mut batch = Vec::with_capacity(256);
+    while jobs.recv_many(&mut batch, 256).await > 0 {
+        let pipeline = client.pipeline();
+        let mut queued = Vec::with_capacity(batch.len());
+        for job in batch.drain(..) {
+            // EVAL as a custom command: fred's pipeline has no Lua
+            // interface. The slot is the first key's (argument 2).
+            let mut args: Vec<Value> =
+                vec![PUBLISH_SCRIPT.into(), Value::from(job.keys.len() as i64)];
+            args.extend(job.keys.iter().map(|k| Value::from(k.as_str())));
+            args.extend(job.args.iter().map(|a| Value::from(a.as_str())));
+            let eval = CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false);
+            let sent: Result<(), Error> = pipeline.custom(eval, args).await;
+            queued.push((job, sent));
+        }
+        let mut results = pipeline.try_all::<Value>().await.into_iter();
+        for (job, sent) in queued {
+            let result = match sent {
+                Err(e) => Err(e.to_string()),
+                Ok(()) => match results.next() {
+                    Some(Ok(value)) => position(value).ok_or_else(|| "bad reply".to_string()),
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => Err("no reply".to_string()),
+                },
+            };
+            let _ = done.send(StreamDone::Published {
+                from: job.from,
+                ticket: job.ticket,
+                result,
+            });
+        }
+    }
+}
+
+fn position(value: Value) -> Option<Position> {
+    let mut items = value.into_array().into_iter();
+    let offset = items.next()?.as_u64()?;
+    let epoch = items.next()?.as_str()?.into_owned();
+    Some(Position {
+        offset,
+        epoch: Arc::from(epoch),
+    })
+}
+
+fn parse_read(topic: &str, value: Value) -> Option<Read> {
+    let mut items = value.into_array().into_iter();
+    let epoch: Arc<str> = Arc::from(items.next()?.as_str()?.into_owned());
+    let offset = items.next()?.as_u64()?;
+    let first = items.next()?.as_u64()?;
+    let mut entries = Vec::new();
+    for entry in items.next()?.into_array() {
+        let mut entry = entry.into_array().into_iter();
+        let id = entry.next()?.as_str()?.into_owned();
+        let at: u64 = id.split('-').next()?.parse().ok()?;
+        let fields = entry.next()?.into_array();
+        let (mut event, mut payload) = (None, None);
+        for pair in fields.chunks(2) {
+            match (pair[0].as_str().as_deref(), pair.get(1)) {
+                (Some("e"), Some(v)) => event = v.as_str().map(|s| s.into_owned()),
+                (Some("p"), Some(v)) => payload = v.as_str().map(|s| s.into_owned()),
+                _ => {}
+            }
+        }
+        let frame = message::push_at(topic, at, &event?, &payload?);
+        entries.push((at, frame));
+    }
+    entries.sort_by_key(|(at, _)| *at);
+    Some(Read {
+        epoch,
+        offset,
+        first,
+        entries,
+    })
+}
+
+impl Broker {
+    /// The history settings of `topic`, if its rule makes it a stream.
+    fn history(&self, topic: &str) -> Option<History> {
+        let channel = self.shared.channels.resolve(topic)?;
+        self.shared.channels.hook(channel).history()
+    }
+
+    fn reply(&mut self, to: ShardId, ticket: u64, response: Response) {
+        let reply = Envelope::StreamReply {
+            ticket,
+            status: response.status(),
+            body: response.body().clone(),
+        };
+        self.outbox.send(&self.bus, to, reply);
+    }
+
+    pub(super) fn on_stream_publish(
+        &mut self,
+        from: ShardId,
+        topic: Arc<str>,
+        event: String,
+        payload: String,
+        ticket: Option<u64>,
+    ) {
+        let refuse = |why: &str| error_json(503, why);
+        let Some(history) = self.history(&topic) else {
+            if let Some(ticket) = ticket {
+                let answer = error_json(404, &format!("topic `{topic}` has no history here"));
+                self.reply(from, ticket, answer);
+            }
+            return;
+        };
+        if !self.status.is_up() {
+            ClusterStatus::count(&self.status.stats.refused_total);
+            if let Some(ticket) = ticket {
+                let why = "cluster unavailable: a stream publication needs Redis for its offset";
+                self.reply(from, ticket, refuse(why));
+            }
+            return;
+        }
+        let channel = super::wire::channel(&self.prefix, crate::bus::IndexKind::Topic, &topic);
+        let ttl_ms = history.ttl.as_millis().max(1);
+        let job = PublishJob {
+            from,
+            ticket,
+            keys: keys(&self.prefix, &topic),
+            args: vec![
+                channel,
+                new_epoch(),
+                history.size.to_string(),
+                ttl_ms.to_string(),
+                META_TTL.as_millis().max(ttl_ms).to_string(),
+                event,
+                payload,
+            ],
+        };
+        if self.stream_publishes.try_send(job).is_err() {
+            ClusterStatus::count(&self.status.stats.drops_total);
+            if let Some(ticket) = ticket {
+                self.reply(from, ticket, refuse("cluster busy: try again"));
+            }
+        }
+    }
+
+    pub(super) fn on_stream_published(
+        &mut self,
+        from: ShardId,
+        ticket: Option<u64>,
+        result: Result<Position, String>,
+    ) {
+        let answer = match result {
+            Ok(position) => {
+                ClusterStatus::count(&self.status.stats.published_total);
+                publish_accepted(0, Some(&position))
+            }
+            Err(e) => {
+                tracing::debug!("cluster: stream publication failed: {e}");
+                ClusterStatus::count(&self.status.stats.drops_total);
+                error_json(503, "cluster unavailable: the publication was not stored")
+            }
+        };
+        if let Some(ticket) = ticket {
+            self.reply(from, ticket, answer);
+        }
+    }
+
+    /// Starts a read of `topic`'s log: after `since` (up to `limit`), or
+    /// the latest `latest`.
+    fn read(
+        &self,
+        topic: &str,
+        since: Option<u64>,
+        limit: usize,
+        latest: usize,
+        then: impl FnOnce(Result<Read, String>) -> StreamDone + Send + 'static,
+    ) {
+        let client = self.publisher.clone();
+        let done = self.stream_done.clone();
+        let keys = keys(&self.prefix, topic);
+        let args = vec![
+            new_epoch(),
+            META_TTL.as_millis().to_string(),
+            since.map_or("-1".to_string(), |s| s.to_string()),
+            limit.to_string(),
+            latest.to_string(),
+        ];
+        let topic = topic.to_string();
+        tokio::spawn(async move {
+            let result = match client.eval::<Value, _, _, _>(READ_SCRIPT, keys, args).await {
+                Ok(value) => parse_read(&topic, value).ok_or_else(|| "bad reply".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = done.send(then(result));
+        });
+    }
+
+    pub(super) fn on_stream_open(
+        &mut self,
+        from: ShardId,
+        ticket: u64,
+        topic: Arc<str>,
+        since: Option<(u64, Arc<str>)>,
+    ) {
+        let replay = self.history(&topic).map_or(0, |h| h.replay_on_subscribe);
+        let opening = Opening {
+            from,
+            ticket,
+            topic: topic.clone(),
+            since: since.clone(),
+            replay,
+        };
+        if !self.status.is_up() {
+            // Degraded: live publications need Redis anyway; the subscriber
+            // learns where its node last saw the stream.
+            let state = self.streams.entry(topic).or_default();
+            let position = Position {
+                offset: state.last,
+                epoch: state.epoch.clone().unwrap_or_else(|| Arc::from("")),
+            };
+            return self.answer_open(opening, None, position, Vec::new(), false);
+        }
+        let since_offset = since.as_ref().map(|(offset, _)| *offset);
+        self.read(
+            &topic,
+            since_offset,
+            usize::MAX >> 1,
+            replay,
+            move |result| StreamDone::Opened { opening, result },
+        );
+    }
+
+    pub(super) fn on_stream_opened(&mut self, opening: Opening, result: Result<Read, String>) {
+        let read = match result {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::debug!("cluster: stream read failed: {e}");
+                let state = self.streams.entry(opening.topic.clone()).or_default();
+                let position = Position {
+                    offset: state.last,
+                    epoch: state.epoch.clone().unwrap_or_else(|| Arc::from("")),
+                };
+                let recovered = opening.since.as_ref().map(|_| false);
+                return self.answer_open(opening, recovered, position, Vec::new(), false);
+            }
+        };
+        let state = self.streams.entry(opening.topic.clone()).or_default();
+        if state.epoch.as_deref() != Some(&*read.epoch) {
+            // First sight of the stream (or it started afresh): forwarding
+            // goes on from here.
+            state.epoch = Some(read.epoch.clone());
+            state.last = read.offset;
+            state.held.clear();
+            state.recent.clear();
+        }
+        if read.offset > state.last {
+            // Publications Redis has assigned are still on their way here:
+            // answer once they have gone out, in their place.
+            let topic = opening.topic.clone();
+            state.opens.push((read.offset, opening, read));
+            self.fill_gap(&topic);
+            return;
+        }
+        self.complete_open(opening, read);
+    }
+
+    /// Answers an open whose read is at or behind what has been forwarded.
+    fn complete_open(&mut self, opening: Opening, read: Read) {
+        let Some(state) = self.streams.get(&opening.topic) else {
+            return;
+        };
+        let position = Position {
+            offset: state.last,
+            epoch: read.epoch.clone(),
+        };
+        // What was forwarded after the read's position, from the cache.
+        let newer: Vec<(u64, Bytes)> = state
+            .recent
+            .iter()
+            .filter(|(at, _)| *at > read.offset)
+            .cloned()
+            .collect();
+        let covered = newer.len() as u64 == state.last - read.offset;
+        match &opening.since {
+            Some((offset, epoch)) => {
+                let recoverable = **epoch == *read.epoch
+                    && *offset <= read.offset
+                    && *offset + 1 >= read.first
+                    && covered;
+                if recoverable {
+                    let frames = read
+                        .entries
+                        .into_iter()
+                        .chain(newer)
+                        .filter(|(at, _)| at > offset)
+                        .map(|(_, f)| f)
+                        .collect();
+                    return self.answer_open(opening, Some(true), position, frames, false);
+                }
+                let frames = latest(read.entries, newer, opening.replay);
+                self.answer_open(opening, Some(false), position, frames, true)
+            }
+            None => {
+                let frames = latest(read.entries, newer, opening.replay);
+                self.answer_open(opening, None, position, frames, true)
+            }
+        }
+    }
+
+    fn answer_open(
+        &mut self,
+        opening: Opening,
+        recovered: Option<bool>,
+        position: Position,
+        frames: Vec<Bytes>,
+        marked: bool,
+    ) {
+        let opened = Envelope::StreamOpened {
+            ticket: opening.ticket,
+            recovered,
+            offset: position.offset,
+            epoch: position.epoch,
+            frames,
+            marked,
+        };
+        self.outbox.send(&self.bus, opening.from, opened);
+    }
+
+    pub(super) fn on_stream_query(
+        &mut self,
+        from: ShardId,
+        ticket: u64,
+        topic: Arc<str>,
+        since: Option<u64>,
+        epoch: Option<String>,
+        limit: usize,
+    ) {
+        if !self.status.is_up() {
+            let answer = error_json(503, "cluster unavailable: history lives in Redis");
+            return self.reply(from, ticket, answer);
+        }
+        let latest = if since.is_none() { limit } else { 0 };
+        let t = topic.clone();
+        self.read(&topic, since, limit, latest, move |result| {
+            StreamDone::Queried {
+                from,
+                ticket,
+                topic: t,
+                since,
+                epoch,
+                result,
+            }
+        });
+    }
+
+    pub(super) fn on_stream_queried(
+        &mut self,
+        from: ShardId,
+        ticket: u64,
+        topic: &str,
+        since: Option<u64>,
+        epoch: Option<String>,
+        result: Result<Read, String>,
+    ) {
+        let read = match result {
+            Ok(read) => read,
+            Err(_) => {
+                let answer = error_json(503, "cluster unavailable: history lives in Redis");
+                return self.reply(from, ticket, answer);
+            }
+        };
+        let position = Position {
+            offset: read.offset,
+            epoch: read.epoch.clone(),
+        };
+        if let Some(asked) = epoch.filter(|e| **e != *read.epoch) {
+            let why = format!("epoch `{asked}` is gone: the stream started afresh");
+            return self.reply(from, ticket, gone(why, &position));
+        }
+        if let Some(offset) = since.filter(|&o| o > read.offset || o + 1 < read.first) {
+            let why = format!("offset {offset} is no longer in history");
+            return self.reply(from, ticket, gone(why, &position));
+        }
+        let frames: Vec<Bytes> = read.entries.into_iter().map(|(_, f)| f).collect();
+        let answer = history_found(topic, &position, frames.iter());
+        self.reply(from, ticket, answer);
+    }
+
+    /// A stream publication from Redis.
+    pub(super) fn on_stream_message(&mut self, topic: &str, bytes: &[u8]) {
+        let Some((offset, epoch, event, payload)) = parse_message(bytes) else {
+            return;
+        };
+        let Some(state) = self.streams.get_mut(topic) else {
+            // No subscriber here has opened it yet: its first open reads
+            // the position.
+            return;
+        };
+        if state.epoch.as_deref() != Some(epoch) {
+            // A new run of the stream (Redis lost it): start over with it.
+            state.epoch = Some(Arc::from(epoch));
+            state.last = offset - 1;
+            state.held.clear();
+            state.recent.clear();
+        }
+        if offset <= state.last {
+            return; // a duplicate: a fill got it first
+        }
+        let frame = message::push_at(topic, offset, event, payload);
+        state.held.insert(offset, frame);
+        let topic: Arc<str> = Arc::from(topic);
+        self.forward_ready(&topic);
+        let gap = self
+            .streams
+            .get(&topic)
+            .is_some_and(|s| !s.held.is_empty() && !s.filling);
+        if gap {
+            self.fill_gap(&topic);
+        }
+    }
+
+    /// Reads the publications missing before the held ones (or before an
+    /// open's position) from the log.
+    fn fill_gap(&mut self, topic: &Arc<str>) {
+        let Some(state) = self.streams.get_mut(topic) else {
+            return;
+        };
+        if state.filling {
+            return;
+        }
+        state.filling = true;
+        let last = state.last;
+        let t = topic.clone();
+        self.read(topic, Some(last), 1024, 0, move |result| {
+            StreamDone::Filled { topic: t, result }
+        });
+    }
+
+    pub(super) fn on_stream_filled(&mut self, topic: Arc<str>, result: Result<Read, String>) {
+        let Some(state) = self.streams.get_mut(&topic) else {
+            return;
+        };
+        state.filling = false;
+        match result {
+            Ok(read) if state.epoch.as_deref() == Some(&*read.epoch) => {
+                let first_missing = state.last + 1;
+                for (at, frame) in read.entries {
+                    if at > state.last {
+                        state.held.entry(at).or_insert(frame);
+                    }
+                }
+                // Gone from the log too (trimmed, or Redis lost it): skip
+                // the hole; subscribers see it in the offsets.
+                if !state.held.contains_key(&first_missing) && read.first > first_missing {
+                    state.last = read.first.saturating_sub(1).min(read.offset);
+                    ClusterStatus::count(&self.status.stats.drops_total);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("cluster: filling a stream gap failed: {e}"),
+        }
+        self.forward_ready(&topic);
+        let again = self.streams.get(&topic).is_some_and(|s| {
+            let waiting = s.opens.iter().any(|(target, ..)| *target > s.last);
+            (!s.held.is_empty() || waiting) && !s.filling
+        });
+        if again {
+            self.fill_gap(&topic);
+        }
+    }
+
+    /// Forwards held publications that follow `last`, in order, and answers
+    /// opens whose position has been reached.
+    fn forward_ready(&mut self, topic: &Arc<str>) {
+        let Some(state) = self.streams.get_mut(topic) else {
+            return;
+        };
+        let mut ready = Vec::new();
+        while let Some(frame) = state.held.remove(&(state.last + 1)) {
+            state.last += 1;
+            state.recent.push_back((state.last, frame.clone()));
+            if state.recent.len() > RECENT {
+                state.recent.pop_front();
+            }
+            ready.push((state.last, frame));
+        }
+        let last = state.last;
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut state.opens)
+            .into_iter()
+            .partition(|(target, ..)| *target <= last);
+        state.opens = waiting;
+        // Opens due at an offset are answered right after it goes out.
+        let mut due = due;
+        due.sort_by_key(|(target, ..)| *target);
+        let mut due = due.into_iter().peekable();
+        for (at, frame) in ready {
+            self.deliver(topic, frame);
+            while let Some((_, opening, read)) = due.next_if(|(target, ..)| *target <= at) {
+                self.complete_open(opening, read);
+            }
+        }
+        for (_, opening, read) in due {
+            self.complete_open(opening, read);
+        }
+    }
+
+    fn deliver(&mut self, topic: &Arc<str>, frame: Bytes) {
+        let key = (crate::bus::IndexKind::Topic, topic.clone());
+        let Some(held) = self.names.get(&key) else {
+            return;
+        };
+        ClusterStatus::count(&self.status.stats.received_total);
+        for to in held.shards.iter() {
+            let envelope = Envelope::Publish {
+                topic: topic.clone(),
+                frame: frame.clone(),
+            };
+            if self.outbox.send(&self.bus, to, envelope) == crate::bus::Sent::Dropped {
+                ClusterStatus::count(&self.status.stats.drops_total);
+            }
+        }
+    }
+
+    /// Forgets a stream no shard holds any more.
+    pub(super) fn forget_stream(&mut self, topic: &Arc<str>) {
+        self.streams.remove(topic);
+    }
+}
+
+/// The latest `count` of the read's entries and the newer forwarded ones.
+fn latest(entries: Vec<(u64, Bytes)>, newer: Vec<(u64, Bytes)>, count: usize) -> Vec<Bytes> {
+    let mut all: Vec<(u64, Bytes)> = entries.into_iter().chain(newer).collect();
+    all.sort_by_key(|(at, _)| *at);
+    all.dedup_by_key(|(at, _)| *at);
+    let skip = all.len().saturating_sub(count);
+    all.into_iter().skip(skip).map(|(_, f)| f).collect()
+}
+
+/// The stream publish queue and its task.
+pub(super) fn start(
+    publisher: &Client,
+    done: mpsc::UnboundedSender<StreamDone>,
+) -> mpsc::Sender<PublishJob> {
+    let (jobs, rx) = mpsc::channel(PUBLISH_QUEUE);
+    tokio::spawn(publish_task(publisher.clone(), rx, done));
+    jobs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_messages_split_at_the_event_length() {
+        let message = b"S42 0a1b2c3d4e5f6a7b 7\ncreated{\"id\":1}";
+        assert_eq!(
+            parse_message(message),
+            Some((42, "0a1b2c3d4e5f6a7b", "created", "{\"id\":1}"))
+        );
+        assert_eq!(parse_message(b"S1 e 9\nshort"), None);
+        assert_eq!(parse_message(b"F..."), None);
+    }
+
+    #[test]
+    fn latest_keeps_the_newest_without_duplicates() {
+        let f = |n: u64| (n, Bytes::from(n.to_string()));
+        let frames = latest(vec![f(1), f(2), f(3)], vec![f(3), f(4)], 3);
+        assert_eq!(
+            frames,
+            vec![Bytes::from("2"), Bytes::from("3"), Bytes::from("4")]
+        );
+    }
+}
