@@ -40,6 +40,7 @@ use crate::bus::{Bus, Envelope, IndexKind, Outbox, Sent, ShardId, ShardSet};
 use crate::config::{redact_url, ClusterConfig};
 use crate::shard::Shared;
 
+use super::registry::{self, RegistryDone};
 use super::streams::{self, PublishJob, StreamDone, StreamState};
 use super::wire;
 use super::ClusterStatus;
@@ -167,8 +168,10 @@ pub(super) struct Broker {
     pub(super) bus: Arc<Bus>,
     pub(super) status: Arc<ClusterStatus>,
     pub(super) prefix: String,
+    /// `{prefix}:ctl`: registry announcements.
+    control_channel: String,
     /// Random id of this process: its own messages come back and are skipped.
-    node: u64,
+    pub(super) node: u64,
     pub(super) names: HashMap<(IndexKind, Arc<str>), Held>,
     pub(super) outbox: Outbox,
     /// Streams the node's shards hold (see `cluster::streams`).
@@ -187,6 +190,10 @@ pub(super) struct Broker {
     pub(super) stream_publishes: mpsc::Sender<PublishJob>,
     pub(super) stream_done: mpsc::UnboundedSender<StreamDone>,
     stream_done_rx: mpsc::UnboundedReceiver<StreamDone>,
+    /// Registry changes waiting for their announcement to come back.
+    pub(super) registry: registry::Pending,
+    pub(super) registry_done: mpsc::UnboundedSender<RegistryDone>,
+    registry_done_rx: mpsc::UnboundedReceiver<RegistryDone>,
 }
 
 impl Broker {
@@ -234,6 +241,7 @@ impl Broker {
         let (stream_done, stream_done_rx) = mpsc::unbounded_channel();
         let stream_publishes = streams::start(&publisher, stream_done.clone());
         let bus = shared.bus.clone();
+        let (registry_done, registry_done_rx) = registry::channel();
 
         let mut node = [0u8; 8];
         getrandom::fill(&mut node).map_err(|e| Error::new(ErrorKind::IO, e.to_string()))?;
@@ -245,9 +253,13 @@ impl Broker {
             stream_publishes,
             stream_done,
             stream_done_rx,
+            registry: registry::Pending::default(),
+            registry_done,
+            registry_done_rx,
             bus,
             status,
             prefix: config.prefix.clone(),
+            control_channel: registry::control_channel(&config.prefix),
             node: u64::from_le_bytes(node),
             names: HashMap::new(),
             next_seq: 1,
@@ -307,6 +319,7 @@ impl Broker {
                 }
                 Some(done) = self.op_done.recv() => self.on_op_done(done),
                 Some(done) = self.stream_done_rx.recv() => self.on_stream_done(done),
+                Some(done) = self.registry_done_rx.recv() => self.on_registry_done(done),
                 _ = health.tick() => self.check_health(),
             }
             self.outbox.retry_backlog(&self.bus);
@@ -434,7 +447,15 @@ impl Broker {
                 epoch,
                 limit,
             } => self.on_stream_query(from, ticket, topic, since, epoch, limit),
-            // Shards send the broker nothing else.
+            Envelope::Register {
+                ticket,
+                id,
+                user,
+                topics,
+            } => self.on_register(from, ticket, id, user, topics),
+            Envelope::Unregister { ticket, id } => self.on_unregister(from, ticket, id),
+            // Shards acknowledge the registrations the broker hands them; and
+            // send the broker nothing else.
             _ => {}
         }
     }
@@ -562,7 +583,15 @@ impl Broker {
 
     fn resubscribe_all(&mut self) {
         let keys: Vec<_> = self.names.keys().cloned().collect();
-        self.restoring = None;
+        let control = Op {
+            seq: self.next_seq,
+            channel: self.control_channel.clone(),
+            subscribe: true,
+        };
+        self.restoring = Some(self.next_seq);
+        self.next_seq += 1;
+        let _ = self.ops.send((control, (IndexKind::Chat, Arc::from(""))));
+        self.load_registrations();
         for key in keys {
             let seq = self.subscribe(&key, true);
             self.restoring = Some(seq);
@@ -582,6 +611,12 @@ impl Broker {
     }
 
     fn on_message(&mut self, message: Message) {
+        if *message.channel == *self.control_channel {
+            if let Some(text) = message.value.as_bytes() {
+                self.on_notice(text);
+            }
+            return;
+        }
         let Some((kind, name)) = wire::parse_channel(&self.prefix, &message.channel) else {
             return;
         };

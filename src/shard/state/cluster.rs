@@ -74,7 +74,8 @@ impl ShardState {
         self.shared.bus.members() - 1
     }
 
-    /// Sends an interest notice to every other member of the bus.
+    /// Sends an interest notice (or a registry change) to every other
+    /// member of the bus.
     pub(super) fn broadcast_interest(&mut self, make: impl Fn() -> Envelope) {
         for to in 0..self.shared.bus.members() {
             if to != self.id.0 {

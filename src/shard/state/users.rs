@@ -172,6 +172,12 @@ impl ShardState {
         if !self.control_has_room() {
             return Some(error_json(503, "server busy: try again"));
         }
+        if self.shared.cluster.as_ref().is_some_and(|c| !c.is_up()) {
+            return Some(error_json(
+                503,
+                "cluster unavailable: registrations are kept in Redis",
+            ));
+        }
         if !self.reserve_registration() {
             let max = self.config().limits.max_registrations;
             return Some(error_json(
@@ -252,6 +258,12 @@ impl ShardState {
         if !self.control_has_room() {
             return Some(error_json(503, "server busy: try again"));
         }
+        if self.shared.cluster.as_ref().is_some_and(|c| !c.is_up()) {
+            return Some(error_json(
+                503,
+                "cluster unavailable: registrations are kept in Redis",
+            ));
+        }
         let id = self.forget_registration(id)?;
         self.close_registered(&id);
         let response = Response::new(204).keep_alive(keep_alive);
@@ -261,15 +273,17 @@ impl ShardState {
         })
     }
 
-    /// Broadcasts a registry change and parks `response` until every shard has
-    /// acknowledged it; answers at once when there is no other shard.
+    /// Broadcasts a registry change and parks `response` until every other
+    /// member of the bus has acknowledged it (in a cluster the broker does
+    /// once Redis holds it and the other nodes were told); answers at once
+    /// when there is no other member.
     fn broadcast_with_ack(
         &mut self,
         key: ConnKey,
         response: Response,
         make: impl Fn(u64) -> Envelope,
     ) -> Option<Response> {
-        let others = self.shared.bus.shards() - 1;
+        let others = self.shared.bus.members() - 1;
         if others == 0 {
             return Some(response);
         }
@@ -285,7 +299,7 @@ impl ShardState {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.deferred = Some(Box::new(Deferred::Response { ticket, response }));
         }
-        self.broadcast_control(|| make(ticket));
+        self.broadcast_interest(|| make(ticket));
         None
     }
 
