@@ -173,6 +173,10 @@ pub struct ClusterConfig {
     pub node_name: Option<String>,
     /// Namespace of every Redis key and channel. Default `ringcast`.
     pub prefix: String,
+    /// How long a node's presence members outlive its last refresh (it
+    /// refreshes every third of it): a node that dies stops counting within
+    /// this. Default 30 s.
+    pub presence_ttl: Duration,
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -181,6 +185,7 @@ impl fmt::Debug for ClusterConfig {
             .field("redis_url", &redact_url(&self.redis_url))
             .field("node_name", &self.node_name)
             .field("prefix", &self.prefix)
+            .field("presence_ttl", &self.presence_ttl)
             .finish()
     }
 }
@@ -246,6 +251,7 @@ struct FileCluster {
     redis_url: String,
     node_name: Option<String>,
     prefix: Option<String>,
+    presence_ttl_s: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -463,10 +469,17 @@ fn cluster_config(file: FileCluster) -> Result<ClusterConfig, ConfigError> {
             "cluster.node_name must not be empty".into(),
         ));
     }
+    let presence_ttl = Duration::from_secs(file.presence_ttl_s.unwrap_or(30));
+    if presence_ttl < Duration::from_secs(3) {
+        return Err(ConfigError::Invalid(
+            "cluster.presence_ttl_s must be at least 3".into(),
+        ));
+    }
     Ok(ClusterConfig {
         redis_url: file.redis_url,
         node_name: file.node_name,
         prefix,
+        presence_ttl,
     })
 }
 

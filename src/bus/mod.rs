@@ -133,6 +133,16 @@ pub enum Envelope {
         /// Topic name.
         topic: Arc<str>,
     },
+    /// A connection's presence in `topic` began (`meta`) or ended (`None`):
+    /// to the cluster broker, which keeps the node's members in Redis.
+    PresenceChange {
+        /// Topic name.
+        topic: Arc<str>,
+        /// The member's connection id on this node.
+        conn_id: String,
+        /// Its presence meta (a JSON object), or `None` when it left.
+        meta: Option<Arc<str>>,
+    },
     /// One shard's presence members of the topic asked about.
     PresenceReply {
         /// The query's ticket.

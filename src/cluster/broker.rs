@@ -40,6 +40,7 @@ use crate::bus::{Bus, Envelope, IndexKind, Outbox, Sent, ShardId, ShardSet};
 use crate::config::{redact_url, ClusterConfig};
 use crate::shard::Shared;
 
+use super::presence::{self, PresenceDone};
 use super::registry::{self, RegistryDone};
 use super::streams::{self, PublishJob, StreamDone, StreamState};
 use super::wire;
@@ -194,6 +195,11 @@ pub(super) struct Broker {
     pub(super) registry: registry::Pending,
     pub(super) registry_done: mpsc::UnboundedSender<RegistryDone>,
     registry_done_rx: mpsc::UnboundedReceiver<RegistryDone>,
+    /// This node's presence members (see `cluster::presence`).
+    pub(super) members: presence::Members,
+    pub(super) presence_ttl: Duration,
+    pub(super) presence_done: mpsc::UnboundedSender<PresenceDone>,
+    presence_done_rx: mpsc::UnboundedReceiver<PresenceDone>,
 }
 
 impl Broker {
@@ -242,6 +248,7 @@ impl Broker {
         let stream_publishes = streams::start(&publisher, stream_done.clone());
         let bus = shared.bus.clone();
         let (registry_done, registry_done_rx) = registry::channel();
+        let (presence_done, presence_done_rx) = mpsc::unbounded_channel();
 
         let mut node = [0u8; 8];
         getrandom::fill(&mut node).map_err(|e| Error::new(ErrorKind::IO, e.to_string()))?;
@@ -256,6 +263,10 @@ impl Broker {
             registry: registry::Pending::default(),
             registry_done,
             registry_done_rx,
+            members: presence::Members::default(),
+            presence_ttl: config.presence_ttl,
+            presence_done,
+            presence_done_rx,
             bus,
             status,
             prefix: config.prefix.clone(),
@@ -285,6 +296,7 @@ impl Broker {
         let mut messages = self.subscriber.message_rx();
         let mut connected = self.subscriber.reconnect_rx();
         let mut health = tokio::time::interval(HEALTH_INTERVAL);
+        let mut presence_refresh = tokio::time::interval(self.presence_ttl / 3);
         let mut connections = 0u64;
         loop {
             tokio::select! {
@@ -320,6 +332,8 @@ impl Broker {
                 Some(done) = self.op_done.recv() => self.on_op_done(done),
                 Some(done) = self.stream_done_rx.recv() => self.on_stream_done(done),
                 Some(done) = self.registry_done_rx.recv() => self.on_registry_done(done),
+                Some(done) = self.presence_done_rx.recv() => self.answer_presence(done),
+                _ = presence_refresh.tick() => self.refresh_presence(),
                 _ = health.tick() => self.check_health(),
             }
             self.outbox.retry_backlog(&self.bus);
@@ -352,6 +366,10 @@ impl Broker {
                 self.release_all_waiters();
             }
             self.status.set_up(up);
+            if up {
+                // Members that came or went meanwhile, or a Redis that lost them.
+                self.refresh_presence();
+            }
         }
     }
 
@@ -454,6 +472,14 @@ impl Broker {
                 topics,
             } => self.on_register(from, ticket, id, user, topics),
             Envelope::Unregister { ticket, id } => self.on_unregister(from, ticket, id),
+            Envelope::PresenceChange {
+                topic,
+                conn_id,
+                meta,
+            } => self.on_presence_change(topic, conn_id, meta),
+            Envelope::PresenceQuery { ticket, topic } => {
+                self.on_presence_query(from, ticket, topic)
+            }
             // Shards acknowledge the registrations the broker hands them; and
             // send the broker nothing else.
             _ => {}

@@ -2634,6 +2634,11 @@ fn describe(envelope: &Envelope) -> String {
         Envelope::ForNodes {
             seq, kind, name, ..
         } => format!("ForNodes #{seq} {kind:?} {name}"),
+        Envelope::PresenceChange {
+            topic,
+            conn_id,
+            meta,
+        } => format!("PresenceChange {topic} {conn_id} {}", meta.is_some()),
         Envelope::Interest {
             kind,
             name,

@@ -19,6 +19,7 @@ use crate::protocol::message;
 use crate::shard::key::ConnKey;
 
 use super::conn::Deferred;
+use super::names::NameId;
 use super::streams::Published;
 use super::ShardState;
 
@@ -240,8 +241,30 @@ impl ShardState {
             return;
         };
         if let Some(sub) = conn.subs.iter_mut().find(|s| s.topic == id) {
-            sub.meta = meta;
+            if sub.meta != meta {
+                sub.meta = meta.clone();
+                self.presence_to_other_nodes(key, id, meta);
+            }
         }
+    }
+
+    /// In a cluster, tells the broker a member of `topic` came or went, so
+    /// the other nodes count it.
+    pub(super) fn presence_to_other_nodes(
+        &mut self,
+        key: ConnKey,
+        topic: NameId,
+        meta: Option<Arc<str>>,
+    ) {
+        let Some(broker) = self.shared.bus.broker() else {
+            return;
+        };
+        let change = Envelope::PresenceChange {
+            topic: self.topics.entry(topic).name.clone(),
+            conn_id: self.conn_id(key),
+            meta,
+        };
+        self.post_control(broker, change);
     }
 
     /// Whether presence is answered for `topic`.
@@ -287,7 +310,8 @@ impl ShardState {
     pub(super) fn start_presence(&mut self, topic: &str, then: PresenceThen) {
         let (count, members) = self.local_presence(topic);
         let topic: Arc<str> = Arc::from(topic);
-        let others = self.shared.bus.shards() - 1;
+        // In a cluster the broker answers for the other nodes.
+        let others = self.shared.bus.members() - 1;
         let wait = PresenceWait {
             topic: topic.clone(),
             remaining: others,
@@ -301,7 +325,7 @@ impl ShardState {
         let ticket = self.presence.next_ticket;
         self.presence.next_ticket += 1;
         self.presence.waits.insert(ticket, wait);
-        self.broadcast_control(|| Envelope::PresenceQuery {
+        self.broadcast_interest(|| Envelope::PresenceQuery {
             ticket,
             topic: topic.clone(),
         });

@@ -359,7 +359,7 @@ impl ShardState {
                 ticket,
             } => self.on_stream_publish(from, &topic, &event, &payload, ticket),
             // Addressed to the broker only.
-            Envelope::ForNodes { .. } => {}
+            Envelope::ForNodes { .. } | Envelope::PresenceChange { .. } => {}
             Envelope::StreamOpen {
                 ticket,
                 topic,

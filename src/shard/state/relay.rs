@@ -178,6 +178,9 @@ impl ShardState {
         };
         let sub = conn.subs.swap_remove(index);
         ShardStats::sub(&self.stats().subscriptions, 1);
+        if sub.meta.is_some() {
+            self.presence_to_other_nodes(key, id, None);
+        }
         let entry = self.topics.entry(id);
         let (name, channel) = (entry.name.clone(), entry.channel);
         self.cancel_stream_opens(key, &name);
