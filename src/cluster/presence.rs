@@ -42,6 +42,10 @@ pub(super) struct Members {
     topics: HashMap<Arc<str>, HashMap<String, Arc<str>>>,
 }
 
+/// One topic's members as written to Redis: hash key, node-set key, and
+/// (conn id, meta) pairs.
+type TopicMembers = (String, String, Vec<(String, String)>);
+
 /// A presence answer for the broker's loop.
 pub(super) struct PresenceDone {
     pub(super) from: ShardId,
@@ -128,7 +132,7 @@ impl Broker {
         let client = self.publisher.clone();
         let node = self.status.node.clone();
         let ttl = self.presence_ttl;
-        let writes: Vec<(String, String, Vec<(String, String)>)> = self
+        let writes: Vec<TopicMembers> = self
             .members
             .topics
             .iter()
