@@ -3,123 +3,19 @@
 //! lines cross nodes; a node rides out Redis going away (local delivery, 503
 //! for publishes, degraded health) and coming back (it resubscribes by itself),
 //! starts without Redis, and the others carry on when one is killed.
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
 use std::time::{Duration, Instant};
 
+use cluster::{
+    assert_quiet, health, recv_within, subscribers_on_every_shard, wait_for_redis, wait_until,
+    Cluster, Redis, CLUSTER_TIMEOUT, QUIET, SHARDS,
+};
 use common::redis::{try_redis_cmd, RedisServer};
-use common::{TestServer, Ws, IO_TIMEOUT};
+use common::{TestServer, Ws};
 use serde_json::{json, Value};
-use tungstenite::stream::MaybeTlsStream;
-use tungstenite::Message;
-
-/// Shards per node: two, so a node also routes between its own shards.
-const SHARDS: usize = 2;
-
-/// Longest wait for a node to see Redis leave or come back. Reconnects back
-/// off to about 2 s between attempts; the rest is room for a machine running
-/// every test at once. Only a failing test waits this long.
-const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long a connection must stay silent to count as having nothing more on
-/// its way (a duplicate, a stray delivery): long against a hop through
-/// loopback Redis, short enough to keep the suite quick. A silence check can
-/// miss a very late duplicate; it never fails a correct relay.
-const QUIET: Duration = Duration::from_millis(500);
-
-/// One Redis and nodes `a`, `b` and `c`, each told about Redis in `[cluster]`.
-struct Cluster {
-    // Fields drop in order: the nodes are killed before Redis.
-    a: TestServer,
-    b: TestServer,
-    c: TestServer,
-    redis: RedisServer,
-}
-
-impl Cluster {
-    /// Starts Redis and the three nodes, and returns once every node reports
-    /// Redis up (before that a node is degraded and delivers only locally).
-    fn start() -> Cluster {
-        let redis = RedisServer::start();
-        let cluster = Cluster {
-            a: start_node(&redis, "a"),
-            b: start_node(&redis, "b"),
-            c: start_node(&redis, "c"),
-            redis,
-        };
-        for (name, node) in cluster.nodes() {
-            wait_for_redis(node, name, Redis::Up);
-        }
-        cluster
-    }
-
-    fn nodes(&self) -> [(&'static str, &TestServer); 3] {
-        [("a", &self.a), ("b", &self.b), ("c", &self.c)]
-    }
-}
-
-/// A node of two shards joined to `redis` under the name `name`.
-fn start_node(redis: &RedisServer, name: &str) -> TestServer {
-    let config = format!(
-        "[cluster]\nredis_url = \"{}\"\nnode_name = \"{name}\"\nprefix = \"ringcast-test\"\n",
-        redis.url()
-    );
-    TestServer::start(SHARDS, Some(&config))
-}
-
-/// Whether a node can reach Redis, as `/health` and the metrics tell it.
-#[derive(Debug, Clone, Copy)]
-enum Redis {
-    Up,
-    Down,
-}
-
-/// `/health` as JSON; it answers 200 whether or not Redis is reachable.
-fn health(node: &TestServer) -> Value {
-    let (status, body) = node.http("GET", "/health", None);
-    assert_eq!(
-        status, 200,
-        "/health answers 200 even when degraded: {body}"
-    );
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/health is not JSON: {body:?}: {e}"))
-}
-
-/// Waits until `node` reports Redis `state` both in `/health` (`status` and
-/// `cluster.redis`) and in `ringcast_cluster_up`, and checks its name there.
-fn wait_for_redis(node: &TestServer, name: &str, state: Redis) {
-    let (status, redis, up) = match state {
-        Redis::Up => ("ok", "up", 1),
-        Redis::Down => ("degraded", "down", 0),
-    };
-    wait_until(&format!("node {name} to see Redis {redis}"), || {
-        let health = health(node);
-        let cluster_up = node.metric("cluster_up");
-        if health["status"] == status && health["cluster"]["redis"] == redis && cluster_up == up {
-            Ok(())
-        } else {
-            Err(format!(
-                "/health {health}, ringcast_cluster_up {cluster_up}"
-            ))
-        }
-    });
-    assert_eq!(health(node)["cluster"]["node"], name);
-}
-
-/// Polls `probe` until it succeeds; panics with its last error after
-/// `CLUSTER_TIMEOUT`.
-fn wait_until(what: &str, mut probe: impl FnMut() -> Result<(), String>) {
-    let start = Instant::now();
-    loop {
-        match probe() {
-            Ok(()) => return,
-            Err(last) => assert!(
-                start.elapsed() < CLUSTER_TIMEOUT,
-                "timed out after {CLUSTER_TIMEOUT:?} waiting for {what}; last seen: {last}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// What a subscriber of `topic` receives for a publish.
 fn push(topic: &str, event: &str, payload: Value) -> Value {
@@ -155,60 +51,6 @@ fn say(ws: &mut Ws, topic: &str, payload: Value) {
     ws.send_text(
         &json!({"type":"message","topic":topic,"event":"say","payload":payload}).to_string(),
     );
-}
-
-/// Opens subscribers to `topic` on `node` until each of its shards holds at
-/// least `per_shard` more WebSockets than before (SO_REUSEPORT spreads
-/// connections by hash, so the number needed varies).
-fn subscribers_on_every_shard(node: &TestServer, topic: &str, per_shard: u64) -> Vec<Ws> {
-    let open = |shard| node.shard_metric("websockets", shard);
-    let before: Vec<u64> = (0..SHARDS).map(open).collect();
-    let mut subscribers = Vec::new();
-    while (0..SHARDS).any(|shard| open(shard) < before[shard] + per_shard) {
-        assert!(
-            subscribers.len() < 100,
-            "100 connections did not reach every shard"
-        );
-        let mut ws = node.ws("/ws");
-        ws.subscribe(topic);
-        subscribers.push(ws);
-    }
-    subscribers
-}
-
-/// The next text message if one arrives within `wait`.
-fn recv_within(ws: &mut Ws, wait: Duration) -> Option<String> {
-    let set_timeout = |ws: &mut Ws, timeout| {
-        if let MaybeTlsStream::Plain(stream) = ws.0.get_mut() {
-            stream.set_read_timeout(Some(timeout)).unwrap();
-        }
-    };
-    set_timeout(ws, wait);
-    let message = loop {
-        match ws.0.read() {
-            Ok(Message::Text(text)) => break Some(text.to_string()),
-            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-            Ok(other) => panic!("expected text, got {other:?}"),
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                break None
-            }
-            Err(e) => panic!("read failed: {e}"),
-        }
-    };
-    set_timeout(ws, IO_TIMEOUT);
-    message
-}
-
-/// Asserts nothing more arrives on `ws` (a duplicate or a stray delivery).
-fn assert_quiet(ws: &mut Ws, who: &str) {
-    if let Some(message) = recv_within(ws, QUIET) {
-        panic!("{who} expected nothing more, got {message}");
-    }
 }
 
 /// Sends `probe(k)` for k = 0, 1, ... until every receiver has received

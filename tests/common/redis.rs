@@ -1,7 +1,8 @@
 //! A private `redis-server` per test, for the cluster tests: its own loopback
-//! port (never the shared 6379), its own directory, no persistence, killed on
-//! drop. It speaks just enough RESP over a plain `TcpStream` to ping Redis and
-//! send a command; the tests need no Redis client crate.
+//! port (never the shared 6379), its own directory, no persistence unless
+//! asked for, killed on drop. It speaks just enough RESP over a plain
+//! `TcpStream` to ping Redis and send a command; the tests need no Redis
+//! client crate.
 
 use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
@@ -33,6 +34,9 @@ static PORTS_HELD: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 pub struct RedisServer {
     port: u16,
     dir: PathBuf,
+    /// An append-only file in `dir`, fsynced on every write: what Redis
+    /// acknowledged survives `stop` and comes back with `restart`.
+    persistent: bool,
     child: Option<Child>,
 }
 
@@ -40,6 +44,17 @@ impl RedisServer {
     /// Starts Redis on a free loopback port and returns once it answers PING.
     /// Panics with Redis's log if it cannot start.
     pub fn start() -> RedisServer {
+        RedisServer::launch(false)
+    }
+
+    /// The same with persistence: an append-only file fsynced before every
+    /// reply (`--appendonly yes --appendfsync always`), so a write Redis
+    /// acknowledged survives `stop`'s SIGKILL and `restart` loads it back.
+    pub fn start_persistent() -> RedisServer {
+        RedisServer::launch(true)
+    }
+
+    fn launch(persistent: bool) -> RedisServer {
         let mut failures = Vec::new();
         for attempt in 0..PORT_ATTEMPTS {
             let Some(port) = reserve_port(attempt) else {
@@ -49,8 +64,12 @@ impl RedisServer {
                 port,
                 dir: std::env::temp_dir()
                     .join(format!("ringcast-redis-{}-{port}", std::process::id())),
+                persistent,
                 child: None,
             };
+            // A directory left by an earlier process with this pid must not
+            // hand its append-only file to a persistent server.
+            let _ = std::fs::remove_dir_all(&server.dir);
             std::fs::create_dir_all(&server.dir).expect("creating Redis's directory");
             match server.spawn() {
                 Ok(()) => return server,
@@ -90,8 +109,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts Redis again on the same port, empty, and returns once it
-    /// answers PING.
+    /// Starts Redis again on the same port and returns once it answers PING:
+    /// empty, or, for a persistent server, with what it had acknowledged.
     pub fn restart(&mut self) {
         self.stop();
         // The old listener is gone once the process is reaped, and Redis sets
@@ -124,7 +143,12 @@ impl RedisServer {
         let stderr = File::create(self.dir.join("stderr")).map_err(|e| e.to_string())?;
         let mut child = Command::new(&bin)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--save", "", "--daemonize", "no"])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"].as_slice()
+            } else {
+                ["--appendonly", "no"].as_slice()
+            })
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
