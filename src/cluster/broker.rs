@@ -13,6 +13,10 @@
 //! - Messages from other nodes become the same envelopes, queued to the
 //!   shards holding the name. A node's own messages come back to it and are
 //!   skipped: its shards delivered them already.
+//! - It is every stream's home (`cluster::streams`), keeps registrations
+//!   (`cluster::registry`) and the node's presence members
+//!   (`cluster::presence`) in Redis, answering shards with the envelopes a
+//!   shard would.
 //!
 //! Redis lost: the shards see `up == false`, deliver locally and answer
 //! publishes with 503; interest is acknowledged at once (local subscribers
