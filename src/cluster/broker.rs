@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fred::prelude::*;
-use fred::types::{Builder, Message};
+use fred::types::{Builder, ClusterHash, CustomCommand, Message};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc};
 
@@ -186,6 +186,8 @@ pub(super) struct Broker {
     /// every held channel: the node is not `up` until it is confirmed, so
     /// `ok` in /health means publications from other nodes arrive.
     restoring: Option<u64>,
+    /// The version of a Redis too old to serve a cluster.
+    unsupported: Option<String>,
     stop: Arc<AtomicBool>,
     subscriber: Client,
     pub(super) publisher: Client,
@@ -279,6 +281,7 @@ impl Broker {
             names: HashMap::new(),
             next_seq: 1,
             restoring: None,
+            unsupported: None,
             stop,
             subscriber,
             publisher,
@@ -330,6 +333,7 @@ impl Broker {
                             ClusterStatus::count(&self.status.stats.reconnects_total);
                         }
                         tracing::info!("cluster: connected to Redis; subscribing {} channels", self.names.len());
+                        self.check_version().await;
                         self.resubscribe_all();
                     }
                 }
@@ -349,7 +353,40 @@ impl Broker {
     }
 
     fn redis_up(&self) -> bool {
-        self.subscriber.is_connected() && self.publisher.is_connected()
+        self.unsupported.is_none()
+            && self.subscriber.is_connected()
+            && self.publisher.is_connected()
+    }
+
+    /// Sharded pub/sub (`SSUBSCRIBE`, `SPUBLISH`) needs Redis 7: an older
+    /// server would take the connection and silently deliver nothing
+    /// across nodes, so the node stays degraded and says why.
+    async fn check_version(&mut self) {
+        let info = CustomCommand::new_static("INFO", ClusterHash::Random, false);
+        let reply = self.publisher.custom::<String, _>(info, vec!["server"]);
+        let Ok(Ok(info)) = tokio::time::timeout(COMMAND_TIMEOUT, reply).await else {
+            return; // unknown: the connection is being lost again
+        };
+        let version = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let major: u32 = version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        if major < 7 {
+            tracing::error!(
+                "cluster: Redis {version} has no sharded pub/sub; ringcast needs Redis 7 or newer; node {} stays degraded",
+                self.status.node
+            );
+            self.unsupported = Some(version);
+        } else {
+            self.unsupported = None;
+        }
     }
 
     fn check_health(&mut self) {
