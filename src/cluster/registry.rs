@@ -73,66 +73,59 @@ impl Broker {
         user: Arc<str>,
         topics: Arc<[String]>,
     ) {
-        self.registry
-            .acks
-            .entry(id.to_string())
-            .or_default()
-            .push((from, ticket));
-        let notice = Notice {
-            node: self.node,
-            id: id.to_string(),
-            user: Some(user.to_string()),
-            topics: topics.to_vec(),
-        };
-        let topics_json = serde_json::to_string(&notice.topics).unwrap_or_default();
-        let client = self.publisher.clone();
-        let done = self.registry_done.clone();
-        let key = key(&self.prefix, &id);
-        let channel = control_channel(&self.prefix);
-        let text = serde_json::to_string(&notice).unwrap_or_default();
-        tokio::spawn(async move {
-            let stored: Result<(), Error> = async {
-                let _: () = client
-                    .hset(&key, vec![("u", user.to_string()), ("t", topics_json)])
-                    .await?;
-                let _: i64 = client.spublish(&channel, text).await?;
-                Ok(())
-            }
-            .await;
-            if let Err(e) = stored {
-                tracing::warn!("cluster: storing registration failed: {e}");
-                let _ = done.send(RegistryDone::Failed { from, ticket });
-            }
-        });
+        self.change_registry(from, ticket, &id, Some((user.to_string(), topics.to_vec())));
     }
 
     /// A shard deleted `id`: delete it, announce it, acknowledge on echo.
     pub(super) fn on_unregister(&mut self, from: ShardId, ticket: u64, id: Arc<str>) {
+        self.change_registry(from, ticket, &id, None);
+    }
+
+    /// Stores (`Some`: user and topics) or deletes registration `id` in
+    /// Redis and announces it; shard `from` is acknowledged when the
+    /// announcement comes back, or at once if Redis fails.
+    fn change_registry(
+        &mut self,
+        from: ShardId,
+        ticket: u64,
+        id: &str,
+        registration: Option<(String, Vec<String>)>,
+    ) {
         self.registry
             .acks
             .entry(id.to_string())
             .or_default()
             .push((from, ticket));
+        let (user, topics) = registration.unzip();
         let notice = Notice {
             node: self.node,
             id: id.to_string(),
-            user: None,
-            topics: Vec::new(),
+            user,
+            topics: topics.unwrap_or_default(),
         };
         let client = self.publisher.clone();
         let done = self.registry_done.clone();
-        let key = key(&self.prefix, &id);
+        let key = key(&self.prefix, id);
         let channel = control_channel(&self.prefix);
         let text = serde_json::to_string(&notice).unwrap_or_default();
         tokio::spawn(async move {
-            let deleted: Result<(), Error> = async {
-                let _: i64 = client.del(&key).await?;
+            let written: Result<(), Error> = async {
+                match &notice.user {
+                    Some(user) => {
+                        let topics = serde_json::to_string(&notice.topics).unwrap_or_default();
+                        let fields = vec![("u", user.clone()), ("t", topics)];
+                        let _: () = client.hset(&key, fields).await?;
+                    }
+                    None => {
+                        let _: i64 = client.del(&key).await?;
+                    }
+                }
                 let _: i64 = client.spublish(&channel, text).await?;
                 Ok(())
             }
             .await;
-            if let Err(e) = deleted {
-                tracing::warn!("cluster: deleting registration failed: {e}");
+            if let Err(e) = written {
+                tracing::warn!("cluster: writing registration {} failed: {e}", notice.id);
                 let _ = done.send(RegistryDone::Failed { from, ticket });
             }
         });
