@@ -480,7 +480,7 @@ impl Broker {
             .filter(|(at, _)| *at > read.offset)
             .cloned()
             .collect();
-        let covered = newer.len() as u64 == state.last - read.offset;
+        let covered = newer.len() as u64 == state.last.saturating_sub(read.offset);
         match &opening.since {
             Some((offset, epoch)) => {
                 let recoverable = **epoch == *read.epoch
@@ -588,7 +588,7 @@ impl Broker {
 
     /// A stream publication from Redis.
     pub(super) fn on_stream_message(&mut self, topic: &str, bytes: &[u8]) {
-        let Some((offset, epoch, event, payload)) = parse_message(bytes) else {
+        let Some((offset, epoch, event, payload)) = parse_message(bytes).filter(|m| m.0 > 0) else {
             return;
         };
         let Some(state) = self.streams.get_mut(topic) else {
