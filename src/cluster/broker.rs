@@ -598,15 +598,21 @@ impl Broker {
 
     /// Queues a subscription change; returns its sequence number.
     fn subscribe(&mut self, key: &(IndexKind, Arc<str>), subscribe: bool) -> u64 {
+        let channel = wire::channel(&self.prefix, key.0, &key.1);
+        self.queue_op(channel, subscribe, key.clone())
+    }
+
+    /// Queues a change to `channel` for the subscription task; its answer
+    /// comes back with `key`. Returns the change's sequence number.
+    fn queue_op(&mut self, channel: String, subscribe: bool, key: (IndexKind, Arc<str>)) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let channel = wire::channel(&self.prefix, key.0, &key.1);
         let op = Op {
             seq,
             channel,
             subscribe,
         };
-        let _ = self.ops.send((op, key.clone()));
+        let _ = self.ops.send((op, key));
         seq
     }
 
@@ -650,14 +656,9 @@ impl Broker {
 
     fn resubscribe_all(&mut self) {
         let keys: Vec<_> = self.names.keys().cloned().collect();
-        let control = Op {
-            seq: self.next_seq,
-            channel: self.control_channel.clone(),
-            subscribe: true,
-        };
-        self.restoring = Some(self.next_seq);
-        self.next_seq += 1;
-        let _ = self.ops.send((control, (IndexKind::Chat, Arc::from(""))));
+        // Keyed by a name no index holds: its answer releases no waiter.
+        let control = self.control_channel.clone();
+        self.restoring = Some(self.queue_op(control, true, (IndexKind::Chat, Arc::from(""))));
         self.load_registrations();
         for key in keys {
             let seq = self.subscribe(&key, true);
@@ -704,8 +705,14 @@ impl Broker {
         if received.node == self.node {
             return;
         }
+        self.deliver_to_shards(shards, received.envelope);
+    }
+
+    /// Queues a publication from another node to each of `shards` (a full
+    /// queue drops it, counted).
+    pub(super) fn deliver_to_shards(&mut self, shards: ShardSet, envelope: Envelope) {
         ClusterStatus::count(&self.status.stats.received_total);
-        let mut envelope = Some(received.envelope);
+        let mut envelope = Some(envelope);
         let mut targets = shards.iter().peekable();
         while let Some(to) = targets.next() {
             let this = if targets.peek().is_some() {

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fred::prelude::*;
 
@@ -60,6 +60,11 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The score of a node whose members were written now: when they expire.
+fn expiry(ttl: Duration) -> f64 {
+    (now_ms() + ttl.as_millis() as u64) as f64
+}
+
 impl Broker {
     fn presence_keys(&self, topic: &str) -> (String, String) {
         (
@@ -101,9 +106,8 @@ impl Broker {
                     Some(meta) => {
                         let _: () = client.hset(&hash, (conn_id, meta.to_string())).await?;
                         let _: () = client.pexpire(&hash, ttl.as_millis() as i64, None).await?;
-                        let expires = (now_ms() + ttl.as_millis() as u64) as f64;
                         let _: () = client
-                            .zadd(&nodes, None, None, false, false, (expires, node))
+                            .zadd(&nodes, None, None, false, false, (expiry(ttl), node))
                             .await?;
                     }
                     None => {
@@ -146,7 +150,7 @@ impl Broker {
             })
             .collect();
         tokio::spawn(async move {
-            let expires = (now_ms() + ttl.as_millis() as u64) as f64;
+            let expires = expiry(ttl);
             for (hash, nodes, members) in writes {
                 let result: Result<(), Error> = async {
                     // Rewritten whole: members that left while Redis was

@@ -147,13 +147,10 @@ impl Broker {
             Some(user) => self.tell_shards_registered(&notice.id, &user, notice.topics),
             None => {
                 let id: Arc<str> = Arc::from(notice.id);
-                for to in 0..self.bus.shards() {
-                    let unregister = Envelope::Unregister {
-                        ticket: 0,
-                        id: id.clone(),
-                    };
-                    self.outbox.send(&self.bus, ShardId(to), unregister);
-                }
+                self.tell_every_shard(|| Envelope::Unregister {
+                    ticket: 0,
+                    id: id.clone(),
+                });
             }
         }
     }
@@ -161,14 +158,19 @@ impl Broker {
     fn tell_shards_registered(&mut self, id: &str, user: &str, topics: Vec<String>) {
         let (id, user): (Arc<str>, Arc<str>) = (Arc::from(id), Arc::from(user));
         let topics: Arc<[String]> = topics.into();
+        self.tell_every_shard(|| Envelope::Register {
+            ticket: 0,
+            id: id.clone(),
+            user: user.clone(),
+            topics: topics.clone(),
+        });
+    }
+
+    /// Queues a registry change from another node to every shard (their
+    /// acknowledgements are not waited for).
+    fn tell_every_shard(&mut self, make: impl Fn() -> Envelope) {
         for to in 0..self.bus.shards() {
-            let register = Envelope::Register {
-                ticket: 0,
-                id: id.clone(),
-                user: user.clone(),
-                topics: topics.clone(),
-            };
-            self.outbox.send(&self.bus, ShardId(to), register);
+            self.outbox.send(&self.bus, ShardId(to), make());
         }
     }
 

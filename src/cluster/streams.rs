@@ -42,7 +42,7 @@ use crate::engine::Position;
 use crate::protocol::http::{error_json, Response};
 use crate::protocol::message;
 use crate::rules::History;
-use crate::shard::state::streams::{gone, history_found, publish_accepted};
+use crate::shard::state::streams::{gone, history_found, os_epoch, publish_accepted, stream_reply};
 
 use super::broker::Broker;
 use super::ClusterStatus;
@@ -115,6 +115,25 @@ pub(super) struct StreamState {
     opens: Vec<(u64, Opening, Read)>,
 }
 
+impl StreamState {
+    /// Where forwarding stands: the last offset sent to the shards.
+    fn position(&self) -> Position {
+        Position {
+            offset: self.last,
+            epoch: self.epoch.clone().unwrap_or_else(|| Arc::from("")),
+        }
+    }
+
+    /// Forwarding goes on from `last` in run `epoch` of the stream (first
+    /// sight of it, or it started afresh).
+    fn restart(&mut self, epoch: Arc<str>, last: u64) {
+        self.epoch = Some(epoch);
+        self.last = last;
+        self.held.clear();
+        self.recent.clear();
+    }
+}
+
 /// Who asked for an open, and what.
 pub(super) struct Opening {
     from: ShardId,
@@ -131,6 +150,13 @@ pub(super) struct Read {
     first: u64,
     /// Offsets and frames, oldest first.
     entries: Vec<(u64, Bytes)>,
+}
+
+impl Read {
+    /// Whether every publication after `offset` of this run is in the log.
+    fn holds_after(&self, offset: u64) -> bool {
+        offset <= self.offset && offset + 1 >= self.first
+    }
 }
 
 /// A Redis answer for the broker's loop.
@@ -172,13 +198,6 @@ fn keys(prefix: &str, topic: &str) -> Vec<String> {
         format!("{prefix}:s:{{{topic}}}:meta"),
         format!("{prefix}:s:{{{topic}}}:log"),
     ]
-}
-
-/// A fresh epoch: 16 hex characters.
-fn new_epoch() -> String {
-    let mut bytes = [0u8; 8];
-    let _ = getrandom::fill(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Parses a stream message: `S<offset> <epoch> <event length>\n<event><payload>`.
@@ -287,12 +306,8 @@ impl Broker {
     }
 
     fn reply(&mut self, to: ShardId, ticket: u64, response: Response) {
-        let reply = Envelope::StreamReply {
-            ticket,
-            status: response.status(),
-            body: response.body().clone(),
-        };
-        self.outbox.send(&self.bus, to, reply);
+        self.outbox
+            .send(&self.bus, to, stream_reply(ticket, &response));
     }
 
     pub(super) fn on_stream_publish(
@@ -327,7 +342,7 @@ impl Broker {
             keys: keys(&self.prefix, &topic),
             args: vec![
                 channel,
-                new_epoch(),
+                os_epoch().to_string(),
                 history.size.to_string(),
                 ttl_ms.to_string(),
                 META_TTL.as_millis().max(ttl_ms).to_string(),
@@ -379,7 +394,7 @@ impl Broker {
         let done = self.stream_done.clone();
         let keys = keys(&self.prefix, topic);
         let args = vec![
-            new_epoch(),
+            os_epoch().to_string(),
             META_TTL.as_millis().to_string(),
             since.map_or("-1".to_string(), |s| s.to_string()),
             limit.to_string(),
@@ -411,14 +426,8 @@ impl Broker {
             replay,
         };
         if !self.status.is_up() {
-            // Degraded: live publications need Redis anyway; the subscriber
-            // learns where its node last saw the stream.
-            let state = self.streams.entry(topic).or_default();
-            let position = Position {
-                offset: state.last,
-                epoch: state.epoch.clone().unwrap_or_else(|| Arc::from("")),
-            };
-            return self.answer_open(opening, None, position, Vec::new(), false);
+            // Degraded: live publications need Redis anyway.
+            return self.answer_open_from_last_seen(opening, None);
         }
         let since_offset = since.as_ref().map(|(offset, _)| *offset);
         self.read(
@@ -435,23 +444,13 @@ impl Broker {
             Ok(read) => read,
             Err(e) => {
                 tracing::debug!("cluster: stream read failed: {e}");
-                let state = self.streams.entry(opening.topic.clone()).or_default();
-                let position = Position {
-                    offset: state.last,
-                    epoch: state.epoch.clone().unwrap_or_else(|| Arc::from("")),
-                };
                 let recovered = opening.since.as_ref().map(|_| false);
-                return self.answer_open(opening, recovered, position, Vec::new(), false);
+                return self.answer_open_from_last_seen(opening, recovered);
             }
         };
         let state = self.streams.entry(opening.topic.clone()).or_default();
         if state.epoch.as_deref() != Some(&*read.epoch) {
-            // First sight of the stream (or it started afresh): forwarding
-            // goes on from here.
-            state.epoch = Some(read.epoch.clone());
-            state.last = read.offset;
-            state.held.clear();
-            state.recent.clear();
+            state.restart(read.epoch.clone(), read.offset);
         }
         if read.offset > state.last {
             // Publications Redis has assigned are still on their way here:
@@ -483,10 +482,7 @@ impl Broker {
         let covered = newer.len() as u64 == state.last.saturating_sub(read.offset);
         match &opening.since {
             Some((offset, epoch)) => {
-                let recoverable = **epoch == *read.epoch
-                    && *offset <= read.offset
-                    && *offset + 1 >= read.first
-                    && covered;
+                let recoverable = **epoch == *read.epoch && read.holds_after(*offset) && covered;
                 if recoverable {
                     let frames = read
                         .entries
@@ -505,6 +501,14 @@ impl Broker {
                 self.answer_open(opening, None, position, frames, true)
             }
         }
+    }
+
+    /// Answers an open without Redis: the subscriber learns where this
+    /// node last saw the stream.
+    fn answer_open_from_last_seen(&mut self, opening: Opening, recovered: Option<bool>) {
+        let state = self.streams.entry(opening.topic.clone()).or_default();
+        let position = state.position();
+        self.answer_open(opening, recovered, position, Vec::new(), false);
     }
 
     fn answer_open(
@@ -577,7 +581,7 @@ impl Broker {
             let why = format!("epoch `{asked}` is gone: the stream started afresh");
             return self.reply(from, ticket, gone(why, &position));
         }
-        if let Some(offset) = since.filter(|&o| o > read.offset || o + 1 < read.first) {
+        if let Some(offset) = since.filter(|&o| !read.holds_after(o)) {
             let why = format!("offset {offset} is no longer in history");
             return self.reply(from, ticket, gone(why, &position));
         }
@@ -598,10 +602,7 @@ impl Broker {
         };
         if state.epoch.as_deref() != Some(epoch) {
             // A new run of the stream (Redis lost it): start over with it.
-            state.epoch = Some(Arc::from(epoch));
-            state.last = offset - 1;
-            state.held.clear();
-            state.recent.clear();
+            state.restart(Arc::from(epoch), offset - 1);
         }
         if offset <= state.last {
             return; // a duplicate: a fill got it first
@@ -709,16 +710,11 @@ impl Broker {
         let Some(held) = self.names.get(&key) else {
             return;
         };
-        ClusterStatus::count(&self.status.stats.received_total);
-        for to in held.shards.iter() {
-            let envelope = Envelope::Publish {
-                topic: topic.clone(),
-                frame: frame.clone(),
-            };
-            if self.outbox.send(&self.bus, to, envelope) == crate::bus::Sent::Dropped {
-                ClusterStatus::count(&self.status.stats.drops_total);
-            }
-        }
+        let envelope = Envelope::Publish {
+            topic: topic.clone(),
+            frame,
+        };
+        self.deliver_to_shards(held.shards, envelope);
     }
 
     /// Forgets a stream no shard holds any more.

@@ -367,8 +367,10 @@ impl Driver {
         // publish another shard answered 202 before its client sent the next
         // one here) is delivered before what that completion brings, so a
         // publisher's sequential publishes keep their order across shards.
-        let mut progressed = !batch.is_empty() && self.drain_bus(now);
-        progressed |= !batch.is_empty();
+        let progressed = !batch.is_empty();
+        if progressed {
+            self.drain_bus(now);
+        }
         for completion in batch.drain(..) {
             match completion.token.kind {
                 OpKind::Accept => self.on_accept(now, completion),

@@ -40,8 +40,8 @@ impl ShardState {
     pub(super) fn send_to_other_nodes(
         &mut self,
         kind: IndexKind,
-        name: &Arc<str>,
-        topic: Option<&Arc<str>>,
+        name: &str,
+        topic: Option<&str>,
         frame: Bytes,
     ) -> Result<(), LocalOnly> {
         let (Some(broker), Some(status)) = (self.shared.bus.broker(), &self.shared.cluster) else {
@@ -55,8 +55,8 @@ impl ShardState {
         let envelope = Envelope::ForNodes {
             seq: status.next_seq(),
             kind,
-            name: name.clone(),
-            topic: topic.cloned(),
+            name: self.interned(kind, name),
+            topic: topic.map(|t| self.interned(IndexKind::Topic, t)),
             frame,
         };
         if self.forward(broker, envelope) {
@@ -64,6 +64,15 @@ impl ShardState {
         } else {
             ClusterStatus::count(&status.stats.drops_total);
             Err(LocalOnly::BrokerBusy)
+        }
+    }
+
+    /// `name` as the index `kind` holds it, if it does (no allocation).
+    fn interned(&self, kind: IndexKind, name: &str) -> Arc<str> {
+        let index = self.index(kind);
+        match index.lookup(name) {
+            Some(id) => index.entry(id).name.clone(),
+            None => Arc::from(name),
         }
     }
 

@@ -138,11 +138,7 @@ impl ShardState {
             let frame = message::push(topic, event, payload_json);
             ShardStats::add(&self.stats().publishes_total, 1);
             let shards = self.fan_out(topic, frame.clone());
-            let name = match self.topics.lookup(topic) {
-                Some(id) => self.topics.entry(id).name.clone(),
-                None => Arc::from(topic),
-            };
-            let nodes = self.send_to_other_nodes(IndexKind::Topic, &name, None, frame);
+            let nodes = self.send_to_other_nodes(IndexKind::Topic, topic, None, frame);
             return match nodes {
                 Ok(()) => Published::Done {
                     shards,
@@ -268,14 +264,7 @@ impl ShardState {
     }
 
     fn reply_stream(&mut self, to: ShardId, ticket: u64, response: Response) {
-        self.post_control(
-            to,
-            Envelope::StreamReply {
-                ticket,
-                status: response.status(),
-                body: response.body().clone(),
-            },
-        );
+        self.post_control(to, stream_reply(ticket, &response));
     }
 
     /// A home's HTTP answer (to a publish or a history query) for a parked connection.
@@ -715,6 +704,21 @@ pub(crate) fn history_found<'a>(
 
 /// A fresh random epoch: 16 hex characters. Without randomness it falls
 /// back to the clock, which still differs between two starts of a stream.
+/// A home's HTTP answer to ticket `ticket`, for the shard that asked.
+pub(crate) fn stream_reply(ticket: u64, response: &Response) -> Envelope {
+    Envelope::StreamReply {
+        ticket,
+        status: response.status(),
+        body: response.body().clone(),
+    }
+}
+
+/// A fresh epoch from the OS's randomness (the clock without it), for a
+/// home outside the shards (the cluster broker).
+pub(crate) fn os_epoch() -> Arc<str> {
+    new_epoch(&mut super::Ids::Os)
+}
+
 fn new_epoch(ids: &mut super::Ids) -> Arc<str> {
     let mut bytes = [0u8; EPOCH_BYTES];
     if ids.fill(&mut bytes).is_err() {

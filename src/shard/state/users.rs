@@ -414,28 +414,26 @@ impl ShardState {
         frame: Bytes,
     ) -> (usize, Result<(), LocalOnly>) {
         let mut shards = usize::from(self.deliver_to_user(kind, user, topic, &frame) > 0);
-        let topic: Option<Arc<str>> = topic.map(Arc::from);
-        let user: Arc<str> = match self.index(kind).lookup(user) {
-            Some(entry) => self.index(kind).entry(entry).name.clone(),
-            None => Arc::from(user),
-        };
-        let envelope = || match &topic {
-            Some(topic) => Envelope::UserPublish {
-                user: user.clone(),
-                topic: topic.clone(),
-                frame: frame.clone(),
-            },
-            None => Envelope::Chat {
-                user: user.clone(),
-                frame: frame.clone(),
-            },
-        };
-        if let Some(entry) = self.index(kind).lookup(&user) {
-            for to in self.index(kind).entry(entry).remote.iter() {
-                shards += usize::from(self.forward(to, envelope()));
+        if let Some(entry) = self.index(kind).lookup(user) {
+            let entry = self.index(kind).entry(entry);
+            let (name, remote) = (entry.name.clone(), entry.remote);
+            let topic: Option<Arc<str>> = topic.map(Arc::from);
+            for to in remote.iter() {
+                let envelope = match &topic {
+                    Some(topic) => Envelope::UserPublish {
+                        user: name.clone(),
+                        topic: topic.clone(),
+                        frame: frame.clone(),
+                    },
+                    None => Envelope::Chat {
+                        user: name.clone(),
+                        frame: frame.clone(),
+                    },
+                };
+                shards += usize::from(self.forward(to, envelope));
             }
         }
-        let nodes = self.send_to_other_nodes(kind, &user, topic.as_ref(), frame);
+        let nodes = self.send_to_other_nodes(kind, user, topic, frame);
         (shards, nodes)
     }
 
