@@ -886,3 +886,25 @@ fn the_persistent_test_redis_keeps_acknowledged_writes_across_a_kill_and_restart
     volatile.restart();
     assert_eq!(volatile.cmd(&["GET", "k"]), "", "nothing persisted");
 }
+
+#[test]
+fn a_recovery_asked_while_redis_is_down_is_answered_not_recovered() {
+    const TOPIC: &str = "feed:offline";
+    let mut cluster = cluster();
+    let mut on_a = cluster.a.ws("/ws");
+    open(&mut on_a, TOPIC, None);
+    let last_seen = publish(&cluster.a, TOPIC, &json!({"n":1}));
+    assert_eq!(offsets(&pushes(&mut on_a, "the client on node a", 1)), [1]);
+
+    cluster.redis.stop();
+    wait_for_redis(&cluster.a, "a", Redis::Down);
+    // History lives in Redis: the node cannot replay, and must say so.
+    let mut again = cluster.a.ws("/ws");
+    let reply = open(&mut again, TOPIC, Some(&last_seen));
+    assert_eq!(reply["recovered"], false, "{reply}");
+    assert_eq!(
+        position(&reply),
+        last_seen,
+        "where node a last saw the stream"
+    );
+}

@@ -426,8 +426,10 @@ impl Broker {
             replay,
         };
         if !self.status.is_up() {
-            // Degraded: live publications need Redis anyway.
-            return self.answer_open_from_last_seen(opening, None);
+            // Degraded: history lives in Redis, so a recovery asked for
+            // is not possible now.
+            let recovered = opening.since.as_ref().map(|_| false);
+            return self.answer_open_from_last_seen(opening, recovered);
         }
         let since_offset = since.as_ref().map(|(offset, _)| *offset);
         self.read(
