@@ -21,6 +21,8 @@
 #   SCALE=1            multiplies subscriber counts, topic counts and rates (not s1's and a's rate)
 #   CORES=1            server cores: ringcast --shards, nchan worker_processes, axum TOKIO_WORKER_THREADS
 #   DURATION=10s WARMUP=2s DRAIN=3s   per scenario
+#   ROUNDS=3           rounds of s1, s2, a and b, the servers alternating within each round; the
+#                      table shows each metric's median over the rounds (c, d and r run once)
 #   SCENARIOS="s1 s2 a b c d"         which scenarios to run
 #   PEERS="ringcast axum nchan"       which servers (the first is the reference of the ratios)
 #   RECV_PATH=uring RECV_BATCH_US=0 PROCS=1   ringcast-load's receive path, batch window, processes
@@ -39,7 +41,7 @@ root="$(cd "$here/.." && pwd)"
 shared="${SHARED:-$root/../shared}"
 SCALE="${SCALE:-1}"; CORES="${CORES:-1}"
 DURATION="${DURATION:-10s}"; WARMUP="${WARMUP:-2s}"; DRAIN="${DRAIN:-3s}"
-SCENARIOS="${SCENARIOS:-s1 s2 a b c d r}"; PEERS="${PEERS:-ringcast axum nchan}"
+SCENARIOS="${SCENARIOS:-s1 s2 a b c d r}"; PEERS="${PEERS:-ringcast axum nchan}"; ROUNDS="${ROUNDS:-3}"
 RECV_PATH="${RECV_PATH:-uring}"; RECV_BATCH_US="${RECV_BATCH_US:-0}"; PROCS="${PROCS:-1}"
 SOURCE_IPS="${SOURCE_IPS:-127.0.0.1-127.0.0.4}"
 OUT="${OUT:-${TMPDIR:-/tmp}/ringcast-compare}"
@@ -168,7 +170,7 @@ target_args() { # $1 = server
   esac
 }
 
-run() { # $1 = server, $2 = scenario, rest = ringcast-load args
+run() { # $1 = server, $2 = scenario, rest = ringcast-load args; $round names the result
   local srv="$1" scn="$2"; shift 2
   start_server "$srv"
   echo "== $srv scenario $scn: $*" >&2
@@ -176,13 +178,17 @@ run() { # $1 = server, $2 = scenario, rest = ringcast-load args
   taskset -c "$client_cpus" "$LOAD" $(target_args "$srv") --server-pid "$server_pid" $server_cpus_arg \
     --threads "$client_threads" --recv-path "$RECV_PATH" --recv-batch-us "$RECV_BATCH_US" --procs "$PROCS" \
     --warmup "${warm:-$WARMUP}" --duration "${dur:-$DURATION}" --drain "$DRAIN" \
-    --label "$srv/$scn" --json --quiet "$@" >"$OUT/$srv-$scn.json" \
+    --label "$srv/$scn" --json --quiet "$@" >"$OUT/$srv-$scn-$round.json" \
     || echo "   ($srv scenario $scn failed; see above)" >&2
   stop_server "$srv"
 }
 
-for srv in $PEERS; do
-  for scn in $SCENARIOS; do
+# Servers alternate within a round, so a slow minute of this shared machine
+# hits every server of that round rather than one server's whole sample.
+for scn in $SCENARIOS; do
+  case "$scn" in c | d | r) rounds=1 ;; *) rounds="$ROUNDS" ;; esac
+  for round in $(seq "$rounds"); do
+   for srv in $PEERS; do
     case "$scn" in
       s1) run "$srv" s1 --subscribers "$N_S1" --topics 1 --rate "$RATE_S1" ;;
       s2) run "$srv" s2 --subscribers "$N_S2" --topics "$T_S2" --rate "$RATE_S2" ;;
@@ -201,21 +207,35 @@ for srv in $PEERS; do
           --subscribers "$N_R" --topics "$T_R" --rate "$RATE_R" --storm-at "$STORM_AT_R" --recover ;;
       *) echo "unknown scenario $scn" >&2 ;;
     esac
+   done
   done
 done
 
-python3 - "$OUT" "$PEERS" "$SCENARIOS" "$cpu_note" "${notes[@]+"${notes[@]}"}" <<'PY'
-import json, os, sys
-out, peers, scns, cpu_note, notes = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4], sys.argv[5:]
+python3 - "$OUT" "$PEERS" "$SCENARIOS" "$ROUNDS" "$cpu_note" "${notes[@]+"${notes[@]}"}" <<'PY'
+import glob, json, os, statistics, sys
+out, peers, scns, rounds_arg, cpu_note, notes = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4], sys.argv[5], sys.argv[6:]
 desc = {"s1": "1 topic", "s2": "500 topics", "a": "broadcast", "b": "many topics", "c": "idle connections",
         "d": "throughput ceiling", "r": "reconnect storm"}
 ringcast_only = {"r"}
+def load_rounds(srv, scn):
+    rows = []
+    for name in sorted(glob.glob(os.path.join(out, f"{srv}-{scn}-*.json"))):
+        try:
+            with open(name) as f:
+                rows.append(json.load(f))
+        except Exception:
+            pass
+    return rows
 def load(srv, scn):
-    try:
-        with open(os.path.join(out, f"{srv}-{scn}.json")) as f:
-            return json.load(f)
-    except Exception:
-        return None
+    rows = load_rounds(srv, scn)
+    return rows[0] if rows else None
+def median_of(rows, get):
+    vals = []
+    for r in rows:
+        try: v = get(r)
+        except Exception: v = None
+        if isinstance(v, (int, float)): vals.append(v)
+    return statistics.median(vals) if vals else None
 def fmt(v, unit=""):
     if v is None: return "-"
     if isinstance(v, float) and abs(v) < 1: return f"{v:.3g}{unit}"
@@ -252,7 +272,8 @@ hdr = f"{'scenario':<24} {'metric':<16}" + "".join(f"{p:>16}" for p in peers) + 
 print(hdr); print("-" * len(hdr))
 warn = []
 for scn in scns:
-    rs = {p: load(p, scn) for p in peers}
+    rounds = {p: load_rounds(p, scn) for p in peers}
+    rs = {p: (rows[0] if rows else None) for p, rows in rounds.items()}
     first = next((r for r in rs.values() if r), None)
     size = ""
     if first:
@@ -260,10 +281,7 @@ for scn in scns:
     label = f"({scn}) {desc.get(scn, scn)}"
     printed = 0
     for name, get in metrics:
-        vals = {}
-        for p, r in rs.items():
-            try: vals[p] = get(r) if r else None
-            except Exception: vals[p] = None
+        vals = {p: median_of(rows, get) for p, rows in rounds.items()}
         if all(v is None for v in vals.values()):
             continue
         if scn == "c" and name not in ("RSS B/conn", "missing"): continue
@@ -275,19 +293,22 @@ for scn in scns:
             ratio = (a / b) if (isinstance(a, (int, float)) and isinstance(b, (int, float)) and b) else None
             line += f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>18}"
         print(line)
-    for p, r in rs.items():
-        if r is None and scn in ringcast_only and p != "ringcast":
+    for p, rows in rounds.items():
+        if not rows and scn in ringcast_only and p != "ringcast":
             continue
-        if r is None:
+        if not rows:
             warn.append(f"{p} ({scn}): no result")
             continue
-        for w in r.get("warnings", []):
-            warn.append(f"{p} ({scn}): {w}")
-        if r.get("perf_note"):
-            warn.append(f"{p} ({scn}): {r['perf_note']}")
-        if r["connections"]["ready"] < r["connections"]["requested"]:
-            warn.append(f"{p} ({scn}): only {r['connections']['ready']} of {r['connections']['requested']} subscribers connected")
+        for i, r in enumerate(rows, 1):
+            tag = f"{p} ({scn}, round {i})" if len(rows) > 1 else f"{p} ({scn})"
+            for w in r.get("warnings", []):
+                warn.append(f"{tag}: {w}")
+            if r.get("perf_note"):
+                warn.append(f"{tag}: {r['perf_note']}")
+            if r["connections"]["ready"] < r["connections"]["requested"]:
+                warn.append(f"{tag}: only {r['connections']['ready']} of {r['connections']['requested']} subscribers connected")
     print()
+print(f"each figure is the median over {rounds_arg} round(s) (servers alternating within a round); c, d and r ran once.")
 print("ratio = " + ref + " / peer: above 1 is better for msg/s and ceiling, below 1 is better for latency, CPU, syscalls and RSS.")
 print("srv proc = the server's own process CPU; srv core = busy time of the server's pinned cpus (its process plus the")
 print("  loopback/softirq work it causes there, ksoftirqd included); srv core* = the same less other processes' user")
