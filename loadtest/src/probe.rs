@@ -132,7 +132,7 @@ impl ServerProbe {
             cores: self.cpus.as_deref().and_then(procstat::cpus_ticks),
             client_cpu,
             client_recv_cpu,
-            machine: procstat::machine_jiffies(),
+            machine: procstat::machine_ticks(),
         }
     }
 }
@@ -194,8 +194,8 @@ struct Point {
     /// CPU seconds of the subscriber side: this process's `sub-` threads and
     /// the children.
     client_recv_cpu: Option<f64>,
-    /// Machine (busy, total) ticks.
-    machine: Option<(u64, u64)>,
+    /// Machine-wide ticks.
+    machine: Option<CpuTicks>,
 }
 
 /// The counters at both edges of a window, and perf's counts.
@@ -242,7 +242,7 @@ impl Samples {
 
     /// Busy seconds of the server's cpus (everything that ran there).
     pub(crate) fn core_busy_s(&self) -> Option<f64> {
-        self.cores().map(|c| c.busy as f64 / procstat::clk_tck())
+        self.cores().map(|c| c.busy_s(self.wall_s()))
     }
 
     /// Softirq seconds of the server's cpus, in any context.
@@ -270,9 +270,8 @@ impl Samples {
 
     /// Machine busy share.
     pub(crate) fn machine_busy(&self) -> Option<f64> {
-        match (self.start.machine, self.stop.machine) {
-            (Some(x), Some(y)) if y.1 > x.1 => Some((y.0 - x.0) as f64 / (y.1 - x.1) as f64),
-            _ => None,
-        }
+        let d = self.stop.machine?.since(&self.start.machine?);
+        let capacity = self.wall_s() * d.cpus as f64;
+        (capacity > 0.0).then(|| d.busy_s(self.wall_s()) / capacity)
     }
 }

@@ -50,47 +50,59 @@ pub(crate) fn cpu_times(pid: &str) -> Option<(f64, f64)> {
     Some((u / clk_tck(), s / clk_tck()))
 }
 
-/// One cpu's counters from /proc/stat, in ticks.
+/// Counters of one or more cpus from /proc/stat, in ticks.
+///
+/// Busy time is taken as elapsed time less idle and iowait, never as the sum
+/// of the busy fields: on a tickless kernel idle and iowait come from the
+/// exact idle-entry clock, while user/system/softirq are sampled at the
+/// timer tick. A server woken by a client whose timer fires with that tick
+/// is idle at nearly every tick: in s2 the busy fields showed 10 ticks of
+/// cpu 0 while the server process alone ran 99. (An io_uring wait counts as
+/// iowait, so iowait is idle here.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct CpuTicks {
-    /// Everything but idle and iowait (user, nice, system, irq, softirq, steal).
-    pub(crate) busy: u64,
-    /// user + nice.
+    /// idle + iowait.
+    pub(crate) idle: u64,
+    /// user + nice (tick-sampled).
     pub(crate) user: u64,
-    /// softirq (including what the kernel ran outside any process).
+    /// softirq, including what the kernel ran outside any process (tick-sampled).
     pub(crate) softirq: u64,
-    /// busy + idle + iowait.
-    pub(crate) total: u64,
+    /// How many cpus were summed.
+    pub(crate) cpus: u64,
 }
 
 impl CpuTicks {
     fn parse(fields: &[u64]) -> Option<CpuTicks> {
         // user nice system idle iowait irq softirq steal (guest is inside user).
-        let total: u64 = fields.iter().take(8).sum();
-        let idle = fields.get(3)? + fields.get(4).unwrap_or(&0);
         Some(CpuTicks {
-            busy: total - idle,
+            idle: fields.get(3)? + fields.get(4).unwrap_or(&0),
             user: fields.first()? + fields.get(1)?,
             softirq: *fields.get(6).unwrap_or(&0),
-            total,
+            cpus: 1,
         })
     }
 
     /// Counters accumulated from `earlier` to `self`.
     pub(crate) fn since(&self, earlier: &CpuTicks) -> CpuTicks {
         CpuTicks {
-            busy: self.busy.saturating_sub(earlier.busy),
+            idle: self.idle.saturating_sub(earlier.idle),
             user: self.user.saturating_sub(earlier.user),
             softirq: self.softirq.saturating_sub(earlier.softirq),
-            total: self.total.saturating_sub(earlier.total),
+            cpus: self.cpus,
         }
     }
 
+    /// Busy seconds of these cpus over a window of `wall_s` seconds (for a
+    /// `since` delta).
+    pub(crate) fn busy_s(&self, wall_s: f64) -> f64 {
+        (wall_s * self.cpus as f64 - self.idle as f64 / clk_tck()).max(0.0)
+    }
+
     fn add(&mut self, o: &CpuTicks) {
-        self.busy += o.busy;
+        self.idle += o.idle;
         self.user += o.user;
         self.softirq += o.softirq;
-        self.total += o.total;
+        self.cpus += o.cpus;
     }
 }
 
@@ -198,8 +210,8 @@ pub(crate) fn sample(pids: &[String]) -> Option<(f64, u64)> {
     Some((cpu, rss))
 }
 
-/// Machine-wide (busy, total) jiffies from the first line of /proc/stat.
-pub(crate) fn machine_jiffies() -> Option<(u64, u64)> {
+/// Machine-wide counters from the first line of /proc/stat (all cpus).
+pub(crate) fn machine_ticks() -> Option<CpuTicks> {
     let s = fs::read_to_string("/proc/stat").ok()?;
     let line = s.lines().next()?;
     let v: Vec<u64> = line
@@ -207,10 +219,9 @@ pub(crate) fn machine_jiffies() -> Option<(u64, u64)> {
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
-    let total: u64 = v.iter().take(8).sum();
-    // idle + iowait are fields 4 and 5.
-    let idle = v.get(3)? + v.get(4).unwrap_or(&0);
-    Some((total - idle, total))
+    let mut t = CpuTicks::parse(&v)?;
+    t.cpus = online_cpus() as u64;
+    Some(t)
 }
 
 /// Online cpus of the machine (not limited by this process's affinity).
@@ -267,14 +278,21 @@ mod tests {
         let me = std::process::id().to_string();
         assert!(cpu_seconds(&me).is_some());
         assert!(rss_bytes(&me).unwrap() > 0);
-        let (busy, total) = machine_jiffies().unwrap();
-        assert!(busy <= total);
+        let m = machine_ticks().unwrap();
+        assert!(m.cpus >= 1 && m.user + m.idle > 0);
     }
 
     #[test]
     fn cpu_zero_has_ticks_and_a_ksoftirqd() {
         let t = cpus_ticks(&[0]).unwrap();
-        assert!(t.busy <= t.total && t.softirq <= t.busy);
+        assert_eq!(t.cpus, 1);
+        let later = CpuTicks {
+            idle: t.idle + 50,
+            ..t
+        };
+        // Half a second idle in one second of one cpu: half a second busy.
+        let busy = later.since(&t).busy_s(1.0);
+        assert!((busy - 1.0 + 50.0 / clk_tck()).abs() < 1e-9);
         assert!(cpus_ticks(&[usize::MAX]).is_none());
         assert!(affinity(0).unwrap().contains(&0) || !affinity(0).unwrap().is_empty());
         assert_eq!(ksoftirqd(&[0]).len(), 1);
