@@ -360,5 +360,59 @@ fn history(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, topic_index, fanout, state_fanout, history);
+/// One keep-alive HTTP request through the shard state, from its bytes to
+/// the response's bytes: decode, route, answer and encode. `GET /health` is
+/// the plain path a load balancer (and `wrk`) sees; a publish to a topic
+/// nobody holds is `POST /publish` without any fan-out.
+fn http_requests(c: &mut Criterion) {
+    let mut group = c.benchmark_group("http_state");
+    group.measurement_time(MEASUREMENT_TIME);
+    group.warm_up_time(WARM_UP_TIME);
+    let (mut state, _) = subscribed_state(0);
+    let client = ConnKey::new(3, 1);
+    let now = Instant::now();
+    state.handle(now, Event::Opened(client));
+    let mut commands = Vec::new();
+    let mut request = |name: &str, bytes: Vec<u8>, expect: &'static [u8]| {
+        state.handle(now, Event::Input(client, &bytes));
+        state.take_commands(&mut commands);
+        assert!(
+            matches!(commands.as_slice(), [Command::Send(_, r)] if r.starts_with(expect)),
+            "{name}: {commands:?}"
+        );
+        commands.clear();
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                state.handle(now, Event::Input(client, black_box(&bytes)));
+                state.take_commands(&mut commands);
+                black_box(commands.drain(..).count())
+            })
+        });
+    };
+    request(
+        "get_health",
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n".to_vec(),
+        b"HTTP/1.1 200 OK\r\n",
+    );
+    let body = format!(r#"{{"topic":"nobody","payload":{}}}"#, payload_json());
+    request(
+        "post_publish_unheld_topic",
+        format!(
+            "POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+        b"HTTP/1.1 202 Accepted\r\n",
+    );
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    topic_index,
+    fanout,
+    state_fanout,
+    http_requests,
+    history
+);
 criterion_main!(benches);

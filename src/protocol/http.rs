@@ -4,7 +4,7 @@
 //! limits and the mapping of every parse failure to a status code; it never
 //! touches a socket, and pipelining is the caller's loop over what is left.
 
-use std::fmt::Write as _;
+use std::borrow::Cow;
 
 use bytes::Bytes;
 use percent_encoding::percent_decode_str;
@@ -837,7 +837,8 @@ impl ChunkedBody {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     status: u16,
-    headers: Vec<(&'static str, String)>,
+    content_type: Option<&'static str>,
+    headers: Vec<(&'static str, Cow<'static, str>)>,
     body: Bytes,
     keep_alive: bool,
     head_only: bool,
@@ -848,6 +849,7 @@ impl Response {
     pub fn new(status: u16) -> Self {
         Self {
             status,
+            content_type: None,
             headers: Vec::new(),
             body: Bytes::new(),
             keep_alive: true,
@@ -862,17 +864,18 @@ impl Response {
 
     /// A response with a body of the given content type.
     pub fn text(status: u16, content_type: &'static str, body: impl Into<Bytes>) -> Self {
-        let mut response = Self::new(status).header("Content-Type", content_type);
+        let mut response = Self::new(status);
+        response.content_type = Some(content_type);
         response.body = body.into();
         response
     }
 
     /// Adds a header. CR and LF in `value` become spaces, so a value can never
     /// split the head.
-    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+    pub fn header(mut self, name: &'static str, value: impl Into<Cow<'static, str>>) -> Self {
         let mut value = value.into();
         if value.contains(['\r', '\n']) {
-            value = value.replace(['\r', '\n'], " ");
+            value = Cow::Owned(value.replace(['\r', '\n'], " "));
         }
         self.headers.push((name, value));
         self
@@ -894,11 +897,6 @@ impl Response {
         &self.body
     }
 
-    /// The extra headers, in order.
-    pub fn headers(&self) -> &[(&'static str, String)] {
-        &self.headers
-    }
-
     /// Whether the connection stays open after this response.
     pub fn is_keep_alive(&self) -> bool {
         self.keep_alive
@@ -913,33 +911,66 @@ impl Response {
 
     /// The full response bytes: status line, headers, `Content-Length`,
     /// `Connection: close` when not kept alive, and the body (unless HEAD).
+    /// Written straight into one buffer: every keep-alive request (each
+    /// `POST /publish` among them) pays for this.
     pub fn encode(&self) -> Bytes {
-        let mut head = String::with_capacity(128);
-        // Writing into a String cannot fail.
-        let _ = write!(
-            head,
-            "HTTP/1.1 {} {}\r\n",
-            self.status,
-            reason_phrase(self.status)
-        );
+        let extra: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum();
+        let mut out = Vec::with_capacity(RESPONSE_HEAD_BYTES + extra + self.body.len());
+        out.extend_from_slice(b"HTTP/1.1 ");
+        push_decimal(&mut out, u64::from(self.status));
+        out.push(b' ');
+        out.extend_from_slice(reason_phrase(self.status).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if let Some(content_type) = self.content_type {
+            push_field(&mut out, "Content-Type", content_type);
+        }
         for (name, value) in &self.headers {
-            let _ = write!(head, "{name}: {value}\r\n");
+            push_field(&mut out, name, value);
         }
         // RFC 9110 8.6: no Content-Length on 1xx and 204.
         if !(100..200).contains(&self.status) && self.status != 204 {
-            let _ = write!(head, "Content-Length: {}\r\n", self.body.len());
+            out.extend_from_slice(b"Content-Length: ");
+            push_decimal(&mut out, self.body.len() as u64);
+            out.extend_from_slice(b"\r\n");
         }
         if !self.keep_alive {
-            head.push_str("Connection: close\r\n");
+            out.extend_from_slice(b"Connection: close\r\n");
         }
-        head.push_str("\r\n");
-        let mut out = Vec::with_capacity(head.len() + self.body.len());
-        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(b"\r\n");
         if !self.head_only {
             out.extend_from_slice(&self.body);
         }
         Bytes::from(out)
     }
+}
+
+/// Room for the status line, Content-Type, Content-Length and Connection.
+const RESPONSE_HEAD_BYTES: usize = 128;
+
+fn push_field(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `n` in decimal, without going through `fmt`.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Canonical reason phrase for `status` (RFC 9110 15), `""` when unknown.
