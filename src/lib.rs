@@ -5,7 +5,7 @@
 //! - [`config`]: the TOML file and CLI flags, parsed once into typed limits.
 //! - [`protocol`]: sans-IO HTTP/1.1 parsing, the WebSocket handshake and
 //!   frames, and the JSON relay messages. No runtime, no clock, no sockets.
-//! - [`bus`]: bounded lock-free queues between shards and their eventfd wake-ups.
+//! - [`bus`]: bounded lock-free queues between shards and their wake-ups.
 //! - [`shard`]: one thread per core. Its driver owns the shard's one
 //!   io_uring ring, the listener and each connection's I/O, and is the only
 //!   code that does I/O; its [`shard::state`] is the sans-IO state (topics,

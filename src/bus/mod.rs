@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -258,12 +258,16 @@ impl Envelope {
     }
 }
 
-/// An eventfd that a shard's ring reads, and the flag that spares senders a
-/// syscall when a wake-up is already pending.
+/// How a member is woken: an eventfd its ring reads, or, from another
+/// shard, a message onto its ring (IORING_OP_MSG_RING, submitted with the
+/// sender's turn: no syscall of its own, no eventfd read to re-arm); and the
+/// flag that spares senders either when a wake-up is already pending.
 #[derive(Debug)]
 pub struct Waker {
     fd: OwnedFd,
     pending: AtomicBool,
+    /// The member's io_uring descriptor while its ring runs, or -1.
+    ring_fd: AtomicI32,
 }
 
 impl Waker {
@@ -278,7 +282,21 @@ impl Waker {
             // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             pending: AtomicBool::new(false),
+            ring_fd: AtomicI32::new(-1),
         })
+    }
+
+    /// Publishes (or, with `None`, withdraws) the owner's ring for
+    /// [`Waker::ring_fd`]. A sender that read the descriptor just before it
+    /// was withdrawn gets an error from its message and signals the eventfd.
+    pub fn set_ring(&self, fd: Option<RawFd>) {
+        self.ring_fd.store(fd.unwrap_or(-1), Ordering::Release);
+    }
+
+    /// The owner's ring, for a shard to wake it with a ring message.
+    pub fn ring_fd(&self) -> Option<RawFd> {
+        let fd = self.ring_fd.load(Ordering::Acquire);
+        (fd >= 0).then_some(fd)
     }
 
     /// The eventfd, for the owning shard to read and register with its ring.
@@ -289,15 +307,22 @@ impl Waker {
     /// Wakes the owner unless a wake-up is already on its way. Call after
     /// pushing to the owner's queues.
     pub fn wake(&self) {
+        if self.claim() {
+            self.signal();
+        }
+    }
+
+    /// True if the caller must deliver a wake-up (signal the eventfd or
+    /// message the ring): none is pending. Call after pushing to the owner's
+    /// queues.
+    pub fn claim(&self) -> bool {
         // Sender: push (store), then read `pending`; owner: clear `pending`
         // (store), then read the queues. Without a SeqCst fence on both sides
         // each could miss the other's store (store buffering) and a wake-up
         // would be lost; with them, either the owner sees the push or the
-        // sender sees `pending == false` and writes the eventfd.
+        // sender sees `pending == false` and delivers a wake-up.
         fence(Ordering::SeqCst);
-        if !self.pending.swap(true, Ordering::SeqCst) {
-            self.signal();
-        }
+        !self.pending.swap(true, Ordering::SeqCst)
     }
 
     /// Writes the eventfd unconditionally (the kernel and timers use this path too).
@@ -486,10 +511,15 @@ impl Outbox {
     /// Wakes every shard that received something since the last call: one
     /// eventfd write per shard per loop turn at most.
     pub fn wake_all(&mut self, bus: &Bus) {
-        for shard in self.touched.iter() {
+        for shard in self.take_touched().iter() {
             bus.waker(shard).wake();
         }
-        self.touched = ShardSet::default();
+    }
+
+    /// The shards that received something since the last call, for a
+    /// caller that wakes them its own way.
+    pub fn take_touched(&mut self) -> ShardSet {
+        std::mem::take(&mut self.touched)
     }
 }
 

@@ -7,7 +7,8 @@
 //! completions that are ready, drains the bus, submits every send queued in
 //! the turn with the next `io_uring_enter`, and then sleeps in that same
 //! `io_uring_enter` until a completion (a receive, a send, a wake-up from
-//! another shard on the eventfd) arrives or the next timer tick is due.
+//! another shard's ring message or on the eventfd) arrives or the next timer
+//! tick is due.
 
 pub mod outbound;
 mod ring;
@@ -165,6 +166,10 @@ impl Driver {
     /// Runs the shard until it has shut down.
     pub(crate) fn run(&mut self) -> io::Result<()> {
         self.arm_accept();
+        self.shared
+            .bus
+            .waker(self.id)
+            .set_ring(Some(self.ring.fd()));
         loop {
             let now = Instant::now();
             if now >= self.next_tick {
@@ -173,6 +178,8 @@ impl Driver {
             }
             let busy = self.turn(now);
             if self.is_finished() {
+                // The last turn's wake-ups of peers are still in the queue.
+                self.ring.submit()?;
                 return Ok(());
             }
             if busy || self.ring.has_completions() {
@@ -180,7 +187,8 @@ impl Driver {
                 continue;
             }
             // Clear the wake-up flag, then look at the queues one last time:
-            // a push this misses will write the eventfd, whose read is armed.
+            // a push this misses will send a wake-up (a ring message, or the
+            // eventfd, whose read is armed).
             self.shared.bus.waker(self.id).rearm();
             if self.shared.bus.has_mail(self.id) {
                 self.ring.submit()?;
@@ -215,10 +223,26 @@ impl Driver {
                 break;
             }
         }
-        self.state.wake_peers();
+        self.wake_peers();
         ShardStats::add(&self.stats().messages_out_total, self.frames_queued);
         self.frames_queued = 0;
         progressed
+    }
+
+    /// Wakes the peers this turn sent envelopes to: a message on a shard's
+    /// ring, submitted with this turn's sends, or the eventfd of a member
+    /// without a ring (the cluster broker) or whose ring is not up.
+    fn wake_peers(&mut self) {
+        let bus = &self.shared.bus;
+        for peer in self.state.peers_to_wake().iter() {
+            let waker = bus.waker(peer);
+            if waker.claim() {
+                match waker.ring_fd() {
+                    Some(fd) => self.ring.wake_peer(peer.0, fd),
+                    None => waker.signal(),
+                }
+            }
+        }
     }
 
     /// Tells the state `event` and carries out what it answers, including
@@ -385,8 +409,16 @@ impl Driver {
                         self.maybe_release(now, key);
                     }
                 }
-                OpKind::Close => {}
+                OpKind::Close | OpKind::Woken => {}
                 OpKind::Wake => self.ring.arm_wake(),
+                OpKind::WakePeer => {
+                    // Only a failed message completes: the peer's ring is
+                    // gone or its completion queue full. Its eventfd works.
+                    let peer = ShardId(completion.token.key.slot());
+                    if peer.0 < self.shared.bus.members() {
+                        self.shared.bus.waker(peer).signal();
+                    }
+                }
             }
         }
         self.completions = batch;
@@ -646,6 +678,14 @@ impl Driver {
         ShardStats::set(&stats.cq_overflow_flushes_total, counters.overflow_flushes);
         ShardStats::set(&stats.cq_dropped_total, counters.dropped);
         ShardStats::set(&stats.control_backlog, self.state.control_backlog() as u64);
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Peers message the ring while it is published; after this they
+        // fall back to the eventfd (one that races gets an error and does).
+        self.shared.bus.waker(self.id).set_ring(None);
     }
 }
 

@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -65,6 +65,11 @@ pub(crate) enum OpKind {
     Close = 5,
     /// The read of the shard's eventfd: someone woke the shard.
     Wake = 6,
+    /// A message another shard put on this ring: it woke the shard.
+    Woken = 7,
+    /// A message this shard sent to the ring of the shard in the key's
+    /// slot; only failures complete (the success is skipped).
+    WakePeer = 8,
 }
 
 /// An operation's kind and the connection it is for, so a completion that
@@ -99,6 +104,8 @@ impl Token {
             4 => OpKind::Shutdown,
             5 => OpKind::Close,
             6 => OpKind::Wake,
+            7 => OpKind::Woken,
+            8 => OpKind::WakePeer,
             _ => return None,
         };
         let generation = ((data >> 32) & ((1 << GENERATION_BITS) - 1)) as u32;
@@ -331,6 +338,28 @@ impl Ring {
         self.push(entry);
     }
 
+    /// Wakes the shard `peer` whose ring is `peer_ring` with a completion on
+    /// that ring, submitted with this turn's other entries. If the message
+    /// cannot be delivered (the ring is gone, or its completion queue is
+    /// full), a `WakePeer` completion names `peer` for a fallback.
+    pub(crate) fn wake_peer(&mut self, peer: usize, peer_ring: RawFd) {
+        let entry = opcode::MsgRingData::new(
+            types::Fd(peer_ring),
+            0,
+            Token::shard(OpKind::Woken).encode(),
+            None,
+        )
+        .build()
+        .flags(squeue::Flags::SKIP_SUCCESS)
+        .user_data(Token::new(OpKind::WakePeer, ConnKey::new(peer as u32, 0)).encode());
+        self.push(entry);
+    }
+
+    /// This ring's descriptor, for other shards to message.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+
     /// Shuts a connection down (both directions): its pending receive ends
     /// and its pending send fails.
     ///
@@ -535,6 +564,47 @@ mod tests {
         assert_eq!(ring.counters().dropped, 0);
         // SAFETY: closing our own eventfd once.
         unsafe { libc::close(eventfd) };
+    }
+
+    #[test]
+    fn a_ring_message_wakes_the_peer_and_a_failed_one_names_it() {
+        // SAFETY: eventfd has no memory-safety preconditions; checked below.
+        let (fd_a, fd_b) = unsafe {
+            (
+                libc::eventfd(0, libc::EFD_CLOEXEC),
+                libc::eventfd(0, libc::EFD_CLOEXEC),
+            )
+        };
+        assert!(fd_a >= 0 && fd_b >= 0);
+        let mut a = Ring::with_sizes(fd_a, 16, 8, 16).unwrap();
+        let mut b = Ring::with_sizes(fd_b, 16, 8, 16).unwrap();
+        a.wake_peer(1, b.fd());
+        // Not a ring: the message fails and its completion names the peer.
+        a.wake_peer(5, fd_b);
+        a.submit().unwrap();
+
+        let mut on_b = Vec::new();
+        b.submit_and_wait(Duration::from_secs(5)).unwrap();
+        b.drain(&mut on_b, usize::MAX);
+        assert_eq!(on_b.len(), 1, "{on_b:?}");
+        assert_eq!(on_b[0].token.kind, OpKind::Woken);
+
+        let mut on_a = Vec::new();
+        a.drain(&mut on_a, usize::MAX);
+        assert_eq!(
+            on_a.len(),
+            1,
+            "the delivered message completes silently: {on_a:?}"
+        );
+        assert_eq!(on_a[0].token.kind, OpKind::WakePeer);
+        assert_eq!(on_a[0].token.key.slot(), 5);
+        assert!(on_a[0].result < 0);
+        drop((a, b));
+        // SAFETY: closing our own eventfds once, after their rings.
+        unsafe {
+            libc::close(fd_a);
+            libc::close(fd_b);
+        }
     }
 
     #[test]

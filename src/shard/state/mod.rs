@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::bus::{Envelope, IndexKind, Outbox, Sent, ShardId};
+use crate::bus::{Envelope, IndexKind, Outbox, Sent, ShardId, ShardSet};
 use crate::config::Config;
 use crate::metrics::ShardStats;
 use crate::protocol::http::Response;
@@ -222,10 +222,18 @@ impl ShardState {
 
     /// Retries control envelopes that found a peer's queue full and wakes
     /// every shard that got envelopes since the last call. Called by the
-    /// driver once per loop turn (the wake-up is an eventfd write).
+    /// driver once per loop turn (the wake-up is an eventfd write); the
+    /// io_uring driver uses [`ShardState::peers_to_wake`] instead.
     pub fn wake_peers(&mut self) {
         self.outbox.retry_backlog(&self.shared.bus);
         self.outbox.wake_all(&self.shared.bus);
+    }
+
+    /// Like [`ShardState::wake_peers`], but leaves the waking to the
+    /// caller: the peers that got envelopes since the last call.
+    pub fn peers_to_wake(&mut self) -> ShardSet {
+        self.outbox.retry_backlog(&self.shared.bus);
+        self.outbox.take_touched()
     }
 
     /// True once shutdown has begun: publishes are refused, and connections
