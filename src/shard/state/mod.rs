@@ -221,9 +221,9 @@ impl ShardState {
     }
 
     /// Retries control envelopes that found a peer's queue full and wakes
-    /// every shard that got envelopes since the last call. Called by the
-    /// driver once per loop turn (the wake-up is an eventfd write); the
-    /// io_uring driver uses [`ShardState::peers_to_wake`] instead.
+    /// every shard that got envelopes since the last call with an eventfd
+    /// write. The simulation calls it once per turn; the io_uring driver
+    /// wakes peers with ring messages and uses [`ShardState::peers_to_wake`].
     pub fn wake_peers(&mut self) {
         self.outbox.retry_backlog(&self.shared.bus);
         self.outbox.wake_all(&self.shared.bus);
