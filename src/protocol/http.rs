@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use percent_encoding::percent_decode_str;
 
+use super::message::write_decimal;
 use super::Decoded;
 
 /// Header slots kept on the stack; a larger `max_headers` falls back to the heap.
@@ -921,7 +922,7 @@ impl Response {
             .sum();
         let mut out = Vec::with_capacity(RESPONSE_HEAD_BYTES + extra + self.body.len());
         out.extend_from_slice(b"HTTP/1.1 ");
-        push_decimal(&mut out, u64::from(self.status));
+        write_decimal(&mut out, u64::from(self.status));
         out.push(b' ');
         out.extend_from_slice(reason_phrase(self.status).as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -934,7 +935,7 @@ impl Response {
         // RFC 9110 8.6: no Content-Length on 1xx and 204.
         if !(100..200).contains(&self.status) && self.status != 204 {
             out.extend_from_slice(b"Content-Length: ");
-            push_decimal(&mut out, self.body.len() as u64);
+            write_decimal(&mut out, self.body.len() as u64);
             out.extend_from_slice(b"\r\n");
         }
         if !self.keep_alive {
@@ -956,21 +957,6 @@ fn push_field(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
-}
-
-/// `n` in decimal, without going through `fmt`.
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 /// Canonical reason phrase for `status` (RFC 9110 15), `""` when unknown.

@@ -465,6 +465,22 @@ pub fn user_id_from_json(value: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// Appends `n` in decimal (a JSON number, an HTTP length), without going
+/// through `fmt` or a temporary `String`.
+pub fn write_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 /// Appends `s` as a JSON string literal, escaped by serde_json.
 pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
     if serde_json::to_writer(&mut *out, s).is_err() {
@@ -510,7 +526,7 @@ pub fn subscribed_at(topic: &str, recovered: Option<bool>, offset: u64, epoch: &
             });
         }
         out.extend_from_slice(b",\"offset\":");
-        out.extend_from_slice(offset.to_string().as_bytes());
+        write_decimal(out, offset);
         out.extend_from_slice(b",\"epoch\":");
         write_json_str(out, epoch);
         out.push(b'}');
@@ -559,7 +575,7 @@ pub fn push_at(topic: &str, offset: u64, event: &str, payload_json: &str) -> Byt
         out.extend_from_slice(b"{\"type\":\"push\",\"topic\":");
         write_json_str(out, topic);
         out.extend_from_slice(b",\"offset\":");
-        out.extend_from_slice(offset.to_string().as_bytes());
+        write_decimal(out, offset);
         out.extend_from_slice(b",\"event\":");
         write_json_str(out, event);
         out.extend_from_slice(b",\"payload\":");
@@ -609,7 +625,7 @@ pub fn presence(topic: &str, count: usize, members_json: &str) -> Bytes {
         out.extend_from_slice(b"{\"type\":\"presence\",\"topic\":");
         write_json_str(out, topic);
         out.extend_from_slice(b",\"count\":");
-        out.extend_from_slice(count.to_string().as_bytes());
+        write_decimal(out, count as u64);
         out.extend_from_slice(b",\"members\":");
         out.extend_from_slice(or_default(members_json, "[]").as_bytes());
         out.push(b'}');
