@@ -35,4 +35,5 @@ fi
 
 # The load generator's integration test runs the ringcast binary built here.
 cargo build --workspace --quiet
-cargo test --workspace "$@"
+# --no-fail-fast: one failing test binary must not hide the results of the others.
+cargo test --workspace --no-fail-fast "$@"

@@ -1,6 +1,6 @@
 //! The `ringcast` binary: CLI -> Config -> start shards -> wait for a signal.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -33,6 +33,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "ringcast=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs())
         .init();
     let cli = Cli::parse();
     let mut config = match &cli.config {
@@ -83,4 +84,12 @@ fn main() -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Colour is for a person at a terminal: a log written to a file or a pipe
+/// would carry the escape codes as text. NO_COLOR set to anything but the
+/// empty string turns it off there too (https://no-color.org).
+fn colour_logs() -> bool {
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+    std::io::stderr().is_terminal() && !no_color
 }
