@@ -6,16 +6,13 @@ use std::time::Duration;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use ringcast::protocol::frame::{apply_mask, FrameDecoder, FrameLimits};
 use ringcast::protocol::http::{HttpLimits, RequestDecoder};
-use ringcast::protocol::message::{parse_client, push};
+use ringcast::protocol::message::{parse_client, push, Bounds};
 
 /// Short runs keep `cargo bench` usable in CI; 3 s gives stable medians here.
 const MEASUREMENT_TIME: Duration = Duration::from_secs(3);
 
 /// Typical event size in the load test.
 const PAYLOAD_BYTES: usize = 200;
-
-/// Longest topic accepted by the default config.
-const MAX_TOPIC_BYTES: usize = 256;
 
 /// Chunk size of the chunked publish bench: a client streaming small writes.
 const CHUNK_BYTES: usize = 64;
@@ -61,14 +58,14 @@ fn client_json(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     let subscribe = r#"{"type":"subscribe","topic":"orders:new"}"#;
     group.bench_function("subscribe", |b| {
-        b.iter(|| parse_client(black_box(subscribe), MAX_TOPIC_BYTES).is_ok())
+        b.iter(|| parse_client(black_box(subscribe), Bounds::default()).is_ok())
     });
     let message = format!(
         r#"{{"type":"message","topic":"room:1","event":"say","payload":{}}}"#,
         payload_json()
     );
     group.bench_function("message_200b", |b| {
-        b.iter(|| parse_client(black_box(&message), MAX_TOPIC_BYTES).is_ok())
+        b.iter(|| parse_client(black_box(&message), Bounds::default()).is_ok())
     });
     group.finish();
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use ringcast::bus::ShardId;
 use ringcast::engine::memory::MemoryEngine;
-use ringcast::engine::{Position, Recovery, StreamEngine};
+use ringcast::engine::{Position, Recovery, StreamEngine, Window};
 use ringcast::hooks::Channels;
 use ringcast::protocol::message::{push, push_at};
 use ringcast::rules::History;
@@ -160,7 +160,7 @@ fn send_all(
         let out = &mut outbound[conn.slot()];
         if let Some(msg) = out.prepare_send() {
             black_box(msg);
-            black_box(out.complete_send(frame_len));
+            black_box(out.complete_send(frame_len, pool));
             if release {
                 out.release_idle_buffers(pool);
             }
@@ -288,7 +288,7 @@ fn state_fanout(c: &mut Criterion) {
                     if let Some(plan) = out.prepare_send() {
                         black_box(plan);
                         let len = out.queued_bytes();
-                        black_box(out.complete_send(len));
+                        black_box(out.complete_send(len, &mut pool));
                         out.release_idle_buffers(&mut pool);
                     }
                 }
@@ -301,6 +301,12 @@ fn state_fanout(c: &mut Criterion) {
 
 /// Publications a stream keeps in the history benches: a recovery replays all.
 const HISTORY: usize = 1_000;
+
+/// A recovery read whole, as one page.
+const ALL: Window = Window {
+    limit: usize::MAX,
+    max_bytes: usize::MAX,
+};
 
 /// The memory engine on a stream's home: appending a publication (in steady
 /// state, so each append also evicts the oldest) and reading 1,000 back for
@@ -317,12 +323,14 @@ fn history(c: &mut Criterion) {
     };
     let payload = payload_json();
     let now = Instant::now();
-    let mut engine = MemoryEngine::new(1 << 30);
+    let mut engine = MemoryEngine::new(1 << 30, 1_000);
     let mut epoch = || Arc::<str>::from("e");
     for _ in 0..HISTORY {
-        engine.publish("room:1", &settings, now, &mut epoch, &mut |offset| {
-            push_at("room:1", offset, "say", &payload)
-        });
+        engine
+            .publish("room:1", &settings, now, &mut epoch, &mut |offset| {
+                push_at("room:1", offset, "say", &payload)
+            })
+            .expect("one stream is within the limit");
     }
     group.throughput(Throughput::Elements(1));
     group.bench_function("append_with_eviction", |b| {
@@ -336,26 +344,19 @@ fn history(c: &mut Criterion) {
             )
         })
     });
-    let position = engine.position("room:1", &settings, now, &mut epoch);
+    let position = engine.position("room:1", now);
     let since = Position {
         offset: position.offset - HISTORY as u64,
         epoch: position.epoch.clone(),
     };
     group.throughput(Throughput::Elements(HISTORY as u64));
     group.bench_function("recover_1000", |b| {
-        b.iter(|| {
-            match engine.recover(
-                "room:1",
-                &settings,
-                black_box(&since),
-                usize::MAX,
-                now,
-                &mut epoch,
-            ) {
+        b.iter(
+            || match engine.recover("room:1", black_box(&since), ALL, now) {
                 Recovery::Recovered { publications, .. } => black_box(publications.len()),
                 Recovery::Gone { .. } => unreachable!("the position is in history"),
-            }
-        })
+            },
+        )
     });
     group.finish();
 }

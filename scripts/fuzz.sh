@@ -48,10 +48,16 @@ for target in "${targets[@]}"; do
   if [ -d "fuzz/corpus/$target" ]; then
     seeds=("fuzz/corpus/$target")
   fi
+  # A target's dictionary (fuzz/dict/<target>.dict) gives libFuzzer the
+  # tokens its input is made of: route prefixes and suffixes, headers.
+  dict=()
+  if [ -f "fuzz/dict/$target.dict" ]; then
+    dict=("-dict=fuzz/dict/$target.dict")
+  fi
   # The first corpus directory receives new inputs: the temporary one.
   # -timeout: an input that runs 10 s is a hang, reported like a crash.
   if ! cargo +nightly fuzz run "$target" "$work/$target" "${seeds[@]}" -- \
-    -max_total_time="$seconds" -timeout=10 -print_final_stats=1; then
+    -max_total_time="$seconds" -timeout=10 -print_final_stats=1 "${dict[@]}"; then
     failed+=("$target")
   fi
 done

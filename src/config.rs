@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::Auth;
+use crate::protocol::message::Bounds;
 use crate::rules::{History, Pattern, Rule, RuleSet};
 
 /// Shards are addressed by bit in a `u64` interest mask; one more bit is the
@@ -55,12 +56,31 @@ pub struct Limits {
     /// Bytes queued for one connection that the kernel has not taken yet. Default 1 MiB;
     /// past it the connection is a slow consumer and is closed with 1013.
     pub max_outbound_bytes_per_connection: usize,
+    /// Bytes queued on all of one shard's connections together (a frame
+    /// shared by many subscribers counts once per subscriber). Default 512
+    /// MiB; past it, a connection that is behind (has bytes queued) is
+    /// closed as a slow consumer when it is sent more, while one that keeps
+    /// up always gets its next frame.
+    pub max_outbound_bytes_per_shard: usize,
+    /// Bytes of partial input one shard holds for its connections together
+    /// (requests and messages not complete yet). Default 64 MiB; past it,
+    /// the connections that have held partial input longest are closed
+    /// (408, or close 1008 on a WebSocket).
+    pub max_inbound_bytes_per_shard: usize,
     /// HTTP request head (request line and headers). Default 16 KiB; more gets 431.
     pub max_http_header_bytes: usize,
     /// HTTP request body. Default 1 MiB; more gets 413.
     pub max_http_body_bytes: usize,
     /// Length of a topic name in bytes. Default 256.
     pub max_topic_bytes: usize,
+    /// Length of a user id (query, token, registration, publish) or an
+    /// event name in bytes. Default 256; longer is refused with 400 (or an
+    /// `error` on a WebSocket).
+    pub max_name_bytes: usize,
+    /// Length of a connection's presence meta (a JSON object a channel
+    /// hook attaches) in bytes. Default 1 KiB; a hook's longer meta is
+    /// not tracked and the subscriber gets an `error`.
+    pub max_presence_meta_bytes: usize,
     /// Live connections across all shards. Default 1,000,000; past it new connections get 503.
     pub max_connections: usize,
     /// Distinct topics with subscribers, per shard. Default 1,000,000.
@@ -72,9 +92,32 @@ pub struct Limits {
     /// to, across all of them. Default 64 MiB; past it the oldest
     /// publications are evicted first, whatever their topic.
     pub max_history_bytes: usize,
+    /// Streams one shard keeps as their home (each holds an epoch, an
+    /// offset and its history). Default 100,000 (about 30 MB of their own
+    /// bookkeeping with 64-byte names); past it a publish that would start
+    /// a new stream gets 503 and a subscribe to one an `error`. Streams
+    /// exist only while they have history or a subscriber.
+    pub max_streams: usize,
+    /// Members one presence answer lists (the count is always exact; a
+    /// `next` cursor pages through the rest). Default 100, which is also
+    /// the default page.
+    pub max_presence_members: usize,
+    /// Presence queries one connection may make per second (HTTP or
+    /// WebSocket). Default 10; more get 429 (or an `error`).
+    pub max_presence_queries_per_second: u32,
     /// Envelopes queued from one shard to another. Default 65,536: a full second of a
     /// 20k msgs/s publish burst aimed at one shard, at 24 bytes an envelope.
     pub bus_queue_capacity: usize,
+}
+
+impl Limits {
+    /// The bounds on names that message parsing applies.
+    pub fn name_bounds(&self) -> Bounds {
+        Bounds {
+            topic_bytes: self.max_topic_bytes,
+            name_bytes: self.max_name_bytes,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -83,13 +126,20 @@ impl Default for Limits {
             max_message_bytes: 64 * 1024,
             max_subscriptions_per_connection: 50,
             max_outbound_bytes_per_connection: 1024 * 1024,
+            max_outbound_bytes_per_shard: 512 * 1024 * 1024,
+            max_inbound_bytes_per_shard: 64 * 1024 * 1024,
             max_http_header_bytes: 16 * 1024,
             max_http_body_bytes: 1024 * 1024,
             max_topic_bytes: 256,
+            max_name_bytes: 256,
+            max_presence_meta_bytes: 1024,
             max_connections: 1_000_000,
             max_topics_per_shard: 1_000_000,
             max_registrations: 100_000,
             max_history_bytes: 64 * 1024 * 1024,
+            max_streams: 100_000,
+            max_presence_members: 100,
+            max_presence_queries_per_second: 10,
             bus_queue_capacity: 65_536,
         }
     }
@@ -288,13 +338,20 @@ struct FileLimits {
     max_message_bytes: Option<usize>,
     max_subscriptions_per_connection: Option<usize>,
     max_outbound_bytes_per_connection: Option<usize>,
+    max_outbound_bytes_per_shard: Option<usize>,
+    max_inbound_bytes_per_shard: Option<usize>,
     max_http_header_bytes: Option<usize>,
     max_http_body_bytes: Option<usize>,
     max_topic_bytes: Option<usize>,
+    max_name_bytes: Option<usize>,
+    max_presence_meta_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_topics_per_shard: Option<usize>,
     max_registrations: Option<usize>,
     max_history_bytes: Option<usize>,
+    max_streams: Option<usize>,
+    max_presence_members: Option<usize>,
+    max_presence_queries_per_second: Option<u32>,
     bus_queue_capacity: Option<usize>,
 }
 
@@ -361,13 +418,20 @@ impl Config {
             max_message_bytes,
             max_subscriptions_per_connection,
             max_outbound_bytes_per_connection,
+            max_outbound_bytes_per_shard,
+            max_inbound_bytes_per_shard,
             max_http_header_bytes,
             max_http_body_bytes,
             max_topic_bytes,
+            max_name_bytes,
+            max_presence_meta_bytes,
             max_connections,
             max_topics_per_shard,
             max_registrations,
             max_history_bytes,
+            max_streams,
+            max_presence_members,
+            max_presence_queries_per_second,
             bus_queue_capacity
         );
         config.auth = auth_config(file.auth)?;
@@ -403,11 +467,24 @@ impl Config {
                 "max_outbound_bytes_per_connection",
                 l.max_outbound_bytes_per_connection,
             ),
+            (
+                "max_outbound_bytes_per_shard",
+                l.max_outbound_bytes_per_shard,
+            ),
+            ("max_inbound_bytes_per_shard", l.max_inbound_bytes_per_shard),
             ("max_http_header_bytes", l.max_http_header_bytes),
             ("max_topic_bytes", l.max_topic_bytes),
+            ("max_name_bytes", l.max_name_bytes),
+            ("max_presence_meta_bytes", l.max_presence_meta_bytes),
             ("max_connections", l.max_connections),
             ("max_topics_per_shard", l.max_topics_per_shard),
             ("bus_queue_capacity", l.bus_queue_capacity),
+            ("max_streams", l.max_streams),
+            ("max_presence_members", l.max_presence_members),
+            (
+                "max_presence_queries_per_second",
+                l.max_presence_queries_per_second as usize,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {

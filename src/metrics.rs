@@ -65,6 +65,8 @@ counters! {
     protocol_closes_total: "counter",
     /// Connections closed with 1013 because their outbound queue passed its limit.
     slow_consumer_disconnects_total: "counter",
+    /// Of those, connections closed because the shard's connections together passed max_outbound_bytes_per_shard while this one was behind.
+    shard_outbound_overflows_total: "counter",
     /// Publishes to another shard dropped because its bus queue was full.
     bus_drops_total: "counter",
     /// Envelopes sent to other shards.
@@ -77,6 +79,8 @@ counters! {
     control_refused_total: "counter",
     /// Presence queries refused: too many in flight per connection or shard.
     presence_refused_total: "counter",
+    /// Connections closed because the shard's partial input passed max_inbound_bytes_per_shard while they had held theirs longest (408 or close 1008).
+    inbound_evictions_total: "counter",
     /// Connections closed because they kept sending while a request of theirs waited for other shards.
     parked_input_overflows_total: "counter",
     /// WebSockets closed because a ping went unanswered for pong_timeout.
@@ -87,12 +91,28 @@ counters! {
     cq_overflow_flushes_total: "counter",
     /// Completions the kernel dropped (must stay 0).
     cq_dropped_total: "counter",
+    /// Bytes of partial input held for connections (unparsed input, heads waiting for bodies, chunked bodies and fragmented messages under way); bounded by max_inbound_bytes_per_shard.
+    memory_inbound_bytes: "gauge",
+    /// Bytes queued to connections that the kernel has not taken yet, a frame shared by several counting once per connection; bounded by max_outbound_bytes_per_shard.
+    memory_outbound_bytes: "gauge",
+    /// Bytes of work parked on connections until other shards answer (upgrade and HTTP responses waiting for acknowledgements).
+    memory_parked_bytes: "gauge",
+    /// Bytes of the registrations this shard indexes (every shard indexes all; the strings are shared between shards).
+    memory_registrations_bytes: "gauge",
+    /// Bytes of presence metas and of presence answers being gathered.
+    memory_presence_bytes: "gauge",
+    /// Connections with a stream replay paging out or waiting its turn.
+    stream_replays: "gauge",
     /// Stream topics this shard is home to.
     streams: "gauge",
+    /// Streams refused because max_streams was reached (a publish got 503, a subscribe an error).
+    streams_refused_total: "counter",
     /// Publications kept in history on this shard.
     stream_publications: "gauge",
     /// Bytes of history kept on this shard (frames and bookkeeping).
     stream_stored_bytes: "gauge",
+    /// Bytes of the streams' own bookkeeping on this shard (names, epochs, table and expiry entries).
+    memory_stream_meta_bytes: "gauge",
     /// Publications evicted from history (size, TTL or max_history_bytes).
     stream_evictions_total: "counter",
     /// Streams started, each with a new epoch.

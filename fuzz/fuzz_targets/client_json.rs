@@ -4,7 +4,7 @@ use ringcast::protocol::message::{parse_client, parse_publish};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = parse_client(text, 256);
+        let _ = parse_client(text, ringcast::protocol::message::Bounds::default());
     }
-    let _ = parse_publish(data, 256);
+    let _ = parse_publish(data, ringcast::protocol::message::Bounds::default());
 });

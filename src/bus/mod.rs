@@ -15,6 +15,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 
+use crate::engine::{Page, StreamLimit};
+
+mod members;
+pub use members::{MemberQuery, Members};
+
 /// Index of a shard, `0..shards`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ShardId(pub usize);
@@ -126,12 +131,15 @@ pub enum Envelope {
         /// Registration id.
         id: Arc<str>,
     },
-    /// Count the receiver's presence members of `topic` and reply.
+    /// Count the receiver's presence members of `topic` and reply with
+    /// the page of them the query asks for.
     PresenceQuery {
         /// Returned in the reply.
         ticket: u64,
         /// Topic name.
         topic: Arc<str>,
+        /// The members wanted.
+        query: MemberQuery,
     },
     /// A connection's presence in `topic` began (`meta`) or ended (`None`):
     /// to the cluster broker, which keeps the node's members in Redis.
@@ -147,10 +155,9 @@ pub enum Envelope {
     PresenceReply {
         /// The query's ticket.
         ticket: u64,
-        /// Members on the replying shard.
-        count: usize,
-        /// Their `{"conn_id":..,"meta":..}` objects, comma-separated.
-        members: String,
+        /// Its count and page of members (boxed: envelopes queue by the
+        /// thousand).
+        members: Box<Members>,
     },
     /// The receiver has applied the envelope carrying `ticket`.
     Ack {
@@ -170,33 +177,30 @@ pub enum Envelope {
         /// Reply ticket, if the publisher waits for the outcome.
         ticket: Option<u64>,
     },
-    /// A subscriber on the sender opens a stream topic: the home answers with
-    /// `StreamOpened` (the position, and what to replay). Sent only once the
-    /// home routes the topic's publications to the sender, so everything
-    /// after the position follows the answer on the same ordered queue.
+    /// A subscriber on the sender opens a stream topic, or asks for the next
+    /// page of its replay: the home answers with `StreamOpened` (the
+    /// position, and a page of what to replay). Sent only once the home
+    /// routes the topic's publications to the sender, so everything after
+    /// the position follows the answer on the same ordered queue.
     StreamOpen {
         /// Returned in the answer.
         ticket: u64,
         /// Topic name.
         topic: Arc<str>,
-        /// The position to recover from, if the client gave one.
+        /// The position to recover from: the client's, or where the replay
+        /// has reached.
         since: Option<(u64, Arc<str>)>,
+        /// Publications at or before this offset are last values (sent
+        /// marked); 0 for none.
+        mark_through: u64,
     },
-    /// The home's answer to `StreamOpen`.
+    /// The home's answer to `StreamOpen`: a page, or the stream limit
+    /// that kept the stream from being opened.
     StreamOpened {
         /// The request's ticket.
         ticket: u64,
-        /// Whether the position asked for was recovered; `None` if none was asked.
-        recovered: Option<bool>,
-        /// The stream's latest offset when it answered.
-        offset: u64,
-        /// The stream's epoch.
-        epoch: Arc<str>,
-        /// Publications to send before live ones: the recovered ones, or
-        /// the latest values (then `marked`, sent with `"replay":true`).
-        frames: Vec<Bytes>,
-        /// The frames are last values, not a recovery.
-        marked: bool,
+        /// Boxed: envelopes queue by the thousand, and pages are rare.
+        answer: Result<Box<Page>, StreamLimit>,
     },
     /// `GET /topics/{topic}/history` for the stream's home.
     StreamQuery {
@@ -208,7 +212,8 @@ pub enum Envelope {
         since: Option<u64>,
         /// The epoch `since` belongs to, if the client gave it.
         epoch: Option<String>,
-        /// Most publications to return.
+        /// Most publications to return (the answer also stops at a page's
+        /// bytes and names where the next page starts).
         limit: usize,
     },
     /// An HTTP answer from a stream's home: to a ticketed `StreamPublish` or a `StreamQuery`.

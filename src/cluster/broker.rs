@@ -498,7 +498,8 @@ impl Broker {
                 ticket,
                 topic,
                 since,
-            } => self.on_stream_open(from, ticket, topic, since),
+                mark_through,
+            } => self.on_stream_open(from, ticket, topic, since, mark_through),
             Envelope::StreamQuery {
                 ticket,
                 topic,
@@ -518,9 +519,11 @@ impl Broker {
                 conn_id,
                 meta,
             } => self.on_presence_change(topic, conn_id, meta),
-            Envelope::PresenceQuery { ticket, topic } => {
-                self.on_presence_query(from, ticket, topic)
-            }
+            Envelope::PresenceQuery {
+                ticket,
+                topic,
+                query,
+            } => self.on_presence_query(from, ticket, topic, query),
             // Shards acknowledge the registrations the broker hands them; and
             // send the broker nothing else.
             _ => {}

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fred::prelude::*;
 
-use crate::bus::{Envelope, ShardId};
+use crate::bus::{self, Envelope, MemberQuery, ShardId};
 
 use super::broker::Broker;
 
@@ -50,8 +50,7 @@ type TopicMembers = (String, String, Vec<(String, String)>);
 pub(super) struct PresenceDone {
     pub(super) from: ShardId,
     pub(super) ticket: u64,
-    pub(super) count: usize,
-    pub(super) members: String,
+    pub(super) members: bus::Members,
 }
 
 fn now_ms() -> u64 {
@@ -172,15 +171,21 @@ impl Broker {
         });
     }
 
-    /// A shard counts `topic`'s members: answer for the other nodes.
-    pub(super) fn on_presence_query(&mut self, from: ShardId, ticket: u64, topic: Arc<str>) {
+    /// A shard counts `topic`'s members: answer for the other nodes, with
+    /// the page of them the query asks for.
+    pub(super) fn on_presence_query(
+        &mut self,
+        from: ShardId,
+        ticket: u64,
+        topic: Arc<str>,
+        query: MemberQuery,
+    ) {
         if !self.status.is_up() {
             // Degraded: the node counts its own members only.
             return self.answer_presence(PresenceDone {
                 from,
                 ticket,
-                count: 0,
-                members: String::new(),
+                members: bus::Members::default(),
             });
         }
         let (_, nodes) = self.presence_keys(&topic);
@@ -192,17 +197,16 @@ impl Broker {
             let reply = client
                 .eval::<Value, _, _, _>(QUERY_SCRIPT, vec![nodes], args)
                 .await;
-            let (count, members) = match reply {
-                Ok(value) => format_members(value),
+            let members = match reply {
+                Ok(value) => gather_members(value, &query),
                 Err(e) => {
                     tracing::debug!("cluster: presence query failed: {e}");
-                    (0, String::new())
+                    bus::Members::default()
                 }
             };
             let _ = done.send(PresenceDone {
                 from,
                 ticket,
-                count,
                 members,
             });
         });
@@ -211,19 +215,17 @@ impl Broker {
     pub(super) fn answer_presence(&mut self, done: PresenceDone) {
         let reply = Envelope::PresenceReply {
             ticket: done.ticket,
-            count: done.count,
-            members: done.members,
+            members: Box::new(done.members),
         };
         self.outbox.send(&self.bus, done.from, reply);
     }
 }
 
-/// The other nodes' members as the shards' comma-separated
-/// `{"conn_id":..,"meta":..}` objects, and their count.
-fn format_members(value: Value) -> (usize, String) {
+/// The other nodes' members, as a shard answers for its own: the count,
+/// and the page the query asks for of `{"conn_id":"node/id","meta":..}`.
+fn gather_members(value: Value, query: &MemberQuery) -> bus::Members {
     let mut items = value.into_array().into_iter();
-    let mut members = String::new();
-    let mut count = 0;
+    let mut members = bus::Members::default();
     while let (Some(node), Some(hash)) = (items.next(), items.next()) {
         let Some(node) = node.as_str().map(|n| n.into_owned()) else {
             continue;
@@ -238,13 +240,16 @@ fn format_members(value: Value) -> (usize, String) {
             if serde_json::from_str::<serde::de::IgnoredAny>(&meta).is_err() {
                 continue;
             }
-            if count > 0 {
-                members.push(',');
-            }
-            count += 1;
-            let conn_id = serde_json::to_string(&format!("{node}/{id}")).unwrap_or_default();
-            members.push_str(&format!("{{\"conn_id\":{conn_id},\"meta\":{meta}}}"));
+            members.offer(
+                query,
+                || format!("{node}/{id}"),
+                |conn_id| {
+                    let conn_id = serde_json::to_string(conn_id).unwrap_or_default();
+                    format!("{{\"conn_id\":{conn_id},\"meta\":{meta}}}")
+                },
+            );
         }
     }
-    (count, members)
+    members.trim(query.limit);
+    members
 }

@@ -38,11 +38,14 @@ use fred::types::{ClusterHash, CustomCommand};
 use tokio::sync::mpsc;
 
 use crate::bus::{Envelope, ShardId};
-use crate::engine::Position;
+use crate::engine::{Page, Position, Publication};
 use crate::protocol::http::{error_json, Response};
 use crate::protocol::message;
 use crate::rules::History;
-use crate::shard::state::streams::{gone, history_found, os_epoch, publish_accepted, stream_reply};
+use crate::shard::state::streams::{
+    epoch_gone, gone, history_found, http_page_bytes, os_epoch, publish_accepted,
+    replay_page_bytes, stream_reply,
+};
 
 use super::broker::Broker;
 use super::ClusterStatus;
@@ -74,12 +77,15 @@ redis.call('SPUBLISH', ARGV[1], 'S' .. offset .. ' ' .. epoch .. ' ' .. #ARGV[6]
 return {offset, epoch}
 "#;
 
-/// Returns `{epoch, offset, first offset kept (offset + 1 if none), entries}`;
-/// entries are those after ARGV[3] (up to ARGV[4]) or, when ARGV[3] is -1,
-/// the latest ARGV[5], newest first.
+/// Returns `{epoch, offset, first offset kept (offset + 1 if none), entries,
+/// latest}`: entries after ARGV[3] (up to ARGV[4]; none when it is -1) and
+/// the latest ARGV[5], newest first. A stream without meta is created with
+/// epoch ARGV[1] when ARGV[6] is 1 (a holder opens it); a read alone
+/// (ARGV[6] 0) answers offset 0 of no epoch and stores nothing.
 const READ_SCRIPT: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
+  if ARGV[6] ~= '1' then return {'', 0, 1, {}, {}} end
   epoch = ARGV[1]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
@@ -93,11 +99,18 @@ local entries = {}
 local since = tonumber(ARGV[3])
 if since >= 0 then
   entries = redis.call('XRANGE', KEYS[2], '(' .. since .. '-1', '+', 'COUNT', ARGV[4])
-elseif tonumber(ARGV[5]) > 0 then
-  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[5])
 end
-return {epoch, offset, first, entries}
+local latest = {}
+if tonumber(ARGV[5]) > 0 then
+  latest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[5])
+end
+return {epoch, offset, first, entries, latest}
 "#;
+
+/// Publications read from the log per page of a replay or history answer:
+/// the page's bytes usually end it first, and a read never carries a whole
+/// large history.
+const READ_PAGE: usize = 1024;
 
 /// What the broker knows of one stream its node's shards hold.
 #[derive(Default)]
@@ -134,12 +147,13 @@ impl StreamState {
     }
 }
 
-/// Who asked for an open, and what.
+/// Who asked for an open (or the next page of a replay), and what.
 pub(super) struct Opening {
     from: ShardId,
     ticket: u64,
     topic: Arc<str>,
     since: Option<(u64, Arc<str>)>,
+    mark_through: u64,
     replay: usize,
 }
 
@@ -148,8 +162,10 @@ pub(super) struct Read {
     epoch: Arc<str>,
     offset: u64,
     first: u64,
-    /// Offsets and frames, oldest first.
+    /// Offsets and frames after the position asked for, oldest first.
     entries: Vec<(u64, Bytes)>,
+    /// The latest publications, oldest first.
+    latest: Vec<(u64, Bytes)>,
 }
 
 impl Read {
@@ -157,6 +173,18 @@ impl Read {
     fn holds_after(&self, offset: u64) -> bool {
         offset <= self.offset && offset + 1 >= self.first
     }
+
+    /// Whether the log holds publications after the entries read (the read
+    /// stopped at its count).
+    fn continues(&self) -> bool {
+        self.entries.last().is_some_and(|(at, _)| *at < self.offset)
+    }
+}
+
+fn publications(entries: Vec<(u64, Bytes)>) -> impl Iterator<Item = Publication> {
+    entries
+        .into_iter()
+        .map(|(offset, frame)| Publication { offset, frame })
 }
 
 /// A Redis answer for the broker's loop.
@@ -272,8 +300,21 @@ fn parse_read(topic: &str, value: Value) -> Option<Read> {
     let epoch: Arc<str> = Arc::from(items.next()?.as_str()?.into_owned());
     let offset = items.next()?.as_u64()?;
     let first = items.next()?.as_u64()?;
+    let entries = parse_entries(topic, items.next()?)?;
+    let latest = parse_entries(topic, items.next()?)?;
+    Some(Read {
+        epoch,
+        offset,
+        first,
+        entries,
+        latest,
+    })
+}
+
+/// Log entries as framed pushes, oldest first.
+fn parse_entries(topic: &str, value: Value) -> Option<Vec<(u64, Bytes)>> {
     let mut entries = Vec::new();
-    for entry in items.next()?.into_array() {
+    for entry in value.into_array() {
         let mut entry = entry.into_array().into_iter();
         let id = entry.next()?.as_str()?.into_owned();
         let at: u64 = id.split('-').next()?.parse().ok()?;
@@ -290,12 +331,7 @@ fn parse_read(topic: &str, value: Value) -> Option<Read> {
         entries.push((at, frame));
     }
     entries.sort_by_key(|(at, _)| *at);
-    Some(Read {
-        epoch,
-        offset,
-        first,
-        entries,
-    })
+    Some(entries)
 }
 
 impl Broker {
@@ -380,14 +416,16 @@ impl Broker {
         }
     }
 
-    /// Starts a read of `topic`'s log: after `since` (up to `limit`), or
-    /// the latest `latest`.
+    /// Starts a read of `topic`'s log: after `since` (up to `limit`), and
+    /// the latest `latest`. A holder's read (`create`) starts the stream if
+    /// Redis has none; a plain read stores nothing.
     fn read(
         &self,
         topic: &str,
         since: Option<u64>,
         limit: usize,
         latest: usize,
+        create: bool,
         then: impl FnOnce(Result<Read, String>) -> StreamDone + Send + 'static,
     ) {
         let client = self.publisher.clone();
@@ -399,6 +437,7 @@ impl Broker {
             since.map_or("-1".to_string(), |s| s.to_string()),
             limit.to_string(),
             latest.to_string(),
+            u8::from(create).to_string(),
         ];
         let topic = topic.to_string();
         tokio::spawn(async move {
@@ -416,6 +455,7 @@ impl Broker {
         ticket: u64,
         topic: Arc<str>,
         since: Option<(u64, Arc<str>)>,
+        mark_through: u64,
     ) {
         let replay = self.history(&topic).map_or(0, |h| h.replay_on_subscribe);
         let opening = Opening {
@@ -423,6 +463,7 @@ impl Broker {
             ticket,
             topic: topic.clone(),
             since: since.clone(),
+            mark_through,
             replay,
         };
         if !self.status.is_up() {
@@ -435,8 +476,9 @@ impl Broker {
         self.read(
             &topic,
             since_offset,
-            usize::MAX >> 1,
+            READ_PAGE,
             replay,
+            true,
             move |result| StreamDone::Opened { opening, result },
         );
     }
@@ -465,7 +507,8 @@ impl Broker {
         self.complete_open(opening, read);
     }
 
-    /// Answers an open whose read is at or behind what has been forwarded.
+    /// Answers an open whose read is at or behind what has been forwarded,
+    /// with the page a home shard would give (`ShardState::home_open`).
     fn complete_open(&mut self, opening: Opening, read: Read) {
         let Some(state) = self.streams.get(&opening.topic) else {
             return;
@@ -482,27 +525,48 @@ impl Broker {
             .cloned()
             .collect();
         let covered = newer.len() as u64 == state.last.saturating_sub(read.offset);
-        match &opening.since {
-            Some((offset, epoch)) => {
-                let recoverable = **epoch == *read.epoch && read.holds_after(*offset) && covered;
-                if recoverable {
-                    let frames = read
-                        .entries
-                        .into_iter()
-                        .chain(newer)
-                        .filter(|(at, _)| at > offset)
-                        .map(|(_, f)| f)
-                        .collect();
-                    return self.answer_open(opening, Some(true), position, frames, false);
-                }
-                let frames = latest(read.entries, newer, opening.replay);
-                self.answer_open(opening, Some(false), position, frames, true)
-            }
-            None => {
-                let frames = latest(read.entries, newer, opening.replay);
-                self.answer_open(opening, None, position, frames, true)
+        let page_bytes = replay_page_bytes(&self.shared.config.limits);
+        if let Some((offset, epoch)) = &opening.since {
+            if **epoch == *read.epoch && read.holds_after(*offset) && covered {
+                // A read cut at its count goes on from its last entry next
+                // page; one that reached Redis's offset goes on with what
+                // was forwarded since.
+                let more = read.continues();
+                let entries = if more {
+                    read.entries
+                } else {
+                    read.entries.into_iter().chain(newer).collect()
+                };
+                let after = *offset;
+                let fresh = entries.into_iter().filter(|(at, _)| *at > after);
+                let page = Page::of(
+                    Some(true),
+                    position,
+                    after,
+                    publications(fresh.collect()),
+                    more,
+                    page_bytes,
+                    opening.mark_through,
+                );
+                return self.answer_open(opening, page);
             }
         }
+        let recovered = opening.since.as_ref().map(|_| false);
+        let latest = latest(read.latest, newer, opening.replay);
+        let after = latest
+            .first()
+            .map_or(position.offset, |(at, _)| at.saturating_sub(1));
+        let through = position.offset;
+        let page = Page::of(
+            recovered,
+            position,
+            after,
+            publications(latest),
+            false,
+            page_bytes,
+            through,
+        );
+        self.answer_open(opening, page)
     }
 
     /// Answers an open without Redis: the subscriber learns where this
@@ -510,24 +574,14 @@ impl Broker {
     fn answer_open_from_last_seen(&mut self, opening: Opening, recovered: Option<bool>) {
         let state = self.streams.entry(opening.topic.clone()).or_default();
         let position = state.position();
-        self.answer_open(opening, recovered, position, Vec::new(), false);
+        let page = Page::of(recovered, position, 0, Vec::new(), false, 0, 0);
+        self.answer_open(opening, page);
     }
 
-    fn answer_open(
-        &mut self,
-        opening: Opening,
-        recovered: Option<bool>,
-        position: Position,
-        frames: Vec<Bytes>,
-        marked: bool,
-    ) {
+    fn answer_open(&mut self, opening: Opening, page: Page) {
         let opened = Envelope::StreamOpened {
             ticket: opening.ticket,
-            recovered,
-            offset: position.offset,
-            epoch: position.epoch,
-            frames,
-            marked,
+            answer: Ok(Box::new(page)),
         };
         self.outbox.send(&self.bus, opening.from, opened);
     }
@@ -547,7 +601,8 @@ impl Broker {
         }
         let latest = if since.is_none() { limit } else { 0 };
         let t = topic.clone();
-        self.read(&topic, since, limit, latest, move |result| {
+        let limit = limit.min(READ_PAGE);
+        self.read(&topic, since, limit, latest, false, move |result| {
             StreamDone::Queried {
                 from,
                 ticket,
@@ -580,16 +635,43 @@ impl Broker {
             epoch: read.epoch.clone(),
         };
         if let Some(asked) = epoch.filter(|e| **e != *read.epoch) {
-            let why = format!("epoch `{asked}` is gone: the stream started afresh");
-            return self.reply(from, ticket, gone(why, &position));
+            return self.reply(from, ticket, epoch_gone(&asked, &position));
         }
         if let Some(offset) = since.filter(|&o| !read.holds_after(o)) {
             let why = format!("offset {offset} is no longer in history");
             return self.reply(from, ticket, gone(why, &position));
         }
-        let frames: Vec<Bytes> = read.entries.into_iter().map(|(_, f)| f).collect();
-        let answer = history_found(topic, &position, frames.iter());
-        self.reply(from, ticket, answer);
+        let page_bytes = http_page_bytes(&self.shared.config.limits);
+        let page = match since {
+            Some(offset) => {
+                let more = read.continues();
+                Page::of(
+                    None,
+                    position,
+                    offset,
+                    publications(read.entries),
+                    more,
+                    page_bytes,
+                    0,
+                )
+            }
+            None => {
+                let after = read
+                    .latest
+                    .first()
+                    .map_or(0, |(at, _)| at.saturating_sub(1));
+                Page::of(
+                    None,
+                    position,
+                    after,
+                    publications(read.latest),
+                    false,
+                    page_bytes,
+                    0,
+                )
+            }
+        };
+        self.reply(from, ticket, history_found(topic, &page));
     }
 
     /// A stream publication from Redis.
@@ -634,7 +716,7 @@ impl Broker {
         state.filling = true;
         let last = state.last;
         let t = topic.clone();
-        self.read(topic, Some(last), 1024, 0, move |result| {
+        self.read(topic, Some(last), READ_PAGE, 0, true, move |result| {
             StreamDone::Filled { topic: t, result }
         });
     }
@@ -726,12 +808,12 @@ impl Broker {
 }
 
 /// The latest `count` of the read's entries and the newer forwarded ones.
-fn latest(entries: Vec<(u64, Bytes)>, newer: Vec<(u64, Bytes)>, count: usize) -> Vec<Bytes> {
+fn latest(entries: Vec<(u64, Bytes)>, newer: Vec<(u64, Bytes)>, count: usize) -> Vec<(u64, Bytes)> {
     let mut all: Vec<(u64, Bytes)> = entries.into_iter().chain(newer).collect();
     all.sort_by_key(|(at, _)| *at);
     all.dedup_by_key(|(at, _)| *at);
     let skip = all.len().saturating_sub(count);
-    all.into_iter().skip(skip).map(|(_, f)| f).collect()
+    all.into_iter().skip(skip).collect()
 }
 
 /// The stream publish queue and its task.
@@ -763,9 +845,6 @@ mod tests {
     fn latest_keeps_the_newest_without_duplicates() {
         let f = |n: u64| (n, Bytes::from(n.to_string()));
         let frames = latest(vec![f(1), f(2), f(3)], vec![f(3), f(4)], 3);
-        assert_eq!(
-            frames,
-            vec![Bytes::from("2"), Bytes::from("3"), Bytes::from("4")]
-        );
+        assert_eq!(frames, vec![f(2), f(3), f(4)]);
     }
 }

@@ -3,20 +3,27 @@
 //! Each stream keeps its publications oldest first, bounded by its rule's
 //! `history_size` and `history_ttl_s`; the engine as a whole is bounded by
 //! `max_history_bytes`, evicting the oldest publications first whatever
-//! their stream. A stream whose history is empty and that nobody holds,
-//! idle for a whole TTL, is forgotten: its next publication starts a new
-//! epoch, so no client can mistake the new offsets for the old. A stream
-//! that someone holds keeps its offset and epoch however empty its history
-//! (TTL, byte bound): its subscribers' offsets must keep growing, and a
-//! position older than what is kept is refused as gone all the same.
+//! their stream, and by `max_streams`. A stream exists only once it is
+//! published to or held by a subscriber: reads of an unknown stream answer
+//! [`Position::empty`] and store nothing. A stream whose history is empty
+//! and that nobody holds, idle for a whole TTL, is forgotten (at once when
+//! it was never published to): its next publication starts a new epoch, so
+//! no client can mistake the new offsets for the old. A stream that someone
+//! holds keeps its offset and epoch however empty its history (TTL, byte
+//! bound): its subscribers' offsets must keep growing, and a position older
+//! than what is kept is refused as gone all the same.
+//!
+//! Expiry is driven by a time-ordered index with one entry per stream (when
+//! its oldest publication expires, or when it has been idle a TTL), so a
+//! sweep costs what it expires, not what is stored.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{EngineStats, Position, Publication, Recovery, StreamEngine};
+use super::{EngineStats, Position, Publication, Recovery, StreamEngine, StreamLimit, Window};
 use crate::rules::History;
 
 /// Bytes a stored publication costs beyond its frame: its entry in the
@@ -25,6 +32,17 @@ use crate::rules::History;
 /// bound holds for many small publications too.
 const ENTRY_OVERHEAD_BYTES: usize =
     std::mem::size_of::<Entry>() + std::mem::size_of::<(Arc<str>, u64)>();
+
+/// Bytes a stream costs beyond its name and epoch: its table entry (key
+/// and value, with the table's slack), its entry in the expiry index, and
+/// the `Arc` headers of its name and epoch.
+const STREAM_OVERHEAD_BYTES: usize = 2
+    * (std::mem::size_of::<Arc<str>>() + std::mem::size_of::<Stream>())
+    + 2 * (std::mem::size_of::<DueKey>() + std::mem::size_of::<Arc<str>>())
+    + 2 * 16;
+
+/// Soonest a stream is looked at again after a look.
+const MIN_RECHECK: Duration = Duration::from_millis(1);
 
 /// One stored publication.
 struct Entry {
@@ -41,6 +59,10 @@ impl Entry {
     }
 }
 
+/// When a stream next needs a look, and which run of it (a name forgotten
+/// and created again is another run).
+type DueKey = (Instant, u64);
+
 struct Stream {
     epoch: Arc<str>,
     /// Offset of the latest publication.
@@ -50,6 +72,23 @@ struct Stream {
     /// When it was created or last published to: a stream idle for its TTL
     /// with nothing left in history is forgotten.
     touched: Instant,
+    /// Its one entry in the expiry index.
+    due: DueKey,
+}
+
+impl Stream {
+    /// When it next needs a look: its oldest publication's expiry, or the
+    /// end of its idle TTL when it keeps none.
+    fn next_due(&self) -> Instant {
+        match self.entries.front() {
+            Some(entry) => entry.at + self.history.ttl,
+            None => self.touched + self.history.ttl,
+        }
+    }
+
+    fn meta_bytes(&self, topic: &str) -> usize {
+        STREAM_OVERHEAD_BYTES + topic.len() + self.epoch.len()
+    }
 }
 
 /// The memory engine of one home shard.
@@ -59,44 +98,68 @@ pub struct MemoryEngine {
     /// Entries a stream dropped on its own (size, TTL) stay until they reach
     /// the front or a compaction, and are recognised by their sequence number.
     order: VecDeque<(Arc<str>, u64)>,
+    /// Every stream by when it next needs a look, earliest first.
+    due: BTreeMap<DueKey, Arc<str>>,
     next_seq: u64,
+    /// Numbers runs of streams, so two runs of one name never share a key.
+    next_run: u64,
     max_bytes: usize,
+    max_streams: usize,
     stats: EngineStats,
+    /// Streams looked at by `expire`, to show what a sweep costs.
+    #[cfg(test)]
+    looks: usize,
 }
 
 impl MemoryEngine {
-    /// An empty engine keeping at most `max_bytes` of history.
-    pub fn new(max_bytes: usize) -> MemoryEngine {
+    /// An empty engine keeping at most `max_bytes` of history in at most
+    /// `max_streams` streams.
+    pub fn new(max_bytes: usize, max_streams: usize) -> MemoryEngine {
         MemoryEngine {
             streams: HashMap::new(),
             order: VecDeque::new(),
+            due: BTreeMap::new(),
             next_seq: 0,
+            next_run: 0,
             max_bytes,
+            max_streams,
             stats: EngineStats::default(),
+            #[cfg(test)]
+            looks: 0,
         }
     }
 
     /// The stream of `topic` with expired publications dropped, created if
-    /// absent (or forgotten meanwhile).
+    /// absent (or forgotten meanwhile) within the stream limit.
     fn open(
         &mut self,
         topic: &str,
         history: &History,
         now: Instant,
         epoch: &mut dyn FnMut() -> Arc<str>,
-    ) -> &mut Stream {
+    ) -> Result<&mut Stream, StreamLimit> {
         self.drop_expired(topic, now);
         if !self.streams.contains_key(topic) {
+            if self.streams.len() >= self.max_streams {
+                self.stats.refused += 1;
+                return Err(StreamLimit(self.max_streams));
+            }
             self.stats.streams += 1;
             self.stats.epoch_changes += 1;
-            let stream = Stream {
+            self.next_run += 1;
+            let mut stream = Stream {
                 epoch: epoch(),
                 offset: 0,
                 entries: VecDeque::new(),
                 history: *history,
                 touched: now,
+                due: (now, self.next_run),
             };
-            self.streams.insert(Arc::from(topic), stream);
+            stream.due.0 = stream.next_due();
+            let name: Arc<str> = Arc::from(topic);
+            self.stats.meta_bytes += stream.meta_bytes(topic) as u64;
+            self.due.insert(stream.due, name.clone());
+            self.streams.insert(name, stream);
         }
         let stream = self
             .streams
@@ -105,7 +168,7 @@ impl MemoryEngine {
         // A rule's settings may differ from when the stream was created (a
         // library changed its hook); the newest win.
         stream.history = *history;
-        stream
+        Ok(stream)
     }
 
     /// Drops `topic`'s expired publications.
@@ -124,6 +187,17 @@ impl MemoryEngine {
             self.stats.stored_bytes -= bytes as u64;
             self.stats.evictions += 1;
         }
+    }
+
+    /// Forgets `topic`'s stream.
+    fn forget(&mut self, topic: &str) {
+        let Some((name, stream)) = self.streams.remove_entry(topic) else {
+            return;
+        };
+        debug_assert!(stream.entries.is_empty(), "forgot a stream with history");
+        self.due.remove(&stream.due);
+        self.stats.streams -= 1;
+        self.stats.meta_bytes -= stream.meta_bytes(&name) as u64;
     }
 
     /// Evicts the oldest publications, whatever their stream, until the
@@ -163,6 +237,14 @@ impl MemoryEngine {
                 .is_some_and(|s| s.entries.binary_search_by_key(seq, |e| e.seq).is_ok())
         });
     }
+
+    /// Whether a stream nobody holds may be forgotten now: never published
+    /// to, or nothing kept and idle for its TTL.
+    fn forgettable(stream: &Stream, now: Instant) -> bool {
+        stream.offset == 0
+            || (stream.entries.is_empty()
+                && now.saturating_duration_since(stream.touched) >= stream.history.ttl)
+    }
 }
 
 impl StreamEngine for MemoryEngine {
@@ -173,10 +255,9 @@ impl StreamEngine for MemoryEngine {
         now: Instant,
         epoch: &mut dyn FnMut() -> Arc<str>,
         frame: &mut dyn FnMut(u64) -> Bytes,
-    ) -> (Position, Bytes) {
+    ) -> Result<(Position, Bytes), StreamLimit> {
         let seq = self.next_seq;
-        self.next_seq += 1;
-        let stream = self.open(topic, history, now, epoch);
+        let stream = self.open(topic, history, now, epoch)?;
         stream.offset += 1;
         stream.touched = now;
         let offset = stream.offset;
@@ -200,6 +281,7 @@ impl StreamEngine for MemoryEngine {
             offset,
             epoch: stream.epoch.clone(),
         };
+        self.next_seq += 1;
         self.stats.publications = self.stats.publications + 1 - evicted;
         self.stats.stored_bytes = (self.stats.stored_bytes as i64 + added) as u64;
         self.stats.evictions += evicted;
@@ -210,33 +292,47 @@ impl StreamEngine for MemoryEngine {
             seq,
         ));
         self.enforce_bytes();
-        (position, frame)
+        Ok((position, frame))
     }
 
-    fn position(
+    fn position(&mut self, topic: &str, now: Instant) -> Position {
+        self.drop_expired(topic, now);
+        self.streams
+            .get(topic)
+            .map_or_else(Position::empty, |stream| Position {
+                offset: stream.offset,
+                epoch: stream.epoch.clone(),
+            })
+    }
+
+    fn hold(
         &mut self,
         topic: &str,
         history: &History,
         now: Instant,
         epoch: &mut dyn FnMut() -> Arc<str>,
-    ) -> Position {
-        let stream = self.open(topic, history, now, epoch);
-        Position {
+    ) -> Result<Position, StreamLimit> {
+        let stream = self.open(topic, history, now, epoch)?;
+        Ok(Position {
             offset: stream.offset,
             epoch: stream.epoch.clone(),
-        }
+        })
     }
 
-    fn recover(
-        &mut self,
-        topic: &str,
-        history: &History,
-        since: &Position,
-        limit: usize,
-        now: Instant,
-        epoch: &mut dyn FnMut() -> Arc<str>,
-    ) -> Recovery {
-        let stream = self.open(topic, history, now, epoch);
+    fn recover(&mut self, topic: &str, since: &Position, window: Window, now: Instant) -> Recovery {
+        self.drop_expired(topic, now);
+        let Some(stream) = self.streams.get(topic) else {
+            let position = Position::empty();
+            return if *since == position {
+                Recovery::Recovered {
+                    publications: Vec::new(),
+                    position,
+                    more: false,
+                }
+            } else {
+                Recovery::Gone { position }
+            };
+        };
         let position = Position {
             offset: stream.offset,
             epoch: stream.epoch.clone(),
@@ -251,19 +347,29 @@ impl StreamEngine for MemoryEngine {
         if !in_history {
             return Recovery::Gone { position };
         }
-        let publications = stream
-            .entries
-            .iter()
-            .filter(|e| e.offset > since.offset)
-            .take(limit)
-            .map(|e| Publication {
-                offset: e.offset,
-                frame: e.frame.clone(),
-            })
-            .collect();
+        // Offsets in a stream are consecutive, so the first one wanted is
+        // found by arithmetic, not by a scan.
+        let skip = (since.offset + 1).saturating_sub(oldest) as usize;
+        let mut publications = Vec::new();
+        let mut bytes = 0;
+        let mut more = false;
+        for entry in stream.entries.iter().skip(skip) {
+            let full = publications.len() >= window.limit
+                || (!publications.is_empty() && bytes + entry.frame.len() > window.max_bytes);
+            if full {
+                more = true;
+                break;
+            }
+            bytes += entry.frame.len();
+            publications.push(Publication {
+                offset: entry.offset,
+                frame: entry.frame.clone(),
+            });
+        }
         Recovery::Recovered {
             publications,
             position,
+            more,
         }
     }
 
@@ -285,18 +391,49 @@ impl StreamEngine for MemoryEngine {
     }
 
     fn expire(&mut self, now: Instant, held: &dyn Fn(&str) -> bool) {
-        let topics: Vec<Arc<str>> = self.streams.keys().cloned().collect();
-        for topic in topics {
-            self.drop_expired(&topic, now);
-            let forget = self.streams.get(&topic).is_some_and(|s| {
-                s.entries.is_empty() && now.saturating_duration_since(s.touched) >= s.history.ttl
-            });
-            if forget && !held(&topic) {
-                self.streams.remove(&topic);
-                self.stats.streams -= 1;
+        while let Some(entry) = self.due.first_entry() {
+            if entry.key().0 > now {
+                break;
             }
+            let topic = entry.remove();
+            #[cfg(test)]
+            {
+                self.looks += 1;
+            }
+            self.drop_expired(&topic, now);
+            let Some(stream) = self.streams.get_mut(&topic) else {
+                debug_assert!(false, "a due entry outlived its stream");
+                continue;
+            };
+            let idle = stream.entries.is_empty()
+                && now.saturating_duration_since(stream.touched) >= stream.history.ttl;
+            if idle && !held(&topic) {
+                self.forget(&topic);
+                continue;
+            }
+            // A held stream idle past its TTL is looked at again a TTL later
+            // (its release forgets it sooner). Strictly later than `now`, so
+            // the loop ends whatever the TTL.
+            let next = if idle {
+                now + stream.history.ttl
+            } else {
+                stream.next_due()
+            };
+            stream.due.0 = next.max(now + MIN_RECHECK);
+            self.due.insert(stream.due, topic);
         }
         self.compact_order();
+    }
+
+    fn release(&mut self, topic: &str, now: Instant) {
+        self.drop_expired(topic, now);
+        if self
+            .streams
+            .get(topic)
+            .is_some_and(|s| MemoryEngine::forgettable(s, now))
+        {
+            self.forget(topic);
+        }
     }
 
     fn stats(&self) -> EngineStats {
@@ -308,6 +445,11 @@ impl StreamEngine for MemoryEngine {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    const ALL: Window = Window {
+        limit: usize::MAX,
+        max_bytes: usize::MAX,
+    };
 
     fn history(size: usize, ttl_s: u64) -> History {
         History {
@@ -341,16 +483,22 @@ mod tests {
         now: Instant,
         epoch: &mut dyn FnMut() -> Arc<str>,
     ) -> Position {
-        engine.publish(topic, h, now, epoch, &mut frame).0
+        engine.publish(topic, h, now, epoch, &mut frame).unwrap().0
     }
 
     #[test]
     fn offsets_count_up_per_topic_and_the_frame_is_built_for_its_offset() {
-        let mut engine = MemoryEngine::new(1 << 20);
+        let mut engine = MemoryEngine::new(1 << 20, 1000);
         let (h, now, mut epoch) = (history(10, 60), Instant::now(), epochs());
-        let (a1, f1) = engine.publish("a", &h, now, &mut epoch, &mut frame);
-        let (b1, _) = engine.publish("b", &h, now, &mut epoch, &mut frame);
-        let (a2, f2) = engine.publish("a", &h, now, &mut epoch, &mut frame);
+        let (a1, f1) = engine
+            .publish("a", &h, now, &mut epoch, &mut frame)
+            .unwrap();
+        let (b1, _) = engine
+            .publish("b", &h, now, &mut epoch, &mut frame)
+            .unwrap();
+        let (a2, f2) = engine
+            .publish("a", &h, now, &mut epoch, &mut frame)
+            .unwrap();
         assert_eq!((a1.offset, b1.offset, a2.offset), (1, 1, 2));
         assert_eq!((f1, f2), (frame(1), frame(2)));
         assert_eq!(a1.epoch, a2.epoch);
@@ -359,7 +507,7 @@ mod tests {
 
     #[test]
     fn recovery_replays_what_came_after_the_position_in_order() {
-        let mut engine = MemoryEngine::new(1 << 20);
+        let mut engine = MemoryEngine::new(1 << 20, 1000);
         let (h, now, mut epoch) = (history(10, 60), Instant::now(), epochs());
         let mut last = Position {
             offset: 0,
@@ -372,17 +520,19 @@ mod tests {
             offset: 2,
             epoch: last.epoch.clone(),
         };
-        match engine.recover("t", &h, &since, usize::MAX, now, &mut epoch) {
+        match engine.recover("t", &since, ALL, now) {
             Recovery::Recovered {
                 publications,
                 position,
+                more,
             } => {
                 assert_eq!(offsets(&publications), [3, 4, 5]);
+                assert!(!more);
                 assert_eq!(position, last);
             }
             Recovery::Gone { .. } => panic!("offset 2 is in history"),
         }
-        let current = engine.recover("t", &h, &last, usize::MAX, now, &mut epoch);
+        let current = engine.recover("t", &last, ALL, now);
         assert!(
             matches!(current, Recovery::Recovered { publications, .. } if publications.is_empty())
         );
@@ -390,7 +540,7 @@ mod tests {
 
     #[test]
     fn a_stale_epoch_an_evicted_offset_or_a_future_offset_is_gone() {
-        let mut engine = MemoryEngine::new(1 << 20);
+        let mut engine = MemoryEngine::new(1 << 20, 1000);
         let (h, now, mut epoch) = (history(3, 60), Instant::now(), epochs());
         let mut last = Position {
             offset: 0,
@@ -404,11 +554,7 @@ mod tests {
                 offset,
                 epoch: e.clone(),
             };
-            let mut epoch = epochs();
-            matches!(
-                engine.recover("t", &h, &since, usize::MAX, now, &mut epoch),
-                Recovery::Gone { .. }
-            )
+            matches!(engine.recover("t", &since, ALL, now), Recovery::Gone { .. })
         };
         assert!(gone(&mut engine, 5, &Arc::from("other")), "another epoch");
         assert!(
@@ -427,7 +573,7 @@ mod tests {
 
     #[test]
     fn publications_expire_and_an_idle_empty_stream_starts_a_new_epoch() {
-        let mut engine = MemoryEngine::new(1 << 20);
+        let mut engine = MemoryEngine::new(1 << 20, 1000);
         let (h, start, mut epoch) = (history(10, 10), Instant::now(), epochs());
         let first = publish(&mut engine, "t", &h, start, &mut epoch);
         publish(
@@ -458,7 +604,7 @@ mod tests {
 
     #[test]
     fn a_held_stream_is_not_forgotten_however_long_idle() {
-        let mut engine = MemoryEngine::new(1 << 20);
+        let mut engine = MemoryEngine::new(1 << 20, 1000);
         let (h, start, mut epoch) = (history(10, 10), Instant::now(), epochs());
         let first = publish(&mut engine, "t", &h, start, &mut epoch);
         let later = start + Duration::from_secs(60);
@@ -470,7 +616,7 @@ mod tests {
             offset: 0,
             epoch: first.epoch.clone(),
         };
-        match engine.recover("t", &h, &before, 10, later, &mut epoch) {
+        match engine.recover("t", &before, ALL, later) {
             Recovery::Gone { position } => assert_eq!(position, next),
             Recovery::Recovered { .. } => panic!("offset 1 expired"),
         }
@@ -479,7 +625,7 @@ mod tests {
     #[test]
     fn the_byte_bound_evicts_oldest_first_across_topics_and_an_emptied_stream_keeps_its_position() {
         let per = frame(1).len() + ENTRY_OVERHEAD_BYTES;
-        let mut engine = MemoryEngine::new(3 * per);
+        let mut engine = MemoryEngine::new(3 * per, 1000);
         let (h, now, mut epoch) = (history(10, 60), Instant::now(), epochs());
         let a = publish(&mut engine, "a", &h, now, &mut epoch);
         publish(&mut engine, "b", &h, now, &mut epoch);
@@ -497,7 +643,7 @@ mod tests {
             epoch: a.epoch.clone(),
         };
         assert!(
-            matches!(engine.recover("a", &h, &since, 10, now, &mut epoch), Recovery::Gone { position } if position == a),
+            matches!(engine.recover("a", &since, ALL, now), Recovery::Gone { position } if position == a),
             "offset 1 was evicted; the stream is still at 1"
         );
         let next = publish(&mut engine, "a", &h, now, &mut epoch);
@@ -506,7 +652,7 @@ mod tests {
 
     #[test]
     fn the_eviction_order_stays_proportional_to_what_is_stored() {
-        let mut engine = MemoryEngine::new(1 << 30);
+        let mut engine = MemoryEngine::new(1 << 30, 1000);
         let (h, now, mut epoch) = (history(2, 60), Instant::now(), epochs());
         for _ in 0..100_000 {
             publish(&mut engine, "t", &h, now, &mut epoch);
@@ -517,7 +663,7 @@ mod tests {
 
     #[test]
     fn latest_returns_the_newest_oldest_first() {
-        let mut engine = MemoryEngine::new(1 << 20);
+        let mut engine = MemoryEngine::new(1 << 20, 1000);
         let (h, now, mut epoch) = (history(10, 60), Instant::now(), epochs());
         for _ in 0..5 {
             publish(&mut engine, "t", &h, now, &mut epoch);
@@ -525,5 +671,137 @@ mod tests {
         assert_eq!(offsets(&engine.latest("t", 2, now)), [4, 5]);
         assert_eq!(offsets(&engine.latest("t", 9, now)), [1, 2, 3, 4, 5]);
         assert!(engine.latest("nope", 3, now).is_empty());
+    }
+
+    #[test]
+    fn reads_of_an_unknown_stream_store_nothing() {
+        let mut engine = MemoryEngine::new(1 << 20, 1000);
+        let now = Instant::now();
+        assert_eq!(engine.position("t", now), Position::empty());
+        let all = engine.recover("t", &Position::empty(), ALL, now);
+        assert!(matches!(all, Recovery::Recovered { publications, .. } if publications.is_empty()));
+        let later = Position {
+            offset: 5,
+            epoch: Arc::from("e9"),
+        };
+        assert!(matches!(
+            engine.recover("t", &later, ALL, now),
+            Recovery::Gone { .. }
+        ));
+        assert!(engine.latest("t", 10, now).is_empty());
+        assert_eq!(engine.stats(), EngineStats::default(), "nothing stored");
+    }
+
+    #[test]
+    fn a_stream_held_but_never_published_to_is_forgotten_on_release() {
+        let mut engine = MemoryEngine::new(1 << 20, 1000);
+        let (h, now, mut epoch) = (history(10, 60), Instant::now(), epochs());
+        let held = engine.hold("t", &h, now, &mut epoch).unwrap();
+        assert_eq!((held.offset, &*held.epoch), (0, "e1"));
+        assert_eq!(engine.hold("t", &h, now, &mut epoch).unwrap(), held);
+        engine.release("t", now);
+        assert_eq!(engine.stats().streams, 0);
+        assert_eq!(engine.stats().meta_bytes, 0);
+        assert!(engine.due.is_empty(), "no expiry entry outlives its stream");
+
+        let published = publish(&mut engine, "p", &h, now, &mut epoch);
+        engine.release("p", now);
+        assert_eq!(
+            engine.position("p", now),
+            published,
+            "a stream with history stays for readers after its last holder"
+        );
+    }
+
+    #[test]
+    fn the_stream_limit_refuses_new_streams_and_keeps_serving_existing_ones() {
+        let mut engine = MemoryEngine::new(1 << 20, 2);
+        let (h, now, mut epoch) = (history(10, 60), Instant::now(), epochs());
+        publish(&mut engine, "a", &h, now, &mut epoch);
+        engine.hold("b", &h, now, &mut epoch).unwrap();
+        assert_eq!(
+            engine
+                .publish("c", &h, now, &mut epoch, &mut frame)
+                .unwrap_err(),
+            StreamLimit(2)
+        );
+        assert_eq!(
+            engine.hold("c", &h, now, &mut epoch).unwrap_err(),
+            StreamLimit(2)
+        );
+        assert_eq!(publish(&mut engine, "a", &h, now, &mut epoch).offset, 2);
+        assert_eq!(engine.stats().refused, 2);
+        engine.release("b", now);
+        assert!(engine.hold("c", &h, now, &mut epoch).is_ok(), "room again");
+    }
+
+    #[test]
+    fn a_recovery_is_paged_by_bytes_and_the_next_page_starts_after_the_last() {
+        let mut engine = MemoryEngine::new(1 << 20, 1000);
+        let (h, now, mut epoch) = (history(100, 60), Instant::now(), epochs());
+        let mut last = Position::empty();
+        for _ in 0..10 {
+            last = publish(&mut engine, "t", &h, now, &mut epoch);
+        }
+        let per = frame(1).len();
+        let window = Window {
+            limit: usize::MAX,
+            max_bytes: 3 * per,
+        };
+        let mut since = Position {
+            offset: 0,
+            epoch: last.epoch.clone(),
+        };
+        let mut got = Vec::new();
+        loop {
+            let Recovery::Recovered {
+                publications, more, ..
+            } = engine.recover("t", &since, window, now)
+            else {
+                panic!("in history");
+            };
+            assert!(publications.len() <= 3);
+            got.extend(offsets(&publications));
+            since.offset = publications.last().map_or(since.offset, |p| p.offset);
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(got, (1..=10).collect::<Vec<_>>());
+        let tiny = Window {
+            limit: 2,
+            max_bytes: 1,
+        };
+        let Recovery::Recovered { publications, .. } =
+            engine.recover("t", &Position { offset: 0, ..last }, tiny, now)
+        else {
+            panic!("in history");
+        };
+        assert_eq!(offsets(&publications), [1], "a page holds at least one");
+    }
+
+    #[test]
+    fn an_expiry_sweep_looks_only_at_streams_that_are_due() {
+        let mut engine = MemoryEngine::new(1 << 30, 100_000);
+        let (long, short, start, mut epoch) =
+            (history(10, 600), history(10, 5), Instant::now(), epochs());
+        for i in 0..10_000 {
+            publish(&mut engine, &format!("long-{i}"), &long, start, &mut epoch);
+        }
+        for i in 0..3 {
+            publish(
+                &mut engine,
+                &format!("short-{i}"),
+                &short,
+                start,
+                &mut epoch,
+            );
+        }
+        engine.expire(start + Duration::from_secs(10), &|_| false);
+        assert_eq!(engine.looks, 3, "only the three due streams were looked at");
+        let stats = engine.stats();
+        assert_eq!((stats.streams, stats.publications), (10_000, 10_000));
+        engine.expire(start + Duration::from_secs(20), &|_| false);
+        assert_eq!(engine.looks, 3, "nothing else is due");
     }
 }

@@ -43,16 +43,42 @@ pub struct Publication {
     pub frame: Bytes,
 }
 
+impl Position {
+    /// Where a stream nobody has published to or holds stands: offset 0 in
+    /// no epoch. A read of an unknown stream answers this without storing
+    /// anything; the stream gets an epoch when it is published to or held.
+    pub fn empty() -> Position {
+        Position {
+            offset: 0,
+            epoch: Arc::from(""),
+        }
+    }
+}
+
+/// How much one answer may carry: a count (an HTTP `limit`) and bytes (a
+/// page, so the answer fits the connection's outbound budget).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Most publications.
+    pub limit: usize,
+    /// Most bytes of frames; the first publication is always included, so
+    /// a single publication larger than this still gets through.
+    pub max_bytes: usize,
+}
+
 /// What a request for the publications after a position finds.
 #[derive(Debug, Clone)]
 pub enum Recovery {
-    /// Every publication after the position asked for, oldest first (at most
-    /// the limit asked), and where the stream stands now.
+    /// The publications after the position asked for, oldest first, as
+    /// many as the window allows, and where the stream stands now.
     Recovered {
         /// The publications.
         publications: Vec<Publication>,
         /// The stream's position now.
         position: Position,
+        /// Publications after the last one returned are still kept: ask
+        /// again from its offset.
+        more: bool,
     },
     /// The position is from another epoch, or older than the history: the
     /// client must reload its state elsewhere.
@@ -60,6 +86,88 @@ pub enum Recovery {
         /// The stream's position now.
         position: Position,
     },
+}
+
+/// A new stream would pass the home's `max_streams`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("stream limit of {0} reached: try again later")]
+pub struct StreamLimit(pub usize);
+
+/// A home's answer to a subscriber opening its stream or asking for the
+/// next page of a replay: the same policy on a home shard and on the
+/// cluster broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// For an open with a position: whether it was recovered; `None` when
+    /// no position was asked for.
+    pub recovered: Option<bool>,
+    /// Where the stream stood when the home answered: every publication
+    /// after it follows the answer live.
+    pub position: Position,
+    /// The offset the frames follow: the next page of a replay that had to
+    /// wait for its turn asks again from here.
+    pub after: u64,
+    /// Frames to send before live ones, oldest first, at most the page's
+    /// bytes (but at least one).
+    pub frames: Vec<Bytes>,
+    /// Leading frames that are last values (`replay_on_subscribe`), sent
+    /// marked `"replay":true`.
+    pub marked: usize,
+    /// Offset of the last frame, where the next page starts after;
+    /// `position.offset` when nothing is left for a next page.
+    pub last: u64,
+    /// Publications between `last` and `position` were left for the next
+    /// page.
+    pub more: bool,
+}
+
+impl Page {
+    /// A page of `publications` (oldest first, offsets growing, following
+    /// offset `after`) up to `max_bytes`, at `position`; `more` if the
+    /// publications given are not all there are up to `position`. Those at
+    /// or before `mark_through` are last values.
+    pub fn of(
+        recovered: Option<bool>,
+        position: Position,
+        after: u64,
+        publications: impl IntoIterator<Item = Publication>,
+        more: bool,
+        max_bytes: usize,
+        mark_through: u64,
+    ) -> Page {
+        let mut page = Page {
+            recovered,
+            last: after,
+            position,
+            after,
+            frames: Vec::new(),
+            marked: 0,
+            more,
+        };
+        let mut bytes = 0;
+        for publication in publications {
+            debug_assert!(publication.offset > page.last, "offsets must grow");
+            if !page.frames.is_empty() && bytes + publication.frame.len() > max_bytes {
+                page.more = true;
+                break;
+            }
+            bytes += publication.frame.len();
+            page.last = publication.offset;
+            if publication.offset <= mark_through {
+                page.marked += 1;
+            }
+            page.frames.push(publication.frame);
+        }
+        if !page.more {
+            page.last = page.position.offset;
+        }
+        page
+    }
+
+    /// The frames' total bytes.
+    pub fn bytes(&self) -> usize {
+        self.frames.iter().map(Bytes::len).sum()
+    }
 }
 
 /// Counters of one engine, for /metrics.
@@ -71,10 +179,14 @@ pub struct EngineStats {
     pub publications: u64,
     /// Bytes of history held (frames plus bookkeeping).
     pub stored_bytes: u64,
+    /// Bytes of the streams' own bookkeeping (name, epoch, table entries).
+    pub meta_bytes: u64,
     /// Publications evicted by a stream's size, TTL or the byte limit.
     pub evictions: u64,
     /// Streams that started afresh with a new epoch after the first.
     pub epoch_changes: u64,
+    /// Streams refused because `max_streams` was reached.
+    pub refused: u64,
 }
 
 /// What a stream's home does. The memory engine does it synchronously on
@@ -82,8 +194,9 @@ pub struct EngineStats {
 /// thread and answers the envelopes asynchronously.
 pub trait StreamEngine {
     /// Appends a publication to `topic`'s stream (created with a new epoch
-    /// from `epoch` if absent). `frame` builds the push for the assigned
-    /// offset; it is stored and returned, so it is encoded once.
+    /// from `epoch` if absent, within the stream limit). `frame` builds the
+    /// push for the assigned offset; it is stored and returned, so it is
+    /// encoded once.
     fn publish(
         &mut self,
         topic: &str,
@@ -91,36 +204,42 @@ pub trait StreamEngine {
         now: Instant,
         epoch: &mut dyn FnMut() -> Arc<str>,
         frame: &mut dyn FnMut(u64) -> Bytes,
-    ) -> (Position, Bytes);
+    ) -> Result<(Position, Bytes), StreamLimit>;
 
-    /// Where `topic`'s stream stands (created if absent).
-    fn position(
+    /// Where `topic`'s stream stands; [`Position::empty`] for one that does
+    /// not exist, which a read does not create.
+    fn position(&mut self, topic: &str, now: Instant) -> Position;
+
+    /// Where `topic`'s stream stands for a subscriber that holds it: the
+    /// stream is created (with a new epoch) if absent, within the stream
+    /// limit, so the epoch the subscriber is told stays.
+    fn hold(
         &mut self,
         topic: &str,
         history: &History,
         now: Instant,
         epoch: &mut dyn FnMut() -> Arc<str>,
-    ) -> Position;
+    ) -> Result<Position, StreamLimit>;
 
-    /// The publications after `since` (at most `limit`), or `Gone`.
-    fn recover(
-        &mut self,
-        topic: &str,
-        history: &History,
-        since: &Position,
-        limit: usize,
-        now: Instant,
-        epoch: &mut dyn FnMut() -> Arc<str>,
-    ) -> Recovery;
+    /// The publications after `since` within `window`, or `Gone`. An
+    /// unknown stream recovers nothing from offset 0 of no epoch, and
+    /// anything else is gone; it is not created.
+    fn recover(&mut self, topic: &str, since: &Position, window: Window, now: Instant) -> Recovery;
 
     /// The latest `count` publications, oldest first.
     fn latest(&mut self, topic: &str, count: usize, now: Instant) -> Vec<Publication>;
 
-    /// Drops expired publications, and forgets streams with nothing left
-    /// in history, idle for their TTL and not `held` (a stream someone
+    /// Drops expired publications and forgets streams with nothing left in
+    /// history, idle for their TTL and not `held` (a stream someone
     /// subscribes to keeps its offset and epoch: its subscribers' offsets
-    /// must keep growing in the epoch their `subscribed` named).
+    /// must keep growing in the epoch their `subscribed` named). Costs
+    /// what it expires, not what is stored.
     fn expire(&mut self, now: Instant, held: &dyn Fn(&str) -> bool);
+
+    /// Nobody holds `topic` any more: a stream that was never published to
+    /// is forgotten at once (a subscribe and unsubscribe leaves nothing
+    /// behind), as is one with nothing in history idle past its TTL.
+    fn release(&mut self, topic: &str, now: Instant);
 
     /// The engine's counters.
     fn stats(&self) -> EngineStats;

@@ -134,6 +134,14 @@ impl FrameDecoder {
         self.open.is_some()
     }
 
+    /// Bytes kept of a fragmented message being reassembled; the caller
+    /// charges them to its inbound budget.
+    pub fn held_bytes(&self) -> usize {
+        self.open.as_ref().map_or(0, |m| {
+            std::mem::size_of::<OpenMessage>() + m.payload.capacity()
+        })
+    }
+
     /// Decodes one frame from the front of `input`.
     ///
     /// Returns `Complete(item, used)` for a control frame, a frame completing a

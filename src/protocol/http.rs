@@ -154,6 +154,17 @@ impl Request {
         }
     }
 
+    /// Bytes its head takes in memory: the strings and their handles.
+    pub fn head_bytes(&self) -> usize {
+        let field = 2 * std::mem::size_of::<String>();
+        let fields: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len() + field)
+            .sum();
+        std::mem::size_of::<Request>() + self.path.len() + self.query.len() + fields
+    }
+
     /// The token of `Authorization: Bearer <token>` (scheme case-insensitive).
     pub fn bearer_token(&self) -> Option<&str> {
         let value = self.header("authorization")?.trim();
@@ -308,6 +319,22 @@ impl RequestDecoder {
     /// complete yet (the shard answers [`CONTINUE`] once per request).
     pub fn expects_continue(&self) -> bool {
         matches!(&self.state, State::Body(pending) if pending.expect_continue)
+    }
+
+    /// Bytes the decoder keeps of a request under way beyond the caller's
+    /// buffer: a parsed head waiting for its body, and a chunked body
+    /// decoded so far. The caller charges them to its inbound budget.
+    pub fn held_bytes(&self) -> usize {
+        match &self.state {
+            State::Head(_) => 0,
+            State::Body(pending) => {
+                let body = match &pending.progress {
+                    BodyProgress::Length(_) => 0,
+                    BodyProgress::Chunked(chunked) => chunked.body.capacity(),
+                };
+                pending.request.head_bytes() + body
+            }
+        }
     }
 
     /// Some bytes of a request have arrived but it is not complete (a timeout

@@ -15,6 +15,29 @@ use super::frame;
 /// Longest `type` value echoed back in an error, so a peer cannot make us
 /// reflect a large string.
 const MAX_ECHOED_TYPE_BYTES: usize = 64;
+/// Longest epoch a client may name: the server's own are 16 hex characters.
+pub const MAX_EPOCH_BYTES: usize = 64;
+
+/// How long the names in a message may be, in bytes. Every name a client
+/// gives may end up stored (a topic in the index, a user id on its
+/// connections and in registrations, an event name in history), so none
+/// is unbounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Topic names.
+    pub topic_bytes: usize,
+    /// User ids and event names.
+    pub name_bytes: usize,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds {
+            topic_bytes: 256,
+            name_bytes: 256,
+        }
+    }
+}
 
 /// Deepest nesting of arrays and objects accepted in a payload (or any other
 /// field) of a client message or `POST /publish` body. serde_json stops typed
@@ -60,10 +83,13 @@ pub enum ClientMessage<'a> {
     /// `{"topics":[...]}`: replace the whole subscription set. Each element
     /// is a topic name or `{"topic":T,"since":{"offset":N,"epoch":E}}`.
     SetTopics(Vec<TopicRequest<'a>>),
-    /// `{"type":"presence","topic":T}`: ask who is on a topic.
+    /// `{"type":"presence","topic":T,"limit"?:N,"after"?:C}`: ask who is on
+    /// a topic; at most `limit` members, those after member `C`.
     Presence {
         /// Validated topic name.
         topic: Cow<'a, str>,
+        /// The page asked for.
+        page: MemberPage<'a>,
     },
 }
 
@@ -81,8 +107,10 @@ impl PartialEq for ClientMessage<'_> {
                     since: sb,
                 },
             ) => a == b && sa == sb,
-            (Unsubscribe { topic: a }, Unsubscribe { topic: b })
-            | (Presence { topic: a }, Presence { topic: b }) => a == b,
+            (Unsubscribe { topic: a }, Unsubscribe { topic: b }) => a == b,
+            (Presence { topic: a, page: pa }, Presence { topic: b, page: pb }) => {
+                a == b && pa == pb
+            }
             (
                 Publish {
                     topic: a,
@@ -134,6 +162,15 @@ pub enum ClientError {
         /// The limit, [`MAX_PAYLOAD_DEPTH`].
         max_depth: usize,
     },
+    /// A user id or event name that is empty, too long or contains
+    /// control characters.
+    #[error("field `{field}` must be a non-empty string of at most {max_bytes} bytes")]
+    BadName {
+        /// The field name.
+        field: &'static str,
+        /// The configured maximum length.
+        max_bytes: usize,
+    },
     /// A topic that is empty, too long or contains control characters.
     #[error("topic must be a non-empty string of at most {max_bytes} bytes")]
     BadTopic {
@@ -181,10 +218,29 @@ struct RawClient<'a> {
     topics: Option<&'a RawValue>,
     #[serde(borrow, default)]
     since: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    limit: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    after: Option<&'a RawValue>,
 }
 
-/// Parses one text message from a client. `max_topic_bytes` bounds every topic.
-pub fn parse_client(text: &str, max_topic_bytes: usize) -> Result<ClientMessage<'_>, ClientError> {
+/// Longest member id a presence cursor may name: the server's own are a
+/// shard, a slot and a generation, or a node name and those.
+pub const MAX_CONN_ID_BYTES: usize = 320;
+
+/// Which members of a presence answer are asked for: at most `limit`
+/// (the server caps it), those after member `after` in conn-id order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemberPage<'a> {
+    /// Most members wanted.
+    pub limit: Option<usize>,
+    /// The last member of the previous page.
+    pub after: Option<Cow<'a, str>>,
+}
+
+/// Parses one text message from a client; `bounds` bounds every name.
+pub fn parse_client(text: &str, bounds: Bounds) -> Result<ClientMessage<'_>, ClientError> {
+    let max_topic_bytes = bounds.topic_bytes;
     let trimmed = text.trim();
     if trimmed == "ping" || trimmed == "\"ping\"" {
         return Ok(ClientMessage::Ping);
@@ -212,11 +268,31 @@ pub fn parse_client(text: &str, max_topic_bytes: usize) -> Result<ClientMessage<
         "unsubscribe" => Ok(ClientMessage::Unsubscribe { topic: topic()? }),
         "message" | "publish" => Ok(ClientMessage::Publish {
             topic: topic()?,
-            event: raw.event.map(|e| string_or(e, "event")).transpose()?,
+            event: raw
+                .event
+                .map(|e| name_field(e, "event", bounds.name_bytes))
+                .transpose()?,
             payload: raw.payload,
         }),
         "ping" => Ok(ClientMessage::Ping),
-        "presence" => Ok(ClientMessage::Presence { topic: topic()? }),
+        "presence" => Ok(ClientMessage::Presence {
+            topic: topic()?,
+            page: MemberPage {
+                limit: raw
+                    .limit
+                    .map(|l| {
+                        serde_json::from_str::<usize>(l.get()).map_err(|_| ClientError::WrongType {
+                            field: "limit",
+                            expected: "a non-negative integer",
+                        })
+                    })
+                    .transpose()?,
+                after: raw
+                    .after
+                    .map(|a| name_field(a, "after", MAX_CONN_ID_BYTES))
+                    .transpose()?,
+            },
+        }),
         other => Err(ClientError::UnknownType(
             truncate(other, MAX_ECHOED_TYPE_BYTES).to_owned(),
         )),
@@ -313,18 +389,28 @@ fn topic_field(raw: Option<&RawValue>, max_bytes: usize) -> Result<Cow<'_, str>,
     Ok(topic)
 }
 
-/// `"since":{"offset":N,"epoch":E}`; `null` is the same as absent.
+/// `"since":{"offset":N,"epoch":E}`; `null` is the same as absent. Only
+/// the object form: serde would also take an array `[N,E]` for the struct.
+/// An epoch longer than any this server makes is refused, so a client
+/// cannot make it store (or echo) a large one.
 fn since_field(raw: Option<&RawValue>) -> Result<Option<Since>, ClientError> {
+    let wrong = || ClientError::WrongType {
+        field: "since",
+        expected: r#"an object {"offset":N,"epoch":E}"#,
+    };
     match raw {
         None => Ok(None),
         Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) if !raw.get().starts_with('{') => Err(wrong()),
         Some(raw) => {
-            serde_json::from_str(raw.get())
-                .map(Some)
-                .map_err(|_| ClientError::WrongType {
-                    field: "since",
-                    expected: r#"an object {"offset":N,"epoch":E}"#,
-                })
+            let since: Since = serde_json::from_str(raw.get()).map_err(|_| wrong())?;
+            if since.epoch.len() > MAX_EPOCH_BYTES {
+                return Err(ClientError::WrongType {
+                    field: "since.epoch",
+                    expected: "an epoch this server gave (at most 64 bytes)",
+                });
+            }
+            Ok(Some(since))
         }
     }
 }
@@ -363,6 +449,26 @@ fn topic_list(raw: &RawValue, max_bytes: usize) -> Result<Vec<TopicRequest<'_>>,
         .collect()
 }
 
+/// A string field holding a name (an event name).
+fn name_field<'a>(
+    raw: &'a RawValue,
+    field: &'static str,
+    max_bytes: usize,
+) -> Result<Cow<'a, str>, ClientError> {
+    let name = string_or(raw, field)?;
+    check_name(&name, field, max_bytes)?;
+    Ok(name)
+}
+
+/// Checks a user id or event name: non-empty, at most `max_bytes`, no
+/// ASCII control characters (they would reach logs and other clients).
+pub fn check_name(name: &str, field: &'static str, max_bytes: usize) -> Result<(), ClientError> {
+    if name.is_empty() || name.len() > max_bytes || name.bytes().any(|b| b.is_ascii_control()) {
+        return Err(ClientError::BadName { field, max_bytes });
+    }
+    Ok(())
+}
+
 /// Checks a topic name: non-empty, at most `max_bytes`, no ASCII control characters.
 pub fn check_topic(topic: &str, max_bytes: usize) -> Result<(), ClientError> {
     if topic.is_empty() || topic.len() > max_bytes || topic.bytes().any(|b| b.is_ascii_control()) {
@@ -371,7 +477,8 @@ pub fn check_topic(topic: &str, max_bytes: usize) -> Result<(), ClientError> {
     Ok(())
 }
 
-fn truncate(text: &str, max_bytes: usize) -> &str {
+/// The longest prefix of `text` within `max_bytes` that ends on a character boundary.
+pub fn truncate(text: &str, max_bytes: usize) -> &str {
     let mut cut = text.len().min(max_bytes);
     while !text.is_char_boundary(cut) {
         cut -= 1;
@@ -412,13 +519,14 @@ struct RawPublish<'a> {
 /// default `null`; a string `message` stands in for a missing `payload`;
 /// `user_id` is a string or an integer (read as its decimal string).
 /// Unknown fields are ignored.
-pub fn parse_publish(body: &[u8], max_topic_bytes: usize) -> Result<PublishRequest, ClientError> {
+pub fn parse_publish(body: &[u8], bounds: Bounds) -> Result<PublishRequest, ClientError> {
+    let max_topic_bytes = bounds.topic_bytes;
     let text = std::str::from_utf8(body)
         .map_err(|_| ClientError::InvalidJson("body is not valid UTF-8".to_owned()))?;
     let raw: RawPublish<'_> = parse_object(text)?;
     let topic = topic_field(raw.topic, max_topic_bytes)?.into_owned();
     let event = match raw.event {
-        Some(event) => string_or(event, "event")?.into_owned(),
+        Some(event) => name_field(event, "event", bounds.name_bytes)?.into_owned(),
         None => "message".to_owned(),
     };
     if let Some(message) = raw.message {
@@ -437,10 +545,12 @@ pub fn parse_publish(body: &[u8], max_topic_bytes: usize) -> Result<PublishReque
             if value.is_null() {
                 None
             } else {
-                Some(user_id_from_json(&value).ok_or(ClientError::WrongType {
+                let user = user_id_from_json(&value).ok_or(ClientError::WrongType {
                     field: "user_id",
                     expected: "a non-empty string or an integer",
-                })?)
+                })?;
+                check_name(&user, "user_id", bounds.name_bytes)?;
+                Some(user)
             }
         }
     };
@@ -619,15 +729,13 @@ pub fn replayed(push_frame: &[u8]) -> Option<Bytes> {
 
 /// `{"type":"presence","topic":T,"count":N,"members":M}` as a text frame;
 /// `members_json` must be a JSON array (empty is sent as `[]`).
-pub fn presence(topic: &str, count: usize, members_json: &str) -> Bytes {
-    let hint = 64 + topic.len() + members_json.len();
+pub fn presence(topic: &str, count: usize, members: &[String], next: Option<&str>) -> Bytes {
+    let hint = 64 + topic.len() + members.iter().map(|m| m.len() + 1).sum::<usize>();
     frame::text_with(hint, |out| {
         out.extend_from_slice(b"{\"type\":\"presence\",\"topic\":");
         write_json_str(out, topic);
-        out.extend_from_slice(b",\"count\":");
-        write_decimal(out, count as u64);
-        out.extend_from_slice(b",\"members\":");
-        out.extend_from_slice(or_default(members_json, "[]").as_bytes());
+        out.push(b',');
+        write_members(out, count, members, next);
         out.push(b'}');
     })
 }
@@ -640,11 +748,33 @@ fn or_default<'a>(json: &'a str, default: &'a str) -> &'a str {
     }
 }
 
+/// `"count":N,"members":[..]` and, when more members follow, `"next":C`:
+/// the fields of a presence answer, over HTTP and on a WebSocket.
+pub fn write_members(out: &mut Vec<u8>, count: usize, members: &[String], next: Option<&str>) {
+    out.extend_from_slice(b"\"count\":");
+    write_decimal(out, count as u64);
+    out.extend_from_slice(b",\"members\":[");
+    for (i, member) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(member.as_bytes());
+    }
+    out.push(b']');
+    if let Some(next) = next {
+        out.extend_from_slice(b",\"next\":");
+        write_json_str(out, next);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const MAX: usize = 16;
+    const MAX: Bounds = Bounds {
+        topic_bytes: 16,
+        name_bytes: 16,
+    };
 
     fn parse(text: &str) -> Result<ClientMessage<'_>, ClientError> {
         parse_client(text, MAX)
@@ -775,6 +905,16 @@ mod tests {
             err(r#"{"type":"subscribe","topic":"t","since":7}"#),
             r#"field `since` must be an object {"offset":N,"epoch":E}"#
         );
+        assert_eq!(
+            err(r#"{"type":"subscribe","topic":"t","since":[1,"e1"]}"#),
+            r#"field `since` must be an object {"offset":N,"epoch":E}"#,
+            "serde would read the struct from an array too"
+        );
+        let long = format!(
+            r#"{{"type":"subscribe","topic":"t","since":{{"offset":1,"epoch":"{}"}}}}"#,
+            "e".repeat(MAX_EPOCH_BYTES + 1)
+        );
+        assert!(err(&long).contains("since.epoch"), "{}", err(&long));
     }
 
     #[test]
@@ -822,9 +962,21 @@ mod tests {
         assert_eq!(
             parse(r#"{"type":"presence","topic":"room:1"}"#),
             Ok(ClientMessage::Presence {
-                topic: "room:1".into()
+                topic: "room:1".into(),
+                page: MemberPage::default(),
             })
         );
+        assert_eq!(
+            parse(r#"{"type":"presence","topic":"room:1","limit":10,"after":"0-4-1"}"#),
+            Ok(ClientMessage::Presence {
+                topic: "room:1".into(),
+                page: MemberPage {
+                    limit: Some(10),
+                    after: Some("0-4-1".into()),
+                },
+            })
+        );
+        assert!(err(r#"{"type":"presence","topic":"r","limit":-1}"#).contains("limit"));
     }
 
     #[test]
@@ -953,9 +1105,17 @@ mod tests {
             json_of(&push("t", "e", "")),
             serde_json::json!({"type":"push","topic":"t","event":"e","payload":null})
         );
+        let members = [
+            r#"{"conn_id":1}"#.to_string(),
+            r#"{"conn_id":2}"#.to_string(),
+        ];
         assert_eq!(
-            json_of(&presence("t", 2, r#"[{"conn_id":1},{"conn_id":2}]"#)),
+            json_of(&presence("t", 2, &members, None)),
             serde_json::json!({"type":"presence","topic":"t","count":2,"members":[{"conn_id":1},{"conn_id":2}]})
+        );
+        assert_eq!(
+            json_of(&presence("t", 5, &members, Some("0-2-1"))),
+            serde_json::json!({"type":"presence","topic":"t","count":5,"members":[{"conn_id":1},{"conn_id":2}],"next":"0-2-1"})
         );
         let big = push("t", "e", &format!("\"{}\"", "y".repeat(300)));
         assert_eq!(json_of(&big)["payload"].as_str().map(str::len), Some(300));

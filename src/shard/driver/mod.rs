@@ -83,6 +83,8 @@ struct IoConn {
     sent_any: bool,
     /// Holding pushes for the write delay (in `delayed`).
     delayed: bool,
+    /// The state asked to hear when the queue falls to the drain mark.
+    watch_drain: bool,
     out: Outbound,
 }
 
@@ -109,9 +111,15 @@ pub(crate) struct Driver {
     /// Connections with a close deadline.
     closing: Vec<ConnKey>,
     completions: Vec<Completion>,
-    /// Send buffers released by idle connections, reused by the next sender.
+    /// Send buffers released by idle connections, reused by the next
+    /// sender, and the shard's outbound byte count.
     send_buffers: SendBuffers,
     budget: usize,
+    /// Queued bytes at or below which a connection watching its queue
+    /// (`Command::WatchDrain`) is told `Drained`.
+    drain_mark: usize,
+    /// Connections whose watched queue drained, told after the batch.
+    drained: Vec<ConnKey>,
     /// Frames queued since the counters were last published.
     frames_queued: u64,
     /// Set when shutdown began: the deadline for closing every connection.
@@ -152,7 +160,9 @@ impl Driver {
             rearm: Vec::new(),
             closing: Vec::new(),
             completions: Vec::with_capacity(COMPLETION_BATCH),
-            send_buffers: SendBuffers::default(),
+            send_buffers: SendBuffers::new(config.limits.max_outbound_bytes_per_shard),
+            drain_mark: drain_mark(config.limits.max_outbound_bytes_per_connection),
+            drained: Vec::new(),
             budget: config.limits.max_outbound_bytes_per_connection,
             frames_queued: 0,
             shutdown_deadline: None,
@@ -256,7 +266,7 @@ impl Driver {
         loop {
             let mut commands = std::mem::take(&mut self.commands);
             self.state.take_commands(&mut commands);
-            if commands.is_empty() && self.overflowed.is_empty() {
+            if commands.is_empty() && self.overflowed.is_empty() && self.drained.is_empty() {
                 self.commands = commands;
                 return;
             }
@@ -265,9 +275,13 @@ impl Driver {
                     Command::Send(key, bytes) => self.queue(now, key, bytes, false),
                     Command::Push(key, bytes) => self.queue(now, key, bytes, true),
                     Command::Close { conn, last, mode } => self.close(now, conn, last, mode),
+                    Command::WatchDrain(key) => self.watch_drain(key),
                 }
             }
             self.commands = commands;
+            for key in std::mem::take(&mut self.drained) {
+                self.state.handle(now, Event::Drained(key));
+            }
             for key in std::mem::take(&mut self.overflowed) {
                 if let Some(conn) = self.conns.get_mut(key) {
                     if conn.lifecycle == (Lifecycle::Overflowed { reported: false }) {
@@ -303,14 +317,39 @@ impl Driver {
                     mark_dirty(&mut self.dirty, conn, key);
                 }
             }
-            Enqueued::OverBudget => {
+            over @ (Enqueued::OverBudget | Enqueued::OverShardBudget) => {
+                if over == Enqueued::OverShardBudget {
+                    ShardStats::add(
+                        &self.shared.stats[self.id.0].shard_outbound_overflows_total,
+                        1,
+                    );
+                }
                 // The first bytes of a connection are its 101 (or its first
                 // response): a close frame without them is garbage to a
                 // client still reading HTTP.
-                conn.out.discard_queued(!conn.sent_any);
+                conn.out
+                    .discard_queued(!conn.sent_any, &mut self.send_buffers);
                 conn.lifecycle = Lifecycle::Overflowed { reported: false };
+                conn.watch_drain = false;
                 self.overflowed.push(key);
             }
+        }
+    }
+
+    /// Tells the state `Drained` once the connection's queue is at or
+    /// below the drain mark: after this batch if it is already.
+    fn watch_drain(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.lifecycle != Lifecycle::Open {
+            return;
+        }
+        if conn.out.queued_bytes() <= self.drain_mark {
+            conn.watch_drain = false;
+            self.drained.push(key);
+        } else {
+            conn.watch_drain = true;
         }
     }
 
@@ -354,7 +393,8 @@ impl Driver {
         conn.lifecycle = Lifecycle::ShuttingDown {
             shutdown_pending: true,
         };
-        conn.out.discard_queued(false);
+        conn.out.discard_queued(false, &mut self.send_buffers);
+        conn.watch_drain = false;
         // Ends the pending receive and fails a pending send; their
         // completions, and the shutdown's own, let `maybe_release` free the slot.
         self.ring.shutdown(conn.file, key);
@@ -375,7 +415,8 @@ impl Driver {
         if !idle {
             return;
         }
-        if let Some(conn) = self.conns.remove(key) {
+        if let Some(mut conn) = self.conns.remove(key) {
+            conn.out.release(&mut self.send_buffers);
             self.ring.close(conn.file);
         }
         ShardStats::sub(&self.stats().connections, 1);
@@ -472,6 +513,7 @@ impl Driver {
             dirty: false,
             sent_any: false,
             delayed: false,
+            watch_drain: false,
             out: Outbound::default(),
         });
         ShardStats::add(&self.stats().connections, 1);
@@ -537,13 +579,19 @@ impl Driver {
             return;
         };
         if c.result < 0 {
-            conn.out.fail_send();
+            conn.out.fail_send(&mut self.send_buffers);
             self.terminate(key);
             self.maybe_release(now, key);
             return;
         }
-        let sent = conn.out.complete_send(c.result as usize);
+        let sent = conn
+            .out
+            .complete_send(c.result as usize, &mut self.send_buffers);
         conn.sent_any |= sent > 0;
+        if conn.watch_drain && conn.out.queued_bytes() <= self.drain_mark {
+            conn.watch_drain = false;
+            self.drained.push(key);
+        }
         ShardStats::add(&self.shared.stats[self.id.0].bytes_out_total, sent as u64);
         if !conn.out.is_flushed() {
             mark_dirty(&mut self.dirty, conn, key);
@@ -556,6 +604,9 @@ impl Driver {
                 Lifecycle::Open => conn.out.release_idle_buffers(&mut self.send_buffers),
                 _ => {}
             }
+        }
+        if !self.drained.is_empty() {
+            self.apply_commands(now);
         }
         self.maybe_release(now, key);
     }
@@ -678,6 +729,10 @@ impl Driver {
         ShardStats::set(&stats.cq_overflow_flushes_total, counters.overflow_flushes);
         ShardStats::set(&stats.cq_dropped_total, counters.dropped);
         ShardStats::set(&stats.control_backlog, self.state.control_backlog() as u64);
+        ShardStats::set(
+            &stats.memory_outbound_bytes,
+            self.send_buffers.queued_bytes() as u64,
+        );
     }
 }
 
@@ -694,6 +749,13 @@ fn mark_dirty(dirty: &mut Vec<ConnKey>, conn: &mut IoConn, key: ConnKey) {
         conn.dirty = true;
         dirty.push(key);
     }
+}
+
+/// Queued bytes at or below which a connection counts as drained: a
+/// quarter of its budget, so the next page of a replay (at most another
+/// quarter) leaves half the budget for live traffic.
+pub(crate) fn drain_mark(budget: usize) -> usize {
+    budget / 4
 }
 
 /// Size of a shard's direct-descriptor table: its connection limit plus room

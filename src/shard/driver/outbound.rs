@@ -51,13 +51,53 @@ const POOLED_QUEUES: usize = 16_384;
 /// are freed before a queue is pooled, so the pool does not hoard them.
 const POOLED_MAX_ENTRIES: usize = 8;
 
-/// Per-shard pool of queues released by idle connections.
-#[derive(Default)]
+/// A shard's send side shared by its connections: the pool of queues
+/// released by idle connections, and the bytes queued across all of them,
+/// bounded by the shard's outbound budget.
 pub struct SendBuffers {
     // Boxed on purpose: a connection takes one out, and the kernel reads the
     // msghdr and iovecs inside by address, which must not move.
     #[allow(clippy::vec_box)]
     queues: Vec<Box<Queue>>,
+    /// Bytes queued or in flight on every connection of the shard. A frame
+    /// shared by many connections (one publication) counts once per
+    /// connection: an upper bound of the memory they pin.
+    queued_bytes: usize,
+    /// Most `queued_bytes` a connection that already has bytes queued may
+    /// add to; past it, that connection is closed as a slow consumer.
+    limit: usize,
+}
+
+impl Default for SendBuffers {
+    fn default() -> Self {
+        SendBuffers::new(usize::MAX)
+    }
+}
+
+impl SendBuffers {
+    /// An empty pool for a shard whose connections may queue `limit` bytes together.
+    pub fn new(limit: usize) -> SendBuffers {
+        SendBuffers {
+            queues: Vec::new(),
+            queued_bytes: 0,
+            limit,
+        }
+    }
+
+    /// Bytes queued or in flight on every connection of the shard.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// The shard's outbound budget.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn release(&mut self, bytes: usize) {
+        debug_assert!(bytes <= self.queued_bytes, "released more than was queued");
+        self.queued_bytes -= bytes;
+    }
 }
 
 /// Outcome of queueing a frame.
@@ -65,8 +105,15 @@ pub struct SendBuffers {
 pub enum Enqueued {
     /// Queued; the connection may need a send.
     Yes,
-    /// Over the outbound budget: the caller must close it as a slow consumer.
+    /// Over the connection's outbound budget: the caller must close it as a
+    /// slow consumer.
     OverBudget,
+    /// The shard's connections together are over the shard's outbound
+    /// budget, and this one is behind (it has bytes queued): the caller
+    /// must close it as a slow consumer. A connection with nothing queued
+    /// always takes its frame, so readers that keep up are never cut for
+    /// what the slow ones hold.
+    OverShardBudget,
 }
 
 /// What to submit for a connection's next send.
@@ -338,30 +385,51 @@ impl Outbound {
             .get_or_insert_with(|| pool.queues.pop().unwrap_or_default())
     }
 
-    /// Queues a frame unless that would pass `budget` bytes not yet taken by the kernel.
+    /// Queues a frame unless that would pass `budget` bytes not yet taken by
+    /// the kernel, or the shard's budget while this connection is behind.
     pub fn enqueue(&mut self, frame: Bytes, budget: usize, pool: &mut SendBuffers) -> Enqueued {
-        if frame.len() > budget.saturating_sub(self.queued_bytes()) {
+        let queued = self.queued_bytes();
+        if frame.len() > budget.saturating_sub(queued) {
             return Enqueued::OverBudget;
         }
-        self.queue(pool).push_back(frame);
+        if queued > 0 && frame.len() > pool.limit.saturating_sub(pool.queued_bytes) {
+            return Enqueued::OverShardBudget;
+        }
+        self.enqueue_final(frame, pool);
         Enqueued::Yes
     }
 
-    /// Queues a frame regardless of budget: close frames and the last HTTP response.
+    /// Queues a frame regardless of budget: close frames (at most 131 bytes).
     pub fn enqueue_final(&mut self, frame: Bytes, pool: &mut SendBuffers) {
+        pool.queued_bytes += frame.len();
         self.queue(pool).push_back(frame);
     }
 
     /// Drops frames not yet handed to the kernel (a slow consumer's backlog),
     /// but the oldest if `keep_first`. Frames in flight and a partly sent
     /// frame's tail stay: a frame cut in half would corrupt the stream.
-    pub fn discard_queued(&mut self, keep_first: bool) {
+    pub fn discard_queued(&mut self, keep_first: bool, pool: &mut SendBuffers) {
         if let Some(queue) = self.queue.as_mut() {
+            let before = queue.queued_bytes;
             let first = keep_first.then(|| queue.pop_front()).flatten();
+            if let Some(first) = &first {
+                queue.queued_bytes -= first.len();
+            }
             queue.discard_queued();
             if let Some(first) = first {
                 queue.push_back(first);
             }
+            pool.release(before - queue.queued_bytes);
+        }
+    }
+
+    /// Gives back the shard's count of whatever is left (a partly sent
+    /// frame's tail) when the connection is freed.
+    pub fn release(&mut self, pool: &mut SendBuffers) {
+        if let Some(queue) = self.queue.as_mut() {
+            debug_assert!(!queue.is_sending(), "freed with a send in flight");
+            pool.release(queue.queued_bytes);
+            queue.queued_bytes = 0;
         }
     }
 
@@ -385,15 +453,19 @@ impl Outbound {
     /// Accounts a finished send of `sent` bytes: a frame the kernel took part
     /// of keeps its tail in the partial slot, untouched frames go back to the
     /// front of the queue in order. Returns the bytes sent.
-    pub fn complete_send(&mut self, sent: usize) -> usize {
-        self.queue.as_mut().map_or(0, |q| q.complete_send(sent))
+    pub fn complete_send(&mut self, sent: usize, pool: &mut SendBuffers) -> usize {
+        let sent = self.queue.as_mut().map_or(0, |q| q.complete_send(sent));
+        pool.release(sent);
+        sent
     }
 
     /// Forgets everything in flight after a failed send: the connection is
     /// going away.
-    pub fn fail_send(&mut self) {
+    pub fn fail_send(&mut self, pool: &mut SendBuffers) {
         if let Some(queue) = self.queue.as_mut() {
+            let before = queue.queued_bytes;
             queue.fail_send();
+            pool.release(before - queue.queued_bytes);
         }
     }
 
@@ -449,7 +521,7 @@ mod tests {
         assert!(c.prepare_send().is_some());
         assert!(c.prepare_send().is_none(), "one send in flight at a time");
         c.enqueue(Bytes::from_static(b"h"), 100, &mut pool);
-        assert_eq!(c.complete_send(5), 5);
+        assert_eq!(c.complete_send(5, &mut pool), 5);
         assert_eq!(pending(&c), b"fgh");
         assert_eq!(c.queued_bytes(), 3);
     }
@@ -464,7 +536,7 @@ mod tests {
             c.enqueue(Bytes::from(vec![0; 50]), 100, &mut pool),
             Enqueued::OverBudget
         );
-        c.complete_send(60);
+        c.complete_send(60, &mut pool);
         assert_eq!(
             c.enqueue(Bytes::from(vec![0; 50]), 100, &mut pool),
             Enqueued::Yes
@@ -478,9 +550,9 @@ mod tests {
         c.enqueue(Bytes::from_static(b"in-flight"), 100, &mut pool);
         c.prepare_send();
         c.enqueue(Bytes::from_static(b"queued"), 100, &mut pool);
-        c.discard_queued(false);
+        c.discard_queued(false, &mut pool);
         assert_eq!(c.queued_bytes(), 9);
-        c.complete_send(9);
+        c.complete_send(9, &mut pool);
         assert!(c.is_flushed());
     }
 
@@ -493,7 +565,7 @@ mod tests {
         a.prepare_send();
         a.release_idle_buffers(&mut pool);
         assert!(pool.queues.is_empty(), "nothing released while sending");
-        a.complete_send(2);
+        a.complete_send(2, &mut pool);
         a.release_idle_buffers(&mut pool);
         assert_eq!(pool.queues.len(), 1);
         assert!(a.queue.is_none(), "an idle connection holds no queue");
@@ -520,7 +592,7 @@ mod tests {
         let queue = c.queue.as_ref().unwrap();
         assert!(queue.inflight.is_none() && queue.rest.capacity() == 0);
         c.enqueue(Bytes::from_static(b"!"), 100, &mut pool);
-        assert_eq!(c.complete_send(2), 2);
+        assert_eq!(c.complete_send(2, &mut pool), 2);
         assert_eq!(
             pending(&c),
             b"llo!",
@@ -536,8 +608,12 @@ mod tests {
         c.enqueue(Bytes::from_static(b"frame-one"), 100, &mut pool);
         c.enqueue(Bytes::from_static(b"frame-two"), 100, &mut pool);
         c.prepare_send();
-        assert_eq!(c.complete_send(4), 4, "the kernel took half of frame-one");
-        c.discard_queued(false);
+        assert_eq!(
+            c.complete_send(4, &mut pool),
+            4,
+            "the kernel took half of frame-one"
+        );
+        c.discard_queued(false, &mut pool);
         c.enqueue_final(Bytes::from_static(b"close"), &mut pool);
         assert_eq!(
             pending(&c),
@@ -553,18 +629,63 @@ mod tests {
         let mut c = Outbound::default();
         c.enqueue(Bytes::from_static(b"abcdef"), 100, &mut pool);
         c.prepare_send();
-        c.complete_send(2);
+        c.complete_send(2, &mut pool);
         c.enqueue(Bytes::from_static(b"next"), 100, &mut pool);
         c.prepare_send();
-        c.complete_send(0);
-        c.discard_queued(false);
+        c.complete_send(0, &mut pool);
+        c.discard_queued(false, &mut pool);
         assert_eq!(
             pending(&c),
             b"cdef",
             "the tail survives a send that took nothing"
         );
         c.prepare_send();
-        c.complete_send(4);
+        c.complete_send(4, &mut pool);
         assert!(c.is_flushed());
+    }
+
+    #[test]
+    fn the_shard_counts_every_queued_byte_and_gets_them_all_back() {
+        let mut pool = SendBuffers::new(1000);
+        let mut a = Outbound::default();
+        let mut b = Outbound::default();
+        a.enqueue(Bytes::from(vec![0; 100]), 500, &mut pool);
+        a.enqueue(Bytes::from(vec![0; 50]), 500, &mut pool);
+        b.enqueue(Bytes::from(vec![0; 30]), 500, &mut pool);
+        assert_eq!(pool.queued_bytes(), 180);
+        a.prepare_send();
+        a.complete_send(120, &mut pool);
+        assert_eq!(pool.queued_bytes(), 60, "30 of a's and b's 30");
+        a.discard_queued(false, &mut pool);
+        assert_eq!(pool.queued_bytes(), 60, "a's partly sent tail stays");
+        b.enqueue_final(Bytes::from_static(b"close"), &mut pool);
+        assert_eq!(pool.queued_bytes(), 65);
+        a.release(&mut pool);
+        b.release(&mut pool);
+        assert_eq!(pool.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn past_the_shard_budget_only_a_connection_that_is_behind_is_refused() {
+        let mut pool = SendBuffers::new(100);
+        let mut slow = Outbound::default();
+        let mut fresh = Outbound::default();
+        assert_eq!(
+            slow.enqueue(Bytes::from(vec![0; 90]), 1000, &mut pool),
+            Enqueued::Yes
+        );
+        assert_eq!(
+            slow.enqueue(Bytes::from(vec![0; 20]), 1000, &mut pool),
+            Enqueued::OverShardBudget
+        );
+        assert_eq!(
+            fresh.enqueue(Bytes::from(vec![0; 20]), 1000, &mut pool),
+            Enqueued::Yes,
+            "a connection with nothing queued always takes its frame"
+        );
+        assert_eq!(
+            fresh.enqueue(Bytes::from(vec![0; 1]), 1000, &mut pool),
+            Enqueued::OverShardBudget
+        );
     }
 }

@@ -55,6 +55,8 @@ pub(super) struct IoConn {
     close_commanded: bool,
     /// It was shut down because everything queued had been sent.
     graceful: bool,
+    /// The state asked to hear when the queue falls to the drain mark.
+    watch_drain: bool,
 }
 
 /// One shard: its state and the driver around it.
@@ -64,21 +66,45 @@ pub(super) struct SimShard {
     pool: SendBuffers,
     dirty: Vec<ConnKey>,
     overflowed: Vec<ConnKey>,
+    /// Connections whose watched queue drained, told after the batch.
+    drained: Vec<ConnKey>,
     /// Set when the `Shutdown` envelope arrived: no more accepts, and every
     /// connection is cut at this time.
     pub(super) shutdown_deadline: Option<Duration>,
 }
 
 impl SimShard {
-    pub(super) fn new(state: ShardState) -> SimShard {
+    pub(super) fn new(state: ShardState, outbound_limit: usize) -> SimShard {
         SimShard {
             state,
             conns: ConnTable::default(),
-            pool: SendBuffers::default(),
+            pool: SendBuffers::new(outbound_limit),
             dirty: Vec::new(),
             overflowed: Vec::new(),
+            drained: Vec::new(),
             shutdown_deadline: None,
         }
+    }
+
+    /// The shard's outbound count is what its connections hold, and within
+    /// its budget but for one frame (at most a connection's `budget`) per
+    /// connection that had nothing queued when it passed.
+    pub(super) fn check_outbound(&self, budget: usize) -> Result<(), String> {
+        let held: usize = self.conns.iter().map(|(_, c)| c.out.queued_bytes()).sum();
+        let counted = self.pool.queued_bytes();
+        if held != counted {
+            return Err(format!("{counted} outbound bytes counted, {held} queued"));
+        }
+        let bound = self
+            .pool
+            .limit()
+            .saturating_add(self.conns.len().saturating_mul(budget));
+        if counted > bound {
+            return Err(format!(
+                "{counted} outbound bytes over the bound of {bound}"
+            ));
+        }
+        Ok(())
     }
 
     /// Connections with a send the kernel can complete (`stalled` tells
@@ -120,7 +146,10 @@ impl Sim {
         loop {
             let mut commands = std::mem::take(&mut self.commands);
             self.shards[s].state.take_commands(&mut commands);
-            if commands.is_empty() && self.shards[s].overflowed.is_empty() {
+            if commands.is_empty()
+                && self.shards[s].overflowed.is_empty()
+                && self.shards[s].drained.is_empty()
+            {
                 self.commands = commands;
                 return;
             }
@@ -131,9 +160,14 @@ impl Sim {
                         self.queue(s, key, bytes)
                     }
                     Command::Close { conn, last, mode } => self.close(s, conn, last, mode),
+                    Command::WatchDrain(key) => self.watch_drain(s, key),
                 }
             }
             self.commands = commands;
+            for key in std::mem::take(&mut self.shards[s].drained) {
+                let now = self.now();
+                self.shards[s].state.handle(now, Event::Drained(key));
+            }
             // As the real driver: over-budget connections are reported after
             // the batch, never while the state is in the middle of one.
             for key in std::mem::take(&mut self.shards[s].overflowed) {
@@ -169,6 +203,7 @@ impl Sim {
             sent_any: false,
             close_commanded: false,
             graceful: false,
+            watch_drain: false,
         });
         Some(key)
     }
@@ -198,8 +233,9 @@ impl Sim {
         }
         match conn.out.enqueue(bytes, budget, &mut shard.pool) {
             Enqueued::Yes => mark_dirty(&mut shard.dirty, conn, key),
-            Enqueued::OverBudget => {
-                conn.out.discard_queued(!conn.sent_any);
+            Enqueued::OverBudget | Enqueued::OverShardBudget => {
+                conn.out.discard_queued(!conn.sent_any, &mut shard.pool);
+                conn.watch_drain = false;
                 conn.lifecycle = Lifecycle::Overflowed { reported: false };
                 shard.overflowed.push(key);
                 let client = conn.client;
@@ -207,6 +243,25 @@ impl Sim {
                 self.overflows += 1;
                 self.note(format!("  s{s}: c{client} over its outbound budget"));
             }
+        }
+    }
+
+    /// As the real driver: `Drained` after this batch if the queue is at
+    /// the drain mark already, else once a send brings it there.
+    fn watch_drain(&mut self, s: usize, key: ConnKey) {
+        let mark = self.drain_mark;
+        let shard = &mut self.shards[s];
+        let Some(conn) = shard.conns.get_mut(key) else {
+            return self.fail(format!(
+                "shard {s}: WatchDrain of released connection {key:?}"
+            ));
+        };
+        if conn.lifecycle != Lifecycle::Open {
+            return;
+        }
+        conn.watch_drain = conn.out.queued_bytes() > mark;
+        if !conn.watch_drain {
+            shard.drained.push(key);
         }
     }
 
@@ -239,7 +294,8 @@ impl Sim {
 
     /// Shuts the socket down; `graceful` if everything queued was sent.
     pub(super) fn terminate(&mut self, s: usize, key: ConnKey, graceful: bool) {
-        let Some(conn) = self.shards[s].conns.get_mut(key) else {
+        let shard = &mut self.shards[s];
+        let Some(conn) = shard.conns.get_mut(key) else {
             return;
         };
         if matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. }) {
@@ -249,7 +305,8 @@ impl Sim {
             shutdown_pending: true,
         };
         conn.graceful = graceful;
-        conn.out.discard_queued(false);
+        conn.watch_drain = false;
+        conn.out.discard_queued(false, &mut shard.pool);
     }
 
     /// Frees a shut-down connection once nothing is pending, ends its
@@ -269,9 +326,11 @@ impl Sim {
         if conn.plan.is_some() {
             return self.fail(format!("shard {s}: a send plan outlived its send"));
         }
-        let Some(conn) = self.shards[s].conns.remove(key) else {
+        let shard = &mut self.shards[s];
+        let Some(mut conn) = shard.conns.remove(key) else {
             return;
         };
+        conn.out.release(&mut shard.pool);
         self.client_ended(conn.client, conn.graceful);
         self.feed(s, Event::Closed(key));
     }
@@ -297,14 +356,19 @@ impl Sim {
         let client = conn.client;
         let taken = match result {
             SendResult::Failed => {
-                conn.out.fail_send();
+                conn.out.fail_send(&mut shard.pool);
                 self.terminate(s, key, false);
                 return self.maybe_release(s, key);
             }
             SendResult::Took(n) => n.min(bytes.len()),
         };
-        conn.out.complete_send(taken);
+        conn.out.complete_send(taken, &mut shard.pool);
         conn.sent_any |= taken > 0;
+        let drained = conn.watch_drain && conn.out.queued_bytes() <= self.drain_mark;
+        if drained {
+            conn.watch_drain = false;
+            shard.drained.push(key);
+        }
         if !conn.out.is_flushed() {
             mark_dirty(&mut shard.dirty, conn, key);
         } else {
@@ -318,6 +382,9 @@ impl Sim {
             }
         }
         self.client_receive(client, &bytes[..taken]);
+        if drained {
+            self.apply_commands(s);
+        }
         self.maybe_release(s, key);
     }
 

@@ -116,6 +116,7 @@
 mod choices;
 mod client;
 mod driver;
+mod requests;
 mod streams;
 
 use std::collections::VecDeque;
@@ -134,6 +135,7 @@ use crate::shard::Shared;
 pub use choices::{Choices, FuzzInput, Seeded};
 use client::{Client, Inbound, Req, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
 use driver::{SendResult, SimShard};
+pub use requests::run_request;
 use streams::{is_stream_topic, Ledger, Since};
 
 /// Trace lines kept for a failure report.
@@ -675,6 +677,8 @@ pub struct Sim {
     /// Simulated time since `base`.
     elapsed: Duration,
     budget: usize,
+    /// Queued bytes at which a watched connection is `Drained`.
+    drain_mark: usize,
     close_timeout: Duration,
     shutdown_timeout: Duration,
     shared: Shared,
@@ -762,7 +766,7 @@ impl Sim {
             .map(|i| {
                 let state = ShardState::new(ShardId(i), shared.clone(), params.max_conns, base)
                     .with_seed(ids << 8 | i as u64);
-                SimShard::new(state)
+                SimShard::new(state, shared.config.limits.max_outbound_bytes_per_shard)
             })
             .collect();
         Ok(Sim {
@@ -771,6 +775,7 @@ impl Sim {
             base,
             elapsed: Duration::ZERO,
             budget,
+            drain_mark: crate::shard::driver::drain_mark(budget),
             close_timeout,
             shutdown_timeout,
             shared,
@@ -1097,6 +1102,9 @@ impl Sim {
         for s in 0..self.shards.len() {
             if let Err(e) = self.shards[s].state.check_invariants() {
                 self.fail(format!("shard {s} invariant: {e}"));
+            }
+            if let Err(e) = self.shards[s].check_outbound(self.budget) {
+                self.fail(format!("shard {s} driver: {e}"));
             }
         }
     }
@@ -2653,8 +2661,14 @@ fn describe(envelope: &Envelope) -> String {
         }
         Envelope::Register { ticket, id, .. } => format!("Register #{ticket} {}", short(id)),
         Envelope::Unregister { ticket, id } => format!("Unregister #{ticket} {}", short(id)),
-        Envelope::PresenceQuery { ticket, topic } => format!("PresenceQuery #{ticket} {topic}"),
-        Envelope::PresenceReply { ticket, count, .. } => format!("PresenceReply #{ticket} {count}"),
+        Envelope::PresenceQuery {
+            ticket,
+            topic,
+            query,
+        } => format!("PresenceQuery #{ticket} {topic} {query:?}"),
+        Envelope::PresenceReply { ticket, members } => {
+            format!("PresenceReply #{ticket} {}", members.count)
+        }
         Envelope::Ack { ticket } => format!("Ack #{ticket}"),
         Envelope::StreamPublish { topic, ticket, .. } => {
             format!("StreamPublish {topic} #{ticket:?}")
@@ -2663,19 +2677,24 @@ fn describe(envelope: &Envelope) -> String {
             ticket,
             topic,
             since,
+            mark_through,
         } => {
-            format!("StreamOpen #{ticket} {topic} since {since:?}")
+            format!("StreamOpen #{ticket} {topic} since {since:?} marks to {mark_through}")
         }
         Envelope::StreamOpened {
             ticket,
-            recovered,
-            offset,
-            frames,
-            ..
+            answer: Ok(page),
         } => format!(
-            "StreamOpened #{ticket} {recovered:?} @{offset} +{}",
-            frames.len()
+            "StreamOpened #{ticket} {:?} @{} +{} {}",
+            page.recovered,
+            page.position.offset,
+            page.frames.len(),
+            if page.more { "more" } else { "done" }
         ),
+        Envelope::StreamOpened {
+            ticket,
+            answer: Err(limit),
+        } => format!("StreamOpened #{ticket} refused: {limit}"),
         Envelope::StreamQuery { ticket, topic, .. } => format!("StreamQuery #{ticket} {topic}"),
         Envelope::StreamReply { ticket, status, .. } => format!("StreamReply #{ticket} {status}"),
         Envelope::Drained => "Drained".into(),

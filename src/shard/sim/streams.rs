@@ -319,6 +319,45 @@ impl Sim {
         };
         let lossy = self.lossy();
         let view = self.clients[c].stream_view(topic);
+        if let (Some(active), Some(false)) = (&view.active, recovered) {
+            // A replay paged out behind a slow reader needed publications
+            // that were evicted before they could go: it goes on live from
+            // the head it names, as after a failed recovery. Legitimate
+            // only in the same epoch, ahead of what was read, and when
+            // history may no longer hold what was owed.
+            let last = active.next - 1;
+            // While the last values go out, `next` is past them already:
+            // what was owed then is not known to the model.
+            let in_last_values = active.recovered != Some(true) && active.live == 0;
+            let violation = if epoch != active.epoch {
+                Some(format!("epoch {epoch}, not {}", active.epoch))
+            } else if at < last {
+                Some(format!("offset {at}, though its pushes stand at {last}"))
+            } else if !in_last_values && self.must_recover(topic, &epoch, last, at) {
+                Some(format!(
+                    "recovered:false, though history holds {last}..{at}"
+                ))
+            } else {
+                None
+            };
+            if let Some(violation) = violation {
+                return self.fail(format!(
+                    "c{c}'s replay of {topic} was interrupted with {violation}: {value}"
+                ));
+            }
+            self.not_recovered += 1;
+            self.clients[c].stream_view(topic).active = Some(Active {
+                epoch,
+                at,
+                recovered,
+                next: at + 1,
+                live: 0,
+                marked: 0,
+                last_marked: None,
+            });
+            return;
+        }
+        let view = self.clients[c].stream_view(topic);
         if let Some(active) = &view.active {
             // A subscribe repeated while subscribed: it changes nothing, and
             // its position is where this connection's pushes stand.
@@ -546,7 +585,7 @@ impl Sim {
                 if stale {
                     return fail(self, format!("200, though the stream is in epoch {epoch}"));
                 }
-                let limit = limit.unwrap_or(rule.size).min(rule.size);
+                let limit = limit.unwrap_or(rule.size).clamp(1, rule.size.max(1));
                 let mut offsets = Vec::new();
                 let publications = value.get("publications").and_then(Value::as_array);
                 for p in publications.into_iter().flatten() {
@@ -573,15 +612,21 @@ impl Sim {
                 let consecutive = offsets.windows(2).all(|w| w[1] == w[0] + 1);
                 let first_ok = match (since, offsets.first()) {
                     (Some(n), Some(&first)) => first == n + 1,
-                    (Some(n), None) => limit == 0 || *n == offset,
+                    (Some(n), None) => *n == offset,
                     (None, _) => true,
                 };
+                // A page cut at its bytes names the `since` of the next:
+                // its own last publication.
+                let next = value.get("next").and_then(Value::as_u64);
+                let next_ok = next.map_or(true, |n| offsets.last() == Some(&n) && n < offset);
                 // The newest kept publication is the stream's latest: when
                 // it expires, everything older has too. A page from `since`
-                // may stop at the limit; the latest ones end at the offset.
+                // may stop at the limit; the latest ones end at the offset,
+                // unless the page was cut.
                 let last_ok = (since.is_some() && offsets.len() == limit)
+                    || next.is_some()
                     || offsets.last().map_or(true, |&l| l == offset);
-                if !consecutive || !first_ok || !last_ok || offsets.len() > limit {
+                if !consecutive || !first_ok || !last_ok || !next_ok || offsets.len() > limit {
                     return fail(self, format!("publications {offsets:?} (limit {limit})"));
                 }
                 if since.is_some_and(|n| n > offset) {

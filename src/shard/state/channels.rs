@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use crate::bus::{Envelope, ShardId};
+use crate::bus::{Envelope, MemberQuery, Members, ShardId};
 use crate::hooks::{Action, ChannelHook, ChannelId, ClientMessage, HookContext, Verdict};
 use crate::metrics::ShardStats;
 use crate::protocol::http::Response;
@@ -47,9 +47,9 @@ pub(crate) enum PresenceThen {
 pub(crate) struct PresenceWait {
     topic: Arc<str>,
     remaining: usize,
-    count: usize,
-    /// Member objects so far, comma-separated.
-    members: String,
+    query: MemberQuery,
+    /// The members gathered so far (at most the query's limit).
+    members: Members,
     then: PresenceThen,
 }
 
@@ -63,6 +63,9 @@ pub(crate) struct PresenceQueries {
     /// `{"user_id":null}`, and one allocation each would be most of what an
     /// idle subscriber costs.
     metas: HashSet<Arc<str>>,
+    /// Presence queries per connection in the current second, for the
+    /// connections that asked any: (second, count).
+    rates: HashMap<ConnKey, (u32, u32)>,
 }
 
 /// Distinct metas interned per shard; past it, unused ones are dropped and,
@@ -70,6 +73,25 @@ pub(crate) struct PresenceQueries {
 const MAX_INTERNED_METAS: usize = 4096;
 
 impl PresenceQueries {
+    /// Bytes held: interned metas and the answers being gathered.
+    pub(crate) fn bytes(&self) -> usize {
+        let metas: usize = self.metas.iter().map(|m| m.len() + 2 * 16).sum();
+        let waits: usize = self
+            .waits
+            .values()
+            .map(|w| {
+                let listed: usize = w
+                    .members
+                    .list
+                    .iter()
+                    .map(|(a, b)| a.len() + b.len() + 48)
+                    .sum();
+                std::mem::size_of::<PresenceWait>() + listed
+            })
+            .sum();
+        metas + waits + self.rates.len() * 32
+    }
+
     fn intern(&mut self, meta: String) -> Arc<str> {
         if let Some(shared) = self.metas.get(meta.as_str()) {
             return shared.clone();
@@ -91,26 +113,64 @@ impl ShardState {
         format!("{}-{}-{}", self.id.0, key.slot(), key.generation())
     }
 
-    /// Admits a presence query from connection `key`, or says why not.
-    pub(super) fn admit_presence(&mut self, key: ConnKey) -> Result<(), String> {
+    /// Admits a presence query from connection `key`, or says why not:
+    /// `429` for a connection over its own bounds (in flight, per second),
+    /// `503` when the shard is.
+    pub(super) fn admit_presence(&mut self, key: ConnKey) -> Result<(), (u16, String)> {
         let in_flight = self.conns.get(key).map_or(0, |c| c.presence_queries);
+        let per_second = self.config().limits.max_presence_queries_per_second;
+        let second = self.millis().0 / 1000;
+        let (window, asked) = self
+            .presence
+            .rates
+            .get(&key)
+            .copied()
+            .unwrap_or((second, 0));
+        let asked = if window == second { asked } else { 0 };
         let refusal = if in_flight >= MAX_PRESENCE_PER_CONN {
-            Some(format!(
-                "at most {MAX_PRESENCE_PER_CONN} presence queries in flight per connection"
+            Some((
+                429,
+                format!(
+                    "at most {MAX_PRESENCE_PER_CONN} presence queries in flight per connection"
+                ),
+            ))
+        } else if asked >= per_second {
+            Some((
+                429,
+                format!("at most {per_second} presence queries a second per connection"),
             ))
         } else if self.presence.waits.len() >= MAX_PRESENCE_PER_SHARD || !self.control_has_room() {
-            Some("server busy: too many presence queries in flight, try again".to_string())
+            Some((
+                503,
+                "server busy: too many presence queries in flight, try again".to_string(),
+            ))
         } else {
             None
         };
-        if let Some(reason) = refusal {
+        if let Some(refusal) = refusal {
             ShardStats::add(&self.stats().presence_refused_total, 1);
-            return Err(reason);
+            return Err(refusal);
         }
+        self.presence.rates.insert(key, (second, asked + 1));
         if let Some(conn) = self.conns.get_mut(key) {
             conn.presence_queries += 1;
         }
         Ok(())
+    }
+
+    /// The page of members a query gets: `limit` capped by
+    /// `max_presence_members` (which is also the default).
+    pub(super) fn member_query(&self, limit: Option<usize>, after: Option<&str>) -> MemberQuery {
+        let max = self.config().limits.max_presence_members;
+        MemberQuery {
+            limit: limit.map_or(max, |l| l.min(max)),
+            after: after.map(Arc::from),
+        }
+    }
+
+    /// Forgets a closed connection's presence rate window.
+    pub(super) fn forget_presence_rate(&mut self, key: ConnKey) {
+        self.presence.rates.remove(&key);
     }
 
     /// The channel governing `topic`: cached on the topic entry when there is one.
@@ -202,8 +262,10 @@ impl ShardState {
                 None
             }
         };
-        if let Some(Published::LocalOnly { why, .. }) = published {
-            self.send_error(key, why.message());
+        match published {
+            Some(Published::LocalOnly { why, .. }) => self.send_error(key, why.message()),
+            Some(Published::Refused(_, why)) => self.send_error(key, &why),
+            _ => {}
         }
         self.apply_actions(key, topic, actions);
     }
@@ -221,13 +283,25 @@ impl ShardState {
                     self.publish(&topic, &event, &payload_json, None);
                 }
                 Action::Track { meta_json } => {
+                    // A hook may build its meta from what the client sent;
+                    // every presence answer copies it, so it is bounded.
+                    let max = self.config().limits.max_presence_meta_bytes;
+                    if meta_json.len() > max {
+                        ShardStats::add(&self.stats().presence_refused_total, 1);
+                        let reason =
+                            format!("presence meta over {max} bytes: not tracked on `{topic}`");
+                        self.send_error(key, &reason);
+                        continue;
+                    }
                     let meta = self.presence.intern(meta_json);
                     self.set_presence_meta(key, topic, Some(meta))
                 }
                 Action::Untrack => self.set_presence_meta(key, topic, None),
                 Action::Announce { event } => {
                     let user = self.conns.get(key).and_then(|c| c.user().cloned());
-                    self.start_presence(topic, PresenceThen::Announce { event, user });
+                    // Only the count is announced: no member is gathered.
+                    let query = MemberQuery::default();
+                    self.start_presence(topic, query, PresenceThen::Announce { event, user });
                 }
             }
         }
@@ -273,14 +347,14 @@ impl ShardState {
             .is_some_and(|c| self.shared.channels.hook(c).tracks_presence())
     }
 
-    /// This shard's members of `topic`: count and comma-separated member objects.
-    fn local_presence(&self, topic: &str) -> (usize, String) {
+    /// This shard's members of `topic`: the count, and the page `query`
+    /// asks for.
+    fn local_presence(&self, topic: &str, query: &MemberQuery) -> Members {
+        let mut members = Members::default();
         let Some(id) = self.topics.lookup(topic) else {
-            return (0, String::new());
+            return members;
         };
         let entry = self.topics.entry(id);
-        let mut members = String::new();
-        let mut count = 0;
         for &key in entry.subscribers.iter().chain(entry.waiting.iter()) {
             let Some(meta) = self
                 .conns
@@ -292,30 +366,35 @@ impl ShardState {
             else {
                 continue;
             };
-            if count > 0 {
-                members.push(',');
-            }
-            count += 1;
-            members.push_str("{\"conn_id\":\"");
-            members.push_str(&self.conn_id(key));
-            members.push_str("\",\"meta\":");
-            members.push_str(meta);
-            members.push('}');
+            members.offer(
+                query,
+                || self.conn_id(key),
+                |conn_id| {
+                    let mut json = String::with_capacity(24 + conn_id.len() + meta.len());
+                    json.push_str("{\"conn_id\":\"");
+                    json.push_str(conn_id);
+                    json.push_str("\",\"meta\":");
+                    json.push_str(meta);
+                    json.push('}');
+                    json
+                },
+            );
         }
-        (count, members)
+        members.trim(query.limit);
+        members
     }
 
-    /// Counts `topic`'s members here and asks every other shard; `then` says
-    /// where the total goes.
-    pub(super) fn start_presence(&mut self, topic: &str, then: PresenceThen) {
-        let (count, members) = self.local_presence(topic);
+    /// Counts `topic`'s members here and asks every other shard for the
+    /// page `query` names; `then` says where the total goes.
+    pub(super) fn start_presence(&mut self, topic: &str, query: MemberQuery, then: PresenceThen) {
+        let members = self.local_presence(topic, &query);
         let topic: Arc<str> = Arc::from(topic);
         // In a cluster the broker answers for the other nodes.
         let others = self.shared.bus.members() - 1;
         let wait = PresenceWait {
             topic: topic.clone(),
             remaining: others,
-            count,
+            query,
             members,
             then,
         };
@@ -324,36 +403,31 @@ impl ShardState {
         }
         let ticket = self.presence.next_ticket;
         self.presence.next_ticket += 1;
+        let query = wait.query.clone();
         self.presence.waits.insert(ticket, wait);
         self.broadcast_interest(|| Envelope::PresenceQuery {
             ticket,
             topic: topic.clone(),
+            query: query.clone(),
         });
     }
 
-    pub(super) fn on_presence_query(&mut self, from: ShardId, ticket: u64, topic: &str) {
-        let (count, members) = self.local_presence(topic);
-        self.post_control(
-            from,
-            Envelope::PresenceReply {
-                ticket,
-                count,
-                members,
-            },
-        );
+    pub(super) fn on_presence_query(
+        &mut self,
+        from: ShardId,
+        ticket: u64,
+        topic: &str,
+        query: &MemberQuery,
+    ) {
+        let members = Box::new(self.local_presence(topic, query));
+        self.post_control(from, Envelope::PresenceReply { ticket, members });
     }
 
-    pub(super) fn on_presence_reply(&mut self, ticket: u64, count: usize, members: &str) {
+    pub(super) fn on_presence_reply(&mut self, ticket: u64, members: Members) {
         let Some(wait) = self.presence.waits.get_mut(&ticket) else {
             return;
         };
-        wait.count += count;
-        if !members.is_empty() {
-            if !wait.members.is_empty() {
-                wait.members.push(',');
-            }
-            wait.members.push_str(members);
-        }
+        wait.members.merge(members, wait.query.limit);
         wait.remaining -= 1;
         if wait.remaining == 0 {
             if let Some(wait) = self.presence.waits.remove(&ticket) {
@@ -363,23 +437,30 @@ impl ShardState {
     }
 
     fn finish_presence(&mut self, wait: PresenceWait) {
-        let members = format!("[{}]", wait.members);
+        let members = &wait.members;
         match wait.then {
             PresenceThen::Http { key } => {
                 self.presence_answered(key);
                 let parked = self.take_deferred(key, |d| matches!(d, Deferred::Presence { .. }));
                 if let Some(Deferred::Presence { keep_alive }) = parked {
-                    let body = format!("{{\"count\":{},\"members\":{members}}}", wait.count);
+                    let mut body = Vec::with_capacity(64);
+                    body.push(b'{');
+                    let objects = members.objects();
+                    message::write_members(&mut body, members.count, &objects, members.next());
+                    body.push(b'}');
                     self.answer_parked(key, Response::json(200, body).keep_alive(keep_alive));
                 }
             }
             PresenceThen::Ws { key } => {
                 self.presence_answered(key);
-                self.send(key, message::presence(&wait.topic, wait.count, &members));
+                let objects = members.objects();
+                let answer =
+                    message::presence(&wait.topic, members.count, &objects, members.next());
+                self.send(key, answer);
             }
             PresenceThen::Announce { event, user } => {
                 let payload =
-                    serde_json::json!({ "user_id": user.as_deref(), "count": wait.count });
+                    serde_json::json!({ "user_id": user.as_deref(), "count": members.count });
                 self.publish(&wait.topic, &event, &payload.to_string(), None);
             }
         }

@@ -121,6 +121,20 @@ pub(crate) enum Deferred {
     },
 }
 
+impl Deferred {
+    /// Bytes it holds: its box, and what it keeps to send later.
+    pub(crate) fn bytes(&self) -> usize {
+        let own = match self {
+            Deferred::Upgrade { switching, topics } => {
+                switching.len() + topics.iter().map(String::len).sum::<usize>()
+            }
+            Deferred::Response { response, .. } => response.body().len(),
+            Deferred::Presence { .. } | Deferred::Stream { .. } => 0,
+        };
+        std::mem::size_of::<Deferred>() + own
+    }
+}
+
 /// One subscription held by the connection.
 #[derive(Debug, Clone)]
 pub(crate) struct Sub {
@@ -163,6 +177,10 @@ pub(crate) struct Conn {
     pub(crate) deferred: Option<Box<Deferred>>,
     /// Presence queries this connection has in flight.
     pub(crate) presence_queries: u8,
+    /// Bytes of partial input held for it (unparsed input and what its
+    /// decoder keeps of a request or message under way), as last charged
+    /// to the shard's inbound budget.
+    pub(crate) held_input: u32,
 }
 
 impl Conn {
@@ -180,6 +198,7 @@ impl Conn {
             identity: None,
             deferred: None,
             presence_queries: 0,
+            held_input: 0,
         }
     }
 
@@ -207,4 +226,10 @@ impl Conn {
             Phase::Http(_) => None,
         }
     }
+}
+#[cfg(test)]
+#[test]
+fn a_connection_costs_the_state_at_most_112_bytes() {
+    // Every idle connection pays this; the README's memory table counts it.
+    assert!(std::mem::size_of::<Conn>() <= 112);
 }

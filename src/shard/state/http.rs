@@ -16,28 +16,10 @@ use crate::shard::key::ConnKey;
 use super::channels::PresenceThen;
 use super::cluster::LocalOnly;
 use super::conn::{Deferred, WsKind};
+use super::route::Route;
 use super::streams::{publish_accepted, Published};
 use super::users::Opening;
 use super::ShardState;
-
-/// Paths this server serves, with the methods each allows (for 405's `Allow`).
-const ROUTES: &[(&str, &str)] = &[
-    ("/", "GET"),
-    ("/health", "GET, HEAD"),
-    ("/metrics", "GET"),
-    ("/publish", "POST"),
-    ("/register", "POST"),
-    ("/ws", "GET"),
-    ("/chat", "GET"),
-    ("/echo", "GET"),
-];
-
-/// Routes with an id after the prefix, with their allowed methods.
-const PREFIX_ROUTES: &[(&str, &str)] = &[
-    ("/ws/", "GET"),
-    ("/register/", "DELETE"),
-    ("/topics/", "GET"),
-];
 
 /// The built-in chat page.
 const CHAT_PAGE: &str = include_str!("../../../static/chat.html");
@@ -45,28 +27,32 @@ const CHAT_PAGE: &str = include_str!("../../../static/chat.html");
 impl ShardState {
     pub(super) fn handle_request(&mut self, key: ConnKey, request: Request) {
         let keep_alive = request.keep_alive();
-        let path = request.path.as_str();
-        let response = match (request.method, path) {
-            (Method::Get | Method::Head, "/health") => self.health(),
-            (Method::Get, "/metrics") => {
+        let route = Route::parse(&request.path);
+        let response = match route {
+            Route::NotFound => error_json(404, "not found"),
+            _ if !route.allows(request.method) => {
+                error_json(405, "method not allowed").header("Allow", route.allowed())
+            }
+            _ if route.needs_api_key() && !self.api_key_ok(&request) => {
+                unauthorized("missing or invalid API key: send Authorization: Bearer <api_key>")
+            }
+            Route::Health => self.health(),
+            Route::Metrics => {
                 let mut text = metrics::render_prometheus(&self.shared.stats);
                 if let Some(cluster) = &self.shared.cluster {
                     cluster.render_prometheus(&mut text);
                 }
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
-            _ if needs_api_key(request.method, path) && !self.api_key_ok(&request) => {
-                unauthorized("missing or invalid API key: send Authorization: Bearer <api_key>")
-            }
-            (Method::Post, "/publish") => match self.http_publish(key, &request) {
+            Route::Publish => match self.http_publish(key, &request) {
                 Some(response) => response,
                 None => return,
             },
-            (Method::Post, "/register") => match self.register(key, &request) {
+            Route::Register => match self.register(key, &request) {
                 Some(response) => response,
                 None => return,
             },
-            (Method::Get, "/ws") => match self.identify(&request, "user_id") {
+            Route::Ws => match self.identify(&request, "user_id") {
                 Ok(user) => {
                     let mut opening = Opening::anonymous(WsKind::Relay);
                     opening.user = user;
@@ -75,57 +61,45 @@ impl ShardState {
                 Err(response) => response,
             },
             // With JWT auth on, echo needs a token like every other upgrade.
-            (Method::Get, "/echo") => match self.identify(&request, "user_id") {
+            Route::Echo => match self.identify(&request, "user_id") {
                 Ok(_) => {
                     return self.upgrade_request(key, &request, Opening::anonymous(WsKind::Echo))
                 }
                 Err(response) => response,
             },
-            (Method::Get, "/chat") => match self.chat_opening(&request) {
+            Route::Chat => match self.chat_opening(&request) {
                 Ok(opening) => return self.upgrade_request(key, &request, opening),
                 Err(response) => response,
             },
-            (Method::Get, _) if path.starts_with("/topics/") && path.ends_with("/history") => {
-                let topic = &path["/topics/".len()..path.len() - "/history".len()];
-                match self.checked_topic_request(&request, topic) {
-                    Err(response) => response,
-                    Ok(()) => match self.history_request(key, &request, topic) {
-                        Some(response) => response,
-                        None => return,
-                    },
-                }
-            }
-            (Method::Get, _) if path.starts_with("/topics/") && path.ends_with("/presence") => {
-                let topic = &path["/topics/".len()..path.len() - "/presence".len()];
-                match self.presence_request(key, &request, topic) {
+            Route::History(ref topic) => match self.checked_topic_request(&request, topic) {
+                Err(response) => response,
+                Ok(()) => match self.history_request(key, &request, topic) {
                     Some(response) => response,
                     None => return,
+                },
+            },
+            Route::Presence(ref topic) => match self.presence_request(key, &request, topic) {
+                Some(response) => response,
+                None => return,
+            },
+            Route::Index => Response::text(200, "text/html; charset=utf-8", CHAT_PAGE),
+            Route::WsRegistered(id) => match self.users_state.registry.get(id) {
+                Some(registration) => {
+                    let opening = Opening {
+                        kind: WsKind::Relay,
+                        user: Some(registration.user.clone()),
+                        topics: registration.topics.clone(),
+                        registration: Some(Arc::from(id)),
+                        recipient: None,
+                    };
+                    return self.upgrade_request(key, &request, opening);
                 }
-            }
-            (Method::Get, "/") => Response::text(200, "text/html; charset=utf-8", CHAT_PAGE),
-            (Method::Get, _) if path.starts_with("/ws/") => {
-                let id = &path["/ws/".len()..];
-                match self.users_state.registry.get(id) {
-                    Some(registration) => {
-                        let opening = Opening {
-                            kind: WsKind::Relay,
-                            user: Some(registration.user.clone()),
-                            topics: registration.topics.clone(),
-                            registration: Some(Arc::from(id)),
-                            recipient: None,
-                        };
-                        return self.upgrade_request(key, &request, opening);
-                    }
-                    None => error_json(404, "unknown registration id"),
-                }
-            }
-            (Method::Delete, _) if path.starts_with("/register/") => {
-                match self.unregister(key, &path["/register/".len()..], keep_alive) {
-                    Some(response) => response,
-                    None => return,
-                }
-            }
-            (_, path) => not_routed(path),
+                None => error_json(404, "unknown registration id"),
+            },
+            Route::Registration(id) => match self.unregister(key, id, keep_alive) {
+                Some(response) => response,
+                None => return,
+            },
         };
         let head_only = request.method == Method::Head;
         self.respond(key, response.keep_alive(keep_alive).head_only(head_only));
@@ -173,8 +147,8 @@ impl ShardState {
         {
             return Some(error_json(415, "Content-Type must be application/json"));
         }
-        let max_topic_bytes = self.config().limits.max_topic_bytes;
-        let publish = match message::parse_publish(&request.body, max_topic_bytes) {
+        let bounds = self.config().limits.name_bounds();
+        let publish = match message::parse_publish(&request.body, bounds) {
             Ok(publish) => publish,
             Err(e) => return Some(error_json(400, &e.to_string())),
         };
@@ -225,22 +199,32 @@ impl ShardState {
     /// The user a `/ws` or `/chat` upgrade speaks for: the token's `sub` when
     /// JWT auth is on (the token from `Authorization: Bearer` or, for browsers,
     /// `?token=`), else the `param` query parameter if given.
+    /// A user id longer than `max_name_bytes` is refused (400): it would be
+    /// kept on the connection and in the user index for its whole life.
     fn identify(&self, request: &Request, param: &str) -> Result<Option<Arc<str>>, Response> {
         let auth = &self.shared.auth;
-        if !auth.jwt_enabled() {
-            return Ok(request
-                .query_param(param)
-                .filter(|u| !u.is_empty())
-                .map(Arc::from));
+        let user = if auth.jwt_enabled() {
+            let token = request
+                .bearer_token()
+                .map(str::to_string)
+                .or_else(|| request.query_param("token"));
+            match auth.verify_token(token.as_deref().unwrap_or("")) {
+                Ok(identity) => Some(identity.user_id),
+                Err(e) => return Err(unauthorized(&e.to_string())),
+            }
+        } else {
+            request.query_param(param).filter(|u| !u.is_empty())
+        };
+        if let Some(user) = &user {
+            self.check_name(user, "user_id")?;
         }
-        let token = request
-            .bearer_token()
-            .map(str::to_string)
-            .or_else(|| request.query_param("token"));
-        match auth.verify_token(token.as_deref().unwrap_or("")) {
-            Ok(identity) => Ok(Some(Arc::from(identity.user_id))),
-            Err(e) => Err(unauthorized(&e.to_string())),
-        }
+        Ok(user.map(Arc::from))
+    }
+
+    /// 400 for a user id (or another name) over `max_name_bytes`.
+    fn check_name(&self, name: &str, field: &'static str) -> Result<(), Response> {
+        let max = self.config().limits.max_name_bytes;
+        message::check_name(name, field, max).map_err(|e| error_json(400, &e.to_string()))
     }
 
     /// `/chat?user_id=A&recipient_id=B`: both required (with JWT auth the
@@ -256,6 +240,9 @@ impl ShardState {
         let recipient = request
             .query_param("recipient_id")
             .filter(|v| !v.is_empty());
+        if let Some(recipient) = &recipient {
+            self.check_name(recipient, "recipient_id")?;
+        }
         match (user, recipient) {
             (Some(user), Some(recipient)) => Ok(Opening {
                 kind: WsKind::Chat,
@@ -287,15 +274,34 @@ impl ShardState {
                 &format!("presence is not tracked for topic `{topic}`"),
             ));
         }
-        if let Err(reason) = self.admit_presence(key) {
-            return Some(error_json(503, &reason));
+        let limit = match request.query_param("limit").map(|l| l.parse::<usize>()) {
+            None => None,
+            Some(Ok(limit)) => Some(limit),
+            Some(Err(_)) => {
+                return Some(error_json(400, "`limit` must be a non-negative integer"));
+            }
+        };
+        let after = request.query_param("after");
+        if let Some(after) = &after {
+            if let Err(response) = self.check_name(after, "after") {
+                return Some(response);
+            }
         }
-        if let Some(conn) = self.conns.get_mut(key) {
-            conn.deferred = Some(Box::new(Deferred::Presence {
+        if let Err((status, reason)) = self.admit_presence(key) {
+            let response = error_json(status, &reason);
+            return Some(match status {
+                429 => response.header("Retry-After", "1"),
+                _ => response,
+            });
+        }
+        self.park(
+            key,
+            Deferred::Presence {
                 keep_alive: request.keep_alive(),
-            }));
-        }
-        self.start_presence(topic, PresenceThen::Http { key });
+            },
+        );
+        let query = self.member_query(limit, after.as_deref());
+        self.start_presence(topic, query, PresenceThen::Http { key });
         None
     }
 
@@ -316,35 +322,13 @@ impl ShardState {
     }
 }
 
-/// Publish and registry changes need the API key when one is configured
-/// (presence queries check it themselves).
-fn needs_api_key(method: Method, path: &str) -> bool {
-    match method {
-        Method::Post => path == "/publish" || path == "/register",
-        Method::Delete => path.starts_with("/register/"),
-        _ => false,
-    }
-}
-
-/// 401 with the Bearer challenge.
 /// `503`: delivered on this node's `shards` shards, not on the others.
 fn local_only(shards: usize, why: LocalOnly) -> Response {
     let body = serde_json::json!({ "error": why.message(), "delivered_shards": shards });
     Response::json(503, body.to_string())
 }
 
+/// 401 with the Bearer challenge.
 fn unauthorized(message: &str) -> Response {
     error_json(401, message).header("WWW-Authenticate", "Bearer")
-}
-
-/// 405 with `Allow` for a known path and the wrong method, else 404.
-fn not_routed(path: &str) -> Response {
-    let exact = ROUTES.iter().find(|(p, _)| *p == path);
-    let prefixed = PREFIX_ROUTES
-        .iter()
-        .find(|(p, _)| path.len() > p.len() && path.starts_with(p));
-    match exact.or(prefixed) {
-        Some((_, allow)) => error_json(405, "method not allowed").header("Allow", *allow),
-        None => error_json(404, "not found"),
-    }
 }

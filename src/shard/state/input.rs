@@ -49,8 +49,14 @@ impl ShardState {
     }
 
     /// Feeds received bytes to the connection's protocol, keeping any
-    /// incomplete tail for the next receive.
+    /// incomplete tail for the next receive, and charges what it keeps to
+    /// the shard's inbound budget.
     pub(super) fn on_input(&mut self, key: ConnKey, data: &[u8]) {
+        self.read_input(key, data);
+        self.charge_input(key);
+    }
+
+    fn read_input(&mut self, key: ConnKey, data: &[u8]) {
         let now = self.millis();
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -113,6 +119,19 @@ impl ShardState {
         self.on_input(key, &[]);
     }
 
+    /// Parks work on connection `key` until other shards answer; its bytes
+    /// count in the shard's parked gauge until it is taken.
+    pub(super) fn park(&mut self, key: ConnKey, deferred: Deferred) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        self.parked_bytes += deferred.bytes();
+        if let Some(old) = conn.deferred.replace(Box::new(deferred)) {
+            debug_assert!(false, "parked twice");
+            self.parked_bytes -= old.bytes();
+        }
+    }
+
     /// Takes connection `key`'s parked work, if it is still there and
     /// `parked` recognises it.
     pub(super) fn take_deferred(
@@ -124,7 +143,13 @@ impl ShardState {
         if !conn.deferred.as_deref().is_some_and(parked) {
             return None;
         }
-        conn.deferred.take().map(|d| *d)
+        let deferred = conn.deferred.take().map(|d| *d)?;
+        debug_assert!(
+            deferred.bytes() <= self.parked_bytes,
+            "unparked more than parked"
+        );
+        self.parked_bytes -= deferred.bytes();
+        Some(deferred)
     }
 
     /// Sends a parked HTTP response and reads the requests queued behind it.

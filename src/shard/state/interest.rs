@@ -98,7 +98,9 @@ impl ShardState {
         if entry.local_count() == 0 {
             entry.acks_pending = 0;
             let (name, epoch) = (entry.name.clone(), entry.epoch);
-            index.remove_if_unused(id);
+            if index.remove_if_unused(id) && kind == IndexKind::Topic {
+                self.topic_released(&name);
+            }
             if peers > 0 {
                 self.broadcast_interest(|| Envelope::Interest {
                     kind,
@@ -140,7 +142,10 @@ impl ShardState {
         on: bool,
         epoch: u64,
     ) {
-        self.index_mut(kind).set_remote_interest(&name, from, on);
+        let gone = self.index_mut(kind).set_remote_interest(&name, from, on);
+        if gone && kind == IndexKind::Topic {
+            self.topic_released(&name);
+        }
         self.update_topic_gauge();
         if on {
             self.post_control(from, Envelope::InterestAck { kind, name, epoch });

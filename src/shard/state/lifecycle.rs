@@ -108,6 +108,8 @@ impl ShardState {
             return;
         }
         self.leave_indexes(key);
+        self.release_input(key);
+        self.forget_presence_rate(key);
         if let Some(conn) = self.conns.remove(key) {
             if matches!(conn.phase, Phase::WebSocket(_)) {
                 ShardStats::sub(&self.stats().websockets, 1);
@@ -120,9 +122,7 @@ impl ShardState {
     fn leave_indexes(&mut self, key: ConnKey) {
         self.drop_subscriptions(key);
         self.drop_identity(key);
-        if let Some(conn) = self.conns.get_mut(key) {
-            conn.deferred = None;
-        }
+        self.take_deferred(key, |_| true);
     }
 
     // ---- shutdown ------------------------------------------------------------
@@ -174,6 +174,7 @@ impl ShardState {
         }
         self.last_scan = self.now;
         self.expire_streams();
+        self.publish_memory();
         self.expire_idle_http();
         self.ping_websockets();
     }
@@ -247,8 +248,54 @@ impl ShardState {
     }
 }
 
+/// See [`ShardState::check_invariants`]: what the state says it holds is
+/// what its connections hold, and within the configured bounds.
+fn check_memory(state: &ShardState) -> Result<(), String> {
+    let limits = &state.config().limits;
+    let memory = state.memory();
+    let held: usize = state.conns.iter().map(|(_, c)| c.held_input as usize).sum();
+    let parked: usize = state
+        .conns
+        .iter()
+        .filter_map(|(_, c)| c.deferred.as_deref())
+        .map(super::conn::Deferred::bytes)
+        .sum();
+    if held != memory.inbound {
+        return Err(format!(
+            "inbound bytes {} charged, {held} held",
+            memory.inbound
+        ));
+    }
+    if parked != memory.parked {
+        return Err(format!(
+            "parked bytes {} counted, {parked} parked",
+            memory.parked
+        ));
+    }
+    let bounds = [
+        (
+            "inbound bytes",
+            memory.inbound,
+            limits.max_inbound_bytes_per_shard,
+        ),
+        (
+            "history bytes",
+            memory.stream_history,
+            limits.max_history_bytes,
+        ),
+        ("streams", memory.streams, limits.max_streams),
+    ];
+    for (what, used, limit) in bounds {
+        if used > limit {
+            return Err(format!("{what}: {used} over the bound of {limit}"));
+        }
+    }
+    Ok(())
+}
+
 /// See [`ShardState::check_invariants`].
 pub(super) fn check_invariants(state: &ShardState) -> Result<(), String> {
+    check_memory(state)?;
     for (kind, index) in [
         (IndexKind::Topic, &state.topics),
         (IndexKind::User, &state.users),

@@ -18,11 +18,14 @@ mod channels;
 mod cluster;
 mod conn;
 mod http;
+mod inbound;
 mod input;
 mod interest;
 mod lifecycle;
 pub mod names;
 mod relay;
+mod replay;
+mod route;
 pub(crate) mod streams;
 mod users;
 
@@ -32,6 +35,7 @@ use bytes::Bytes;
 
 use crate::bus::{Envelope, IndexKind, Outbox, Sent, ShardId, ShardSet};
 use crate::config::Config;
+use crate::engine::StreamEngine as _;
 use crate::metrics::ShardStats;
 use crate::protocol::http::Response;
 use crate::shard::key::{ConnKey, ConnTable};
@@ -56,6 +60,9 @@ pub enum Event<'a> {
     Overflow(ConnKey),
     /// The connection is gone; the key will not be used again.
     Closed(ConnKey),
+    /// The connection's outbound queue fell to the drain mark (a quarter of
+    /// its budget) after a [`Command::WatchDrain`].
+    Drained(ConnKey),
     /// An envelope from another shard (or the process, for shutdown).
     Envelope(ShardId, Envelope),
     /// Time passed; timers are checked.
@@ -71,6 +78,10 @@ pub enum Command {
     /// hold it for up to `write_delay` so it leaves in one send with the
     /// next ones (replies are never held).
     Push(ConnKey, Bytes),
+    /// Report [`Event::Drained`] once the connection's outbound queue is
+    /// at or below the drain mark (at once if it is already): a replay
+    /// sends its next page then, so what it queues stays within the budget.
+    WatchDrain(ConnKey),
     /// End a connection: queue `last` (outside the budget) after what is
     /// queued, then close as `mode` says.
     Close {
@@ -93,6 +104,28 @@ pub enum CloseMode {
     AfterFlush,
     /// Now, dropping whatever is queued.
     Now,
+}
+
+/// Bytes a shard state holds for clients, by what holds them (see
+/// [`ShardState::memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Partial input held for connections.
+    pub inbound: usize,
+    /// Work parked on connections until other shards answer.
+    pub parked: usize,
+    /// Registrations indexed.
+    pub registrations: usize,
+    /// Presence metas and answers being gathered.
+    pub presence: usize,
+    /// Stream publications kept (frames and bookkeeping).
+    pub stream_history: usize,
+    /// The streams' own bookkeeping.
+    pub stream_meta: usize,
+    /// Streams this shard is home to.
+    pub streams: usize,
+    /// Connections with a replay paging out or waiting.
+    pub replays: usize,
 }
 
 /// Where registration ids come from: the OS, or a seeded generator so a
@@ -152,6 +185,9 @@ pub struct ShardState {
     users_state: Users,
     presence: channels::PresenceQueries,
     streams: streams::Streams,
+    inbound: inbound::Inbound,
+    /// Bytes of work parked on connections until other shards answer.
+    parked_bytes: usize,
     outbox: Outbox,
     commands: Vec<Command>,
     next_epoch: u64,
@@ -176,7 +212,9 @@ impl ShardState {
             chatters: NameIndex::new(limits.max_connections),
             users_state: Users::default(),
             presence: channels::PresenceQueries::default(),
-            streams: streams::Streams::new(limits.max_history_bytes, now),
+            streams: streams::Streams::new(limits, now),
+            inbound: inbound::Inbound::new(limits.max_inbound_bytes_per_shard),
+            parked_bytes: 0,
             outbox: Outbox::new(id, shared.bus.members()),
             commands: Vec::new(),
             next_epoch: 1,
@@ -210,6 +248,7 @@ impl ShardState {
             Event::InputEnded(key) => self.on_input_ended(key),
             Event::Overflow(key) => self.on_overflow(key),
             Event::Closed(key) => self.on_closed(key),
+            Event::Drained(key) => self.on_drained(key),
             Event::Envelope(from, envelope) => self.on_envelope(from, envelope),
             Event::Tick => self.on_tick(),
         }
@@ -250,6 +289,34 @@ impl ShardState {
     /// Connections the state holds.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// What the state holds for clients, in bytes, by what holds it: the
+    /// figures `/metrics` shows and the simulation checks against the
+    /// configured bounds.
+    pub fn memory(&self) -> Memory {
+        let engine = self.streams.engine.stats();
+        Memory {
+            inbound: self.inbound.bytes(),
+            parked: self.parked_bytes,
+            registrations: self.users_state.registry.bytes(),
+            presence: self.presence.bytes(),
+            stream_history: engine.stored_bytes as usize,
+            stream_meta: engine.meta_bytes as usize,
+            streams: engine.streams as usize,
+            replays: self.replaying_connections(),
+        }
+    }
+
+    /// Publishes [`ShardState::memory`] to the shard's gauges.
+    fn publish_memory(&self) {
+        let memory = self.memory();
+        let s = self.stats();
+        ShardStats::set(&s.memory_inbound_bytes, memory.inbound as u64);
+        ShardStats::set(&s.memory_parked_bytes, memory.parked as u64);
+        ShardStats::set(&s.memory_registrations_bytes, memory.registrations as u64);
+        ShardStats::set(&s.memory_presence_bytes, memory.presence as u64);
+        ShardStats::set(&s.stream_replays, memory.replays as u64);
     }
 
     /// Checks the state's internal invariants (index positions, interest,
@@ -304,14 +371,18 @@ impl ShardState {
     /// after it. A half-closed connection is not ended here: requests it sent
     /// before its end of input may wait in its buffer, and the input path
     /// ends it once they are answered (`finish_if_input_ended`).
+    ///
+    /// The last response goes through the outbound budget like any other
+    /// (a `Close`'s own bytes do not): a client that sends many
+    /// `Connection: close` requests and reads nothing holds at most its
+    /// budget, and a response over it is dropped with the connection.
     fn respond(&mut self, key: ConnKey, response: Response) {
         if response.status() >= 400 {
             ShardStats::add(&self.stats().http_errors_total, 1);
         }
-        if response.is_keep_alive() {
-            self.send(key, response.encode());
-        } else {
-            self.end(key, Some(response.encode()), CloseMode::AfterFlush);
+        self.send(key, response.encode());
+        if !response.is_keep_alive() {
+            self.end(key, None, CloseMode::AfterFlush);
         }
     }
 
@@ -352,14 +423,12 @@ impl ShardState {
             }
             Envelope::Unregister { ticket, id } => self.on_unregister(from, ticket, &id),
             Envelope::Ack { ticket } => self.on_ack(ticket),
-            Envelope::PresenceQuery { ticket, topic } => {
-                self.on_presence_query(from, ticket, &topic)
-            }
-            Envelope::PresenceReply {
+            Envelope::PresenceQuery {
                 ticket,
-                count,
-                members,
-            } => self.on_presence_reply(ticket, count, &members),
+                topic,
+                query,
+            } => self.on_presence_query(from, ticket, &topic, &query),
+            Envelope::PresenceReply { ticket, members } => self.on_presence_reply(ticket, *members),
             Envelope::StreamPublish {
                 topic,
                 event,
@@ -372,18 +441,9 @@ impl ShardState {
                 ticket,
                 topic,
                 since,
-            } => self.on_stream_open(from, ticket, &topic, since),
-            Envelope::StreamOpened {
-                ticket,
-                recovered,
-                offset,
-                epoch,
-                frames,
-                marked,
-            } => {
-                let position = crate::engine::Position { offset, epoch };
-                self.on_stream_opened(ticket, recovered, position, frames, marked)
-            }
+                mark_through,
+            } => self.on_stream_open(from, ticket, &topic, since, mark_through),
+            Envelope::StreamOpened { ticket, answer } => self.on_stream_opened(ticket, answer),
             Envelope::StreamQuery {
                 ticket,
                 topic,

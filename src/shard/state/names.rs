@@ -159,15 +159,19 @@ impl NameIndex {
         }
     }
 
-    /// Records that shard `from` gained or lost interest in `name`.
-    pub fn set_remote_interest(&mut self, name: &str, from: ShardId, on: bool) {
+    /// Records that shard `from` gained or lost interest in `name`. Returns
+    /// true if the name went (nobody holds it any more).
+    pub fn set_remote_interest(&mut self, name: &str, from: ShardId, on: bool) -> bool {
         if on {
             if let Ok(id) = self.get_or_insert(name, false) {
                 self.entry_mut(id).remote.insert(from);
             }
+            false
         } else if let Some(id) = self.lookup(name) {
             self.entry_mut(id).remote.remove(from);
-            self.remove_if_unused(id);
+            self.remove_if_unused(id)
+        } else {
+            false
         }
     }
 

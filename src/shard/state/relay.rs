@@ -9,7 +9,7 @@
 use crate::bus::IndexKind;
 use crate::metrics::ShardStats;
 use crate::protocol::frame::{self, Incoming};
-use crate::protocol::message::{self, ClientMessage, Since, TopicRequest};
+use crate::protocol::message::{self, ClientMessage, MemberPage, Since, TopicRequest};
 use crate::shard::key::ConnKey;
 
 use super::channels::PresenceThen;
@@ -61,8 +61,8 @@ impl ShardState {
             self.send(key, message::pong_text());
             return;
         }
-        let max_topic_bytes = self.config().limits.max_topic_bytes;
-        match message::parse_client(text, max_topic_bytes) {
+        let bounds = self.config().limits.name_bounds();
+        match message::parse_client(text, bounds) {
             Err(e) => self.send_error(key, &e.to_string()),
             Ok(ClientMessage::Ping) => self.send(key, message::pong()),
             Ok(ClientMessage::Subscribe { topic, since }) => self.subscribe(key, &topic, since),
@@ -80,18 +80,19 @@ impl ShardState {
             }) => {
                 self.client_publish(key, &topic, event.as_deref(), payload);
             }
-            Ok(ClientMessage::Presence { topic }) => self.ws_presence(key, &topic),
+            Ok(ClientMessage::Presence { topic, page }) => self.ws_presence(key, &topic, page),
         }
     }
 
-    fn ws_presence(&mut self, key: ConnKey, topic: &str) {
+    fn ws_presence(&mut self, key: ConnKey, topic: &str, page: MemberPage<'_>) {
         if !self.presence_tracked(topic) {
             return self.send_error(key, &format!("presence is not tracked for topic `{topic}`"));
         }
-        if let Err(reason) = self.admit_presence(key) {
+        if let Err((_, reason)) = self.admit_presence(key) {
             return self.send_error(key, &reason);
         }
-        self.start_presence(topic, PresenceThen::Ws { key });
+        let query = self.member_query(page.limit, page.after.as_deref());
+        self.start_presence(topic, query, PresenceThen::Ws { key });
     }
 
     /// The topic id if the connection holds `topic` (active or waiting).

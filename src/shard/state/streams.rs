@@ -1,6 +1,7 @@
-//! Stream topics on a shard: the home side (offsets, history, recovery, in
-//! the [`MemoryEngine`]) and the subscriber side (publishing through the
-//! home, opening a subscription at a position).
+//! Stream topics on a shard, the home side: offsets, history, opening a
+//! subscriber at a position, and history over HTTP, in the
+//! [`MemoryEngine`]; and publishing through the home. The subscriber side
+//! (asking the home, replaying page by page) is [`super::replay`].
 //!
 //! Every stream topic has one home shard, a hash of its name. Publications
 //! accepted anywhere travel to the home, which assigns the offset, frames the
@@ -8,12 +9,10 @@
 //! subscribers and to every shard with interest, each over its own ordered
 //! queue. So every subscriber sees one order.
 //!
-//! A subscriber is added to the topic's subscribers only when the home's
-//! answer to its `StreamOpen` arrives. The open is sent once the home routes
-//! the topic to this shard (interest acknowledged), so every publication
-//! after the position in the answer follows the answer on the same queue,
-//! and every one before it is either in the replay or not owed: no gap, no
-//! duplicate, and nothing live overtakes the replay.
+//! A stream exists on its home only while it has history or a holder: an
+//! HTTP read of an unknown stream answers offset 0 of no epoch and stores
+//! nothing, and a stream opened by a subscriber but never published to is
+//! forgotten as soon as the home's topic entry goes (its last holder left).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -24,8 +23,9 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::bus::{Envelope, IndexKind, ShardId};
+use crate::config::Limits;
 use crate::engine::memory::MemoryEngine;
-use crate::engine::{Position, Recovery, StreamEngine, EXPIRE_INTERVAL};
+use crate::engine::{Page, Position, Recovery, StreamEngine, StreamLimit, Window, EXPIRE_INTERVAL};
 use crate::metrics::ShardStats;
 use crate::protocol::http::{error_json, Request, Response};
 use crate::protocol::message::{self, Since};
@@ -34,7 +34,7 @@ use crate::shard::key::ConnKey;
 
 use super::cluster::LocalOnly;
 use super::conn::Deferred;
-use super::names::NameId;
+use super::replay::{OpenKind, Replays};
 use super::ShardState;
 
 /// Bytes of randomness in an epoch: 16 hex characters, enough that two runs
@@ -44,39 +44,46 @@ const EPOCH_BYTES: usize = 8;
 /// Stream bookkeeping of one shard: the engine for the topics it is home
 /// to, and the requests it has sent to other homes.
 pub(crate) struct Streams {
-    engine: MemoryEngine,
+    pub(super) engine: MemoryEngine,
     last_expire: Instant,
     next_ticket: u64,
     /// Subscriptions waiting for their home's `StreamOpened`.
-    opening: HashMap<u64, (ConnKey, Arc<str>)>,
+    pub(super) opening: HashMap<u64, (ConnKey, Arc<str>, OpenKind)>,
     /// The tickets in `opening` per connection, so a subscription dropped
     /// before its answer cancels its open: the answer must not open the
     /// connection's next subscription to the topic, which asked for its own
     /// position and may wait for another round of interest acknowledgements.
-    opens_of: HashMap<ConnKey, Vec<u64>>,
+    pub(super) opens_of: HashMap<ConnKey, Vec<u64>>,
     /// HTTP requests parked until a home answers: ticket -> connection.
     replies: HashMap<u64, ConnKey>,
+    /// Replays under way, per connection (only connections replaying).
+    pub(super) replays: HashMap<ConnKey, Replays>,
 }
 
 impl Streams {
-    pub(crate) fn new(max_history_bytes: usize, now: Instant) -> Streams {
+    pub(crate) fn new(limits: &Limits, now: Instant) -> Streams {
         Streams {
-            engine: MemoryEngine::new(max_history_bytes),
+            engine: MemoryEngine::new(limits.max_history_bytes, limits.max_streams),
             last_expire: now,
             next_ticket: 0,
             opening: HashMap::new(),
             opens_of: HashMap::new(),
             replies: HashMap::new(),
+            replays: HashMap::new(),
         }
     }
 }
 
-/// What a home answers a subscriber opening its stream.
-pub(crate) struct Opened {
-    recovered: Option<bool>,
-    position: Position,
-    frames: Vec<Bytes>,
-    marked: bool,
+/// Bytes of frames in one page of a replay: what the connection's queue may
+/// take on top of the drain mark, leaving half its budget for live traffic.
+pub(crate) fn replay_page_bytes(limits: &Limits) -> usize {
+    crate::shard::driver::drain_mark(limits.max_outbound_bytes_per_connection)
+}
+
+/// Bytes of frames in one answer to an HTTP history query: half the
+/// outbound budget, so the response always fits it.
+pub(crate) fn http_page_bytes(limits: &Limits) -> usize {
+    limits.max_outbound_bytes_per_connection / 2
 }
 
 /// The outcome of a publish.
@@ -114,7 +121,7 @@ impl ShardState {
         ShardId((hasher.finish() % self.shared.bus.shards() as u64) as usize)
     }
 
-    fn stream_ticket(&mut self) -> u64 {
+    pub(super) fn stream_ticket(&mut self) -> u64 {
         self.streams.next_ticket += 1;
         self.streams.next_ticket
     }
@@ -149,10 +156,12 @@ impl ShardState {
         };
         let home = self.home_of(topic);
         if home == self.id {
-            let (position, shards) = self.home_publish(topic, &history, event, payload_json);
-            return Published::Done {
-                shards,
-                position: Some(position),
+            return match self.home_publish(topic, &history, event, payload_json) {
+                Ok((position, shards)) => Published::Done {
+                    shards,
+                    position: Some(position),
+                },
+                Err(limit) => Published::Refused(503, limit.to_string()),
             };
         }
         let ticket = reply.map(|(key, keep_alive)| self.park_for_home(key, keep_alive));
@@ -209,32 +218,23 @@ impl ShardState {
         history: &History,
         event: &str,
         payload_json: &str,
-    ) -> (Position, usize) {
-        ShardStats::add(&self.stats().publishes_total, 1);
+    ) -> Result<(Position, usize), StreamLimit> {
         let (position, frame) = self.streams.engine.publish(
             topic,
             history,
             self.now,
             &mut || new_epoch(&mut self.ids),
             &mut |offset| message::push_at(topic, offset, event, payload_json),
-        );
+        )?;
+        ShardStats::add(&self.stats().publishes_total, 1);
         let shards = self.fan_out(topic, frame);
-        (position, shards)
-    }
-
-    /// The position of `topic` on its home, creating the stream if needed.
-    fn home_position(&mut self, topic: &str, history: &History) -> Position {
-        self.streams
-            .engine
-            .position(topic, history, self.now, &mut || new_epoch(&mut self.ids))
+        Ok((position, shards))
     }
 
     /// Parks HTTP connection `key` until a home answers; returns the ticket.
     fn park_for_home(&mut self, key: ConnKey, keep_alive: bool) -> u64 {
         let ticket = self.stream_ticket();
-        if let Some(conn) = self.conns.get_mut(key) {
-            conn.deferred = Some(Box::new(Deferred::Stream { ticket, keep_alive }));
-        }
+        self.park(key, Deferred::Stream { ticket, keep_alive });
         self.streams.replies.insert(ticket, key);
         ticket
     }
@@ -252,10 +252,10 @@ impl ShardState {
             _ if !self.accepting_publishes() => {
                 error_json(503, "server shutting down: publishes are refused")
             }
-            Some(history) => {
-                let (position, shards) = self.home_publish(topic, &history, event, payload_json);
-                publish_accepted(shards, Some(&position))
-            }
+            Some(history) => match self.home_publish(topic, &history, event, payload_json) {
+                Ok((position, shards)) => publish_accepted(shards, Some(&position)),
+                Err(limit) => error_json(503, &limit.to_string()),
+            },
             None => error_json(404, &format!("topic `{topic}` has no history here")),
         };
         if let Some(ticket) = ticket {
@@ -281,116 +281,74 @@ impl ShardState {
         }
     }
 
-    // ---- subscribing -------------------------------------------------------------
+    // ---- opening subscribers, on the home ------------------------------------------
 
-    /// Opens connection `key`'s subscription to stream topic `id`: asks the
-    /// home for the position (and what to replay). The connection waits in
-    /// the topic's waiting list until the answer arrives.
-    pub(super) fn open_stream(&mut self, key: ConnKey, id: NameId) {
-        let name = self.topics.entry(id).name.clone();
-        let Some(history) = self.stream_history(&name) else {
-            return;
-        };
-        let since = self.conns.get_mut(key).and_then(|c| {
-            c.subs
-                .iter_mut()
-                .find(|s| s.topic == id)
-                .and_then(|s| s.since.take())
-        });
-        let home = self.home_of(&name);
-        if home == self.id {
-            let opened = self.home_open(&name, &history, since.as_deref());
-            return self.finish_stream_subscribe(key, id, opened);
-        }
-        let ticket = self.stream_ticket();
-        self.streams.opening.insert(ticket, (key, name.clone()));
-        self.streams.opens_of.entry(key).or_default().push(ticket);
-        let since = since.map(|s| (s.offset, Arc::from(s.epoch.as_str())));
-        self.post_control(
-            home,
-            Envelope::StreamOpen {
-                ticket,
-                topic: name,
-                since,
-            },
-        );
-    }
-
-    /// Connection `key` subscribes again to stream topic `id`, which it
-    /// holds: the answer is `subscribed` with the position its pushes have
-    /// reached. The home knows it: every publication it assigned before
-    /// answering was routed to this shard ahead of the answer, on the same
-    /// ordered queue, and so was sent to the connection before the reply.
-    pub(super) fn restate_stream_position(&mut self, key: ConnKey, id: NameId) {
-        let name = self.topics.entry(id).name.clone();
-        let Some(history) = self.stream_history(&name) else {
-            return;
-        };
-        let home = self.home_of(&name);
-        if home == self.id {
-            let position = self.home_position(&name, &history);
-            let reply = message::subscribed_at(&name, None, position.offset, &position.epoch);
-            return self.send(key, reply);
-        }
-        let ticket = self.stream_ticket();
-        self.streams.opening.insert(ticket, (key, name.clone()));
-        self.streams.opens_of.entry(key).or_default().push(ticket);
-        self.post_control(
-            home,
-            Envelope::StreamOpen {
-                ticket,
-                topic: name,
-                since: None,
-            },
-        );
-    }
-
-    /// On the home: the position of `topic` and what a new subscriber gets
-    /// before live publications.
-    fn home_open(&mut self, topic: &str, history: &History, since: Option<&Since>) -> Opened {
-        let current = self.home_position(topic, history);
+    /// On the home: the page a subscriber of `topic` gets first (its
+    /// recovery from `since`, or the latest values), or the next page of
+    /// its replay (`since` is where the replay reached, `mark_through`
+    /// where its last values end). The stream is created for a holder; a
+    /// stream nobody holds (the holder left while the request travelled) is
+    /// only read.
+    pub(super) fn home_open(
+        &mut self,
+        topic: &str,
+        history: &History,
+        since: Option<&Since>,
+        mark_through: u64,
+    ) -> Result<Page, StreamLimit> {
         let now = self.now;
+        let current = if self.topics.lookup(topic).is_some() {
+            let ids = &mut self.ids;
+            self.streams
+                .engine
+                .hold(topic, history, now, &mut || new_epoch(ids))?
+        } else {
+            self.streams.engine.position(topic, now)
+        };
+        let page_bytes = replay_page_bytes(&self.config().limits);
+        let window = Window {
+            limit: usize::MAX,
+            max_bytes: page_bytes,
+        };
         if let Some(since) = since {
             let asked = Position {
                 offset: since.offset,
                 epoch: Arc::from(since.epoch.as_str()),
             };
-            let mut same = || current.epoch.clone();
-            match self
-                .streams
-                .engine
-                .recover(topic, history, &asked, usize::MAX, now, &mut same)
+            if let Recovery::Recovered {
+                publications,
+                position,
+                more,
+            } = self.streams.engine.recover(topic, &asked, window, now)
             {
-                Recovery::Recovered {
-                    publications,
+                return Ok(Page::of(
+                    Some(true),
                     position,
-                } => {
-                    return Opened {
-                        recovered: Some(true),
-                        position,
-                        frames: publications.into_iter().map(|p| p.frame).collect(),
-                        marked: false,
-                    }
-                }
-                Recovery::Gone { .. } => {}
+                    since.offset,
+                    publications,
+                    more,
+                    page_bytes,
+                    mark_through,
+                ));
             }
         }
-        let frames = match history.replay_on_subscribe {
+        let latest = match history.replay_on_subscribe {
             0 => Vec::new(),
-            count => self
-                .streams
-                .engine
-                .latest(topic, count, now)
-                .into_iter()
-                .map(|p| p.frame)
-                .collect(),
+            count => self.streams.engine.latest(topic, count, now),
         };
-        Opened {
-            recovered: since.map(|_| false),
-            position: current,
-            frames,
-            marked: true,
-        }
+        let after = latest
+            .first()
+            .map_or(current.offset, |p| p.offset.saturating_sub(1));
+        let through = current.offset;
+        Ok(Page::of(
+            since.map(|_| false),
+            current,
+            after,
+            latest,
+            false,
+            page_bytes,
+            through,
+        ))
     }
 
     /// A `StreamOpen` from another shard, on the home.
@@ -400,149 +358,39 @@ impl ShardState {
         ticket: u64,
         topic: &str,
         since: Option<(u64, Arc<str>)>,
+        mark_through: u64,
     ) {
         let since = since.map(|(offset, epoch)| Since {
             offset,
             epoch: epoch.to_string(),
         });
-        let opened = match self.stream_history(topic) {
-            Some(history) => self.home_open(topic, &history, since.as_ref()),
-            None => Opened {
-                recovered: since.map(|_| false),
-                position: Position {
-                    offset: 0,
-                    epoch: Arc::from(""),
-                },
-                frames: Vec::new(),
-                marked: false,
-            },
+        let answer = match self.stream_history(topic) {
+            Some(history) => self.home_open(topic, &history, since.as_ref(), mark_through),
+            None => Ok(Page::of(
+                since.map(|_| false),
+                Position::empty(),
+                0,
+                Vec::new(),
+                false,
+                0,
+                0,
+            )),
         };
         self.post_control(
             from,
             Envelope::StreamOpened {
                 ticket,
-                recovered: opened.recovered,
-                offset: opened.position.offset,
-                epoch: opened.position.epoch,
-                frames: opened.frames,
-                marked: opened.marked,
+                answer: answer.map(Box::new),
             },
         );
     }
 
-    /// The home's answer arrived: the subscriber becomes active.
-    pub(super) fn on_stream_opened(
-        &mut self,
-        ticket: u64,
-        recovered: Option<bool>,
-        position: Position,
-        frames: Vec<Bytes>,
-        marked: bool,
-    ) {
-        let Some((key, topic)) = self.streams.opening.remove(&ticket) else {
-            return; // its subscription was dropped meanwhile
-        };
-        self.forget_open(key, ticket);
-        let Some(id) = self.topics.lookup(&topic) else {
-            return; // the connection left meanwhile
-        };
-        let opened = Opened {
-            recovered,
-            position,
-            frames,
-            marked,
-        };
-        self.finish_stream_subscribe(key, id, opened);
-    }
-
-    /// Cancels connection `key`'s opens of `topic` still in flight: its
-    /// subscription to it is dropped, so their answers must find nothing.
-    pub(super) fn cancel_stream_opens(&mut self, key: ConnKey, topic: &str) {
-        let Some(tickets) = self.streams.opens_of.get_mut(&key) else {
-            return;
-        };
-        let opening = &mut self.streams.opening;
-        tickets.retain(|ticket| {
-            let of_topic = opening.get(ticket).is_some_and(|(_, t)| **t == *topic);
-            if of_topic {
-                opening.remove(ticket);
-            }
-            !of_topic
-        });
-        if tickets.is_empty() {
-            self.streams.opens_of.remove(&key);
-        }
-    }
-
-    fn forget_open(&mut self, key: ConnKey, ticket: u64) {
-        if let Some(tickets) = self.streams.opens_of.get_mut(&key) {
-            tickets.retain(|t| *t != ticket);
-            if tickets.is_empty() {
-                self.streams.opens_of.remove(&key);
-            }
-        }
-    }
-
-    /// Moves a waiting subscriber of a stream into the topic's subscribers
-    /// and sends it `subscribed` with the position, then the replay. For a
-    /// subscriber active already (it subscribed again) only the position.
-    fn finish_stream_subscribe(&mut self, key: ConnKey, id: NameId, opened: Opened) {
-        let active = self
-            .conns
-            .get(key)
-            .is_some_and(|c| c.subs.iter().any(|s| s.topic == id && s.pos.is_some()));
-        if active {
-            // Opens of a subscription dropped meanwhile were cancelled, so
-            // this answers a repeated subscribe of the one held now.
-            let name = self.topics.entry(id).name.clone();
-            let position = &opened.position;
-            let reply = message::subscribed_at(&name, None, position.offset, &position.epoch);
-            return self.send(key, reply);
-        }
-        let waiting = self
-            .topics
-            .get(id)
-            .is_some_and(|e| e.waiting.contains(&key));
-        let holds = self
-            .conns
-            .get(key)
-            .is_some_and(|c| c.subs.iter().any(|s| s.topic == id && s.pos.is_none()));
-        if !waiting || !holds {
-            return; // unsubscribed or closed while the home answered
-        }
-        self.topics.remove_waiting(id, key);
-        let pos = self.topics.add_subscriber(id, key);
-        if let Some(sub) = self
-            .conns
-            .get_mut(key)
-            .and_then(|c| c.subs.iter_mut().find(|s| s.topic == id))
-        {
-            sub.pos = Some(pos);
-        }
-        let name = self.topics.entry(id).name.clone();
-        match opened.recovered {
-            Some(true) => ShardStats::add(&self.stats().stream_recoveries_total, 1),
-            Some(false) => ShardStats::add(&self.stats().stream_recovery_failures_total, 1),
-            None => {}
-        }
-        ShardStats::add(
-            &self.stats().stream_replayed_total,
-            opened.frames.len() as u64,
-        );
-        let reply = message::subscribed_at(
-            &name,
-            opened.recovered,
-            opened.position.offset,
-            &opened.position.epoch,
-        );
-        self.send(key, reply);
-        for frame in opened.frames {
-            let frame = if opened.marked {
-                message::replayed(&frame).unwrap_or(frame)
-            } else {
-                frame
-            };
-            self.send(key, frame);
+    /// The home's topic entry for `topic` is gone: nobody on any shard
+    /// holds it. A stream it opened for them and nobody published to goes
+    /// with it.
+    pub(super) fn topic_released(&mut self, topic: &str) {
+        if self.home_of(topic) == self.id {
+            self.streams.engine.release(topic, self.now);
         }
     }
 
@@ -567,7 +415,7 @@ impl ShardState {
         };
         let home = self.home_of(topic);
         if home == self.id {
-            return Some(self.home_history(topic, &history, &query));
+            return Some(self.home_history(topic, &query));
         }
         let ticket = self.park_for_home(key, request.keep_alive());
         self.post_control(
@@ -592,42 +440,38 @@ impl ShardState {
         query: HistoryQuery,
     ) {
         let answer = match self.stream_history(topic) {
-            Some(history) => self.home_history(topic, &history, &query),
+            Some(_) => self.home_history(topic, &query),
             None => error_json(404, &format!("topic `{topic}` has no history")),
         };
         self.reply_stream(from, ticket, answer);
     }
 
-    /// On the home: the publications the query asks for, or 410 for a
-    /// position that is gone.
-    fn home_history(&mut self, topic: &str, history: &History, query: &HistoryQuery) -> Response {
-        let current = self.home_position(topic, history);
+    /// On the home: one page of the publications the query asks for, or
+    /// 410 for a position that is gone. Reads only: an unknown stream is
+    /// at offset 0 of no epoch.
+    fn home_history(&mut self, topic: &str, query: &HistoryQuery) -> Response {
         let now = self.now;
+        let current = self.streams.engine.position(topic, now);
         if let Some(epoch) = query.epoch.as_deref().filter(|e| *e != &*current.epoch) {
-            return gone(
-                format!("epoch `{epoch}` is gone: the stream started afresh"),
-                &current,
-            );
+            return epoch_gone(epoch, &current);
         }
-        let (publications, position) = match query.since {
+        let page_bytes = http_page_bytes(&self.config().limits);
+        let page = match query.since {
             Some(offset) => {
                 let asked = Position {
                     offset,
                     epoch: current.epoch.clone(),
                 };
-                let mut same = || current.epoch.clone();
-                match self.streams.engine.recover(
-                    topic,
-                    history,
-                    &asked,
-                    query.limit,
-                    now,
-                    &mut same,
-                ) {
+                let window = Window {
+                    limit: query.limit,
+                    max_bytes: page_bytes,
+                };
+                match self.streams.engine.recover(topic, &asked, window, now) {
                     Recovery::Recovered {
                         publications,
                         position,
-                    } => (publications, position),
+                        more,
+                    } => Page::of(None, position, offset, publications, more, page_bytes, 0),
                     Recovery::Gone { position } => {
                         return gone(
                             format!("offset {offset} is no longer in history"),
@@ -636,9 +480,13 @@ impl ShardState {
                     }
                 }
             }
-            None => (self.streams.engine.latest(topic, query.limit, now), current),
+            None => {
+                let latest = self.streams.engine.latest(topic, query.limit, now);
+                let after = latest.first().map_or(0, |p| p.offset.saturating_sub(1));
+                Page::of(None, current, after, latest, false, page_bytes, 0)
+            }
         };
-        history_found(topic, &position, publications.iter().map(|p| &p.frame))
+        history_found(topic, &page)
     }
 
     // ---- timers ----------------------------------------------------------------------
@@ -662,8 +510,10 @@ impl ShardState {
         ShardStats::set(&s.streams, stats.streams);
         ShardStats::set(&s.stream_publications, stats.publications);
         ShardStats::set(&s.stream_stored_bytes, stats.stored_bytes);
+        ShardStats::set(&s.memory_stream_meta_bytes, stats.meta_bytes);
         ShardStats::set(&s.stream_evictions_total, stats.evictions);
         ShardStats::set(&s.stream_epochs_total, stats.epoch_changes);
+        ShardStats::set(&s.streams_refused_total, stats.refused);
     }
 }
 
@@ -678,32 +528,44 @@ pub(crate) fn gone(why: String, current: &Position) -> Response {
     Response::json(410, body.to_string())
 }
 
-/// `200` to a history query: the stream's position and the publications,
-/// each as the push subscribers got.
-pub(crate) fn history_found<'a>(
-    topic: &str,
-    position: &Position,
-    frames: impl Iterator<Item = &'a Bytes> + Clone,
-) -> Response {
-    let size: usize = frames.clone().map(|f| f.len()).sum();
-    let mut body = Vec::with_capacity(64 + size);
+/// `410` for a query naming another epoch than `current`'s. The epoch
+/// asked for is echoed only up to the longest one this server makes.
+pub(crate) fn epoch_gone(asked: &str, current: &Position) -> Response {
+    let shown = message::truncate(asked, message::MAX_EPOCH_BYTES);
+    let cut = if shown.len() < asked.len() { "…" } else { "" };
+    gone(
+        format!("epoch `{shown}{cut}` is gone: the stream started afresh"),
+        current,
+    )
+}
+
+/// `200` to a history query: the stream's position, one page of
+/// publications (each as the push subscribers got), and, when more follow,
+/// `next`: the `since` that asks for them.
+pub(crate) fn history_found(topic: &str, page: &Page) -> Response {
+    let mut body = Vec::with_capacity(96 + page.bytes());
     body.extend_from_slice(b"{\"topic\":");
     message::write_json_str(&mut body, topic);
-    body.extend_from_slice(format!(",\"offset\":{},\"epoch\":", position.offset).as_bytes());
-    message::write_json_str(&mut body, &position.epoch);
+    body.extend_from_slice(b",\"offset\":");
+    message::write_decimal(&mut body, page.position.offset);
+    body.extend_from_slice(b",\"epoch\":");
+    message::write_json_str(&mut body, &page.position.epoch);
     body.extend_from_slice(b",\"publications\":[");
-    for (i, frame) in frames.enumerate() {
+    for (i, frame) in page.frames.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
         body.extend_from_slice(message::frame_json(frame).unwrap_or(b"null"));
     }
-    body.extend_from_slice(b"]}");
+    body.push(b']');
+    if page.more {
+        body.extend_from_slice(b",\"next\":");
+        message::write_decimal(&mut body, page.last);
+    }
+    body.push(b'}');
     Response::json(200, body)
 }
 
-/// A fresh random epoch: 16 hex characters. Without randomness it falls
-/// back to the clock, which still differs between two starts of a stream.
 /// A home's HTTP answer to ticket `ticket`, for the shard that asked.
 pub(crate) fn stream_reply(ticket: u64, response: &Response) -> Envelope {
     Envelope::StreamReply {
@@ -719,6 +581,8 @@ pub(crate) fn os_epoch() -> Arc<str> {
     new_epoch(&mut super::Ids::Os)
 }
 
+/// A fresh random epoch: 16 hex characters. Without randomness it falls
+/// back to the clock, which still differs between two starts of a stream.
 fn new_epoch(ids: &mut super::Ids) -> Arc<str> {
     let mut bytes = [0u8; EPOCH_BYTES];
     if ids.fill(&mut bytes).is_err() {
@@ -762,7 +626,10 @@ impl HistoryQuery {
                 })
                 .transpose()
         };
-        let limit = number("limit")?.map_or(history.size, |l| (l as usize).min(history.size));
+        // At least one: a page that may hold nothing would name itself as
+        // the next page for ever.
+        let limit =
+            number("limit")?.map_or(history.size, |l| (l as usize).clamp(1, history.size.max(1)));
         Ok(HistoryQuery {
             since: number("since")?,
             epoch: request.query_param("epoch").filter(|e| !e.is_empty()),

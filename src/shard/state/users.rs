@@ -18,7 +18,7 @@ use crate::bus::{Envelope, IndexKind, ShardId};
 use crate::metrics::ShardStats;
 use crate::protocol::frame;
 use crate::protocol::http::{error_json, Request, Response};
-use crate::protocol::message;
+use crate::protocol::message::{self, Bounds};
 use crate::shard::key::ConnKey;
 
 use super::cluster::LocalOnly;
@@ -44,10 +44,66 @@ pub(crate) struct Ticket {
     remaining: usize,
 }
 
+impl Registration {
+    /// Bytes held for it under `id`: the strings, and the table entry.
+    fn bytes(&self, id: &str) -> usize {
+        let topics: usize = self
+            .topics
+            .iter()
+            .map(|t| t.len() + std::mem::size_of::<String>())
+            .sum();
+        id.len() + self.user.len() + topics + REGISTRATION_ENTRY_BYTES
+    }
+}
+
+/// Bytes a registration costs beyond its strings: its key and value in the
+/// table (with the table's slack for one entry) and the `Arc` headers.
+const REGISTRATION_ENTRY_BYTES: usize =
+    2 * (std::mem::size_of::<Arc<str>>() + std::mem::size_of::<Registration>()) + 3 * 16;
+
+/// Every registration, by id, with the bytes they hold. Every shard keeps
+/// all of them (the strings are shared with the other shards through the
+/// envelope that carried them; the table is this shard's).
+#[derive(Default)]
+pub(crate) struct Registry {
+    by_id: HashMap<Arc<str>, Registration>,
+    bytes: usize,
+}
+
+impl Registry {
+    pub(crate) fn get(&self, id: &str) -> Option<&Registration> {
+        self.by_id.get(id)
+    }
+
+    pub(crate) fn contains_key(&self, id: &str) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    fn insert(&mut self, id: Arc<str>, registration: Registration) {
+        self.bytes += registration.bytes(&id);
+        if let Some(old) = self.by_id.insert(id.clone(), registration) {
+            self.bytes -= old.bytes(&id);
+        }
+    }
+
+    fn remove_entry(&mut self, id: &str) -> Option<(Arc<str>, Registration)> {
+        let (id, registration) = self.by_id.remove_entry(id)?;
+        let bytes = registration.bytes(&id);
+        debug_assert!(bytes <= self.bytes, "released more than was charged");
+        self.bytes -= bytes;
+        Some((id, registration))
+    }
+
+    /// Bytes the registrations hold, for `/metrics`.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 /// Per-shard user state that is not an index.
 #[derive(Default)]
 pub(crate) struct Users {
-    pub(crate) registry: HashMap<Arc<str>, Registration>,
+    pub(crate) registry: Registry,
     pub(crate) tickets: HashMap<u64, Ticket>,
     pub(crate) next_ticket: u64,
 }
@@ -89,13 +145,16 @@ impl ShardState {
             }
         }
         self.upgrade(key, opening.kind);
+        self.park(
+            key,
+            Deferred::Upgrade {
+                switching,
+                topics: opening.topics,
+            },
+        );
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        conn.deferred = Some(Box::new(Deferred::Upgrade {
-            switching,
-            topics: opening.topics,
-        }));
         if opening.registration.is_some() || opening.recipient.is_some() {
             let identity = conn.identity_mut();
             identity.registration = opening.registration;
@@ -115,11 +174,8 @@ impl ShardState {
                 }
             }
             Err(limit) => {
-                if let Some(conn) = self.conns.get_mut(key) {
-                    conn.deferred = None;
-                }
-                let response = error_json(503, &limit.to_string()).keep_alive(false);
-                self.end(key, Some(response.encode()), super::CloseMode::AfterFlush);
+                self.take_deferred(key, |d| matches!(d, Deferred::Upgrade { .. }));
+                self.respond(key, error_json(503, &limit.to_string()).keep_alive(false));
             }
         }
     }
@@ -127,10 +183,9 @@ impl ShardState {
     /// Sends the parked `101`, subscribes the starting topics, and resumes
     /// reading whatever the client sent meanwhile.
     pub(super) fn finish_upgrade(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let Some(Deferred::Upgrade { switching, topics }) = conn.deferred.take().map(|d| *d) else {
+        let Some(Deferred::Upgrade { switching, topics }) =
+            self.take_deferred(key, |d| matches!(d, Deferred::Upgrade { .. }))
+        else {
             return;
         };
         self.send(key, switching);
@@ -158,7 +213,7 @@ impl ShardState {
     /// `POST /register {"user_id":U,"topics"?:[..]}`.
     pub(super) fn register(&mut self, key: ConnKey, request: &Request) -> Option<Response> {
         let limits = &self.config().limits;
-        let (user, topics) = match parse_registration(&request.body, limits.max_topic_bytes) {
+        let (user, topics) = match parse_registration(&request.body, limits.name_bounds()) {
             Ok(parsed) => parsed,
             Err(message) => return Some(error_json(400, &message)),
         };
@@ -296,9 +351,7 @@ impl ShardState {
                 remaining: others,
             },
         );
-        if let Some(conn) = self.conns.get_mut(key) {
-            conn.deferred = Some(Box::new(Deferred::Response { ticket, response }));
-        }
+        self.park(key, Deferred::Response { ticket, response });
         self.broadcast_interest(|| make(ticket));
         None
     }
@@ -386,14 +439,17 @@ impl ShardState {
             _ => &self.users,
         };
         let mut delivered = 0;
+        let topic_name = topic.map(|id| self.topics.entry(id).name.clone());
         for &key in &index.entry(entry).subscribers {
-            let holds_topic = match topic {
-                Some(topic) => self.conns.get(key).is_some_and(|conn| {
+            // A stream subscriber whose replay is still paging has its
+            // `subscribed`: a direct message (not in the stream) is owed.
+            let holds_topic = match (topic, &topic_name) {
+                (Some(topic), Some(name)) => self.conns.get(key).is_some_and(|conn| {
                     conn.subs
                         .iter()
-                        .any(|s| s.topic == topic && s.pos.is_some())
+                        .any(|s| s.topic == topic && (s.pos.is_some() || self.replaying(key, name)))
                 }),
-                None => true,
+                _ => true,
             };
             if holds_topic {
                 self.commands.push(Command::Push(key, frame.clone()));
@@ -482,16 +538,15 @@ impl ShardState {
 }
 
 /// Reads `{"user_id":U,"topics"?:[..]}`.
-fn parse_registration(
-    body: &[u8],
-    max_topic_bytes: usize,
-) -> Result<(String, Vec<String>), String> {
+fn parse_registration(body: &[u8], bounds: Bounds) -> Result<(String, Vec<String>), String> {
+    let max_topic_bytes = bounds.topic_bytes;
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
     let user = value
         .get("user_id")
         .and_then(message::user_id_from_json)
         .ok_or("`user_id` is required: a non-empty string or an integer")?;
+    message::check_name(&user, "user_id", bounds.name_bytes).map_err(|e| e.to_string())?;
     let mut topics = Vec::new();
     match value.get("topics") {
         None | Some(serde_json::Value::Null) => {}
@@ -515,19 +570,30 @@ fn parse_registration(
 mod tests {
     use super::*;
 
+    const B: Bounds = Bounds {
+        topic_bytes: 16,
+        name_bytes: 16,
+    };
+
     #[test]
     fn registration_bodies_are_validated() {
         assert_eq!(
-            parse_registration(br#"{"user_id":"u1"}"#, 16).unwrap(),
+            parse_registration(br#"{"user_id":"u1"}"#, B).unwrap(),
             ("u1".into(), vec![])
         );
         assert_eq!(
-            parse_registration(br#"{"user_id":42,"topics":["a","a","b"]}"#, 16).unwrap(),
+            parse_registration(br#"{"user_id":42,"topics":["a","a","b"]}"#, B).unwrap(),
             ("42".into(), vec!["a".into(), "b".into()])
         );
-        assert!(parse_registration(br#"{"topics":[]}"#, 16).is_err());
-        assert!(parse_registration(br#"{"user_id":"u","topics":"a"}"#, 16).is_err());
-        assert!(parse_registration(br#"{"user_id":"u","topics":[""]}"#, 16).is_err());
-        assert!(parse_registration(b"nope", 16).is_err());
+        assert!(parse_registration(br#"{"topics":[]}"#, B).is_err());
+        assert!(parse_registration(br#"{"user_id":"u","topics":"a"}"#, B).is_err());
+        assert!(parse_registration(br#"{"user_id":"u","topics":[""]}"#, B).is_err());
+        assert!(parse_registration(b"nope", B).is_err());
+        let long = format!(r#"{{"user_id":"{}"}}"#, "u".repeat(17));
+        assert_eq!(
+            parse_registration(long.as_bytes(), B).unwrap_err(),
+            "field `user_id` must be a non-empty string of at most 16 bytes",
+            "a user id is kept as long as its registration: bounded"
+        );
     }
 }
