@@ -88,15 +88,19 @@ pub struct Limits {
     /// Client registrations kept in memory (each shard holds all of them).
     /// Default 100,000; past it `POST /register` gets 503.
     pub max_registrations: usize,
+    /// Bytes the registrations hold together (ids, user ids, topics and
+    /// their table entries). Default 64 MiB; past it `POST /register` gets
+    /// 503.
+    pub max_registration_bytes: usize,
     /// Bytes of stream history one shard keeps for the topics it is home
     /// to, across all of them. Default 64 MiB; past it the oldest
     /// publications are evicted first, whatever their topic.
     pub max_history_bytes: usize,
     /// Streams one shard keeps as their home (each holds an epoch, an
-    /// offset and its history). Default 100,000 (about 30 MB of their own
-    /// bookkeeping with 64-byte names); past it a publish that would start
-    /// a new stream gets 503 and a subscribe to one an `error`. Streams
-    /// exist only while they have history or a subscriber.
+    /// offset and its history). Default 100,000 (about 1 KB each with a
+    /// short name and one small publication: 100 MB); past it a publish
+    /// that would start a new stream gets 503 and a subscribe to one an
+    /// `error`. Streams exist only while they have history or a subscriber.
     pub max_streams: usize,
     /// Members one presence answer lists (the count is always exact; a
     /// `next` cursor pages through the rest). Default 100, which is also
@@ -136,6 +140,7 @@ impl Default for Limits {
             max_connections: 1_000_000,
             max_topics_per_shard: 1_000_000,
             max_registrations: 100_000,
+            max_registration_bytes: 64 * 1024 * 1024,
             max_history_bytes: 64 * 1024 * 1024,
             max_streams: 100_000,
             max_presence_members: 100,
@@ -348,6 +353,7 @@ struct FileLimits {
     max_connections: Option<usize>,
     max_topics_per_shard: Option<usize>,
     max_registrations: Option<usize>,
+    max_registration_bytes: Option<usize>,
     max_history_bytes: Option<usize>,
     max_streams: Option<usize>,
     max_presence_members: Option<usize>,
@@ -428,6 +434,7 @@ impl Config {
             max_connections,
             max_topics_per_shard,
             max_registrations,
+            max_registration_bytes,
             max_history_bytes,
             max_streams,
             max_presence_members,

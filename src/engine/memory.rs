@@ -34,12 +34,17 @@ const ENTRY_OVERHEAD_BYTES: usize =
     std::mem::size_of::<Entry>() + std::mem::size_of::<(Arc<str>, u64)>();
 
 /// Bytes a stream costs beyond its name and epoch: its table entry (key
-/// and value, with the table's slack), its entry in the expiry index, and
-/// the `Arc` headers of its name and epoch.
+/// and value, twice for the table's slack), its entry in the expiry index
+/// (twice, for the tree's nodes), the smallest buffer its publications
+/// take (four entries), and the headers and rounding of its name's and
+/// epoch's allocations. A model checked against RSS: 20,000 streams of one
+/// 100-byte publication each grew a shard by 992 bytes a stream, where
+/// this and the publication's own count give 890.
 const STREAM_OVERHEAD_BYTES: usize = 2
     * (std::mem::size_of::<Arc<str>>() + std::mem::size_of::<Stream>())
     + 2 * (std::mem::size_of::<DueKey>() + std::mem::size_of::<Arc<str>>())
-    + 2 * 16;
+    + 4 * std::mem::size_of::<Entry>()
+    + 2 * 32;
 
 /// Soonest a stream is looked at again after a look.
 const MIN_RECHECK: Duration = Duration::from_millis(1);

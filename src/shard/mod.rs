@@ -45,6 +45,8 @@ pub struct Shared {
     pub(crate) auth: Arc<Auth>,
     /// Registrations held, counted once across shards for `max_registrations`.
     pub(crate) registrations: Arc<AtomicUsize>,
+    /// Their bytes, counted once across shards for `max_registration_bytes`.
+    pub(crate) registration_bytes: Arc<AtomicUsize>,
     /// `[cluster]`: whether Redis is reachable, and the cluster's counters.
     pub(crate) cluster: Option<Arc<ClusterStatus>>,
 }
@@ -71,6 +73,7 @@ impl Shared {
             channels: Arc::new(channels),
             auth,
             registrations: Arc::new(AtomicUsize::new(0)),
+            registration_bytes: Arc::new(AtomicUsize::new(0)),
             cluster,
         })
     }

@@ -28,7 +28,9 @@ use super::ShardState;
 /// thousands. A dashboard needs one at a time; four allows some overlap.
 const MAX_PRESENCE_PER_CONN: u8 = 4;
 /// Presence queries one shard may have in flight, from all its connections.
-const MAX_PRESENCE_PER_SHARD: usize = 1024;
+/// Each gathers at most two pages of members (about 220 KiB at 100
+/// members of 1 KiB metas), so this bounds them to about 56 MiB.
+const MAX_PRESENCE_PER_SHARD: usize = 256;
 
 /// Where a presence answer goes once every shard has replied.
 pub(crate) enum PresenceThen {

@@ -5,10 +5,11 @@
 //!
 //! Each connection is already bounded (a head, a body, a message), but a
 //! thousand connections each stopping half-way through a 1 MiB body hold
-//! a gigabyte. Past the shard's budget, the connections that have held
-//! partial input longest are closed first (408 over HTTP, close 1008 on a
-//! WebSocket): a slowloris sender is the oldest holder, while a client
-//! sending a large body at speed is not held up by it.
+//! a gigabyte. Past the shard's budget, the partial senders that have been
+//! stalled longest (sent nothing for the longest time while holding
+//! partial input) are closed first (408 over HTTP, close 1008 on a
+//! WebSocket): a slowloris sender is stalled, while a client sending a
+//! large body or a long pipeline at speed keeps moving to the back.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -28,9 +29,9 @@ pub(crate) struct Inbound {
     bytes: usize,
     limit: usize,
     next_seq: u64,
-    /// Connections holding partial input, the longest-holding first.
+    /// Connections holding partial input, the longest stalled first.
     holders: BTreeSet<(u64, ConnKey)>,
-    /// When each holder started holding, as a place in `holders`.
+    /// When each holder last sent something, as a place in `holders`.
     since: HashMap<ConnKey, u64>,
 }
 
@@ -50,23 +51,25 @@ impl Inbound {
         self.bytes
     }
 
-    /// Records that `key` holds `held` bytes where it held `before`.
-    fn recharge(&mut self, key: ConnKey, before: usize, held: usize) {
+    /// Records that `key` holds `held` bytes where it held `before`; one
+    /// that `sent` something moves to the back of the stalled order.
+    fn recharge(&mut self, key: ConnKey, before: usize, held: usize, sent: bool) {
         debug_assert!(before <= self.bytes, "released more than was charged");
         self.bytes = self.bytes - before + held;
-        match (before, held) {
-            (0, 0) => {}
-            (0, _) => {
-                self.next_seq += 1;
-                self.holders.insert((self.next_seq, key));
-                self.since.insert(key, self.next_seq);
-            }
-            (_, 0) => {
-                if let Some(seq) = self.since.remove(&key) {
-                    self.holders.remove(&(seq, key));
-                }
-            }
-            _ => {}
+        let stalled_since = (before > 0)
+            .then(|| self.since.get(&key).copied())
+            .flatten();
+        if held > 0 && stalled_since.is_some() && !sent {
+            return;
+        }
+        if let Some(seq) = stalled_since {
+            self.holders.remove(&(seq, key));
+            self.since.remove(&key);
+        }
+        if held > 0 {
+            self.next_seq += 1;
+            self.holders.insert((self.next_seq, key));
+            self.since.insert(key, self.next_seq);
         }
     }
 
@@ -80,10 +83,10 @@ impl Inbound {
 }
 
 impl ShardState {
-    /// Charges connection `key`'s partial input after a read; past the
-    /// shard's inbound budget, closes the longest-holding partial senders
-    /// until it is within it again.
-    pub(super) fn charge_input(&mut self, key: ConnKey) {
+    /// Charges connection `key`'s partial input after a read (`sent`: it
+    /// had sent something); past the shard's inbound budget, closes the
+    /// longest-stalled partial senders until it is within it again.
+    pub(super) fn charge_input(&mut self, key: ConnKey, sent: bool) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -93,7 +96,8 @@ impl ShardState {
         };
         let held = u32::try_from(conn.inbuf.capacity() + decoder).unwrap_or(u32::MAX);
         let before = std::mem::replace(&mut conn.held_input, held);
-        self.inbound.recharge(key, before as usize, held as usize);
+        self.inbound
+            .recharge(key, before as usize, held as usize, sent);
         while let Some(oldest) = self.inbound.over_budget() {
             self.evict_partial(oldest);
         }
@@ -113,11 +117,11 @@ impl ShardState {
             Phase::WebSocket(ws) => ws.decoder = FrameDecoder::new(ws.decoder.limits()),
         }
         let before = std::mem::take(&mut conn.held_input);
-        self.inbound.recharge(key, before as usize, 0);
+        self.inbound.recharge(key, before as usize, 0, false);
     }
 
-    /// Closes a connection that has held partial input longest while the
-    /// shard is over its inbound budget.
+    /// Closes the longest-stalled partial sender while the shard is over
+    /// its inbound budget.
     fn evict_partial(&mut self, key: ConnKey) {
         ShardStats::add(&self.stats().inbound_evictions_total, 1);
         let (websocket, open) = match self.conns.get(key) {

@@ -53,7 +53,7 @@ impl ShardState {
     /// the shard's inbound budget.
     pub(super) fn on_input(&mut self, key: ConnKey, data: &[u8]) {
         self.read_input(key, data);
-        self.charge_input(key);
+        self.charge_input(key, !data.is_empty());
     }
 
     fn read_input(&mut self, key: ConnKey, data: &[u8]) {

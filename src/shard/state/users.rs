@@ -233,36 +233,33 @@ impl ShardState {
                 "cluster unavailable: registrations are kept in Redis",
             ));
         }
-        if !self.reserve_registration() {
-            let max = self.config().limits.max_registrations;
-            return Some(error_json(
-                503,
-                &format!("registration limit of {max} reached"),
-            ));
+        let topics: Arc<[String]> = topics.into();
+        let user: Arc<str> = user.into();
+        let registration = Registration {
+            user: user.clone(),
+            topics: topics.clone(),
+            origin: self.id,
+        };
+        // Ids are fixed-length hex, so the bytes are known before the id.
+        let bytes = registration.bytes(&"0".repeat(2 * REGISTRATION_ID_BYTES));
+        if let Err(refusal) = self.reserve_registration(bytes) {
+            return Some(error_json(503, &refusal));
         }
         let id: Arc<str> = match self.new_registration_id() {
             Ok(id) => id.into(),
             Err(e) => {
-                self.release_registration();
+                self.release_registration(bytes);
                 return Some(error_json(500, &format!("no randomness for an id: {e}")));
             }
         };
+        debug_assert_eq!(registration.bytes(&id), bytes);
         let host = request
             .header("host")
             .filter(|h| !h.is_empty() && !h.contains(['/', ' ']));
         let host = host.map_or_else(|| self.config().listen.to_string(), str::to_string);
         let body =
             serde_json::json!({"id": &*id, "url": format!("ws://{host}/ws/{id}")}).to_string();
-        let topics: Arc<[String]> = topics.into();
-        let user: Arc<str> = user.into();
-        self.users_state.registry.insert(
-            id.clone(),
-            Registration {
-                user: user.clone(),
-                topics: topics.clone(),
-                origin: self.id,
-            },
-        );
+        self.users_state.registry.insert(id.clone(), registration);
         let response = Response::json(201, body).keep_alive(request.keep_alive());
         self.broadcast_with_ack(key, response, |ticket| Envelope::Register {
             ticket,
@@ -272,22 +269,43 @@ impl ShardState {
         })
     }
 
-    /// Counts a new registration against `max_registrations` across all
-    /// shards. A shared atomic, not a message: registrations are rare, and a
-    /// per-shard check let concurrent registrations on different shards pass
-    /// the limit.
-    fn reserve_registration(&self) -> bool {
-        let max = self.config().limits.max_registrations;
-        self.shared
-            .registrations
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
+    /// Counts a new registration of `bytes` against `max_registrations` and
+    /// `max_registration_bytes` across all shards, or says which is full.
+    /// Shared atomics, not messages: registrations are rare, and a
+    /// per-shard check let concurrent registrations on different shards
+    /// pass the limit.
+    fn reserve_registration(&self, bytes: usize) -> Result<(), String> {
+        let limits = &self.config().limits;
+        let (max, max_bytes) = (limits.max_registrations, limits.max_registration_bytes);
+        let counted =
+            self.shared
+                .registrations
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                });
+        if counted.is_err() {
+            return Err(format!("registration limit of {max} reached"));
+        }
+        let sized =
+            self.shared
+                .registration_bytes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n + bytes <= max_bytes).then_some(n + bytes)
+                });
+        if sized.is_err() {
+            self.shared.registrations.fetch_sub(1, Ordering::AcqRel);
+            return Err(format!(
+                "registrations hold their limit of {max_bytes} bytes"
+            ));
+        }
+        Ok(())
     }
 
-    fn release_registration(&self) {
+    fn release_registration(&self, bytes: usize) {
         self.shared.registrations.fetch_sub(1, Ordering::AcqRel);
+        self.shared
+            .registration_bytes
+            .fetch_sub(bytes, Ordering::AcqRel);
     }
 
     /// Forgets registration `id` here; the shard that created it gives its
@@ -295,7 +313,7 @@ impl ShardState {
     fn forget_registration(&mut self, id: &str) -> Option<Arc<str>> {
         let (id, registration) = self.users_state.registry.remove_entry(id)?;
         if registration.origin == self.id {
-            self.release_registration();
+            self.release_registration(registration.bytes(&id));
         }
         Some(id)
     }
