@@ -908,3 +908,73 @@ fn a_recovery_asked_while_redis_is_down_is_answered_not_recovered() {
         "where node a last saw the stream"
     );
 }
+
+#[test]
+fn through_redis_a_long_history_and_a_long_recovery_go_out_in_pages_and_reads_store_nothing() {
+    // A 16 KiB budget: pages of 4 KiB for a replay, 8 KiB over HTTP.
+    let config = format!("{CONFIG}\n[limits]\nmax_outbound_bytes_per_connection = 16384\n");
+    let cluster = Cluster::start_with(RedisServer::start(), &config);
+    let nodes = cluster.nodes();
+    let pad = "x".repeat(1000);
+    let mut now = None;
+    for n in 1..=60u64 {
+        let (_, node) = nodes[n as usize % 3];
+        now = Some(publish(node, "feed:long", &json!({"n":n,"pad":pad})));
+    }
+    let now = now.unwrap();
+
+    // Over HTTP, on every node: pages that each name the next, 60 in all.
+    for (name, node) in nodes {
+        let mut since = 0;
+        let mut seen = Vec::new();
+        loop {
+            let (status, page) = history(node, "feed:long", &format!("?since={since}"));
+            assert_eq!(status, 200, "node {name}: {page}");
+            let publications = page["publications"].as_array().unwrap();
+            assert!(
+                publications.len() < 60,
+                "node {name} answered one page of all"
+            );
+            seen.extend(publications.iter().map(|p| p["offset"].as_u64().unwrap()));
+            match page["next"].as_u64() {
+                Some(next) => since = next,
+                None => break,
+            }
+        }
+        assert_eq!(seen, (1..=60).collect::<Vec<_>>(), "node {name}");
+    }
+
+    // A recovery of all 60 (60 KB against a 16 KiB budget), on another node
+    // than most publishes, arrives whole and in order, then live ones.
+    let (_, c) = nodes[2];
+    let mut ws = c.ws("/ws");
+    let reply = open(
+        &mut ws,
+        "feed:long",
+        Some(&Position {
+            offset: 0,
+            epoch: now.epoch.clone(),
+        }),
+    );
+    assert_eq!(reply["recovered"], true, "{reply}");
+    let live = publish(nodes[0].1, "feed:long", &json!({"n":61,"pad":pad}));
+    assert_eq!(live.offset, 61);
+    let got = pushes(&mut ws, "the recovering client", 61);
+    assert_eq!(offsets(&got), (1..=61).collect::<Vec<_>>());
+
+    // A read of a stream nobody published to answers offset 0 of no epoch
+    // and leaves no key in Redis.
+    let (status, body) = history(nodes[1].1, "feed:never", "?since=0");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["offset"].as_u64(), body["epoch"].as_str()),
+        (Some(0), Some(""))
+    );
+    assert_eq!(
+        cluster
+            .redis
+            .cmd(&["EXISTS", "ringcast-test:s:{feed:never}:meta"]),
+        "0",
+        "a read stored the stream's meta"
+    );
+}

@@ -79,9 +79,11 @@ return {offset, epoch}
 
 /// Returns `{epoch, offset, first offset kept (offset + 1 if none), entries,
 /// latest}`: entries after ARGV[3] (up to ARGV[4]; none when it is -1) and
-/// the latest ARGV[5], newest first. A stream without meta is created with
-/// epoch ARGV[1] when ARGV[6] is 1 (a holder opens it); a read alone
-/// (ARGV[6] 0) answers offset 0 of no epoch and stores nothing.
+/// the latest ARGV[5], newest first. ARGV[3] of -2 reads the window of the
+/// latest ARGV[5] from its start instead (up to ARGV[4] of it, no latest).
+/// A stream without meta is created with epoch ARGV[1] when ARGV[6] is 1
+/// (a holder opens it); a read alone (ARGV[6] 0) answers offset 0 of no
+/// epoch and stores nothing.
 const READ_SCRIPT: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
@@ -96,16 +98,29 @@ local first = offset + 1
 local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 if #head > 0 then first = tonumber(string.match(head[1][1], '^(%d+)')) end
 local entries = {}
+local latest = {}
 local since = tonumber(ARGV[3])
+if since == -2 then
+  since = math.max(first - 1, offset - tonumber(ARGV[5]))
+elseif tonumber(ARGV[5]) > 0 then
+  latest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[5])
+end
 if since >= 0 then
   entries = redis.call('XRANGE', KEYS[2], '(' .. since .. '-1', '+', 'COUNT', ARGV[4])
 end
-local latest = {}
-if tonumber(ARGV[5]) > 0 then
-  latest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[5])
-end
 return {epoch, offset, first, entries, latest}
 "#;
+
+/// Where a read of a stream's log starts.
+#[derive(Debug, Clone, Copy)]
+enum ReadFrom {
+    /// No entries, only the position (and the latest, if asked).
+    Nowhere,
+    /// After this offset.
+    After(u64),
+    /// At the start of the window of the latest this many.
+    Window(usize),
+}
 
 /// Publications read from the log per page of a replay or history answer:
 /// the page's bytes usually end it first, and a read never carries a whole
@@ -416,13 +431,13 @@ impl Broker {
         }
     }
 
-    /// Starts a read of `topic`'s log: after `since` (up to `limit`), and
-    /// the latest `latest`. A holder's read (`create`) starts the stream if
-    /// Redis has none; a plain read stores nothing.
+    /// Starts a read of `topic`'s log: up to `limit` entries from where
+    /// `from` says, and the latest `latest`. A holder's read (`create`)
+    /// starts the stream if Redis has none; a plain read stores nothing.
     fn read(
         &self,
         topic: &str,
-        since: Option<u64>,
+        from: ReadFrom,
         limit: usize,
         latest: usize,
         create: bool,
@@ -431,10 +446,15 @@ impl Broker {
         let client = self.publisher.clone();
         let done = self.stream_done.clone();
         let keys = keys(&self.prefix, topic);
+        let (since, latest) = match from {
+            ReadFrom::Nowhere => (-1, latest),
+            ReadFrom::After(offset) => (i128::from(offset), latest),
+            ReadFrom::Window(window) => (-2, window),
+        };
         let args = vec![
             os_epoch().to_string(),
             META_TTL.as_millis().to_string(),
-            since.map_or("-1".to_string(), |s| s.to_string()),
+            since.to_string(),
             limit.to_string(),
             latest.to_string(),
             u8::from(create).to_string(),
@@ -472,15 +492,12 @@ impl Broker {
             let recovered = opening.since.as_ref().map(|_| false);
             return self.answer_open_from_last_seen(opening, recovered);
         }
-        let since_offset = since.as_ref().map(|(offset, _)| *offset);
-        self.read(
-            &topic,
-            since_offset,
-            READ_PAGE,
-            replay,
-            true,
-            move |result| StreamDone::Opened { opening, result },
-        );
+        let from = since
+            .as_ref()
+            .map_or(ReadFrom::Nowhere, |(offset, _)| ReadFrom::After(*offset));
+        self.read(&topic, from, READ_PAGE, replay, true, move |result| {
+            StreamDone::Opened { opening, result }
+        });
     }
 
     pub(super) fn on_stream_opened(&mut self, opening: Opening, result: Result<Read, String>) {
@@ -599,19 +616,23 @@ impl Broker {
             let answer = error_json(503, "cluster unavailable: history lives in Redis");
             return self.reply(from, ticket, answer);
         }
-        let latest = if since.is_none() { limit } else { 0 };
+        let start = since.map_or(ReadFrom::Window(limit), ReadFrom::After);
         let t = topic.clone();
-        let limit = limit.min(READ_PAGE);
-        self.read(&topic, since, limit, latest, false, move |result| {
-            StreamDone::Queried {
+        self.read(
+            &topic,
+            start,
+            limit.min(READ_PAGE),
+            0,
+            false,
+            move |result| StreamDone::Queried {
                 from,
                 ticket,
                 topic: t,
                 since,
                 epoch,
                 result,
-            }
-        });
+            },
+        );
     }
 
     pub(super) fn on_stream_queried(
@@ -642,35 +663,23 @@ impl Broker {
             return self.reply(from, ticket, gone(why, &position));
         }
         let page_bytes = http_page_bytes(&self.shared.config.limits);
-        let page = match since {
-            Some(offset) => {
-                let more = read.continues();
-                Page::of(
-                    None,
-                    position,
-                    offset,
-                    publications(read.entries),
-                    more,
-                    page_bytes,
-                    0,
-                )
-            }
-            None => {
-                let after = read
-                    .latest
-                    .first()
-                    .map_or(0, |(at, _)| at.saturating_sub(1));
-                Page::of(
-                    None,
-                    position,
-                    after,
-                    publications(read.latest),
-                    false,
-                    page_bytes,
-                    0,
-                )
-            }
-        };
+        // From `since`, or from the start of the window of the latest
+        // `limit`: a page of it either way, naming the next when cut.
+        let after = since.unwrap_or_else(|| {
+            read.entries
+                .first()
+                .map_or(read.offset, |(at, _)| at.saturating_sub(1))
+        });
+        let more = read.continues();
+        let page = Page::of(
+            None,
+            position,
+            after,
+            publications(read.entries),
+            more,
+            page_bytes,
+            0,
+        );
         self.reply(from, ticket, history_found(topic, &page));
     }
 
@@ -716,9 +725,14 @@ impl Broker {
         state.filling = true;
         let last = state.last;
         let t = topic.clone();
-        self.read(topic, Some(last), READ_PAGE, 0, true, move |result| {
-            StreamDone::Filled { topic: t, result }
-        });
+        self.read(
+            topic,
+            ReadFrom::After(last),
+            READ_PAGE,
+            0,
+            true,
+            move |result| StreamDone::Filled { topic: t, result },
+        );
     }
 
     pub(super) fn on_stream_filled(&mut self, topic: Arc<str>, result: Result<Read, String>) {

@@ -30,6 +30,7 @@ use crate::metrics::ShardStats;
 use crate::protocol::message::{self, Since};
 use crate::shard::key::ConnKey;
 
+use super::conn::Closing;
 use super::names::NameId;
 use super::{Command, ShardState};
 
@@ -231,6 +232,10 @@ impl ShardState {
         mark_through: u64,
         was_running: bool,
     ) {
+        debug_assert!(
+            !page.more || !page.frames.is_empty(),
+            "a page that asks for more must carry something, or the replay never ends"
+        );
         ShardStats::add(
             &self.stats().stream_replayed_total,
             page.frames.len() as u64,
@@ -283,16 +288,21 @@ impl ShardState {
     }
 
     /// Starts the connection's next waiting replay, if any, once it drains.
+    /// A closing connection's replays are dropped with its subscriptions.
     fn start_next_replay(&mut self, key: ConnKey) {
+        let open = self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.closing == Closing::No);
         let Some(replays) = self.streams.replays.get_mut(&key) else {
             return;
         };
         match replays.waiting.pop_front() {
-            Some(next) => {
+            Some(next) if open => {
                 replays.running = Some((next, false));
                 self.commands.push(Command::WatchDrain(key));
             }
-            None => {
+            _ => {
                 self.streams.replays.remove(&key);
             }
         }
