@@ -33,6 +33,9 @@ pub fn run_request(data: &[u8]) -> Result<(), String> {
     config.limits.max_outbound_bytes_per_connection = 4096;
     config.limits.max_inbound_bytes_per_shard = 2048;
     config.limits.max_streams = 4;
+    // A request moves a few envelopes; the default 65,536-slot queues
+    // would cost every run a few megabytes to allocate.
+    config.limits.bus_queue_capacity = 64;
     if flags & 1 == 1 {
         config.auth.api_key = Some("key".into());
     }

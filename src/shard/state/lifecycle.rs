@@ -253,6 +253,19 @@ impl ShardState {
 fn check_memory(state: &ShardState) -> Result<(), String> {
     let limits = &state.config().limits;
     let memory = state.memory();
+    for (key, conn) in state.conns.iter() {
+        let decoder = match &conn.phase {
+            Phase::Http(http) => http.decoder.held_bytes(),
+            Phase::WebSocket(ws) => ws.decoder.held_bytes(),
+        };
+        let actual = u32::try_from(conn.inbuf.capacity() + decoder).unwrap_or(u32::MAX);
+        if actual != conn.held_input {
+            return Err(format!(
+                "connection {key:?} holds {actual} bytes of input but is charged {}",
+                conn.held_input
+            ));
+        }
+    }
     let held: usize = state.conns.iter().map(|(_, c)| c.held_input as usize).sum();
     let parked: usize = state
         .conns
