@@ -198,6 +198,16 @@ fn closed_with(stream: &TcpStream, first: impl Fn(&[u8; 12]) -> bool) -> bool {
     }
 }
 
+/// Every shard's partial input is within its budget.
+fn inbound_within_budget() {
+    for held in per_shard("memory_inbound_bytes") {
+        assert!(
+            held <= INBOUND_BUDGET as u64,
+            "{held} bytes held on a shard"
+        );
+    }
+}
+
 fn per_shard(name: &str) -> Vec<u64> {
     (0..2).map(|s| server().shard_metric(name, s)).collect()
 }
@@ -621,12 +631,7 @@ fn stalled_partial_bodies_are_bounded_by_the_shards_inbound_budget() {
         .filter(|s| closed_with(s, |head| head == b"HTTP/1.1 408"))
         .count();
     assert!(closed >= 24, "{closed} of 36 stalled senders were closed");
-    for held in per_shard("memory_inbound_bytes") {
-        assert!(
-            held <= INBOUND_BUDGET as u64,
-            "{held} bytes held on a shard"
-        );
-    }
+    inbound_within_budget();
     assert!(metric("inbound_evictions_total") >= evicted + 24);
     still_healthy();
 }
@@ -663,12 +668,7 @@ fn stalled_partial_websocket_messages_are_bounded_too() {
         closed >= 100,
         "{closed} of 400 stalled messages were closed"
     );
-    for held in per_shard("memory_inbound_bytes") {
-        assert!(
-            held <= INBOUND_BUDGET as u64,
-            "{held} bytes held on a shard"
-        );
-    }
+    inbound_within_budget();
     assert!(metric("inbound_evictions_total") >= evicted + 100);
     still_healthy();
 }
