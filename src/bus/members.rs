@@ -89,8 +89,8 @@ impl Members {
     }
 
     /// The member objects, in order.
-    pub fn objects(&self) -> Vec<String> {
-        self.list.iter().map(|(_, json)| json.clone()).collect()
+    pub fn objects(&self) -> impl Iterator<Item = &str> + Clone {
+        self.list.iter().map(|(_, json)| json.as_str())
     }
 }
 

@@ -196,6 +196,7 @@ impl Read {
     }
 }
 
+/// Log entries as the engine's publications.
 fn publications(entries: Vec<(u64, Bytes)>) -> impl Iterator<Item = Publication> {
     entries
         .into_iter()
@@ -555,12 +556,12 @@ impl Broker {
                     read.entries.into_iter().chain(newer).collect()
                 };
                 let after = *offset;
-                let fresh = entries.into_iter().filter(|(at, _)| *at > after);
+                let fresh = publications(entries).filter(|p| p.offset > after);
                 let page = Page::of(
                     Some(true),
                     position,
                     after,
-                    publications(fresh.collect()),
+                    fresh,
                     more,
                     page_bytes,
                     opening.mark_through,
@@ -569,20 +570,8 @@ impl Broker {
             }
         }
         let recovered = opening.since.as_ref().map(|_| false);
-        let latest = latest(read.latest, newer, opening.replay);
-        let after = latest
-            .first()
-            .map_or(position.offset, |(at, _)| at.saturating_sub(1));
-        let through = position.offset;
-        let page = Page::of(
-            recovered,
-            position,
-            after,
-            publications(latest),
-            false,
-            page_bytes,
-            through,
-        );
+        let latest = publications(latest(read.latest, newer, opening.replay)).collect();
+        let page = Page::last_values(recovered, position, latest, page_bytes);
         self.answer_open(opening, page)
     }
 
@@ -591,7 +580,7 @@ impl Broker {
     fn answer_open_from_last_seen(&mut self, opening: Opening, recovered: Option<bool>) {
         let state = self.streams.entry(opening.topic.clone()).or_default();
         let position = state.position();
-        let page = Page::of(recovered, position, 0, Vec::new(), false, 0, 0);
+        let page = Page::empty(recovered, position);
         self.answer_open(opening, page);
     }
 
@@ -665,21 +654,12 @@ impl Broker {
         let page_bytes = http_page_bytes(&self.shared.config.limits);
         // From `since`, or from the start of the window of the latest
         // `limit`: a page of it either way, naming the next when cut.
-        let after = since.unwrap_or_else(|| {
-            read.entries
-                .first()
-                .map_or(read.offset, |(at, _)| at.saturating_sub(1))
-        });
         let more = read.continues();
-        let page = Page::of(
-            None,
-            position,
-            after,
-            publications(read.entries),
-            more,
-            page_bytes,
-            0,
-        );
+        let entries = publications(read.entries).collect();
+        let page = match since {
+            Some(offset) => Page::of(None, position, offset, entries, more, page_bytes, 0),
+            None => Page::window(position, entries, more, page_bytes),
+        };
         self.reply(from, ticket, history_found(topic, &page));
     }
 

@@ -91,6 +91,11 @@ impl Stream {
         }
     }
 
+    /// Nothing kept, and no publication for a whole TTL.
+    fn is_idle(&self, now: Instant) -> bool {
+        self.entries.is_empty() && now.saturating_duration_since(self.touched) >= self.history.ttl
+    }
+
     fn meta_bytes(&self, topic: &str) -> usize {
         STREAM_OVERHEAD_BYTES + topic.len() + self.epoch.len()
     }
@@ -246,9 +251,7 @@ impl MemoryEngine {
     /// Whether a stream nobody holds may be forgotten now: never published
     /// to, or nothing kept and idle for its TTL.
     fn forgettable(stream: &Stream, now: Instant) -> bool {
-        stream.offset == 0
-            || (stream.entries.is_empty()
-                && now.saturating_duration_since(stream.touched) >= stream.history.ttl)
+        stream.offset == 0 || stream.is_idle(now)
     }
 }
 
@@ -410,8 +413,7 @@ impl StreamEngine for MemoryEngine {
                 debug_assert!(false, "a due entry outlived its stream");
                 continue;
             };
-            let idle = stream.entries.is_empty()
-                && now.saturating_duration_since(stream.touched) >= stream.history.ttl;
+            let idle = stream.is_idle(now);
             if idle && !held(&topic) {
                 self.forget(&topic);
                 continue;

@@ -164,6 +164,47 @@ impl Page {
         page
     }
 
+    /// A stream's latest values as the page a subscriber starts with, all
+    /// of them last values (marked), following the offset before the first.
+    pub fn last_values(
+        recovered: Option<bool>,
+        position: Position,
+        latest: Vec<Publication>,
+        max_bytes: usize,
+    ) -> Page {
+        let after = Page::offset_before(&latest, position.offset);
+        let through = position.offset;
+        Page::of(
+            recovered, position, after, latest, false, max_bytes, through,
+        )
+    }
+
+    /// A window of history read from its start (the latest `limit` of a
+    /// history query): `more` if it goes on past the publications given.
+    pub fn window(
+        position: Position,
+        publications: Vec<Publication>,
+        more: bool,
+        max_bytes: usize,
+    ) -> Page {
+        let after = Page::offset_before(&publications, position.offset);
+        Page::of(None, position, after, publications, more, max_bytes, 0)
+    }
+
+    /// Nothing to send: a subscriber goes live at `position` at once.
+    pub fn empty(recovered: Option<bool>, position: Position) -> Page {
+        let after = position.offset;
+        Page::of(recovered, position, after, Vec::new(), false, 0, 0)
+    }
+
+    /// The offset publications follow: the one before the first, or
+    /// `otherwise` when there are none.
+    fn offset_before(publications: &[Publication], otherwise: u64) -> u64 {
+        publications
+            .first()
+            .map_or(otherwise, |p| p.offset.saturating_sub(1))
+    }
+
     /// The frames' total bytes.
     pub fn bytes(&self) -> usize {
         self.frames.iter().map(Bytes::len).sum()

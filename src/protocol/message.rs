@@ -729,8 +729,13 @@ pub fn replayed(push_frame: &[u8]) -> Option<Bytes> {
 
 /// `{"type":"presence","topic":T,"count":N,"members":M}` as a text frame;
 /// `members_json` must be a JSON array (empty is sent as `[]`).
-pub fn presence(topic: &str, count: usize, members: &[String], next: Option<&str>) -> Bytes {
-    let hint = 64 + topic.len() + members.iter().map(|m| m.len() + 1).sum::<usize>();
+pub fn presence<'a>(
+    topic: &str,
+    count: usize,
+    members: impl Iterator<Item = &'a str> + Clone,
+    next: Option<&str>,
+) -> Bytes {
+    let hint = 64 + topic.len() + members.clone().map(|m| m.len() + 1).sum::<usize>();
     frame::text_with(hint, |out| {
         out.extend_from_slice(b"{\"type\":\"presence\",\"topic\":");
         write_json_str(out, topic);
@@ -750,11 +755,16 @@ fn or_default<'a>(json: &'a str, default: &'a str) -> &'a str {
 
 /// `"count":N,"members":[..]` and, when more members follow, `"next":C`:
 /// the fields of a presence answer, over HTTP and on a WebSocket.
-pub fn write_members(out: &mut Vec<u8>, count: usize, members: &[String], next: Option<&str>) {
+pub fn write_members<'a>(
+    out: &mut Vec<u8>,
+    count: usize,
+    members: impl Iterator<Item = &'a str>,
+    next: Option<&str>,
+) {
     out.extend_from_slice(b"\"count\":");
     write_decimal(out, count as u64);
     out.extend_from_slice(b",\"members\":[");
-    for (i, member) in members.iter().enumerate() {
+    for (i, member) in members.enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -1105,16 +1115,13 @@ mod tests {
             json_of(&push("t", "e", "")),
             serde_json::json!({"type":"push","topic":"t","event":"e","payload":null})
         );
-        let members = [
-            r#"{"conn_id":1}"#.to_string(),
-            r#"{"conn_id":2}"#.to_string(),
-        ];
+        let members = [r#"{"conn_id":1}"#, r#"{"conn_id":2}"#];
         assert_eq!(
-            json_of(&presence("t", 2, &members, None)),
+            json_of(&presence("t", 2, members.into_iter(), None)),
             serde_json::json!({"type":"presence","topic":"t","count":2,"members":[{"conn_id":1},{"conn_id":2}]})
         );
         assert_eq!(
-            json_of(&presence("t", 5, &members, Some("0-2-1"))),
+            json_of(&presence("t", 5, members.into_iter(), Some("0-2-1"))),
             serde_json::json!({"type":"presence","topic":"t","count":5,"members":[{"conn_id":1},{"conn_id":2}],"next":"0-2-1"})
         );
         let big = push("t", "e", &format!("\"{}\"", "y".repeat(300)));

@@ -447,17 +447,16 @@ impl ShardState {
                 if let Some(Deferred::Presence { keep_alive }) = parked {
                     let mut body = Vec::with_capacity(64);
                     body.push(b'{');
-                    let objects = members.objects();
-                    message::write_members(&mut body, members.count, &objects, members.next());
+                    let (count, next) = (members.count, members.next());
+                    message::write_members(&mut body, count, members.objects(), next);
                     body.push(b'}');
                     self.answer_parked(key, Response::json(200, body).keep_alive(keep_alive));
                 }
             }
             PresenceThen::Ws { key } => {
                 self.presence_answered(key);
-                let objects = members.objects();
-                let answer =
-                    message::presence(&wait.topic, members.count, &objects, members.next());
+                let (count, next) = (members.count, members.next());
+                let answer = message::presence(&wait.topic, count, members.objects(), next);
                 self.send(key, answer);
             }
             PresenceThen::Announce { event, user } => {

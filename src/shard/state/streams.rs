@@ -336,18 +336,11 @@ impl ShardState {
             0 => Vec::new(),
             count => self.streams.engine.latest(topic, count, now),
         };
-        let after = latest
-            .first()
-            .map_or(current.offset, |p| p.offset.saturating_sub(1));
-        let through = current.offset;
-        Ok(Page::of(
+        Ok(Page::last_values(
             since.map(|_| false),
             current,
-            after,
             latest,
-            false,
             page_bytes,
-            through,
         ))
     }
 
@@ -366,15 +359,7 @@ impl ShardState {
         });
         let answer = match self.stream_history(topic) {
             Some(history) => self.home_open(topic, &history, since.as_ref(), mark_through),
-            None => Ok(Page::of(
-                since.map(|_| false),
-                Position::empty(),
-                0,
-                Vec::new(),
-                false,
-                0,
-                0,
-            )),
+            None => Ok(Page::empty(since.map(|_| false), Position::empty())),
         };
         self.post_control(
             from,
@@ -482,8 +467,7 @@ impl ShardState {
             }
             None => {
                 let latest = self.streams.engine.latest(topic, query.limit, now);
-                let after = latest.first().map_or(0, |p| p.offset.saturating_sub(1));
-                Page::of(None, current, after, latest, false, page_bytes, 0)
+                Page::window(current, latest, false, page_bytes)
             }
         };
         history_found(topic, &page)

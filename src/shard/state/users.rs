@@ -45,14 +45,15 @@ pub(crate) struct Ticket {
 }
 
 impl Registration {
-    /// Bytes held for it under `id`: the strings, and the table entry.
-    fn bytes(&self, id: &str) -> usize {
+    /// Bytes held for it under an id of `id_len` bytes: the strings, and
+    /// the table entry.
+    fn bytes(&self, id_len: usize) -> usize {
         let topics: usize = self
             .topics
             .iter()
             .map(|t| t.len() + std::mem::size_of::<String>())
             .sum();
-        id.len() + self.user.len() + topics + REGISTRATION_ENTRY_BYTES
+        id_len + self.user.len() + topics + REGISTRATION_ENTRY_BYTES
     }
 }
 
@@ -80,15 +81,15 @@ impl Registry {
     }
 
     fn insert(&mut self, id: Arc<str>, registration: Registration) {
-        self.bytes += registration.bytes(&id);
+        self.bytes += registration.bytes(id.len());
         if let Some(old) = self.by_id.insert(id.clone(), registration) {
-            self.bytes -= old.bytes(&id);
+            self.bytes -= old.bytes(id.len());
         }
     }
 
     fn remove_entry(&mut self, id: &str) -> Option<(Arc<str>, Registration)> {
         let (id, registration) = self.by_id.remove_entry(id)?;
-        let bytes = registration.bytes(&id);
+        let bytes = registration.bytes(id.len());
         debug_assert!(bytes <= self.bytes, "released more than was charged");
         self.bytes -= bytes;
         Some((id, registration))
@@ -241,7 +242,7 @@ impl ShardState {
             origin: self.id,
         };
         // Ids are fixed-length hex, so the bytes are known before the id.
-        let bytes = registration.bytes(&"0".repeat(2 * REGISTRATION_ID_BYTES));
+        let bytes = registration.bytes(2 * REGISTRATION_ID_BYTES);
         if let Err(refusal) = self.reserve_registration(bytes) {
             return Some(error_json(503, &refusal));
         }
@@ -252,7 +253,7 @@ impl ShardState {
                 return Some(error_json(500, &format!("no randomness for an id: {e}")));
             }
         };
-        debug_assert_eq!(registration.bytes(&id), bytes);
+        debug_assert_eq!(registration.bytes(id.len()), bytes);
         let host = request
             .header("host")
             .filter(|h| !h.is_empty() && !h.contains(['/', ' ']));
@@ -313,7 +314,7 @@ impl ShardState {
     fn forget_registration(&mut self, id: &str) -> Option<Arc<str>> {
         let (id, registration) = self.users_state.registry.remove_entry(id)?;
         if registration.origin == self.id {
-            self.release_registration(registration.bytes(&id));
+            self.release_registration(registration.bytes(id.len()));
         }
         Some(id)
     }
