@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::metrics::ShardStats;
 use crate::shard::key::{ConnKey, ConnTable};
 use crate::shard::outbound::{Enqueued, Outbound, SendBuffers, SendPlan};
 use crate::shard::state::{CloseMode, Command, Event, ShardState};
@@ -233,7 +234,12 @@ impl Sim {
         }
         match conn.out.enqueue(bytes, budget, &mut shard.pool) {
             Enqueued::Yes => mark_dirty(&mut shard.dirty, conn, key),
-            Enqueued::OverBudget | Enqueued::OverShardBudget => {
+            over @ (Enqueued::OverBudget | Enqueued::OverShardBudget) => {
+                if over == Enqueued::OverShardBudget {
+                    // Counted where the real driver counts it.
+                    let stats = &self.shared.stats()[s];
+                    ShardStats::add(&stats.shard_outbound_overflows_total, 1);
+                }
                 conn.out.discard_queued(!conn.sent_any, &mut shard.pool);
                 conn.watch_drain = false;
                 conn.lifecycle = Lifecycle::Overflowed { reported: false };

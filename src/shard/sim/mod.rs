@@ -126,7 +126,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::bus::{Envelope, IndexKind, ShardId, ShardSet};
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::hooks::Channels;
 use crate::rules::{History, Pattern, Rule, RuleSet};
 use crate::shard::state::{Command, Event, ShardState};
@@ -157,6 +157,10 @@ pub struct Params {
     pub shards: usize,
     /// `max_outbound_bytes_per_connection`: small, so slow consumers overflow.
     pub outbound_budget: usize,
+    /// `max_outbound_bytes_per_shard`: half to twice a connection's budget
+    /// in one run in four, so the shard's bound closes connections that
+    /// are behind.
+    pub shard_outbound_budget: usize,
     /// Topic names in play (`t0`, `t1`, ...): few, so traffic collides.
     pub topics: usize,
     /// User ids in play (`u0`, ...).
@@ -287,9 +291,16 @@ impl Params {
         };
         // Three runs in four have stream topics besides the plain ones.
         let streams = (pick(4) != 0).then(|| StreamParams::random(choices));
+        let mut pick = |n| choices.below(n);
+        let shard_outbound_budget = if pick(4) == 0 {
+            outbound_budget * (1 + pick(4)) / 2
+        } else {
+            Limits::default().max_outbound_bytes_per_shard
+        };
         Params {
             shards,
             outbound_budget,
+            shard_outbound_budget,
             topics,
             users,
             max_conns,
@@ -311,6 +322,7 @@ impl Params {
         Params {
             shards,
             outbound_budget: 2048,
+            shard_outbound_budget: Limits::default().max_outbound_bytes_per_shard,
             topics: 4,
             users: 3,
             max_conns: 1000,
@@ -495,6 +507,8 @@ pub struct Summary {
     pub obligations: usize,
     /// Connections that went over their outbound budget.
     pub overflows: usize,
+    /// Of those, closed because their shard was over its outbound budget.
+    pub shard_overflows: usize,
     /// The run ended with a graceful shutdown.
     pub shutdown: bool,
     /// The bus dropped publishes (a full queue), so deliveries were not required.
@@ -728,6 +742,7 @@ impl Sim {
             .map_err(|e| e.to_string())?;
         config.pin_cores = false;
         config.limits.max_outbound_bytes_per_connection = params.outbound_budget;
+        config.limits.max_outbound_bytes_per_shard = params.shard_outbound_budget;
         config.limits.bus_queue_capacity = params.bus_capacity;
         config.limits.max_registrations = params.max_registrations;
         config.limits.max_subscriptions_per_connection = MAX_SUBSCRIPTIONS;
@@ -912,6 +927,12 @@ impl Sim {
                 .sum(),
             obligations: self.obligations,
             overflows: self.overflows,
+            shard_overflows: self
+                .shared
+                .stats()
+                .iter()
+                .map(|s| s.shard_outbound_overflows_total.load(Ordering::Relaxed) as usize)
+                .sum(),
             shutdown: self.shutdown_started,
             lossy,
             stream_pushes: self.stream_pushes,
