@@ -232,6 +232,15 @@ pub struct ClusterConfig {
     /// refreshes every third of it): a node that dies stops counting within
     /// this. Default 30 s.
     pub presence_ttl: Duration,
+    /// How long Redis may leave the node's PING unanswered before the node
+    /// counts it as gone: `/health` says `degraded` and publishes for other
+    /// nodes get 503 within this (plus a 200 ms check interval). Default 3 s.
+    pub health_timeout: Duration,
+    /// Bytes of publications waiting for Redis (handed to the broker and
+    /// not yet answered), for the whole node. Default 64 MiB; past it a
+    /// publish for other nodes gets 503 (`cluster busy`) instead of queueing,
+    /// so a stalled Redis cannot grow the node.
+    pub max_queued_bytes: usize,
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -241,6 +250,8 @@ impl fmt::Debug for ClusterConfig {
             .field("node_name", &self.node_name)
             .field("prefix", &self.prefix)
             .field("presence_ttl", &self.presence_ttl)
+            .field("health_timeout", &self.health_timeout)
+            .field("max_queued_bytes", &self.max_queued_bytes)
             .finish()
     }
 }
@@ -307,6 +318,8 @@ struct FileCluster {
     node_name: Option<String>,
     prefix: Option<String>,
     presence_ttl_s: Option<u64>,
+    health_timeout_ms: Option<u64>,
+    max_queued_bytes: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -559,11 +572,25 @@ fn cluster_config(file: FileCluster) -> Result<ClusterConfig, ConfigError> {
             "cluster.presence_ttl_s must be at least 3".into(),
         ));
     }
+    let health_timeout = Duration::from_millis(file.health_timeout_ms.unwrap_or(3000));
+    if health_timeout < Duration::from_millis(500) {
+        return Err(ConfigError::Invalid(
+            "cluster.health_timeout_ms must be at least 500".into(),
+        ));
+    }
+    let max_queued_bytes = file.max_queued_bytes.unwrap_or(64 * 1024 * 1024);
+    if max_queued_bytes < 1024 * 1024 {
+        return Err(ConfigError::Invalid(
+            "cluster.max_queued_bytes must be at least 1 MiB (1048576)".into(),
+        ));
+    }
     Ok(ClusterConfig {
         redis_url: file.redis_url,
         node_name: file.node_name,
         prefix,
         presence_ttl,
+        health_timeout,
+        max_queued_bytes,
     })
 }
 

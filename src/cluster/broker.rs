@@ -44,18 +44,23 @@ use crate::bus::{Bus, Envelope, IndexKind, Outbox, Sent, ShardId, ShardSet};
 use crate::config::{redact_url, ClusterConfig};
 use crate::shard::Shared;
 
+use super::liveness::Liveness;
 use super::presence::{self, PresenceDone};
 use super::registry::{self, RegistryDone};
 use super::streams::{self, PublishJob, StreamDone, StreamState};
+use super::subscriptions::{Change, Plan};
 use super::wire;
 use super::ClusterStatus;
 
 /// Envelopes taken from one shard per wake-up before looking at Redis again.
 const DRAIN_BOUND: usize = 4096;
-/// Publications waiting for Redis; past it they are dropped (counted).
+/// Publications waiting for Redis, by count; the real bound is in bytes
+/// (`cluster.max_queued_bytes`, checked by the shards before queueing).
 const PUBLISH_QUEUE: usize = 65_536;
 /// Most publications in one pipeline.
 const PIPELINE_BATCH: usize = 1024;
+/// Most channel subscription changes in one pipeline.
+const CHANGE_BATCH: usize = 1024;
 /// Messages from Redis the client buffers for the broker before dropping
 /// (counted): a second of a busy node's cross-node traffic.
 const RECEIVE_BUFFER: usize = 65_536;
@@ -154,18 +159,16 @@ pub(super) struct Held {
     waiting: Vec<(ShardId, u64)>,
 }
 
-/// A subscription change for the subscription task, in order.
-struct Op {
-    seq: u64,
-    channel: String,
-    subscribe: bool,
-}
+/// A name of one of the node's indexes: what a channel change is for.
+type Key = (IndexKind, Arc<str>);
 
-/// The subscription task's answer: whether Redis confirmed op `seq`.
-struct OpDone {
-    seq: u64,
-    key: (IndexKind, Arc<str>),
-}
+/// A batch of channel changes for the subscription task, sent on the
+/// connection to Redis numbered `.0`.
+type Batch = (u64, Vec<Change<Key>>);
+
+/// The subscription task's answer to a batch: its connection's number, and
+/// each change with whether Redis confirmed it.
+type BatchDone = (u64, Vec<(Change<Key>, bool)>);
 
 pub(super) struct Broker {
     me: ShardId,
@@ -191,9 +194,23 @@ pub(super) struct Broker {
     stop: Arc<AtomicBool>,
     subscriber: Client,
     pub(super) publisher: Client,
-    ops: mpsc::UnboundedSender<(Op, (IndexKind, Arc<str>))>,
-    op_done: mpsc::UnboundedReceiver<OpDone>,
-    publishes: mpsc::Sender<(String, Bytes)>,
+    /// Channel changes for Redis, coalesced (see `cluster::subscriptions`).
+    plan: Plan<Key>,
+    /// To the subscription task: one batch at a time.
+    batches: mpsc::UnboundedSender<Batch>,
+    /// Connections to Redis so far: a batch's failures on a connection
+    /// that is gone need no resync (the new one asks for everything).
+    connections: u64,
+    batch_done: mpsc::UnboundedReceiver<BatchDone>,
+    /// A change failed, or Redis stopped answering: every held channel is
+    /// asked for again before the node counts as up.
+    resync: bool,
+    /// Whether Redis answers PINGs (see `cluster::liveness`).
+    liveness: Liveness,
+    ping_done: mpsc::UnboundedSender<bool>,
+    ping_done_rx: mpsc::UnboundedReceiver<bool>,
+    /// Channel, message, and the bytes it holds of `max_queued_bytes`.
+    publishes: mpsc::Sender<(String, Bytes, usize)>,
     pub(super) stream_publishes: mpsc::Sender<PublishJob>,
     pub(super) stream_done: mpsc::UnboundedSender<StreamDone>,
     stream_done_rx: mpsc::UnboundedReceiver<StreamDone>,
@@ -206,6 +223,9 @@ pub(super) struct Broker {
     pub(super) presence_ttl: Duration,
     pub(super) presence_done: mpsc::UnboundedSender<PresenceDone>,
     presence_done_rx: mpsc::UnboundedReceiver<PresenceDone>,
+    /// The presence write in flight came back (ok or not).
+    pub(super) presence_written: mpsc::UnboundedSender<bool>,
+    presence_written_rx: mpsc::UnboundedReceiver<bool>,
 }
 
 impl Broker {
@@ -245,9 +265,10 @@ impl Broker {
         subscriber.connect();
         publisher.connect();
 
-        let (ops, ops_rx) = mpsc::unbounded_channel();
-        let (op_done_tx, op_done) = mpsc::unbounded_channel();
-        tokio::spawn(subscriptions(subscriber.clone(), ops_rx, op_done_tx));
+        let (batches, batches_rx) = mpsc::unbounded_channel();
+        let (batch_done_tx, batch_done) = mpsc::unbounded_channel();
+        tokio::spawn(subscriptions(subscriber.clone(), batches_rx, batch_done_tx));
+        let (ping_done, ping_done_rx) = mpsc::unbounded_channel();
         let (publishes, publishes_rx) = mpsc::channel(PUBLISH_QUEUE);
         tokio::spawn(publish(publisher.clone(), publishes_rx, status.clone()));
         let (stream_done, stream_done_rx) = mpsc::unbounded_channel();
@@ -255,6 +276,7 @@ impl Broker {
         let bus = shared.bus.clone();
         let (registry_done, registry_done_rx) = registry::channel();
         let (presence_done, presence_done_rx) = mpsc::unbounded_channel();
+        let (presence_written, presence_written_rx) = mpsc::unbounded_channel();
 
         let mut node = [0u8; 8];
         getrandom::fill(&mut node).map_err(|e| Error::new(ErrorKind::IO, e.to_string()))?;
@@ -273,6 +295,8 @@ impl Broker {
             presence_ttl: config.presence_ttl,
             presence_done,
             presence_done_rx,
+            presence_written,
+            presence_written_rx,
             bus,
             status,
             prefix: config.prefix.clone(),
@@ -285,8 +309,14 @@ impl Broker {
             stop,
             subscriber,
             publisher,
-            ops,
-            op_done,
+            plan: Plan::default(),
+            batches,
+            connections: 0,
+            batch_done,
+            resync: false,
+            liveness: Liveness::new(config.health_timeout),
+            ping_done,
+            ping_done_rx,
             publishes,
         })
     }
@@ -304,7 +334,6 @@ impl Broker {
         let mut connected = self.subscriber.reconnect_rx();
         let mut health = tokio::time::interval(HEALTH_INTERVAL);
         let mut presence_refresh = tokio::time::interval(self.presence_ttl / 3);
-        let mut connections = 0u64;
         loop {
             tokio::select! {
                 ready = waker.readable() => {
@@ -328,21 +357,31 @@ impl Broker {
                 },
                 server = connected.recv() => {
                     if server.is_ok() {
-                        connections += 1;
-                        if connections > 1 {
+                        if self.connections > 0 {
                             ClusterStatus::count(&self.status.stats.reconnects_total);
                         }
                         tracing::info!("cluster: connected to Redis; subscribing {} channels", self.names.len());
                         self.check_version().await;
+                        // A new connection holds no channel.
+                        self.connections += 1;
+                        self.plan.reset();
+                        self.resync = false;
                         self.resubscribe_all();
                     }
                 }
-                Some(done) = self.op_done.recv() => self.on_op_done(done),
+                Some(done) = self.batch_done.recv() => self.on_batch_done(done),
+                Some(ok) = self.ping_done_rx.recv() => {
+                    self.liveness.answer(std::time::Instant::now(), ok);
+                }
                 Some(done) = self.stream_done_rx.recv() => self.on_stream_done(done),
                 Some(done) = self.registry_done_rx.recv() => self.on_registry_done(done),
                 Some(done) = self.presence_done_rx.recv() => self.answer_presence(done),
+                Some(ok) = self.presence_written_rx.recv() => self.on_presence_written(ok),
                 _ = presence_refresh.tick() => self.refresh_presence(),
-                _ = health.tick() => self.check_health(),
+                _ = health.tick() => {
+                    self.ping();
+                    self.check_health();
+                }
             }
             self.outbox.retry_backlog(&self.bus);
             self.outbox.wake_all(&self.bus);
@@ -389,8 +428,34 @@ impl Broker {
         }
     }
 
+    /// Sends a PING if none is on its way: `/health` turns degraded within
+    /// `health_timeout` of Redis not answering, even with its socket open.
+    fn ping(&mut self) {
+        if !self.redis_up() || !self.liveness.ping_due(std::time::Instant::now()) {
+            return;
+        }
+        let client = self.publisher.clone();
+        let done = self.ping_done.clone();
+        tokio::spawn(async move {
+            let ok = client.ping::<Value>(None).await.is_ok();
+            let _ = done.send(ok);
+        });
+    }
+
     fn check_health(&mut self) {
-        let up = self.redis_up() && self.restoring.is_none();
+        let answering = self.redis_up() && self.liveness.alive(std::time::Instant::now());
+        if answering && self.resync && self.restoring.is_none() {
+            // A change failed, or Redis is back from a stall (the
+            // connection held): every held channel is asked for again;
+            // a node coming back counts as up only once they are confirmed.
+            self.resync = false;
+            let restoring = self.restoring;
+            self.resubscribe_all();
+            if self.status.is_up() {
+                self.restoring = restoring;
+            }
+        }
+        let up = answering && self.restoring.is_none();
         if up != self.status.is_up() {
             if up {
                 tracing::info!(
@@ -405,6 +470,7 @@ impl Broker {
                 // Nobody would confirm the subscribes in flight: release
                 // their waiters now; reconnecting subscribes again.
                 self.release_all_waiters();
+                self.resync = true;
             }
             self.status.set_up(up);
             if up {
@@ -464,6 +530,8 @@ impl Broker {
         else {
             return;
         };
+        // Counted by the shard against `max_queued_bytes` until Redis answers.
+        let held = frame.len();
         let message = wire::encode(
             &self.prefix,
             self.node,
@@ -472,10 +540,12 @@ impl Broker {
             topic.as_deref(),
             &frame,
         );
-        let Some(message) = message else {
+        let Some((channel, message)) = message else {
+            self.status.release(held);
             return ClusterStatus::count(&self.status.stats.drops_total);
         };
-        if self.publishes.try_send(message).is_err() {
+        if self.publishes.try_send((channel, message, held)).is_err() {
+            self.status.release(held);
             ClusterStatus::count(&self.status.stats.drops_total);
         }
     }
@@ -535,8 +605,9 @@ impl Broker {
             StreamDone::Published {
                 from,
                 ticket,
+                held,
                 result,
-            } => self.on_stream_published(from, ticket, result),
+            } => self.on_stream_published(from, ticket, held, result),
             StreamDone::Opened { opening, result } => self.on_stream_opened(opening, result),
             StreamDone::Queried {
                 from,
@@ -591,9 +662,10 @@ impl Broker {
                 for (shard, epoch) in held.waiting {
                     self.ack(shard, &key, epoch);
                 }
-                if self.status.is_up() {
-                    self.subscribe(&key, false);
-                }
+                // Planned even while Redis is away: a channel it was asked
+                // for is dropped once it answers; one never asked for costs
+                // nothing.
+                self.subscribe(&key, false);
                 self.count_channels();
             }
         }
@@ -605,36 +677,60 @@ impl Broker {
         self.queue_op(channel, subscribe, key.clone())
     }
 
-    /// Queues a change to `channel` for the subscription task; its answer
-    /// comes back with `key`. Returns the change's sequence number.
-    fn queue_op(&mut self, channel: String, subscribe: bool, key: (IndexKind, Arc<str>)) -> u64 {
+    /// Plans a change to `channel`; its answer comes back with `key`.
+    /// Returns the change's sequence number.
+    fn queue_op(&mut self, channel: String, subscribe: bool, key: Key) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let op = Op {
+        self.plan.change(Change {
             seq,
             channel,
             subscribe,
-        };
-        let _ = self.ops.send((op, key));
+            key,
+        });
+        self.send_changes();
         seq
     }
 
-    fn on_op_done(&mut self, done: OpDone) {
-        if self.restoring.is_some_and(|last| done.seq >= last) {
+    /// Sends the next batch of planned changes if none is in flight.
+    fn send_changes(&mut self) {
+        if let Some(batch) = self.plan.next_batch(CHANGE_BATCH) {
+            let _ = self.batches.send((self.connections, batch));
+        }
+        let waiting = self.plan.waiting() as u64;
+        self.status
+            .stats
+            .changes_waiting
+            .store(waiting, Ordering::Relaxed);
+    }
+
+    fn on_batch_done(&mut self, (connection, done): BatchDone) {
+        self.plan.batch_done();
+        for (change, ok) in done {
+            if !ok && connection == self.connections {
+                self.resync = true;
+            }
+            self.on_change_done(change.seq, change.key);
+        }
+        self.send_changes();
+    }
+
+    fn on_change_done(&mut self, seq: u64, key: Key) {
+        if self.restoring.is_some_and(|last| seq >= last) {
             self.restoring = None;
             self.check_health();
         }
-        let Some(held) = self.names.get_mut(&done.key) else {
+        let Some(held) = self.names.get_mut(&key) else {
             return;
         };
         // An older subscribe's answer does not release waiters of a newer one.
-        if held.pending != Some(done.seq) {
+        if held.pending != Some(seq) {
             return;
         }
         held.pending = None;
         let waiting = std::mem::take(&mut held.waiting);
         for (shard, epoch) in waiting {
-            self.ack(shard, &done.key, epoch);
+            self.ack(shard, &key, epoch);
         }
         self.count_channels();
     }
@@ -750,45 +846,64 @@ fn clone_publication(envelope: &Envelope) -> Envelope {
     }
 }
 
-/// Runs subscription changes one at a time, so they reach Redis in order.
+/// Sends each batch of subscription changes pipelined (the client writes
+/// them without waiting for answers; one change per channel in a batch, so
+/// their order within it does not matter) and answers once all are
+/// confirmed or failed. Batches go one at a time, in order.
 async fn subscriptions(
     client: Client,
-    mut ops: mpsc::UnboundedReceiver<(Op, (IndexKind, Arc<str>))>,
-    done: mpsc::UnboundedSender<OpDone>,
+    mut batches: mpsc::UnboundedReceiver<Batch>,
+    done: mpsc::UnboundedSender<BatchDone>,
 ) {
-    while let Some((op, key)) = ops.recv().await {
-        let result = if op.subscribe {
-            client.ssubscribe(op.channel.clone()).await
-        } else {
-            client.sunsubscribe(op.channel.clone()).await
-        };
-        if let Err(e) = result {
-            // Reconnecting subscribes every held channel again.
-            tracing::debug!(
-                "cluster: {} {} failed: {e}",
-                if op.subscribe {
-                    "SSUBSCRIBE"
+    while let Some((connection, batch)) = batches.recv().await {
+        let results = futures_util::future::join_all(batch.iter().map(|change| {
+            let channel = change.channel.clone();
+            let client = &client;
+            async move {
+                if change.subscribe {
+                    client.ssubscribe(channel).await
                 } else {
-                    "SUNSUBSCRIBE"
-                },
-                op.channel
-            );
-        }
-        let _ = done.send(OpDone { seq: op.seq, key });
+                    client.sunsubscribe(channel).await
+                }
+            }
+        }))
+        .await;
+        let answered = batch
+            .into_iter()
+            .zip(results)
+            .map(|(change, result)| {
+                if let Err(e) = &result {
+                    // Asked again once Redis answers (`resync`).
+                    tracing::debug!(
+                        "cluster: {} {} failed: {e}",
+                        if change.subscribe {
+                            "SSUBSCRIBE"
+                        } else {
+                            "SUNSUBSCRIBE"
+                        },
+                        change.channel
+                    );
+                }
+                (change, result.is_ok())
+            })
+            .collect();
+        let _ = done.send((connection, answered));
     }
 }
 
 /// Sends publications in pipelines, in the order the shards handed them over.
 async fn publish(
     client: Client,
-    mut queue: mpsc::Receiver<(String, Bytes)>,
+    mut queue: mpsc::Receiver<(String, Bytes, usize)>,
     status: Arc<ClusterStatus>,
 ) {
     let mut batch = Vec::with_capacity(PIPELINE_BATCH);
     while queue.recv_many(&mut batch, PIPELINE_BATCH).await > 0 {
         let pipeline = client.pipeline();
         let mut queued = 0u64;
-        for (channel, message) in batch.drain(..) {
+        let mut held = 0;
+        for (channel, message, bytes) in batch.drain(..) {
+            held += bytes;
             let ok: Result<(), Error> = pipeline.spublish(channel, message).await;
             if ok.is_ok() {
                 queued += 1;
@@ -806,6 +921,7 @@ async fn publish(
             .stats
             .drops_total
             .fetch_add(queued.saturating_sub(sent), Ordering::Relaxed);
+        status.release(held);
     }
 }
 

@@ -2,10 +2,12 @@
 //! speaks to Redis and exchanges envelopes with the shards over the bus.
 
 mod broker;
+mod liveness;
 mod presence;
 mod registry;
 mod status;
 mod streams;
+mod subscriptions;
 pub mod wire;
 
 pub use broker::{spawn, BrokerHandle};

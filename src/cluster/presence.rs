@@ -36,15 +36,171 @@ end
 return out
 "#;
 
-/// This node's presence members, per topic: conn id -> meta.
+/// This node's presence members, per topic (conn id -> meta), and the
+/// changes not written to Redis yet.
+///
+/// Plain data: one write is in flight at a time, and changes made while it
+/// flies wait coalesced per member (a join and a leave of a member never
+/// written cancel), so however fast clients come and go the waiting
+/// changes never outnumber the members plus those written and gone; and a
+/// member's writes reach Redis in the order they happened.
 #[derive(Default)]
 pub(super) struct Members {
     topics: HashMap<Arc<str>, HashMap<String, Arc<str>>>,
+    /// Changes not written yet, per topic and member.
+    waiting: HashMap<Arc<str>, HashMap<String, Pending>>,
+    /// Changes waiting, over every topic.
+    waiting_count: usize,
+    /// A write is in flight.
+    writing: bool,
+    /// Every member is to be rewritten whole (the refresh timer, or a
+    /// Redis that lost writes or was away).
+    rewrite_due: bool,
 }
 
-/// One topic's members as written to Redis: hash key, node-set key, and
-/// (conn id, meta) pairs.
-type TopicMembers = (String, String, Vec<(String, String)>);
+/// A member's change waiting for Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pending {
+    /// Its meta now, or `None`: it left.
+    meta: Option<Arc<str>>,
+    /// Redis may hold an older write of it, so leaving must delete it.
+    written: bool,
+}
+
+/// One topic's part of a write to Redis.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct TopicWrite {
+    pub(super) topic: Arc<str>,
+    /// Delete the node's hash first: it is written whole.
+    pub(super) whole: bool,
+    /// Members to set (conn id, meta).
+    pub(super) set: Vec<(String, String)>,
+    /// Members to delete.
+    pub(super) delete: Vec<String>,
+    /// The node still has members of the topic.
+    pub(super) remains: bool,
+}
+
+impl Members {
+    /// A member of `topic` came (`meta`) or went.
+    pub(super) fn change(&mut self, topic: Arc<str>, conn_id: String, meta: Option<Arc<str>>) {
+        let members = self.topics.entry(topic.clone()).or_default();
+        match &meta {
+            Some(meta) => {
+                members.insert(conn_id.clone(), meta.clone());
+            }
+            None => {
+                members.remove(&conn_id);
+            }
+        }
+        if members.is_empty() {
+            self.topics.remove(&topic);
+        }
+        let waiting = self.waiting.entry(topic.clone()).or_default();
+        match (waiting.get_mut(&conn_id), meta) {
+            (Some(pending), None) if !pending.written => {
+                // Joined and left between two writes: Redis never hears of it.
+                waiting.remove(&conn_id);
+                self.waiting_count -= 1;
+            }
+            (Some(pending), meta) => pending.meta = meta,
+            (None, meta) => {
+                let written = meta.is_none();
+                waiting.insert(conn_id, Pending { meta, written });
+                self.waiting_count += 1;
+            }
+        }
+        if waiting.is_empty() {
+            self.waiting.remove(&topic);
+        }
+        self.check();
+    }
+
+    /// Asks for every member to be rewritten whole with the next write.
+    pub(super) fn rewrite_all(&mut self) {
+        self.rewrite_due = true;
+    }
+
+    /// The next write, if none is in flight and there is something to
+    /// write; it counts as in flight until `written`.
+    pub(super) fn next_write(&mut self) -> Option<Vec<TopicWrite>> {
+        if self.writing || (self.waiting.is_empty() && !self.rewrite_due) {
+            return None;
+        }
+        let waiting = std::mem::take(&mut self.waiting);
+        self.waiting_count = 0;
+        let mut writes = Vec::new();
+        if std::mem::take(&mut self.rewrite_due) {
+            for (topic, members) in &self.topics {
+                writes.push(TopicWrite {
+                    topic: topic.clone(),
+                    whole: true,
+                    set: members
+                        .iter()
+                        .map(|(id, meta)| (id.clone(), meta.to_string()))
+                        .collect(),
+                    delete: Vec::new(),
+                    remains: true,
+                });
+            }
+            // Topics whose last member left: their hash goes.
+            for topic in waiting.into_keys() {
+                if !self.topics.contains_key(&topic) {
+                    writes.push(TopicWrite {
+                        topic,
+                        whole: true,
+                        set: Vec::new(),
+                        delete: Vec::new(),
+                        remains: false,
+                    });
+                }
+            }
+        } else {
+            for (topic, changes) in waiting {
+                let mut write = TopicWrite {
+                    remains: self.topics.contains_key(&topic),
+                    topic,
+                    whole: false,
+                    set: Vec::new(),
+                    delete: Vec::new(),
+                };
+                for (id, pending) in changes {
+                    match pending.meta {
+                        Some(meta) => write.set.push((id, meta.to_string())),
+                        None => write.delete.push(id),
+                    }
+                }
+                writes.push(write);
+            }
+        }
+        self.writing = true;
+        self.check();
+        Some(writes)
+    }
+
+    /// The write in flight is done; one that failed is made good by
+    /// rewriting every member with the next.
+    pub(super) fn written(&mut self, ok: bool) {
+        debug_assert!(self.writing, "a write answered that was never sent");
+        self.writing = false;
+        if !ok {
+            self.rewrite_due = true;
+        }
+    }
+
+    /// Changes waiting for Redis.
+    pub(super) fn waiting(&self) -> usize {
+        self.waiting_count
+    }
+
+    fn check(&self) {
+        debug_assert_eq!(
+            self.waiting_count,
+            self.waiting.values().map(HashMap::len).sum::<usize>(),
+            "the count of waiting changes is exact"
+        );
+    }
+}
 
 /// A presence answer for the broker's loop.
 pub(super) struct PresenceDone {
@@ -79,96 +235,81 @@ impl Broker {
         conn_id: String,
         meta: Option<Arc<str>>,
     ) {
-        let members = self.members.topics.entry(topic.clone()).or_default();
-        match &meta {
-            Some(meta) => {
-                members.insert(conn_id.clone(), meta.clone());
-            }
-            None => {
-                members.remove(&conn_id);
-            }
-        }
-        let empty = members.is_empty();
-        if empty {
-            self.members.topics.remove(&topic);
-        }
+        self.members.change(topic, conn_id, meta);
+        self.write_presence();
+    }
+
+    /// Rewrites every member of this node with a fresh expiry: keeps them
+    /// counted, and restores them in a Redis that lost them.
+    pub(super) fn refresh_presence(&mut self) {
+        self.members.rewrite_all();
+        self.write_presence();
+    }
+
+    /// Starts the next presence write if none is in flight (and Redis is
+    /// reachable: a node that comes back rewrites everything).
+    pub(super) fn write_presence(&mut self) {
+        let waiting = self.members.waiting() as u64;
+        self.status
+            .stats
+            .presence_waiting
+            .store(waiting, std::sync::atomic::Ordering::Relaxed);
         if !self.status.is_up() {
-            return; // written on the next refresh after reconnecting
+            return;
         }
-        let (hash, nodes) = self.presence_keys(&topic);
+        let Some(writes) = self.members.next_write() else {
+            return;
+        };
         let client = self.publisher.clone();
         let node = self.status.node.clone();
         let ttl = self.presence_ttl;
+        let keys: Vec<(String, String)> =
+            writes.iter().map(|w| self.presence_keys(&w.topic)).collect();
+        let done = self.presence_written.clone();
         tokio::spawn(async move {
-            let result: Result<(), Error> = async {
-                match meta {
-                    Some(meta) => {
-                        let _: () = client.hset(&hash, (conn_id, meta.to_string())).await?;
-                        let _: () = client.pexpire(&hash, ttl.as_millis() as i64, None).await?;
-                        let _: () = client
-                            .zadd(&nodes, None, None, false, false, (expiry(ttl), node))
-                            .await?;
+            let expires = expiry(ttl);
+            let pipeline = client.pipeline();
+            let queued: Result<(), Error> = async {
+                for (write, (hash, nodes)) in writes.into_iter().zip(keys) {
+                    if write.whole {
+                        let _: () = pipeline.del(&hash).await?;
                     }
-                    None => {
-                        let _: i64 = client.hdel(&hash, conn_id).await?;
-                        if empty {
-                            let _: i64 = client.del(&hash).await?;
-                            let _: i64 = client.zrem(&nodes, node).await?;
-                        }
+                    if !write.delete.is_empty() {
+                        let _: () = pipeline.hdel(&hash, write.delete).await?;
+                    }
+                    if !write.set.is_empty() {
+                        let _: () = pipeline.hset(&hash, write.set).await?;
+                    }
+                    if write.remains {
+                        let _: () = pipeline.pexpire(&hash, ttl.as_millis() as i64, None).await?;
+                        let _: () = pipeline
+                            .zadd(&nodes, None, None, false, false, (expires, node.clone()))
+                            .await?;
+                    } else {
+                        let _: () = pipeline.del(&hash).await?;
+                        let _: () = pipeline.zrem(&nodes, node.clone()).await?;
                     }
                 }
                 Ok(())
             }
             .await;
-            if let Err(e) = result {
-                tracing::debug!("cluster: presence update failed: {e}");
+            let ok = queued.is_ok()
+                && pipeline
+                    .try_all::<Value>()
+                    .await
+                    .iter()
+                    .all(Result::is_ok);
+            if !ok {
+                tracing::debug!("cluster: a presence write failed; everything is rewritten next");
             }
+            let _ = done.send(ok);
         });
     }
 
-    /// Rewrites every member of this node with a fresh expiry: keeps them
-    /// counted, and restores them in a Redis that lost them.
-    pub(super) fn refresh_presence(&self) {
-        if !self.status.is_up() || self.members.topics.is_empty() {
-            return;
-        }
-        let client = self.publisher.clone();
-        let node = self.status.node.clone();
-        let ttl = self.presence_ttl;
-        let writes: Vec<TopicMembers> = self
-            .members
-            .topics
-            .iter()
-            .map(|(topic, members)| {
-                let (hash, nodes) = self.presence_keys(topic);
-                let members = members
-                    .iter()
-                    .map(|(id, meta)| (id.clone(), meta.to_string()))
-                    .collect();
-                (hash, nodes, members)
-            })
-            .collect();
-        tokio::spawn(async move {
-            let expires = expiry(ttl);
-            for (hash, nodes, members) in writes {
-                let result: Result<(), Error> = async {
-                    // Rewritten whole: members that left while Redis was
-                    // unreachable must not stay.
-                    let _: i64 = client.del(&hash).await?;
-                    let _: () = client.hset(&hash, members).await?;
-                    let _: () = client.pexpire(&hash, ttl.as_millis() as i64, None).await?;
-                    let _: () = client
-                        .zadd(&nodes, None, None, false, false, (expires, node.clone()))
-                        .await?;
-                    Ok(())
-                }
-                .await;
-                if let Err(e) = result {
-                    tracing::debug!("cluster: presence refresh failed: {e}");
-                    return;
-                }
-            }
-        });
+    /// The presence write in flight is done: the next may go.
+    pub(super) fn on_presence_written(&mut self, ok: bool) {
+        self.members.written(ok);
+        self.write_presence();
     }
 
     /// A shard counts `topic`'s members: answer for the other nodes, with
@@ -252,4 +393,63 @@ fn gather_members(value: Value, query: &MemberQuery) -> bus::Members {
     }
     members.trim(query.limit);
     members
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(text: &str) -> Option<Arc<str>> {
+        Some(Arc::from(text))
+    }
+
+    #[test]
+    fn members_that_come_and_go_between_writes_cost_redis_nothing() {
+        let mut members = Members::default();
+        let topic: Arc<str> = Arc::from("room:1");
+        members.change(topic.clone(), "1".into(), meta("{}"));
+        let first = members.next_write().unwrap();
+        assert_eq!(first[0].set, [("1".to_string(), "{}".to_string())]);
+        // While the first write flies: a thousand members come and go.
+        for n in 2..1002 {
+            members.change(topic.clone(), n.to_string(), meta("{}"));
+            members.change(topic.clone(), n.to_string(), None);
+        }
+        assert_eq!(members.waiting(), 0);
+        assert_eq!(members.next_write(), None, "one write at a time");
+        members.written(true);
+        assert_eq!(members.next_write(), None, "nothing left to write");
+    }
+
+    #[test]
+    fn a_written_member_that_leaves_rejoins_and_leaves_is_deleted_once_in_order() {
+        let mut members = Members::default();
+        let topic: Arc<str> = Arc::from("room:1");
+        members.change(topic.clone(), "7".into(), meta("{\"a\":1}"));
+        members.next_write().unwrap();
+        members.written(true);
+        members.change(topic.clone(), "7".into(), None);
+        members.change(topic.clone(), "7".into(), meta("{\"a\":2}"));
+        members.change(topic.clone(), "7".into(), None);
+        let write = members.next_write().unwrap();
+        assert_eq!(write.len(), 1);
+        assert_eq!(write[0].delete, ["7".to_string()]);
+        assert!(write[0].set.is_empty());
+        assert!(!write[0].remains, "the hash and the node's entry go");
+    }
+
+    #[test]
+    fn a_failed_write_rewrites_every_member_whole() {
+        let mut members = Members::default();
+        members.change(Arc::from("a"), "1".into(), meta("{}"));
+        members.change(Arc::from("b"), "2".into(), meta("{}"));
+        members.next_write().unwrap();
+        members.change(Arc::from("b"), "2".into(), None);
+        members.written(false);
+        let mut write = members.next_write().unwrap();
+        write.sort_by(|x, y| x.topic.cmp(&y.topic));
+        assert_eq!(write.len(), 2);
+        assert!(write[0].whole && write[0].remains && write[0].set.len() == 1);
+        assert!(write[1].whole && !write[1].remains, "b's hash is deleted");
+    }
 }

@@ -12,6 +12,11 @@ pub struct ClusterStatus {
     /// The next publication's place in this node's order (see
     /// `Envelope::ForNodes`).
     next_seq: AtomicU64,
+    /// Bytes of publications handed to the broker that Redis has not
+    /// answered yet: shards add, the broker takes away.
+    queued_bytes: AtomicU64,
+    /// The bound on `queued_bytes` (`cluster.max_queued_bytes`).
+    max_queued_bytes: u64,
     /// Counters for /metrics.
     pub stats: ClusterStats,
 }
@@ -33,17 +38,51 @@ pub struct ClusterStats {
     pub reconnects_total: AtomicU64,
     /// Redis channels this node subscribes to.
     pub channels: AtomicU64,
+    /// Publications refused because `max_queued_bytes` were waiting for Redis.
+    pub busy_total: AtomicU64,
+    /// Presence changes waiting to be written to Redis.
+    pub presence_waiting: AtomicU64,
+    /// Channel subscription changes waiting to be sent to Redis.
+    pub changes_waiting: AtomicU64,
 }
 
 impl ClusterStatus {
-    /// A node named `node`, not yet connected.
-    pub fn new(node: String) -> ClusterStatus {
+    /// A node named `node`, not yet connected, that lets at most
+    /// `max_queued_bytes` of publications wait for Redis.
+    pub fn new(node: String, max_queued_bytes: usize) -> ClusterStatus {
         ClusterStatus {
             node,
             up: AtomicBool::new(false),
             next_seq: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
+            max_queued_bytes: max_queued_bytes as u64,
             stats: ClusterStats::default(),
         }
+    }
+
+    /// Counts `bytes` of a publication on its way to Redis; `false` (and
+    /// nothing counted) when that would pass the bound: the caller refuses
+    /// the publication.
+    pub fn hold(&self, bytes: usize) -> bool {
+        let bytes = bytes as u64;
+        let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if before + bytes > self.max_queued_bytes {
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            Self::count(&self.stats.busy_total);
+            return false;
+        }
+        true
+    }
+
+    /// Redis answered (or failed) a publication `hold` counted.
+    pub fn release(&self, bytes: usize) {
+        let before = self.queued_bytes.fetch_sub(bytes as u64, Ordering::AcqRel);
+        debug_assert!(before >= bytes as u64, "released more than was held");
+    }
+
+    /// Bytes of publications waiting for Redis.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes.load(Ordering::Acquire)
     }
 
     /// Whether the broker reaches Redis: publications for other nodes are
@@ -79,6 +118,30 @@ impl ClusterStatus {
                 "gauge",
                 "Redis channels this node subscribes to.",
                 s.channels.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_queued_bytes",
+                "gauge",
+                "Bytes of publications waiting for Redis (bounded by cluster.max_queued_bytes).",
+                self.queued_bytes(),
+            ),
+            (
+                "cluster_busy_total",
+                "counter",
+                "Publications refused (503) because cluster.max_queued_bytes were waiting for Redis.",
+                s.busy_total.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_presence_waiting",
+                "gauge",
+                "Presence changes waiting to be written to Redis (coalesced per member).",
+                s.presence_waiting.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_changes_waiting",
+                "gauge",
+                "Channel subscription changes waiting to be sent to Redis (coalesced per channel).",
+                s.changes_waiting.load(Ordering::Relaxed),
             ),
             (
                 "cluster_published_total",

@@ -208,6 +208,7 @@ pub(super) enum StreamDone {
     Published {
         from: ShardId,
         ticket: Option<u64>,
+        held: usize,
         result: Result<Position, String>,
     },
     Opened {
@@ -232,6 +233,8 @@ pub(super) enum StreamDone {
 pub(super) struct PublishJob {
     from: ShardId,
     ticket: Option<u64>,
+    /// Bytes counted against `max_queued_bytes` until Redis answers.
+    held: usize,
     keys: Vec<String>,
     args: Vec<String>,
 }
@@ -295,6 +298,7 @@ pub(super) async fn publish_task(
             let _ = done.send(StreamDone::Published {
                 from: job.from,
                 ticket: job.ticket,
+                held: job.held,
                 result,
             });
         }
@@ -371,7 +375,11 @@ impl Broker {
         ticket: Option<u64>,
     ) {
         let refuse = |why: &str| error_json(503, why);
+        // The shard counted these bytes against `max_queued_bytes`; they
+        // are released when Redis answers, or here when it is not asked.
+        let held = event.len() + payload.len();
         let Some(history) = self.history(&topic) else {
+            self.status.release(held);
             if let Some(ticket) = ticket {
                 let answer = error_json(404, &format!("topic `{topic}` has no history here"));
                 self.reply(from, ticket, answer);
@@ -379,6 +387,7 @@ impl Broker {
             return;
         };
         if !self.status.is_up() {
+            self.status.release(held);
             ClusterStatus::count(&self.status.stats.refused_total);
             if let Some(ticket) = ticket {
                 let why = "cluster unavailable: a stream publication needs Redis for its offset";
@@ -391,6 +400,7 @@ impl Broker {
         let job = PublishJob {
             from,
             ticket,
+            held,
             keys: keys(&self.prefix, &topic),
             args: vec![
                 channel,
@@ -403,6 +413,7 @@ impl Broker {
             ],
         };
         if self.stream_publishes.try_send(job).is_err() {
+            self.status.release(held);
             ClusterStatus::count(&self.status.stats.drops_total);
             if let Some(ticket) = ticket {
                 self.reply(from, ticket, refuse("cluster busy: try again"));
@@ -414,8 +425,10 @@ impl Broker {
         &mut self,
         from: ShardId,
         ticket: Option<u64>,
+        held: usize,
         result: Result<Position, String>,
     ) {
+        self.status.release(held);
         let answer = match result {
             Ok(position) => {
                 ClusterStatus::count(&self.status.stats.published_total);

@@ -63,7 +63,10 @@ impl Shared {
         let cluster = config
             .cluster
             .as_ref()
-            .map(|c| Arc::new(ClusterStatus::new(c.node_name.clone().unwrap_or_default())));
+            .map(|c| {
+                let node = c.node_name.clone().unwrap_or_default();
+                Arc::new(ClusterStatus::new(node, c.max_queued_bytes))
+            });
         let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::default()).collect();
         let auth = Arc::new(config.auth.build());
         Ok(Shared {

@@ -109,6 +109,24 @@ impl RedisServer {
         }
     }
 
+    /// Stops Redis without closing anything (SIGSTOP): its sockets stay
+    /// open and nothing is answered, like a hung or partitioned server.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused Redis go on (SIGCONT): it answers what waited.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("Redis is running");
+        // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+        let sent = unsafe { libc::kill(child.id() as i32, signal) };
+        assert_eq!(sent, 0, "signal {signal} to Redis");
+    }
+
     /// Starts Redis again on the same port and returns once it answers PING:
     /// empty, or, for a persistent server, with what it had acknowledged.
     pub fn restart(&mut self) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::bus::{Envelope, IndexKind};
+use crate::bus::{Envelope, IndexKind, ShardId};
 use crate::cluster::ClusterStatus;
 
 use super::ShardState;
@@ -18,6 +18,8 @@ pub(crate) enum LocalOnly {
     ClusterDown,
     /// The queue to the broker is full (Redis is slower than the publishers).
     BrokerBusy,
+    /// `cluster.max_queued_bytes` of publications already wait for Redis.
+    RedisBehind,
 }
 
 impl LocalOnly {
@@ -29,6 +31,9 @@ impl LocalOnly {
             }
             LocalOnly::BrokerBusy => {
                 "cluster busy: delivered on this node only, other nodes did not get it"
+            }
+            LocalOnly::RedisBehind => {
+                "cluster busy: Redis is not keeping up (cluster.max_queued_bytes wait for it); other nodes did not get it"
             }
         }
     }
@@ -52,6 +57,10 @@ impl ShardState {
             return Err(LocalOnly::ClusterDown);
         }
         let status = status.clone();
+        let held = frame.len();
+        if !status.hold(held) {
+            return Err(LocalOnly::RedisBehind);
+        }
         let envelope = Envelope::ForNodes {
             seq: status.next_seq(),
             kind,
@@ -62,8 +71,33 @@ impl ShardState {
         if self.forward(broker, envelope) {
             Ok(())
         } else {
+            status.release(held);
             ClusterStatus::count(&status.stats.drops_total);
             Err(LocalOnly::BrokerBusy)
+        }
+    }
+
+    /// Counts `bytes` of a stream publication for `home` against the
+    /// node's bound on bytes waiting for Redis, when `home` is the broker.
+    pub(super) fn hold_for_broker(&self, home: ShardId, bytes: usize) -> Result<(), LocalOnly> {
+        match &self.shared.cluster {
+            Some(status) if self.shared.bus.broker() == Some(home) => {
+                if status.hold(bytes) {
+                    Ok(())
+                } else {
+                    Err(LocalOnly::RedisBehind)
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Gives back what `hold_for_broker` counted: the broker never got it.
+    pub(super) fn release_for_broker(&self, home: ShardId, bytes: usize) {
+        if let Some(status) = &self.shared.cluster {
+            if self.shared.bus.broker() == Some(home) {
+                status.release(bytes);
+            }
         }
     }
 

@@ -164,6 +164,12 @@ impl ShardState {
                 Err(limit) => Published::Refused(503, limit.to_string()),
             };
         }
+        // In a cluster the home is the broker: the publication waits for
+        // Redis, within the node's bound on bytes waiting.
+        let held = event.len() + payload_json.len();
+        if let Err(busy) = self.hold_for_broker(home, held) {
+            return Published::Refused(503, busy.message().into());
+        }
         let ticket = reply.map(|(key, keep_alive)| self.park_for_home(key, keep_alive));
         let envelope = Envelope::StreamPublish {
             topic: Arc::from(topic),
@@ -172,6 +178,7 @@ impl ShardState {
             ticket,
         };
         if !self.forward(home, envelope) {
+            self.release_for_broker(home, held);
             if let (Some((key, _)), Some(ticket)) = (reply, ticket) {
                 self.streams.replies.remove(&ticket);
                 self.take_deferred(key, |d| matches!(d, Deferred::Stream { .. }));
