@@ -109,6 +109,14 @@ pub struct Limits {
     /// Presence queries one connection may make per second (HTTP or
     /// WebSocket). Default 10; more get 429 (or an `error`).
     pub max_presence_queries_per_second: u32,
+    /// How long a stream publish's `idempotency_key` is remembered: a retry
+    /// with the same key within it is answered with the first outcome and
+    /// not stored again. Default 300 s.
+    pub idempotency_window_s: u64,
+    /// Bytes of idempotency keys one home shard remembers (about 100 bytes
+    /// plus the topic and key each). Default 16 MiB; past it the oldest keys
+    /// are forgotten first (counted in `idempotency_evictions_total`).
+    pub max_idempotency_bytes: usize,
     /// Envelopes queued from one shard to another. Default 65,536: a full second of a
     /// 20k msgs/s publish burst aimed at one shard, at 24 bytes an envelope.
     pub bus_queue_capacity: usize,
@@ -145,6 +153,8 @@ impl Default for Limits {
             max_streams: 100_000,
             max_presence_members: 100,
             max_presence_queries_per_second: 10,
+            idempotency_window_s: 300,
+            max_idempotency_bytes: 16 * 1024 * 1024,
             bus_queue_capacity: 65_536,
         }
     }
@@ -371,6 +381,8 @@ struct FileLimits {
     max_streams: Option<usize>,
     max_presence_members: Option<usize>,
     max_presence_queries_per_second: Option<u32>,
+    idempotency_window_s: Option<u64>,
+    max_idempotency_bytes: Option<usize>,
     bus_queue_capacity: Option<usize>,
 }
 
@@ -452,6 +464,8 @@ impl Config {
             max_streams,
             max_presence_members,
             max_presence_queries_per_second,
+            idempotency_window_s,
+            max_idempotency_bytes,
             bus_queue_capacity
         );
         config.auth = auth_config(file.auth)?;

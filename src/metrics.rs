@@ -115,6 +115,12 @@ counters! {
     memory_stream_meta_bytes: "gauge",
     /// Publications evicted from history (size, TTL or max_history_bytes).
     stream_evictions_total: "counter",
+    /// Bytes of stream publications' idempotency keys remembered on this shard.
+    memory_idempotency_bytes: "gauge",
+    /// Idempotency keys forgotten before their window ended (max_idempotency_bytes).
+    idempotency_evictions_total: "counter",
+    /// Stream publishes answered from an idempotency key: retries not stored again.
+    idempotent_retries_total: "counter",
     /// Streams started, each with a new epoch.
     stream_epochs_total: "counter",
     /// Subscriptions that recovered from the position they asked for.

@@ -2,9 +2,9 @@
 //! churn from one connection, a stalled Redis, publishes during a stall.
 //! Each test is the regression test of a fault the previous main had;
 //! `RINGCAST_TEST_BIN=<old build>` shows it failing there.
-mod common;
 #[path = "common/cluster.rs"]
 mod cluster;
+mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -39,12 +39,7 @@ fn rss_bytes(node: &TestServer) -> u64 {
 /// Stops early when `abort` says so (a node growing past its bound).
 /// Returns how many `unsubscribed` came back (a subscribe left before
 /// its `subscribed` gets none).
-fn churn(
-    node: &TestServer,
-    prefix: &str,
-    how_long: Duration,
-    abort: impl Fn() -> bool,
-) -> u64 {
+fn churn(node: &TestServer, prefix: &str, how_long: Duration, abort: impl Fn() -> bool) -> u64 {
     let mut stream = node.raw_ws("/ws", None);
     let subscribed = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -207,7 +202,8 @@ impl Watch {
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     peak.fetch_max(rss_of(pid), Ordering::Relaxed);
-                    if degraded.load(Ordering::Relaxed) == u64::MAX && health_of(addr) == "degraded" {
+                    if degraded.load(Ordering::Relaxed) == u64::MAX && health_of(addr) == "degraded"
+                    {
                         degraded.store(since.elapsed().as_millis() as u64, Ordering::Relaxed);
                     }
                     std::thread::sleep(Duration::from_millis(50));
@@ -370,4 +366,111 @@ fn a_stalled_redis_turns_the_node_degraded_within_five_seconds_and_never_grows_i
     }
     let rss = rss_bytes(&a);
     assert!(rss <= BOUND, "RSS {} MiB after the stall", rss >> 20);
+}
+
+const STREAM_RULES: &str = r#"
+[[rules]]
+pattern = "feed:*"
+history_size = 1000
+history_ttl_s = 300
+"#;
+
+fn publish_json(node: &TestServer, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (status, reply) = node.http("POST", "/publish", Some(&body.to_string()));
+    let reply = serde_json::from_str(&reply).unwrap_or(serde_json::Value::String(reply));
+    (status, reply)
+}
+
+/// Fault: a stream publish Redis did not answer in time was told 503 "not
+/// stored", though Redis stored and delivered it once it went on. Now it
+/// is told 504 `outcome unknown`, and its retry with the same idempotency
+/// key, on any node, gets the first outcome and is stored once.
+#[test]
+fn a_publish_redis_did_not_answer_is_outcome_unknown_and_its_retry_is_stored_once() {
+    use serde_json::json;
+    let redis = RedisServer::start();
+    let a = start_node_with(&redis, "a", STREAM_RULES);
+    let b = start_node_with(&redis, "b", STREAM_RULES);
+    wait_for_redis(&a, "a", Redis::Up);
+    wait_for_redis(&b, "b", Redis::Up);
+    let mut on_b = b.ws("/ws");
+    on_b.send_text(r#"{"type":"subscribe","topic":"feed:x"}"#);
+    assert_eq!(on_b.recv_json()["type"], "subscribed");
+    let (status, first) = publish_json(&a, &json!({"topic":"feed:x","payload":0}));
+    assert_eq!(status, 202, "{first}");
+    let epoch = first["epoch"].clone();
+
+    redis.pause();
+    let keyed = json!({"topic":"feed:x","payload":1,"idempotency_key":"k-1"});
+    let (status, unknown) = publish_json(&a, &keyed);
+    assert_eq!(status, 504, "a publish Redis did not answer: {unknown}");
+    assert_eq!(unknown["outcome"], "unknown", "{unknown}");
+    assert!(a.metric("cluster_unknown_total") >= 1);
+    redis.resume();
+    wait_for_redis(&a, "a", Redis::Up);
+    wait_for_redis(&b, "b", Redis::Up);
+
+    // The retry, on the other node and again on the first: one outcome.
+    let (status, retried) = publish_json(&b, &keyed);
+    assert_eq!(status, 202, "{retried}");
+    assert_eq!(retried["offset"], 2, "{retried}");
+    assert_eq!(retried["epoch"], epoch, "{retried}");
+    let (status, again) = publish_json(&a, &keyed);
+    assert_eq!((status, &again["offset"]), (202, &json!(2)), "{again}");
+    let (status, next) = publish_json(&a, &json!({"topic":"feed:x","payload":3}));
+    assert_eq!((status, &next["offset"]), (202, &json!(3)), "{next}");
+
+    let (status, body) = b.http("GET", "/topics/feed:x/history", None);
+    assert_eq!(status, 200, "{body}");
+    let history: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let stored: Vec<(u64, i64)> = history["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["offset"].as_u64().unwrap(),
+                p["payload"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(stored, [(1, 0), (2, 1), (3, 3)], "{body}");
+    // b's subscriber got each stored publication once, in order.
+    let mut seen = Vec::new();
+    while let Some(text) = cluster::recv_within(&mut on_b, Duration::from_secs(2)) {
+        let push: serde_json::Value = serde_json::from_str(&text).unwrap();
+        seen.push(push["offset"].as_u64().unwrap());
+        if seen.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(seen, [1, 2, 3]);
+    cluster::assert_quiet(&mut on_b, "the subscriber on b");
+}
+
+/// Fault: a `since` offset at or past 2^53 became a Lua float: the
+/// subscriber was told offset 0 of no epoch, and the history GET got 503.
+#[test]
+fn offsets_past_two_to_the_53_are_not_in_history_rather_than_an_error() {
+    use serde_json::json;
+    let redis = RedisServer::start();
+    let a = start_node_with(&redis, "a", STREAM_RULES);
+    wait_for_redis(&a, "a", Redis::Up);
+    let (status, first) = publish_json(&a, &json!({"topic":"feed:big","payload":0}));
+    assert_eq!(status, 202, "{first}");
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    for since in [1u64 << 53, (1 << 53) + 1, u64::MAX] {
+        let mut ws = a.ws("/ws");
+        let subscribe =
+            json!({"type":"subscribe","topic":"feed:big","since":{"offset":since,"epoch":epoch}});
+        ws.send_text(&subscribe.to_string());
+        let reply = ws.recv_json();
+        assert_eq!(reply["type"], "subscribed", "since {since}: {reply}");
+        assert_eq!(reply["recovered"], false, "since {since}: {reply}");
+        assert_eq!(reply["offset"], 1, "since {since}: {reply}");
+        assert_eq!(reply["epoch"], epoch, "since {since}: {reply}");
+        let path = format!("/topics/feed:big/history?since={since}&epoch={epoch}");
+        let (status, body) = a.http("GET", &path, None);
+        assert_eq!(status, 410, "since {since}: {body}");
+    }
 }

@@ -412,3 +412,77 @@ fn a_reconnect_storm_of_python_clients_ends_with_every_publication_once_in_order
     println!("{stdout}");
     assert!(server.metric("stream_recoveries_total") >= 1000);
 }
+
+/// A publish retried with its `idempotency_key` is answered with the first
+/// one's position and stored once, whichever shard takes the retry; a key
+/// on a topic without history is refused (nothing could tell a retry apart).
+#[test]
+fn a_publish_retried_with_its_idempotency_key_is_stored_once() {
+    let server = server(2);
+    let publish = |body: Value| {
+        let (status, reply) = server.http("POST", "/publish", Some(&body.to_string()));
+        (status, serde_json::from_str::<Value>(&reply).unwrap())
+    };
+    let keyed = json!({"topic":"feed:idem","payload":{"n":1},"idempotency_key":"order-17"});
+    let (status, first) = publish(keyed.clone());
+    assert_eq!(status, 202, "{first}");
+    // Retries land on either shard (a fresh connection each).
+    for _ in 0..6 {
+        let (status, again) = publish(keyed.clone());
+        assert_eq!(status, 202, "{again}");
+        assert_eq!(again["offset"], first["offset"], "{again}");
+        assert_eq!(again["epoch"], first["epoch"], "{again}");
+    }
+    let (_, other) =
+        publish(json!({"topic":"feed:idem","payload":{"n":2},"idempotency_key":"order-18"}));
+    assert_eq!(
+        other["offset"].as_u64(),
+        first["offset"].as_u64().map(|o| o + 1)
+    );
+    let (status, body) = server.http("GET", "/topics/feed:idem/history", None);
+    assert_eq!(status, 200, "{body}");
+    let history: Value = serde_json::from_str(&body).unwrap();
+    let payloads: Vec<&Value> = history["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["payload"])
+        .collect();
+    assert_eq!(payloads, [&json!({"n":1}), &json!({"n":2})], "{body}");
+    assert!(server.metric("idempotent_retries_total") >= 6);
+
+    let (status, refused) = publish(json!({"topic":"plain:x","idempotency_key":"k"}));
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("stream topic"),
+        "{refused}"
+    );
+}
+
+/// The same key over the WebSocket: a client's retried publish is stored once.
+#[test]
+fn a_client_publish_retried_with_its_idempotency_key_is_stored_once() {
+    let server = server(2);
+    let mut ws = server.ws("/ws");
+    open(&mut ws, "feed:ws-idem", None);
+    let message =
+        r#"{"type":"publish","topic":"feed:ws-idem","payload":"once","idempotency_key":"m-1"}"#;
+    for _ in 0..3 {
+        ws.send_text(message);
+    }
+    ws.send_text(r#"{"type":"publish","topic":"feed:ws-idem","payload":"next"}"#);
+    server.wait_for("both publications stored", || {
+        let (_, body) = server.http("GET", "/topics/feed:ws-idem/history", None);
+        let history: Value = serde_json::from_str(&body).unwrap();
+        history["offset"] == 2
+    });
+    let (_, body) = server.http("GET", "/topics/feed:ws-idem/history", None);
+    let history: Value = serde_json::from_str(&body).unwrap();
+    let payloads: Vec<&Value> = history["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["payload"])
+        .collect();
+    assert_eq!(payloads, [&json!("once"), &json!("next")], "{body}");
+}

@@ -176,6 +176,9 @@ pub enum Envelope {
         payload: String,
         /// Reply ticket, if the publisher waits for the outcome.
         ticket: Option<u64>,
+        /// The publisher's idempotency key: a retry with it is answered
+        /// with the first outcome and not stored again.
+        idempotency_key: Option<Box<str>>,
     },
     /// A subscriber on the sender opens a stream topic, or asks for the next
     /// page of its replay: the home answers with `StreamOpened` (the

@@ -563,7 +563,8 @@ impl Broker {
                 event,
                 payload,
                 ticket,
-            } => self.on_stream_publish(from, topic, event, payload, ticket),
+                idempotency_key,
+            } => self.on_stream_publish(from, topic, event, payload, ticket, idempotency_key),
             Envelope::StreamOpen {
                 ticket,
                 topic,

@@ -263,8 +263,10 @@ impl Broker {
         let client = self.publisher.clone();
         let node = self.status.node.clone();
         let ttl = self.presence_ttl;
-        let keys: Vec<(String, String)> =
-            writes.iter().map(|w| self.presence_keys(&w.topic)).collect();
+        let keys: Vec<(String, String)> = writes
+            .iter()
+            .map(|w| self.presence_keys(&w.topic))
+            .collect();
         let done = self.presence_written.clone();
         tokio::spawn(async move {
             let expires = expiry(ttl);
@@ -281,7 +283,9 @@ impl Broker {
                         let _: () = pipeline.hset(&hash, write.set).await?;
                     }
                     if write.remains {
-                        let _: () = pipeline.pexpire(&hash, ttl.as_millis() as i64, None).await?;
+                        let _: () = pipeline
+                            .pexpire(&hash, ttl.as_millis() as i64, None)
+                            .await?;
                         let _: () = pipeline
                             .zadd(&nodes, None, None, false, false, (expires, node.clone()))
                             .await?;
@@ -293,12 +297,7 @@ impl Broker {
                 Ok(())
             }
             .await;
-            let ok = queued.is_ok()
-                && pipeline
-                    .try_all::<Value>()
-                    .await
-                    .iter()
-                    .all(Result::is_ok);
+            let ok = queued.is_ok() && pipeline.try_all::<Value>().await.iter().all(Result::is_ok);
             if !ok {
                 tracing::debug!("cluster: a presence write failed; everything is rewritten next");
             }

@@ -40,6 +40,9 @@ pub struct ClusterStats {
     pub channels: AtomicU64,
     /// Publications refused because `max_queued_bytes` were waiting for Redis.
     pub busy_total: AtomicU64,
+    /// Stream publications sent to Redis that got no answer (504 `outcome
+    /// unknown`): they may have been stored.
+    pub unknown_total: AtomicU64,
     /// Presence changes waiting to be written to Redis.
     pub presence_waiting: AtomicU64,
     /// Channel subscription changes waiting to be sent to Redis.
@@ -130,6 +133,12 @@ impl ClusterStatus {
                 "counter",
                 "Publications refused (503) because cluster.max_queued_bytes were waiting for Redis.",
                 s.busy_total.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_unknown_total",
+                "counter",
+                "Stream publications answered 504 outcome unknown: sent to Redis, no answer.",
+                s.unknown_total.load(Ordering::Relaxed),
             ),
             (
                 "cluster_presence_waiting",

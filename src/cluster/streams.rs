@@ -63,6 +63,13 @@ const RECENT: usize = 256;
 const PUBLISH_QUEUE: usize = 16_384;
 
 const PUBLISH_SCRIPT: &str = r#"
+if KEYS[3] then
+  local first = redis.call('GET', KEYS[3])
+  if first then
+    local space = string.find(first, ' ', 1, true)
+    return {tonumber(string.sub(first, 1, space - 1)), string.sub(first, space + 1), 1}
+  end
+end
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   epoch = ARGV[2]
@@ -73,7 +80,10 @@ local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-1', 'e', ARGV[6], 'p', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('SPUBLISH', ARGV[1], 'S' .. offset .. ' ' .. epoch .. ' ' .. #ARGV[6] .. '\n' .. ARGV[6] .. ARGV[7])
+redis.call('SPUBLISH', ARGV[1], 'S' .. string.format('%d', offset) .. ' ' .. epoch .. ' ' .. #ARGV[6] .. '\n' .. ARGV[6] .. ARGV[7])
+if KEYS[3] then
+  redis.call('SET', KEYS[3], string.format('%d', offset) .. ' ' .. epoch, 'PX', ARGV[8])
+end
 return {offset, epoch}
 "#;
 
@@ -110,6 +120,11 @@ if since >= 0 then
 end
 return {epoch, offset, first, entries, latest}
 "#;
+
+/// Offsets above this are not exact as Lua numbers (doubles): no stream
+/// gets that far, so a position past it is simply not in history, and is
+/// never handed to a script.
+const MAX_SCRIPT_OFFSET: u64 = (1 << 53) - 1;
 
 /// Where a read of a stream's log starts.
 #[derive(Debug, Clone, Copy)]
@@ -209,7 +224,7 @@ pub(super) enum StreamDone {
         from: ShardId,
         ticket: Option<u64>,
         held: usize,
-        result: Result<Position, String>,
+        result: Result<Position, Failure>,
     },
     Opened {
         opening: Opening,
@@ -227,6 +242,32 @@ pub(super) enum StreamDone {
         topic: Arc<str>,
         result: Result<Read, String>,
     },
+}
+
+/// Why a stream publication got no position.
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// Redis never ran it (it was not sent, or Redis refused the script).
+    NotStored(String),
+    /// Sent, and no answer came (a timeout, a dropped connection): Redis
+    /// may have stored and delivered it.
+    Unknown(String),
+}
+
+impl Failure {
+    /// What a failed round trip means for a publication that was sent.
+    fn of(error: &Error) -> Failure {
+        match error.kind() {
+            // Checked or refused before anything ran.
+            ErrorKind::Config
+            | ErrorKind::Auth
+            | ErrorKind::Url
+            | ErrorKind::InvalidCommand
+            | ErrorKind::InvalidArgument
+            | ErrorKind::Backpressure => Failure::NotStored(error.to_string()),
+            _ => Failure::Unknown(error.to_string()),
+        }
+    }
 }
 
 /// A publication for the stream publish task.
@@ -288,11 +329,12 @@ pub(super) async fn publish_task(
         let mut results = pipeline.try_all::<Value>().await.into_iter();
         for (job, sent) in queued {
             let result = match sent {
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(Failure::NotStored(e.to_string())),
                 Ok(()) => match results.next() {
-                    Some(Ok(value)) => position(value).ok_or_else(|| "bad reply".to_string()),
-                    Some(Err(e)) => Err(e.to_string()),
-                    None => Err("no reply".to_string()),
+                    Some(Ok(value)) => position(value)
+                        .ok_or_else(|| Failure::Unknown("an unreadable reply".to_string())),
+                    Some(Err(e)) => Err(Failure::of(&e)),
+                    None => Err(Failure::Unknown("no reply".to_string())),
                 },
             };
             let _ = done.send(StreamDone::Published {
@@ -373,6 +415,7 @@ impl Broker {
         event: String,
         payload: String,
         ticket: Option<u64>,
+        idempotency_key: Option<Box<str>>,
     ) {
         let refuse = |why: &str| error_json(503, why);
         // The shard counted these bytes against `max_queued_bytes`; they
@@ -397,11 +440,17 @@ impl Broker {
         }
         let channel = super::wire::channel(&self.prefix, crate::bus::IndexKind::Topic, &topic);
         let ttl_ms = history.ttl.as_millis().max(1);
+        let mut keys = keys(&self.prefix, &topic);
+        if let Some(key) = idempotency_key {
+            // Beside the stream's keys (the same hash tag, so the same slot).
+            keys.push(format!("{}:s:{{{topic}}}:k:{key}", self.prefix));
+        }
+        let window_ms = self.shared.config.limits.idempotency_window_s.max(1) * 1000;
         let job = PublishJob {
             from,
             ticket,
             held,
-            keys: keys(&self.prefix, &topic),
+            keys,
             args: vec![
                 channel,
                 os_epoch().to_string(),
@@ -410,6 +459,7 @@ impl Broker {
                 META_TTL.as_millis().max(ttl_ms).to_string(),
                 event,
                 payload,
+                window_ms.to_string(),
             ],
         };
         if self.stream_publishes.try_send(job).is_err() {
@@ -426,7 +476,7 @@ impl Broker {
         from: ShardId,
         ticket: Option<u64>,
         held: usize,
-        result: Result<Position, String>,
+        result: Result<Position, Failure>,
     ) {
         self.status.release(held);
         let answer = match result {
@@ -434,10 +484,15 @@ impl Broker {
                 ClusterStatus::count(&self.status.stats.published_total);
                 publish_accepted(0, Some(&position))
             }
-            Err(e) => {
+            Err(Failure::NotStored(e)) => {
                 tracing::debug!("cluster: stream publication failed: {e}");
                 ClusterStatus::count(&self.status.stats.drops_total);
                 error_json(503, "cluster unavailable: the publication was not stored")
+            }
+            Err(Failure::Unknown(e)) => {
+                tracing::debug!("cluster: stream publication's outcome unknown: {e}");
+                ClusterStatus::count(&self.status.stats.unknown_total);
+                outcome_unknown()
             }
         };
         if let Some(ticket) = ticket {
@@ -462,6 +517,8 @@ impl Broker {
         let keys = keys(&self.prefix, topic);
         let (since, latest) = match from {
             ReadFrom::Nowhere => (-1, latest),
+            // Past any offset a stream reaches: the position alone tells.
+            ReadFrom::After(offset) if offset > MAX_SCRIPT_OFFSET => (-1, latest),
             ReadFrom::After(offset) => (i128::from(offset), latest),
             ReadFrom::Window(window) => (-2, window),
         };
@@ -812,6 +869,15 @@ impl Broker {
     pub(super) fn forget_stream(&mut self, topic: &Arc<str>) {
         self.streams.remove(topic);
     }
+}
+
+/// The answer to a publish Redis may or may not have stored: 504, with an
+/// `outcome` a client's code can test.
+fn outcome_unknown() -> Response {
+    Response::json(
+        504,
+        r#"{"error":"outcome unknown: Redis did not answer in time; the publication may have been stored and delivered. Retry with the same idempotency_key to get its outcome without storing it twice","outcome":"unknown"}"#,
+    )
 }
 
 /// The latest `count` of the read's entries and the newer forwarded ones.

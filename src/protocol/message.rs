@@ -77,6 +77,8 @@ pub enum ClientMessage<'a> {
         event: Option<Cow<'a, str>>,
         /// The payload as raw JSON, if given and not `null`.
         payload: Option<&'a RawValue>,
+        /// A retry with the same key (stream topics) is stored once.
+        idempotency_key: Option<Cow<'a, str>>,
     },
     /// `{"type":"ping"}` or the plain text `ping`.
     Ping,
@@ -116,13 +118,15 @@ impl PartialEq for ClientMessage<'_> {
                     topic: a,
                     event: ea,
                     payload: pa,
+                    idempotency_key: ka,
                 },
                 Publish {
                     topic: b,
                     event: eb,
                     payload: pb,
+                    idempotency_key: kb,
                 },
-            ) => a == b && ea == eb && pa.map(RawValue::get) == pb.map(RawValue::get),
+            ) => a == b && ea == eb && pa.map(RawValue::get) == pb.map(RawValue::get) && ka == kb,
             (Ping, Ping) => true,
             (SetTopics(a), SetTopics(b)) => a == b,
             _ => false,
@@ -222,6 +226,8 @@ struct RawClient<'a> {
     limit: Option<&'a RawValue>,
     #[serde(borrow, default)]
     after: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    idempotency_key: Option<&'a RawValue>,
 }
 
 /// Longest member id a presence cursor may name: the server's own are a
@@ -273,6 +279,10 @@ pub fn parse_client(text: &str, bounds: Bounds) -> Result<ClientMessage<'_>, Cli
                 .map(|e| name_field(e, "event", bounds.name_bytes))
                 .transpose()?,
             payload: raw.payload,
+            idempotency_key: raw
+                .idempotency_key
+                .map(|k| name_field(k, "idempotency_key", bounds.name_bytes))
+                .transpose()?,
         }),
         "ping" => Ok(ClientMessage::Ping),
         "presence" => Ok(ClientMessage::Presence {
@@ -497,6 +507,9 @@ pub struct PublishRequest {
     pub payload_json: String,
     /// Deliver only to this user's connections, when set.
     pub user_id: Option<String>,
+    /// A retry with the same key (stream topics) is answered with the
+    /// first outcome and stored once.
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -511,6 +524,8 @@ struct RawPublish<'a> {
     message: Option<&'a RawValue>,
     #[serde(borrow, default)]
     user_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    idempotency_key: Option<&'a RawValue>,
 }
 
 /// Parses a `POST /publish` body.
@@ -554,11 +569,17 @@ pub fn parse_publish(body: &[u8], bounds: Bounds) -> Result<PublishRequest, Clie
             }
         }
     };
+    let idempotency_key = raw
+        .idempotency_key
+        .map(|key| name_field(key, "idempotency_key", bounds.name_bytes))
+        .transpose()?
+        .map(Cow::into_owned);
     Ok(PublishRequest {
         topic,
         event,
         payload_json,
         user_id,
+        idempotency_key,
     })
 }
 
@@ -842,10 +863,14 @@ mod tests {
             topic,
             event,
             payload,
-        }) = parse(r#"{"type":"message","topic":"room:1","event":"say","payload":{"text":"hi"}}"#)
+            idempotency_key,
+        }) = parse(
+            r#"{"type":"message","topic":"room:1","event":"say","payload":{"text":"hi"},"idempotency_key":"k"}"#,
+        )
         else {
             panic!()
         };
+        assert_eq!(idempotency_key.as_deref(), Some("k"));
         assert_eq!(topic, "room:1");
         assert_eq!(event.as_deref(), Some("say"));
         assert_eq!(payload.map(RawValue::get), Some(r#"{"text":"hi"}"#));
@@ -854,7 +879,8 @@ mod tests {
             Ok(ClientMessage::Publish {
                 topic: "t".into(),
                 event: None,
-                payload: None
+                payload: None,
+                idempotency_key: None,
             })
         );
         assert_eq!(
@@ -1025,7 +1051,7 @@ mod tests {
     #[test]
     fn publish_body_rules() {
         let full = parse_publish(
-            br#"{"topic":"t","event":"e","payload":{"a":[1, 2]},"user_id":"u1","x":1}"#,
+            br#"{"topic":"t","event":"e","payload":{"a":[1, 2]},"user_id":"u1","x":1,"idempotency_key":"k-1"}"#,
             MAX,
         )
         .unwrap();
@@ -1036,8 +1062,13 @@ mod tests {
                 event: "e".into(),
                 payload_json: r#"{"a":[1, 2]}"#.into(),
                 user_id: Some("u1".into()),
+                idempotency_key: Some("k-1".into()),
             }
         );
+        for bad in [r#""""#, "1", "null"] {
+            let body = format!(r#"{{"topic":"t","idempotency_key":{bad}}}"#);
+            assert!(parse_publish(body.as_bytes(), MAX).is_err(), "{bad}");
+        }
         let bare = parse_publish(br#"{"topic":"t"}"#, MAX).unwrap();
         assert_eq!(
             (

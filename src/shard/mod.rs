@@ -60,13 +60,10 @@ impl Shared {
             Some(_) => Bus::with_broker(shards, capacity)?,
             None => Bus::new(shards, capacity)?,
         });
-        let cluster = config
-            .cluster
-            .as_ref()
-            .map(|c| {
-                let node = c.node_name.clone().unwrap_or_default();
-                Arc::new(ClusterStatus::new(node, c.max_queued_bytes))
-            });
+        let cluster = config.cluster.as_ref().map(|c| {
+            let node = c.node_name.clone().unwrap_or_default();
+            Arc::new(ClusterStatus::new(node, c.max_queued_bytes))
+        });
         let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::default()).collect();
         let auth = Arc::new(config.auth.build());
         Ok(Shared {

@@ -233,6 +233,7 @@ impl ShardState {
         topic: &str,
         event: Option<&str>,
         payload: Option<&RawValue>,
+        idempotency_key: Option<&str>,
     ) {
         let Some(channel) = self.channel_for(topic) else {
             return self.send_error(key, &format!("no rule allows topic `{topic}`"));
@@ -253,10 +254,12 @@ impl ShardState {
         }
         let published = match verdict {
             Verdict::Broadcast => {
-                Some(self.publish(topic, message.event, message.payload.get(), None))
+                let (event, payload) = (message.event, message.payload.get());
+                Some(self.publish(topic, event, payload, None, idempotency_key))
             }
             Verdict::Rewrite { event, payload } => {
-                Some(self.publish(topic, &event, &payload.to_string(), None))
+                let payload = payload.to_string();
+                Some(self.publish(topic, &event, &payload, None, idempotency_key))
             }
             Verdict::Drop => None,
             Verdict::Reject(reason) => {
@@ -282,7 +285,7 @@ impl ShardState {
                     event,
                     payload_json,
                 } => {
-                    self.publish(&topic, &event, &payload_json, None);
+                    self.publish(&topic, &event, &payload_json, None, None);
                 }
                 Action::Track { meta_json } => {
                     // A hook may build its meta from what the client sent;
@@ -462,7 +465,7 @@ impl ShardState {
             PresenceThen::Announce { event, user } => {
                 let payload =
                     serde_json::json!({ "user_id": user.as_deref(), "count": members.count });
-                self.publish(&wait.topic, &event, &payload.to_string(), None);
+                self.publish(&wait.topic, &event, &payload.to_string(), None, None);
             }
         }
     }

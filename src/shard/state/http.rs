@@ -171,6 +171,7 @@ impl ShardState {
             &publish.event,
             &publish.payload_json,
             Some(reply),
+            publish.idempotency_key.as_deref(),
         ) {
             Published::Done { shards, position } => {
                 Some(publish_accepted(shards, position.as_ref()))

@@ -18,6 +18,7 @@ mod channels;
 mod cluster;
 mod conn;
 mod http;
+mod idempotency;
 mod inbound;
 mod input;
 mod interest;
@@ -126,6 +127,8 @@ pub struct Memory {
     pub streams: usize,
     /// Connections with a replay paging out or waiting.
     pub replays: usize,
+    /// Idempotency keys of stream publications this shard is home to.
+    pub idempotency: usize,
 }
 
 /// Where registration ids come from: the OS, or a seeded generator so a
@@ -305,6 +308,7 @@ impl ShardState {
             stream_meta: engine.meta_bytes as usize,
             streams: engine.streams as usize,
             replays: self.replaying_connections(),
+            idempotency: self.streams.idempotency.bytes(),
         }
     }
 
@@ -434,7 +438,11 @@ impl ShardState {
                 event,
                 payload,
                 ticket,
-            } => self.on_stream_publish(from, &topic, &event, &payload, ticket),
+                idempotency_key,
+            } => {
+                let key = idempotency_key.as_deref();
+                self.on_stream_publish(from, &topic, &event, &payload, ticket, key)
+            }
             // Addressed to the broker only.
             Envelope::ForNodes { .. } | Envelope::PresenceChange { .. } => {}
             Envelope::StreamOpen {

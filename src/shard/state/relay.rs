@@ -77,8 +77,10 @@ impl ShardState {
                 topic,
                 event,
                 payload,
+                idempotency_key,
             }) => {
-                self.client_publish(key, &topic, event.as_deref(), payload);
+                let idempotency = idempotency_key.as_deref();
+                self.client_publish(key, &topic, event.as_deref(), payload, idempotency);
             }
             Ok(ClientMessage::Presence { topic, page }) => self.ws_presence(key, &topic, page),
         }

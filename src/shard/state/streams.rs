@@ -34,6 +34,7 @@ use crate::shard::key::ConnKey;
 
 use super::cluster::LocalOnly;
 use super::conn::Deferred;
+use super::idempotency::Idempotency;
 use super::replay::{OpenKind, Replays};
 use super::ShardState;
 
@@ -58,6 +59,8 @@ pub(crate) struct Streams {
     replies: HashMap<u64, ConnKey>,
     /// Replays under way, per connection (only connections replaying).
     pub(super) replays: HashMap<ConnKey, Replays>,
+    /// Idempotency keys of the streams this shard is home to.
+    pub(super) idempotency: Idempotency,
 }
 
 impl Streams {
@@ -70,6 +73,10 @@ impl Streams {
             opens_of: HashMap::new(),
             replies: HashMap::new(),
             replays: HashMap::new(),
+            idempotency: Idempotency::new(
+                std::time::Duration::from_secs(limits.idempotency_window_s),
+                limits.max_idempotency_bytes,
+            ),
         }
     }
 }
@@ -137,11 +144,21 @@ impl ShardState {
         event: &str,
         payload_json: &str,
         reply: Option<(ConnKey, bool)>,
+        idempotency_key: Option<&str>,
     ) -> Published {
         if !self.accepting_publishes() {
             return Published::Refused(503, "server shutting down: publishes are refused".into());
         }
-        let Some(history) = self.stream_history(topic) else {
+        let history = self.stream_history(topic);
+        if history.is_none() && idempotency_key.is_some() {
+            // Nothing is stored on a plain topic, so nothing could tell a
+            // retry from a new publication across shards and nodes.
+            let why = format!(
+                "idempotency_key needs a stream topic (a rule with history); `{topic}` has none"
+            );
+            return Published::Refused(400, why);
+        }
+        let Some(history) = history else {
             let frame = message::push(topic, event, payload_json);
             ShardStats::add(&self.stats().publishes_total, 1);
             let shards = self.fan_out(topic, frame.clone());
@@ -156,7 +173,7 @@ impl ShardState {
         };
         let home = self.home_of(topic);
         if home == self.id {
-            return match self.home_publish(topic, &history, event, payload_json) {
+            return match self.home_publish(topic, &history, event, payload_json, idempotency_key) {
                 Ok((position, shards)) => Published::Done {
                     shards,
                     position: Some(position),
@@ -176,6 +193,7 @@ impl ShardState {
             event: event.to_string(),
             payload: payload_json.to_string(),
             ticket,
+            idempotency_key: idempotency_key.map(Box::from),
         };
         if !self.forward(home, envelope) {
             self.release_for_broker(home, held);
@@ -225,7 +243,14 @@ impl ShardState {
         history: &History,
         event: &str,
         payload_json: &str,
+        idempotency_key: Option<&str>,
     ) -> Result<(Position, usize), StreamLimit> {
+        if let Some(key) = idempotency_key {
+            if let Some(first) = self.streams.idempotency.get(topic, key, self.now) {
+                ShardStats::add(&self.stats().idempotent_retries_total, 1);
+                return Ok((first, 0));
+            }
+        }
         let (position, frame) = self.streams.engine.publish(
             topic,
             history,
@@ -234,6 +259,10 @@ impl ShardState {
             &mut |offset| message::push_at(topic, offset, event, payload_json),
         )?;
         ShardStats::add(&self.stats().publishes_total, 1);
+        if let Some(key) = idempotency_key {
+            let first = position.clone();
+            self.streams.idempotency.insert(topic, key, first, self.now);
+        }
         let shards = self.fan_out(topic, frame);
         Ok((position, shards))
     }
@@ -254,15 +283,18 @@ impl ShardState {
         event: &str,
         payload_json: &str,
         ticket: Option<u64>,
+        idempotency_key: Option<&str>,
     ) {
         let answer = match self.stream_history(topic) {
             _ if !self.accepting_publishes() => {
                 error_json(503, "server shutting down: publishes are refused")
             }
-            Some(history) => match self.home_publish(topic, &history, event, payload_json) {
-                Ok((position, shards)) => publish_accepted(shards, Some(&position)),
-                Err(limit) => error_json(503, &limit.to_string()),
-            },
+            Some(history) => {
+                match self.home_publish(topic, &history, event, payload_json, idempotency_key) {
+                    Ok((position, shards)) => publish_accepted(shards, Some(&position)),
+                    Err(limit) => error_json(503, &limit.to_string()),
+                }
+            }
             None => error_json(404, &format!("topic `{topic}` has no history here")),
         };
         if let Some(ticket) = ticket {
@@ -489,6 +521,7 @@ impl ShardState {
             return;
         }
         self.streams.last_expire = self.now;
+        self.streams.idempotency.expire(self.now);
         // A home's topic entry lives while any shard has a subscriber of the
         // topic, active or about to be opened (interest reaches the home
         // before the open does).
@@ -502,6 +535,9 @@ impl ShardState {
         ShardStats::set(&s.stream_publications, stats.publications);
         ShardStats::set(&s.stream_stored_bytes, stats.stored_bytes);
         ShardStats::set(&s.memory_stream_meta_bytes, stats.meta_bytes);
+        let keys = &self.streams.idempotency;
+        ShardStats::set(&s.memory_idempotency_bytes, keys.bytes() as u64);
+        ShardStats::set(&s.idempotency_evictions_total, keys.evicted());
         ShardStats::set(&s.stream_evictions_total, stats.evictions);
         ShardStats::set(&s.stream_epochs_total, stats.epoch_changes);
         ShardStats::set(&s.streams_refused_total, stats.refused);
