@@ -31,12 +31,14 @@ redis_pong() {
 }
 
 # True if the node on port $1 answers GET /health with 200.
+# A node is up when /health says "status":"ok": it answers 200 while
+# degraded too (not reaching Redis), and then it is not in the cluster yet.
 healthy() {
   (
     exec 3<>"/dev/tcp/127.0.0.1/$1"
     printf 'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' >&3
-    IFS= read -r -t 2 status <&3
-    [[ $status == "HTTP/1.1 200"* ]]
+    response=$(timeout 2 cat <&3)
+    [[ $response == "HTTP/1.1 200"* && $response == *'"status":"ok"'* ]]
   ) 2>/dev/null
 }
 
@@ -115,7 +117,7 @@ for i in "${!names[@]}"; do
     kill -0 "${node_pids[$i]}" 2>/dev/null || die "node ${names[$i]} exited (its output is above)"
     sleep 0.1
   done
-  healthy "$port" || die "node ${names[$i]} does not answer /health on port $port"
+  healthy "$port" || die "node ${names[$i]} is not ok on port $port after 10 s (degraded: does it reach Redis?)"
 done
 
 cat <<EOF

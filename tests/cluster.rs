@@ -346,9 +346,9 @@ fn while_redis_is_down_a_node_delivers_locally_and_answers_publishes_with_503() 
     say(&mut client_publisher, TOPIC, json!("said locally"));
     assert_eq!(local.recv_json(), push(TOPIC, "say", json!("said locally")));
 
-    // Subscribing works, locally.
+    // Subscribing works, locally, and the reply says the node is degraded.
     let mut newcomer = cluster.a.ws("/ws");
-    newcomer.subscribe("fresh");
+    newcomer.subscribe_degraded("fresh");
     publish_refused(&cluster.a, "fresh", json!("to the newcomer"));
     assert_eq!(
         newcomer.recv_json(),
@@ -421,7 +421,7 @@ fn a_node_started_while_redis_is_down_serves_locally_and_joins_when_redis_starts
     let early = TestServer::start(SHARDS, Some(&config("early")));
     wait_for_redis(&early, "early", Redis::Down);
     let mut local = early.ws("/ws");
-    local.subscribe(TOPIC);
+    local.subscribe_degraded(TOPIC);
     assert!(publish_refused(&early, TOPIC, json!("alone")) >= 1);
     assert_eq!(local.recv_json(), push(TOPIC, "message", json!("alone")));
 

@@ -707,20 +707,28 @@ impl Broker {
 
     fn on_batch_done(&mut self, (connection, done): BatchDone) {
         self.plan.batch_done();
+        let mut restored = false;
         for (change, ok) in done {
-            if !ok && connection == self.connections {
+            if self.restoring.is_some_and(|last| change.seq >= last) {
+                self.restoring = None;
+                restored = true;
+            }
+            if ok || connection != self.connections {
+                self.on_change_done(change.seq, change.key);
+            } else {
+                // Its waiters wait for the resync's subscribe: a client is
+                // told `subscribed` only once Redis holds the channel (or
+                // the node turns degraded, and says so).
                 self.resync = true;
             }
-            self.on_change_done(change.seq, change.key);
+        }
+        if restored || self.resync {
+            self.check_health();
         }
         self.send_changes();
     }
 
     fn on_change_done(&mut self, seq: u64, key: Key) {
-        if self.restoring.is_some_and(|last| seq >= last) {
-            self.restoring = None;
-            self.check_health();
-        }
         let Some(held) = self.names.get_mut(&key) else {
             return;
         };

@@ -637,6 +637,22 @@ pub fn subscribed(topic: &str) -> Bytes {
     typed_topic("subscribed", topic)
 }
 
+/// Added to a `subscribed` sent while the node cannot reach the rest of
+/// the cluster: publications from other nodes reach the subscriber only
+/// once the node is back (`/health` ok); a stream subscriber recovers
+/// what it missed with `since`.
+const DEGRADED: &[u8] = b",\"cluster\":\"degraded\"";
+
+/// `{"type":"subscribed","topic":T,"cluster":"degraded"}` as a text frame.
+pub fn subscribed_degraded(topic: &str) -> Bytes {
+    frame::text_with(64 + topic.len(), |out| {
+        out.extend_from_slice(b"{\"type\":\"subscribed\",\"topic\":");
+        write_json_str(out, topic);
+        out.extend_from_slice(DEGRADED);
+        out.push(b'}');
+    })
+}
+
 /// `{"type":"unsubscribed","topic":T}` as a text frame.
 pub fn unsubscribed(topic: &str) -> Bytes {
     typed_topic("unsubscribed", topic)
@@ -645,8 +661,14 @@ pub fn unsubscribed(topic: &str) -> Bytes {
 /// `{"type":"subscribed","topic":T,"recovered"?:B,"offset":N,"epoch":E}`:
 /// the reply for a stream topic, with its position (and whether the
 /// position the client asked to resume from was recovered).
-pub fn subscribed_at(topic: &str, recovered: Option<bool>, offset: u64, epoch: &str) -> Bytes {
-    frame::text_with(64 + topic.len() + epoch.len(), |out| {
+pub fn subscribed_at(
+    topic: &str,
+    recovered: Option<bool>,
+    offset: u64,
+    epoch: &str,
+    degraded: bool,
+) -> Bytes {
+    frame::text_with(96 + topic.len() + epoch.len(), |out| {
         out.extend_from_slice(b"{\"type\":\"subscribed\",\"topic\":");
         write_json_str(out, topic);
         if let Some(recovered) = recovered {
@@ -660,6 +682,9 @@ pub fn subscribed_at(topic: &str, recovered: Option<bool>, offset: u64, epoch: &
         write_decimal(out, offset);
         out.extend_from_slice(b",\"epoch\":");
         write_json_str(out, epoch);
+        if degraded {
+            out.extend_from_slice(DEGRADED);
+        }
         out.push(b'}');
     })
 }
@@ -956,12 +981,12 @@ mod tests {
     #[test]
     fn stream_replies_carry_positions_and_replays_are_marked() {
         assert_eq!(
-            json_of(&subscribed_at("t", Some(true), 7, "e1")),
+            json_of(&subscribed_at("t", Some(true), 7, "e1", false)),
             serde_json::json!({"type":"subscribed","topic":"t","recovered":true,"offset":7,"epoch":"e1"})
         );
         assert_eq!(
-            json_of(&subscribed_at("t", None, 0, "e1")),
-            serde_json::json!({"type":"subscribed","topic":"t","offset":0,"epoch":"e1"})
+            json_of(&subscribed_at("t", None, 0, "e1", true)),
+            serde_json::json!({"type":"subscribed","topic":"t","offset":0,"epoch":"e1","cluster":"degraded"})
         );
         let live = push_at("t", 3, "tick", r#"{"v":1}"#);
         assert_eq!(

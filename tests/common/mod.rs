@@ -297,6 +297,16 @@ impl Ws {
         );
     }
 
+    /// Subscribes on a node that cannot reach its cluster: the reply says so.
+    pub fn subscribe_degraded(&mut self, topic: &str) {
+        self.send_text(&format!(r#"{{"type":"subscribe","topic":"{topic}"}}"#));
+        let reply = self.recv_json();
+        assert_eq!(
+            reply,
+            serde_json::json!({"type":"subscribed","topic":topic,"cluster":"degraded"})
+        );
+    }
+
     /// Reads until the server's close frame and returns its code.
     pub fn expect_close(&mut self) -> u16 {
         loop {

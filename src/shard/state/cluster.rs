@@ -101,6 +101,21 @@ impl ShardState {
         }
     }
 
+    /// Whether this node is in a cluster it cannot reach now.
+    pub(super) fn cluster_degraded(&self) -> bool {
+        self.shared.cluster.as_ref().is_some_and(|c| !c.is_up())
+    }
+
+    /// The `subscribed` reply for a plain topic, saying when the node
+    /// cannot reach the cluster (publications from other nodes wait).
+    pub(super) fn subscribed_reply(&self, topic: &str) -> Bytes {
+        if self.cluster_degraded() {
+            crate::protocol::message::subscribed_degraded(topic)
+        } else {
+            crate::protocol::message::subscribed(topic)
+        }
+    }
+
     /// `name` as the index `kind` holds it, if it does (no allocation).
     fn interned(&self, kind: IndexKind, name: &str) -> Arc<str> {
         let index = self.index(kind);

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use crate::bus::{Envelope, IndexKind, ShardId};
-use crate::protocol::message;
 use crate::shard::key::ConnKey;
 
 use super::names::{NameId, NameIndex, NameLimit};
@@ -185,7 +184,7 @@ impl ShardState {
         }
         for conn in waiting {
             match kind {
-                IndexKind::Topic => self.send(conn, message::subscribed(&name)),
+                IndexKind::Topic => self.send(conn, self.subscribed_reply(&name)),
                 IndexKind::User | IndexKind::Chat => self.finish_upgrade(conn),
             }
         }

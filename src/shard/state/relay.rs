@@ -123,7 +123,7 @@ impl ShardState {
                 if self.stream_history(topic).is_some() {
                     self.restate_stream_position(key, id);
                 } else {
-                    self.send(key, message::subscribed(topic));
+                    self.send(key, self.subscribed_reply(topic));
                 }
             }
             return;
@@ -164,7 +164,7 @@ impl ShardState {
             });
         }
         if pos.is_some() {
-            self.send(key, message::subscribed(topic));
+            self.send(key, self.subscribed_reply(topic));
         } else if stream && self.topics.entry(id).acks_pending == 0 {
             self.open_stream(key, id);
         }

@@ -154,7 +154,13 @@ impl ShardState {
         match kind {
             OpenKind::Restate if active => {
                 let position = &page.position;
-                let reply = message::subscribed_at(topic, None, position.offset, &position.epoch);
+                let reply = message::subscribed_at(
+                    topic,
+                    None,
+                    position.offset,
+                    &position.epoch,
+                    self.cluster_degraded(),
+                );
                 self.send(key, reply)
             }
             // Opens of a subscription dropped meanwhile were cancelled.
@@ -174,7 +180,13 @@ impl ShardState {
             None => {}
         }
         let position = &page.position;
-        let reply = message::subscribed_at(topic, page.recovered, position.offset, &position.epoch);
+        let reply = message::subscribed_at(
+            topic,
+            page.recovered,
+            position.offset,
+            &position.epoch,
+            self.cluster_degraded(),
+        );
         self.send(key, reply);
         let busy = self
             .streams
@@ -212,8 +224,13 @@ impl ShardState {
             // out: the client learns it as after a failed recovery.
             ShardStats::add(&self.stats().stream_recovery_failures_total, 1);
             let position = &page.position;
-            let reply =
-                message::subscribed_at(topic, Some(false), position.offset, &position.epoch);
+            let reply = message::subscribed_at(
+                topic,
+                Some(false),
+                position.offset,
+                &position.epoch,
+                self.cluster_degraded(),
+            );
             self.send(key, reply);
         }
         self.send_page(key, id, topic, page, running.mark_through, true);
