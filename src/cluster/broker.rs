@@ -149,6 +149,21 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// The broker's part in a graceful stop (see `Broker::check_drain`).
+#[derive(Default)]
+pub(super) struct Drain {
+    /// Shards whose drain marker arrived.
+    markers: usize,
+    /// When the first came.
+    since: Option<std::time::Instant>,
+    /// Stream publications sent to Redis and not answered.
+    pub(super) publishing: usize,
+    /// Where Redis stands on every held stream was read.
+    checked: bool,
+    /// The broker's own marker went to the shards.
+    sent: bool,
+}
+
 /// A name some shard of this node holds.
 #[derive(Default)]
 pub(super) struct Held {
@@ -207,6 +222,8 @@ pub(super) struct Broker {
     resync: bool,
     /// Whether Redis answers PINGs (see `cluster::liveness`).
     liveness: Liveness,
+    /// The broker's part in a graceful stop.
+    pub(super) drain: Drain,
     ping_done: mpsc::UnboundedSender<bool>,
     ping_done_rx: mpsc::UnboundedReceiver<bool>,
     /// Channel, message, and the bytes it holds of `max_queued_bytes`.
@@ -315,6 +332,7 @@ impl Broker {
             batch_done,
             resync: false,
             liveness: Liveness::new(config.health_timeout),
+            drain: Drain::default(),
             ping_done,
             ping_done_rx,
             publishes,
@@ -383,12 +401,63 @@ impl Broker {
                     self.check_health();
                 }
             }
+            self.check_drain();
             self.outbox.retry_backlog(&self.bus);
             self.outbox.wake_all(&self.bus);
         }
         // Let the publish task send what the shards handed over.
         drop(self.publishes);
         let _ = tokio::time::timeout(COMMAND_TIMEOUT, self.publisher.quit()).await;
+    }
+
+    /// The node is stopping: once every shard's drain marker has come (no
+    /// publish is accepted after it), every stream publication this node
+    /// acknowledged, and every one Redis had assigned when the drain began
+    /// (acknowledged by any node), has gone out to the shards, the broker
+    /// sends its own marker, and the shards close their connections. So no
+    /// publication a publisher was told 202 for before the stop is missing
+    /// for this node's subscribers. Bounded by half the shutdown timeout,
+    /// for a Redis that stopped answering.
+    fn check_drain(&mut self) {
+        let Some(since) = self.drain.since else {
+            return;
+        };
+        if self.drain.sent || self.drain.markers < self.bus.shards() {
+            return;
+        }
+        if !self.drain.checked {
+            // What Redis has assigned by now, whoever acknowledged it, is
+            // forwarded before the node closes its subscribers.
+            self.drain.checked = true;
+            if self.status.is_up() {
+                self.check_streams();
+            }
+        }
+        let pending: Vec<Arc<str>> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| !s.caught_up())
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        let limit = self.shared.config.shutdown_timeout / 2;
+        let done = self.drain.publishing == 0 && pending.is_empty();
+        if !done && since.elapsed() < limit {
+            // A publication's message may have been missed: the log has it.
+            for topic in pending {
+                self.catch_up_acknowledged(&topic);
+            }
+            return;
+        }
+        if !done {
+            tracing::warn!(
+                "cluster: stopping with stream publications not delivered here after {limit:?}: Redis does not answer"
+            );
+        }
+        self.drain.sent = true;
+        for shard in 0..self.bus.shards() {
+            self.outbox
+                .send(&self.bus, ShardId(shard), Envelope::Drained);
+        }
     }
 
     fn redis_up(&self) -> bool {
@@ -595,6 +664,10 @@ impl Broker {
                 topic,
                 query,
             } => self.on_presence_query(from, ticket, topic, query),
+            Envelope::Drained => {
+                self.drain.markers += 1;
+                self.drain.since.get_or_insert_with(std::time::Instant::now);
+            }
             // Shards acknowledge the registrations the broker hands them; and
             // send the broker nothing else.
             _ => {}
@@ -606,9 +679,10 @@ impl Broker {
             StreamDone::Published {
                 from,
                 ticket,
+                topic,
                 held,
                 result,
-            } => self.on_stream_published(from, ticket, held, result),
+            } => self.on_stream_published(from, ticket, topic, held, result),
             StreamDone::Opened { opening, result } => self.on_stream_opened(opening, result),
             StreamDone::Queried {
                 from,
@@ -619,6 +693,7 @@ impl Broker {
                 result,
             } => self.on_stream_queried(from, ticket, &topic, since, epoch, result),
             StreamDone::Filled { topic, result } => self.on_stream_filled(topic, result),
+            StreamDone::Checked { topic, result } => self.on_stream_checked(topic, result),
         }
     }
 
@@ -721,6 +796,10 @@ impl Broker {
                 // the node turns degraded, and says so).
                 self.resync = true;
             }
+        }
+        if restored {
+            // Every channel is back: what went by meanwhile is read now.
+            self.check_streams();
         }
         if restored || self.resync {
             self.check_health();

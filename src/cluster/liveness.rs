@@ -38,13 +38,12 @@ impl Liveness {
         true
     }
 
-    /// The PING sent last came back (`ok`) or failed.
+    /// The PING sent last came back (`ok`) or failed: a failure (a broken
+    /// connection, or the client's own timeout) counts as dead at once.
     pub(super) fn answer(&mut self, now: Instant, ok: bool) {
         debug_assert!(self.pending.is_some(), "an answer to no PING");
         self.pending = None;
-        if ok {
-            self.answered = Some(now);
-        }
+        self.answered = ok.then_some(now);
     }
 
     /// Whether Redis answered within the timeout.
@@ -72,8 +71,9 @@ mod tests {
         assert!(redis.ping_due(at(200)));
         assert!(redis.alive(at(3001)));
         assert!(!redis.alive(at(3002)), "dead 3 s after the last answer");
-        // The client gives up on it; a failed PING keeps it dead.
+        // The client gives up on it; a failed PING is dead at once.
         redis.answer(at(2200), false);
+        assert!(!redis.alive(at(2200)));
         assert!(redis.ping_due(at(2400)));
         redis.answer(at(4000), true);
         assert!(redis.alive(at(4000)), "alive again once it answers");

@@ -47,6 +47,9 @@ pub struct ClusterStats {
     pub presence_waiting: AtomicU64,
     /// Channel subscription changes waiting to be sent to Redis.
     pub changes_waiting: AtomicU64,
+    /// Streams found restarted under a new epoch (Redis lost them): their
+    /// subscribers were sent a `reset`.
+    pub stream_resets_total: AtomicU64,
 }
 
 impl ClusterStatus {
@@ -139,6 +142,12 @@ impl ClusterStatus {
                 "counter",
                 "Stream publications answered 504 outcome unknown: sent to Redis, no answer.",
                 s.unknown_total.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_stream_resets_total",
+                "counter",
+                "Streams Redis lost and started afresh under a new epoch; subscribers got a reset.",
+                s.stream_resets_total.load(Ordering::Relaxed),
             ),
             (
                 "cluster_presence_waiting",

@@ -156,6 +156,21 @@ pub(super) struct StreamState {
     recent: VecDeque<(u64, Bytes)>,
     /// Opens answered by Redis with a position not yet forwarded.
     opens: Vec<(u64, Opening, Read)>,
+    /// Redis has assigned offsets up to this one (a check after a
+    /// reconnection found it): fills go on until it is forwarded.
+    catch_up_to: u64,
+    /// The latest offset this node acknowledged to a publisher.
+    acknowledged: u64,
+    /// A read of where Redis stands is under way (`check_streams`).
+    checking: bool,
+}
+
+impl StreamState {
+    /// Whether everything this node acknowledged, and everything Redis had
+    /// assigned when it was last checked, has gone out to the shards.
+    pub(super) fn caught_up(&self) -> bool {
+        !self.checking && self.last >= self.acknowledged.max(self.catch_up_to)
+    }
 }
 
 impl StreamState {
@@ -172,6 +187,8 @@ impl StreamState {
     fn restart(&mut self, epoch: Arc<str>, last: u64) {
         self.epoch = Some(epoch);
         self.last = last;
+        self.catch_up_to = last;
+        self.acknowledged = 0;
         self.held.clear();
         self.recent.clear();
     }
@@ -223,6 +240,7 @@ pub(super) enum StreamDone {
     Published {
         from: ShardId,
         ticket: Option<u64>,
+        topic: Arc<str>,
         held: usize,
         result: Result<Position, Failure>,
     },
@@ -239,6 +257,11 @@ pub(super) enum StreamDone {
         result: Result<Read, String>,
     },
     Filled {
+        topic: Arc<str>,
+        result: Result<Read, String>,
+    },
+    /// Where Redis stands on a stream, read after a reconnection.
+    Checked {
         topic: Arc<str>,
         result: Result<Read, String>,
     },
@@ -274,6 +297,7 @@ impl Failure {
 pub(super) struct PublishJob {
     from: ShardId,
     ticket: Option<u64>,
+    topic: Arc<str>,
     /// Bytes counted against `max_queued_bytes` until Redis answers.
     held: usize,
     keys: Vec<String>,
@@ -340,6 +364,7 @@ pub(super) async fn publish_task(
             let _ = done.send(StreamDone::Published {
                 from: job.from,
                 ticket: job.ticket,
+                topic: job.topic,
                 held: job.held,
                 result,
             });
@@ -449,6 +474,7 @@ impl Broker {
         let job = PublishJob {
             from,
             ticket,
+            topic: topic.clone(),
             held,
             keys,
             args: vec![
@@ -462,7 +488,9 @@ impl Broker {
                 window_ms.to_string(),
             ],
         };
-        if self.stream_publishes.try_send(job).is_err() {
+        if self.stream_publishes.try_send(job).is_ok() {
+            self.drain.publishing += 1;
+        } else {
             self.status.release(held);
             ClusterStatus::count(&self.status.stats.drops_total);
             if let Some(ticket) = ticket {
@@ -475,12 +503,21 @@ impl Broker {
         &mut self,
         from: ShardId,
         ticket: Option<u64>,
+        topic: Arc<str>,
         held: usize,
         result: Result<Position, Failure>,
     ) {
         self.status.release(held);
+        self.drain.publishing -= 1;
         let answer = match result {
             Ok(position) => {
+                // Acknowledged: this node's subscribers get it before a
+                // drain closes them (see `Broker::check_drain`).
+                if let Some(state) = self.streams.get_mut(&topic) {
+                    if state.epoch.as_deref() == Some(&*position.epoch) {
+                        state.acknowledged = state.acknowledged.max(position.offset);
+                    }
+                }
                 ClusterStatus::count(&self.status.stats.published_total);
                 publish_accepted(0, Some(&position))
             }
@@ -581,9 +618,17 @@ impl Broker {
             }
         };
         let state = self.streams.entry(opening.topic.clone()).or_default();
-        if state.epoch.as_deref() != Some(&*read.epoch) {
-            state.restart(read.epoch.clone(), read.offset);
+        match &state.epoch {
+            // First sight: forwarding starts where Redis stands.
+            None => state.restart(read.epoch.clone(), read.offset),
+            Some(epoch) if *epoch != read.epoch => {
+                self.new_run(&opening.topic, read.epoch.clone());
+            }
+            Some(_) => {}
         }
+        let Some(state) = self.streams.get_mut(&opening.topic) else {
+            return;
+        };
         if read.offset > state.last {
             // Publications Redis has assigned are still on their way here:
             // answer once they have gone out, in their place.
@@ -743,16 +788,18 @@ impl Broker {
             // the position.
             return;
         };
+        let topic: Arc<str> = Arc::from(topic);
         if state.epoch.as_deref() != Some(epoch) {
-            // A new run of the stream (Redis lost it): start over with it.
-            state.restart(Arc::from(epoch), offset - 1);
+            self.new_run(&topic, Arc::from(epoch));
         }
+        let Some(state) = self.streams.get_mut(&topic) else {
+            return;
+        };
         if offset <= state.last {
             return; // a duplicate: a fill got it first
         }
-        let frame = message::push_at(topic, offset, event, payload);
+        let frame = message::push_at(&topic, offset, event, payload);
         state.held.insert(offset, frame);
-        let topic: Arc<str> = Arc::from(topic);
         self.forward_ready(&topic);
         let gap = self
             .streams
@@ -760,6 +807,72 @@ impl Broker {
             .is_some_and(|s| !s.held.is_empty() && !s.filling);
         if gap {
             self.fill_gap(&topic);
+        }
+    }
+
+    /// After a reconnection: reads where Redis stands on every stream the
+    /// node's shards hold. Publications that went by while the node was not
+    /// subscribed are filled from the log, and a stream Redis lost (it
+    /// restarted empty) is told to its subscribers now, not at its next
+    /// publication.
+    pub(super) fn check_streams(&mut self) {
+        let topics: Vec<Arc<str>> = self.streams.keys().cloned().collect();
+        for topic in topics {
+            if let Some(state) = self.streams.get_mut(&topic) {
+                state.checking = true;
+            }
+            let t = topic.clone();
+            // A holder's read: a stream Redis lost starts its new run now.
+            self.read(&topic, ReadFrom::Nowhere, 0, 0, true, move |result| {
+                StreamDone::Checked { topic: t, result }
+            });
+        }
+    }
+
+    pub(super) fn on_stream_checked(&mut self, topic: Arc<str>, result: Result<Read, String>) {
+        let Some(state) = self.streams.get_mut(&topic) else {
+            return;
+        };
+        state.checking = false;
+        let Ok(read) = result else {
+            return; // the next reconnection or publication tells
+        };
+        if state.epoch.as_deref() != Some(&*read.epoch) {
+            self.new_run(&topic, read.epoch.clone());
+        }
+        let Some(state) = self.streams.get_mut(&topic) else {
+            return;
+        };
+        state.catch_up_to = state.catch_up_to.max(read.offset);
+        if read.offset > state.last {
+            self.fill_gap(&topic);
+        }
+    }
+
+    /// Reads from the log what this node acknowledged and has not forwarded.
+    pub(super) fn catch_up_acknowledged(&mut self, topic: &Arc<str>) {
+        if let Some(state) = self.streams.get_mut(topic) {
+            state.catch_up_to = state.catch_up_to.max(state.acknowledged);
+            self.fill_gap(topic);
+        }
+    }
+
+    /// Redis lost the stream and started it afresh under `epoch` (it
+    /// restarted empty): the node's subscribers are told, in order, before
+    /// the new run's publications, which are forwarded from its first
+    /// offset on (from the log, if they went by before this node saw them).
+    fn new_run(&mut self, topic: &Arc<str>, epoch: Arc<str>) {
+        let Some(state) = self.streams.get_mut(topic) else {
+            return;
+        };
+        let lost = state.epoch.is_some();
+        state.restart(epoch.clone(), 0);
+        if lost {
+            tracing::warn!(
+                "cluster: stream `{topic}` restarted under epoch {epoch}: Redis lost its history"
+            );
+            ClusterStatus::count(&self.status.stats.stream_resets_total);
+            self.deliver(topic, message::stream_reset(topic, &epoch));
         }
     }
 
@@ -811,7 +924,7 @@ impl Broker {
         self.forward_ready(&topic);
         let again = self.streams.get(&topic).is_some_and(|s| {
             let waiting = s.opens.iter().any(|(target, ..)| *target > s.last);
-            (!s.held.is_empty() || waiting) && !s.filling
+            (!s.held.is_empty() || waiting || s.catch_up_to > s.last) && !s.filling
         });
         if again {
             self.fill_gap(&topic);

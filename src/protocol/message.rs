@@ -689,6 +689,20 @@ pub fn subscribed_at(
     })
 }
 
+/// `{"type":"reset","topic":T,"offset":0,"epoch":E}`: the stream lost its
+/// history (a Redis restarted without persistence) and runs again from
+/// offset 0 under a new epoch; the pushes that follow continue from there.
+/// A subscriber replaces the position it kept with this one.
+pub fn stream_reset(topic: &str, epoch: &str) -> Bytes {
+    frame::text_with(64 + topic.len() + epoch.len(), |out| {
+        out.extend_from_slice(b"{\"type\":\"reset\",\"topic\":");
+        write_json_str(out, topic);
+        out.extend_from_slice(b",\"offset\":0,\"epoch\":");
+        write_json_str(out, epoch);
+        out.push(b'}');
+    })
+}
+
 /// `{"type":"pong"}` as a text frame; static, no allocation.
 pub fn pong() -> Bytes {
     Bytes::from_static(b"\x81\x0f{\"type\":\"pong\"}")

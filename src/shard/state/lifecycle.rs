@@ -138,6 +138,10 @@ impl ShardState {
         }
         self.shutdown.begun = true;
         self.broadcast_control(|| Envelope::Drained);
+        if let Some(broker) = self.shared.bus.broker() {
+            // It answers with its own once what it acknowledged went out.
+            self.post_control(broker, Envelope::Drained);
+        }
         self.close_all_if_drained();
     }
 
@@ -147,7 +151,8 @@ impl ShardState {
     }
 
     fn close_all_if_drained(&mut self) {
-        let peers = self.shared.bus.shards() - 1;
+        // The other shards, and the broker in a cluster.
+        let peers = self.shared.bus.members() - 1;
         if !self.shutdown.begun || self.shutdown.closing || self.shutdown.drained_peers < peers {
             return;
         }
