@@ -558,6 +558,11 @@ fn after_redis_restarts_empty_a_live_subscriber_is_told_and_gets_the_new_run_fro
     );
     cluster::assert_quiet(&mut on_b, "the subscriber on b");
     assert_eq!(b.metric("cluster_stream_resets_total"), 1);
+    // The publish script goes by digest; the restarted Redis, which lost
+    // its script cache, was sent the text again.
+    let stats = redis.cmd(&["INFO", "commandstats"]);
+    assert!(stats.contains("cmdstat_evalsha:calls="), "{stats}");
+    assert!(stats.contains("cmdstat_eval:calls="), "{stats}");
 }
 
 /// Fault: SIGTERM closed a node's subscribers once its shards had drained,
@@ -673,4 +678,63 @@ fn a_node_stopped_with_sigterm_first_delivers_what_it_acknowledged_to_its_subscr
         }
         assert_eq!(a.terminate(), Some(0));
     }
+}
+
+fn register(node: &TestServer, user: &str) -> String {
+    let body = serde_json::json!({"user_id": user, "topics": []}).to_string();
+    let (status, reply) = node.http("POST", "/register", Some(&body));
+    assert_eq!(status, 201, "{reply}");
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    reply["id"].as_str().unwrap().to_string()
+}
+
+/// Waits until every node answers an upgrade to `/ws/{id}` with `status`.
+fn wait_for_upgrade(nodes: &[(&str, &TestServer)], id: &str, status: u16) {
+    for (name, node) in nodes {
+        wait_until(
+            &format!("node {name} to answer /ws/{id} with {status}"),
+            || match node.upgrade_status(&format!("/ws/{id}"), "") {
+                s if s == status => Ok(()),
+                other => Err(format!("{other}")),
+            },
+        );
+    }
+}
+
+/// Fault: after Redis restarted empty, nodes that had been running still
+/// accepted `/ws/{id}` for registrations Redis no longer held, while a node
+/// started afterwards said 404; and a registration deleted while a node was
+/// away from Redis lingered on it. Redis is now the truth on every node.
+#[test]
+fn every_node_answers_a_registration_as_redis_holds_it() {
+    let mut redis = RedisServer::start();
+    let a = start_node_with(&redis, "a", "");
+    let b = start_node_with(&redis, "b", "");
+    wait_for_redis(&a, "a", Redis::Up);
+    wait_for_redis(&b, "b", Redis::Up);
+
+    // Deleted while the nodes were away: their subscriptions drop, the key
+    // goes without an announcement, they come back.
+    let away = register(&a, "away");
+    wait_for_upgrade(&[("a", &a), ("b", &b)], &away, 101);
+    redis.cmd(&["DEL", &format!("ringcast-test:reg:{away}")]);
+    redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    wait_for_upgrade(&[("a", &a), ("b", &b)], &away, 404);
+
+    // Lost with a Redis restarted empty: gone everywhere, like on a node
+    // that starts afterwards.
+    let lost = register(&b, "lost");
+    let also_lost = register(&a, "also lost");
+    wait_for_upgrade(&[("a", &a), ("b", &b)], &lost, 101);
+    redis.restart();
+    let c = start_node_with(&redis, "c", "");
+    for (name, node) in [("a", &a), ("b", &b), ("c", &c)] {
+        wait_for_redis(node, name, Redis::Up);
+    }
+    let nodes = [("a", &a), ("b", &b), ("c", &c)];
+    wait_for_upgrade(&nodes, &lost, 404);
+    wait_for_upgrade(&nodes, &also_lost, 404);
+    // What is registered now is known everywhere.
+    let fresh = register(&c, "fresh");
+    wait_for_upgrade(&nodes, &fresh, 101);
 }

@@ -9,9 +9,12 @@
 //! answer (`201`, `204`) waits for the broker's acknowledgement, which comes
 //! when the broker hears its own announcement back from Redis: by then Redis
 //! has delivered it to every node. A node that connects (or reconnects)
-//! loads every registration from Redis.
+//! loads every registration from Redis, and Redis is the truth: what the
+//! node knew and Redis no longer holds (deleted by another node while this
+//! one was away, or lost by a Redis restarted without persistence) is
+//! dropped on every shard, so every node answers `/ws/{id}` alike.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use fred::prelude::*;
@@ -38,11 +41,15 @@ pub(super) struct Notice {
     topics: Vec<String>,
 }
 
-/// Registry changes waiting for their announcement to come back.
+/// Registry changes waiting for their announcement to come back, and the
+/// registrations the node's shards were told of.
 #[derive(Default)]
 pub(super) struct Pending {
     /// Registration id -> (shard, ticket) to acknowledge.
     acks: HashMap<String, Vec<(ShardId, u64)>>,
+    /// Every registration id the shards hold (bounded like them, by
+    /// `max_registrations`).
+    known: HashSet<Arc<str>>,
 }
 
 /// What a registry task reports to the broker's loop.
@@ -50,8 +57,9 @@ pub(super) enum RegistryDone {
     /// Storing or deleting failed: acknowledge anyway (the shard answers;
     /// other nodes may not know).
     Failed { from: ShardId, ticket: u64 },
-    /// Registrations read from Redis after a connection.
-    Loaded(Vec<(String, String, Vec<String>)>),
+    /// Registrations read from Redis after a connection, and whether the
+    /// read was complete (only a complete one may drop registrations).
+    Loaded(Vec<(String, String, Vec<String>)>, bool),
 }
 
 /// The control channel's name.
@@ -73,11 +81,13 @@ impl Broker {
         user: Arc<str>,
         topics: Arc<[String]>,
     ) {
+        self.registry.known.insert(id.clone());
         self.change_registry(from, ticket, &id, Some((user.to_string(), topics.to_vec())));
     }
 
     /// A shard deleted `id`: delete it, announce it, acknowledge on echo.
     pub(super) fn on_unregister(&mut self, from: ShardId, ticket: u64, id: Arc<str>) {
+        self.registry.known.remove(&id);
         self.change_registry(from, ticket, &id, None);
     }
 
@@ -145,18 +155,21 @@ impl Broker {
         }
         match notice.user {
             Some(user) => self.tell_shards_registered(&notice.id, &user, notice.topics),
-            None => {
-                let id: Arc<str> = Arc::from(notice.id);
-                self.tell_every_shard(|| Envelope::Unregister {
-                    ticket: 0,
-                    id: id.clone(),
-                });
-            }
+            None => self.tell_shards_unregistered(Arc::from(notice.id)),
         }
+    }
+
+    fn tell_shards_unregistered(&mut self, id: Arc<str>) {
+        self.registry.known.remove(&id);
+        self.tell_every_shard(|| Envelope::Unregister {
+            ticket: 0,
+            id: id.clone(),
+        });
     }
 
     fn tell_shards_registered(&mut self, id: &str, user: &str, topics: Vec<String>) {
         let (id, user): (Arc<str>, Arc<str>) = (Arc::from(id), Arc::from(user));
+        self.registry.known.insert(id.clone());
         let topics: Arc<[String]> = topics.into();
         self.tell_every_shard(|| Envelope::Register {
             ticket: 0,
@@ -183,7 +196,31 @@ impl Broker {
                 self.registry.acks.retain(|_, acks| !acks.is_empty());
                 self.outbox.send(&self.bus, from, Envelope::Ack { ticket });
             }
-            RegistryDone::Loaded(registrations) => {
+            RegistryDone::Loaded(registrations, complete) => {
+                if complete {
+                    // Redis is the truth; a change of this node's still on
+                    // its way there is not judged by a read that missed it.
+                    let loaded: HashSet<&str> =
+                        registrations.iter().map(|(id, ..)| id.as_str()).collect();
+                    let gone: Vec<Arc<str>> = self
+                        .registry
+                        .known
+                        .iter()
+                        .filter(|id| {
+                            !loaded.contains(&***id) && !self.registry.acks.contains_key(&***id)
+                        })
+                        .cloned()
+                        .collect();
+                    if !gone.is_empty() {
+                        tracing::info!(
+                            "cluster: {} registrations this node knew are not in Redis: dropped",
+                            gone.len()
+                        );
+                    }
+                    for id in gone {
+                        self.tell_shards_unregistered(id);
+                    }
+                }
                 for (id, user, topics) in registrations {
                     self.tell_shards_registered(&id, &user, topics);
                 }
@@ -199,16 +236,23 @@ impl Broker {
         let prefix_len = pattern.len() - 1;
         tokio::spawn(async move {
             let mut found = Vec::new();
+            let mut complete = true;
             let mut pages = client.scan(pattern, Some(1000), None);
             while let Some(page) = pages.next().await {
-                let Ok(mut page) = page else { break };
+                let Ok(mut page) = page else {
+                    complete = false;
+                    break;
+                };
                 for key in page.take_results().unwrap_or_default() {
                     let Some(name) = key.as_str().map(|k| k.to_string()) else {
                         continue;
                     };
                     let fields: HashMap<String, String> = match client.hgetall(&name).await {
                         Ok(fields) => fields,
-                        Err(_) => continue,
+                        Err(_) => {
+                            complete = false;
+                            continue;
+                        }
                     };
                     let (Some(user), topics) = (fields.get("u"), fields.get("t")) else {
                         continue;
@@ -219,7 +263,7 @@ impl Broker {
                     found.push((name[prefix_len..].to_string(), user.clone(), topics));
                 }
             }
-            let _ = done.send(RegistryDone::Loaded(found));
+            let _ = done.send(RegistryDone::Loaded(found, complete));
         });
     }
 }

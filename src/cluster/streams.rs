@@ -335,31 +335,26 @@ pub(super) async fn publish_task(
     mut jobs: mpsc::Receiver<PublishJob>,
     done: mpsc::UnboundedSender<StreamDone>,
 ) {
+    // The script goes by its digest; Redis has it cached after the first
+    // EVAL, and a Redis that lost its cache (a restart) answers NOSCRIPT
+    // without running anything, so those are sent again whole.
+    let digest = fred::util::sha1_hash(PUBLISH_SCRIPT);
     let mut batch = Vec::with_capacity(256);
     while jobs.recv_many(&mut batch, 256).await > 0 {
-        let pipeline = client.pipeline();
-        let mut queued = Vec::with_capacity(batch.len());
-        for job in batch.drain(..) {
-            // EVAL as a custom command: fred's pipeline has no Lua
-            // interface. The slot is the first key's (argument 2).
-            let mut args: Vec<Value> =
-                vec![PUBLISH_SCRIPT.into(), Value::from(job.keys.len() as i64)];
-            args.extend(job.keys.iter().map(|k| Value::from(k.as_str())));
-            args.extend(job.args.iter().map(|a| Value::from(a.as_str())));
-            let eval = CustomCommand::new_static("EVAL", ClusterHash::Offset(2), false);
-            let sent: Result<(), Error> = pipeline.custom(eval, args).await;
-            queued.push((job, sent));
+        let sent = run_publications(&client, &digest, std::mem::take(&mut batch)).await;
+        let (unknown_script, mut answered): (Vec<_>, Vec<_>) = sent
+            .into_iter()
+            .partition(|(_, sent)| sent.unknown_script());
+        if !unknown_script.is_empty() {
+            let jobs = unknown_script.into_iter().map(|(job, _)| job).collect();
+            answered.extend(run_publications(&client, PUBLISH_SCRIPT, jobs).await);
         }
-        let mut results = pipeline.try_all::<Value>().await.into_iter();
-        for (job, sent) in queued {
+        for (job, sent) in answered {
             let result = match sent {
-                Err(e) => Err(Failure::NotStored(e.to_string())),
-                Ok(()) => match results.next() {
-                    Some(Ok(value)) => position(value)
-                        .ok_or_else(|| Failure::Unknown("an unreadable reply".to_string())),
-                    Some(Err(e)) => Err(Failure::of(&e)),
-                    None => Err(Failure::Unknown("no reply".to_string())),
-                },
+                Sent::Not(e) => Err(Failure::NotStored(e.to_string())),
+                Sent::Answered(Ok(value)) => position(value)
+                    .ok_or_else(|| Failure::Unknown("an unreadable reply".to_string())),
+                Sent::Answered(Err(e)) => Err(Failure::of(&e)),
             };
             let _ = done.send(StreamDone::Published {
                 from: job.from,
@@ -369,7 +364,61 @@ pub(super) async fn publish_task(
                 result,
             });
         }
+        batch = Vec::with_capacity(256);
     }
+}
+
+/// What became of one publication in a pipeline.
+enum Sent {
+    /// It could not be queued: Redis ran nothing.
+    Not(Error),
+    /// Redis's answer, or the error in its place.
+    Answered(Result<Value, Error>),
+}
+
+impl Sent {
+    /// Redis did not know the script's digest and ran nothing.
+    fn unknown_script(&self) -> bool {
+        matches!(self, Sent::Answered(Err(e)) if e.details().starts_with("NOSCRIPT"))
+    }
+}
+
+/// Runs the publish script for each job in one pipeline: by digest
+/// (EVALSHA, `script` a SHA-1 in hex) or by text (EVAL).
+async fn run_publications(
+    client: &Client,
+    script: &str,
+    jobs: Vec<PublishJob>,
+) -> Vec<(PublishJob, Sent)> {
+    let by_digest = script.len() == 40 && script.bytes().all(|b| b.is_ascii_hexdigit());
+    let command = if by_digest { "EVALSHA" } else { "EVAL" };
+    let pipeline = client.pipeline();
+    let mut queued = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        // A custom command: fred's pipeline has no Lua interface. The slot
+        // is the first key's (argument 2).
+        let mut args: Vec<Value> = vec![script.into(), Value::from(job.keys.len() as i64)];
+        args.extend(job.keys.iter().map(|k| Value::from(k.as_str())));
+        args.extend(job.args.iter().map(|a| Value::from(a.as_str())));
+        let eval = CustomCommand::new_static(command, ClusterHash::Offset(2), false);
+        let sent: Result<(), Error> = pipeline.custom(eval, args).await;
+        queued.push((job, sent));
+    }
+    let mut results = pipeline.try_all::<Value>().await.into_iter();
+    queued
+        .into_iter()
+        .map(|(job, sent)| {
+            let sent = match sent {
+                Err(e) => Sent::Not(e),
+                Ok(()) => Sent::Answered(
+                    results
+                        .next()
+                        .unwrap_or_else(|| Err(Error::new(ErrorKind::IO, "no reply"))),
+                ),
+            };
+            (job, sent)
+        })
+        .collect()
 }
 
 fn position(value: Value) -> Option<Position> {
