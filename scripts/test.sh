@@ -22,10 +22,12 @@ if [ "$pinned" != "$installed" ]; then
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
 
-# The cluster tests (tests/cluster.rs) run their own redis-server on a private
-# loopback port; only the binary is needed (the package's own service on 6379
-# is never used). The package index is refreshed only if the install fails.
-if ! command -v redis-server >/dev/null; then
+# The cluster tests (tests/cluster*.rs) run their own redis-server on a private
+# loopback port; tests/redis_cluster.rs runs six of them as a Redis Cluster and
+# joins them with redis-cli (redis-tools, a dependency of the package). Only
+# the binaries are needed (the package's own service on 6379 is never used).
+# The package index is refreshed only if the install fails.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   if ! apt-get install -y -qq redis-server >/dev/null; then
     apt-get update -qq

@@ -251,6 +251,11 @@ pub struct ClusterConfig {
     /// publish for other nodes gets 503 (`cluster busy`) instead of queueing,
     /// so a stalled Redis cannot grow the node.
     pub max_queued_bytes: usize,
+    /// Replicas that must have a stream publication before it is answered
+    /// `202` (Redis `WAIT`, up to 1 s; fewer is `504` outcome unknown).
+    /// Default 0. With 1, a failover that promotes the replica keeps every
+    /// acknowledged publication.
+    pub wait_replicas: u32,
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -262,6 +267,7 @@ impl fmt::Debug for ClusterConfig {
             .field("presence_ttl", &self.presence_ttl)
             .field("health_timeout", &self.health_timeout)
             .field("max_queued_bytes", &self.max_queued_bytes)
+            .field("wait_replicas", &self.wait_replicas)
             .finish()
     }
 }
@@ -330,6 +336,7 @@ struct FileCluster {
     presence_ttl_s: Option<u64>,
     health_timeout_ms: Option<u64>,
     max_queued_bytes: Option<usize>,
+    wait_replicas: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -559,11 +566,16 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
 }
 
 fn cluster_config(file: FileCluster) -> Result<ClusterConfig, ConfigError> {
-    // No TLS client is built in (`rediss://`): reach Redis over loopback or
-    // a private network, or through a TLS tunnel.
-    if !file.redis_url.starts_with("redis://") {
+    // One Redis (`redis://`) or a Redis Cluster (`redis-cluster://` with
+    // more seeds as `?node=host:port&node=...`). No TLS client is built in
+    // (`rediss://`): reach Redis over loopback or a private network, or
+    // through a TLS tunnel.
+    if !["redis://", "redis-cluster://"]
+        .iter()
+        .any(|scheme| file.redis_url.starts_with(scheme))
+    {
         return Err(ConfigError::Invalid(format!(
-            "cluster.redis_url: `{}` is not a URL like redis://127.0.0.1:6379",
+            "cluster.redis_url: `{}` is not a URL like redis://127.0.0.1:6379 or redis-cluster://10.0.0.1:7000?node=10.0.0.2:7000",
             redact_url(&file.redis_url)
         )));
     }
@@ -605,6 +617,7 @@ fn cluster_config(file: FileCluster) -> Result<ClusterConfig, ConfigError> {
         presence_ttl,
         health_timeout,
         max_queued_bytes,
+        wait_replicas: file.wait_replicas.unwrap_or(0),
     })
 }
 

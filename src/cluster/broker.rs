@@ -224,6 +224,9 @@ pub(super) struct Broker {
     liveness: Liveness,
     /// The broker's part in a graceful stop.
     pub(super) drain: Drain,
+    /// Keys given to this node's stream publications in a Redis Cluster
+    /// so far (see `cluster::streams`).
+    pub(super) replay_keys: u64,
     ping_done: mpsc::UnboundedSender<bool>,
     ping_done_rx: mpsc::UnboundedReceiver<bool>,
     /// Channel, message, and the bytes it holds of `max_queued_bytes`.
@@ -256,6 +259,7 @@ impl Broker {
         redis: fred::prelude::Config,
         stop: Arc<AtomicBool>,
     ) -> Result<Broker, Error> {
+        let clustered = redis.server.is_clustered();
         let client = |receive_buffer: usize| {
             let mut redis = redis.clone();
             // Retry the first connection too: Redis may start after us.
@@ -272,8 +276,12 @@ impl Broker {
                     c.connection_timeout = COMMAND_TIMEOUT;
                     c.internal_command_timeout = COMMAND_TIMEOUT;
                     // A command in flight when the connection drops is not
-                    // sent again on the next one: a publish could arrive twice.
-                    c.max_command_attempts = 1;
+                    // sent again on the next one: a publish could arrive
+                    // twice. A Redis Cluster answers MOVED or ASK while its
+                    // slots move (a failover, resharding), and following
+                    // one is a second attempt; there, stream publications
+                    // carry a key that makes a second run harmless.
+                    c.max_command_attempts = if clustered { 3 } else { 1 };
                 })
                 .build()
         };
@@ -289,7 +297,12 @@ impl Broker {
         let (publishes, publishes_rx) = mpsc::channel(PUBLISH_QUEUE);
         tokio::spawn(publish(publisher.clone(), publishes_rx, status.clone()));
         let (stream_done, stream_done_rx) = mpsc::unbounded_channel();
-        let stream_publishes = streams::start(&publisher, stream_done.clone());
+        let wait = (config.wait_replicas > 0).then_some(streams::WaitReplicas {
+            replicas: config.wait_replicas,
+            // Under the command timeout, so WAIT answers before the client gives up.
+            timeout_ms: (COMMAND_TIMEOUT / 2).as_millis() as u64,
+        });
+        let stream_publishes = streams::start(&publisher, stream_done.clone(), wait);
         let bus = shared.bus.clone();
         let (registry_done, registry_done_rx) = registry::channel();
         let (presence_done, presence_done_rx) = mpsc::unbounded_channel();
@@ -333,6 +346,7 @@ impl Broker {
             resync: false,
             liveness: Liveness::new(config.health_timeout),
             drain: Drain::default(),
+            replay_keys: 0,
             ping_done,
             ping_done_rx,
             publishes,

@@ -237,7 +237,12 @@ impl Broker {
         tokio::spawn(async move {
             let mut found = Vec::new();
             let mut complete = true;
-            let mut pages = client.scan(pattern, Some(1000), None);
+            // A Redis Cluster keeps them on every master: scan them all.
+            let mut pages = if client.is_clustered() {
+                client.scan_cluster(pattern, Some(1000), None).boxed()
+            } else {
+                client.scan(pattern, Some(1000), None).boxed()
+            };
             while let Some(page) = pages.next().await {
                 let Ok(mut page) = page else {
                     complete = false;

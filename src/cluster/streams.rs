@@ -55,6 +55,9 @@ use super::ClusterStatus;
 /// the history expired learns `recovered:false` under the same epoch,
 /// rather than a new stream whose offsets restart.
 const META_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long the key a node gives its own stream publications in a Redis
+/// Cluster lives: longer than any resend of the command by the client.
+const REPLAY_WINDOW: Duration = Duration::from_secs(30);
 /// Frames forwarded per stream kept to complete an open that Redis answered
 /// with an older position than the broker has forwarded.
 const RECENT: usize = 256;
@@ -293,6 +296,14 @@ impl Failure {
     }
 }
 
+/// Replicas a stream publication must reach before it is acknowledged, and
+/// how long Redis waits for them (under the command timeout).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WaitReplicas {
+    pub(super) replicas: u32,
+    pub(super) timeout_ms: u64,
+}
+
 /// A publication for the stream publish task.
 pub(super) struct PublishJob {
     from: ShardId,
@@ -334,6 +345,7 @@ pub(super) async fn publish_task(
     client: Client,
     mut jobs: mpsc::Receiver<PublishJob>,
     done: mpsc::UnboundedSender<StreamDone>,
+    wait: Option<WaitReplicas>,
 ) {
     // The script goes by its digest; Redis has it cached after the first
     // EVAL, and a Redis that lost its cache (a restart) answers NOSCRIPT
@@ -341,13 +353,13 @@ pub(super) async fn publish_task(
     let digest = fred::util::sha1_hash(PUBLISH_SCRIPT);
     let mut batch = Vec::with_capacity(256);
     while jobs.recv_many(&mut batch, 256).await > 0 {
-        let sent = run_publications(&client, &digest, std::mem::take(&mut batch)).await;
+        let sent = run_publications(&client, &digest, std::mem::take(&mut batch), wait).await;
         let (unknown_script, mut answered): (Vec<_>, Vec<_>) = sent
             .into_iter()
             .partition(|(_, sent)| sent.unknown_script());
         if !unknown_script.is_empty() {
             let jobs = unknown_script.into_iter().map(|(job, _)| job).collect();
-            answered.extend(run_publications(&client, PUBLISH_SCRIPT, jobs).await);
+            answered.extend(run_publications(&client, PUBLISH_SCRIPT, jobs, wait).await);
         }
         for (job, sent) in answered {
             let result = match sent {
@@ -368,6 +380,24 @@ pub(super) async fn publish_task(
     }
 }
 
+/// A script's answer, once `WAIT` says how many replicas have it: fewer
+/// than asked is a timeout (the publication may yet be lost in a failover).
+fn replicated(
+    ran: Result<Value, Error>,
+    waited: Result<Value, Error>,
+    replicas: u32,
+) -> Result<Value, Error> {
+    let ran = ran?;
+    let reached = waited?.as_u64().unwrap_or(0);
+    if reached < u64::from(replicas) {
+        return Err(Error::new(
+            ErrorKind::Timeout,
+            format!("stored, and reached {reached} of {replicas} replicas in time"),
+        ));
+    }
+    Ok(ran)
+}
+
 /// What became of one publication in a pipeline.
 enum Sent {
     /// It could not be queued: Redis ran nothing.
@@ -384,11 +414,14 @@ impl Sent {
 }
 
 /// Runs the publish script for each job in one pipeline: by digest
-/// (EVALSHA, `script` a SHA-1 in hex) or by text (EVAL).
+/// (EVALSHA, `script` a SHA-1 in hex) or by text (EVAL); with `wait`, each
+/// followed by a `WAIT` on the same connection, and a publication that
+/// reached fewer replicas fails with a timeout (outcome unknown).
 async fn run_publications(
     client: &Client,
     script: &str,
     jobs: Vec<PublishJob>,
+    wait: Option<WaitReplicas>,
 ) -> Vec<(PublishJob, Sent)> {
     let by_digest = script.len() == 40 && script.bytes().all(|b| b.is_ascii_hexdigit());
     let command = if by_digest { "EVALSHA" } else { "EVAL" };
@@ -401,20 +434,37 @@ async fn run_publications(
         args.extend(job.keys.iter().map(|k| Value::from(k.as_str())));
         args.extend(job.args.iter().map(|a| Value::from(a.as_str())));
         let eval = CustomCommand::new_static(command, ClusterHash::Offset(2), false);
-        let sent: Result<(), Error> = pipeline.custom(eval, args).await;
+        let mut sent: Result<(), Error> = pipeline.custom(eval, args).await;
+        if let (Some(wait), Ok(())) = (wait, &sent) {
+            // To the connection that ran the script: its slot's.
+            let slot = fred::util::redis_keyslot(job.keys[0].as_bytes());
+            let command = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), false);
+            let args = vec![
+                Value::from(i64::from(wait.replicas)),
+                Value::from(wait.timeout_ms as i64),
+            ];
+            sent = pipeline.custom(command, args).await;
+        }
         queued.push((job, sent));
     }
     let mut results = pipeline.try_all::<Value>().await.into_iter();
+    let mut next = || {
+        results
+            .next()
+            .unwrap_or_else(|| Err(Error::new(ErrorKind::IO, "no reply")))
+    };
     queued
         .into_iter()
         .map(|(job, sent)| {
             let sent = match sent {
                 Err(e) => Sent::Not(e),
-                Ok(()) => Sent::Answered(
-                    results
-                        .next()
-                        .unwrap_or_else(|| Err(Error::new(ErrorKind::IO, "no reply"))),
-                ),
+                Ok(()) => {
+                    let ran = next();
+                    match wait {
+                        None => Sent::Answered(ran),
+                        Some(wait) => Sent::Answered(replicated(ran, next(), wait.replicas)),
+                    }
+                }
             };
             (job, sent)
         })
@@ -515,11 +565,24 @@ impl Broker {
         let channel = super::wire::channel(&self.prefix, crate::bus::IndexKind::Topic, &topic);
         let ttl_ms = history.ttl.as_millis().max(1);
         let mut keys = keys(&self.prefix, &topic);
-        if let Some(key) = idempotency_key {
+        let mut window_ms = self.shared.config.limits.idempotency_window_s.max(1) * 1000;
+        let key = match idempotency_key {
+            Some(key) => Some(key.to_string()),
+            // A Redis Cluster client sends a command again after a
+            // redirection, or after its connection dropped with the command
+            // unanswered: a key of the node's own makes a second run answer
+            // with the first one's position instead of storing it twice.
+            None if self.publisher.is_clustered() => {
+                window_ms = REPLAY_WINDOW.as_millis() as u64;
+                self.replay_keys += 1;
+                Some(format!("~{:016x}-{}", self.node, self.replay_keys))
+            }
+            None => None,
+        };
+        if let Some(key) = key {
             // Beside the stream's keys (the same hash tag, so the same slot).
             keys.push(format!("{}:s:{{{topic}}}:k:{key}", self.prefix));
         }
-        let window_ms = self.shared.config.limits.idempotency_window_s.max(1) * 1000;
         let job = PublishJob {
             from,
             ticket,
@@ -1055,9 +1118,10 @@ fn latest(entries: Vec<(u64, Bytes)>, newer: Vec<(u64, Bytes)>, count: usize) ->
 pub(super) fn start(
     publisher: &Client,
     done: mpsc::UnboundedSender<StreamDone>,
+    wait: Option<WaitReplicas>,
 ) -> mpsc::Sender<PublishJob> {
     let (jobs, rx) = mpsc::channel(PUBLISH_QUEUE);
-    tokio::spawn(publish_task(publisher.clone(), rx, done));
+    tokio::spawn(publish_task(publisher.clone(), rx, done, wait));
     jobs
 }
 

@@ -64,7 +64,10 @@ impl TestServer {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .env("RUST_LOG", "ringcast=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or("ringcast=warn".into()),
+            )
             .spawn()
             .expect("server program starts");
         let stdout = child.stdout.take().unwrap();

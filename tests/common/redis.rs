@@ -37,6 +37,8 @@ pub struct RedisServer {
     /// An append-only file in `dir`, fsynced on every write: what Redis
     /// acknowledged survives `stop` and comes back with `restart`.
     persistent: bool,
+    /// A Redis Cluster node (`cluster-enabled yes`), not joined to any yet.
+    cluster_node: bool,
     child: Option<Child>,
 }
 
@@ -44,17 +46,24 @@ impl RedisServer {
     /// Starts Redis on a free loopback port and returns once it answers PING.
     /// Panics with Redis's log if it cannot start.
     pub fn start() -> RedisServer {
-        RedisServer::launch(false)
+        RedisServer::launch(false, false)
     }
 
     /// The same with persistence: an append-only file fsynced before every
     /// reply (`--appendonly yes --appendfsync always`), so a write Redis
     /// acknowledged survives `stop`'s SIGKILL and `restart` loads it back.
     pub fn start_persistent() -> RedisServer {
-        RedisServer::launch(true)
+        RedisServer::launch(true, false)
     }
 
-    fn launch(persistent: bool) -> RedisServer {
+    /// A persistent node for a Redis Cluster (`cluster-enabled yes`, a
+    /// one-second node timeout so a failover takes seconds), not yet part of
+    /// any: `common::redis_cluster` joins them.
+    pub fn start_cluster_node() -> RedisServer {
+        RedisServer::launch(true, true)
+    }
+
+    fn launch(persistent: bool, cluster_node: bool) -> RedisServer {
         let mut failures = Vec::new();
         for attempt in 0..PORT_ATTEMPTS {
             let Some(port) = reserve_port(attempt) else {
@@ -65,6 +74,7 @@ impl RedisServer {
                 dir: std::env::temp_dir()
                     .join(format!("ringcast-redis-{}-{port}", std::process::id())),
                 persistent,
+                cluster_node,
                 child: None,
             };
             // A directory left by an earlier process with this pid must not
@@ -166,6 +176,11 @@ impl RedisServer {
                 ["--appendonly", "yes", "--appendfsync", "always"].as_slice()
             } else {
                 ["--appendonly", "no"].as_slice()
+            })
+            .args(if self.cluster_node {
+                ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"].as_slice()
+            } else {
+                [].as_slice()
             })
             .arg("--dir")
             .arg(&self.dir)
