@@ -27,11 +27,13 @@ fi
 # joins them with redis-cli (redis-tools, a dependency of the package). Only
 # the binaries are needed (the package's own service on 6379 is never used).
 # The package index is refreshed only if the install fails.
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+# tests/redis_tls.rs makes its test CA and certificate with the openssl CLI.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null \
+  || ! command -v openssl >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
-  if ! apt-get install -y -qq redis-server >/dev/null; then
+  if ! apt-get install -y -qq redis-server openssl >/dev/null; then
     apt-get update -qq
-    apt-get install -y -qq redis-server >/dev/null
+    apt-get install -y -qq redis-server openssl >/dev/null
   fi
 fi
 

@@ -256,6 +256,9 @@ pub struct ClusterConfig {
     /// Default 0. With 1, a failover that promotes the replica keeps every
     /// acknowledged publication.
     pub wait_replicas: u32,
+    /// With `rediss://`: PEM certificates of the CAs to trust for Redis's
+    /// certificate instead of the system's (a private CA).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for ClusterConfig {
@@ -268,6 +271,7 @@ impl fmt::Debug for ClusterConfig {
             .field("health_timeout", &self.health_timeout)
             .field("max_queued_bytes", &self.max_queued_bytes)
             .field("wait_replicas", &self.wait_replicas)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }
@@ -337,6 +341,7 @@ struct FileCluster {
     health_timeout_ms: Option<u64>,
     max_queued_bytes: Option<usize>,
     wait_replicas: Option<u32>,
+    tls_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -567,17 +572,24 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
 
 fn cluster_config(file: FileCluster) -> Result<ClusterConfig, ConfigError> {
     // One Redis (`redis://`) or a Redis Cluster (`redis-cluster://` with
-    // more seeds as `?node=host:port&node=...`). No TLS client is built in
-    // (`rediss://`): reach Redis over loopback or a private network, or
-    // through a TLS tunnel.
-    if !["redis://", "redis-cluster://"]
-        .iter()
-        .any(|scheme| file.redis_url.starts_with(scheme))
-    {
+    // more seeds as `?node=host:port&node=...`); `rediss` for TLS.
+    let Some(scheme) = [
+        "redis://",
+        "redis-cluster://",
+        "rediss://",
+        "rediss-cluster://",
+    ]
+    .into_iter()
+    .find(|scheme| file.redis_url.starts_with(scheme)) else {
         return Err(ConfigError::Invalid(format!(
-            "cluster.redis_url: `{}` is not a URL like redis://127.0.0.1:6379 or redis-cluster://10.0.0.1:7000?node=10.0.0.2:7000",
+            "cluster.redis_url: `{}` is not a URL like redis://127.0.0.1:6379, rediss://redis.internal:6380 or redis-cluster://10.0.0.1:7000?node=10.0.0.2:7000",
             redact_url(&file.redis_url)
         )));
+    };
+    if file.tls_ca_file.is_some() && !scheme.starts_with("rediss") {
+        return Err(ConfigError::Invalid(
+            "cluster.tls_ca_file needs a rediss:// (TLS) redis_url".into(),
+        ));
     }
     let prefix = file.prefix.unwrap_or_else(|| "ringcast".into());
     // The prefix starts every channel and key; braces would move the hash
@@ -618,6 +630,7 @@ fn cluster_config(file: FileCluster) -> Result<ClusterConfig, ConfigError> {
         health_timeout,
         max_queued_bytes,
         wait_replicas: file.wait_replicas.unwrap_or(0),
+        tls_ca_file: file.tls_ca_file,
     })
 }
 
@@ -757,8 +770,8 @@ pattern = "chat:lobby"
         for (text, expected) in [
             ("[cluster]\nredis_url = \"http://x\"\n", "cluster.redis_url"),
             (
-                "[cluster]\nredis_url = \"rediss://x\"\n",
-                "cluster.redis_url",
+                "[cluster]\nredis_url = \"redis://x\"\ntls_ca_file = \"/ca.pem\"\n",
+                "cluster.tls_ca_file",
             ),
             (
                 "[cluster]\nredis_url = \"redis://x\"\nprefix = \"a{b\"\n",

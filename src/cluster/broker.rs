@@ -106,12 +106,15 @@ pub fn spawn(shared: Shared, config: ClusterConfig) -> io::Result<BrokerHandle> 
         .cluster
         .clone()
         .ok_or_else(|| io::Error::other("no cluster status"))?;
-    let redis = fred::prelude::Config::from_url(&config.redis_url).map_err(|e| {
+    let mut redis = fred::prelude::Config::from_url(&config.redis_url).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("cluster.redis_url `{}`: {e}", redact_url(&config.redis_url)),
         )
     })?;
+    if let Some(path) = &config.tls_ca_file {
+        redis.tls = Some(super::tls::trusting(path)?.into());
+    }
     set_nonblocking(bus.waker(me).raw_fd())?;
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {

@@ -8,6 +8,7 @@ mod registry;
 mod status;
 mod streams;
 mod subscriptions;
+mod tls;
 pub mod wire;
 
 pub use broker::{spawn, BrokerHandle};

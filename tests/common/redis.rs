@@ -39,6 +39,8 @@ pub struct RedisServer {
     persistent: bool,
     /// A Redis Cluster node (`cluster-enabled yes`), not joined to any yet.
     cluster_node: bool,
+    /// More `redis-server` arguments (a TLS port, say).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -63,7 +65,17 @@ impl RedisServer {
         RedisServer::launch(true, true)
     }
 
+    /// A plain Redis with more `redis-server` arguments (PING still goes to
+    /// its plain port).
+    pub fn start_with_args(extra: Vec<String>) -> RedisServer {
+        RedisServer::launch_with(false, false, extra)
+    }
+
     fn launch(persistent: bool, cluster_node: bool) -> RedisServer {
+        RedisServer::launch_with(persistent, cluster_node, Vec::new())
+    }
+
+    fn launch_with(persistent: bool, cluster_node: bool, extra: Vec<String>) -> RedisServer {
         let mut failures = Vec::new();
         for attempt in 0..PORT_ATTEMPTS {
             let Some(port) = reserve_port(attempt) else {
@@ -75,6 +87,7 @@ impl RedisServer {
                     .join(format!("ringcast-redis-{}-{port}", std::process::id())),
                 persistent,
                 cluster_node,
+                extra: extra.clone(),
                 child: None,
             };
             // A directory left by an earlier process with this pid must not
@@ -182,6 +195,7 @@ impl RedisServer {
             } else {
                 [].as_slice()
             })
+            .args(&self.extra)
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
