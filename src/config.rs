@@ -122,7 +122,19 @@ pub struct Limits {
     pub bus_queue_capacity: usize,
 }
 
+/// Queued bytes at or below which a connection counts as drained: a
+/// quarter of its budget, so the next page of a replay (at most another
+/// quarter) leaves half the budget for live traffic.
+pub fn drain_mark(budget: usize) -> usize {
+    budget / 4
+}
+
 impl Limits {
+    /// A connection's drain mark (see [`drain_mark`]).
+    pub fn drain_mark(&self) -> usize {
+        drain_mark(self.max_outbound_bytes_per_connection)
+    }
+
     /// The bounds on names that message parsing applies.
     pub fn name_bounds(&self) -> Bounds {
         Bounds {

@@ -286,8 +286,11 @@ fn health_of(addr: std::net::SocketAddr) -> String {
 fn a_stalled_redis_turns_the_node_degraded_within_five_seconds_and_never_grows_it() {
     const BOUND: u64 = 320 << 20;
     let redis = RedisServer::start();
-    let a = start_node_with(&redis, "a", "");
-    let b = start_node_with(&redis, "b", "");
+    // A bound the publishers reach well before the node turns degraded,
+    // however slowly a loaded machine lets them go.
+    let bounded = "max_queued_bytes = 16777216\n";
+    let a = start_node_with(&redis, "a", bounded);
+    let b = start_node_with(&redis, "b", bounded);
     wait_for_redis(&a, "a", Redis::Up);
     wait_for_redis(&b, "b", Redis::Up);
     // Subscribed before the stall, to a topic the stall's publishes miss.

@@ -253,6 +253,15 @@ pub enum Envelope {
 }
 
 impl Envelope {
+    /// A home's HTTP answer to ticket `ticket`, for the shard that asked.
+    pub fn stream_reply(ticket: u64, response: &crate::protocol::http::Response) -> Envelope {
+        Envelope::StreamReply {
+            ticket,
+            status: response.status(),
+            body: response.body().clone(),
+        }
+    }
+
     /// Control envelopes must never be dropped: losing one corrupts routing state.
     pub fn is_control(&self) -> bool {
         !matches!(

@@ -44,7 +44,7 @@ use crate::bus::{Bus, Envelope, IndexKind, Outbox, Sent, ShardId, ShardSet};
 use crate::config::{redact_url, ClusterConfig};
 use crate::shard::Shared;
 
-use super::liveness::Liveness;
+use super::liveness::{Liveness, Pong};
 use super::presence::{self, PresenceDone};
 use super::registry::{self, RegistryDone};
 use super::streams::{self, PublishJob, StreamDone, StreamState};
@@ -230,8 +230,8 @@ pub(super) struct Broker {
     /// Keys given to this node's stream publications in a Redis Cluster
     /// so far (see `cluster::streams`).
     pub(super) replay_keys: u64,
-    ping_done: mpsc::UnboundedSender<bool>,
-    ping_done_rx: mpsc::UnboundedReceiver<bool>,
+    ping_done: mpsc::UnboundedSender<Pong>,
+    ping_done_rx: mpsc::UnboundedReceiver<Pong>,
     /// Channel, message, and the bytes it holds of `max_queued_bytes`.
     publishes: mpsc::Sender<(String, Bytes, usize)>,
     pub(super) stream_publishes: mpsc::Sender<PublishJob>,
@@ -405,8 +405,8 @@ impl Broker {
                     }
                 }
                 Some(done) = self.batch_done.recv() => self.on_batch_done(done),
-                Some(ok) = self.ping_done_rx.recv() => {
-                    self.liveness.answer(std::time::Instant::now(), ok);
+                Some(pong) = self.ping_done_rx.recv() => {
+                    self.liveness.answer(std::time::Instant::now(), pong);
                 }
                 Some(done) = self.stream_done_rx.recv() => self.on_stream_done(done),
                 Some(done) = self.registry_done_rx.recv() => self.on_registry_done(done),
@@ -523,8 +523,12 @@ impl Broker {
         let client = self.publisher.clone();
         let done = self.ping_done.clone();
         tokio::spawn(async move {
-            let ok = client.ping::<Value>(None).await.is_ok();
-            let _ = done.send(ok);
+            let pong = match client.ping::<Value>(None).await {
+                Ok(_) => Pong::Answered,
+                Err(e) if *e.kind() == ErrorKind::Timeout => Pong::TimedOut,
+                Err(_) => Pong::Failed,
+            };
+            let _ = done.send(pong);
         });
     }
 
@@ -701,14 +705,7 @@ impl Broker {
                 result,
             } => self.on_stream_published(from, ticket, topic, held, result),
             StreamDone::Opened { opening, result } => self.on_stream_opened(opening, result),
-            StreamDone::Queried {
-                from,
-                ticket,
-                topic,
-                since,
-                epoch,
-                result,
-            } => self.on_stream_queried(from, ticket, &topic, since, epoch, result),
+            StreamDone::Queried { query, result } => self.on_stream_queried(query, result),
             StreamDone::Filled { topic, result } => self.on_stream_filled(topic, result),
             StreamDone::Checked { topic, result } => self.on_stream_checked(topic, result),
         }

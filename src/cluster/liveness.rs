@@ -8,6 +8,17 @@
 
 use std::time::{Duration, Instant};
 
+/// What became of a PING.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pong {
+    /// Redis answered.
+    Answered,
+    /// The client gave up waiting: Redis is slow or stopped; its age says.
+    TimedOut,
+    /// The connection failed: Redis is gone now.
+    Failed,
+}
+
 /// The node's PINGs to Redis and their answers.
 #[derive(Debug)]
 pub(super) struct Liveness {
@@ -38,12 +49,16 @@ impl Liveness {
         true
     }
 
-    /// The PING sent last came back (`ok`) or failed: a failure (a broken
-    /// connection, or the client's own timeout) counts as dead at once.
-    pub(super) fn answer(&mut self, now: Instant, ok: bool) {
+    /// What became of the PING sent last: a broken connection counts as
+    /// dead at once; a timeout leaves it to the last answer's age.
+    pub(super) fn answer(&mut self, now: Instant, pong: Pong) {
         debug_assert!(self.pending.is_some(), "an answer to no PING");
         self.pending = None;
-        self.answered = ok.then_some(now);
+        match pong {
+            Pong::Answered => self.answered = Some(now),
+            Pong::TimedOut => {}
+            Pong::Failed => self.answered = None,
+        }
     }
 
     /// Whether Redis answered within the timeout.
@@ -65,17 +80,21 @@ mod tests {
         assert!(!redis.alive(at(0)), "nothing answered yet");
         assert!(redis.ping_due(at(0)));
         assert!(!redis.ping_due(at(100)), "one PING at a time");
-        redis.answer(at(1), true);
+        redis.answer(at(1), Pong::Answered);
         assert!(redis.alive(at(1)));
         // Stopped: the next PING hangs.
         assert!(redis.ping_due(at(200)));
         assert!(redis.alive(at(3001)));
         assert!(!redis.alive(at(3002)), "dead 3 s after the last answer");
-        // The client gives up on it; a failed PING is dead at once.
-        redis.answer(at(2200), false);
-        assert!(!redis.alive(at(2200)));
+        // The client gives up on it: the last answer's age still decides.
+        redis.answer(at(2200), Pong::TimedOut);
+        assert!(redis.alive(at(2200)));
         assert!(redis.ping_due(at(2400)));
-        redis.answer(at(4000), true);
+        redis.answer(at(4000), Pong::Answered);
         assert!(redis.alive(at(4000)), "alive again once it answers");
+        // A broken connection is dead at once.
+        assert!(redis.ping_due(at(4100)));
+        redis.answer(at(4101), Pong::Failed);
+        assert!(!redis.alive(at(4101)));
     }
 }

@@ -38,14 +38,14 @@ use fred::types::{ClusterHash, CustomCommand};
 use tokio::sync::mpsc;
 
 use crate::bus::{Envelope, ShardId};
-use crate::engine::{Page, Position, Publication};
-use crate::protocol::http::{error_json, Response};
+use crate::engine::home::{
+    self, history_found, http_page_bytes, os_epoch, publish_accepted, replay_page_bytes, Log,
+    Refusal,
+};
+use crate::engine::{Page, Position, Publication, Recovery, Window};
+use crate::protocol::http::Response;
 use crate::protocol::message;
 use crate::rules::History;
-use crate::shard::state::streams::{
-    epoch_gone, gone, history_found, http_page_bytes, os_epoch, publish_accepted,
-    replay_page_bytes, stream_reply,
-};
 
 use super::broker::Broker;
 use super::ClusterStatus;
@@ -231,6 +231,64 @@ impl Read {
     }
 }
 
+/// What Redis returned for one request, and what this node forwarded
+/// after it: a stream's history as the home policy reads it.
+struct RedisLog {
+    /// Where the answer stands: what was forwarded (an open), or Redis's
+    /// position (a query).
+    position: Position,
+    read: Read,
+    /// Frames forwarded after the read's offset, oldest first.
+    newer: Vec<(u64, Bytes)>,
+    /// `newer` holds every publication between the read and `position`.
+    covered: bool,
+}
+
+impl Log for RedisLog {
+    fn position(&mut self) -> Position {
+        self.position.clone()
+    }
+
+    /// The read's entries after `since`, if Redis still held them all and
+    /// the frames forwarded since are all at hand. A read cut at its count
+    /// goes on from its last entry next page; one that reached Redis's
+    /// offset goes on with what was forwarded since. (The read was bounded
+    /// when it was made; the page cuts it by bytes.)
+    fn recover(&mut self, since: &Position, _window: Window) -> Recovery {
+        let holds = *since.epoch == *self.read.epoch && self.read.holds_after(since.offset);
+        if !holds || !self.covered {
+            return Recovery::Gone {
+                position: self.position.clone(),
+            };
+        }
+        let more = self.read.continues();
+        let mut entries = std::mem::take(&mut self.read.entries);
+        if !more {
+            entries.append(&mut self.newer);
+        }
+        let after = since.offset;
+        Recovery::Recovered {
+            publications: publications(entries).filter(|p| p.offset > after).collect(),
+            position: self.position.clone(),
+            more,
+        }
+    }
+
+    fn latest(&mut self, count: usize) -> Vec<Publication> {
+        let read = std::mem::take(&mut self.read.latest);
+        let newer = std::mem::take(&mut self.newer);
+        publications(latest(read, newer, count)).collect()
+    }
+
+    fn window(&mut self, _limit: usize) -> (Vec<Publication>, bool) {
+        let more = self.read.continues();
+        (
+            publications(std::mem::take(&mut self.read.entries)).collect(),
+            more,
+        )
+    }
+}
+
 /// Log entries as the engine's publications.
 fn publications(entries: Vec<(u64, Bytes)>) -> impl Iterator<Item = Publication> {
     entries
@@ -252,11 +310,7 @@ pub(super) enum StreamDone {
         result: Result<Read, String>,
     },
     Queried {
-        from: ShardId,
-        ticket: u64,
-        topic: Arc<str>,
-        since: Option<u64>,
-        epoch: Option<String>,
+        query: Query,
         result: Result<Read, String>,
     },
     Filled {
@@ -302,6 +356,16 @@ impl Failure {
 pub(super) struct WaitReplicas {
     pub(super) replicas: u32,
     pub(super) timeout_ms: u64,
+}
+
+/// A shard's history query, while Redis reads for it.
+pub(super) struct Query {
+    from: ShardId,
+    ticket: u64,
+    topic: Arc<str>,
+    since: Option<u64>,
+    epoch: Option<String>,
+    limit: usize,
 }
 
 /// A publication for the stream publish task.
@@ -529,7 +593,7 @@ impl Broker {
 
     fn reply(&mut self, to: ShardId, ticket: u64, response: Response) {
         self.outbox
-            .send(&self.bus, to, stream_reply(ticket, &response));
+            .send(&self.bus, to, Envelope::stream_reply(ticket, &response));
     }
 
     pub(super) fn on_stream_publish(
@@ -541,14 +605,13 @@ impl Broker {
         ticket: Option<u64>,
         idempotency_key: Option<Box<str>>,
     ) {
-        let refuse = |why: &str| error_json(503, why);
         // The shard counted these bytes against `max_queued_bytes`; they
         // are released when Redis answers, or here when it is not asked.
         let held = event.len() + payload.len();
         let Some(history) = self.history(&topic) else {
             self.status.release(held);
             if let Some(ticket) = ticket {
-                let answer = error_json(404, &format!("topic `{topic}` has no history here"));
+                let answer = Refusal::NoHistory { topic }.response();
                 self.reply(from, ticket, answer);
             }
             return;
@@ -557,8 +620,7 @@ impl Broker {
             self.status.release(held);
             ClusterStatus::count(&self.status.stats.refused_total);
             if let Some(ticket) = ticket {
-                let why = "cluster unavailable: a stream publication needs Redis for its offset";
-                self.reply(from, ticket, refuse(why));
+                self.reply(from, ticket, Refusal::NeedsRedis.response());
             }
             return;
         }
@@ -606,7 +668,7 @@ impl Broker {
             self.status.release(held);
             ClusterStatus::count(&self.status.stats.drops_total);
             if let Some(ticket) = ticket {
-                self.reply(from, ticket, refuse("cluster busy: try again"));
+                self.reply(from, ticket, Refusal::RedisBusy.response());
             }
         }
     }
@@ -631,17 +693,24 @@ impl Broker {
                     }
                 }
                 ClusterStatus::count(&self.status.stats.published_total);
-                publish_accepted(0, Some(&position))
+                // This node's shards holding the topic: Redis has sent it
+                // to them, as to every node's.
+                let key = (crate::bus::IndexKind::Topic, topic);
+                let shards = self
+                    .names
+                    .get(&key)
+                    .map_or(0, |held| held.shards.iter().count());
+                publish_accepted(shards, Some(&position))
             }
             Err(Failure::NotStored(e)) => {
                 tracing::debug!("cluster: stream publication failed: {e}");
                 ClusterStatus::count(&self.status.stats.drops_total);
-                error_json(503, "cluster unavailable: the publication was not stored")
+                Refusal::NotStored.response()
             }
             Err(Failure::Unknown(e)) => {
                 tracing::debug!("cluster: stream publication's outcome unknown: {e}");
                 ClusterStatus::count(&self.status.stats.unknown_total);
-                outcome_unknown()
+                Refusal::OutcomeUnknown.response()
             }
         };
         if let Some(ticket) = ticket {
@@ -770,35 +839,19 @@ impl Broker {
             .cloned()
             .collect();
         let covered = newer.len() as u64 == state.last.saturating_sub(read.offset);
+        let mut log = RedisLog {
+            position,
+            read,
+            newer,
+            covered,
+        };
+        let since = opening.since.as_ref().map(|(offset, epoch)| Position {
+            offset: *offset,
+            epoch: epoch.clone(),
+        });
         let page_bytes = replay_page_bytes(&self.shared.config.limits);
-        if let Some((offset, epoch)) = &opening.since {
-            if **epoch == *read.epoch && read.holds_after(*offset) && covered {
-                // A read cut at its count goes on from its last entry next
-                // page; one that reached Redis's offset goes on with what
-                // was forwarded since.
-                let more = read.continues();
-                let entries = if more {
-                    read.entries
-                } else {
-                    read.entries.into_iter().chain(newer).collect()
-                };
-                let after = *offset;
-                let fresh = publications(entries).filter(|p| p.offset > after);
-                let page = Page::of(
-                    Some(true),
-                    position,
-                    after,
-                    fresh,
-                    more,
-                    page_bytes,
-                    opening.mark_through,
-                );
-                return self.answer_open(opening, page);
-            }
-        }
-        let recovered = opening.since.as_ref().map(|_| false);
-        let latest = publications(latest(read.latest, newer, opening.replay)).collect();
-        let page = Page::last_values(recovered, position, latest, page_bytes);
+        let (replay, mark_through) = (opening.replay, opening.mark_through);
+        let page = home::open(&mut log, since.as_ref(), replay, page_bytes, mark_through);
         self.answer_open(opening, page)
     }
 
@@ -829,65 +882,54 @@ impl Broker {
         limit: usize,
     ) {
         if !self.status.is_up() {
-            let answer = error_json(503, "cluster unavailable: history lives in Redis");
-            return self.reply(from, ticket, answer);
+            return self.reply(from, ticket, Refusal::NeedsRedis.response());
         }
         let start = since.map_or(ReadFrom::Window(limit), ReadFrom::After);
-        let t = topic.clone();
+        let query = Query {
+            from,
+            ticket,
+            topic: topic.clone(),
+            since,
+            epoch,
+            limit,
+        };
         self.read(
             &topic,
             start,
             limit.min(READ_PAGE),
             0,
             false,
-            move |result| StreamDone::Queried {
-                from,
-                ticket,
-                topic: t,
-                since,
-                epoch,
-                result,
-            },
+            move |result| StreamDone::Queried { query, result },
         );
     }
 
-    pub(super) fn on_stream_queried(
-        &mut self,
-        from: ShardId,
-        ticket: u64,
-        topic: &str,
-        since: Option<u64>,
-        epoch: Option<String>,
-        result: Result<Read, String>,
-    ) {
-        let read = match result {
-            Ok(read) => read,
-            Err(_) => {
-                let answer = error_json(503, "cluster unavailable: history lives in Redis");
-                return self.reply(from, ticket, answer);
-            }
+    pub(super) fn on_stream_queried(&mut self, query: Query, result: Result<Read, String>) {
+        let Query {
+            from,
+            ticket,
+            topic,
+            since,
+            epoch,
+            limit,
+        } = query;
+        let Ok(read) = result else {
+            return self.reply(from, ticket, Refusal::NeedsRedis.response());
         };
-        let position = Position {
-            offset: read.offset,
-            epoch: read.epoch.clone(),
-        };
-        if let Some(asked) = epoch.filter(|e| **e != *read.epoch) {
-            return self.reply(from, ticket, epoch_gone(&asked, &position));
-        }
-        if let Some(offset) = since.filter(|&o| !read.holds_after(o)) {
-            let why = format!("offset {offset} is no longer in history");
-            return self.reply(from, ticket, gone(why, &position));
-        }
         let page_bytes = http_page_bytes(&self.shared.config.limits);
-        // From `since`, or from the start of the window of the latest
-        // `limit`: a page of it either way, naming the next when cut.
-        let more = read.continues();
-        let entries = publications(read.entries).collect();
-        let page = match since {
-            Some(offset) => Page::of(None, position, offset, entries, more, page_bytes, 0),
-            None => Page::window(position, entries, more, page_bytes),
+        let mut log = RedisLog {
+            position: Position {
+                offset: read.offset,
+                epoch: read.epoch.clone(),
+            },
+            read,
+            newer: Vec::new(),
+            covered: true,
         };
-        self.reply(from, ticket, history_found(topic, &page));
+        let answer = match home::history(&mut log, since, epoch.as_deref(), limit, page_bytes) {
+            Ok(page) => history_found(&topic, &page),
+            Err(refusal) => refusal.response(),
+        };
+        self.reply(from, ticket, answer);
     }
 
     /// A stream publication from Redis.
@@ -1094,15 +1136,6 @@ impl Broker {
     pub(super) fn forget_stream(&mut self, topic: &Arc<str>) {
         self.streams.remove(topic);
     }
-}
-
-/// The answer to a publish Redis may or may not have stored: 504, with an
-/// `outcome` a client's code can test.
-fn outcome_unknown() -> Response {
-    Response::json(
-        504,
-        r#"{"error":"outcome unknown: Redis did not answer in time; the publication may have been stored and delivered. Retry with the same idempotency_key to get its outcome without storing it twice","outcome":"unknown"}"#,
-    )
 }
 
 /// The latest `count` of the read's entries and the newer forwarded ones.

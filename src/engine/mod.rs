@@ -14,6 +14,7 @@
 //!
 //! The operations a home performs are those of [`StreamEngine`].
 
+pub mod home;
 pub mod memory;
 
 use std::sync::Arc;

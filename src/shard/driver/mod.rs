@@ -751,12 +751,7 @@ fn mark_dirty(dirty: &mut Vec<ConnKey>, conn: &mut IoConn, key: ConnKey) {
     }
 }
 
-/// Queued bytes at or below which a connection counts as drained: a
-/// quarter of its budget, so the next page of a replay (at most another
-/// quarter) leaves half the budget for live traffic.
-pub(crate) fn drain_mark(budget: usize) -> usize {
-    budget / 4
-}
+pub(crate) use crate::config::drain_mark;
 
 /// Size of a shard's direct-descriptor table: its connection limit plus room
 /// for the connections it refuses with 503, capped by RLIMIT_NOFILE, which the

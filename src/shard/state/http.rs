@@ -17,9 +17,10 @@ use super::channels::PresenceThen;
 use super::cluster::LocalOnly;
 use super::conn::{Deferred, WsKind};
 use super::route::Route;
-use super::streams::{publish_accepted, Published};
+use super::streams::Published;
 use super::users::Opening;
 use super::ShardState;
+use crate::engine::home::publish_accepted;
 
 /// The built-in chat page.
 const CHAT_PAGE: &str = include_str!("../../../static/chat.html");

@@ -24,8 +24,13 @@ use bytes::Bytes;
 
 use crate::bus::{Envelope, IndexKind, ShardId};
 use crate::config::Limits;
+use crate::engine::home::{
+    self, history_found, http_page_bytes, publish_accepted, replay_page_bytes, Log, Refusal,
+};
 use crate::engine::memory::MemoryEngine;
-use crate::engine::{Page, Position, Recovery, StreamEngine, StreamLimit, Window, EXPIRE_INTERVAL};
+use crate::engine::{
+    Page, Position, Publication, Recovery, StreamEngine, StreamLimit, Window, EXPIRE_INTERVAL,
+};
 use crate::metrics::ShardStats;
 use crate::protocol::http::{error_json, Request, Response};
 use crate::protocol::message::{self, Since};
@@ -37,10 +42,6 @@ use super::conn::Deferred;
 use super::idempotency::Idempotency;
 use super::replay::{OpenKind, Replays};
 use super::ShardState;
-
-/// Bytes of randomness in an epoch: 16 hex characters, enough that two runs
-/// of a stream never share one.
-const EPOCH_BYTES: usize = 8;
 
 /// Stream bookkeeping of one shard: the engine for the topics it is home
 /// to, and the requests it has sent to other homes.
@@ -79,18 +80,6 @@ impl Streams {
             ),
         }
     }
-}
-
-/// Bytes of frames in one page of a replay: what the connection's queue may
-/// take on top of the drain mark, leaving half its budget for live traffic.
-pub(crate) fn replay_page_bytes(limits: &Limits) -> usize {
-    crate::shard::driver::drain_mark(limits.max_outbound_bytes_per_connection)
-}
-
-/// Bytes of frames in one answer to an HTTP history query: half the
-/// outbound budget, so the response always fits it.
-pub(crate) fn http_page_bytes(limits: &Limits) -> usize {
-    limits.max_outbound_bytes_per_connection / 2
 }
 
 /// The outcome of a publish.
@@ -286,16 +275,17 @@ impl ShardState {
         idempotency_key: Option<&str>,
     ) {
         let answer = match self.stream_history(topic) {
-            _ if !self.accepting_publishes() => {
-                error_json(503, "server shutting down: publishes are refused")
-            }
+            _ if !self.accepting_publishes() => Refusal::ShuttingDown.response(),
             Some(history) => {
                 match self.home_publish(topic, &history, event, payload_json, idempotency_key) {
                     Ok((position, shards)) => publish_accepted(shards, Some(&position)),
-                    Err(limit) => error_json(503, &limit.to_string()),
+                    Err(limit) => Refusal::Limit(limit).response(),
                 }
             }
-            None => error_json(404, &format!("topic `{topic}` has no history here")),
+            None => Refusal::NoHistory {
+                topic: Arc::from(topic),
+            }
+            .response(),
         };
         if let Some(ticket) = ticket {
             self.reply_stream(from, ticket, answer);
@@ -303,7 +293,7 @@ impl ShardState {
     }
 
     fn reply_stream(&mut self, to: ShardId, ticket: u64, response: Response) {
-        self.post_control(to, stream_reply(ticket, &response));
+        self.post_control(to, Envelope::stream_reply(ticket, &response));
     }
 
     /// A home's HTTP answer (to a publish or a history query) for a parked connection.
@@ -345,41 +335,23 @@ impl ShardState {
             self.streams.engine.position(topic, now)
         };
         let page_bytes = replay_page_bytes(&self.config().limits);
-        let window = Window {
-            limit: usize::MAX,
-            max_bytes: page_bytes,
-        };
-        if let Some(since) = since {
-            let asked = Position {
-                offset: since.offset,
-                epoch: Arc::from(since.epoch.as_str()),
-            };
-            if let Recovery::Recovered {
-                publications,
-                position,
-                more,
-            } = self.streams.engine.recover(topic, &asked, window, now)
-            {
-                return Ok(Page::of(
-                    Some(true),
-                    position,
-                    since.offset,
-                    publications,
-                    more,
-                    page_bytes,
-                    mark_through,
-                ));
-            }
-        }
-        let latest = match history.replay_on_subscribe {
-            0 => Vec::new(),
-            count => self.streams.engine.latest(topic, count, now),
-        };
-        Ok(Page::last_values(
-            since.map(|_| false),
+        let since = since.map(|since| Position {
+            offset: since.offset,
+            epoch: Arc::from(since.epoch.as_str()),
+        });
+        let mut log = EngineLog {
+            engine: &mut self.streams.engine,
+            topic,
+            now,
             current,
-            latest,
+        };
+        let replay = history.replay_on_subscribe;
+        Ok(home::open(
+            &mut log,
+            since.as_ref(),
+            replay,
             page_bytes,
+            mark_through,
         ))
     }
 
@@ -428,10 +400,8 @@ impl ShardState {
         topic: &str,
     ) -> Option<Response> {
         let Some(history) = self.stream_history(topic) else {
-            return Some(error_json(
-                404,
-                &format!("topic `{topic}` has no history: its rule sets no history_size"),
-            ));
+            let topic = Arc::from(topic);
+            return Some(Refusal::NoHistory { topic }.response());
         };
         let query = match HistoryQuery::parse(request, &history) {
             Ok(query) => query,
@@ -465,7 +435,10 @@ impl ShardState {
     ) {
         let answer = match self.stream_history(topic) {
             Some(_) => self.home_history(topic, &query),
-            None => error_json(404, &format!("topic `{topic}` has no history")),
+            None => Refusal::NoHistory {
+                topic: Arc::from(topic),
+            }
+            .response(),
         };
         self.reply_stream(from, ticket, answer);
     }
@@ -476,40 +449,18 @@ impl ShardState {
     fn home_history(&mut self, topic: &str, query: &HistoryQuery) -> Response {
         let now = self.now;
         let current = self.streams.engine.position(topic, now);
-        if let Some(epoch) = query.epoch.as_deref().filter(|e| *e != &*current.epoch) {
-            return epoch_gone(epoch, &current);
-        }
         let page_bytes = http_page_bytes(&self.config().limits);
-        let page = match query.since {
-            Some(offset) => {
-                let asked = Position {
-                    offset,
-                    epoch: current.epoch.clone(),
-                };
-                let window = Window {
-                    limit: query.limit,
-                    max_bytes: page_bytes,
-                };
-                match self.streams.engine.recover(topic, &asked, window, now) {
-                    Recovery::Recovered {
-                        publications,
-                        position,
-                        more,
-                    } => Page::of(None, position, offset, publications, more, page_bytes, 0),
-                    Recovery::Gone { position } => {
-                        return gone(
-                            format!("offset {offset} is no longer in history"),
-                            &position,
-                        )
-                    }
-                }
-            }
-            None => {
-                let latest = self.streams.engine.latest(topic, query.limit, now);
-                Page::window(current, latest, false, page_bytes)
-            }
+        let mut log = EngineLog {
+            engine: &mut self.streams.engine,
+            topic,
+            now,
+            current,
         };
-        history_found(topic, &page)
+        let epoch = query.epoch.as_deref();
+        match home::history(&mut log, query.since, epoch, query.limit, page_bytes) {
+            Ok(page) => history_found(topic, &page),
+            Err(refusal) => refusal.response(),
+        }
     }
 
     // ---- timers ----------------------------------------------------------------------
@@ -544,95 +495,32 @@ impl ShardState {
     }
 }
 
-/// `410`: the position a history query asked for is gone; `current` is
-/// where the stream stands.
-pub(crate) fn gone(why: String, current: &Position) -> Response {
-    let body = serde_json::json!({
-        "error": why,
-        "offset": current.offset,
-        "epoch": &*current.epoch,
-    });
-    Response::json(410, body.to_string())
-}
-
-/// `410` for a query naming another epoch than `current`'s. The epoch
-/// asked for is echoed only up to the longest one this server makes.
-pub(crate) fn epoch_gone(asked: &str, current: &Position) -> Response {
-    let shown = message::truncate(asked, message::MAX_EPOCH_BYTES);
-    let cut = if shown.len() < asked.len() { "…" } else { "" };
-    gone(
-        format!("epoch `{shown}{cut}` is gone: the stream started afresh"),
-        current,
-    )
-}
-
-/// `200` to a history query: the stream's position, one page of
-/// publications (each as the push subscribers got), and, when more follow,
-/// `next`: the `since` that asks for them.
-pub(crate) fn history_found(topic: &str, page: &Page) -> Response {
-    let mut body = Vec::with_capacity(96 + page.bytes());
-    body.extend_from_slice(b"{\"topic\":");
-    message::write_json_str(&mut body, topic);
-    body.extend_from_slice(b",\"offset\":");
-    message::write_decimal(&mut body, page.position.offset);
-    body.extend_from_slice(b",\"epoch\":");
-    message::write_json_str(&mut body, &page.position.epoch);
-    body.extend_from_slice(b",\"publications\":[");
-    for (i, frame) in page.frames.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(message::frame_json(frame).unwrap_or(b"null"));
-    }
-    body.push(b']');
-    if page.more {
-        body.extend_from_slice(b",\"next\":");
-        message::write_decimal(&mut body, page.last);
-    }
-    body.push(b'}');
-    Response::json(200, body)
-}
-
-/// A home's HTTP answer to ticket `ticket`, for the shard that asked.
-pub(crate) fn stream_reply(ticket: u64, response: &Response) -> Envelope {
-    Envelope::StreamReply {
-        ticket,
-        status: response.status(),
-        body: response.body().clone(),
-    }
-}
-
-/// A fresh epoch from the OS's randomness (the clock without it), for a
-/// home outside the shards (the cluster broker).
-pub(crate) fn os_epoch() -> Arc<str> {
-    new_epoch(&mut super::Ids::Os)
-}
-
-/// A fresh random epoch: 16 hex characters. Without randomness it falls
-/// back to the clock, which still differs between two starts of a stream.
+/// A fresh epoch from the shard's ids (seeded in a simulation).
 fn new_epoch(ids: &mut super::Ids) -> Arc<str> {
-    let mut bytes = [0u8; EPOCH_BYTES];
-    if ids.fill(&mut bytes).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        bytes = nanos.to_le_bytes();
-    }
-    Arc::from(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    home::new_epoch(|bytes| ids.fill(bytes))
 }
 
-/// The body of a `202` for a publish: shards reached, and the position of a
-/// stream publication.
-pub(crate) fn publish_accepted(shards: usize, position: Option<&Position>) -> Response {
-    let body = match position {
-        Some(p) => serde_json::json!({
-            "delivered_shards": shards,
-            "offset": p.offset,
-            "epoch": &*p.epoch,
-        }),
-        None => serde_json::json!({ "delivered_shards": shards }),
-    };
-    Response::json(202, body.to_string())
+/// A home shard's engine, read for one request about `topic`.
+struct EngineLog<'a> {
+    engine: &'a mut MemoryEngine,
+    topic: &'a str,
+    now: Instant,
+    /// Where the stream stands (created for a holder before the read).
+    current: Position,
+}
+
+impl Log for EngineLog<'_> {
+    fn position(&mut self) -> Position {
+        self.current.clone()
+    }
+
+    fn recover(&mut self, since: &Position, window: Window) -> Recovery {
+        self.engine.recover(self.topic, since, window, self.now)
+    }
+
+    fn latest(&mut self, count: usize) -> Vec<Publication> {
+        self.engine.latest(self.topic, count, self.now)
+    }
 }
 
 /// `?since=N&epoch=E&limit=L` of a history request.
