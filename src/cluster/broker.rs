@@ -47,7 +47,8 @@ use crate::shard::Shared;
 use super::liveness::{Liveness, Pong};
 use super::presence::{self, PresenceDone};
 use super::registry::{self, RegistryDone};
-use super::streams::{self, PublishJob, StreamDone, StreamState};
+use super::relay::Relay;
+use super::streams::{self, Opening, PublishJob, StreamDone};
 use super::subscriptions::{Change, Plan};
 use super::wire;
 use super::ClusterStatus;
@@ -201,7 +202,7 @@ pub(super) struct Broker {
     pub(super) names: HashMap<(IndexKind, Arc<str>), Held>,
     pub(super) outbox: Outbox,
     /// Streams the node's shards hold (see `cluster::streams`).
-    pub(super) streams: HashMap<Arc<str>, StreamState>,
+    pub(super) relay: Relay<Opening>,
     next_seq: u64,
     /// After a connection to Redis, the last of the subscribes that restore
     /// every held channel: the node is not `up` until it is confirmed, so
@@ -317,7 +318,7 @@ impl Broker {
             me,
             outbox: Outbox::new(me, bus.members()),
             shared,
-            streams: HashMap::new(),
+            relay: Relay::default(),
             stream_publishes,
             stream_done,
             stream_done_rx,
@@ -450,19 +451,13 @@ impl Broker {
                 self.check_streams();
             }
         }
-        let pending: Vec<Arc<str>> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| !s.caught_up())
-            .map(|(topic, _)| topic.clone())
-            .collect();
+        // Streams behind get a fill: a publication's message may have
+        // been missed, and the log has it.
+        let behind = self.relay.catch_up();
+        self.run_relay();
         let limit = self.shared.config.shutdown_timeout / 2;
-        let done = self.drain.publishing == 0 && pending.is_empty();
+        let done = self.drain.publishing == 0 && behind == 0;
         if !done && since.elapsed() < limit {
-            // A publication's message may have been missed: the log has it.
-            for topic in pending {
-                self.catch_up_acknowledged(&topic);
-            }
             return;
         }
         if !done {
@@ -747,7 +742,7 @@ impl Broker {
             if held.shards.is_empty() {
                 let held = self.names.remove(&key).unwrap_or_default();
                 if key.0 == IndexKind::Topic {
-                    self.forget_stream(&key.1);
+                    self.relay.forget(&key.1);
                 }
                 for (shard, epoch) in held.waiting {
                     self.ack(shard, &key, epoch);

@@ -5,6 +5,7 @@ mod broker;
 mod liveness;
 mod presence;
 mod registry;
+mod relay;
 mod status;
 mod streams;
 mod subscriptions;

@@ -27,7 +27,6 @@
 //! waiting for live publications to catch up with what Redis reported, or
 //! adding the frames it forwarded since, from a short cache.
 
-use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +47,7 @@ use crate::protocol::message;
 use crate::rules::History;
 
 use super::broker::Broker;
+use super::relay::Action;
 use super::ClusterStatus;
 
 /// A stream's epoch and offset live this long after its last publication
@@ -58,9 +58,6 @@ const META_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long the key a node gives its own stream publications in a Redis
 /// Cluster lives: longer than any resend of the command by the client.
 const REPLAY_WINDOW: Duration = Duration::from_secs(30);
-/// Frames forwarded per stream kept to complete an open that Redis answered
-/// with an older position than the broker has forwarded.
-const RECENT: usize = 256;
 /// Stream publications waiting for Redis, per node; past it a publish gets
 /// 503 (`cluster busy`).
 const PUBLISH_QUEUE: usize = 16_384;
@@ -145,58 +142,6 @@ enum ReadFrom {
 /// large history.
 const READ_PAGE: usize = 1024;
 
-/// What the broker knows of one stream its node's shards hold.
-#[derive(Default)]
-pub(super) struct StreamState {
-    epoch: Option<Arc<str>>,
-    /// The latest offset forwarded to the shards.
-    last: u64,
-    /// Arrived ahead of a gap, waiting for the gap to be filled.
-    held: BTreeMap<u64, Bytes>,
-    /// A fill from the log is under way.
-    filling: bool,
-    /// The latest frames forwarded, oldest first.
-    recent: VecDeque<(u64, Bytes)>,
-    /// Opens answered by Redis with a position not yet forwarded.
-    opens: Vec<(u64, Opening, Read)>,
-    /// Redis has assigned offsets up to this one (a check after a
-    /// reconnection found it): fills go on until it is forwarded.
-    catch_up_to: u64,
-    /// The latest offset this node acknowledged to a publisher.
-    acknowledged: u64,
-    /// A read of where Redis stands is under way (`check_streams`).
-    checking: bool,
-}
-
-impl StreamState {
-    /// Whether everything this node acknowledged, and everything Redis had
-    /// assigned when it was last checked, has gone out to the shards.
-    pub(super) fn caught_up(&self) -> bool {
-        !self.checking && self.last >= self.acknowledged.max(self.catch_up_to)
-    }
-}
-
-impl StreamState {
-    /// Where forwarding stands: the last offset sent to the shards.
-    fn position(&self) -> Position {
-        Position {
-            offset: self.last,
-            epoch: self.epoch.clone().unwrap_or_else(|| Arc::from("")),
-        }
-    }
-
-    /// Forwarding goes on from `last` in run `epoch` of the stream (first
-    /// sight of it, or it started afresh).
-    fn restart(&mut self, epoch: Arc<str>, last: u64) {
-        self.epoch = Some(epoch);
-        self.last = last;
-        self.catch_up_to = last;
-        self.acknowledged = 0;
-        self.held.clear();
-        self.recent.clear();
-    }
-}
-
 /// Who asked for an open (or the next page of a replay), and what.
 pub(super) struct Opening {
     from: ShardId,
@@ -208,14 +153,17 @@ pub(super) struct Opening {
 }
 
 /// A read of a stream's log.
+#[derive(Debug, Clone)]
 pub(super) struct Read {
-    epoch: Arc<str>,
-    offset: u64,
-    first: u64,
+    pub(super) epoch: Arc<str>,
+    /// The stream's latest offset.
+    pub(super) offset: u64,
+    /// The oldest offset the log holds (`offset + 1` when it holds none).
+    pub(super) first: u64,
     /// Offsets and frames after the position asked for, oldest first.
-    entries: Vec<(u64, Bytes)>,
+    pub(super) entries: Vec<(u64, Bytes)>,
     /// The latest publications, oldest first.
-    latest: Vec<(u64, Bytes)>,
+    pub(super) latest: Vec<(u64, Bytes)>,
 }
 
 impl Read {
@@ -687,11 +635,7 @@ impl Broker {
             Ok(position) => {
                 // Acknowledged: this node's subscribers get it before a
                 // drain closes them (see `Broker::check_drain`).
-                if let Some(state) = self.streams.get_mut(&topic) {
-                    if state.epoch.as_deref() == Some(&*position.epoch) {
-                        state.acknowledged = state.acknowledged.max(position.offset);
-                    }
-                }
+                self.relay.acknowledged(&topic, &position);
                 ClusterStatus::count(&self.status.stats.published_total);
                 // This node's shards holding the topic: Redis has sent it
                 // to them, as to every node's.
@@ -790,61 +734,23 @@ impl Broker {
     }
 
     pub(super) fn on_stream_opened(&mut self, opening: Opening, result: Result<Read, String>) {
-        let read = match result {
-            Ok(read) => read,
+        match result {
+            Ok(read) => {
+                let topic = opening.topic.clone();
+                self.relay.opened(&topic, opening, read);
+                self.run_relay();
+            }
             Err(e) => {
                 tracing::debug!("cluster: stream read failed: {e}");
                 let recovered = opening.since.as_ref().map(|_| false);
-                return self.answer_open_from_last_seen(opening, recovered);
+                self.answer_open_from_last_seen(opening, recovered);
             }
-        };
-        let state = self.streams.entry(opening.topic.clone()).or_default();
-        match &state.epoch {
-            // First sight: forwarding starts where Redis stands.
-            None => state.restart(read.epoch.clone(), read.offset),
-            Some(epoch) if *epoch != read.epoch => {
-                self.new_run(&opening.topic, read.epoch.clone());
-            }
-            Some(_) => {}
         }
-        let Some(state) = self.streams.get_mut(&opening.topic) else {
-            return;
-        };
-        if read.offset > state.last {
-            // Publications Redis has assigned are still on their way here:
-            // answer once they have gone out, in their place.
-            let topic = opening.topic.clone();
-            state.opens.push((read.offset, opening, read));
-            self.fill_gap(&topic);
-            return;
-        }
-        self.complete_open(opening, read);
     }
 
-    /// Answers an open whose read is at or behind what has been forwarded,
-    /// with the page a home shard would give (`ShardState::home_open`).
-    fn complete_open(&mut self, opening: Opening, read: Read) {
-        let Some(state) = self.streams.get(&opening.topic) else {
-            return;
-        };
-        let position = Position {
-            offset: state.last,
-            epoch: read.epoch.clone(),
-        };
-        // What was forwarded after the read's position, from the cache.
-        let newer: Vec<(u64, Bytes)> = state
-            .recent
-            .iter()
-            .filter(|(at, _)| *at > read.offset)
-            .cloned()
-            .collect();
-        let covered = newer.len() as u64 == state.last.saturating_sub(read.offset);
-        let mut log = RedisLog {
-            position,
-            read,
-            newer,
-            covered,
-        };
+    /// Answers an open once forwarding reached its read's position, with
+    /// the page a home shard would give (`engine::home::open`).
+    fn complete_open(&mut self, opening: Opening, mut log: RedisLog) {
         let since = opening.since.as_ref().map(|(offset, epoch)| Position {
             offset: *offset,
             epoch: epoch.clone(),
@@ -858,8 +764,7 @@ impl Broker {
     /// Answers an open without Redis: the subscriber learns where this
     /// node last saw the stream.
     fn answer_open_from_last_seen(&mut self, opening: Opening, recovered: Option<bool>) {
-        let state = self.streams.entry(opening.topic.clone()).or_default();
-        let position = state.position();
+        let position = self.relay.position(&opening.topic);
         let page = Page::empty(recovered, position);
         self.answer_open(opening, page);
     }
@@ -937,187 +842,93 @@ impl Broker {
         let Some((offset, epoch, event, payload)) = parse_message(bytes).filter(|m| m.0 > 0) else {
             return;
         };
-        let Some(state) = self.streams.get_mut(topic) else {
+        if !self.relay.holds(topic) {
             // No subscriber here has opened it yet: its first open reads
             // the position.
             return;
-        };
+        }
         let topic: Arc<str> = Arc::from(topic);
-        if state.epoch.as_deref() != Some(epoch) {
-            self.new_run(&topic, Arc::from(epoch));
-        }
-        let Some(state) = self.streams.get_mut(&topic) else {
-            return;
-        };
-        if offset <= state.last {
-            return; // a duplicate: a fill got it first
-        }
         let frame = message::push_at(&topic, offset, event, payload);
-        state.held.insert(offset, frame);
-        self.forward_ready(&topic);
-        let gap = self
-            .streams
-            .get(&topic)
-            .is_some_and(|s| !s.held.is_empty() && !s.filling);
-        if gap {
-            self.fill_gap(&topic);
-        }
+        self.relay.message(&topic, offset, epoch, frame);
+        self.run_relay();
     }
 
-    /// After a reconnection: reads where Redis stands on every stream the
-    /// node's shards hold. Publications that went by while the node was not
-    /// subscribed are filled from the log, and a stream Redis lost (it
-    /// restarted empty) is told to its subscribers now, not at its next
-    /// publication.
+    /// After a reconnection (or as a drain begins): reads where Redis
+    /// stands on every stream the node's shards hold (see `Relay::check_all`).
     pub(super) fn check_streams(&mut self) {
-        let topics: Vec<Arc<str>> = self.streams.keys().cloned().collect();
-        for topic in topics {
-            if let Some(state) = self.streams.get_mut(&topic) {
-                state.checking = true;
+        self.relay.check_all();
+        self.run_relay();
+    }
+
+    /// Carries out what the stream relay asks for.
+    pub(super) fn run_relay(&mut self) {
+        for action in self.relay.take_actions() {
+            match action {
+                Action::Deliver { topic, frame } => self.deliver(&topic, frame),
+                Action::Reset { topic, epoch } => {
+                    tracing::warn!(
+                        "cluster: stream `{topic}` restarted under epoch {epoch}: Redis lost its history"
+                    );
+                    ClusterStatus::count(&self.status.stats.stream_resets_total);
+                    self.deliver(&topic, message::stream_reset(&topic, &epoch));
+                }
+                Action::Fill { topic, after } => {
+                    let t = topic.clone();
+                    self.read(
+                        &topic,
+                        ReadFrom::After(after),
+                        READ_PAGE,
+                        0,
+                        true,
+                        move |result| StreamDone::Filled { topic: t, result },
+                    );
+                }
+                Action::Check { topic } => {
+                    let t = topic.clone();
+                    // A holder's read: a stream Redis lost starts its new run now.
+                    self.read(&topic, ReadFrom::Nowhere, 0, 0, true, move |result| {
+                        StreamDone::Checked { topic: t, result }
+                    });
+                }
+                Action::Open {
+                    opening,
+                    read,
+                    forwarded,
+                    newer,
+                    covered,
+                } => {
+                    let log = RedisLog {
+                        position: forwarded,
+                        read,
+                        newer,
+                        covered,
+                    };
+                    self.complete_open(opening, log);
+                }
+                Action::Skipped { topic, count } => {
+                    // Gone from the log too (trimmed, or Redis lost it):
+                    // subscribers see the hole in the offsets.
+                    tracing::debug!("cluster: {count} publications of `{topic}` gone from Redis");
+                    self.status
+                        .stats
+                        .drops_total
+                        .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                }
             }
-            let t = topic.clone();
-            // A holder's read: a stream Redis lost starts its new run now.
-            self.read(&topic, ReadFrom::Nowhere, 0, 0, true, move |result| {
-                StreamDone::Checked { topic: t, result }
-            });
         }
-    }
-
-    pub(super) fn on_stream_checked(&mut self, topic: Arc<str>, result: Result<Read, String>) {
-        let Some(state) = self.streams.get_mut(&topic) else {
-            return;
-        };
-        state.checking = false;
-        let Ok(read) = result else {
-            return; // the next reconnection or publication tells
-        };
-        if state.epoch.as_deref() != Some(&*read.epoch) {
-            self.new_run(&topic, read.epoch.clone());
-        }
-        let Some(state) = self.streams.get_mut(&topic) else {
-            return;
-        };
-        state.catch_up_to = state.catch_up_to.max(read.offset);
-        if read.offset > state.last {
-            self.fill_gap(&topic);
-        }
-    }
-
-    /// Reads from the log what this node acknowledged and has not forwarded.
-    pub(super) fn catch_up_acknowledged(&mut self, topic: &Arc<str>) {
-        if let Some(state) = self.streams.get_mut(topic) {
-            state.catch_up_to = state.catch_up_to.max(state.acknowledged);
-            self.fill_gap(topic);
-        }
-    }
-
-    /// Redis lost the stream and started it afresh under `epoch` (it
-    /// restarted empty): the node's subscribers are told, in order, before
-    /// the new run's publications, which are forwarded from its first
-    /// offset on (from the log, if they went by before this node saw them).
-    fn new_run(&mut self, topic: &Arc<str>, epoch: Arc<str>) {
-        let Some(state) = self.streams.get_mut(topic) else {
-            return;
-        };
-        let lost = state.epoch.is_some();
-        state.restart(epoch.clone(), 0);
-        if lost {
-            tracing::warn!(
-                "cluster: stream `{topic}` restarted under epoch {epoch}: Redis lost its history"
-            );
-            ClusterStatus::count(&self.status.stats.stream_resets_total);
-            self.deliver(topic, message::stream_reset(topic, &epoch));
-        }
-    }
-
-    /// Reads the publications missing before the held ones (or before an
-    /// open's position) from the log.
-    fn fill_gap(&mut self, topic: &Arc<str>) {
-        let Some(state) = self.streams.get_mut(topic) else {
-            return;
-        };
-        if state.filling {
-            return;
-        }
-        state.filling = true;
-        let last = state.last;
-        let t = topic.clone();
-        self.read(
-            topic,
-            ReadFrom::After(last),
-            READ_PAGE,
-            0,
-            true,
-            move |result| StreamDone::Filled { topic: t, result },
-        );
     }
 
     pub(super) fn on_stream_filled(&mut self, topic: Arc<str>, result: Result<Read, String>) {
-        let Some(state) = self.streams.get_mut(&topic) else {
-            return;
-        };
-        state.filling = false;
-        match result {
-            Ok(read) if state.epoch.as_deref() == Some(&*read.epoch) => {
-                let first_missing = state.last + 1;
-                for (at, frame) in read.entries {
-                    if at > state.last {
-                        state.held.entry(at).or_insert(frame);
-                    }
-                }
-                // Gone from the log too (trimmed, or Redis lost it): skip
-                // the hole; subscribers see it in the offsets.
-                if !state.held.contains_key(&first_missing) && read.first > first_missing {
-                    state.last = read.first.saturating_sub(1).min(read.offset);
-                    ClusterStatus::count(&self.status.stats.drops_total);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::debug!("cluster: filling a stream gap failed: {e}"),
+        if let Err(e) = &result {
+            tracing::debug!("cluster: filling a stream gap failed: {e}");
         }
-        self.forward_ready(&topic);
-        let again = self.streams.get(&topic).is_some_and(|s| {
-            let waiting = s.opens.iter().any(|(target, ..)| *target > s.last);
-            (!s.held.is_empty() || waiting || s.catch_up_to > s.last) && !s.filling
-        });
-        if again {
-            self.fill_gap(&topic);
-        }
+        self.relay.filled(&topic, result.ok());
+        self.run_relay();
     }
 
-    /// Forwards held publications that follow `last`, in order, and answers
-    /// opens whose position has been reached.
-    fn forward_ready(&mut self, topic: &Arc<str>) {
-        let Some(state) = self.streams.get_mut(topic) else {
-            return;
-        };
-        let mut ready = Vec::new();
-        while let Some(frame) = state.held.remove(&(state.last + 1)) {
-            state.last += 1;
-            state.recent.push_back((state.last, frame.clone()));
-            if state.recent.len() > RECENT {
-                state.recent.pop_front();
-            }
-            ready.push((state.last, frame));
-        }
-        let last = state.last;
-        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut state.opens)
-            .into_iter()
-            .partition(|(target, ..)| *target <= last);
-        state.opens = waiting;
-        // Opens due at an offset are answered right after it goes out.
-        let mut due = due;
-        due.sort_by_key(|(target, ..)| *target);
-        let mut due = due.into_iter().peekable();
-        for (at, frame) in ready {
-            self.deliver(topic, frame);
-            while let Some((_, opening, read)) = due.next_if(|(target, ..)| *target <= at) {
-                self.complete_open(opening, read);
-            }
-        }
-        for (_, opening, read) in due {
-            self.complete_open(opening, read);
-        }
+    pub(super) fn on_stream_checked(&mut self, topic: Arc<str>, result: Result<Read, String>) {
+        self.relay.checked(&topic, result.ok());
+        self.run_relay();
     }
 
     fn deliver(&mut self, topic: &Arc<str>, frame: Bytes) {
@@ -1130,11 +941,6 @@ impl Broker {
             frame,
         };
         self.deliver_to_shards(held.shards, envelope);
-    }
-
-    /// Forgets a stream no shard holds any more.
-    pub(super) fn forget_stream(&mut self, topic: &Arc<str>) {
-        self.streams.remove(topic);
     }
 }
 
