@@ -28,6 +28,9 @@ pub struct ShardId(pub usize);
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShardSet(pub u64);
 
+// One bit per member: every shard and the cluster broker after them.
+const _: () = assert!(crate::config::MAX_SHARDS < u64::BITS as usize);
+
 impl ShardSet {
     /// Adds a shard.
     pub fn insert(&mut self, shard: ShardId) {

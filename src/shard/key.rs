@@ -10,6 +10,8 @@
 /// the generation and the slot in 64 bits.
 pub const GENERATION_BITS: u32 = 24;
 const GENERATION_MASK: u32 = (1 << GENERATION_BITS) - 1;
+// The op kind takes the top 8 bits of `user_data`, the slot the low 32.
+const _: () = assert!(GENERATION_BITS + 8 + 32 <= 64);
 
 /// A connection of one shard: its slot and the slot's generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

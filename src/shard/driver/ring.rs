@@ -50,6 +50,16 @@ pub(crate) const RECV_BUFFER_BYTES: usize = 4096;
 /// Buffer group id of the receive buffers.
 const RECV_GROUP: u16 = 0;
 
+// The kernel rounds ring sizes up to powers of two; these are sized as
+// such so what is asked is what is got. A provided-buffer ring's entry
+// count must be a power of two, or registering it fails.
+const _: () = assert!(SQ_ENTRIES.is_power_of_two() && MIN_CQ_ENTRIES.is_power_of_two());
+const _: () = assert!(MIN_CQ_ENTRIES <= MAX_CQ_ENTRIES);
+const _: () = assert!(RECV_BUFFERS.is_power_of_two() && RECV_BUFFERS <= 32_768);
+// `user_data`: the op kind in the top byte, the generation in the 24 bits
+// below it, the slot in the low 32.
+const _: () = assert!(GENERATION_BITS <= 24);
+
 /// What a completion belongs to; encoded in the top byte of `user_data`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OpKind {
@@ -91,6 +101,7 @@ impl Token {
     }
 
     fn encode(self) -> u64 {
+        debug_assert!(self.key.generation() < 1 << GENERATION_BITS);
         ((self.kind as u64) << 56)
             | (u64::from(self.key.generation()) << 32)
             | self.key.slot() as u64
