@@ -27,7 +27,6 @@
 //! It runs a single-threaded tokio runtime, because the Redis client (fred)
 //! is built on tokio: one thread, epoll, off the serving path.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,12 +43,13 @@ use crate::bus::{Bus, Envelope, IndexKind, Outbox, Sent, ShardId, ShardSet};
 use crate::config::{redact_url, ClusterConfig};
 use crate::shard::Shared;
 
+use super::interest::{Interest, Key, Step};
 use super::liveness::{Liveness, Pong};
 use super::presence::{self, PresenceDone};
 use super::registry::{self, RegistryDone};
 use super::relay::Relay;
 use super::streams::{self, Opening, PublishJob, StreamDone};
-use super::subscriptions::{Change, Plan};
+use super::subscriptions::Change;
 use super::wire;
 use super::ClusterStatus;
 
@@ -60,8 +60,6 @@ const DRAIN_BOUND: usize = 4096;
 const PUBLISH_QUEUE: usize = 65_536;
 /// Most publications in one pipeline.
 const PIPELINE_BATCH: usize = 1024;
-/// Most channel subscription changes in one pipeline.
-const CHANGE_BATCH: usize = 1024;
 /// Messages from Redis the client buffers for the broker before dropping
 /// (counted): a second of a busy node's cross-node traffic.
 const RECEIVE_BUFFER: usize = 65_536;
@@ -168,19 +166,6 @@ pub(super) struct Drain {
     sent: bool,
 }
 
-/// A name some shard of this node holds.
-#[derive(Default)]
-pub(super) struct Held {
-    pub(super) shards: ShardSet,
-    /// The subscribe sent for it last, not yet confirmed: its sequence number.
-    pending: Option<u64>,
-    /// Interest notices to acknowledge once that subscribe is confirmed.
-    waiting: Vec<(ShardId, u64)>,
-}
-
-/// A name of one of the node's indexes: what a channel change is for.
-type Key = (IndexKind, Arc<str>);
-
 /// A batch of channel changes for the subscription task, sent on the
 /// connection to Redis numbered `.0`.
 type Batch = (u64, Vec<Change<Key>>);
@@ -199,31 +184,21 @@ pub(super) struct Broker {
     control_channel: String,
     /// Random id of this process: its own messages come back and are skipped.
     pub(super) node: u64,
-    pub(super) names: HashMap<(IndexKind, Arc<str>), Held>,
+    /// The names the node's shards hold, and their channels (see `cluster::interest`).
+    pub(super) interest: Interest,
     pub(super) outbox: Outbox,
     /// Streams the node's shards hold (see `cluster::streams`).
     pub(super) relay: Relay<Opening>,
-    next_seq: u64,
-    /// After a connection to Redis, the last of the subscribes that restore
-    /// every held channel: the node is not `up` until it is confirmed, so
-    /// `ok` in /health means publications from other nodes arrive.
-    restoring: Option<u64>,
     /// The version of a Redis too old to serve a cluster.
     unsupported: Option<String>,
     stop: Arc<AtomicBool>,
     subscriber: Client,
     pub(super) publisher: Client,
-    /// Channel changes for Redis, coalesced (see `cluster::subscriptions`).
-    plan: Plan<Key>,
     /// To the subscription task: one batch at a time.
     batches: mpsc::UnboundedSender<Batch>,
-    /// Connections to Redis so far: a batch's failures on a connection
-    /// that is gone need no resync (the new one asks for everything).
-    connections: u64,
     batch_done: mpsc::UnboundedReceiver<BatchDone>,
-    /// A change failed, or Redis stopped answering: every held channel is
-    /// asked for again before the node counts as up.
-    resync: bool,
+    /// Connections to Redis so far.
+    connections: u64,
     /// Whether Redis answers PINGs (see `cluster::liveness`).
     liveness: Liveness,
     /// The broker's part in a graceful stop.
@@ -336,18 +311,14 @@ impl Broker {
             prefix: config.prefix.clone(),
             control_channel: registry::control_channel(&config.prefix),
             node: u64::from_le_bytes(node),
-            names: HashMap::new(),
-            next_seq: 1,
-            restoring: None,
+            interest: Interest::default(),
             unsupported: None,
             stop,
             subscriber,
             publisher,
-            plan: Plan::default(),
             batches,
-            connections: 0,
             batch_done,
-            resync: false,
+            connections: 0,
             liveness: Liveness::new(config.health_timeout),
             drain: Drain::default(),
             replay_keys: 0,
@@ -396,13 +367,12 @@ impl Broker {
                         if self.connections > 0 {
                             ClusterStatus::count(&self.status.stats.reconnects_total);
                         }
-                        tracing::info!("cluster: connected to Redis; subscribing {} channels", self.names.len());
+                        tracing::info!("cluster: connected to Redis; subscribing {} channels", self.interest.len());
                         self.check_version().await;
                         // A new connection holds no channel.
                         self.connections += 1;
-                        self.plan.reset();
-                        self.resync = false;
-                        self.resubscribe_all();
+                        self.interest.reconnected();
+                        self.resubscribe_all(true);
                     }
                 }
                 Some(done) = self.batch_done.recv() => self.on_batch_done(done),
@@ -529,18 +499,14 @@ impl Broker {
 
     fn check_health(&mut self) {
         let answering = self.redis_up() && self.liveness.alive(std::time::Instant::now());
-        if answering && self.resync && self.restoring.is_none() {
+        if answering && !self.interest.restoring() && self.interest.take_resync() {
             // A change failed, or Redis is back from a stall (the
             // connection held): every held channel is asked for again;
             // a node coming back counts as up only once they are confirmed.
-            self.resync = false;
-            let restoring = self.restoring;
-            self.resubscribe_all();
-            if self.status.is_up() {
-                self.restoring = restoring;
-            }
+            let gate = !self.status.is_up();
+            self.resubscribe_all(gate);
         }
-        let up = answering && self.restoring.is_none();
+        let up = answering && !self.interest.restoring();
         if up != self.status.is_up() {
             if up {
                 tracing::info!(
@@ -554,8 +520,8 @@ impl Broker {
                 );
                 // Nobody would confirm the subscribes in flight: release
                 // their waiters now; reconnecting subscribes again.
-                self.release_all_waiters();
-                self.resync = true;
+                self.interest.lost();
+                self.run_interest();
             }
             self.status.set_up(up);
             if up {
@@ -714,164 +680,63 @@ impl Broker {
         on: bool,
         epoch: u64,
     ) {
+        let channel = wire::channel(&self.prefix, kind, &name);
         let key = (kind, name);
         if on {
             let up = self.status.is_up();
-            let held = self.names.entry(key.clone()).or_default();
-            let first = held.shards.is_empty();
-            held.shards.insert(from);
-            if !up {
-                // Subscribed on reconnection; local delivery needs no wait.
-                return self.ack(from, &key, epoch);
-            }
-            if first {
-                let seq = self.subscribe(&key, true);
-                if let Some(held) = self.names.get_mut(&key) {
-                    held.pending = Some(seq);
-                }
-            }
-            match self.names.get_mut(&key) {
-                Some(held) if held.pending.is_some() => held.waiting.push((from, epoch)),
-                _ => self.ack(from, &key, epoch),
-            }
+            self.interest.on(from, key, epoch, channel, up);
         } else {
-            let Some(held) = self.names.get_mut(&key) else {
-                return;
-            };
-            held.shards.remove(from);
-            if held.shards.is_empty() {
-                let held = self.names.remove(&key).unwrap_or_default();
-                if key.0 == IndexKind::Topic {
-                    self.relay.forget(&key.1);
+            self.interest.off(from, key, channel);
+        }
+        self.run_interest();
+    }
+
+    /// Carries out what the interest table asks for.
+    fn run_interest(&mut self) {
+        for step in self.interest.take_steps() {
+            match step {
+                Step::Ack { to, key, epoch } => {
+                    let ack = Envelope::InterestAck {
+                        kind: key.0,
+                        name: key.1,
+                        epoch,
+                    };
+                    self.outbox.send(&self.bus, to, ack);
                 }
-                for (shard, epoch) in held.waiting {
-                    self.ack(shard, &key, epoch);
+                Step::Send { connection, batch } => {
+                    let _ = self.batches.send((connection, batch));
                 }
-                // Planned even while Redis is away: a channel it was asked
-                // for is dropped once it answers; one never asked for costs
-                // nothing.
-                self.subscribe(&key, false);
-                self.count_channels();
+                Step::Forget(topic) => self.relay.forget(&topic),
             }
         }
-    }
-
-    /// Queues a subscription change; returns its sequence number.
-    fn subscribe(&mut self, key: &(IndexKind, Arc<str>), subscribe: bool) -> u64 {
-        let channel = wire::channel(&self.prefix, key.0, &key.1);
-        self.queue_op(channel, subscribe, key.clone())
-    }
-
-    /// Plans a change to `channel`; its answer comes back with `key`.
-    /// Returns the change's sequence number.
-    fn queue_op(&mut self, channel: String, subscribe: bool, key: Key) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.plan.change(Change {
-            seq,
-            channel,
-            subscribe,
-            key,
-        });
-        self.send_changes();
-        seq
-    }
-
-    /// Sends the next batch of planned changes if none is in flight.
-    fn send_changes(&mut self) {
-        if let Some(batch) = self.plan.next_batch(CHANGE_BATCH) {
-            let _ = self.batches.send((self.connections, batch));
-        }
-        let waiting = self.plan.waiting() as u64;
-        self.status
-            .stats
-            .changes_waiting
-            .store(waiting, Ordering::Relaxed);
+        let stats = &self.status.stats;
+        let waiting = self.interest.changes_waiting() as u64;
+        stats.changes_waiting.store(waiting, Ordering::Relaxed);
+        stats
+            .channels
+            .store(self.interest.len() as u64, Ordering::Relaxed);
     }
 
     fn on_batch_done(&mut self, (connection, done): BatchDone) {
-        self.plan.batch_done();
-        let mut restored = false;
-        for (change, ok) in done {
-            if self.restoring.is_some_and(|last| change.seq >= last) {
-                self.restoring = None;
-                restored = true;
-            }
-            if ok || connection != self.connections {
-                self.on_change_done(change.seq, change.key);
-            } else {
-                // Its waiters wait for the resync's subscribe: a client is
-                // told `subscribed` only once Redis holds the channel (or
-                // the node turns degraded, and says so).
-                self.resync = true;
-            }
-        }
+        let restored = self.interest.batch_done(connection, done);
+        self.run_interest();
         if restored {
             // Every channel is back: what went by meanwhile is read now.
             self.check_streams();
         }
-        if restored || self.resync {
-            self.check_health();
-        }
-        self.send_changes();
+        // Up once restored; a failed change asks for a resync.
+        self.check_health();
     }
 
-    fn on_change_done(&mut self, seq: u64, key: Key) {
-        let Some(held) = self.names.get_mut(&key) else {
-            return;
-        };
-        // An older subscribe's answer does not release waiters of a newer one.
-        if held.pending != Some(seq) {
-            return;
-        }
-        held.pending = None;
-        let waiting = std::mem::take(&mut held.waiting);
-        for (shard, epoch) in waiting {
-            self.ack(shard, &key, epoch);
-        }
-        self.count_channels();
-    }
-
-    fn count_channels(&self) {
-        let held = self.names.len() as u64;
-        self.status.stats.channels.store(held, Ordering::Relaxed);
-    }
-
-    fn release_all_waiters(&mut self) {
-        let mut acks = Vec::new();
-        for (key, held) in &mut self.names {
-            held.pending = None;
-            for (shard, epoch) in held.waiting.drain(..) {
-                acks.push((shard, key.clone(), epoch));
-            }
-        }
-        for (shard, key, epoch) in acks {
-            self.ack(shard, &key, epoch);
-        }
-    }
-
-    fn resubscribe_all(&mut self) {
-        let keys: Vec<_> = self.names.keys().cloned().collect();
-        // Keyed by a name no index holds: its answer releases no waiter.
+    /// Asks for every held channel again and reloads the registrations;
+    /// with `gate` the node counts as up only once they are confirmed.
+    fn resubscribe_all(&mut self, gate: bool) {
         let control = self.control_channel.clone();
-        self.restoring = Some(self.queue_op(control, true, (IndexKind::Chat, Arc::from(""))));
+        let prefix = self.prefix.clone();
+        self.interest
+            .resubscribe_all(control, |key| wire::channel(&prefix, key.0, &key.1), gate);
         self.load_registrations();
-        for key in keys {
-            let seq = self.subscribe(&key, true);
-            self.restoring = Some(seq);
-            if let Some(held) = self.names.get_mut(&key) {
-                held.pending = Some(seq);
-            }
-        }
-    }
-
-    fn ack(&mut self, to: ShardId, key: &(IndexKind, Arc<str>), epoch: u64) {
-        let ack = Envelope::InterestAck {
-            kind: key.0,
-            name: key.1.clone(),
-            epoch,
-        };
-        self.outbox.send(&self.bus, to, ack);
+        self.run_interest();
     }
 
     fn on_message(&mut self, message: Message) {
@@ -885,10 +750,9 @@ impl Broker {
             return;
         };
         let key = (kind, Arc::<str>::from(name));
-        let Some(held) = self.names.get(&key) else {
+        let Some(shards) = self.interest.holders(&key) else {
             return;
         };
-        let shards = held.shards;
         let Some(bytes) = message.value.into_bytes() else {
             return;
         };

@@ -640,10 +640,7 @@ impl Broker {
                 // This node's shards holding the topic: Redis has sent it
                 // to them, as to every node's.
                 let key = (crate::bus::IndexKind::Topic, topic);
-                let shards = self
-                    .names
-                    .get(&key)
-                    .map_or(0, |held| held.shards.iter().count());
+                let shards = self.interest.holders(&key).map_or(0, |s| s.iter().count());
                 publish_accepted(shards, Some(&position))
             }
             Err(Failure::NotStored(e)) => {
@@ -933,14 +930,14 @@ impl Broker {
 
     fn deliver(&mut self, topic: &Arc<str>, frame: Bytes) {
         let key = (crate::bus::IndexKind::Topic, topic.clone());
-        let Some(held) = self.names.get(&key) else {
+        let Some(shards) = self.interest.holders(&key) else {
             return;
         };
         let envelope = Envelope::Publish {
             topic: topic.clone(),
             frame,
         };
-        self.deliver_to_shards(held.shards, envelope);
+        self.deliver_to_shards(shards, envelope);
     }
 }
 
