@@ -22,6 +22,21 @@ pattern = "room:*"
 presence = true
 "#;
 
+/// The memory bound every node keeps through every test here: a debug
+/// build idles at 30-60 MiB; the stall test's queue bound adds 16-64 MiB.
+const NODE_BOUND: u64 = 320 << 20;
+
+/// Every fault leaves the node within its bound.
+fn assert_within_bound(node: &TestServer, name: &str) {
+    let rss = rss_bytes(node);
+    assert!(
+        rss <= NODE_BOUND,
+        "node {name}: RSS {} MiB over the bound of {} MiB",
+        rss >> 20,
+        NODE_BOUND >> 20
+    );
+}
+
 /// The resident memory of a node's process.
 fn rss_bytes(node: &TestServer) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id()))
@@ -149,13 +164,13 @@ fn after_one_clients_churn_a_fresh_subscribe_is_answered_within_two_seconds() {
             Err(format!("{held} channels still held"))
         }
     });
+    assert_within_bound(&node, "a");
 }
 
 /// Fault: every presence join and leave spawned its own unbounded task
 /// writing Redis; churn with presence on grew a node by ~750 MB/s.
 #[test]
 fn presence_churn_keeps_a_node_within_its_memory_bound() {
-    const BOUND: u64 = 256 << 20;
     let redis = RedisServer::start();
     let node = start_node_with(&redis, "a", PRESENCE_RULES);
     wait_for_redis(&node, "a", Redis::Up);
@@ -164,15 +179,15 @@ fn presence_churn_keeps_a_node_within_its_memory_bound() {
     let over = || {
         let rss = rss_bytes(&node);
         peak.fetch_max(rss, Ordering::Relaxed);
-        rss > BOUND
+        rss > NODE_BOUND
     };
     let answered = churn(&node, "room:churn", Duration::from_secs(4), over);
     let peak = peak.load(Ordering::Relaxed).max(rss_bytes(&node));
     assert!(
-        peak <= BOUND,
+        peak <= NODE_BOUND,
         "RSS reached {} MiB under presence churn (bound {} MiB)",
         peak >> 20,
-        BOUND >> 20
+        NODE_BOUND >> 20
     );
     assert!(answered > 1000, "the churn was answered {answered} times");
     println!(
@@ -284,7 +299,6 @@ fn health_of(addr: std::net::SocketAddr) -> String {
 /// 5.2 GB in 10 s (the broker's queues counted messages, not bytes).
 #[test]
 fn a_stalled_redis_turns_the_node_degraded_within_five_seconds_and_never_grows_it() {
-    const BOUND: u64 = 320 << 20;
     let redis = RedisServer::start();
     // A bound the publishers reach well before the node turns degraded,
     // however slowly a loaded machine lets them go.
@@ -311,7 +325,7 @@ fn a_stalled_redis_turns_the_node_degraded_within_five_seconds_and_never_grows_i
                 s.spawn(|| {
                     let mut seen = Vec::new();
                     while paused.elapsed() < Duration::from_secs(8)
-                        && watch.peak() <= BOUND
+                        && watch.peak() <= NODE_BOUND
                         && watch.degraded_after().is_none()
                     {
                         let (status, reply) = a.http("POST", "/publish", Some(&body));
@@ -327,10 +341,10 @@ fn a_stalled_redis_turns_the_node_degraded_within_five_seconds_and_never_grows_i
     });
     let peak = watch.peak();
     assert!(
-        peak <= BOUND,
+        peak <= NODE_BOUND,
         "RSS reached {} MiB with Redis stopped (bound {} MiB)",
         peak >> 20,
-        BOUND >> 20
+        NODE_BOUND >> 20
     );
     let degraded = watch
         .degraded_after()
@@ -379,7 +393,7 @@ fn a_stalled_redis_turns_the_node_degraded_within_five_seconds_and_never_grows_i
         assert!(text.contains("\"after\""), "{text}");
     }
     let rss = rss_bytes(&a);
-    assert!(rss <= BOUND, "RSS {} MiB after the stall", rss >> 20);
+    assert!(rss <= NODE_BOUND, "RSS {} MiB after the stall", rss >> 20);
 }
 
 const STREAM_RULES: &str = r#"
@@ -460,6 +474,8 @@ fn a_publish_redis_did_not_answer_is_outcome_unknown_and_its_retry_is_stored_onc
     }
     assert_eq!(seen, [1, 2, 3]);
     cluster::assert_quiet(&mut on_b, "the subscriber on b");
+    assert_within_bound(&a, "a");
+    assert_within_bound(&b, "b");
 }
 
 /// Fault: a `since` offset at or past 2^53 became a Lua float: the
@@ -487,6 +503,7 @@ fn offsets_past_two_to_the_53_are_not_in_history_rather_than_an_error() {
         let (status, body) = a.http("GET", &path, None);
         assert_eq!(status, 410, "since {since}: {body}");
     }
+    assert_within_bound(&a, "a");
 }
 
 /// Fault: after Redis restarted empty, a live subscriber's offsets jumped
@@ -566,6 +583,8 @@ fn after_redis_restarts_empty_a_live_subscriber_is_told_and_gets_the_new_run_fro
     let stats = redis.cmd(&["INFO", "commandstats"]);
     assert!(stats.contains("cmdstat_evalsha:calls="), "{stats}");
     assert!(stats.contains("cmdstat_eval:calls="), "{stats}");
+    assert_within_bound(&a, "a");
+    assert_within_bound(&b, "b");
 }
 
 /// Fault: SIGTERM closed a node's subscribers once its shards had drained,
@@ -679,6 +698,7 @@ fn a_node_stopped_with_sigterm_first_delivers_what_it_acknowledged_to_its_subscr
                 acknowledged.len()
             );
         }
+        assert_within_bound(&b, "b");
         assert_eq!(a.terminate(), Some(0));
     }
 }
@@ -740,4 +760,7 @@ fn every_node_answers_a_registration_as_redis_holds_it() {
     // What is registered now is known everywhere.
     let fresh = register(&c, "fresh");
     wait_for_upgrade(&nodes, &fresh, 101);
+    for (name, node) in nodes {
+        assert_within_bound(node, name);
+    }
 }

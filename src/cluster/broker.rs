@@ -43,6 +43,7 @@ use crate::bus::{Bus, Envelope, IndexKind, Outbox, Sent, ShardId, ShardSet};
 use crate::config::{redact_url, ClusterConfig};
 use crate::shard::Shared;
 
+use super::gate::Gate;
 use super::interest::{Interest, Key, Step};
 use super::liveness::{Liveness, Pong};
 use super::presence::{self, PresenceDone};
@@ -189,6 +190,10 @@ pub(super) struct Broker {
     pub(super) outbox: Outbox,
     /// Streams the node's shards hold (see `cluster::streams`).
     pub(super) relay: Relay<Opening>,
+    /// Stream reads in flight, bounded (see `cluster::gate`).
+    pub(super) reads: Gate<streams::ReadJob>,
+    /// Presence queries to Redis in flight, bounded the same way.
+    pub(super) presence_queries: Gate<streams::ReadJob>,
     /// The version of a Redis too old to serve a cluster.
     unsupported: Option<String>,
     stop: Arc<AtomicBool>,
@@ -294,6 +299,8 @@ impl Broker {
             outbox: Outbox::new(me, bus.members()),
             shared,
             relay: Relay::default(),
+            reads: Gate::new(streams::READS_IN_FLIGHT),
+            presence_queries: Gate::new(streams::READS_IN_FLIGHT),
             stream_publishes,
             stream_done,
             stream_done_rx,
@@ -381,7 +388,7 @@ impl Broker {
                 }
                 Some(done) = self.stream_done_rx.recv() => self.on_stream_done(done),
                 Some(done) = self.registry_done_rx.recv() => self.on_registry_done(done),
-                Some(done) = self.presence_done_rx.recv() => self.answer_presence(done),
+                Some(done) = self.presence_done_rx.recv() => self.on_presence_answered(done),
                 Some(ok) = self.presence_written_rx.recv() => self.on_presence_written(ok),
                 _ = presence_refresh.tick() => self.refresh_presence(),
                 _ = health.tick() => {
@@ -390,6 +397,11 @@ impl Broker {
                 }
             }
             self.check_drain();
+            let waiting = self.reads.load().1 + self.presence_queries.load().1;
+            self.status
+                .stats
+                .requests_waiting
+                .store(waiting as u64, Ordering::Relaxed);
             self.outbox.retry_backlog(&self.bus);
             self.outbox.wake_all(&self.bus);
         }
@@ -665,10 +677,18 @@ impl Broker {
                 held,
                 result,
             } => self.on_stream_published(from, ticket, topic, held, result),
-            StreamDone::Opened { opening, result } => self.on_stream_opened(opening, result),
-            StreamDone::Queried { query, result } => self.on_stream_queried(query, result),
-            StreamDone::Filled { topic, result } => self.on_stream_filled(topic, result),
-            StreamDone::Checked { topic, result } => self.on_stream_checked(topic, result),
+            read => {
+                self.read_done();
+                match read {
+                    StreamDone::Opened { opening, result } => {
+                        self.on_stream_opened(opening, result)
+                    }
+                    StreamDone::Queried { query, result } => self.on_stream_queried(query, result),
+                    StreamDone::Filled { topic, result } => self.on_stream_filled(topic, result),
+                    StreamDone::Checked { topic, result } => self.on_stream_checked(topic, result),
+                    StreamDone::Published { .. } => unreachable!("matched above"),
+                }
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 //! speaks to Redis and exchanges envelopes with the shards over the bus.
 
 mod broker;
+mod gate;
 mod interest;
 mod liveness;
 mod presence;

@@ -333,7 +333,7 @@ impl Broker {
         let client = self.publisher.clone();
         let done = self.presence_done.clone();
         let args = vec![now_ms().to_string(), self.status.node.clone(), hash_prefix];
-        tokio::spawn(async move {
+        let job: super::streams::ReadJob = Box::pin(async move {
             let reply = client
                 .eval::<Value, _, _, _>(QUERY_SCRIPT, vec![nodes], args)
                 .await;
@@ -350,6 +350,21 @@ impl Broker {
                 members,
             });
         });
+        // Bounded in flight like stream reads: a stalled Redis holds at
+        // most that many; the rest wait (each connection asks at most
+        // `max_presence_queries_per_second`).
+        if let Some(job) = self.presence_queries.admit(job) {
+            tokio::spawn(job);
+        }
+    }
+
+    /// A query's answer came back: it goes to the shard that asked, and
+    /// the next waiting query starts.
+    pub(super) fn on_presence_answered(&mut self, done: PresenceDone) {
+        if let Some(job) = self.presence_queries.done() {
+            tokio::spawn(job);
+        }
+        self.answer_presence(done);
     }
 
     pub(super) fn answer_presence(&mut self, done: PresenceDone) {

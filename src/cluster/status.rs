@@ -47,6 +47,9 @@ pub struct ClusterStats {
     pub presence_waiting: AtomicU64,
     /// Channel subscription changes waiting to be sent to Redis.
     pub changes_waiting: AtomicU64,
+    /// Stream reads and presence queries waiting for one of the 256 of
+    /// each kind the broker lets Redis have at once.
+    pub requests_waiting: AtomicU64,
     /// Streams found restarted under a new epoch (Redis lost them): their
     /// subscribers were sent a `reset`.
     pub stream_resets_total: AtomicU64,
@@ -148,6 +151,12 @@ impl ClusterStatus {
                 "counter",
                 "Streams Redis lost and started afresh under a new epoch; subscribers got a reset.",
                 s.stream_resets_total.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_requests_waiting",
+                "gauge",
+                "Stream reads and presence queries waiting for a turn (256 of each kind in flight at most).",
+                s.requests_waiting.load(Ordering::Relaxed),
             ),
             (
                 "cluster_presence_waiting",

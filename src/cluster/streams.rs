@@ -306,6 +306,12 @@ pub(super) struct WaitReplicas {
     pub(super) timeout_ms: u64,
 }
 
+/// Stream reads the broker has in flight at most; more wait their turn.
+pub(super) const READS_IN_FLIGHT: usize = 256;
+
+/// A read of a stream's log, ready to run.
+pub(super) type ReadJob = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// A shard's history query, while Redis reads for it.
 pub(super) struct Query {
     from: ShardId,
@@ -663,7 +669,7 @@ impl Broker {
     /// `from` says, and the latest `latest`. A holder's read (`create`)
     /// starts the stream if Redis has none; a plain read stores nothing.
     fn read(
-        &self,
+        &mut self,
         topic: &str,
         from: ReadFrom,
         limit: usize,
@@ -690,13 +696,23 @@ impl Broker {
             u8::from(create).to_string(),
         ];
         let topic = topic.to_string();
-        tokio::spawn(async move {
+        let job: ReadJob = Box::pin(async move {
             let result = match client.eval::<Value, _, _, _>(READ_SCRIPT, keys, args).await {
                 Ok(value) => parse_read(&topic, value).ok_or_else(|| "bad reply".to_string()),
                 Err(e) => Err(e.to_string()),
             };
             let _ = done.send(then(result));
         });
+        if let Some(job) = self.reads.admit(job) {
+            tokio::spawn(job);
+        }
+    }
+
+    /// A read came back: the next waiting one starts.
+    pub(super) fn read_done(&mut self) {
+        if let Some(job) = self.reads.done() {
+            tokio::spawn(job);
+        }
     }
 
     pub(super) fn on_stream_open(
