@@ -297,9 +297,13 @@ impl<O> Relay<O> {
             return;
         };
         stream.checking = false;
-        let Some(read) = read.filter(|r| !stream.is_retired(&r.epoch)) else {
+        let Some(read) = read else {
             return;
         };
+        // A check is answered on the connection it was sent on, so after
+        // any restart before it: it is the truth, even about a run the
+        // stream had left (a late message of an older run took it back).
+        stream.retired.retain(|run| *run != read.epoch);
         if stream.epoch.as_deref() != Some(&*read.epoch) {
             self.new_run(topic, read.epoch.clone());
         }

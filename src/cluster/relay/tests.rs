@@ -267,8 +267,12 @@ fn run(seed: u64) -> Result<(), String> {
             88 if !quiet => {
                 redis.restart_empty();
                 // Its connections die with it: what the channel had not
-                // delivered is lost; the node reconnects and checks.
-                channel.clear();
+                // delivered is lost; the node reconnects and checks. One
+                // time in four the broker has not taken those messages
+                // off its queue yet, and they come after the check.
+                if rng.chance(75) {
+                    channel.clear();
+                }
                 relay.check_all();
             }
             89..=91 if !quiet && !lossy => relay.check_all(),
@@ -325,4 +329,40 @@ fn the_relay_forwards_every_stream_publication_in_order_once_through_a_faulty_re
             panic!("seed {seed} (replay with RELAY_SEED={seed}): {e}");
         }
     }
+}
+
+/// Two restarts in quick succession, and a message of the middle run (which
+/// this node never saw) handled after the check that found the last run:
+/// the relay follows it to the middle run, and the next check brings it
+/// back to the last one for good.
+#[test]
+fn a_late_message_of_a_run_never_seen_is_undone_by_the_next_check() {
+    let topic: Arc<str> = Arc::from("feed:late");
+    let read = |epoch: &str, offset: u64| Read {
+        epoch: Arc::from(epoch),
+        offset,
+        first: 1,
+        entries: (1..=offset).map(|o| (o, frame(epoch, o))).collect(),
+        latest: Vec::new(),
+    };
+    let mut relay: Relay<u64> = Relay::default();
+    relay.opened(&topic, 0, read("a", 0));
+    relay.checked(&topic, Some(read("c", 0)));
+    relay.message(&topic, 1, "b", frame("b", 1));
+    relay.checked(&topic, Some(read("c", 2)));
+    let _ = relay.take_actions();
+    // Filled from the last run's log, then live.
+    relay.filled(&topic, Some(read("c", 2)));
+    relay.message(&topic, 3, "c", frame("c", 3));
+    relay.message(&topic, 1, "b", frame("b", 1));
+    let delivered: Vec<Bytes> = relay
+        .take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Deliver { frame, .. } => Some(frame),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered, [frame("c", 1), frame("c", 2), frame("c", 3)]);
+    assert_eq!(relay.position(&topic).epoch.as_ref(), "c");
 }
