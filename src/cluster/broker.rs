@@ -394,6 +394,10 @@ impl Broker {
                 _ = health.tick() => {
                     self.ping();
                     self.check_health();
+                    if self.registry.reload && self.status.is_up() {
+                        self.registry.reload = false;
+                        self.load_registrations();
+                    }
                 }
             }
             self.check_drain();
@@ -741,21 +745,26 @@ impl Broker {
         let restored = self.interest.batch_done(connection, done);
         self.run_interest();
         if restored {
-            // Every channel is back: what went by meanwhile is read now.
+            // Every channel is back: what went by meanwhile is read now,
+            // and the node may count as up.
             self.check_streams();
+            self.check_health();
         }
-        // Up once restored; a failed change asks for a resync.
-        self.check_health();
+        // A failed change's resync waits for the next health check, so a
+        // Redis that keeps refusing is asked again every 200 ms, no faster.
     }
 
-    /// Asks for every held channel again and reloads the registrations;
-    /// with `gate` the node counts as up only once they are confirmed.
+    /// Asks for every held channel again; with `gate` (a new connection,
+    /// or Redis back from a stall) the node counts as up only once they are
+    /// confirmed, and reloads the registrations it may have missed.
     fn resubscribe_all(&mut self, gate: bool) {
         let control = self.control_channel.clone();
         let prefix = self.prefix.clone();
         self.interest
             .resubscribe_all(control, |key| wire::channel(&prefix, key.0, &key.1), gate);
-        self.load_registrations();
+        if gate {
+            self.load_registrations();
+        }
         self.run_interest();
     }
 

@@ -50,6 +50,8 @@ pub(super) struct Pending {
     /// Every registration id the shards hold (bounded like them, by
     /// `max_registrations`).
     known: HashSet<Arc<str>>,
+    /// The last load was cut short: load again.
+    pub(super) reload: bool,
 }
 
 /// What a registry task reports to the broker's loop.
@@ -197,6 +199,9 @@ impl Broker {
                 self.outbox.send(&self.bus, from, Envelope::Ack { ticket });
             }
             RegistryDone::Loaded(registrations, complete) => {
+                // A read cut short (an error, a timeout) is made again at
+                // the next health check; what it found counts meanwhile.
+                self.registry.reload = !complete;
                 if complete {
                     // Redis is the truth; a change of this node's still on
                     // its way there is not judged by a read that missed it.
