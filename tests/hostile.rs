@@ -39,6 +39,8 @@ const API_KEY: &str = "hostile-key";
 const INBOUND_BUDGET: usize = 4 << 20;
 const OUTBOUND_BUDGET: usize = 1 << 20;
 const MAX_STREAMS: usize = 2000;
+/// Bytes of idempotency keys each home shard remembers.
+const IDEMPOTENCY_BUDGET: usize = 1 << 20;
 
 fn config() -> String {
     let limits = if std::env::var_os("RINGCAST_TEST_BIN").is_some() {
@@ -48,6 +50,7 @@ fn config() -> String {
         format!(
             "max_streams = {MAX_STREAMS}\n\
              max_inbound_bytes_per_shard = {INBOUND_BUDGET}\n\
+             max_idempotency_bytes = {IDEMPOTENCY_BUDGET}\n\
              max_outbound_bytes_per_shard = {}\n",
             64 << 20
         )
@@ -141,15 +144,7 @@ static STREAM_TABLE: Mutex<()> = Mutex::new(());
 static INBOUND: Mutex<()> = Mutex::new(());
 
 fn rss_bytes() -> u64 {
-    let pid = server().child.id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("the hostile server is alive");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
+    server().rss_bytes()
 }
 
 /// Every attack ends here: the server still answers, within its bound.
@@ -399,6 +394,44 @@ fn subscribe_and_unsubscribe_churn_leaves_no_stream_behind() {
         assert_eq!(ws.recv_json()["type"], "unsubscribed");
     }
     assert_eq!(streams_after_sweep(), before, "churn left streams behind");
+    still_healthy();
+}
+
+/// Every stream publish with a key of its own: the keys a home shard
+/// remembers stay within `max_idempotency_bytes`, the oldest go first
+/// (counted), and a recent key still answers its retry.
+#[test]
+fn unique_idempotency_keys_stay_within_their_byte_bound() {
+    if std::env::var_os("RINGCAST_TEST_BIN").is_some() {
+        return; // an older build has no idempotency keys
+    }
+    let _turn = turn(&STREAM_TABLE);
+    let evicted = metric("idempotency_evictions_total");
+    // `cap:*` keeps one publication for a second: the keys are what grows.
+    let key = |i: usize| format!("{i:0>200}");
+    let body = |i: usize| {
+        format!(
+            r#"{{"topic":"cap:keys","payload":{i},"idempotency_key":"{}"}}"#,
+            key(i)
+        )
+    };
+    let requests: Vec<String> = (0..20_000).map(|i| post("/publish", &body(i))).collect();
+    let answers = pipelined(&requests);
+    assert!(answers.iter().all(|(status, _)| *status == 202));
+    let last = &answers.last().unwrap().1;
+    let retry = pipelined(&[post("/publish", &body(19_999))]);
+    assert_eq!(
+        retry[0].1["offset"], last["offset"],
+        "a recent key still answers"
+    );
+    server().wait_for("the key gauges", || {
+        metric("idempotency_evictions_total") > evicted && metric("memory_idempotency_bytes") > 0
+    });
+    let held = metric("memory_idempotency_bytes");
+    assert!(
+        held <= 2 * IDEMPOTENCY_BUDGET as u64,
+        "{held} bytes of keys over two shards' budget"
+    );
     still_healthy();
 }
 
