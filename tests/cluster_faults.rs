@@ -28,25 +28,13 @@ const NODE_BOUND: u64 = 320 << 20;
 
 /// Every fault leaves the node within its bound.
 fn assert_within_bound(node: &TestServer, name: &str) {
-    let rss = rss_bytes(node);
+    let rss = node.rss_bytes();
     assert!(
         rss <= NODE_BOUND,
         "node {name}: RSS {} MiB over the bound of {} MiB",
         rss >> 20,
         NODE_BOUND >> 20
     );
-}
-
-/// The resident memory of a node's process.
-fn rss_bytes(node: &TestServer) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id()))
-        .expect("the node is alive");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    kb * 1024
 }
 
 /// One connection subscribing to and leaving unique topics `prefix-N` as
@@ -177,12 +165,12 @@ fn presence_churn_keeps_a_node_within_its_memory_bound() {
 
     let peak = AtomicU64::new(0);
     let over = || {
-        let rss = rss_bytes(&node);
+        let rss = node.rss_bytes();
         peak.fetch_max(rss, Ordering::Relaxed);
         rss > NODE_BOUND
     };
     let answered = churn(&node, "room:churn", Duration::from_secs(4), over);
-    let peak = peak.load(Ordering::Relaxed).max(rss_bytes(&node));
+    let peak = peak.load(Ordering::Relaxed).max(node.rss_bytes());
     assert!(
         peak <= NODE_BOUND,
         "RSS reached {} MiB under presence churn (bound {} MiB)",
@@ -227,7 +215,7 @@ impl Watch {
             let (stop, peak, degraded) = (stop.clone(), peak.clone(), degraded_after_ms.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    peak.fetch_max(rss_of(pid), Ordering::Relaxed);
+                    peak.fetch_max(common::rss_of(pid).unwrap_or(0), Ordering::Relaxed);
                     if degraded.load(Ordering::Relaxed) == u64::MAX && health_of(addr) == "degraded"
                     {
                         degraded.store(since.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -263,19 +251,6 @@ impl Drop for Watch {
             let _ = thread.join();
         }
     }
-}
-
-fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
 }
 
 /// `/health`'s `status`, read on a fresh connection with a short timeout.
@@ -392,7 +367,7 @@ fn a_stalled_redis_turns_the_node_degraded_within_five_seconds_and_never_grows_i
             .unwrap_or_else(|| panic!("the publish to {topic} after the stall never reached b"));
         assert!(text.contains("\"after\""), "{text}");
     }
-    let rss = rss_bytes(&a);
+    let rss = a.rss_bytes();
     assert!(rss <= NODE_BOUND, "RSS {} MiB after the stall", rss >> 20);
 }
 

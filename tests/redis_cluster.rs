@@ -274,23 +274,11 @@ fn a_master_failover_loses_no_acknowledged_stream_publication() {
         );
     }
     for (name, n) in [("a", &a), ("b", &b)] {
-        let rss = rss_bytes(n);
+        let rss = n.rss_bytes();
         assert!(
             rss <= 320 << 20,
             "node {name}: RSS {} MiB through the failover",
             rss >> 20
         );
     }
-}
-
-/// The resident memory of a node's process.
-fn rss_bytes(node: &TestServer) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id()))
-        .expect("the node is alive");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    kb * 1024
 }

@@ -439,16 +439,10 @@ fn a_publish_retried_with_its_idempotency_key_is_stored_once() {
         other["offset"].as_u64(),
         first["offset"].as_u64().map(|o| o + 1)
     );
-    let (status, body) = server.http("GET", "/topics/feed:idem/history", None);
-    assert_eq!(status, 200, "{body}");
-    let history: Value = serde_json::from_str(&body).unwrap();
-    let payloads: Vec<&Value> = history["publications"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| &p["payload"])
-        .collect();
-    assert_eq!(payloads, [&json!({"n":1}), &json!({"n":2})], "{body}");
+    assert_eq!(
+        stored_payloads(&server, "feed:idem"),
+        [json!({"n":1}), json!({"n":2})]
+    );
     assert!(server.metric("idempotent_retries_total") >= 6);
 
     let (status, refused) = publish(json!({"topic":"plain:x","idempotency_key":"k"}));
@@ -476,13 +470,21 @@ fn a_client_publish_retried_with_its_idempotency_key_is_stored_once() {
         let history: Value = serde_json::from_str(&body).unwrap();
         history["offset"] == 2
     });
-    let (_, body) = server.http("GET", "/topics/feed:ws-idem/history", None);
+    assert_eq!(
+        stored_payloads(&server, "feed:ws-idem"),
+        [json!("once"), json!("next")]
+    );
+}
+
+/// The payloads `topic`'s history holds, oldest first.
+fn stored_payloads(server: &TestServer, topic: &str) -> Vec<Value> {
+    let (status, body) = server.http("GET", &format!("/topics/{topic}/history"), None);
+    assert_eq!(status, 200, "{body}");
     let history: Value = serde_json::from_str(&body).unwrap();
-    let payloads: Vec<&Value> = history["publications"]
+    history["publications"]
         .as_array()
-        .unwrap()
+        .unwrap_or_else(|| panic!("no publications in {body}"))
         .iter()
-        .map(|p| &p["payload"])
-        .collect();
-    assert_eq!(payloads, [&json!("once"), &json!("next")], "{body}");
+        .map(|p| p["payload"].clone())
+        .collect()
 }

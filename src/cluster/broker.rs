@@ -644,7 +644,14 @@ impl Broker {
                 since,
                 epoch,
                 limit,
-            } => self.on_stream_query(from, ticket, topic, since, epoch, limit),
+            } => self.on_stream_query(streams::Query {
+                from,
+                ticket,
+                topic,
+                since,
+                epoch,
+                limit,
+            }),
             Envelope::Register {
                 ticket,
                 id,

@@ -312,14 +312,15 @@ pub(super) const READS_IN_FLIGHT: usize = 256;
 /// A read of a stream's log, ready to run.
 pub(super) type ReadJob = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// A shard's history query, while Redis reads for it.
+/// A shard's history query (`Envelope::StreamQuery`), while Redis reads
+/// for it.
 pub(super) struct Query {
-    from: ShardId,
-    ticket: u64,
-    topic: Arc<str>,
-    since: Option<u64>,
-    epoch: Option<String>,
-    limit: usize,
+    pub(super) from: ShardId,
+    pub(super) ticket: u64,
+    pub(super) topic: Arc<str>,
+    pub(super) since: Option<u64>,
+    pub(super) epoch: Option<String>,
+    pub(super) limit: usize,
 }
 
 /// A publication for the stream publish task.
@@ -790,35 +791,18 @@ impl Broker {
         self.outbox.send(&self.bus, opening.from, opened);
     }
 
-    pub(super) fn on_stream_query(
-        &mut self,
-        from: ShardId,
-        ticket: u64,
-        topic: Arc<str>,
-        since: Option<u64>,
-        epoch: Option<String>,
-        limit: usize,
-    ) {
+    pub(super) fn on_stream_query(&mut self, query: Query) {
         if !self.status.is_up() {
-            return self.reply(from, ticket, Refusal::NeedsRedis.response());
+            return self.reply(query.from, query.ticket, Refusal::NeedsRedis.response());
         }
-        let start = since.map_or(ReadFrom::Window(limit), ReadFrom::After);
-        let query = Query {
-            from,
-            ticket,
-            topic: topic.clone(),
-            since,
-            epoch,
-            limit,
-        };
-        self.read(
-            &topic,
-            start,
-            limit.min(READ_PAGE),
-            0,
-            false,
-            move |result| StreamDone::Queried { query, result },
-        );
+        let start = query
+            .since
+            .map_or(ReadFrom::Window(query.limit), ReadFrom::After);
+        let topic = query.topic.clone();
+        let limit = query.limit.min(READ_PAGE);
+        self.read(&topic, start, limit, 0, false, move |result| {
+            StreamDone::Queried { query, result }
+        });
     }
 
     pub(super) fn on_stream_queried(&mut self, query: Query, result: Result<Read, String>) {

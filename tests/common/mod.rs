@@ -167,6 +167,11 @@ impl TestServer {
         String::from_utf8_lossy(&out).into_owned()
     }
 
+    /// The resident memory of the server's process; panics if it is gone.
+    pub fn rss_bytes(&self) -> u64 {
+        rss_of(self.child.id()).expect("the server is alive")
+    }
+
     /// Sum of one metric over shards, from `/metrics`.
     pub fn metric(&self, name: &str) -> u64 {
         let (_, text) = self.http("GET", "/metrics", None);
@@ -252,6 +257,16 @@ impl Drop for TestServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The resident memory (VmRSS) of process `pid`, if it is running.
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+    Some(kb * 1024)
 }
 
 pub fn parse_response(response: &str) -> (u16, String) {
