@@ -23,7 +23,7 @@ use bytes::Bytes;
 
 use crate::engine::Position;
 
-use super::streams::Read;
+use super::state::Read;
 
 /// Frames forwarded per stream kept to complete an open that Redis answered
 /// with an older position than the node has forwarded.
