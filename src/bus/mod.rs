@@ -59,7 +59,7 @@ impl ShardSet {
 }
 
 /// Which of a shard's name indexes an interest notice is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum IndexKind {
     /// Topic -> relay subscribers.
     Topic,

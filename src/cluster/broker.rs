@@ -212,11 +212,7 @@ impl Broker {
                         let Some(bytes) = message.value.into_bytes() else { continue };
                         Event::Message { channel, bytes }
                     }
-                    Err(broadcast::error::RecvError::Lagged(lost)) => {
-                        tracing::warn!("cluster: {lost} messages from Redis dropped: the broker fell behind");
-                        self.status.stats.drops_total.fetch_add(lost, Ordering::Relaxed);
-                        continue;
-                    }
+                    Err(broadcast::error::RecvError::Lagged(lost)) => Event::Lagged { lost },
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
                 server = connected.recv() => {

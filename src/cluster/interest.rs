@@ -20,6 +20,16 @@ use super::subscriptions::{Change, Plan};
 /// A name of one of the node's indexes.
 pub(super) type Key = (IndexKind, Arc<str>);
 
+/// The control channel's key: a name no index holds (a chat name is a user
+/// id, never empty), so its answer releases no waiter.
+fn control_key() -> Key {
+    (IndexKind::Chat, Arc::from(""))
+}
+
+fn is_control(key: &Key) -> bool {
+    *key == control_key()
+}
+
 /// Most channel changes in one pipelined batch.
 const CHANGE_BATCH: usize = 1024;
 
@@ -117,20 +127,25 @@ impl Interest {
         let held = self.names.entry(key.clone()).or_default();
         let first = held.shards.is_empty();
         held.shards.insert(from);
+        if first {
+            // Planned even while Redis is away, like an unsubscribe: the
+            // plan keeps the latest intent per channel, so this replaces an
+            // unsubscribe of the channel still waiting to be sent. Holders
+            // that come once Redis is back wait for it.
+            let seq = self.change(channel, true, key.clone());
+            if let Some(held) = self.names.get_mut(&key) {
+                held.pending = Some(seq);
+            }
+        }
         if !up {
-            // Subscribed when Redis is back; local delivery needs no wait.
+            // Local delivery needs no wait: acknowledged now (the client
+            // is told the node is degraded).
             self.steps.push(Step::Ack {
                 to: from,
                 key,
                 epoch,
             });
             return;
-        }
-        if first {
-            let seq = self.change(channel, true, key.clone());
-            if let Some(held) = self.names.get_mut(&key) {
-                held.pending = Some(seq);
-            }
         }
         match self.names.get_mut(&key) {
             Some(held) if held.pending.is_some() => held.waiting.push((from, epoch)),
@@ -172,10 +187,13 @@ impl Interest {
     pub(super) fn batch_done(&mut self, connection: u64, done: Vec<(Change<Key>, bool)>) -> bool {
         self.plan.batch_done();
         let mut restored = false;
+        let mut stale = Vec::new();
         for (change, ok) in done {
-            if self.restoring.is_some_and(|last| change.seq >= last) {
-                self.restoring = None;
-                restored = true;
+            if ok && connection == self.connection {
+                self.plan.known(&change.channel);
+            } else {
+                self.plan
+                    .unknown(change.channel.clone(), change.key.clone());
             }
             if ok || connection != self.connection {
                 self.confirmed(change.seq, &change.key);
@@ -185,6 +203,27 @@ impl Interest {
                 // the node turns degraded, and says so).
                 self.resync = true;
             }
+            // Meant for a connection since replaced: the client queues
+            // commands while it reconnects and writes them on the new
+            // one (even one it reported as timed out), so a subscribe may
+            // have landed where nothing holds the channel any more. It is
+            // dropped there.
+            let replaced = connection != self.connection;
+            if replaced && change.subscribe && !self.names.contains_key(&change.key) {
+                stale.push(change);
+            }
+        }
+        // Restored once no change of the restore waits any more (one
+        // replaced by a newer change, or cancelled, is not waited for).
+        if let Some(last) = self.restoring {
+            if !self.plan.waits_up_to(last) {
+                self.restoring = None;
+                restored = true;
+            }
+        }
+        for change in stale.into_iter().filter(|c| !is_control(&c.key)) {
+            self.plan.assume_asked(&change.channel);
+            self.change(change.channel, false, change.key);
         }
         self.send_next();
         restored
@@ -223,14 +262,22 @@ impl Interest {
         channel: impl Fn(&Key) -> String,
         gate: bool,
     ) {
-        // Keyed by a name no index holds: its answer releases no waiter.
-        let mut last = self.change(control, true, (IndexKind::Chat, Arc::from("")));
-        let keys: Vec<Key> = self.names.keys().cloned().collect();
+        let mut last = self.change(control, true, control_key());
+        // In name order, not the hasher's: a simulation seed replays.
+        let mut keys: Vec<Key> = self.names.keys().cloned().collect();
+        keys.sort_unstable();
         for key in keys {
             let seq = self.change(channel(&key), true, key.clone());
             last = seq;
             if let Some(held) = self.names.get_mut(&key) {
                 held.pending = Some(seq);
+            }
+        }
+        // Channels that may have been subscribed by a change whose
+        // outcome is unknown, and that nothing holds: dropped.
+        for (channel, key) in self.plan.uncertain() {
+            if !self.names.contains_key(&key) && !is_control(&key) {
+                last = self.change(channel, false, key);
             }
         }
         if gate {
@@ -375,14 +422,21 @@ mod tests {
     fn while_redis_is_away_interest_is_acknowledged_at_once_and_restored_after() {
         let mut interest = Interest::default();
         interest.on(ShardId(0), key("a"), 1, channel("a"), false);
-        assert_eq!(
-            interest.take_steps(),
-            [Step::Ack {
+        let steps = interest.take_steps();
+        assert!(
+            steps.contains(&Step::Ack {
                 to: ShardId(0),
                 key: key("a"),
                 epoch: 1
-            }]
+            }),
+            "acknowledged at once: {steps:?}"
         );
+        // The subscribe planned meanwhile fails with the connection.
+        let Some(Step::Send { connection, batch }) = steps.into_iter().next() else {
+            panic!("the subscribe is planned, to replace any unsubscribe waiting")
+        };
+        let failed = batch.into_iter().map(|c| (c, false)).collect();
+        assert!(!interest.batch_done(connection, failed));
         interest.reconnected();
         interest.resubscribe_all("ctl".into(), |k| channel(&k.1), true);
         assert!(interest.restoring());

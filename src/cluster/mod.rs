@@ -11,6 +11,8 @@ mod liveness;
 mod presence;
 mod redis;
 mod relay;
+#[cfg(test)]
+mod sim;
 mod state;
 mod status;
 mod subscriptions;

@@ -13,7 +13,7 @@
 //! expired nodes and reads the others' hashes. Members from other nodes are
 //! named `<node>/<conn id>`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// This node's presence members, per topic (conn id -> meta), and the
@@ -36,6 +36,13 @@ pub(super) struct Members {
     /// Every member is to be rewritten whole (the refresh timer, or a
     /// Redis that lost writes or was away).
     rewrite_due: bool,
+    /// Topics whose hash Redis may hold for this node: a whole rewrite
+    /// deletes those without members, so a write that failed (and took
+    /// its changes with it) leaves nothing behind.
+    stored: HashSet<Arc<str>>,
+    /// Topics the write in flight deletes: Redis may still hold them if
+    /// it fails.
+    deleting: Vec<Arc<str>>,
 }
 
 /// A member's change waiting for Redis.
@@ -123,17 +130,24 @@ impl Members {
                     remains: true,
                 });
             }
-            // Topics whose last member left: their hash goes.
-            for topic in waiting.into_keys() {
-                if !self.topics.contains_key(&topic) {
-                    writes.push(TopicWrite {
-                        topic,
-                        whole: true,
-                        set: Vec::new(),
-                        delete: Vec::new(),
-                        remains: false,
-                    });
-                }
+            // Topics whose last member left, in this write or one that
+            // failed: their hash goes.
+            drop(waiting);
+            let mut gone: Vec<Arc<str>> = self
+                .stored
+                .iter()
+                .filter(|topic| !self.topics.contains_key(*topic))
+                .cloned()
+                .collect();
+            gone.sort_unstable();
+            for topic in gone {
+                writes.push(TopicWrite {
+                    topic,
+                    whole: true,
+                    set: Vec::new(),
+                    delete: Vec::new(),
+                    remains: false,
+                });
             }
         } else {
             for (topic, changes) in waiting {
@@ -153,6 +167,13 @@ impl Members {
                 writes.push(write);
             }
         }
+        for write in &writes {
+            if write.remains {
+                self.stored.insert(write.topic.clone());
+            } else if self.stored.remove(&write.topic) {
+                self.deleting.push(write.topic.clone());
+            }
+        }
         self.writing = true;
         self.check();
         Some(writes)
@@ -163,8 +184,10 @@ impl Members {
     pub(super) fn written(&mut self, ok: bool) {
         debug_assert!(self.writing, "a write answered that was never sent");
         self.writing = false;
+        let deleting = std::mem::take(&mut self.deleting);
         if !ok {
             self.rewrite_due = true;
+            self.stored.extend(deleting);
         }
     }
 

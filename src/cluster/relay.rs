@@ -78,6 +78,13 @@ struct Stream<O> {
     acknowledged: u64,
     /// A check of where Redis stands is under way.
     checking: bool,
+    /// The last check failed: asked again at the next health check.
+    check_due: bool,
+    /// The first open's read is on its way and nothing is known of the
+    /// stream yet: messages are kept (`early`) until it says where
+    /// forwarding starts, since they may follow its position.
+    first_read: bool,
+    early: VecDeque<(Arc<str>, u64, Bytes)>,
     /// Runs this stream left, newest last.
     retired: VecDeque<Arc<str>>,
 }
@@ -94,6 +101,9 @@ impl<O> Default for Stream<O> {
             catch_up_to: 0,
             acknowledged: 0,
             checking: false,
+            check_due: false,
+            first_read: false,
+            early: VecDeque::new(),
             retired: VecDeque::new(),
         }
     }
@@ -183,7 +193,21 @@ impl<O> Relay<O> {
     /// Where forwarding of `topic` stands (a stream first seen here
     /// starts with no epoch).
     pub(super) fn position(&mut self, topic: &Arc<str>) -> Position {
-        self.streams.entry(topic.clone()).or_default().position()
+        let stream = self.streams.entry(topic.clone()).or_default();
+        // Answered without a read: the subscribers stand at the start of a
+        // run not known yet (see `opened`).
+        stream.first_read = false;
+        stream.early.clear();
+        stream.position()
+    }
+
+    /// An open's read of `topic` is on its way; if the stream is new here,
+    /// its messages are kept until the read says where forwarding starts.
+    pub(super) fn opening(&mut self, topic: &Arc<str>) {
+        if !self.streams.contains_key(topic) {
+            let stream = self.streams.entry(topic.clone()).or_default();
+            stream.first_read = true;
+        }
     }
 
     /// A message from `topic`'s channel: publication `offset` of run
@@ -191,9 +215,18 @@ impl<O> Relay<O> {
     /// first open reads the position).
     pub(super) fn message(&mut self, topic: &Arc<str>, offset: u64, epoch: &str, frame: Bytes) {
         debug_assert!(offset > 0, "offsets start at 1");
-        let Some(stream) = self.streams.get(topic) else {
+        let Some(stream) = self.streams.get_mut(topic) else {
             return;
         };
+        if stream.first_read {
+            // Where forwarding starts is not known yet: kept, bounded (a
+            // frame dropped here is filled from the log later).
+            if stream.early.len() == RECENT {
+                stream.early.pop_front();
+            }
+            stream.early.push_back((Arc::from(epoch), offset, frame));
+            return;
+        }
         if stream.is_retired(epoch) {
             return; // late, from a run Redis lost
         }
@@ -215,6 +248,7 @@ impl<O> Relay<O> {
     /// reached the read's position.
     pub(super) fn opened(&mut self, topic: &Arc<str>, opening: O, read: Read) {
         let stream = self.streams.entry(topic.clone()).or_default();
+        let first_read = std::mem::take(&mut stream.first_read);
         if stream.is_retired(&read.epoch) {
             // Read before Redis lost the run: the subscriber starts where
             // forwarding of the new run stands.
@@ -230,8 +264,16 @@ impl<O> Relay<O> {
             return self.answer_open_at(topic, opening, now, at);
         }
         match &stream.epoch {
-            // First sight: forwarding starts where Redis stands.
-            None => stream.restart(read.epoch.clone(), read.offset),
+            // First sight: forwarding starts where Redis stands, with the
+            // messages that came meanwhile and follow it.
+            None if first_read => {
+                self.first_sight(topic, &read);
+                return self.answer_open(topic, opening, read);
+            }
+            // Subscribers answered while Redis could not be read stand at
+            // offset 0 of a run not known then: the run is theirs from its
+            // start, as when a message or a check sees it first.
+            None => stream.restart(read.epoch.clone(), 0),
             Some(epoch) if *epoch != read.epoch => self.new_run(topic, read.epoch.clone()),
             Some(_) => {}
         }
@@ -253,6 +295,20 @@ impl<O> Relay<O> {
             return;
         };
         stream.filling = false;
+        let other_run = read.as_ref().is_some_and(|r| {
+            stream.epoch.as_deref() != Some(&*r.epoch) && !stream.is_retired(&r.epoch)
+        });
+        if other_run {
+            // Redis lost the run being filled and started another: asking
+            // the old one again would never get it. The read tells where
+            // the new run stands, as a check does.
+            let checking = std::mem::replace(&mut stream.checking, true);
+            self.checked(topic, read);
+            if let Some(stream) = self.streams.get_mut(topic) {
+                stream.checking |= checking;
+            }
+            return;
+        }
         if let Some(read) = read.filter(|r| stream.epoch.as_deref() == Some(&*r.epoch)) {
             let first_missing = stream.last + 1;
             for (at, frame) in read.entries.iter() {
@@ -282,11 +338,51 @@ impl<O> Relay<O> {
     /// Asks where Redis stands on every stream (after a reconnection, or as
     /// a drain begins).
     pub(super) fn check_all(&mut self) {
-        for (topic, stream) in &mut self.streams {
-            stream.checking = true;
-            self.actions.push(Action::Check {
-                topic: topic.clone(),
-            });
+        for topic in self.topics() {
+            if let Some(stream) = self.streams.get_mut(&topic) {
+                stream.checking = true;
+                self.actions.push(Action::Check { topic });
+            }
+        }
+    }
+
+    /// Asks where Redis stands on `topic` (its channel was just
+    /// subscribed again: messages published before may have been missed).
+    pub(super) fn check(&mut self, topic: &Arc<str>) {
+        if let Some(stream) = self.streams.get_mut(topic) {
+            if !stream.checking {
+                stream.checking = true;
+                self.actions.push(Action::Check {
+                    topic: topic.clone(),
+                });
+            }
+        }
+    }
+
+    /// The streams held, in name order: what is asked of Redis for all of
+    /// them goes in an order that does not depend on the hasher, so a
+    /// simulation seed replays exactly.
+    fn topics(&self) -> Vec<Arc<str>> {
+        let mut topics: Vec<Arc<str>> = self.streams.keys().cloned().collect();
+        topics.sort_unstable();
+        topics
+    }
+
+    /// Asks where Redis stands on the streams whose last check failed, and
+    /// on those whose run this node does not know yet (subscribers were
+    /// answered while Redis could not be read: once known, the run is
+    /// forwarded to them from its start).
+    pub(super) fn check_due(&mut self) {
+        for topic in self.topics() {
+            let Some(stream) = self.streams.get_mut(&topic) else {
+                continue;
+            };
+            let unknown = stream.epoch.is_none() && !stream.first_read;
+            if (unknown || stream.check_due) && !stream.checking {
+                stream.checking = true;
+                stream.check_due = false;
+                self.actions.push(Action::Check { topic });
+            }
         }
     }
 
@@ -298,8 +394,12 @@ impl<O> Relay<O> {
         };
         stream.checking = false;
         let Some(read) = read else {
+            stream.check_due = true;
             return;
         };
+        if stream.first_read {
+            return self.first_sight(topic, &read);
+        }
         // A check is answered on the connection it was sent on, so after
         // any restart before it: it is the truth, even about a run the
         // stream had left (a late message of an older run took it back).
@@ -326,10 +426,9 @@ impl<O> Relay<O> {
     /// each gets a fill under way.
     pub(super) fn catch_up(&mut self) -> usize {
         let pending: Vec<Arc<str>> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| !s.caught_up())
-            .map(|(topic, _)| topic.clone())
+            .topics()
+            .into_iter()
+            .filter(|topic| self.streams.get(topic).is_some_and(|s| !s.caught_up()))
             .collect();
         for topic in &pending {
             if let Some(stream) = self.streams.get_mut(topic) {
@@ -343,6 +442,23 @@ impl<O> Relay<O> {
     /// Forgets a stream no shard holds any more.
     pub(super) fn forget(&mut self, topic: &str) {
         self.streams.remove(topic);
+    }
+
+    /// The first read of a stream new here (`first_read`): forwarding
+    /// starts where it stands, with the messages kept meanwhile that follow.
+    fn first_sight(&mut self, topic: &Arc<str>, read: &Read) {
+        let Some(stream) = self.streams.get_mut(topic) else {
+            return;
+        };
+        stream.first_read = false;
+        stream.restart(read.epoch.clone(), read.offset);
+        for (epoch, offset, frame) in std::mem::take(&mut stream.early) {
+            if epoch == read.epoch && offset > read.offset {
+                stream.held.insert(offset, frame);
+            }
+        }
+        self.forward_ready(topic);
+        self.fill_if_needed(topic);
     }
 
     /// Redis started `topic` again under `epoch`: subscribers are told, in

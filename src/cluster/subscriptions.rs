@@ -29,6 +29,11 @@ pub(super) struct Plan<K> {
     order: BTreeMap<u64, String>,
     /// Channels Redis was asked to hold, by the batches sent so far.
     asked: HashSet<String>,
+    /// Channels whose last change has no known outcome (it failed, or was
+    /// answered for a connection since replaced): the client may still
+    /// write it, on this connection or the next, so Redis may hold them
+    /// whatever was asked.
+    uncertain: HashMap<String, K>,
     /// A batch was sent and has not been answered.
     in_flight: bool,
 }
@@ -39,6 +44,7 @@ impl<K> Default for Plan<K> {
             waiting: HashMap::new(),
             order: BTreeMap::new(),
             asked: HashSet::new(),
+            uncertain: HashMap::new(),
             in_flight: false,
         }
     }
@@ -91,6 +97,20 @@ impl<K> Plan<K> {
         Some(batch)
     }
 
+    /// Whether a change numbered `seq` or lower waits to be sent.
+    pub(super) fn waits_up_to(&self, seq: u64) -> bool {
+        self.order
+            .first_key_value()
+            .is_some_and(|(&first, _)| first <= seq)
+    }
+
+    /// Redis may hold `channel` though this connection's batches never
+    /// asked for it (a command the client wrote late): an unsubscribe of
+    /// it is sent, not cancelled.
+    pub(super) fn assume_asked(&mut self, channel: &str) {
+        self.asked.insert(channel.to_string());
+    }
+
     /// The batch in flight was answered (each change's result is the
     /// broker's to act on).
     pub(super) fn batch_done(&mut self) {
@@ -99,11 +119,43 @@ impl<K> Plan<K> {
     }
 
     /// A new connection to Redis holds no channel: forget what was asked
-    /// and what waits (the broker asks for every held channel again).
+    /// and the subscribes that wait (the broker asks for every held
+    /// channel again). Unsubscribes waiting are kept: a subscribe the
+    /// client queued before the connection dropped may still be written
+    /// on the new one, and they undo it.
     pub(super) fn reset(&mut self) {
-        self.waiting.clear();
-        self.order.clear();
-        self.asked.clear();
+        self.waiting.retain(|_, change| !change.subscribe);
+        let waiting = &self.waiting;
+        self.order
+            .retain(|_, channel| waiting.contains_key(channel));
+        self.asked = self.uncertain.keys().cloned().collect();
+        self.check();
+    }
+
+    /// A change of `channel` was answered for the current connection: its
+    /// state in Redis is known.
+    pub(super) fn known(&mut self, channel: &str) {
+        self.uncertain.remove(channel);
+    }
+
+    /// A change of `channel` has no known outcome.
+    pub(super) fn unknown(&mut self, channel: String, key: K) {
+        self.asked.insert(channel.clone());
+        self.uncertain.insert(channel, key);
+    }
+
+    /// The channels whose state in Redis is not known, in name order.
+    pub(super) fn uncertain(&self) -> Vec<(String, K)>
+    where
+        K: Clone,
+    {
+        let mut uncertain: Vec<(String, K)> = self
+            .uncertain
+            .iter()
+            .map(|(c, k)| (c.clone(), k.clone()))
+            .collect();
+        uncertain.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        uncertain
     }
 
     /// Changes not sent yet.

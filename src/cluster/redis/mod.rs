@@ -179,8 +179,8 @@ impl Redis {
             Op::WriteRegistration(write) => {
                 tokio::spawn(registry::write(client, prefix, write, done));
             }
-            Op::LoadRegistrations => {
-                tokio::spawn(registry::load(client, prefix, done));
+            Op::LoadRegistrations { after } => {
+                tokio::spawn(registry::load(client, prefix, after, done));
             }
             Op::WritePresence(writes) => {
                 let (node, ttl) = (self.status.node.clone(), self.presence_ttl);

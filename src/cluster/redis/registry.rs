@@ -15,7 +15,7 @@ fn key(prefix: &str, id: &str) -> String {
     format!("{prefix}:reg:{id}")
 }
 
-/// Stores or deletes a registration and announces it; reports a failure.
+/// Stores or deletes a registration and announces it, and reports it.
 pub(super) async fn write(
     client: Client,
     prefix: String,
@@ -40,18 +40,25 @@ pub(super) async fn write(
         Ok(())
     }
     .await;
-    if let Err(e) = written {
+    if let Err(e) = &written {
         tracing::warn!("cluster: writing registration {} failed: {e}", write.id);
-        let _ = done.send(Event::RegistryFailed {
-            from: write.from,
-            ticket: write.ticket,
-        });
     }
+    let _ = done.send(Event::RegistryWritten {
+        from: write.from,
+        ticket: write.ticket,
+        id: write.id,
+        ok: written.is_ok(),
+    });
 }
 
 /// Reads every registration and reports them, and whether the read was
 /// complete.
-pub(super) async fn load(client: Client, prefix: String, done: mpsc::UnboundedSender<Event>) {
+pub(super) async fn load(
+    client: Client,
+    prefix: String,
+    after: u64,
+    done: mpsc::UnboundedSender<Event>,
+) {
     let pattern = format!("{prefix}:reg:*");
     let prefix_len = pattern.len() - 1;
     let mut found = Vec::new();
@@ -87,5 +94,9 @@ pub(super) async fn load(client: Client, prefix: String, done: mpsc::UnboundedSe
             found.push((name[prefix_len..].to_string(), user.clone(), topics));
         }
     }
-    let _ = done.send(Event::RegistrationsLoaded { found, complete });
+    let _ = done.send(Event::RegistrationsLoaded {
+        after,
+        found,
+        complete,
+    });
 }

@@ -51,6 +51,8 @@ pub(super) enum Event {
     FromShards(Vec<(ShardId, Envelope)>),
     /// A message on a channel the node subscribed.
     Message { channel: String, bytes: Bytes },
+    /// The client's buffer of messages overflowed: `lost` were dropped.
+    Lagged { lost: u64 },
     /// A new connection to Redis (it holds no channel). `unsupported`
     /// names the version of a Redis too old to serve a cluster.
     Connected { unsupported: Option<String> },
@@ -74,10 +76,17 @@ pub(super) enum Event {
         id: u64,
         result: Result<Read, String>,
     },
-    /// Storing or deleting a registration failed.
-    RegistryFailed { from: ShardId, ticket: u64 },
+    /// A registration was stored or deleted and announced (`ok`), or
+    /// that failed (Redis may have done it or not).
+    RegistryWritten {
+        from: ShardId,
+        ticket: u64,
+        id: String,
+        ok: bool,
+    },
     /// Registrations read from Redis, and whether the read was complete.
     RegistrationsLoaded {
+        after: u64,
         found: Vec<(String, String, Vec<String>)>,
         complete: bool,
     },
@@ -112,11 +121,13 @@ pub(super) enum Op {
     StreamPublish(StreamPublication),
     /// A read of a stream's log (the read script); answered by `Event::Read`.
     Read(ReadRequest),
-    /// Store or delete a registration and announce it; a failure is
-    /// answered by `Event::RegistryFailed`, success by the announcement.
+    /// Store or delete a registration and announce it; answered by
+    /// `Event::RegistryWritten`.
     WriteRegistration(RegistryWrite),
-    /// Read every registration; answered by `Event::RegistrationsLoaded`.
-    LoadRegistrations,
+    /// Read every registration; answered by `Event::RegistrationsLoaded`
+    /// with the same `after` (the registry changes this node had seen when
+    /// it asked).
+    LoadRegistrations { after: u64 },
     /// Write these presence changes; answered by `Event::PresenceWritten`.
     WritePresence(Vec<TopicWrite>),
     /// Read the other nodes' members of a topic; answered by `Event::PresenceAnswered`.
@@ -247,14 +258,19 @@ impl BrokerState {
         match event {
             Event::FromShards(envelopes) => self.on_shard_envelopes(envelopes, now),
             Event::Message { channel, bytes } => self.on_message(&channel, bytes),
+            Event::Lagged { lost } => self.on_lagged(lost),
             Event::Connected { unsupported } => self.on_connected(unsupported),
             Event::Tick { connected } => {
                 self.connected = connected;
                 self.ping(now);
                 self.check_health(now);
+                if self.status.is_up() {
+                    self.relay.check_due();
+                    self.run_relay();
+                }
                 if self.registry.reload && self.status.is_up() {
                     self.registry.reload = false;
-                    self.ops.push(Op::LoadRegistrations);
+                    self.load_registrations();
                 }
                 let refresh = *self.presence_refresh.get_or_insert(now);
                 if now >= refresh {
@@ -269,10 +285,17 @@ impl BrokerState {
             Event::Pong(pong) => self.liveness.answer(now, pong),
             Event::Published { answer, result } => self.on_stream_published(answer, result),
             Event::Read { id, result } => self.on_read(id, result),
-            Event::RegistryFailed { from, ticket } => self.on_registry_failed(from, ticket),
-            Event::RegistrationsLoaded { found, complete } => {
-                self.on_registrations_loaded(found, complete)
-            }
+            Event::RegistryWritten {
+                from,
+                ticket,
+                id,
+                ok,
+            } => self.on_registry_written(from, ticket, &id, ok),
+            Event::RegistrationsLoaded {
+                after,
+                found,
+                complete,
+            } => self.on_registrations_loaded(after, found, complete),
             Event::PresenceWritten(ok) => self.on_presence_written(ok),
             Event::PresenceAnswered {
                 from,
@@ -577,11 +600,25 @@ impl BrokerState {
     }
 
     fn on_subscribed(&mut self, connection: u64, changes: Vec<(Change<Key>, bool)>, now: Instant) {
+        // A stream whose channel Redis holds again may have missed
+        // messages meanwhile: where Redis stands is read, and the gap filled.
+        let streams: Vec<Arc<str>> = changes
+            .iter()
+            .filter(|(c, ok)| *ok && c.subscribe && c.key.0 == IndexKind::Topic)
+            .map(|(c, _)| c.key.1.clone())
+            .collect();
         let restored = self.interest.batch_done(connection, changes);
         self.run_interest();
+        for topic in &streams {
+            self.relay.check(topic);
+        }
+        self.run_relay();
         if restored {
-            // Every channel is back: what went by meanwhile is read now,
-            // and the node may count as up.
+            // Every channel is back, the control channel too: what went by
+            // meanwhile is read now (streams, and the registrations, whose
+            // announcements are heard again from here on), and the node
+            // may count as up.
+            self.load_registrations();
             self.check_streams();
             self.check_health(now);
         }
@@ -591,15 +628,12 @@ impl BrokerState {
 
     /// Asks for every held channel again; with `gate` (a new connection,
     /// or Redis back from a stall) the node counts as up only once they are
-    /// confirmed, and reloads the registrations it may have missed.
+    /// confirmed, and then reloads the registrations it may have missed.
     fn resubscribe_all(&mut self, gate: bool) {
         let control = self.control_channel.clone();
         let prefix = self.prefix.clone();
         self.interest
             .resubscribe_all(control, |key| wire::channel(&prefix, key.0, &key.1), gate);
-        if gate {
-            self.ops.push(Op::LoadRegistrations);
-        }
         self.run_interest();
     }
 
@@ -624,6 +658,20 @@ impl BrokerState {
             return;
         }
         self.deliver_to_shards(shards, received.envelope);
+    }
+
+    /// Messages from Redis were dropped before the broker read them (it
+    /// fell behind): plain publications among them are lost (counted);
+    /// streams are read again and their gaps filled, and registrations
+    /// reloaded, since an announcement may have been among them.
+    fn on_lagged(&mut self, lost: u64) {
+        tracing::warn!("cluster: {lost} messages from Redis dropped: the broker fell behind");
+        let stats = &self.status.stats;
+        stats.drops_total.fetch_add(lost, Ordering::Relaxed);
+        self.registry.reload = true;
+        if self.status.is_up() {
+            self.check_streams();
+        }
     }
 
     /// Queues a publication from another node to each of `shards`.

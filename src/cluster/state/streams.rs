@@ -460,6 +460,7 @@ impl BrokerState {
             let recovered = opening.since.as_ref().map(|_| false);
             return self.answer_open_from_last_seen(opening, recovered);
         }
+        self.relay.opening(&topic);
         self.read(&topic, start, READ_PAGE, replay, ReadFor::Open(opening));
     }
 
