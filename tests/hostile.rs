@@ -126,7 +126,10 @@ fn server() -> &'static TestServer {
                     Ok(())
                 });
             }
-            let server = TestServer::spawn(cmd, Some(common::tempfile_path::TempPath(path)));
+            let server = TestServer::spawn(cmd, None);
+            // Read at start-up; the server lives in a static that is never
+            // dropped, so its file would outlive the run.
+            let _ = std::fs::remove_file(&path);
             tx.send(server).unwrap();
             loop {
                 std::thread::park();

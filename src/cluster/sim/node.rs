@@ -157,6 +157,25 @@ pub(super) enum Holder {
     Live { epoch: Option<Arc<str>>, last: u64 },
 }
 
+/// A subscriber of a plain topic (no history) on one shard.
+#[derive(Debug, Clone, Default)]
+pub(super) struct PlainHolder {
+    round: u64,
+    /// Acknowledged; when, if the node was up and connected then.
+    pub(super) acked: Option<Option<Instant>>,
+    /// The publications it got.
+    pub(super) got: HashSet<String>,
+}
+
+/// A plain publication handed to the broker: its topic, id, and when (the
+/// node was up then).
+#[derive(Debug, Clone)]
+pub(super) struct PlainPublication {
+    pub(super) topic: Arc<str>,
+    pub(super) id: String,
+    pub(super) at: Instant,
+}
+
 /// A stream publication a publisher was answered for.
 #[derive(Debug, Clone)]
 pub(super) struct Acked {
@@ -180,6 +199,10 @@ pub(super) struct Publication {
 pub(super) struct Shards {
     pub(super) count: usize,
     pub(super) holders: HashMap<(usize, Arc<str>), Holder>,
+    /// Subscribers of plain topics (`t:N`).
+    pub(super) plain: HashMap<(usize, Arc<str>), PlainHolder>,
+    /// Plain publications this node handed to the broker.
+    pub(super) plain_published: Vec<PlainPublication>,
     rounds: HashMap<(usize, Arc<str>), u64>,
     /// Where a holder that left stood, to recover from.
     left: HashMap<(usize, Arc<str>), (u64, Arc<str>)>,
@@ -250,6 +273,8 @@ impl Node {
             shards: Shards {
                 count: shards,
                 holders: HashMap::new(),
+                plain: HashMap::new(),
+                plain_published: Vec::new(),
                 rounds: HashMap::new(),
                 left: HashMap::new(),
                 next_ticket: 0,
@@ -285,7 +310,7 @@ impl Node {
             match op {
                 Op::ToShard { to, envelope } => {
                     let before = checks.failures.len();
-                    self.shard_receives(to, envelope, checks);
+                    self.shard_receives(to, envelope, now, checks);
                     for failure in &mut checks.failures[before..] {
                         *failure = format!("{}: {failure}", self.name);
                     }
@@ -493,6 +518,72 @@ impl Node {
         self.send(shard, envelope, now, checks);
     }
 
+    /// Shard `shard` takes a subscriber of plain topic `topic` (`on`), or
+    /// lets its subscriber go.
+    pub(super) fn hold_plain(
+        &mut self,
+        shard: usize,
+        topic: Arc<str>,
+        on: bool,
+        now: Instant,
+        checks: &mut Checks,
+    ) {
+        let key = (shard, topic.clone());
+        if on == self.shards.plain.contains_key(&key) {
+            return;
+        }
+        let round = self.shards.rounds.entry(key.clone()).or_default();
+        if on {
+            *round += 1;
+        }
+        let round = *round;
+        if on {
+            let holder = PlainHolder {
+                round,
+                ..PlainHolder::default()
+            };
+            self.shards.plain.insert(key, holder);
+        } else {
+            self.shards.plain.remove(&key);
+        }
+        let interest = Envelope::Interest {
+            kind: IndexKind::Topic,
+            name: topic,
+            on,
+            epoch: round,
+        };
+        self.send(shard, interest, now, checks);
+    }
+
+    /// Shard `shard` hands a plain publication to the broker for the other
+    /// nodes, as a shard does (refused while the node is degraded or past
+    /// `max_queued_bytes`).
+    pub(super) fn publish_plain(
+        &mut self,
+        shard: usize,
+        topic: Arc<str>,
+        id: String,
+        now: Instant,
+        checks: &mut Checks,
+    ) {
+        let frame = message::push(&topic, "e", &format!("\"{id}\""));
+        if !self.status.is_up() || !self.status.hold(frame.len()) {
+            self.shards.stats.refused += 1;
+            return;
+        }
+        let envelope = Envelope::ForNodes {
+            seq: self.status.next_seq(),
+            kind: IndexKind::Topic,
+            name: topic.clone(),
+            topic: None,
+            frame,
+        };
+        self.shards
+            .plain_published
+            .push(PlainPublication { topic, id, at: now });
+        self.send(shard, envelope, now, checks);
+    }
+
     pub(super) fn register(&mut self, shard: usize, id: String, now: Instant, checks: &mut Checks) {
         let ticket = self.ticket();
         self.shards.registrations.insert(id.clone());
@@ -578,7 +669,13 @@ impl Node {
     }
 
     /// An envelope from the broker for shard `to`, checked.
-    fn shard_receives(&mut self, to: ShardId, envelope: Envelope, checks: &mut Checks) {
+    fn shard_receives(
+        &mut self,
+        to: ShardId,
+        envelope: Envelope,
+        now: Instant,
+        checks: &mut Checks,
+    ) {
         let shard = to.0;
         super::trace(|| {
             let what = match &envelope {
@@ -613,6 +710,12 @@ impl Node {
                     )
                 });
                 let key = (shard, name.clone());
+                if let Some(plain) = shards.plain.get_mut(&key) {
+                    if plain.round == epoch && plain.acked.is_none() {
+                        plain.acked = Some(up.then_some(now));
+                    }
+                    return;
+                }
                 let Some(Holder::Joining { round }) = shards.holders.get(&key) else {
                     return;
                 };
@@ -690,6 +793,16 @@ impl Node {
             }
             Envelope::Publish { topic, frame } => {
                 let key = (shard, topic.clone());
+                if let Some(plain) = shards.plain.get_mut(&key) {
+                    match parse(&frame) {
+                        Some(Pushed::Push(_, id)) if plain.got.insert(id.clone()) => {}
+                        Some(Pushed::Push(_, id)) => {
+                            checks.fail(format!("`{topic}` shard {shard} got {id} twice"))
+                        }
+                        _ => checks.fail(format!("`{topic}`: an unreadable frame")),
+                    }
+                    return;
+                }
                 let Some(Holder::Live { epoch, last }) = shards.holders.get_mut(&key) else {
                     return;
                 };
@@ -791,8 +904,9 @@ fn parse(frame: &Bytes) -> Option<Pushed> {
     let json = message::frame_json(frame)?;
     let json: serde_json::Value = serde_json::from_slice(json).ok()?;
     match json["type"].as_str()? {
+        // A plain topic's push has no offset.
         "push" => Some(Pushed::Push(
-            json["offset"].as_u64()?,
+            json["offset"].as_u64().unwrap_or(0),
             json["payload"].as_str()?.to_string(),
         )),
         "reset" => Some(Pushed::Reset(Arc::from(json["epoch"].as_str()?))),
