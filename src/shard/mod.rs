@@ -11,9 +11,14 @@
 //!   `io_uring`. It owns the ring, the listener, each connection's
 //!   descriptor, outbound queue and close lifecycle, feeds the state events
 //!   and carries out its commands.
+//! - `conn_io`: a connection's I/O lifecycle (outbound queue, write delay,
+//!   drain watch, open / over budget / closing / shut down) as plain data
+//!   with its transitions, which the driver and the simulation's driver
+//!   both call.
 //!
 //! Both key connections by the same generational [`key::ConnKey`].
 
+mod conn_io;
 mod driver;
 pub mod key;
 #[doc(hidden)]

@@ -1,7 +1,8 @@
 //! The driver: the only code that does I/O. It owns the shard's ring, the
-//! I/O side of every connection (its direct descriptor, outbound queue and
-//! close lifecycle) and the listener, feeds the shard state events, and
-//! carries out the commands the state answers with.
+//! I/O side of every connection (its direct descriptor, and its outbound
+//! queue and close lifecycle as a sans-IO [`ConnIo`], whose transitions the
+//! simulation's driver calls too) and the listener, feeds the shard state
+//! events, and carries out the commands the state answers with.
 //!
 //! One loop per shard thread, one ring, one wait: a turn handles the
 //! completions that are ready, drains the bus, submits every send queued in
@@ -23,11 +24,12 @@ use bytes::Bytes;
 
 use crate::bus::{Envelope, ShardId};
 use crate::metrics::ShardStats;
+use crate::shard::conn_io::{ConnIo, Queued};
 use crate::shard::key::{ConnKey, ConnTable};
 use crate::shard::state::{CloseMode, Command, Event, ShardState};
 use crate::shard::Shared;
 
-use outbound::{Enqueued, Outbound, SendBuffers, SendPlan};
+use outbound::{SendBuffers, SendPlan};
 use ring::{Completion, OpKind, Ring};
 
 /// Completions handled per pass before the bus gets a turn, so a flood of
@@ -49,43 +51,14 @@ const REFUSAL_HEADROOM: usize = 256;
 /// descriptor shortage cannot flood the log.
 const ACCEPT_ERRORS_LOGGED: u32 = 10;
 
-/// Where a connection's socket is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lifecycle {
-    /// Open: sends are queued within the outbound budget.
-    Open,
-    /// A send passed the budget: the queue was dropped and further sends are
-    /// discarded until the state closes the connection. Until the state has
-    /// heard of it (`reported`), a close it asked for in the same batch shuts
-    /// the socket down at once: its last bytes were meant to follow what was
-    /// just dropped (an HTTP response after pipelined ones would answer the
-    /// wrong request), and the state, having closed it, will not again.
-    Overflowed { reported: bool },
-    /// Sending its last bytes; then shut down (`AfterFlush`), or wait for
-    /// the peer to close (`Linger`), in either case by `deadline`.
-    Closing { mode: CloseMode, deadline: Instant },
-    /// Shut down; the slot is freed once the kernel has returned every
-    /// operation on it (`shutdown_pending` is the shutdown op itself).
-    ShuttingDown { shutdown_pending: bool },
-}
-
 /// The I/O side of one connection.
 struct IoConn {
     /// The direct descriptor: an index in the ring's file table.
     file: u32,
-    lifecycle: Lifecycle,
     /// The multishot receive is armed (it ends on EOF, error or ENOBUFS).
     recv_armed: bool,
-    /// In the driver's list of connections with queued output.
-    dirty: bool,
-    /// A byte has been handed to the kernel: the first queued bytes (the
-    /// `101` of an upgrade, a first response) are no longer at stake.
-    sent_any: bool,
-    /// Holding pushes for the write delay (in `delayed`).
-    delayed: bool,
-    /// The state asked to hear when the queue falls to the drain mark.
-    watch_drain: bool,
-    out: Outbound,
+    /// Its lifecycle and outbound queue.
+    io: ConnIo<Instant>,
 }
 
 /// One shard's driver and the state it drives.
@@ -284,9 +257,7 @@ impl Driver {
             }
             for key in std::mem::take(&mut self.overflowed) {
                 if let Some(conn) = self.conns.get_mut(key) {
-                    if conn.lifecycle == (Lifecycle::Overflowed { reported: false }) {
-                        conn.lifecycle = Lifecycle::Overflowed { reported: true };
-                    }
+                    conn.io.overflow_reported();
                 }
                 self.state.handle(now, Event::Overflow(key));
             }
@@ -302,35 +273,28 @@ impl Driver {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if conn.lifecycle != Lifecycle::Open {
-            return;
-        }
-        match conn.out.enqueue(bytes, self.budget, &mut self.send_buffers) {
-            Enqueued::Yes => {
+        let delay = push && !self.write_delay.is_zero();
+        match conn
+            .io
+            .queue(bytes, self.budget, &mut self.send_buffers, delay)
+        {
+            Queued::Ignored => {}
+            Queued::Dirty => {
                 self.frames_queued += 1;
-                if push && !self.write_delay.is_zero() {
-                    if !conn.dirty && !conn.delayed {
-                        conn.delayed = true;
-                        self.delayed.push_back((now + self.write_delay, key));
-                    }
-                } else {
-                    mark_dirty(&mut self.dirty, conn, key);
-                }
+                self.dirty.push(key);
             }
-            over @ (Enqueued::OverBudget | Enqueued::OverShardBudget) => {
-                if over == Enqueued::OverShardBudget {
+            Queued::Delayed => {
+                self.frames_queued += 1;
+                self.delayed.push_back((now + self.write_delay, key));
+            }
+            Queued::Held => self.frames_queued += 1,
+            Queued::Overflowed { over_shard_budget } => {
+                if over_shard_budget {
                     ShardStats::add(
                         &self.shared.stats[self.id.0].shard_outbound_overflows_total,
                         1,
                     );
                 }
-                // The first bytes of a connection are its 101 (or its first
-                // response): a close frame without them is garbage to a
-                // client still reading HTTP.
-                conn.out
-                    .discard_queued(!conn.sent_any, &mut self.send_buffers);
-                conn.lifecycle = Lifecycle::Overflowed { reported: false };
-                conn.watch_drain = false;
                 self.overflowed.push(key);
             }
         }
@@ -342,42 +306,32 @@ impl Driver {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if conn.lifecycle != Lifecycle::Open {
-            return;
-        }
-        if conn.out.queued_bytes() <= self.drain_mark {
-            conn.watch_drain = false;
+        if conn.io.watch_drain(self.drain_mark) {
             self.drained.push(key);
-        } else {
-            conn.watch_drain = true;
         }
     }
 
+    /// Closes a connection as the state asks (see [`ConnIo::close`]):
+    /// at once, or after its last bytes by the close timeout.
     fn close(&mut self, now: Instant, key: ConnKey, last: Option<Bytes>, mode: CloseMode) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let (mode, deadline) = match conn.lifecycle {
-            Lifecycle::ShuttingDown { .. } => return,
-            _ if mode == CloseMode::Now => return self.terminate(key),
-            Lifecycle::Overflowed { reported: false } => return self.terminate(key),
-            Lifecycle::Closing {
-                mode: was,
-                deadline,
-            } => (was.max(mode), deadline),
-            Lifecycle::Open | Lifecycle::Overflowed { reported: true } => {
-                self.closing.push(key);
-                (mode, now + self.shared.config.close_timeout)
-            }
-        };
-        conn.lifecycle = Lifecycle::Closing { mode, deadline };
-        if let Some(last) = last {
-            conn.out.enqueue_final(last, &mut self.send_buffers);
-            self.frames_queued += 1;
-            mark_dirty(&mut self.dirty, conn, key);
+        let close_timeout = self.shared.config.close_timeout;
+        let closed = conn
+            .io
+            .close(mode, last, || now + close_timeout, &mut self.send_buffers);
+        if closed.began {
+            self.closing.push(key);
         }
-        if mode == CloseMode::AfterFlush && conn.out.is_flushed() {
-            self.terminate(key);
+        if closed.queued_last {
+            self.frames_queued += 1;
+        }
+        if closed.dirty {
+            self.dirty.push(key);
+        }
+        if closed.terminated {
+            self.ring.shutdown(conn.file, key);
         }
     }
 
@@ -387,17 +341,12 @@ impl Driver {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. }) {
-            return;
+        if conn.io.terminate(&mut self.send_buffers) {
+            // Ends the pending receive and fails a pending send; their
+            // completions, and the shutdown's own, let `maybe_release` free
+            // the slot.
+            self.ring.shutdown(conn.file, key);
         }
-        conn.lifecycle = Lifecycle::ShuttingDown {
-            shutdown_pending: true,
-        };
-        conn.out.discard_queued(false, &mut self.send_buffers);
-        conn.watch_drain = false;
-        // Ends the pending receive and fails a pending send; their
-        // completions, and the shutdown's own, let `maybe_release` free the slot.
-        self.ring.shutdown(conn.file, key);
     }
 
     /// Frees a shut-down connection's slot once nothing is pending on it,
@@ -406,17 +355,11 @@ impl Driver {
         let Some(conn) = self.conns.get(key) else {
             return;
         };
-        let idle = conn.lifecycle
-            == Lifecycle::ShuttingDown {
-                shutdown_pending: false,
-            }
-            && !conn.recv_armed
-            && !conn.out.is_sending();
-        if !idle {
+        if !conn.io.is_idle() || conn.recv_armed {
             return;
         }
         if let Some(mut conn) = self.conns.remove(key) {
-            conn.out.release(&mut self.send_buffers);
+            conn.io.out.release(&mut self.send_buffers);
             self.ring.close(conn.file);
         }
         ShardStats::sub(&self.stats().connections, 1);
@@ -444,9 +387,7 @@ impl Driver {
                 OpKind::Shutdown => {
                     let key = completion.token.key;
                     if let Some(conn) = self.conns.get_mut(key) {
-                        conn.lifecycle = Lifecycle::ShuttingDown {
-                            shutdown_pending: false,
-                        };
+                        conn.io.shutdown_done();
                         self.maybe_release(now, key);
                     }
                 }
@@ -508,13 +449,8 @@ impl Driver {
         }
         let key = self.conns.insert(IoConn {
             file,
-            lifecycle: Lifecycle::Open,
             recv_armed: false,
-            dirty: false,
-            sent_any: false,
-            delayed: false,
-            watch_drain: false,
-            out: Outbound::default(),
+            io: ConnIo::new(),
         });
         ShardStats::add(&self.stats().connections, 1);
         ShardStats::add(&self.stats().connections_accepted_total, 1);
@@ -526,7 +462,7 @@ impl Driver {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if conn.recv_armed || matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. }) {
+        if conn.recv_armed || conn.io.is_shut_down() {
             return;
         }
         conn.recv_armed = true;
@@ -544,7 +480,7 @@ impl Driver {
         if !c.more {
             conn.recv_armed = false;
         }
-        let open = !matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. });
+        let open = !conn.io.is_shut_down();
         match c.result {
             n if n > 0 => {
                 if let Some(id) = c.buffer {
@@ -579,31 +515,27 @@ impl Driver {
             return;
         };
         if c.result < 0 {
-            conn.out.fail_send(&mut self.send_buffers);
-            self.terminate(key);
+            if conn.io.send_failed(&mut self.send_buffers) {
+                self.ring.shutdown(conn.file, key);
+            }
             self.maybe_release(now, key);
             return;
         }
         let sent = conn
-            .out
-            .complete_send(c.result as usize, &mut self.send_buffers);
-        conn.sent_any |= sent > 0;
-        if conn.watch_drain && conn.out.queued_bytes() <= self.drain_mark {
-            conn.watch_drain = false;
+            .io
+            .send_done(c.result as usize, self.drain_mark, &mut self.send_buffers);
+        if sent.drained {
             self.drained.push(key);
         }
-        ShardStats::add(&self.shared.stats[self.id.0].bytes_out_total, sent as u64);
-        if !conn.out.is_flushed() {
-            mark_dirty(&mut self.dirty, conn, key);
-        } else {
-            match conn.lifecycle {
-                Lifecycle::Closing {
-                    mode: CloseMode::AfterFlush,
-                    ..
-                } => self.terminate(key),
-                Lifecycle::Open => conn.out.release_idle_buffers(&mut self.send_buffers),
-                _ => {}
-            }
+        ShardStats::add(
+            &self.shared.stats[self.id.0].bytes_out_total,
+            sent.bytes as u64,
+        );
+        if sent.dirty {
+            self.dirty.push(key);
+        }
+        if sent.terminated {
+            self.ring.shutdown(conn.file, key);
         }
         if !self.drained.is_empty() {
             self.apply_commands(now);
@@ -627,11 +559,7 @@ impl Driver {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
-            conn.dirty = false;
-            if matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. }) {
-                continue;
-            }
-            let Some(plan) = conn.out.prepare_send() else {
+            let Some(plan) = conn.io.take_send() else {
                 continue;
             };
             // SAFETY: the plan points into frames the connection's in-flight
@@ -658,8 +586,9 @@ impl Driver {
             }
             self.delayed.pop_front();
             if let Some(conn) = self.conns.get_mut(key) {
-                conn.delayed = false;
-                mark_dirty(&mut self.dirty, conn, key);
+                if conn.io.delay_passed() {
+                    self.dirty.push(key);
+                }
             }
         }
     }
@@ -698,10 +627,10 @@ impl Driver {
         self.arm_accept();
         let closing = std::mem::take(&mut self.closing);
         for key in closing {
-            match self.conns.get(key).map(|c| c.lifecycle) {
-                Some(Lifecycle::Closing { deadline, .. }) if now >= deadline => self.terminate(key),
-                Some(Lifecycle::Closing { .. }) => self.closing.push(key),
-                _ => {}
+            match self.conns.get(key).and_then(|c| c.io.close_deadline()) {
+                Some(deadline) if now >= deadline => self.terminate(key),
+                Some(_) => self.closing.push(key),
+                None => {}
             }
         }
         self.flush();
@@ -741,13 +670,6 @@ impl Drop for Driver {
         // Peers message the ring while it is published; after this they
         // fall back to the eventfd (one that races gets an error and does).
         self.shared.bus.waker(self.id).set_ring(None);
-    }
-}
-
-fn mark_dirty(dirty: &mut Vec<ConnKey>, conn: &mut IoConn, key: ConnKey) {
-    if !conn.dirty {
-        conn.dirty = true;
-        dirty.push(key);
     }
 }
 

@@ -399,7 +399,18 @@ impl Sim {
             self.after_step();
             self.take_violation()?;
             if !progressed && self.shards.iter().all(|s| s.state.control_backlog() == 0) {
-                return Ok(());
+                // Pushes held for the write delay go once it has passed:
+                // time moves to the first due (a few milliseconds, less
+                // than a tick, so no shard ticks meanwhile).
+                let Some(due) = self.next_delayed() else {
+                    return Ok(());
+                };
+                self.elapsed = self.elapsed.max(due);
+                self.note(format!(
+                    "#{} settle: time = {:.3}s for the write delay",
+                    self.steps,
+                    self.elapsed.as_secs_f64()
+                ));
             }
         }
         Err(format!(
@@ -508,11 +519,11 @@ impl Sim {
         // frames and read everything, so a connection still closing is stuck.
         for (s, shard) in self.shards.iter().enumerate() {
             for (_, conn) in shard.conns.iter() {
-                if conn.lifecycle != driver::Lifecycle::Open {
+                if conn.io.lifecycle != driver::Lifecycle::Open {
                     let client = &self.clients[conn.client];
                     return Err(format!(
                         "shard {s}: c{} ({}) is {:?} at quiescence",
-                        conn.client, client.label, conn.lifecycle
+                        conn.client, client.label, conn.io.lifecycle
                     ));
                 }
             }

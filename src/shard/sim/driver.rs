@@ -1,63 +1,45 @@
 //! The simulated driver: what `shard::driver` does with a ring, done with
-//! plain data. Per shard it allocates keys, keeps each connection's real
-//! [`Outbound`] queue under the outbound budget, carries out the state's
-//! commands with the real driver's close lifecycle, and frees a slot (then
-//! tells the state `Closed`) only once nothing is pending on it. The
+//! plain data. Per shard it allocates keys and keeps each connection's
+//! [`ConnIo`], the real driver's own I/O lifecycle (the real
+//! [`Outbound`](crate::shard::outbound::Outbound) queue under the outbound budget, overflow, the close modes and
+//! deadlines, shutdown, the drain watch and the write delay): it carries
+//! out the state's commands through the same transitions the real driver
+//! calls, and frees a slot (then tells the state `Closed`) only once
+//! nothing is pending on it. Pushes are held for the run's write delay
+//! (`Params::write_delay`) as the real driver holds them, and go with the
+//! first flush after simulated time has passed their due time. The
 //! "kernel" completes sends with any number of bytes and shutdowns at a
 //! time the scheduler picks.
 //!
 //! It also checks the command stream: a command for a released key, or a
 //! `Send` after a `Close` for the same key, is a violation.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::metrics::ShardStats;
+use crate::shard::conn_io::{ConnIo, Queued};
 use crate::shard::key::{ConnKey, ConnTable};
-use crate::shard::outbound::{Enqueued, Outbound, SendBuffers, SendPlan};
+use crate::shard::outbound::{SendBuffers, SendPlan};
 use crate::shard::state::{CloseMode, Command, Event, ShardState};
 
 use super::Sim;
 
-/// Where a connection's socket is in its life (the real driver's `Lifecycle`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Lifecycle {
-    Open,
-    /// Over budget: queue dropped, sends discarded until the state closes
-    /// it; a close asked for in the same batch (before `reported`) shuts it
-    /// down at once, without its last bytes.
-    Overflowed {
-        reported: bool,
-    },
-    /// Sending its last bytes, then shutdown (`AfterFlush`) or waiting for
-    /// the peer (`Linger`), by `deadline` (simulated time).
-    Closing {
-        mode: CloseMode,
-        deadline: Duration,
-    },
-    /// Shut down; freed once the shutdown and any send have completed.
-    ShuttingDown {
-        shutdown_pending: bool,
-    },
-}
+pub(super) use crate::shard::conn_io::Lifecycle;
 
 /// The I/O side of one connection.
 pub(super) struct IoConn {
     pub(super) client: usize,
-    pub(super) lifecycle: Lifecycle,
-    pub(super) out: Outbound,
+    /// The real driver's lifecycle and outbound queue, in simulated time.
+    pub(super) io: ConnIo<Duration>,
     /// The send in flight: what the kernel was handed.
     pub(super) plan: Option<SendPlan>,
-    dirty: bool,
-    /// The kernel has taken a byte: the first queued bytes are not at stake.
-    sent_any: bool,
     /// The state has sent a `Close` for it.
     close_commanded: bool,
     /// It was shut down because everything queued had been sent.
     graceful: bool,
-    /// The state asked to hear when the queue falls to the drain mark.
-    watch_drain: bool,
 }
 
 /// One shard: its state and the driver around it.
@@ -66,6 +48,9 @@ pub(super) struct SimShard {
     pub(super) conns: ConnTable<IoConn>,
     pool: SendBuffers,
     dirty: Vec<ConnKey>,
+    /// Connections holding pushes for the write delay, with their due
+    /// time (simulated), oldest first.
+    delayed: VecDeque<(Duration, ConnKey)>,
     overflowed: Vec<ConnKey>,
     /// Connections whose watched queue drained, told after the batch.
     drained: Vec<ConnKey>,
@@ -81,6 +66,7 @@ impl SimShard {
             conns: ConnTable::default(),
             pool: SendBuffers::new(outbound_limit),
             dirty: Vec::new(),
+            delayed: VecDeque::new(),
             overflowed: Vec::new(),
             drained: Vec::new(),
             shutdown_deadline: None,
@@ -91,7 +77,11 @@ impl SimShard {
     /// its budget but for one frame (at most a connection's `budget`) per
     /// connection that had nothing queued when it passed.
     pub(super) fn check_outbound(&self, budget: usize) -> Result<(), String> {
-        let held: usize = self.conns.iter().map(|(_, c)| c.out.queued_bytes()).sum();
+        let held: usize = self
+            .conns
+            .iter()
+            .map(|(_, c)| c.io.out.queued_bytes())
+            .sum();
         let counted = self.pool.queued_bytes();
         if held != counted {
             return Err(format!("{counted} outbound bytes counted, {held} queued"));
@@ -113,7 +103,7 @@ impl SimShard {
     pub(super) fn kernel_work(&self, stalled: impl Fn(usize) -> bool) -> Vec<ConnKey> {
         self.conns
             .iter()
-            .filter(|(_, c)| match c.lifecycle {
+            .filter(|(_, c)| match c.io.lifecycle {
                 Lifecycle::ShuttingDown { shutdown_pending } => {
                     shutdown_pending || c.plan.is_some()
                 }
@@ -156,10 +146,9 @@ impl Sim {
             }
             for command in commands.drain(..) {
                 match command {
-                    // No write delay is simulated: a push goes like any send.
-                    Command::Send(key, bytes) | Command::Push(key, bytes) => {
-                        self.queue(s, key, bytes)
-                    }
+                    Command::Send(key, bytes) => self.queue(s, key, bytes, false),
+                    // Held for the write delay, as the real driver holds it.
+                    Command::Push(key, bytes) => self.queue(s, key, bytes, true),
                     Command::Close { conn, last, mode } => self.close(s, conn, last, mode),
                     Command::WatchDrain(key) => self.watch_drain(s, key),
                 }
@@ -178,9 +167,7 @@ impl Sim {
                     if !conn.close_commanded {
                         self.clients[conn.client].owed_1013 = true;
                     }
-                    if conn.lifecycle == (Lifecycle::Overflowed { reported: false }) {
-                        conn.lifecycle = Lifecycle::Overflowed { reported: true };
-                    }
+                    conn.io.overflow_reported();
                 }
                 let now = self.now();
                 self.shards[s].state.handle(now, Event::Overflow(key));
@@ -197,14 +184,10 @@ impl Sim {
         }
         let key = shard.conns.insert(IoConn {
             client,
-            lifecycle: Lifecycle::Open,
-            out: Outbound::default(),
+            io: ConnIo::new(),
             plan: None,
-            dirty: false,
-            sent_any: false,
             close_commanded: false,
             graceful: false,
-            watch_drain: false,
         });
         Some(key)
     }
@@ -214,13 +197,17 @@ impl Sim {
         self.shards[s]
             .conns
             .get(key)
-            .is_some_and(|c| !matches!(c.lifecycle, Lifecycle::ShuttingDown { .. }))
+            .is_some_and(|c| !c.io.is_shut_down())
     }
 
     // ---- commands ----------------------------------------------------------
 
-    fn queue(&mut self, s: usize, key: ConnKey, bytes: Bytes) {
+    /// The real driver's `queue`: within the budget, a push held for the
+    /// write delay; past it, the connection is reported after the batch.
+    fn queue(&mut self, s: usize, key: ConnKey, bytes: Bytes, push: bool) {
         let budget = self.budget;
+        let delay = push && !self.write_delay.is_zero();
+        let due = self.elapsed + self.write_delay;
         let shard = &mut self.shards[s];
         let Some(conn) = shard.conns.get_mut(key) else {
             return self.fail(format!("shard {s}: Send to released connection {key:?}"));
@@ -229,20 +216,16 @@ impl Sim {
             let client = conn.client;
             return self.fail(format!("shard {s}: Send after Close to c{client}"));
         }
-        if conn.lifecycle != Lifecycle::Open {
-            return;
-        }
-        match conn.out.enqueue(bytes, budget, &mut shard.pool) {
-            Enqueued::Yes => mark_dirty(&mut shard.dirty, conn, key),
-            over @ (Enqueued::OverBudget | Enqueued::OverShardBudget) => {
-                if over == Enqueued::OverShardBudget {
+        match conn.io.queue(bytes, budget, &mut shard.pool, delay) {
+            Queued::Ignored | Queued::Held => {}
+            Queued::Dirty => shard.dirty.push(key),
+            Queued::Delayed => shard.delayed.push_back((due, key)),
+            Queued::Overflowed { over_shard_budget } => {
+                if over_shard_budget {
                     // Counted where the real driver counts it.
                     let stats = &self.shared.stats()[s];
                     ShardStats::add(&stats.shard_outbound_overflows_total, 1);
                 }
-                conn.out.discard_queued(!conn.sent_any, &mut shard.pool);
-                conn.watch_drain = false;
-                conn.lifecycle = Lifecycle::Overflowed { reported: false };
                 shard.overflowed.push(key);
                 let client = conn.client;
                 self.clients[client].overflowed = true;
@@ -262,11 +245,7 @@ impl Sim {
                 "shard {s}: WatchDrain of released connection {key:?}"
             ));
         };
-        if conn.lifecycle != Lifecycle::Open {
-            return;
-        }
-        conn.watch_drain = conn.out.queued_bytes() > mark;
-        if !conn.watch_drain {
+        if conn.io.watch_drain(mark) {
             shard.drained.push(key);
         }
     }
@@ -278,23 +257,12 @@ impl Sim {
             return self.fail(format!("shard {s}: Close of released connection {key:?}"));
         };
         conn.close_commanded = true;
-        let (mode, deadline) = match conn.lifecycle {
-            Lifecycle::ShuttingDown { .. } => return,
-            _ if mode == CloseMode::Now => return self.terminate(s, key, false),
-            Lifecycle::Overflowed { reported: false } => return self.terminate(s, key, false),
-            Lifecycle::Closing {
-                mode: was,
-                deadline,
-            } => (was.max(mode), deadline),
-            Lifecycle::Open | Lifecycle::Overflowed { reported: true } => (mode, deadline),
-        };
-        conn.lifecycle = Lifecycle::Closing { mode, deadline };
-        if let Some(last) = last {
-            conn.out.enqueue_final(last, &mut shard.pool);
-            mark_dirty(&mut shard.dirty, conn, key);
+        let closed = conn.io.close(mode, last, || deadline, &mut shard.pool);
+        if closed.dirty {
+            shard.dirty.push(key);
         }
-        if mode == CloseMode::AfterFlush && conn.out.is_flushed() {
-            self.terminate(s, key, true);
+        if closed.terminated {
+            conn.graceful = closed.flushed;
         }
     }
 
@@ -304,15 +272,9 @@ impl Sim {
         let Some(conn) = shard.conns.get_mut(key) else {
             return;
         };
-        if matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. }) {
-            return;
+        if conn.io.terminate(&mut shard.pool) {
+            conn.graceful = graceful;
         }
-        conn.lifecycle = Lifecycle::ShuttingDown {
-            shutdown_pending: true,
-        };
-        conn.graceful = graceful;
-        conn.watch_drain = false;
-        conn.out.discard_queued(false, &mut shard.pool);
     }
 
     /// Frees a shut-down connection once nothing is pending, ends its
@@ -321,12 +283,7 @@ impl Sim {
         let Some(conn) = self.shards[s].conns.get(key) else {
             return;
         };
-        let idle = conn.lifecycle
-            == Lifecycle::ShuttingDown {
-                shutdown_pending: false,
-            }
-            && !conn.out.is_sending();
-        if !idle {
+        if !conn.io.is_idle() {
             return;
         }
         if conn.plan.is_some() {
@@ -336,7 +293,7 @@ impl Sim {
         let Some(mut conn) = shard.conns.remove(key) else {
             return;
         };
-        conn.out.release(&mut shard.pool);
+        conn.io.out.release(&mut shard.pool);
         self.client_ended(conn.client, conn.graceful);
         self.feed(s, Event::Closed(key));
     }
@@ -362,33 +319,25 @@ impl Sim {
         let client = conn.client;
         let taken = match result {
             SendResult::Failed => {
-                conn.out.fail_send(&mut shard.pool);
-                self.terminate(s, key, false);
+                if conn.io.send_failed(&mut shard.pool) {
+                    conn.graceful = false;
+                }
                 return self.maybe_release(s, key);
             }
             SendResult::Took(n) => n.min(bytes.len()),
         };
-        conn.out.complete_send(taken, &mut shard.pool);
-        conn.sent_any |= taken > 0;
-        let drained = conn.watch_drain && conn.out.queued_bytes() <= self.drain_mark;
-        if drained {
-            conn.watch_drain = false;
+        let sent = conn.io.send_done(taken, self.drain_mark, &mut shard.pool);
+        if sent.drained {
             shard.drained.push(key);
         }
-        if !conn.out.is_flushed() {
-            mark_dirty(&mut shard.dirty, conn, key);
-        } else {
-            match conn.lifecycle {
-                Lifecycle::Closing {
-                    mode: CloseMode::AfterFlush,
-                    ..
-                } => self.terminate(s, key, true),
-                Lifecycle::Open => conn.out.release_idle_buffers(&mut shard.pool),
-                _ => {}
-            }
+        if sent.dirty {
+            shard.dirty.push(key);
+        }
+        if sent.terminated {
+            conn.graceful = true;
         }
         self.client_receive(client, &bytes[..taken]);
-        if drained {
+        if sent.drained {
             self.apply_commands(s);
         }
         self.maybe_release(s, key);
@@ -399,32 +348,51 @@ impl Sim {
         let Some(conn) = self.shards[s].conns.get_mut(key) else {
             return;
         };
-        if conn.lifecycle
+        if conn.io.lifecycle
             == (Lifecycle::ShuttingDown {
                 shutdown_pending: true,
             })
         {
-            conn.lifecycle = Lifecycle::ShuttingDown {
-                shutdown_pending: false,
-            };
+            conn.io.shutdown_done();
         }
         self.maybe_release(s, key);
     }
 
     /// Hands every connection with queued output to the kernel (the real
-    /// driver's `flush`, minus the ring).
+    /// driver's `flush`, minus the ring), pushes held past their write
+    /// delay (in simulated time) included.
     pub(super) fn flush(&mut self, s: usize) {
+        let now = self.elapsed;
         let shard = &mut self.shards[s];
+        while let Some(&(due, key)) = shard.delayed.front() {
+            if due > now {
+                break;
+            }
+            shard.delayed.pop_front();
+            if let Some(conn) = shard.conns.get_mut(key) {
+                if conn.io.delay_passed() {
+                    shard.dirty.push(key);
+                }
+            }
+        }
         for key in std::mem::take(&mut shard.dirty) {
             let Some(conn) = shard.conns.get_mut(key) else {
                 continue;
             };
-            conn.dirty = false;
-            if matches!(conn.lifecycle, Lifecycle::ShuttingDown { .. }) || conn.plan.is_some() {
-                continue;
+            // `None` while a send is in flight: its plan stays.
+            if let Some(plan) = conn.io.take_send() {
+                debug_assert!(conn.plan.is_none(), "two sends in flight");
+                conn.plan = Some(plan);
             }
-            conn.plan = conn.out.prepare_send();
         }
+    }
+
+    /// When the oldest push held for the write delay on any shard is due.
+    pub(super) fn next_delayed(&self) -> Option<Duration> {
+        self.shards
+            .iter()
+            .filter_map(|shard| shard.delayed.front().map(|&(due, _)| due))
+            .min()
     }
 
     // ---- time and shutdown -------------------------------------------------
@@ -438,10 +406,10 @@ impl Sim {
             .shutdown_deadline
             .is_some_and(|deadline| now >= deadline);
         for key in self.shards[s].conns.keys() {
-            let expired = match self.shards[s].conns.get(key).map(|c| c.lifecycle) {
-                Some(Lifecycle::Closing { deadline, .. }) => now >= deadline,
-                _ => false,
-            };
+            let expired = self.shards[s]
+                .conns
+                .get(key)
+                .is_some_and(|c| c.io.close_expired(now));
             if cut_all || expired {
                 self.terminate(s, key, false);
             }
@@ -453,13 +421,6 @@ impl Sim {
     pub(super) fn driver_begin_shutdown(&mut self, s: usize) {
         let deadline = self.elapsed + self.shutdown_timeout;
         self.shards[s].shutdown_deadline.get_or_insert(deadline);
-    }
-}
-
-fn mark_dirty(dirty: &mut Vec<ConnKey>, conn: &mut IoConn, key: ConnKey) {
-    if !conn.dirty {
-        conn.dirty = true;
-        dirty.push(key);
     }
 }
 

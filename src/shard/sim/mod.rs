@@ -12,10 +12,15 @@
 //!   which source queue go next is chosen at random, which is the reordering
 //!   the real shards allow.
 //! - **Driver** (`driver.rs`): per shard, keys from a
-//!   [`ConnTable`](crate::shard::key::ConnTable), the real
+//!   [`ConnTable`](crate::shard::key::ConnTable) and, per connection, the
+//!   real driver's own I/O lifecycle (`shard::conn_io`, the same code the
+//!   io_uring driver calls): the real
 //!   [`Outbound`](crate::shard::outbound::Outbound) queue under a small
-//!   budget, and the real driver's close lifecycle (`Linger`, `AfterFlush`,
-//!   `Now`; a slot is freed and `Closed` fed only once nothing is pending).
+//!   budget, overflow, the close modes (`Linger`, `AfterFlush`, `Now`) and
+//!   their deadlines, the drain watch, and the write delay (none in half
+//!   the runs, 1-20 ms in the others: pushes are held until simulated time
+//!   passes it, and a settle moves time to the first due when nothing else
+//!   is left); a slot is freed and `Closed` fed only once nothing is pending.
 //!   The "kernel" completes a send with any number of bytes, so clients see
 //!   frames cut anywhere, and completes shutdowns when the scheduler says.
 //!   Sends are handed to the kernel at the end of a step, or of a driver
@@ -56,7 +61,8 @@
 //!   of an epoch that never was). HTTP clients query
 //!   `/topics/{t}/history?since=&epoch=&limit=`.
 //! - **Quiescence**: a *settle* runs without client initiative until nothing
-//!   changes (every envelope delivered, every send completed, stalled
+//!   changes (every envelope delivered, every push held for the write
+//!   delay released, every send completed, stalled
 //!   readers reading again, every client reply fed). A run settles at one to
 //!   three checkpoints and at its end.
 //!
@@ -193,6 +199,10 @@ pub struct Params {
     pub auto_subscribe: bool,
     /// Stream topics besides the plain ones, if any.
     pub streams: Option<StreamParams>,
+    /// `write_delay`: zero in half the runs, else 1-20 ms, for which the
+    /// driver holds pushes (as the real one does) until simulated time
+    /// has passed it.
+    pub write_delay: Duration,
 }
 
 /// The stream topics of a run (`s:0`, `s:1`, ...) and their rule:
@@ -302,6 +312,11 @@ impl Params {
         } else {
             Limits::default().max_outbound_bytes_per_shard
         };
+        let write_delay = if pick(2) == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(1 + pick(20) as u64)
+        };
         Params {
             shards,
             outbound_budget,
@@ -318,11 +333,12 @@ impl Params {
             profile,
             auto_subscribe: true,
             streams,
+            write_delay,
         }
     }
 
     /// A fixed shape for scripted scenarios: `shards` shards, a 2 KiB
-    /// budget, no pings, no shutdown.
+    /// budget, no pings, no shutdown, no write delay.
     pub fn fixed(shards: usize) -> Params {
         Params {
             shards,
@@ -340,6 +356,7 @@ impl Params {
             profile: Profile::Mixed,
             auto_subscribe: false,
             streams: None,
+            write_delay: Duration::ZERO,
         }
     }
 }
@@ -700,6 +717,8 @@ pub struct Sim {
     drain_mark: usize,
     close_timeout: Duration,
     shutdown_timeout: Duration,
+    /// How long the driver holds pushes (the config's `write_delay`).
+    write_delay: Duration,
     shared: Shared,
     shards: Vec<SimShard>,
     clients: Vec<Client>,
@@ -752,6 +771,7 @@ impl Sim {
         config.limits.max_registrations = params.max_registrations;
         config.limits.max_subscriptions_per_connection = MAX_SUBSCRIPTIONS;
         config.http_idle_timeout = params.http_idle_timeout;
+        config.write_delay = params.write_delay;
         if let Some(streams) = &params.streams {
             let rule = |pattern: &str, history| Rule {
                 client_publish: true,
@@ -771,10 +791,11 @@ impl Sim {
             config.ping_interval = Duration::ZERO;
         }
         config.validate().map_err(|e| e.to_string())?;
-        let (budget, close_timeout, shutdown_timeout) = (
+        let (budget, close_timeout, shutdown_timeout, write_delay) = (
             config.limits.max_outbound_bytes_per_connection,
             config.close_timeout,
             config.shutdown_timeout,
+            config.write_delay,
         );
         let channels = Channels::from_rules(&config.rules);
         let shared = Shared::new(config, channels).map_err(|e| e.to_string())?;
@@ -798,6 +819,7 @@ impl Sim {
             drain_mark: crate::shard::driver::drain_mark(budget),
             close_timeout,
             shutdown_timeout,
+            write_delay,
             shared,
             shards,
             clients: Vec::new(),

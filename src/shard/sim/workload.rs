@@ -861,10 +861,7 @@ impl Sim {
         let Some(conn) = self.shards[s].conns.get(key) else {
             return false;
         };
-        let (client, shutting_down) = (
-            conn.client,
-            matches!(conn.lifecycle, driver::Lifecycle::ShuttingDown { .. }),
-        );
+        let (client, shutting_down) = (conn.client, conn.io.is_shut_down());
         match self.in_flight(s, key) {
             Some(bytes) => {
                 let len = bytes.len();
