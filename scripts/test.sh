@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs what the
-# real-client tests need (Python `websockets`; Debian's Chromium and npm
+# real-client tests need (Python `websockets` and `sseclient-py`; Debian's Chromium and npm
 # playwright-core for the browser test; Debian's redis-server for the cluster
 # tests), builds, then tests.
 set -euo pipefail
@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 
 if ! python3 -c 'import websockets' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'websockets>=13,<16'
+fi
+# tests/event_streams.rs reads /sse with sseclient-py.
+if ! python3 -c 'import sseclient' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'sseclient-py>=1.8,<2'
 fi
 
 # The browser test (tests/browser_chat.rs) drives Debian's Chromium through

@@ -229,6 +229,13 @@ pub struct Config {
     /// at the end of the loop turn. Trades latency for fewer sends (and
     /// fewer wake-ups of the reader) when connections get many pushes a second.
     pub write_delay: Duration,
+    /// How often an event stream (`/sse`, `/stream`) gets a heartbeat
+    /// (`stream_heartbeat_ms`; 0 for none): proxies keep an idle response
+    /// open, and a peer that vanished is found by the failed write.
+    pub stream_heartbeat: Duration,
+    /// The reconnection delay an SSE client is told (`retry:`;
+    /// `stream_retry_ms`).
+    pub stream_retry: Duration,
     /// Pin shard `i` to core `i % cores`. Default true.
     pub pin_cores: bool,
     /// JWT secret and API key. Default: both off.
@@ -310,6 +317,8 @@ impl Default for Config {
             ping_interval: Duration::from_secs(25),
             pong_timeout: Duration::from_secs(10),
             write_delay: Duration::ZERO,
+            stream_heartbeat: Duration::from_secs(15),
+            stream_retry: Duration::from_secs(1),
             pin_cores: true,
             auth: AuthConfig::default(),
             rules: RuleSet::default_rules(),
@@ -334,6 +343,8 @@ struct FileConfig {
     ping_interval_ms: Option<u64>,
     pong_timeout_ms: Option<u64>,
     write_delay_us: Option<u64>,
+    stream_heartbeat_ms: Option<u64>,
+    stream_retry_ms: Option<u64>,
     pin_cores: Option<bool>,
     #[serde(default)]
     limits: FileLimits,
@@ -460,6 +471,12 @@ impl Config {
         }
         if let Some(us) = file.write_delay_us {
             config.write_delay = Duration::from_micros(us);
+        }
+        if let Some(ms) = file.stream_heartbeat_ms {
+            config.stream_heartbeat = Duration::from_millis(ms);
+        }
+        if let Some(ms) = file.stream_retry_ms {
+            config.stream_retry = Duration::from_millis(ms);
         }
         if let Some(pin) = file.pin_cores {
             config.pin_cores = pin;

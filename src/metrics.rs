@@ -39,6 +39,8 @@ counters! {
     connections_rejected_total: "counter",
     /// Open WebSocket connections.
     websockets: "gauge",
+    /// Open event streams (`/sse` and `/stream`).
+    event_streams: "gauge",
     /// Topic subscriptions held by connections.
     subscriptions: "gauge",
     /// Topics with at least one local subscriber.

@@ -898,3 +898,52 @@ fn registrations_past_the_limit_get_503_and_hold_their_bytes_in_the_gauge() {
     assert!(after > before, "registrations are counted in bytes");
     still_healthy();
 }
+
+#[test]
+fn an_event_stream_that_sends_endless_input_holds_none_of_it() {
+    let mut stream = connect();
+    stream
+        .write_all(b"GET /sse?topic=chatty HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    // Nothing is asked after the request: 32 MB of garbage (more than
+    // both shards' inbound budgets) is read and dropped, never held.
+    let garbage = vec![b'x'; 1 << 20];
+    for _ in 0..32 {
+        stream.write_all(&garbage).unwrap();
+    }
+    inbound_within_budget();
+    let body = r#"{"topic":"chatty","event":"still","payload":1}"#;
+    assert_eq!(status_of(&post("/publish", body)) / 100, 2);
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line == "event: still\n" {
+            break;
+        }
+    }
+    still_healthy();
+}
+
+#[test]
+fn an_event_stream_cursor_or_topic_list_past_its_bounds_is_refused() {
+    // More topics than a connection may subscribe, and a cursor naming
+    // more positions than topics or an epoch too long to be one.
+    let topics: String = (0..200).map(|i| format!("topic=t{i}&")).collect();
+    assert_eq!(status_of(&get(&format!("/sse?{topics}"))), 400);
+    let cursor = format!("1.{}", "e".repeat(65));
+    let path = format!("/sse?topic=s:c&last_event_id={cursor}");
+    assert_eq!(status_of(&get(&path)), 400);
+    assert_eq!(status_of(&get("/stream?topic=a&since=1.e,2.e")), 400);
+    still_healthy();
+}
+
+/// The status of one request on a fresh connection.
+fn status_of(request: &str) -> u16 {
+    let mut stream = connect();
+    stream.write_all(request.as_bytes()).unwrap();
+    read_response(&mut BufReader::new(stream)).0
+}

@@ -144,6 +144,18 @@ impl Request {
             })
     }
 
+    /// Every value of query parameter `name`, decoded, in order
+    /// (`?topic=a&topic=b`).
+    pub fn query_params<'a>(&'a self, name: &'a str) -> impl Iterator<Item = String> + 'a {
+        self.query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .filter_map(move |pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (decode_form(key) == name).then(|| decode_form(value))
+            })
+    }
+
     /// Whether the connection stays open after this request: HTTP/1.1 unless
     /// `Connection: close`, HTTP/1.0 only with `Connection: keep-alive`.
     pub fn keep_alive(&self) -> bool {
@@ -1069,6 +1081,9 @@ mod tests {
         assert_eq!(req.query_param("q").as_deref(), Some("a b+c"));
         assert_eq!(req.query_param("flag").as_deref(), Some(""));
         assert_eq!(req.query_param("t").as_deref(), Some("\u{2713}"));
+        let (req, _) = complete(b"GET /?topic=a&x=1&topic=b%2Fc&topic= HTTP/1.1\r\n\r\n");
+        let topics: Vec<String> = req.query_params("topic").collect();
+        assert_eq!(topics, ["a", "b/c", ""]);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! over real sockets with tungstenite's blocking client and raw HTTP.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod browser;
+pub mod cut_proxy;
 pub mod redis;
+pub mod sse;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::protocol::event_stream::{write_cursor, Format, Head};
 use crate::protocol::frame::FrameDecoder;
 use crate::protocol::http::{RequestDecoder, Response};
 use crate::protocol::message::Since;
@@ -20,6 +21,80 @@ pub(crate) enum Phase {
     Http(Box<HttpConn>),
     /// An upgraded WebSocket.
     WebSocket(WsConn),
+    /// An event stream (SSE or NDJSON): a response that stays open and
+    /// carries the relay protocol's messages; input after its request is
+    /// ignored.
+    Stream(Box<StreamConn>),
+}
+
+/// An event-stream connection: its format and the topics it asked for,
+/// with how far it has got in each stream topic.
+pub(crate) struct StreamConn {
+    pub(crate) format: Format,
+    /// The `topic` parameters, in their order: the cursor's order.
+    pub(crate) topics: Vec<StreamTopic>,
+}
+
+/// One topic of an event stream.
+pub(crate) struct StreamTopic {
+    pub(crate) name: Arc<str>,
+    /// For a stream topic, the offset of the last publication the client
+    /// has and its epoch: from the cursor it resumed with, then from each
+    /// `subscribed`, push and `reset` it was sent.
+    pub(crate) at: Option<(u64, Arc<str>)>,
+}
+
+impl StreamConn {
+    /// Moves the connection's position for a message it is sent; true if
+    /// it moved (an SSE event then carries the cursor as its `id:`).
+    /// Offsets only grow within an epoch: last values replayed on
+    /// subscribe come after a `subscribed` at the head.
+    pub(crate) fn advance(&mut self, head: &Head<'_>) -> bool {
+        let Some(topic) = head.topic.as_deref() else {
+            return false;
+        };
+        let Some(entry) = self.topics.iter_mut().find(|t| &*t.name == topic) else {
+            return false;
+        };
+        match (&*head.kind, head.offset, head.epoch.as_deref()) {
+            ("push", Some(offset), None) => match &mut entry.at {
+                Some((at, _)) if offset > *at => {
+                    *at = offset;
+                    true
+                }
+                _ => false,
+            },
+            ("subscribed", Some(offset), Some(epoch)) => {
+                // Recovered: the replay that follows moves it from where
+                // the client was.
+                let keep = head.recovered == Some(true)
+                    && entry.at.as_ref().is_some_and(|(_, e)| &**e == epoch);
+                if !keep {
+                    entry.at = Some((offset, Arc::from(epoch)));
+                }
+                true
+            }
+            ("reset", _, Some(epoch)) => {
+                entry.at = Some((0, Arc::from(epoch)));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The cursor's `id:` line.
+    pub(crate) fn id_line(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.topics.len() * 28);
+        out.extend_from_slice(b"id: ");
+        write_cursor(
+            &mut out,
+            self.topics
+                .iter()
+                .map(|t| t.at.as_ref().map(|(offset, epoch)| (*offset, &**epoch))),
+        );
+        out.extend_from_slice(b"\n\n");
+        out
+    }
 }
 
 /// An HTTP connection between or inside requests.
@@ -223,7 +298,7 @@ impl Conn {
     pub(crate) fn ws_kind(&self) -> Option<WsKind> {
         match &self.phase {
             Phase::WebSocket(ws) => Some(ws.kind),
-            Phase::Http(_) => None,
+            Phase::Http(_) | Phase::Stream(_) => None,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! (a request that waits for other shards holds back the ones behind it).
 
 use crate::metrics;
+use crate::protocol::event_stream::Format;
 use crate::protocol::handshake;
 use crate::protocol::http::{error_json, Method, Request, Response};
 use crate::protocol::message;
@@ -83,6 +84,14 @@ impl ShardState {
                 Some(response) => response,
                 None => return,
             },
+            Route::Sse => match self.event_stream_request(key, &request, Format::Sse) {
+                Some(response) => response,
+                None => return,
+            },
+            Route::Stream => match self.event_stream_request(key, &request, Format::Ndjson) {
+                Some(response) => response,
+                None => return,
+            },
             Route::Index => Response::text(200, "text/html; charset=utf-8", CHAT_PAGE),
             Route::WsRegistered(id) => match self.users_state.registry.get(id) {
                 Some(registration) => {
@@ -92,6 +101,7 @@ impl ShardState {
                         topics: registration.topics.clone(),
                         registration: Some(Arc::from(id)),
                         recipient: None,
+                        stream: None,
                     };
                     return self.upgrade_request(key, &request, opening);
                 }
@@ -203,7 +213,11 @@ impl ShardState {
     /// `?token=`), else the `param` query parameter if given.
     /// A user id longer than `max_name_bytes` is refused (400): it would be
     /// kept on the connection and in the user index for its whole life.
-    fn identify(&self, request: &Request, param: &str) -> Result<Option<Arc<str>>, Response> {
+    pub(super) fn identify(
+        &self,
+        request: &Request,
+        param: &str,
+    ) -> Result<Option<Arc<str>>, Response> {
         let auth = &self.shared.auth;
         let user = if auth.jwt_enabled() {
             let token = request
@@ -252,6 +266,7 @@ impl ShardState {
                 topics: Arc::from([]),
                 registration: None,
                 recipient: Some(Arc::from(recipient)),
+                stream: None,
             }),
             _ => Err(error_json(
                 400,

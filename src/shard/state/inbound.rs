@@ -93,6 +93,7 @@ impl ShardState {
         let decoder = match &conn.phase {
             Phase::Http(http) => http.decoder.held_bytes(),
             Phase::WebSocket(ws) => ws.decoder.held_bytes(),
+            Phase::Stream(_) => 0,
         };
         let held = u32::try_from(conn.inbuf.capacity() + decoder).unwrap_or(u32::MAX);
         let before = std::mem::replace(&mut conn.held_input, held);
@@ -115,6 +116,7 @@ impl ShardState {
         match &mut conn.phase {
             Phase::Http(http) => http.decoder = RequestDecoder::new(limits),
             Phase::WebSocket(ws) => ws.decoder = FrameDecoder::new(ws.decoder.limits()),
+            Phase::Stream(_) => {}
         }
         let before = std::mem::take(&mut conn.held_input);
         self.inbound.recharge(key, before as usize, 0, false);

@@ -167,7 +167,7 @@ impl ShardState {
             // A client may half-close after its last request; answer it first.
             Phase::Http(_) if conn.deferred.is_some() => {}
             Phase::Http(_) => self.end(key, None, CloseMode::AfterFlush),
-            Phase::WebSocket(_) => self.end(key, None, CloseMode::Now),
+            Phase::WebSocket(_) | Phase::Stream(_) => self.end(key, None, CloseMode::Now),
         }
     }
 
@@ -197,6 +197,9 @@ impl ShardState {
             Phase::Http(_) if conn.closing != Closing::No => Step::Stop,
             Phase::Http(_) => self.step_http(key, input),
             Phase::WebSocket(_) => self.step_ws(key, input),
+            // Nothing is asked after an event stream's request: what its
+            // client sends is read and dropped, never held.
+            Phase::Stream(_) => Step::Consumed(input.len()),
         }
     }
 

@@ -36,6 +36,20 @@ impl ShardState {
         if already {
             return;
         }
+        // An event stream's peer sends no close of its own: it gets a
+        // `close` message for the core's close frame, and is shut down
+        // once that is sent.
+        let (last, mode) = match &conn.phase {
+            Phase::Stream(stream) => (
+                super::event_streams::last_message(stream, last),
+                if mode == CloseMode::Linger {
+                    CloseMode::AfterFlush
+                } else {
+                    mode
+                },
+            ),
+            _ => (last, mode),
+        };
         conn.closing = if mode == CloseMode::Linger {
             Closing::Handshake
         } else {
@@ -111,8 +125,10 @@ impl ShardState {
         self.release_input(key);
         self.forget_presence_rate(key);
         if let Some(conn) = self.conns.remove(key) {
-            if matches!(conn.phase, Phase::WebSocket(_)) {
-                ShardStats::sub(&self.stats().websockets, 1);
+            match conn.phase {
+                Phase::WebSocket(_) => ShardStats::sub(&self.stats().websockets, 1),
+                Phase::Stream(_) => self.event_stream_closed(),
+                Phase::Http(_) => {}
             }
         }
     }
@@ -159,7 +175,9 @@ impl ShardState {
         self.shutdown.closing = true;
         for key in self.conns.keys() {
             match self.conns.get(key).map(|c| &c.phase) {
-                Some(Phase::WebSocket(_)) => self.close_ws(key, 1001, "server shutting down"),
+                Some(Phase::WebSocket(_) | Phase::Stream(_)) => {
+                    self.close_ws(key, 1001, "server shutting down")
+                }
                 Some(Phase::Http(_)) => self.end(key, None, CloseMode::AfterFlush),
                 None => {}
             }
@@ -182,6 +200,7 @@ impl ShardState {
         self.publish_memory();
         self.expire_idle_http();
         self.ping_websockets();
+        self.heartbeat_event_streams();
     }
 
     /// Closes HTTP connections that did not complete a request in time: a
@@ -262,6 +281,7 @@ fn check_memory(state: &ShardState) -> Result<(), String> {
         let decoder = match &conn.phase {
             Phase::Http(http) => http.decoder.held_bytes(),
             Phase::WebSocket(ws) => ws.decoder.held_bytes(),
+            Phase::Stream(_) => 0,
         };
         let actual = u32::try_from(conn.inbuf.capacity() + decoder).unwrap_or(u32::MAX);
         if actual != conn.held_input {

@@ -17,6 +17,7 @@
 mod channels;
 mod cluster;
 mod conn;
+mod event_streams;
 mod http;
 mod idempotency;
 mod inbound;
@@ -42,7 +43,7 @@ use crate::protocol::http::Response;
 use crate::shard::key::{ConnKey, ConnTable};
 use crate::shard::Shared;
 
-use conn::{Closing, Conn, Millis};
+use conn::{Closing, Conn, Millis, Phase};
 use names::{NameId, NameIndex};
 use users::Users;
 
@@ -199,6 +200,7 @@ pub struct ShardState {
     now: Instant,
     /// When connections were last scanned for timeouts.
     last_scan: Instant,
+    event_streams: event_streams::EventStreams,
     shutdown: Shutdown,
 }
 
@@ -225,6 +227,10 @@ impl ShardState {
             started: now,
             now,
             last_scan: now,
+            event_streams: event_streams::EventStreams {
+                open: 0,
+                last_heartbeat: now,
+            },
             shutdown: Shutdown {
                 begun: false,
                 drained_peers: 0,
@@ -361,14 +367,22 @@ impl ShardState {
     // ---- output ------------------------------------------------------------
 
     /// Queues a frame (or HTTP bytes) for a connection that is not closing.
+    /// An event stream gets it in its own framing.
     fn send(&mut self, key: ConnKey, bytes: Bytes) {
-        if self
-            .conns
-            .get(key)
-            .is_some_and(|c| c.closing == Closing::No)
-        {
-            self.commands.push(Command::Send(key, bytes));
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.closing != Closing::No {
+            return;
         }
+        let bytes = match &mut conn.phase {
+            Phase::Stream(stream) => match event_streams::translate(stream, bytes) {
+                Some(bytes) => bytes,
+                None => return,
+            },
+            _ => bytes,
+        };
+        self.commands.push(Command::Send(key, bytes));
     }
 
     /// Queues an HTTP response; a `Connection: close` one ends the connection
@@ -512,8 +526,22 @@ impl ShardState {
             return 0;
         };
         self.commands.reserve(entry.subscribers.len());
-        for &key in &entry.subscribers {
-            self.commands.push(Command::Push(key, frame.clone()));
+        if self.event_streams.open == 0 {
+            for &key in &entry.subscribers {
+                self.commands.push(Command::Push(key, frame.clone()));
+            }
+        } else {
+            // Some connection here is an event stream: each subscriber's
+            // format is looked up, and each format's bytes made once.
+            let mut encodings = event_streams::Encodings::new(frame);
+            for &key in &entry.subscribers {
+                match self.conns.get_mut(key).map(|c| &mut c.phase) {
+                    Some(Phase::Stream(stream)) => {
+                        encodings.push_to(key, stream, &mut self.commands)
+                    }
+                    _ => self.commands.push(Command::Push(key, frame.clone())),
+                }
+            }
         }
         entry.subscribers.len()
     }

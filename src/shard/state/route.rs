@@ -33,6 +33,10 @@ pub(crate) enum Route<'a> {
     Chat,
     /// `/echo`.
     Echo,
+    /// `/sse`: Server-Sent Events.
+    Sse,
+    /// `/stream`: newline-delimited JSON.
+    Stream,
     /// `/topics/{topic}/history`; a topic may itself contain `/`.
     History(Cow<'a, str>),
     /// `/topics/{topic}/presence`.
@@ -62,6 +66,8 @@ impl<'a> Route<'a> {
             ("ws", Some(id), false) if !id.is_empty() => Route::WsRegistered(id),
             ("chat", None, _) => Route::Chat,
             ("echo", None, _) => Route::Echo,
+            ("sse", None, _) => Route::Sse,
+            ("stream", None, _) => Route::Stream,
             ("topics", Some(_), true) => topic_route(rest),
             _ => Route::NotFound,
         }

@@ -22,7 +22,8 @@ use crate::protocol::message::{self, Bounds};
 use crate::shard::key::ConnKey;
 
 use super::cluster::LocalOnly;
-use super::conn::{Deferred, Ident, WsKind};
+use super::conn::{Deferred, Ident, Phase, StreamConn, WsKind};
+use super::event_streams::Encodings;
 use super::{Command, ShardState};
 
 /// A client registration: who connects with the id and what it starts with.
@@ -116,6 +117,9 @@ pub(crate) struct Opening {
     pub(crate) topics: Arc<[String]>,
     pub(crate) registration: Option<Arc<str>>,
     pub(crate) recipient: Option<Arc<str>>,
+    /// For an event stream (`/sse`, `/stream`): its format and topics. Its
+    /// "upgrade" is the streaming `200`.
+    pub(crate) stream: Option<Box<StreamConn>>,
 }
 
 impl Opening {
@@ -126,6 +130,7 @@ impl Opening {
             topics: Arc::from([]),
             registration: None,
             recipient: None,
+            stream: None,
         }
     }
 }
@@ -145,7 +150,10 @@ impl ShardState {
                 return self.respond(key, response);
             }
         }
-        self.upgrade(key, opening.kind);
+        match opening.stream {
+            Some(stream) => self.start_event_stream(key, stream),
+            None => self.upgrade(key, opening.kind),
+        }
         self.park(
             key,
             Deferred::Upgrade {
@@ -193,6 +201,7 @@ impl ShardState {
         for topic in topics.iter() {
             self.subscribe(key, topic, None);
         }
+        self.subscribe_event_stream(key);
         self.resume_input(key);
     }
 
@@ -458,6 +467,7 @@ impl ShardState {
             _ => &self.users,
         };
         let mut delivered = 0;
+        let mut encodings = Encodings::new(frame);
         let topic_name = topic.map(|id| self.topics.entry(id).name.clone());
         for &key in &index.entry(entry).subscribers {
             // A stream subscriber whose replay is still paging has its
@@ -471,7 +481,12 @@ impl ShardState {
                 _ => true,
             };
             if holds_topic {
-                self.commands.push(Command::Push(key, frame.clone()));
+                match self.conns.get_mut(key).map(|c| &mut c.phase) {
+                    Some(Phase::Stream(stream)) => {
+                        encodings.push_to(key, stream, &mut self.commands)
+                    }
+                    _ => self.commands.push(Command::Push(key, frame.clone())),
+                }
                 delivered += 1;
             }
         }
