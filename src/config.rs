@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::auth::Auth;
 use crate::protocol::message::Bounds;
+use crate::protocol::origin::AllowedOrigins;
 use crate::rules::{History, Pattern, Rule, RuleSet};
 
 /// Shards are addressed by bit in a `u64` interest mask; one more bit is the
@@ -236,6 +237,11 @@ pub struct Config {
     /// The reconnection delay an SSE client is told (`retry:`;
     /// `stream_retry_ms`).
     pub stream_retry: Duration,
+    /// Web origins whose pages may open WebSockets and event streams and
+    /// read answers (`[http] allowed_origins`). Default: none besides the
+    /// node's own host; requests without `Origin` (not from a browser)
+    /// are never refused for it.
+    pub allowed_origins: AllowedOrigins,
     /// Pin shard `i` to core `i % cores`. Default true.
     pub pin_cores: bool,
     /// JWT secret and API key. Default: both off.
@@ -319,6 +325,7 @@ impl Default for Config {
             write_delay: Duration::ZERO,
             stream_heartbeat: Duration::from_secs(15),
             stream_retry: Duration::from_secs(1),
+            allowed_origins: AllowedOrigins::default(),
             pin_cores: true,
             auth: AuthConfig::default(),
             rules: RuleSet::default_rules(),
@@ -350,6 +357,8 @@ struct FileConfig {
     limits: FileLimits,
     #[serde(default)]
     auth: FileAuth,
+    #[serde(default)]
+    http: FileHttp,
     rules: Option<Vec<FileRule>>,
     cluster: Option<FileCluster>,
 }
@@ -365,6 +374,13 @@ struct FileCluster {
     max_queued_bytes: Option<usize>,
     wait_replicas: Option<u32>,
     tls_ca_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileHttp {
+    #[serde(default)]
+    allowed_origins: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -510,6 +526,8 @@ impl Config {
             bus_queue_capacity
         );
         config.auth = auth_config(file.auth)?;
+        config.allowed_origins = AllowedOrigins::new(&file.http.allowed_origins)
+            .map_err(|e| ConfigError::Invalid(format!("[http] {e}")))?;
         if let Some(rules) = file.rules {
             config.rules = rule_set(rules)?;
         }

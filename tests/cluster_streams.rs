@@ -978,3 +978,49 @@ fn through_redis_a_long_history_and_a_long_recovery_go_out_in_pages_and_reads_st
         "a read stored the stream's meta"
     );
 }
+
+/// An SSE client that read a few publications on node a, lost its
+/// connection, and reconnects to node b with its `Last-Event-ID` gets every
+/// publication made meanwhile (on any node) once and in order, then live
+/// ones published on c: the cursor names positions in Redis's order, so
+/// any node resumes it.
+#[test]
+fn an_sse_client_resumes_on_another_node_from_its_last_event_id() {
+    use common::sse::Sse;
+    let cluster = cluster();
+    let publish = |node: &TestServer, i: u64| {
+        let body = json!({"topic": "feed:sse", "event": "tick", "payload": i}).to_string();
+        let status = node.publish(&body);
+        assert!(status == 200 || status == 202, "publish answered {status}");
+    };
+    let mut on_a = Sse::open(cluster.a.addr, "/sse?topic=feed:sse", "");
+    assert_eq!(on_a.status, 200);
+    on_a.expect("ringcast.subscribed");
+    for (i, node) in [&cluster.a, &cluster.b, &cluster.c].into_iter().enumerate() {
+        publish(node, i as u64 + 1);
+    }
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(on_a.next_push().json()["payload"].as_u64().unwrap());
+    }
+    let cursor = on_a
+        .last_id
+        .clone()
+        .expect("stream pushes carry the cursor");
+    on_a.shutdown();
+    drop(on_a);
+    for i in 4..=6 {
+        publish(&cluster.c, i);
+    }
+    let header = format!("Last-Event-ID: {cursor}\r\n");
+    let mut on_b = Sse::open(cluster.b.addr, "/sse?topic=feed:sse", &header);
+    assert_eq!(on_b.status, 200);
+    let reply = on_b.expect("ringcast.subscribed").json();
+    assert_eq!(reply["recovered"], true, "{reply}");
+    while got.len() < 6 {
+        got.push(on_b.next_push().json()["payload"].as_u64().unwrap());
+    }
+    publish(&cluster.c, 7);
+    got.push(on_b.next_push().json()["payload"].as_u64().unwrap());
+    assert_eq!(got, (1..=7).collect::<Vec<_>>(), "once each, in order");
+}

@@ -398,3 +398,78 @@ fn the_python_sseclient_library_reads_named_events_and_resumes() {
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("all checks passed"));
 }
+
+#[test]
+fn allowed_origins_decide_which_pages_may_connect_and_read_answers() {
+    let config = format!("{CONFIG}\n[http]\nallowed_origins = [\"https://app.example\"]\n");
+    let server = TestServer::start(2, Some(&config));
+    let app = "Origin: https://app.example\r\n";
+    let evil = "Origin: https://evil.example\r\n";
+
+    // Event streams: the allowed page's stream names it in CORS headers.
+    let mut sse = Sse::open(server.addr, "/sse?topic=news", app);
+    assert_eq!(sse.status, 200);
+    assert_eq!(
+        sse.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(sse.header("access-control-allow-credentials"), Some("true"));
+    sse.expect("ringcast.subscribed");
+    let refused = Sse::open(server.addr, "/sse?topic=news", evil);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(refused.body.contains("allowed_origins"), "{}", refused.body);
+    // The node's own pages, and clients that are not browsers, pass.
+    // (`Sse::open` sends `Host: x`.)
+    let own = "Origin: http://x\r\n";
+    assert_eq!(Sse::open(server.addr, "/sse?topic=news", own).status, 200);
+    assert_eq!(Sse::open(server.addr, "/stream?topic=news", "").status, 200);
+
+    // WebSocket upgrades: cross-site WebSocket hijacking is refused.
+    assert_eq!(server.upgrade_status("/ws", evil), 403);
+    assert_eq!(server.upgrade_status("/echo", evil), 403);
+    assert_eq!(server.upgrade_status("/ws", app), 101);
+    assert_eq!(server.upgrade_status("/ws", ""), 101);
+
+    // A preflight (an EventSource reconnecting cross-site sends
+    // Last-Event-ID, which browsers ask about first).
+    let preflight = |origin: &str| {
+        server.raw(
+            format!(
+                "OPTIONS /sse?topic=news HTTP/1.1\r\nHost: x\r\n{origin}\
+                 Access-Control-Request-Method: GET\r\n\
+                 Access-Control-Request-Headers: last-event-id\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+    };
+    let allowed = preflight(app);
+    assert!(allowed.starts_with("HTTP/1.1 204"), "{allowed}");
+    assert!(allowed
+        .contains("Access-Control-Allow-Headers: Authorization, Content-Type, Last-Event-ID"));
+    assert!(preflight(evil).starts_with("HTTP/1.1 403"));
+
+    // Plain answers carry CORS headers for allowed pages only.
+    let health = |origin: &str| {
+        server.raw(
+            format!("GET /health HTTP/1.1\r\nHost: x\r\n{origin}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+    };
+    assert!(health(app).contains("Access-Control-Allow-Origin: https://app.example\r\n"));
+    assert!(!health(evil).contains("Access-Control-Allow-Origin"));
+}
+
+#[test]
+fn a_config_with_an_origin_that_cannot_match_is_refused_at_start() {
+    let path = std::env::temp_dir().join(format!("ringcast-origins-{}.toml", std::process::id()));
+    std::fs::write(&path, "[http]\nallowed_origins = [\"app.example/path\"]\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ringcast"))
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("allowed_origins"), "{stderr}");
+}

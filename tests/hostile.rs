@@ -947,3 +947,18 @@ fn status_of(request: &str) -> u16 {
     stream.write_all(request.as_bytes()).unwrap();
     read_response(&mut BufReader::new(stream)).0
 }
+
+#[test]
+fn a_page_of_another_site_cannot_open_a_websocket_or_event_stream() {
+    // Cross-site WebSocket hijacking: a page elsewhere opening a connection
+    // that would carry its visitor's cookies. Not allowed by default.
+    let evil = "Origin: https://evil.example\r\n";
+    assert_eq!(server().upgrade_status("/ws", evil), 403);
+    assert_eq!(
+        server().upgrade_status("/chat?user_id=a&recipient_id=b", evil),
+        403
+    );
+    let request = format!("GET /sse?topic=x HTTP/1.1\r\nHost: x\r\n{evil}\r\n");
+    assert_eq!(status_of(&request), 403);
+    still_healthy();
+}

@@ -8,6 +8,7 @@ pub mod frame;
 pub mod handshake;
 pub mod http;
 pub mod message;
+pub mod origin;
 
 /// Outcome of decoding from the front of a buffer. Short input is not an error.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -447,13 +447,13 @@ impl ShardState {
             PresenceThen::Http { key } => {
                 self.presence_answered(key);
                 let parked = self.take_deferred(key, |d| matches!(d, Deferred::Presence { .. }));
-                if let Some(Deferred::Presence { keep_alive }) = parked {
+                if let Some(Deferred::Presence { reply }) = parked {
                     let mut body = Vec::with_capacity(64);
                     body.push(b'{');
                     let (count, next) = (members.count, members.next());
                     message::write_members(&mut body, count, members.objects(), next);
                     body.push(b'}');
-                    self.answer_parked(key, Response::json(200, body).keep_alive(keep_alive));
+                    self.answer_parked(key, reply.answer(Response::json(200, body)));
                 }
             }
             PresenceThen::Ws { key } => {

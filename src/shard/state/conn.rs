@@ -10,8 +10,9 @@ use bytes::{Bytes, BytesMut};
 
 use crate::protocol::event_stream::{write_cursor, Format, Head};
 use crate::protocol::frame::FrameDecoder;
-use crate::protocol::http::{RequestDecoder, Response};
+use crate::protocol::http::{Request, RequestDecoder, Response};
 use crate::protocol::message::Since;
+use crate::protocol::origin::{with_cors, OriginCheck};
 
 use super::names::NameId;
 
@@ -175,16 +176,16 @@ pub(crate) enum Deferred {
     },
     /// A presence count gathered from every shard, answered over HTTP.
     Presence {
-        /// Whether the request asked to keep the connection open.
-        keep_alive: bool,
+        /// How to answer it.
+        reply: Reply,
     },
     /// An HTTP request answered by a stream's home shard (a publish waiting
     /// for its offset, a history query).
     Stream {
         /// The request's ticket.
         ticket: u64,
-        /// Whether the request asked to keep the connection open.
-        keep_alive: bool,
+        /// How to answer it.
+        reply: Reply,
     },
     /// An HTTP response to send once the registry change with this ticket is
     /// acknowledged everywhere.
@@ -196,6 +197,29 @@ pub(crate) enum Deferred {
     },
 }
 
+/// How a parked HTTP request is answered when its answer comes: whether
+/// its connection stays open, and the origin its CORS headers name.
+pub(crate) struct Reply {
+    pub(crate) keep_alive: bool,
+    pub(crate) cors: Option<Box<str>>,
+}
+
+impl Reply {
+    /// The reply for `request` from a page of `origin` (if its origin was
+    /// allowed and is not the node's own).
+    pub(crate) fn to(request: &Request, origin: &OriginCheck) -> Reply {
+        Reply {
+            keep_alive: request.keep_alive(),
+            cors: origin.cors_origin().map(Box::from),
+        }
+    }
+
+    /// `response` as this reply.
+    pub(crate) fn answer(self, response: Response) -> Response {
+        with_cors(response, self.cors.as_deref()).keep_alive(self.keep_alive)
+    }
+}
+
 impl Deferred {
     /// Bytes it holds: its box, and what it keeps to send later.
     pub(crate) fn bytes(&self) -> usize {
@@ -204,7 +228,9 @@ impl Deferred {
                 switching.len() + topics.iter().map(String::len).sum::<usize>()
             }
             Deferred::Response { response, .. } => response.body().len(),
-            Deferred::Presence { .. } | Deferred::Stream { .. } => 0,
+            Deferred::Presence { reply } | Deferred::Stream { reply, .. } => {
+                reply.cors.as_deref().map_or(0, str::len)
+            }
         };
         std::mem::size_of::<Deferred>() + own
     }

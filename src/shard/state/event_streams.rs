@@ -50,6 +50,7 @@ impl ShardState {
         key: ConnKey,
         request: &Request,
         format: Format,
+        cors: Option<&str>,
     ) -> Option<Response> {
         let user = match self.identify(request, "user_id") {
             Ok(user) => user,
@@ -99,7 +100,16 @@ impl ShardState {
                 at: since.map(|s| (s.offset, Arc::from(s.epoch))),
             })
             .collect();
-        let head = event_stream::response_head(format, self.shared.config.stream_retry, &[]);
+        let cors_headers = match cors {
+            Some(origin) => vec![
+                ("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Allow-Credentials", "true"),
+                ("Vary", "Origin"),
+            ],
+            None => Vec::new(),
+        };
+        let retry = self.config().stream_retry;
+        let head = event_stream::response_head(format, retry, &cors_headers);
         let opening = Opening {
             kind: WsKind::Relay,
             user,

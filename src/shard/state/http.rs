@@ -8,6 +8,7 @@ use crate::protocol::event_stream::Format;
 use crate::protocol::handshake;
 use crate::protocol::http::{error_json, Method, Request, Response};
 use crate::protocol::message;
+use crate::protocol::origin::{preflight, with_cors};
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use crate::shard::key::ConnKey;
 
 use super::channels::PresenceThen;
 use super::cluster::LocalOnly;
-use super::conn::{Deferred, WsKind};
+use super::conn::{Deferred, Reply, WsKind};
 use super::route::Route;
 use super::streams::Published;
 use super::users::Opening;
@@ -30,8 +31,22 @@ impl ShardState {
     pub(super) fn handle_request(&mut self, key: ConnKey, request: Request) {
         let keep_alive = request.keep_alive();
         let route = Route::parse(&request.path);
+        let origin = self.config().allowed_origins.check(&request);
+        if route.opens_connection() && request.method == Method::Get {
+            // A page of another site must not open a connection that
+            // carries its visitor's credentials (cross-site hijacking).
+            if let Some(refusal) = origin.refusal() {
+                return self.respond(key, refusal.keep_alive(keep_alive));
+            }
+        }
+        let cors = origin.cors_origin();
         let response = match route {
             Route::NotFound => error_json(404, "not found"),
+            _ if request.method == Method::Options
+                && request.header("access-control-request-method").is_some() =>
+            {
+                preflight(&origin, route.allowed())
+            }
             _ if !route.allows(request.method) => {
                 error_json(405, "method not allowed").header("Allow", route.allowed())
             }
@@ -84,11 +99,11 @@ impl ShardState {
                 Some(response) => response,
                 None => return,
             },
-            Route::Sse => match self.event_stream_request(key, &request, Format::Sse) {
+            Route::Sse => match self.event_stream_request(key, &request, Format::Sse, cors) {
                 Some(response) => response,
                 None => return,
             },
-            Route::Stream => match self.event_stream_request(key, &request, Format::Ndjson) {
+            Route::Stream => match self.event_stream_request(key, &request, Format::Ndjson, cors) {
                 Some(response) => response,
                 None => return,
             },
@@ -113,6 +128,7 @@ impl ShardState {
             },
         };
         let head_only = request.method == Method::Head;
+        let response = with_cors(response, cors);
         self.respond(key, response.keep_alive(keep_alive).head_only(head_only));
     }
 
@@ -176,7 +192,8 @@ impl ShardState {
                 (shards, Err(why)) => local_only(shards, why),
             });
         }
-        let reply = (key, request.keep_alive());
+        let origin = self.config().allowed_origins.check(request);
+        let reply = (key, Reply::to(request, &origin));
         match self.publish(
             &publish.topic,
             &publish.event,
@@ -311,12 +328,9 @@ impl ShardState {
                 _ => response,
             });
         }
-        self.park(
-            key,
-            Deferred::Presence {
-                keep_alive: request.keep_alive(),
-            },
-        );
+        let origin = self.config().allowed_origins.check(request);
+        let reply = Reply::to(request, &origin);
+        self.park(key, Deferred::Presence { reply });
         let query = self.member_query(limit, after.as_deref());
         self.start_presence(topic, query, PresenceThen::Http { key });
         None

@@ -95,6 +95,21 @@ impl<'a> Route<'a> {
         }
     }
 
+    /// Whether a `GET` of the route opens a long-lived connection (a
+    /// WebSocket or an event stream): what a page of another site must
+    /// not do without being allowed.
+    pub(crate) fn opens_connection(&self) -> bool {
+        matches!(
+            self,
+            Route::Ws
+                | Route::WsRegistered(_)
+                | Route::Chat
+                | Route::Echo
+                | Route::Sse
+                | Route::Stream
+        )
+    }
+
     /// Whether the route changes what the node holds or delivers, and so
     /// needs the API key when one is configured (reads of a topic check it
     /// themselves, after their own 404s).

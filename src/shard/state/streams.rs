@@ -38,7 +38,7 @@ use crate::rules::History;
 use crate::shard::key::ConnKey;
 
 use super::cluster::LocalOnly;
-use super::conn::Deferred;
+use super::conn::{Deferred, Reply};
 use super::idempotency::Idempotency;
 use super::replay::{OpenKind, Replays};
 use super::ShardState;
@@ -132,7 +132,7 @@ impl ShardState {
         topic: &str,
         event: &str,
         payload_json: &str,
-        reply: Option<(ConnKey, bool)>,
+        reply: Option<(ConnKey, Reply)>,
         idempotency_key: Option<&str>,
     ) -> Published {
         if !self.accepting_publishes() {
@@ -176,7 +176,8 @@ impl ShardState {
         if let Err(busy) = self.hold_for_broker(home, held) {
             return Published::Refused(503, busy.message().into());
         }
-        let ticket = reply.map(|(key, keep_alive)| self.park_for_home(key, keep_alive));
+        let parked = reply.map(|(key, reply)| (key, self.park_for_home(key, reply)));
+        let ticket = parked.map(|(_, ticket)| ticket);
         let envelope = Envelope::StreamPublish {
             topic: Arc::from(topic),
             event: event.to_string(),
@@ -186,7 +187,7 @@ impl ShardState {
         };
         if !self.forward(home, envelope) {
             self.release_for_broker(home, held);
-            if let (Some((key, _)), Some(ticket)) = (reply, ticket) {
+            if let Some((key, ticket)) = parked {
                 self.streams.replies.remove(&ticket);
                 self.take_deferred(key, |d| matches!(d, Deferred::Stream { .. }));
             }
@@ -257,9 +258,9 @@ impl ShardState {
     }
 
     /// Parks HTTP connection `key` until a home answers; returns the ticket.
-    fn park_for_home(&mut self, key: ConnKey, keep_alive: bool) -> u64 {
+    fn park_for_home(&mut self, key: ConnKey, reply: Reply) -> u64 {
         let ticket = self.stream_ticket();
-        self.park(key, Deferred::Stream { ticket, keep_alive });
+        self.park(key, Deferred::Stream { ticket, reply });
         self.streams.replies.insert(ticket, key);
         ticket
     }
@@ -305,8 +306,8 @@ impl ShardState {
             key,
             |d| matches!(d, Deferred::Stream { ticket: t, .. } if *t == ticket),
         );
-        if let Some(Deferred::Stream { keep_alive, .. }) = parked {
-            self.answer_parked(key, Response::json(status, body).keep_alive(keep_alive));
+        if let Some(Deferred::Stream { reply, .. }) = parked {
+            self.answer_parked(key, reply.answer(Response::json(status, body)));
         }
     }
 
@@ -411,7 +412,8 @@ impl ShardState {
         if home == self.id {
             return Some(self.home_history(topic, &query));
         }
-        let ticket = self.park_for_home(key, request.keep_alive());
+        let origin = self.config().allowed_origins.check(request);
+        let ticket = self.park_for_home(key, Reply::to(request, &origin));
         self.post_control(
             home,
             Envelope::StreamQuery {
