@@ -11,19 +11,24 @@
 #       -- --subscribers 1000 --topics 1 --rate 200
 #
 # The server command gets `--listen 127.0.0.1:0 --shards SHARDS` appended.
-# Env: LOAD (ringcast-load binary), OUT (result dir), WARMUP, DURATION.
+# Env: LOAD (ringcast-load binary), OUT (result dir), WARMUP, DURATION;
+# ARGS_A / ARGS_B: client arguments for one side only, to compare two
+# client setups against one server (e.g. ARGS_B="--transport sse").
+#
+#   ARGS_B="--transport sse" loadtest/ab.sh 5 1 ws target/release/ringcast \
+#       sse target/release/ringcast -- --subscribers 1000 --topics 1 --rate 200
 set -euo pipefail
 rounds=$1 shards=$2 la=$3 a=$4 lb=$5 b=$6; shift 7
 LOAD=${LOAD:-$(dirname "$0")/../target/release/ringcast-load}
 out=${OUT:-/tmp/ab2}; mkdir -p "$out"; rm -f "$out"/*.json
 scpu=${SERVER_CPUS:-0}; ccpu=${CLIENT_CPUS:-1}
 for r in $(seq "$rounds"); do
-  for pair in "$la|$a" "$lb|$b"; do
-    label=${pair%%|*}; cmd=${pair#*|}
+  for pair in "$la|$a|${ARGS_A:-}" "$lb|$b|${ARGS_B:-}"; do
+    label=${pair%%|*}; rest=${pair#*|}; cmd=${rest%%|*}; extra=${rest#*|}
     taskset -c "$scpu" $cmd --listen 127.0.0.1:0 --shards "$shards" > "$out/server.log" 2>&1 &
     pid=$!
     for _ in $(seq 100); do port=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out/server.log"); [ -n "$port" ] && break; sleep 0.05; done
-    taskset -c "$ccpu" "$LOAD" --host 127.0.0.1:$port --server-pid $pid --warmup ${WARMUP:-1s} --duration ${DURATION:-5s} --drain 1s --json --quiet "$@" > "$out/$label-$r.json" 2> "$out/$label-$r.err" || echo "run $label $r failed: $(tail -2 $out/$label-$r.err)"
+    taskset -c "$ccpu" "$LOAD" --host 127.0.0.1:$port --server-pid $pid --warmup ${WARMUP:-1s} --duration ${DURATION:-5s} --drain 1s --json --quiet "$@" $extra > "$out/$label-$r.json" 2> "$out/$label-$r.err" || echo "run $label $r failed: $(tail -2 $out/$label-$r.err)"
     kill $pid; wait $pid 2>/dev/null || true
     sleep 0.3
   done

@@ -26,6 +26,16 @@ pub(crate) enum RecvPath {
     Tokio,
 }
 
+/// What subscribers speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Transport {
+    /// WebSocket (`/ws` and a subscribe message, or any --sub-url).
+    Ws,
+    /// Server-Sent Events (`GET /sse?topic=T`): events parsed as a browser
+    /// would; --recover reconnects with `Last-Event-ID`.
+    Sse,
+}
+
 /// How publishers reach the server.
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 pub(crate) enum PublishVia {
@@ -59,7 +69,11 @@ pub(crate) struct Args {
     /// Server host:port used by the default URL templates.
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub(crate) host: String,
+    /// What subscribers speak.
+    #[arg(long, value_enum, default_value = "ws")]
+    pub(crate) transport: Transport,
     /// Subscribe URL template (`{topic}` is replaced). Default: ws://HOST/ws
+    /// (with --transport sse: http://HOST/sse?topic={topic})
     #[arg(long)]
     pub(crate) sub_url: Option<String>,
     /// Text frame sent after the upgrade to subscribe (`{topic}` replaced); "none" to send nothing.

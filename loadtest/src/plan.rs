@@ -5,7 +5,7 @@
 //! is the same connection whichever process opens it.
 
 use crate::churn;
-use crate::cli::{parse_source_ips, Args, Dist, PubBody, PublishVia};
+use crate::cli::{parse_source_ips, Args, Dist, PubBody, PublishVia, Transport};
 use crate::publish::Via;
 use crate::report::Scenario;
 use crate::sub::SubSpec;
@@ -73,7 +73,13 @@ impl Plan {
         let sub_url = args
             .sub_url
             .clone()
-            .unwrap_or_else(|| format!("ws://{}/ws", args.host));
+            .unwrap_or_else(|| match args.transport {
+                Transport::Ws => format!("ws://{}/ws", args.host),
+                Transport::Sse => format!("http://{}/sse?topic={{topic}}", args.host),
+            });
+        if args.transport == Transport::Sse && args.sub_msg.is_some() {
+            bail!("--transport sse names its topic in the URL: not with --sub-msg");
+        }
         let topic_in_url = sub_url.contains("{topic}");
         let sub_msg = match args.sub_msg.as_deref() {
             Some("none") | Some("") => None,
@@ -84,7 +90,9 @@ impl Plan {
         let sub_ack = match args.sub_ack.as_deref() {
             Some("none") | Some("") => None,
             Some(a) => Some(a.to_string()),
-            None if sub_msg.is_some() => Some(r#""subscribed""#.to_string()),
+            None if sub_msg.is_some() || args.transport == Transport::Sse => {
+                Some(r#""subscribed""#.to_string())
+            }
             None => None,
         };
         let pub_url = args
@@ -165,7 +173,12 @@ impl Plan {
         let url = ws::Url::parse(&ws::fill(&self.sub_url, name))?;
         Ok(SubSpec {
             addr: self.sub_addr,
-            request: ws::upgrade_request(&url, i as u64 + 1),
+            request: match a.transport {
+                Transport::Ws => ws::upgrade_request(&url, i as u64 + 1),
+                Transport::Sse => ws::stream_request(&url, None),
+            },
+            transport: a.transport,
+            url,
             subscribe: self
                 .sub_msg
                 .as_ref()

@@ -14,6 +14,7 @@
 
 use crate::account::{DeliveryCounts, Marker, SeqWindow};
 use crate::churn::{self, Reconnects};
+use crate::cli::Transport;
 use crate::clock::now_ns;
 use crate::offsets::{self, Ledger, Opened, PushAt, Recovery, StreamCounts, TopicTails};
 use crate::uring;
@@ -360,6 +361,10 @@ pub(crate) struct SubSpec {
     pub(crate) addr: SocketAddr,
     /// Upgrade request bytes (URL already filled in with the topic).
     pub(crate) request: Vec<u8>,
+    /// WebSocket frames, or SSE events.
+    pub(crate) transport: Transport,
+    /// The subscribe URL, topic filled in (an SSE reconnect's request).
+    pub(crate) url: ws::Url,
     /// Subscribe frame payload to send after the upgrade, if any.
     pub(crate) subscribe: Option<Vec<u8>>,
     /// Text that marks the subscription acknowledged; `None`: ready after upgrade.
@@ -592,8 +597,38 @@ impl Conn {
         sh.settled.fetch_add(1, Relaxed);
     }
 
+    /// Consumes whole SSE events from `buf` (each one's `data:` is a
+    /// message's JSON; comments and `retry:` carry none); returns bytes
+    /// used and what to do next.
+    fn events(&mut self, sh: &Shared, buf: &[u8], st: &mut ThreadStats, now: u64) -> (usize, Step) {
+        let epoch = sh.epoch.load(Relaxed);
+        let m0 = sh.measure_start_ns.load(Relaxed);
+        let mut at = 0;
+        while let Some(len) = memchr::memmem::find(&buf[at..], b"\n\n") {
+            let event = &buf[at..at + len + 1];
+            at += len + 2;
+            if event.starts_with(b"event: ringcast.close\n") {
+                let code = memchr::memmem::find(event, b"\"code\":")
+                    .and_then(|i| std::str::from_utf8(event.get(i + 7..i + 11)?).ok())
+                    .and_then(|c| c.parse().ok());
+                self.close_code = Some(code.unwrap_or(1005));
+                return (at, Step::Closed);
+            }
+            let Some(start) = memchr::memmem::find(event, b"data: ") else {
+                continue;
+            };
+            let data = &event[start + 6..];
+            let end = memchr::memchr(b'\n', data).unwrap_or(data.len());
+            self.message(sh, &data[..end], st, now, epoch, m0);
+        }
+        (at, Step::More)
+    }
+
     /// Consumes whole frames from `buf`; returns bytes used and what to do next.
     fn frames(&mut self, sh: &Shared, buf: &[u8], st: &mut ThreadStats, now: u64) -> (usize, Step) {
+        if self.spec.transport == Transport::Sse {
+            return self.events(sh, buf, st, now);
+        }
         let epoch = sh.epoch.load(Relaxed);
         let m0 = sh.measure_start_ns.load(Relaxed);
         let mut at = 0;
@@ -737,6 +772,17 @@ impl Conn {
         }
     }
 
+    /// The request of a reconnect: an SSE one resumes from the ledger's
+    /// position (its `Last-Event-ID`, `offset.epoch`) with `--recover`.
+    fn rerequest(&self, recover: bool) -> Vec<u8> {
+        match self.ledger.position() {
+            Some((offset, epoch)) if recover && self.spec.transport == Transport::Sse => {
+                ws::stream_request(&self.spec.url, Some(&format!("{offset}.{epoch}")))
+            }
+            _ => self.spec.request.clone(),
+        }
+    }
+
     /// The subscribe frame of a reconnect: from the ledger's position with
     /// `--recover` (when the server gave one), else the first subscribe's.
     fn resubscribe(&self, recover: bool) -> Option<Vec<u8>> {
@@ -833,7 +879,8 @@ pub(crate) async fn run(
     reader: Reader,
 ) {
     let permit = gate.acquire().await;
-    let connected = tokio::time::timeout(timeout, dial(&spec, spec.subscribe.as_deref())).await;
+    let dialed = dial(&spec, &spec.request, spec.subscribe.as_deref());
+    let connected = tokio::time::timeout(timeout, dialed).await;
     drop(permit);
     if !matches!(connected, Ok(Ok(_))) && sh.frozen.load(Relaxed) {
         // Already counted as not ready when the run froze its subscriber set.
@@ -900,12 +947,14 @@ pub(crate) async fn rejoin_ring(sh: Arc<Shared>, mut conn: Conn, pool: uring::Po
 /// the run is over.
 async fn redial(sh: &Shared, conn: &mut Conn) -> Option<TcpStream> {
     let frame = conn.resubscribe(sh.churn.recover);
+    let request = conn.rerequest(sh.churn.recover);
     for attempt in 1..=RECONNECT_ATTEMPTS {
         if sh.stopping.load(Relaxed) {
             return None;
         }
         let start = now_ns();
-        match tokio::time::timeout(RECONNECT_TIMEOUT, dial(&conn.spec, frame.as_deref())).await {
+        let dialed = dial(&conn.spec, &request, frame.as_deref());
+        match tokio::time::timeout(RECONNECT_TIMEOUT, dialed).await {
             Ok(Ok((stream, rest))) => {
                 sh.reconnects.reconnects.fetch_add(1, Relaxed);
                 conn.resumed(rest, start);
@@ -1046,14 +1095,20 @@ pub(crate) async fn tcp_connect(
     Ok(stream)
 }
 
-/// Connects, upgrades and sends `subscribe` (if any); returns the socket and
-/// whatever arrived after the upgrade response.
+/// Connects, sends `request` (an upgrade, or an event stream's `GET`) and
+/// `subscribe` (if any); returns the socket and whatever arrived after the
+/// response head.
 async fn dial(
     spec: &SubSpec,
+    request: &[u8],
     subscribe: Option<&[u8]>,
 ) -> Result<(TcpStream, Vec<u8>), ConnectError> {
     let mut stream = tcp_connect(spec.addr, spec.source).await?;
-    stream.write_all(&spec.request).await?;
+    stream.write_all(request).await?;
+    let status: &[u8] = match spec.transport {
+        Transport::Ws => b"HTTP/1.1 101",
+        Transport::Sse => b"HTTP/1.1 200",
+    };
     let mut buf = Vec::with_capacity(512);
     let used = loop {
         let mut chunk = [0u8; 1024];
@@ -1062,7 +1117,7 @@ async fn dial(
             return Err(ConnectError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
         buf.extend_from_slice(&chunk[..n]);
-        match ws::check_upgrade(&buf) {
+        match ws::check_response(&buf, status) {
             Upgrade::Done(used) => break used,
             Upgrade::Partial => continue,
             Upgrade::Refused(s) => return Err(ConnectError::Refused(s)),

@@ -70,6 +70,19 @@ pub(crate) fn upgrade_request(url: &Url, key_seed: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The `GET` of an event stream (SSE) for `url`, resuming from
+/// `last_event_id` when given.
+pub(crate) fn stream_request(url: &Url, last_event_id: Option<&str>) -> Vec<u8> {
+    let resume = last_event_id
+        .map(|id| format!("Last-Event-ID: {id}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{resume}\r\n",
+        url.path, url.authority
+    )
+    .into_bytes()
+}
+
 /// Outcome of looking for the end of the upgrade response.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Upgrade {
@@ -83,6 +96,12 @@ pub(crate) enum Upgrade {
 
 /// Checks the upgrade response at the front of `buf`.
 pub(crate) fn check_upgrade(buf: &[u8]) -> Upgrade {
+    check_response(buf, b"HTTP/1.1 101")
+}
+
+/// Checks the response head at the front of `buf` for `status` (the
+/// status line's start): a `101` upgrade, or an event stream's `200`.
+pub(crate) fn check_response(buf: &[u8], status: &[u8]) -> Upgrade {
     let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") else {
         if buf.len() > 16 * 1024 {
             return Upgrade::Refused("oversized upgrade response".into());
@@ -90,7 +109,7 @@ pub(crate) fn check_upgrade(buf: &[u8]) -> Upgrade {
         return Upgrade::Partial;
     };
     let status_line = buf[..end].split(|&b| b == b'\r').next().unwrap_or_default();
-    if status_line.starts_with(b"HTTP/1.1 101") {
+    if status_line.starts_with(status) {
         Upgrade::Done(end + 4)
     } else {
         Upgrade::Refused(String::from_utf8_lossy(status_line).into_owned())

@@ -176,6 +176,23 @@ mod tests {
     }
 
     #[test]
+    fn event_streams_open_resume_and_leave_nothing_behind() {
+        for line in [
+            "GET /sse?topic=s:a&topic=p:a&topic=n HTTP/1.1\r\nLast-Event-ID: 0.,,",
+            "GET /sse?topic=s:a&last_event_id=3.0123456789abcdef HTTP/1.1",
+            "GET /stream?topic=s:a&since=1. HTTP/1.1\r\nOrigin: http://x",
+            "GET /sse?topic=a HTTP/1.1\r\nOrigin: https://evil.example",
+            "OPTIONS /sse?topic=a HTTP/1.1\r\nOrigin: https://evil.example\r\nAccess-Control-Request-Method: GET",
+        ] {
+            for flags in [0, 0x12, 0x7e] {
+                let mut data = request(flags, line);
+                data.extend_from_slice(b"input after the request is dropped");
+                assert_eq!(run_request(&data), Ok(()), "{line}");
+            }
+        }
+    }
+
+    #[test]
     fn the_paths_that_once_aborted_the_process_are_answered() {
         for path in [
             "/topics/history",
@@ -206,13 +223,15 @@ mod tests {
                     Just("/history"), Just("presence"), Just("/presence"), Just("ws"),
                     Just("/ws/"), Just("register"), Just("/register/"), Just("s:a"),
                     Just("p:a"), Just("%2F"), Just("%25"), Just("%00"), Just("%"), Just("%C3"),
-                    Just("é"), Just("//"),
+                    Just("é"), Just("//"), Just("sse"), Just("/stream"),
                 ],
                 0..8,
             ),
             query in prop_oneof![
                 Just(""), Just("?since=0"), Just("?since=0&epoch="), Just("?limit=0"),
                 Just("?limit=1&after=z"), Just("?epoch=%FF"), Just("?since=99999999999999999999"),
+                Just("?topic=s:a&topic=p:a"), Just("?topic=s:a&since=1.e"),
+                Just("?topic=s:a&last_event_id=0.,"), Just("?topic=%00"),
             ],
         ) {
             let line = format!("{method} /{}{query} HTTP/1.1", pieces.concat());

@@ -334,6 +334,17 @@ fn check_memory(state: &ShardState) -> Result<(), String> {
 /// See [`ShardState::check_invariants`].
 pub(super) fn check_invariants(state: &ShardState) -> Result<(), String> {
     check_memory(state)?;
+    let streams = state
+        .conns
+        .iter()
+        .filter(|(_, c)| matches!(c.phase, Phase::Stream(_)))
+        .count();
+    if streams != state.event_streams.open {
+        return Err(format!(
+            "{streams} event streams open, {} counted",
+            state.event_streams.open
+        ));
+    }
     for (kind, index) in [
         (IndexKind::Topic, &state.topics),
         (IndexKind::User, &state.users),
