@@ -51,6 +51,10 @@ impl StreamConn {
     /// Offsets only grow within an epoch: last values replayed on
     /// subscribe come after a `subscribed` at the head.
     pub(crate) fn advance(&mut self, head: &Head<'_>) -> bool {
+        // A plain topic's push (the common case) names no position.
+        if head.offset.is_none() && head.epoch.is_none() {
+            return false;
+        }
         let Some(topic) = head.topic.as_deref() else {
             return false;
         };
