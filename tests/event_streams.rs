@@ -473,3 +473,32 @@ fn a_config_with_an_origin_that_cannot_match_is_refused_at_start() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("allowed_origins"), "{stderr}");
 }
+
+#[test]
+fn an_event_stream_counts_in_presence_like_a_websocket() {
+    let config = "[[rules]]\npattern = \"room:*\"\npresence = true\njoin_leave = true\n";
+    let server = TestServer::start(2, Some(config));
+    let mut ws = server.ws("/ws");
+    ws.subscribe("room:a");
+    let mut sse = subscribed(&server, "topic=room:a&user_id=sue", "", 1);
+    // The WebSocket subscriber hears the stream join, across shards.
+    let join = loop {
+        let value = ws.recv_json();
+        if value["event"] == "join" && value["payload"]["user_id"] == "sue" {
+            break value;
+        }
+    };
+    assert_eq!(join["payload"]["count"], 2, "{join}");
+    let (status, body) = server.http("GET", "/topics/room:a/presence", None);
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["count"], 2, "{body}");
+    sse.shutdown();
+    let leave = loop {
+        let value = ws.recv_json();
+        if value["event"] == "leave" && value["payload"]["user_id"] == "sue" {
+            break value;
+        }
+    };
+    assert_eq!(leave["payload"]["count"], 1, "{leave}");
+}
