@@ -338,3 +338,80 @@ fn a_connection_costs_the_state_at_most_112_bytes() {
     // Every idle connection pays this; the README's memory table counts it.
     assert!(std::mem::size_of::<Conn>() <= 112);
 }
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::*;
+    use crate::protocol::message;
+
+    fn stream(at: Option<(u64, &str)>) -> StreamConn {
+        StreamConn {
+            format: Format::Sse,
+            topics: vec![
+                StreamTopic {
+                    name: Arc::from("plain"),
+                    at: None,
+                },
+                StreamTopic {
+                    name: Arc::from("s"),
+                    at: at.map(|(o, e)| (o, Arc::from(e))),
+                },
+            ],
+        }
+    }
+
+    /// Feeds a server frame's message to the connection's cursor.
+    fn see(stream: &mut StreamConn, frame: &Bytes) -> bool {
+        let json = message::frame_json(frame).unwrap();
+        stream.advance(&Head::parse(json).unwrap())
+    }
+
+    fn id(stream: &StreamConn) -> String {
+        String::from_utf8(stream.id_line()).unwrap()
+    }
+
+    #[test]
+    fn a_recovery_keeps_the_clients_offset_until_the_replay_moves_it() {
+        let mut s = stream(Some((3, "e")));
+        assert!(see(
+            &mut s,
+            &message::subscribed_at("s", Some(true), 9, "e", false)
+        ));
+        assert_eq!(id(&s), "id: ,3.e\n\n", "still where the client was");
+        assert!(see(&mut s, &message::push_at("s", 4, "m", "1")));
+        assert_eq!(id(&s), "id: ,4.e\n\n");
+        assert!(
+            !see(&mut s, &message::push("plain", "m", "1")),
+            "no position"
+        );
+    }
+
+    #[test]
+    fn a_gone_position_or_a_fresh_subscription_starts_at_the_head() {
+        let mut gone = stream(Some((3, "old")));
+        assert!(see(
+            &mut gone,
+            &message::subscribed_at("s", Some(false), 9, "new", false)
+        ));
+        assert_eq!(id(&gone), "id: ,9.new\n\n");
+        let mut fresh = stream(None);
+        assert!(see(
+            &mut fresh,
+            &message::subscribed_at("s", None, 9, "e", false)
+        ));
+        // Last values replayed on subscribe are older than the head: they
+        // never move the cursor back.
+        let replayed = message::replayed(&message::push_at("s", 8, "m", "1")).unwrap();
+        assert!(!see(&mut fresh, &replayed));
+        assert_eq!(id(&fresh), "id: ,9.e\n\n");
+    }
+
+    #[test]
+    fn a_reset_starts_the_new_run_at_zero() {
+        let mut s = stream(Some((7, "e1")));
+        assert!(see(&mut s, &message::stream_reset("s", "e2")));
+        assert_eq!(id(&s), "id: ,0.e2\n\n");
+        assert!(see(&mut s, &message::push_at("s", 1, "m", "1")));
+        assert_eq!(id(&s), "id: ,1.e2\n\n");
+    }
+}
