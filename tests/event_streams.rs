@@ -480,7 +480,7 @@ fn an_event_stream_counts_in_presence_like_a_websocket() {
     let server = TestServer::start(2, Some(config));
     let mut ws = server.ws("/ws");
     ws.subscribe("room:a");
-    let mut sse = subscribed(&server, "topic=room:a&user_id=sue", "", 1);
+    let sse = subscribed(&server, "topic=room:a&user_id=sue", "", 1);
     // The WebSocket subscriber hears the stream join, across shards.
     let join = loop {
         let value = ws.recv_json();
