@@ -3,6 +3,7 @@
 //! over byte buffers. Nothing here knows a socket, a runtime or a clock; the
 //! shard loop feeds bytes in and writes the returned bytes out.
 
+pub mod deflate;
 pub mod event_stream;
 pub mod frame;
 pub mod handshake;
