@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Autobahn Testsuite conformance run: builds the release binary, starts
 # ringcast on a free loopback port with scripts/autobahn/ringcast.toml, runs
-# the testsuite's fuzzingclient (cases 1-11; 12 and 13 are permessage-deflate,
-# which ringcast does not offer) against ws://127.0.0.1:PORT/echo, and fails
+# the testsuite's fuzzingclient (every case: 1-11, and 12-13, permessage-deflate,
+# which the config turns on) against ws://127.0.0.1:PORT/echo, and fails
 # on any FAILED case or on a NON-STRICT / INFORMATIONAL / UNIMPLEMENTED case
 # not listed in scripts/autobahn/expected-nonstrict.txt.
 #

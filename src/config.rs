@@ -242,6 +242,8 @@ pub struct Config {
     /// node's own host; requests without `Origin` (not from a browser)
     /// are never refused for it.
     pub allowed_origins: AllowedOrigins,
+    /// permessage-deflate (`[websocket]`).
+    pub websocket: WebSocketConfig,
     /// Pin shard `i` to core `i % cores`. Default true.
     pub pin_cores: bool,
     /// JWT secret and API key. Default: both off.
@@ -326,10 +328,31 @@ impl Default for Config {
             stream_heartbeat: Duration::from_secs(15),
             stream_retry: Duration::from_secs(1),
             allowed_origins: AllowedOrigins::default(),
+            websocket: WebSocketConfig::default(),
             pin_cores: true,
             auth: AuthConfig::default(),
             rules: RuleSet::default_rules(),
             cluster: None,
+        }
+    }
+}
+
+/// `[websocket]`: permessage-deflate (RFC 7692).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebSocketConfig {
+    /// Negotiate permessage-deflate on `/ws` and `/echo` when a client
+    /// offers it (`compression`). Default off.
+    pub compression: bool,
+    /// Pushes whose JSON is shorter than this go uncompressed
+    /// (`compression_min_bytes`, default 256).
+    pub compression_min_bytes: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            compression: false,
+            compression_min_bytes: 256,
         }
     }
 }
@@ -359,6 +382,8 @@ struct FileConfig {
     auth: FileAuth,
     #[serde(default)]
     http: FileHttp,
+    #[serde(default)]
+    websocket: FileWebSocket,
     rules: Option<Vec<FileRule>>,
     cluster: Option<FileCluster>,
 }
@@ -374,6 +399,13 @@ struct FileCluster {
     max_queued_bytes: Option<usize>,
     wait_replicas: Option<u32>,
     tls_ca_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileWebSocket {
+    compression: Option<bool>,
+    compression_min_bytes: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -526,6 +558,12 @@ impl Config {
             bus_queue_capacity
         );
         config.auth = auth_config(file.auth)?;
+        if let Some(on) = file.websocket.compression {
+            config.websocket.compression = on;
+        }
+        if let Some(min) = file.websocket.compression_min_bytes {
+            config.websocket.compression_min_bytes = min;
+        }
         config.allowed_origins = AllowedOrigins::new(&file.http.allowed_origins)
             .map_err(|e| ConfigError::Invalid(format!("[http] {e}")))?;
         if let Some(rules) = file.rules {

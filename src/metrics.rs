@@ -39,6 +39,8 @@ counters! {
     connections_rejected_total: "counter",
     /// Open WebSocket connections.
     websockets: "gauge",
+    /// Open WebSockets that negotiated permessage-deflate.
+    websockets_compressed: "gauge",
     /// Open event streams (`/sse` and `/stream`).
     event_streams: "gauge",
     /// Topic subscriptions held by connections.

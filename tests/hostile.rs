@@ -51,7 +51,9 @@ fn config() -> String {
             "max_streams = {MAX_STREAMS}\n\
              max_inbound_bytes_per_shard = {INBOUND_BUDGET}\n\
              max_idempotency_bytes = {IDEMPOTENCY_BUDGET}\n\
-             max_outbound_bytes_per_shard = {}\n",
+             max_outbound_bytes_per_shard = {}\n\
+             [websocket]\n\
+             compression = true\n",
             64 << 20
         )
     };
@@ -960,5 +962,42 @@ fn a_page_of_another_site_cannot_open_a_websocket_or_event_stream() {
     );
     let request = format!("GET /sse?topic=x HTTP/1.1\r\nHost: x\r\n{evil}\r\n");
     assert_eq!(status_of(&request), 403);
+    still_healthy();
+}
+
+#[test]
+fn a_compressed_bomb_is_refused_with_1009() {
+    use flate2::{Compress, Compression, FlushCompress};
+    // 32 MiB of spaces in a 32 KiB frame: inflating it would pass the
+    // message limit a thousand times over.
+    let spaces = vec![b' '; 32 << 20];
+    let mut packed = Vec::with_capacity(64 << 10);
+    Compress::new(Compression::best(), false)
+        .compress_vec(&spaces, &mut packed, FlushCompress::Sync)
+        .unwrap();
+    packed.truncate(packed.len() - 4);
+    let mut frame = client_text_frame(&"x".repeat(packed.len()));
+    frame[0] = 0xc1;
+    let start = frame.len() - packed.len();
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    for (i, b) in packed.iter().enumerate() {
+        frame[start + i] = b ^ mask[i % 4];
+    }
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut ws = server().raw_ws_offering("/ws", "permessage-deflate");
+        ws.write_all(&frame).unwrap();
+        clients.push(ws);
+    }
+    for ws in &mut clients {
+        let code = loop {
+            match read_server_frame(ws) {
+                Ok((0x8, payload)) => break close_code(&payload),
+                Ok(_) => continue,
+                Err(e) => panic!("no close frame: {e}"),
+            }
+        };
+        assert_eq!(code, Some(1009));
+    }
     still_healthy();
 }

@@ -54,6 +54,15 @@ pub enum Incoming {
     /// A non-final data fragment was absorbed into the reassembly buffer;
     /// nothing to act on, call again with the rest of the input.
     Fragment,
+    /// A complete message whose first frame set RSV1 (permessage-deflate,
+    /// when negotiated): its payload is still compressed, and a text
+    /// message's UTF-8 is checked once it is inflated.
+    Compressed {
+        /// A text message (else binary).
+        is_text: bool,
+        /// The frames' payloads, joined.
+        payload: Bytes,
+    },
 }
 
 /// Why the client's frames are refused; close the connection with
@@ -86,6 +95,8 @@ impl FrameError {
 #[derive(Debug)]
 struct OpenMessage {
     is_text: bool,
+    /// Its first frame set RSV1: compressed.
+    compressed: bool,
     payload: Vec<u8>,
 }
 
@@ -104,6 +115,8 @@ pub struct FrameDecoder {
 /// A parsed frame header.
 struct Header {
     is_final: bool,
+    /// RSV1: a compressed message's first frame.
+    compressed: bool,
     opcode: OpCode,
     mask: [u8; 4],
     header_len: usize,
@@ -148,7 +161,18 @@ impl FrameDecoder {
     /// message, or [`Incoming::Fragment`] for an absorbed non-final fragment;
     /// `Partial` (state untouched) when the frame is not all there yet.
     pub fn decode(&mut self, input: &[u8]) -> Result<Decoded<Incoming>, FrameError> {
-        let Some(header) = self.parse_header(input)? else {
+        self.decode_with(input, false)
+    }
+
+    /// [`FrameDecoder::decode`] on a connection that negotiated
+    /// permessage-deflate (`deflate`): the first frame of a data message may
+    /// set RSV1, and the message comes out as [`Incoming::Compressed`].
+    pub fn decode_with(
+        &mut self,
+        input: &[u8],
+        deflate: bool,
+    ) -> Result<Decoded<Incoming>, FrameError> {
+        let Some(header) = self.parse_header(input, deflate)? else {
             return Ok(Decoded::Partial);
         };
         let end = header.header_len + header.payload_len;
@@ -173,6 +197,10 @@ impl FrameDecoder {
                 unmask_extend(&mut open.payload, masked, header.mask);
                 if header.is_final {
                     match self.open.take() {
+                        Some(open) if open.compressed => Incoming::Compressed {
+                            is_text: open.is_text,
+                            payload: Bytes::from(open.payload),
+                        },
                         Some(open) => finish(open.is_text, open.payload)?,
                         None => return Err(FrameError::Protocol("continuation without a message")),
                     }
@@ -184,10 +212,19 @@ impl FrameDecoder {
                 let is_text = data == Data::Text;
                 let mut payload = Vec::with_capacity(masked.len());
                 unmask_extend(&mut payload, masked, header.mask);
-                if header.is_final {
+                if header.is_final && header.compressed {
+                    Incoming::Compressed {
+                        is_text,
+                        payload: Bytes::from(payload),
+                    }
+                } else if header.is_final {
                     finish(is_text, payload)?
                 } else {
-                    self.open = Some(Box::new(OpenMessage { is_text, payload }));
+                    self.open = Some(Box::new(OpenMessage {
+                        is_text,
+                        compressed: header.compressed,
+                        payload,
+                    }));
                     Incoming::Fragment
                 }
             }
@@ -199,16 +236,20 @@ impl FrameDecoder {
     /// Parses and validates a header; `None` when more bytes are needed.
     /// Size limits are checked here so an oversized frame fails before its
     /// payload is buffered.
-    fn parse_header(&self, input: &[u8]) -> Result<Option<Header>, FrameError> {
+    fn parse_header(&self, input: &[u8], deflate: bool) -> Result<Option<Header>, FrameError> {
         let (Some(&b0), Some(&b1)) = (input.first(), input.get(1)) else {
             return Ok(None);
         };
-        if b0 & 0x70 != 0 {
-            // No extension is negotiated, so RSV1-3 must be zero (RFC 6455 5.2).
-            return Err(FrameError::Protocol("reserved bits set"));
-        }
         let is_final = b0 & 0x80 != 0;
         let opcode = OpCode::from(b0 & 0x0F);
+        // RSV2 and RSV3 are never negotiated; RSV1 only by
+        // permessage-deflate, and only on a data message's first frame
+        // (RFC 6455 5.2, RFC 7692 6.1).
+        let compressed = b0 & 0x40 != 0;
+        let first_data = matches!(opcode, OpCode::Data(Data::Text | Data::Binary));
+        if b0 & 0x30 != 0 || (compressed && !(deflate && first_data)) {
+            return Err(FrameError::Protocol("reserved bits set"));
+        }
         if b1 & 0x80 == 0 {
             // RFC 6455 5.1: a server must close on an unmasked client frame.
             return Err(FrameError::Protocol("client frame not masked"));
@@ -269,6 +310,7 @@ impl FrameDecoder {
         };
         Ok(Some(Header {
             is_final,
+            compressed,
             opcode,
             mask,
             header_len: mask_at + 4,
@@ -376,6 +418,14 @@ pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
 /// A text frame. The caller guarantees `payload` is UTF-8.
 pub fn text(payload: &[u8]) -> Bytes {
     encode(OpCode::Data(Data::Text), payload)
+}
+
+/// A text message compressed with permessage-deflate: RSV1 set, `deflated`
+/// the compressed UTF-8 (RFC 7692 6.1).
+pub fn text_deflated(deflated: &[u8]) -> Bytes {
+    let mut frame = encode(OpCode::Data(Data::Text), deflated).to_vec();
+    frame[0] |= 0x40;
+    Bytes::from(frame)
 }
 
 /// A binary frame.

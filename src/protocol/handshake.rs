@@ -60,6 +60,12 @@ pub fn is_upgrade_request(req: &Request) -> bool {
 /// Validates an upgrade request and returns the full `101 Switching Protocols`
 /// response bytes, ready to write before switching to frames.
 pub fn accept(req: &Request) -> Result<Bytes, HandshakeError> {
+    accept_with(req, None)
+}
+
+/// [`accept`], answering with `extensions` (a `Sec-WebSocket-Extensions`
+/// value) when an extension was negotiated.
+pub fn accept_with(req: &Request, extensions: Option<&str>) -> Result<Bytes, HandshakeError> {
     if req.method != Method::Get {
         return Err(HandshakeError::NotGet);
     }
@@ -87,6 +93,11 @@ pub fn accept(req: &Request) -> Result<Bytes, HandshakeError> {
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
     );
     out.extend_from_slice(accept.as_bytes());
+    if let Some(extensions) = extensions {
+        debug_assert!(!extensions.contains(['\r', '\n']));
+        out.extend_from_slice(b"\r\nSec-WebSocket-Extensions: ");
+        out.extend_from_slice(extensions.as_bytes());
+    }
     out.extend_from_slice(b"\r\n\r\n");
     Ok(Bytes::from(out))
 }

@@ -225,9 +225,22 @@ impl TestServer {
         }
     }
 
+    /// [`TestServer::raw_ws`] offering `extensions` (`Sec-WebSocket-Extensions`).
+    pub fn raw_ws_offering(&self, path: &str, extensions: &str) -> TcpStream {
+        self.raw_ws_with(
+            path,
+            None,
+            &format!("Sec-WebSocket-Extensions: {extensions}\r\n"),
+        )
+    }
+
     /// A raw WebSocket handshake on a fresh socket (for clients that must
     /// not read, or must read byte by byte); returns the socket after the 101.
     pub fn raw_ws(&self, path: &str, recv_buffer: Option<usize>) -> TcpStream {
+        self.raw_ws_with(path, recv_buffer, "")
+    }
+
+    fn raw_ws_with(&self, path: &str, recv_buffer: Option<usize>, extra: &str) -> TcpStream {
         let socket =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         if let Some(bytes) = recv_buffer {
@@ -237,7 +250,7 @@ impl TestServer {
         let mut stream: TcpStream = socket.into();
         stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
         );
         stream.write_all(request.as_bytes()).unwrap();
         let mut head = Vec::new();

@@ -120,6 +120,9 @@ pub(crate) struct WsConn {
     pub(crate) last_seen: Millis,
     /// When our unanswered ping went out, if one is outstanding.
     pub(crate) ping_sent: Option<Millis>,
+    /// permessage-deflate was negotiated: pushes of at least
+    /// `compression_min_bytes` go compressed, and the client may compress.
+    pub(crate) deflate: bool,
 }
 
 /// Milliseconds since the shard state started, wrapping after 49 days; only

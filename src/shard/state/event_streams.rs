@@ -12,7 +12,7 @@
 //! gone is said in-band: `ringcast.subscribed` with `"recovered":false`.
 //!
 //! In a fan-out, the part of an event every subscriber shares is made once
-//! per publication and format ([`Encodings`]); an SSE event of a stream
+//! per publication and format (`encodings`); an SSE event of a stream
 //! topic adds the connection's own `id:` line after it.
 
 use std::sync::Arc;
@@ -117,6 +117,7 @@ impl ShardState {
             registration: None,
             recipient: None,
             stream: Some(Box::new(StreamConn { format, topics })),
+            deflate: false,
         };
         self.open_websocket(key, head, opening);
         None
@@ -219,68 +220,4 @@ pub(super) fn translate(stream: &mut StreamConn, bytes: Bytes) -> Option<Bytes> 
 pub(super) fn last_message(stream: &StreamConn, last: Option<Bytes>) -> Option<Bytes> {
     let (code, reason) = close_frame_parts(last.as_deref()?)?;
     Some(close_message(stream.format, code, reason))
-}
-
-/// One publication's encodings for the event streams of a fan-out, each
-/// made when the first subscriber of its format is reached.
-pub(super) struct Encodings<'f> {
-    frame: &'f Bytes,
-    /// `None` until asked; `Some(None)` for a frame that is not a message.
-    head: Option<Option<Head<'f>>>,
-    /// SSE: `event:` and `data:` lines, and the same ended (no `id:`).
-    sse: Option<(Bytes, Bytes)>,
-    ndjson: Option<Bytes>,
-}
-
-impl<'f> Encodings<'f> {
-    pub(super) fn new(frame: &'f Bytes) -> Encodings<'f> {
-        Encodings {
-            frame,
-            head: None,
-            sse: None,
-            ndjson: None,
-        }
-    }
-
-    /// Queues the publication to event stream `key`: the shared bytes, and
-    /// for an SSE event that moves its cursor, its `id:` line after them.
-    pub(super) fn push_to(
-        &mut self,
-        key: ConnKey,
-        stream: &mut StreamConn,
-        commands: &mut Vec<Command>,
-    ) {
-        let frame = self.frame;
-        let head = self
-            .head
-            .get_or_insert_with(|| message::frame_json(frame).and_then(Head::parse));
-        let Some(head) = head.as_ref() else {
-            return;
-        };
-        match stream.format {
-            Format::Ndjson => {
-                let json = message::frame_json(frame).unwrap_or_default();
-                let line = self
-                    .ndjson
-                    .get_or_insert_with(|| encode(Format::Ndjson, json, head));
-                commands.push(Command::Push(key, line.clone()));
-            }
-            Format::Sse => {
-                let json = message::frame_json(frame).unwrap_or_default();
-                let (body, ended) = self.sse.get_or_insert_with(|| {
-                    let body = encode(Format::Sse, json, head);
-                    let mut ended = Vec::with_capacity(body.len() + 1);
-                    ended.extend_from_slice(&body);
-                    ended.extend_from_slice(event_stream::END);
-                    (body, Bytes::from(ended))
-                });
-                if stream.advance(head) {
-                    commands.push(Command::Push(key, body.clone()));
-                    commands.push(Command::Push(key, Bytes::from(stream.id_line())));
-                } else {
-                    commands.push(Command::Push(key, ended.clone()));
-                }
-            }
-        }
-    }
 }

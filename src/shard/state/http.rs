@@ -4,6 +4,7 @@
 //! (a request that waits for other shards holds back the ones behind it).
 
 use crate::metrics;
+use crate::protocol::deflate;
 use crate::protocol::event_stream::Format;
 use crate::protocol::handshake;
 use crate::protocol::http::{error_json, Method, Request, Response};
@@ -117,6 +118,7 @@ impl ShardState {
                         registration: Some(Arc::from(id)),
                         recipient: None,
                         stream: None,
+                        deflate: false,
                     };
                     return self.upgrade_request(key, &request, opening);
                 }
@@ -284,6 +286,7 @@ impl ShardState {
                 registration: None,
                 recipient: Some(Arc::from(recipient)),
                 stream: None,
+                deflate: false,
             }),
             _ => Err(error_json(
                 400,
@@ -346,7 +349,17 @@ impl ShardState {
             .keep_alive(request.keep_alive());
             return self.respond(key, response);
         }
-        match handshake::accept(request) {
+        // permessage-deflate where the client offers it and the config
+        // allows it (on /ws and /echo: /chat lines are short).
+        let deflate = match opening.kind {
+            WsKind::Relay | WsKind::Echo if self.config().websocket.compression => {
+                deflate::negotiate(request.header_tokens("sec-websocket-extensions"))
+            }
+            _ => None,
+        };
+        let mut opening = opening;
+        opening.deflate = deflate.is_some();
+        match handshake::accept_with(request, deflate.map(|agreed| agreed.response())) {
             Ok(switching) => self.open_websocket(key, switching, opening),
             Err(e) => self.respond(key, e.response().keep_alive(request.keep_alive())),
         }

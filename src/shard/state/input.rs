@@ -5,7 +5,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::metrics::ShardStats;
-use crate::protocol::frame::{FrameDecoder, FrameLimits};
+use crate::protocol::deflate::InflateError;
+use crate::protocol::frame::{FrameDecoder, FrameError, FrameLimits, Incoming};
 use crate::protocol::http::{error_json, HttpLimits, RequestDecoder, CONTINUE};
 use crate::protocol::Decoded;
 use crate::shard::key::ConnKey;
@@ -241,8 +242,19 @@ impl ShardState {
             return Step::Stop;
         };
         let kind = ws.kind;
-        match ws.decoder.decode(input) {
+        match ws.decoder.decode_with(input, ws.deflate) {
             Ok(Decoded::Partial) => Step::Partial,
+            Ok(Decoded::Complete(Incoming::Compressed { is_text, payload }, used)) => {
+                match self.inflate(is_text, &payload) {
+                    Ok(incoming) => self.handle_ws(key, kind, incoming),
+                    Err(e) => {
+                        ShardStats::add(&self.stats().protocol_closes_total, 1);
+                        self.fail_ws(key, e.close_code(), &e.to_string());
+                        return Step::Stop;
+                    }
+                }
+                Step::Consumed(used)
+            }
             Ok(Decoded::Complete(incoming, used)) => {
                 self.handle_ws(key, kind, incoming);
                 Step::Consumed(used)
@@ -257,8 +269,30 @@ impl ShardState {
         }
     }
 
+    /// A compressed client message, inflated within the message limit (one
+    /// decompressor per shard: every client was asked not to take its
+    /// context over), its text checked as UTF-8.
+    fn inflate(&mut self, is_text: bool, payload: &[u8]) -> Result<Incoming, FrameError> {
+        let max = self.config().limits.max_message_bytes;
+        let data = self
+            .compression
+            .inflater
+            .message(payload, max)
+            .map_err(|e| match e {
+                InflateError::TooBig => FrameError::TooBig,
+                InflateError::Invalid => FrameError::Protocol("invalid compressed data"),
+            })?;
+        if !is_text {
+            return Ok(Incoming::Binary(Bytes::from(data)));
+        }
+        if std::str::from_utf8(&data).is_err() {
+            return Err(FrameError::InvalidUtf8);
+        }
+        Ok(Incoming::Text(Bytes::from(data)))
+    }
+
     /// Switches a connection to WebSocket (its 101 is queued or parked).
-    pub(super) fn upgrade(&mut self, key: ConnKey, kind: WsKind) {
+    pub(super) fn upgrade(&mut self, key: ConnKey, kind: WsKind, deflate: bool) {
         let limits = &self.config().limits;
         let decoder = FrameDecoder::new(FrameLimits {
             max_frame_bytes: limits.max_message_bytes,
@@ -273,7 +307,12 @@ impl ShardState {
             decoder,
             last_seen,
             ping_sent: None,
+            deflate,
         });
         ShardStats::add(&self.stats().websockets, 1);
+        if deflate {
+            self.compression.websockets += 1;
+            ShardStats::add(&self.stats().websockets_compressed, 1);
+        }
     }
 }

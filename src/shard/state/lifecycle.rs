@@ -126,7 +126,13 @@ impl ShardState {
         self.forget_presence_rate(key);
         if let Some(conn) = self.conns.remove(key) {
             match conn.phase {
-                Phase::WebSocket(_) => ShardStats::sub(&self.stats().websockets, 1),
+                Phase::WebSocket(ws) => {
+                    ShardStats::sub(&self.stats().websockets, 1);
+                    if ws.deflate {
+                        self.compression.websockets -= 1;
+                        ShardStats::sub(&self.stats().websockets_compressed, 1);
+                    }
+                }
                 Phase::Stream(_) => self.event_stream_closed(),
                 Phase::Http(_) => {}
             }

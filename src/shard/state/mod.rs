@@ -16,7 +16,9 @@
 
 mod channels;
 mod cluster;
+mod compression;
 mod conn;
+mod encodings;
 mod event_streams;
 mod http;
 mod idempotency;
@@ -201,6 +203,7 @@ pub struct ShardState {
     /// When connections were last scanned for timeouts.
     last_scan: Instant,
     event_streams: event_streams::EventStreams,
+    compression: compression::Compression,
     shutdown: Shutdown,
 }
 
@@ -231,6 +234,9 @@ impl ShardState {
                 open: 0,
                 last_heartbeat: now,
             },
+            compression: compression::Compression::new(
+                shared.config.websocket.compression_min_bytes,
+            ),
             shutdown: Shutdown {
                 begun: false,
                 drained_peers: 0,
@@ -526,21 +532,23 @@ impl ShardState {
             return 0;
         };
         self.commands.reserve(entry.subscribers.len());
-        if self.event_streams.open == 0 {
+        if self.event_streams.open == 0 && self.compression.websockets == 0 {
             for &key in &entry.subscribers {
                 self.commands.push(Command::Push(key, frame.clone()));
             }
         } else {
-            // Some connection here is an event stream: each subscriber's
-            // format is looked up, and each format's bytes made once.
-            let mut encodings = event_streams::Encodings::new(frame);
+            // Some connection here is an event stream or compresses: each
+            // subscriber's format is looked up, and each format's bytes
+            // made once.
+            let mut encodings = encodings::Encodings::new(frame, self.compression.min_bytes);
             for &key in &entry.subscribers {
-                match self.conns.get_mut(key).map(|c| &mut c.phase) {
-                    Some(Phase::Stream(stream)) => {
-                        encodings.push_to(key, stream, &mut self.commands)
-                    }
-                    _ => self.commands.push(Command::Push(key, frame.clone())),
-                }
+                let phase = self.conns.get_mut(key).map(|c| &mut c.phase);
+                encodings.push(
+                    key,
+                    phase,
+                    &mut self.compression.deflater,
+                    &mut self.commands,
+                );
             }
         }
         entry.subscribers.len()

@@ -28,6 +28,8 @@ impl ShardState {
             // After our close frame only the peer's close matters (RFC 6455 5.5.1).
             _ if closing != Closing::No => {}
             Incoming::Fragment | Incoming::Pong(_) => {}
+            // Inflated before it gets here (`input::step_ws`).
+            Incoming::Compressed { .. } => debug_assert!(false, "a message left compressed"),
             Incoming::Ping(payload) => self.send(key, frame::pong(&payload)),
             Incoming::Text(text) => match kind {
                 WsKind::Echo => self.send(key, frame::text(&text)),

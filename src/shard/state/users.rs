@@ -22,9 +22,9 @@ use crate::protocol::message::{self, Bounds};
 use crate::shard::key::ConnKey;
 
 use super::cluster::LocalOnly;
-use super::conn::{Deferred, Ident, Phase, StreamConn, WsKind};
-use super::event_streams::Encodings;
-use super::{Command, ShardState};
+use super::conn::{Deferred, Ident, StreamConn, WsKind};
+use super::encodings::Encodings;
+use super::ShardState;
 
 /// A client registration: who connects with the id and what it starts with.
 #[derive(Debug, Clone)]
@@ -120,6 +120,8 @@ pub(crate) struct Opening {
     /// For an event stream (`/sse`, `/stream`): its format and topics. Its
     /// "upgrade" is the streaming `200`.
     pub(crate) stream: Option<Box<StreamConn>>,
+    /// permessage-deflate was negotiated in its handshake.
+    pub(crate) deflate: bool,
 }
 
 impl Opening {
@@ -131,6 +133,7 @@ impl Opening {
             registration: None,
             recipient: None,
             stream: None,
+            deflate: false,
         }
     }
 }
@@ -152,7 +155,7 @@ impl ShardState {
         }
         match opening.stream {
             Some(stream) => self.start_event_stream(key, stream),
-            None => self.upgrade(key, opening.kind),
+            None => self.upgrade(key, opening.kind, opening.deflate),
         }
         self.park(
             key,
@@ -467,7 +470,7 @@ impl ShardState {
             _ => &self.users,
         };
         let mut delivered = 0;
-        let mut encodings = Encodings::new(frame);
+        let mut encodings = Encodings::new(frame, self.compression.min_bytes);
         let topic_name = topic.map(|id| self.topics.entry(id).name.clone());
         for &key in &index.entry(entry).subscribers {
             // A stream subscriber whose replay is still paging has its
@@ -481,12 +484,13 @@ impl ShardState {
                 _ => true,
             };
             if holds_topic {
-                match self.conns.get_mut(key).map(|c| &mut c.phase) {
-                    Some(Phase::Stream(stream)) => {
-                        encodings.push_to(key, stream, &mut self.commands)
-                    }
-                    _ => self.commands.push(Command::Push(key, frame.clone())),
-                }
+                let phase = self.conns.get_mut(key).map(|c| &mut c.phase);
+                encodings.push(
+                    key,
+                    phase,
+                    &mut self.compression.deflater,
+                    &mut self.commands,
+                );
                 delivered += 1;
             }
         }
