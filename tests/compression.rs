@@ -240,10 +240,8 @@ fn python_websockets_negotiates_compression_and_reads_compressed_pushes() {
 #[test]
 fn chromiums_websocket_negotiates_compression_both_ways() {
     let server = TestServer::start(2, Some(CONFIG));
-    let stdout = common::browser::run_script(
-        "ws_deflate_test.mjs",
-        &[format!("http://{}", server.addr)],
-    );
+    let stdout =
+        common::browser::run_script("ws_deflate_test.mjs", &[format!("http://{}", server.addr)]);
     print!("{stdout}");
     assert!(stdout.contains("websocket compression test passed"));
 }

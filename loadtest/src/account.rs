@@ -49,9 +49,48 @@ fn push_u64(out: &mut Vec<u8>, mut v: u64) {
     out.extend_from_slice(&tmp[i..]);
 }
 
+/// Words the padding is made of: a record's vocabulary.
+const PADDING_WORDS: [&[u8]; 32] = [
+    b"order",
+    b"price",
+    b"quantity",
+    b"status",
+    b"shipped",
+    b"customer",
+    b"total",
+    b"eur",
+    b"item",
+    b"sku",
+    b"created",
+    b"updated",
+    b"pending",
+    b"paid",
+    b"warehouse",
+    b"berlin",
+    b"lisbon",
+    b"express",
+    b"standard",
+    b"discount",
+    b"tax",
+    b"currency",
+    b"address",
+    b"street",
+    b"invoice",
+    b"refund",
+    b"cancelled",
+    b"delivered",
+    b"carrier",
+    b"tracking",
+    b"weight",
+    b"kg",
+];
+
 impl Marker {
-    /// Appends the marker followed by `x` padding so that the marker plus padding
-    /// is at least `payload_bytes` long.
+    /// Appends the marker followed by padding so that the marker plus padding
+    /// is at least `payload_bytes` long. The padding reads like a record's
+    /// text (words and numbers drawn from the sequence number), so a
+    /// compressed run measures what compression does to real payloads, not
+    /// to a run of one letter.
     pub(crate) fn write_padded(&self, out: &mut Vec<u8>, payload_bytes: usize) {
         let start = out.len();
         out.extend_from_slice(MARKER_PREFIX);
@@ -65,10 +104,23 @@ impl Marker {
             push_u64(out, v);
             out.push(b':');
         }
-        let written = out.len() - start;
-        if payload_bytes > written {
-            out.resize(start + payload_bytes, b'x');
+        if out.len() - start >= payload_bytes {
+            return;
         }
+        let mut x = self.seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        while out.len() - start < payload_bytes {
+            // xorshift64
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(PADDING_WORDS[(x % PADDING_WORDS.len() as u64) as usize]);
+            out.push(b' ');
+            if x & 3 == 0 {
+                push_u64(out, (x >> 8) % 100_000);
+                out.push(b' ');
+            }
+        }
+        out.truncate(start + payload_bytes);
     }
 
     /// Finds and decodes the first marker in `frame`; `None` if there is none
@@ -229,7 +281,15 @@ mod tests {
         let mut out = Vec::new();
         marker(42).write_padded(&mut out, 64);
         assert_eq!(out.len(), 64);
-        assert!(out.starts_with(b"rcl:2:7:13:42:123456789012:xxx"));
+        assert!(out.starts_with(b"rcl:2:7:13:42:123456789012:"));
+        let padding = &out[27..];
+        assert!(
+            padding
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b' '),
+            "text a JSON string holds as is: {}",
+            String::from_utf8_lossy(padding)
+        );
         let frame = [
             &br#"{"type":"push","topic":"t13","event":"message","payload":""#[..],
             &out,

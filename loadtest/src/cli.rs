@@ -72,6 +72,9 @@ pub(crate) struct Args {
     /// What subscribers speak.
     #[arg(long, value_enum, default_value = "ws")]
     pub(crate) transport: Transport,
+    /// WebSocket subscribers offer permessage-deflate and inflate compressed pushes.
+    #[arg(long)]
+    pub(crate) compression: bool,
     /// Subscribe URL template (`{topic}` is replaced). Default: ws://HOST/ws
     /// (with --transport sse: http://HOST/sse?topic={topic})
     #[arg(long)]

@@ -174,7 +174,7 @@ impl Plan {
         Ok(SubSpec {
             addr: self.sub_addr,
             request: match a.transport {
-                Transport::Ws => ws::upgrade_request(&url, i as u64 + 1),
+                Transport::Ws => ws::upgrade_request_with(&url, i as u64 + 1, a.compression),
                 Transport::Sse => ws::stream_request(&url, None),
             },
             transport: a.transport,

@@ -415,6 +415,37 @@ pub(crate) struct Conn {
     close_code: Option<u16>,
 }
 
+thread_local! {
+    /// One decompressor per receive thread: the server compresses each
+    /// message on its own (server_no_context_takeover).
+    static INFLATE: RefCell<flate2::Decompress> = RefCell::new(flate2::Decompress::new(false));
+}
+
+/// A permessage-deflate message inflated; `None` if it is not deflate data.
+fn inflate(payload: &[u8]) -> Option<Vec<u8>> {
+    INFLATE.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(false);
+        let mut input = Vec::with_capacity(payload.len() + 4);
+        input.extend_from_slice(payload);
+        input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut out = Vec::with_capacity(payload.len() * 4 + 64);
+        loop {
+            let before = d.total_in();
+            d.decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+                .ok()?;
+            input.drain(..(d.total_in() - before) as usize);
+            if input.is_empty() && out.len() < out.capacity() {
+                return Some(out);
+            }
+            if out.len() >= ws::MAX_FRAME_BYTES {
+                return None;
+            }
+            out.reserve(out.capacity());
+        }
+    })
+}
+
 /// What reading a connection came to.
 pub(crate) enum Step {
     /// Still open: read more (or, as a final outcome, the socket ended
@@ -639,6 +670,14 @@ impl Conn {
                 Decoded::Invalid(why) => return (at, Step::Invalid(why)),
             };
             let payload = &buf[at + f.payload_at..at + f.end()];
+            if f.compressed && f.fin && !self.in_frag {
+                match inflate(payload) {
+                    Some(message) => self.message(sh, &message, st, now, epoch, m0),
+                    None => return (at, Step::Invalid("bad compressed message")),
+                }
+                at += f.end();
+                continue;
+            }
             match f.opcode {
                 ws::OP_TEXT | ws::OP_BINARY if f.fin && !self.in_frag => {
                     self.message(sh, payload, st, now, epoch, m0)

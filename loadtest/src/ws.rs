@@ -57,6 +57,20 @@ pub(crate) fn fill(template: &str, topic: &str) -> String {
     template.replace("{topic}", topic)
 }
 
+/// The HTTP/1.1 upgrade request for `url`, offering permessage-deflate
+/// (each message on its own, both ways) when `deflate`.
+pub(crate) fn upgrade_request_with(url: &Url, key_seed: u64, deflate: bool) -> Vec<u8> {
+    let mut request = upgrade_request(url, key_seed);
+    if deflate {
+        request.truncate(request.len() - 2);
+        request.extend_from_slice(
+            b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; \
+              client_no_context_takeover\r\n\r\n",
+        );
+    }
+    request
+}
+
 /// The HTTP/1.1 upgrade request for `url`.
 pub(crate) fn upgrade_request(url: &Url, key_seed: u64) -> Vec<u8> {
     // The key only needs to be 16 bytes base64-encoded; servers do not check randomness.
@@ -121,6 +135,8 @@ pub(crate) fn check_response(buf: &[u8], status: &[u8]) -> Upgrade {
 pub(crate) struct FrameRef {
     /// FIN bit.
     pub(crate) fin: bool,
+    /// RSV1: compressed with permessage-deflate.
+    pub(crate) compressed: bool,
     /// Opcode.
     pub(crate) opcode: u8,
     /// Payload start offset in the buffer.
@@ -187,6 +203,7 @@ pub(crate) fn decode(buf: &[u8]) -> Decoded {
     }
     Decoded::Complete(FrameRef {
         fin,
+        compressed: buf[0] & 0x40 != 0,
         opcode,
         payload_at: at,
         payload_len: len,
@@ -261,11 +278,13 @@ mod tests {
             decode(b"\x81\x02hi"),
             Decoded::Complete(FrameRef {
                 fin: true,
+                compressed: false,
                 opcode: OP_TEXT,
                 payload_at: 2,
                 payload_len: 2
             })
         );
+        assert!(matches!(decode(b"\xc1\x01x"), Decoded::Complete(r) if r.compressed));
         assert_eq!(decode(b"\x81\x02h"), Decoded::Partial);
         let mut f = vec![0x82, 126, 0x01, 0x00];
         f.extend(std::iter::repeat(b'a').take(256));
