@@ -148,3 +148,48 @@ fn presence_counts_every_nodes_members_and_forgets_a_killed_node_within_its_ttl(
     let mut ann = members.remove(0);
     assert_quiet(&mut ann, "ann");
 }
+
+/// The race a client that connects at once runs: node b reads the upgrade
+/// before its broker has handed it the registration's announcement (b is
+/// stopped while the registration is made and the upgrade sent, so both
+/// wait for it together). The `201` is a promise: b holds the upgrade
+/// until the registration arrives, and answers `101`, never `404`.
+#[test]
+fn an_upgrade_that_overtakes_the_registrations_announcement_waits_for_it() {
+    use std::io::{Read, Write};
+    let cluster = Cluster::start();
+    for round in 0..5 {
+        cluster.b.signal(libc::SIGSTOP);
+        let id = register(&cluster.a, &format!("u{round}"), &["news"]);
+        let mut stream = std::net::TcpStream::connect(cluster.b.addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let request = format!(
+            "GET /ws/{id} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        cluster.b.signal(libc::SIGCONT);
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 101", "round {round}");
+    }
+}
+
+/// An id no node gave out is still `404`, once the wait for its
+/// announcement is over.
+#[test]
+fn an_unknown_registration_is_404_after_a_short_wait() {
+    let cluster = Cluster::start();
+    let start = std::time::Instant::now();
+    assert_eq!(
+        cluster.b.upgrade_status("/ws/no-such-registration", ""),
+        404
+    );
+    let waited = start.elapsed();
+    assert!(
+        waited < std::time::Duration::from_secs(5),
+        "answered after {waited:?}"
+    );
+}

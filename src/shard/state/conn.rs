@@ -194,6 +194,15 @@ pub(crate) enum Deferred {
         /// How to answer it.
         reply: Reply,
     },
+    /// A `/ws/{id}` upgrade for a registration this node has not heard of
+    /// yet: in a cluster it may be on its way from the node that made it.
+    Registration {
+        /// The upgrade request, answered when the registration arrives.
+        request: Box<Request>,
+        id: Arc<str>,
+        /// When it is answered `404` if the registration has not come.
+        until: Instant,
+    },
     /// An HTTP response to send once the registry change with this ticket is
     /// acknowledged everywhere.
     Response {
@@ -235,6 +244,7 @@ impl Deferred {
                 switching.len() + topics.iter().map(String::len).sum::<usize>()
             }
             Deferred::Response { response, .. } => response.body().len(),
+            Deferred::Registration { request, id, .. } => request.head_bytes() + id.len(),
             Deferred::Presence { reply } | Deferred::Stream { reply, .. } => {
                 reply.cors.as_deref().map_or(0, str::len)
             }

@@ -109,21 +109,14 @@ impl ShardState {
                 None => return,
             },
             Route::Index => Response::text(200, "text/html; charset=utf-8", CHAT_PAGE),
-            Route::WsRegistered(id) => match self.users_state.registry.get(id) {
-                Some(registration) => {
-                    let opening = Opening {
-                        kind: WsKind::Relay,
-                        user: Some(registration.user.clone()),
-                        topics: registration.topics.clone(),
-                        registration: Some(Arc::from(id)),
-                        recipient: None,
-                        stream: None,
-                        deflate: false,
-                    };
-                    return self.upgrade_request(key, &request, opening);
-                }
-                None => error_json(404, "unknown registration id"),
-            },
+            Route::WsRegistered(id) if self.users_state.registry.contains_key(id) => {
+                return self.open_registered(key, &request, id);
+            }
+            Route::WsRegistered(id) if self.shared.cluster.is_some() => {
+                let id = Arc::from(id);
+                return self.await_registration(key, request, id);
+            }
+            Route::WsRegistered(_) => error_json(404, "unknown registration id"),
             Route::Registration(id) => match self.unregister(key, id, keep_alive) {
                 Some(response) => response,
                 None => return,
@@ -339,7 +332,7 @@ impl ShardState {
         None
     }
 
-    fn upgrade_request(&mut self, key: ConnKey, request: &Request, opening: Opening) {
+    pub(super) fn upgrade_request(&mut self, key: ConnKey, request: &Request, opening: Opening) {
         if !handshake::is_upgrade_request(request) {
             let response = error_json(
                 426,

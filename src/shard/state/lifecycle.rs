@@ -193,6 +193,7 @@ impl ShardState {
     // ---- timers --------------------------------------------------------------
 
     pub(super) fn on_tick(&mut self) {
+        self.expire_registration_waits();
         if self
             .now
             .saturating_duration_since(self.last_scan)

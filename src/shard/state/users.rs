@@ -108,7 +108,17 @@ pub(crate) struct Users {
     pub(crate) registry: Registry,
     pub(crate) tickets: HashMap<u64, Ticket>,
     pub(crate) next_ticket: u64,
+    /// Registration id -> `/ws/{id}` upgrades waiting for it to arrive
+    /// from another node (parked as `Deferred::Registration`).
+    pub(crate) awaited: HashMap<Arc<str>, Vec<ConnKey>>,
 }
+
+/// How long, in a cluster, a `/ws/{id}` for an id this node has not heard
+/// of waits for it before `404`: the node that gave the id out answered
+/// its `201` once Redis had written the announcement to every node's
+/// connection, so the registration is a moment away; a client that
+/// connects at once must not be told it does not exist.
+pub(crate) const REGISTRATION_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Identity and starting state of a WebSocket being opened.
 pub(crate) struct Opening {
@@ -414,8 +424,86 @@ impl ShardState {
         id: Arc<str>,
         registration: Registration,
     ) {
-        self.users_state.registry.insert(id, registration);
+        self.users_state.registry.insert(id.clone(), registration);
         self.post_control(from, Envelope::Ack { ticket });
+        self.registration_arrived(&id);
+    }
+
+    /// Opens `/ws/{id}` for a registration this shard holds.
+    pub(super) fn open_registered(&mut self, key: ConnKey, request: &Request, id: &str) {
+        let Some(registration) = self.users_state.registry.get(id) else {
+            let response = error_json(404, "unknown registration id");
+            return self.respond(key, response.keep_alive(request.keep_alive()));
+        };
+        let opening = Opening {
+            kind: WsKind::Relay,
+            user: Some(registration.user.clone()),
+            topics: registration.topics.clone(),
+            registration: Some(Arc::from(id)),
+            recipient: None,
+            stream: None,
+            deflate: false,
+        };
+        self.upgrade_request(key, request, opening);
+    }
+
+    /// Parks `/ws/{id}` for an id this node has not heard of, until it
+    /// arrives or `REGISTRATION_GRACE` passes.
+    pub(super) fn await_registration(&mut self, key: ConnKey, request: Request, id: Arc<str>) {
+        let until = self.now + REGISTRATION_GRACE;
+        self.users_state
+            .awaited
+            .entry(id.clone())
+            .or_default()
+            .push(key);
+        let request = Box::new(request);
+        self.park(key, Deferred::Registration { request, id, until });
+    }
+
+    /// Registration `id` arrived: the upgrades waiting for it go on.
+    fn registration_arrived(&mut self, id: &str) {
+        let Some(keys) = self.users_state.awaited.remove(id) else {
+            return;
+        };
+        for key in keys {
+            let parked = self.take_deferred(key, |d| matches!(d, Deferred::Registration { .. }));
+            if let Some(Deferred::Registration { request, id, .. }) = parked {
+                self.open_registered(key, &request, &id);
+                if self.conns.get(key).is_some_and(|c| c.deferred.is_none()) {
+                    self.resume_input(key);
+                }
+            }
+        }
+    }
+
+    /// Answers `404` to the upgrades whose registration did not come in
+    /// time (and forgets waits of connections that went).
+    pub(super) fn expire_registration_waits(&mut self) {
+        if self.users_state.awaited.is_empty() {
+            return;
+        }
+        let now = self.now;
+        let mut expired = Vec::new();
+        for keys in self.users_state.awaited.values_mut() {
+            keys.retain(
+                |&key| match self.conns.get(key).and_then(|c| c.deferred.as_deref()) {
+                    Some(Deferred::Registration { until, .. }) if *until <= now => {
+                        expired.push(key);
+                        false
+                    }
+                    Some(Deferred::Registration { .. }) => true,
+                    _ => false,
+                },
+            );
+        }
+        self.users_state.awaited.retain(|_, keys| !keys.is_empty());
+        for key in expired {
+            let parked = self.take_deferred(key, |d| matches!(d, Deferred::Registration { .. }));
+            if let Some(Deferred::Registration { request, .. }) = parked {
+                let response = error_json(404, "unknown registration id");
+                self.answer_parked(key, response.keep_alive(request.keep_alive()));
+            }
+        }
     }
 
     pub(super) fn on_unregister(&mut self, from: ShardId, ticket: u64, id: &str) {
