@@ -5,12 +5,17 @@ event id after the connection dropped, with nothing lost or repeated.
 Usage: sse_client.py HOST:PORT   (the server has a stream rule for s:*)
 """
 import json
+import signal
 import sys
 import urllib.request
 
 import sseclient
 
 BASE = "http://" + sys.argv[1]
+
+# Heartbeats keep every read alive, so a missing event would wait for
+# ever: the whole check must finish in 30 s.
+signal.alarm(30)
 
 
 def publish(topic, event, payload):
@@ -35,6 +40,20 @@ def open_stream(last_event_id=None):
     return response, sseclient.SSEClient(response).events()
 
 
+def until_subscribed(events, count):
+    """Reads until `count` topics are subscribed: publications made
+    before that are not owed to this connection."""
+    last_id, subscribed = None, []
+    for event in events:
+        if event.id:
+            last_id = event.id
+        if event.event == "ringcast.subscribed":
+            subscribed.append(json.loads(event.data))
+            if len(subscribed) == count:
+                return subscribed, last_id
+    raise AssertionError("the stream ended")
+
+
 def expect(events, count, last_id):
     """Reads `count` pushes, checking their shape; returns them and the last id."""
     pushes = []
@@ -55,11 +74,12 @@ def expect(events, count, last_id):
 
 
 response, events = open_stream()
+subscribed, last_id = until_subscribed(events, 2)
+assert sorted(s["topic"] for s in subscribed) == ["plain", "s:py"], subscribed
 for i in range(1, 4):
     publish("s:py", "tick", {"i": i})
 publish("plain", "note", "hello")
-pushes, subscribed, last_id = expect(events, 4, None)
-assert sorted(s["topic"] for s in subscribed) == ["plain", "s:py"], subscribed
+pushes, _, last_id = expect(events, 4, last_id)
 ticks = [p["payload"]["i"] for p in pushes if p["topic"] == "s:py"]
 assert ticks == [1, 2, 3], ticks
 assert [p["offset"] for p in pushes if p["topic"] == "s:py"] == [1, 2, 3]
