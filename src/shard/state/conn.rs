@@ -12,7 +12,7 @@ use crate::protocol::event_stream::{write_cursor, Format, Head};
 use crate::protocol::frame::FrameDecoder;
 use crate::protocol::http::{Request, RequestDecoder, Response};
 use crate::protocol::message::Since;
-use crate::protocol::origin::{with_cors, OriginCheck};
+use crate::protocol::origin::with_cors;
 
 use super::names::NameId;
 
@@ -221,12 +221,12 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
-    /// The reply for `request` from a page of `origin` (if its origin was
-    /// allowed and is not the node's own).
-    pub(crate) fn to(request: &Request, origin: &OriginCheck) -> Reply {
+    /// The reply for `request`; `cors`: the allowed origin (not the
+    /// node's own) its page came from, if any.
+    pub(crate) fn to(request: &Request, cors: Option<&str>) -> Reply {
         Reply {
             keep_alive: request.keep_alive(),
-            cors: origin.cors_origin().map(Box::from),
+            cors: cors.map(Box::from),
         }
     }
 

@@ -62,7 +62,7 @@ impl ShardState {
                 }
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
-            Route::Publish => match self.http_publish(key, &request) {
+            Route::Publish => match self.http_publish(key, &request, cors) {
                 Some(response) => response,
                 None => return,
             },
@@ -91,12 +91,12 @@ impl ShardState {
             },
             Route::History(ref topic) => match self.checked_topic_request(&request, topic) {
                 Err(response) => response,
-                Ok(()) => match self.history_request(key, &request, topic) {
+                Ok(()) => match self.history_request(key, &request, topic, cors) {
                     Some(response) => response,
                     None => return,
                 },
             },
-            Route::Presence(ref topic) => match self.presence_request(key, &request, topic) {
+            Route::Presence(ref topic) => match self.presence_request(key, &request, topic, cors) {
                 Some(response) => response,
                 None => return,
             },
@@ -160,7 +160,13 @@ impl ShardState {
     }
 
     /// `POST /publish`; `None` when the answer waits for a stream's home.
-    fn http_publish(&mut self, key: ConnKey, request: &Request) -> Option<Response> {
+    /// `cors`: the allowed origin a parked answer names.
+    fn http_publish(
+        &mut self,
+        key: ConnKey,
+        request: &Request,
+        cors: Option<&str>,
+    ) -> Option<Response> {
         let content_type = request.header("content-type").unwrap_or("application/json");
         if !content_type
             .trim_start()
@@ -187,8 +193,7 @@ impl ShardState {
                 (shards, Err(why)) => local_only(shards, why),
             });
         }
-        let origin = self.config().allowed_origins.check(request);
-        let reply = (key, Reply::to(request, &origin));
+        let reply = (key, Reply::to(request, cors));
         match self.publish(
             &publish.topic,
             &publish.event,
@@ -294,6 +299,7 @@ impl ShardState {
         key: ConnKey,
         request: &Request,
         topic: &str,
+        cors: Option<&str>,
     ) -> Option<Response> {
         if let Err(response) = self.checked_topic_request(request, topic) {
             return Some(response);
@@ -324,8 +330,7 @@ impl ShardState {
                 _ => response,
             });
         }
-        let origin = self.config().allowed_origins.check(request);
-        let reply = Reply::to(request, &origin);
+        let reply = Reply::to(request, cors);
         self.park(key, Deferred::Presence { reply });
         let query = self.member_query(limit, after.as_deref());
         self.start_presence(topic, query, PresenceThen::Http { key });

@@ -399,6 +399,7 @@ impl ShardState {
         key: ConnKey,
         request: &Request,
         topic: &str,
+        cors: Option<&str>,
     ) -> Option<Response> {
         let Some(history) = self.stream_history(topic) else {
             let topic = Arc::from(topic);
@@ -412,8 +413,7 @@ impl ShardState {
         if home == self.id {
             return Some(self.home_history(topic, &query));
         }
-        let origin = self.config().allowed_origins.check(request);
-        let ticket = self.park_for_home(key, Reply::to(request, &origin));
+        let ticket = self.park_for_home(key, Reply::to(request, cors));
         self.post_control(
             home,
             Envelope::StreamQuery {
