@@ -8,7 +8,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 
 use common::{client_text_frame, TestServer, IO_TIMEOUT};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
@@ -222,19 +221,7 @@ fn offers_that_would_need_a_context_per_subscriber_are_declined() {
 #[test]
 fn python_websockets_negotiates_compression_and_reads_compressed_pushes() {
     let server = TestServer::start(2, Some(CONFIG));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/deflate_client.py");
-    let output = Command::new("python3")
-        .arg(script)
-        .arg(server.addr.to_string())
-        .output()
-        .expect("python3 runs (scripts/test.sh installs websockets)");
-    assert!(
-        output.status.success(),
-        "python client failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("all checks passed"));
+    common::run_python("deflate_client.py", server.addr);
 }
 
 #[test]

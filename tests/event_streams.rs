@@ -384,19 +384,7 @@ fn jwt(secret: &str, sub: &str) -> String {
 #[test]
 fn the_python_sseclient_library_reads_named_events_and_resumes() {
     let server = TestServer::start(2, Some(CONFIG));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/sse_client.py");
-    let output = std::process::Command::new("python3")
-        .arg(script)
-        .arg(server.addr.to_string())
-        .output()
-        .expect("python3 runs (scripts/test.sh installs sseclient-py)");
-    assert!(
-        output.status.success(),
-        "python SSE client failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("all checks passed"));
+    common::run_python("sse_client.py", server.addr);
 }
 
 #[test]

@@ -275,6 +275,25 @@ impl Drop for TestServer {
     }
 }
 
+/// Runs `tests/py/{script} ADDR`, a third-party client written in Python
+/// (`scripts/test.sh` installs what they import), and checks that it
+/// exits 0 and prints `all checks passed`.
+pub fn run_python(script: &str, addr: SocketAddr) {
+    let path = format!("{}/tests/py/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new("python3")
+        .arg(&path)
+        .arg(addr.to_string())
+        .output()
+        .expect("python3 runs (scripts/test.sh installs the packages the scripts use)");
+    assert!(
+        output.status.success(),
+        "{script} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("all checks passed"));
+}
+
 /// The resident memory (VmRSS) of process `pid`, if it is running.
 pub fn rss_of(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
