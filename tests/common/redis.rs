@@ -213,6 +213,19 @@ impl RedisServer {
                 return Err(format!("exited with {status}: {}", self.log_tail()));
             }
             if try_redis_cmd(self.addr(), &["PING"]).is_ok_and(|reply| reply == "PONG") {
+                // The PONG may come from another process's Redis that took
+                // the port first (ours then fails to bind and exits): two
+                // tests sharing one Redis see each other's keys and restarts.
+                let answering = server_pid(self.addr());
+                if answering != Some(child.id()) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "port {} is served by another Redis (pid {answering:?}, ours {})",
+                        self.port,
+                        child.id()
+                    ));
+                }
                 self.child = Some(child);
                 return Ok(());
             }
@@ -247,6 +260,7 @@ impl Drop for RedisServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|&p| p != self.port);
+        let _ = std::fs::remove_file(claim_path(self.port));
     }
 }
 
@@ -273,11 +287,74 @@ fn reserve_port(attempt: usize) -> Option<u16> {
             .ok()?
             .port(),
     };
-    if held.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+    if held.contains(&port) || !claim(port) {
+        return None;
+    }
+    if TcpListener::bind(("127.0.0.1", port)).is_err() {
+        let _ = std::fs::remove_file(claim_path(port));
         return None;
     }
     held.push(port);
     Some(port)
+}
+
+/// Where a test process claims a port: `PORTS_HELD` keeps the tests of one
+/// process apart, this file those of two (two test runs on one machine),
+/// including while a server is stopped and its port is free.
+fn claim_path(port: u16) -> PathBuf {
+    std::env::temp_dir()
+        .join("ringcast-test-redis-ports")
+        .join(port.to_string())
+}
+
+/// Claims `port` for this process unless a live process holds it; a claim
+/// left by a process that is gone is taken over. The claim appears with its
+/// pid in it at once (a hard link of a file written first), so no other
+/// process ever reads a claim without its holder.
+fn claim(port: u16) -> bool {
+    let path = claim_path(port);
+    let Some(dir) = path.parent() else {
+        return false;
+    };
+    let _ = std::fs::create_dir_all(dir);
+    let mine = dir.join(format!(".{port}.{}", std::process::id()));
+    if std::fs::write(&mine, std::process::id().to_string()).is_err() {
+        return false;
+    }
+    let mut claimed = false;
+    for _ in 0..2 {
+        match std::fs::hard_link(&mine, &path) {
+            Ok(()) => {
+                claimed = true;
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let holder = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|pid| pid.trim().parse::<u32>().ok());
+                let alive = holder.map_or(true, |pid| {
+                    pid == std::process::id()
+                        || std::path::Path::new(&format!("/proc/{pid}")).exists()
+                });
+                if alive {
+                    break;
+                }
+                // Its process is gone: take the claim over.
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = std::fs::remove_file(&mine);
+    claimed
+}
+
+/// The pid of the Redis answering at `addr` (`INFO server`'s `process_id`).
+fn server_pid(addr: SocketAddr) -> Option<u32> {
+    let info = try_redis_cmd(addr, &["INFO", "server"]).ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
 }
 
 /// Sends one command to the Redis at `addr` on a fresh connection and reads
