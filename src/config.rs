@@ -253,6 +253,62 @@ pub struct Config {
     pub rules: RuleSet,
     /// `[cluster]`: nodes joined through Redis. Default: none, one node.
     pub cluster: Option<ClusterConfig>,
+    /// `[webhooks]`: the node tells the application backend when topics
+    /// become occupied or vacated and users go offline. Default: none.
+    pub webhooks: Option<WebhookConfig>,
+}
+
+/// Webhook event names, as they appear in a webhook body and in
+/// `[webhooks] events`.
+pub const WEBHOOK_EVENTS: [&str; 3] = ["channel_occupied", "channel_vacated", "user_offline"];
+
+/// `[webhooks]`: where and how the node reports transitions to the
+/// application backend.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// `http://host:port/path` the batches are POSTed to.
+    pub url: String,
+    /// HMAC-SHA256 key of the `X-Ringcast-Signature` header.
+    pub secret: String,
+    /// The events wanted, from [`WEBHOOK_EVENTS`]. Default: all of them.
+    pub events: Vec<String>,
+    /// How long a topic must stay without subscribers before
+    /// `channel_vacated` is sent (a subscriber back within it cancels it,
+    /// and no second `channel_occupied` is sent). Default 2 s.
+    pub vacated_delay: Duration,
+    /// How long a user must stay without connections before
+    /// `user_offline` is sent. Default 5 s.
+    pub offline_delay: Duration,
+    /// How long one POST may take before it counts as failed and is
+    /// retried. Default 5 s.
+    pub timeout: Duration,
+    /// Bytes of events waiting to be delivered (retried while the backend
+    /// fails). Past it new events are dropped and counted. Default 16 MiB.
+    pub max_queued_bytes: usize,
+    /// Events per POST at most. Default 100.
+    pub max_batch_events: usize,
+}
+
+impl WebhookConfig {
+    /// Whether `event` (one of [`WEBHOOK_EVENTS`]) is wanted.
+    pub fn wants(&self, event: &str) -> bool {
+        self.events.iter().any(|e| e == event)
+    }
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &redact_url(&self.url))
+            .field("secret", &"<redacted>")
+            .field("events", &self.events)
+            .field("vacated_delay", &self.vacated_delay)
+            .field("offline_delay", &self.offline_delay)
+            .field("timeout", &self.timeout)
+            .field("max_queued_bytes", &self.max_queued_bytes)
+            .field("max_batch_events", &self.max_batch_events)
+            .finish()
+    }
 }
 
 /// `[cluster]`: where this node meets the others.
@@ -333,6 +389,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rules: RuleSet::default_rules(),
             cluster: None,
+            webhooks: None,
         }
     }
 }
@@ -386,6 +443,20 @@ struct FileConfig {
     websocket: FileWebSocket,
     rules: Option<Vec<FileRule>>,
     cluster: Option<FileCluster>,
+    webhooks: Option<FileWebhooks>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWebhooks {
+    url: String,
+    secret: String,
+    events: Option<Vec<String>>,
+    vacated_delay_ms: Option<u64>,
+    offline_delay_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    max_queued_bytes: Option<usize>,
+    max_batch_events: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -570,6 +641,15 @@ impl Config {
             config.rules = rule_set(rules)?;
         }
         config.cluster = file.cluster.map(cluster_config).transpose()?;
+        config.webhooks = file.webhooks.map(webhook_config).transpose()?;
+        if config.webhooks.is_some() && config.cluster.is_some() {
+            // Each node would report its own transitions: a topic occupied
+            // on two nodes would be announced twice. Until the transitions
+            // are decided cluster-wide, refuse rather than mislead.
+            return Err(ConfigError::Invalid(
+                "[webhooks] with [cluster] is not supported yet: each node would report its own transitions".into(),
+            ));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -716,6 +796,57 @@ fn cluster_config(file: FileCluster) -> Result<ClusterConfig, ConfigError> {
         max_queued_bytes,
         wait_replicas: file.wait_replicas.unwrap_or(0),
         tls_ca_file: file.tls_ca_file,
+    })
+}
+
+fn webhook_config(file: FileWebhooks) -> Result<WebhookConfig, ConfigError> {
+    let invalid = |message: String| Err(ConfigError::Invalid(format!("webhooks.{message}")));
+    let Some(rest) = file.url.strip_prefix("http://") else {
+        return invalid(format!(
+            "url: `{}` is not a URL like http://127.0.0.1:9000/ringcast (https is not supported yet)",
+            redact_url(&file.url)
+        ));
+    };
+    if rest.is_empty() || rest.starts_with('/') || file.url.parse::<hyper::Uri>().is_err() {
+        return invalid(format!("url: `{}` names no host", redact_url(&file.url)));
+    }
+    if file.secret.trim().is_empty() {
+        return invalid("secret must not be empty: the backend checks it".into());
+    }
+    let events = match file.events {
+        Some(events) => events,
+        None => WEBHOOK_EVENTS.iter().map(|e| e.to_string()).collect(),
+    };
+    if let Some(unknown) = events
+        .iter()
+        .find(|e| !WEBHOOK_EVENTS.contains(&e.as_str()))
+    {
+        return invalid(format!(
+            "events: `{unknown}` is not one of {}",
+            WEBHOOK_EVENTS.join(", ")
+        ));
+    }
+    let max_queued_bytes = file.max_queued_bytes.unwrap_or(16 * 1024 * 1024);
+    if max_queued_bytes < 64 * 1024 {
+        return invalid("max_queued_bytes must be at least 64 KiB (65536)".into());
+    }
+    let max_batch_events = file.max_batch_events.unwrap_or(100);
+    if !(1..=10_000).contains(&max_batch_events) {
+        return invalid("max_batch_events must be 1 to 10000".into());
+    }
+    let timeout = Duration::from_millis(file.timeout_ms.unwrap_or(5000));
+    if timeout < Duration::from_millis(100) {
+        return invalid("timeout_ms must be at least 100".into());
+    }
+    Ok(WebhookConfig {
+        url: file.url,
+        secret: file.secret,
+        events,
+        vacated_delay: Duration::from_millis(file.vacated_delay_ms.unwrap_or(2000)),
+        offline_delay: Duration::from_millis(file.offline_delay_ms.unwrap_or(5000)),
+        timeout,
+        max_queued_bytes,
+        max_batch_events,
     })
 }
 
@@ -872,6 +1003,53 @@ pattern = "chat:lobby"
             assert!(error.contains(expected), "{text:?}: {error}");
         }
         assert!(Config::from_toml("").unwrap().cluster.is_none());
+    }
+
+    #[test]
+    fn webhook_settings_are_checked_and_the_secret_never_shown() {
+        let config = Config::from_toml(
+            "[webhooks]\nurl = \"http://10.0.0.9:9000/hook\"\nsecret = \"s3cr3t\"\n",
+        )
+        .unwrap();
+        let webhooks = config.webhooks.unwrap();
+        assert_eq!(
+            webhooks.events.len(),
+            WEBHOOK_EVENTS.len(),
+            "all by default"
+        );
+        assert_eq!(webhooks.vacated_delay, Duration::from_secs(2));
+        let shown = format!("{webhooks:?}");
+        assert!(
+            !shown.contains("s3cr3t") && shown.contains("10.0.0.9"),
+            "{shown}"
+        );
+
+        let hook =
+            |more: &str| format!("[webhooks]\nurl = \"http://h:1/x\"\nsecret = \"s\"\n{more}");
+        for (text, expected) in [
+            (
+                "[webhooks]\nurl = \"https://h/x\"\nsecret = \"s\"\n".to_string(),
+                "webhooks.url",
+            ),
+            (
+                "[webhooks]\nurl = \"http:///x\"\nsecret = \"s\"\n".to_string(),
+                "names no host",
+            ),
+            (
+                "[webhooks]\nurl = \"http://h/x\"\nsecret = \" \"\n".to_string(),
+                "webhooks.secret",
+            ),
+            (hook("events = [\"channel_opened\"]"), "channel_opened"),
+            (hook("max_queued_bytes = 10"), "max_queued_bytes"),
+            (hook("max_batch_events = 0"), "max_batch_events"),
+            (
+                hook("[cluster]\nredis_url = \"redis://x\""),
+                "not supported yet",
+            ),
+        ] {
+            let error = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text:?}: {error}");
+        }
     }
 
     #[test]

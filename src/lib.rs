@@ -50,6 +50,7 @@ pub mod protocol;
 pub mod rules;
 pub mod server;
 pub mod shard;
+pub mod webhooks;
 
 pub use config::{Config, Limits};
 pub use server::{Relay, RelayBuilder};

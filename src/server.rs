@@ -58,6 +58,8 @@ pub struct Relay {
     shards: usize,
     /// The cluster broker thread, with `[cluster]`.
     broker: Option<BrokerHandle>,
+    /// The webhook thread, with `[webhooks]`.
+    webhooks: Option<crate::webhooks::WebhookHandle>,
 }
 
 /// How a shard thread ended.
@@ -125,6 +127,20 @@ impl Relay {
             }
             None => None,
         };
+        let webhooks = match (&shared.webhooks, &shared.config.webhooks) {
+            (Some(sink), Some(config)) => {
+                tracing::info!(
+                    "webhooks: events {:?} go to {}",
+                    config.events,
+                    crate::config::redact_url(&config.url)
+                );
+                Some(crate::webhooks::spawn(
+                    sink.clone(),
+                    Arc::new(config.clone()),
+                )?)
+            }
+            _ => None,
+        };
         let (exit_tx, exits) = mpsc::channel();
         for (i, listener) in listeners.into_iter().enumerate() {
             let shared = shared.clone();
@@ -151,6 +167,7 @@ impl Relay {
             exits,
             shards,
             broker,
+            webhooks,
         })
     }
 
@@ -216,12 +233,20 @@ impl Relay {
             // The shards have handed over their last publications.
             broker.stop(BROKER_FLUSH);
         }
+        if let Some(webhooks) = self.webhooks {
+            // The shards' last notices (their connections closed) are in;
+            // what waited for its delay is sent now.
+            webhooks.stop(WEBHOOK_FLUSH);
+        }
         match failure {
             Some(message) => Err(io::Error::other(message)),
             None => Ok(()),
         }
     }
 }
+
+/// How long a stopping node tries to deliver its last webhook events.
+const WEBHOOK_FLUSH: Duration = Duration::from_secs(2);
 
 /// How long a stopping node waits for its broker to send its last
 /// publications to Redis.

@@ -36,6 +36,7 @@ use crate::cluster::ClusterStatus;
 use crate::config::Config;
 use crate::hooks::Channels;
 use crate::metrics::ShardStats;
+use crate::webhooks::WebhookSink;
 
 pub use driver::outbound;
 pub use state::names;
@@ -54,6 +55,8 @@ pub struct Shared {
     pub(crate) registration_bytes: Arc<AtomicUsize>,
     /// `[cluster]`: whether Redis is reachable, and the cluster's counters.
     pub(crate) cluster: Option<Arc<ClusterStatus>>,
+    /// `[webhooks]`: where the shards' transitions go.
+    pub(crate) webhooks: Option<Arc<WebhookSink>>,
 }
 
 impl Shared {
@@ -71,6 +74,10 @@ impl Shared {
         });
         let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::default()).collect();
         let auth = Arc::new(config.auth.build());
+        let webhooks = config
+            .webhooks
+            .as_ref()
+            .map(|w| Arc::new(WebhookSink::new(w)));
         Ok(Shared {
             config: Arc::new(config),
             bus,
@@ -80,6 +87,7 @@ impl Shared {
             registrations: Arc::new(AtomicUsize::new(0)),
             registration_bytes: Arc::new(AtomicUsize::new(0)),
             cluster,
+            webhooks,
         })
     }
 

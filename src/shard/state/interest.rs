@@ -12,6 +12,8 @@ use std::sync::Arc;
 use crate::bus::{Envelope, IndexKind, ShardId};
 use crate::shard::key::ConnKey;
 
+use crate::webhooks::{Notice, Subject};
+
 use super::names::{NameId, NameIndex, NameLimit};
 use super::ShardState;
 
@@ -46,8 +48,12 @@ impl ShardState {
     ) -> Result<(NameId, Option<u32>), NameLimit> {
         let peers = self.interest_peers();
         let first_epoch = self.next_epoch;
+        let id = self.index_mut(kind).get_or_insert(name, true)?;
+        let entry = self.index(kind).entry(id);
+        if entry.local_count() == 0 {
+            self.tell_webhooks(kind, entry.name.clone(), true);
+        }
         let index = self.index_mut(kind);
-        let id = index.get_or_insert(name, true)?;
         let entry = index.entry_mut(id);
         if entry.local_count() == 0 && peers > 0 {
             entry.epoch = first_epoch;
@@ -97,6 +103,8 @@ impl ShardState {
         if entry.local_count() == 0 {
             entry.acks_pending = 0;
             let (name, epoch) = (entry.name.clone(), entry.epoch);
+            self.tell_webhooks(kind, name.clone(), false);
+            let index = self.index_mut(kind);
             if index.remove_if_unused(id) && kind == IndexKind::Topic {
                 self.topic_released(&name);
             }
@@ -110,6 +118,24 @@ impl ShardState {
             }
         }
         self.update_topic_gauge();
+    }
+
+    /// Tells the webhook thread this shard gained its first (`on`) or lost
+    /// its last local holder of a topic or user, if it wants to know.
+    fn tell_webhooks(&self, kind: IndexKind, name: Arc<str>, on: bool) {
+        let subject = match kind {
+            IndexKind::Topic => Subject::Topic,
+            IndexKind::User => Subject::User,
+            IndexKind::Chat => return,
+        };
+        if let Some(sink) = self.shared.webhooks.as_ref().filter(|s| s.wants(subject)) {
+            sink.notify(Notice {
+                shard: self.id.0,
+                subject,
+                name,
+                on,
+            });
+        }
     }
 
     /// Records where connection `conn` now sits in entry `id`.

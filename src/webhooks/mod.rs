@@ -1,0 +1,144 @@
+//! Webhooks: the node tells the application backend when a topic gains its
+//! first subscriber (`channel_occupied`), when it has had none for
+//! `vacated_delay` (`channel_vacated`), and when a user has had no
+//! connection for `offline_delay` (`user_offline`).
+//!
+//! A shard only reports its own transitions (its first local holder of a
+//! topic or user came, its last one left) as [`Notice`]s to the webhook
+//! thread, which never blocks it. The thread sums them across shards in a
+//! sans-IO [`WebhookState`](state::WebhookState), so a transition of the
+//! whole node is reported once however many shards hold the name, and
+//! POSTs batches of events signed with HMAC-SHA256 (`signature.rs`),
+//! retrying with backoff from a queue bounded in bytes (`driver.rs`).
+
+mod driver;
+pub mod signature;
+pub mod state;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use crate::config::WebhookConfig;
+
+pub use driver::{spawn, WebhookHandle};
+
+/// What a transition is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subject {
+    Topic,
+    User,
+}
+
+/// One shard's transition: it gained its first (`on`) or lost its last
+/// local holder of `name`. A shard's notices arrive in the order it sent
+/// them, so on and off alternate per shard and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub shard: usize,
+    pub subject: Subject,
+    pub name: Arc<str>,
+    pub on: bool,
+}
+
+/// The shards' side: where notices go, and the counters `/metrics` shows.
+#[derive(Debug)]
+pub struct WebhookSink {
+    notices: mpsc::UnboundedSender<Notice>,
+    /// Taken once by the webhook thread.
+    receiver: Mutex<Option<mpsc::UnboundedReceiver<Notice>>>,
+    topics: bool,
+    users: bool,
+    pub stats: WebhookStats,
+}
+
+/// Counters of the webhook thread.
+#[derive(Debug, Default)]
+pub struct WebhookStats {
+    pub events_total: AtomicU64,
+    pub dropped_total: AtomicU64,
+    pub posts_total: AtomicU64,
+    pub post_failures_total: AtomicU64,
+    pub queued_bytes: AtomicU64,
+}
+
+impl WebhookSink {
+    pub fn new(config: &WebhookConfig) -> WebhookSink {
+        let (notices, receiver) = mpsc::unbounded_channel();
+        WebhookSink {
+            notices,
+            receiver: Mutex::new(Some(receiver)),
+            topics: config.wants("channel_occupied") || config.wants("channel_vacated"),
+            users: config.wants("user_offline"),
+            stats: WebhookStats::default(),
+        }
+    }
+
+    /// Whether transitions of `subject` are reported at all.
+    pub fn wants(&self, subject: Subject) -> bool {
+        match subject {
+            Subject::Topic => self.topics,
+            Subject::User => self.users,
+        }
+    }
+
+    /// Hands `notice` to the webhook thread without waiting. A notice is a
+    /// few dozen bytes per subscribe or unsubscribe that changed a shard's
+    /// holders, and the thread only counts it; nothing but that thread
+    /// having stopped (a node shutting down) loses one.
+    pub fn notify(&self, notice: Notice) {
+        debug_assert!(self.wants(notice.subject), "a notice nobody asked for");
+        let _ = self.notices.send(notice);
+    }
+
+    fn take_receiver(&self) -> Option<mpsc::UnboundedReceiver<Notice>> {
+        self.receiver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Appends the webhook metrics in the Prometheus text format.
+    pub fn render_prometheus(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let s = &self.stats;
+        let metrics = [
+            (
+                "webhook_events_total",
+                "counter",
+                "Webhook events made (queued for the backend).",
+                s.events_total.load(Ordering::Relaxed),
+            ),
+            (
+                "webhook_events_dropped_total",
+                "counter",
+                "Webhook events dropped because webhooks.max_queued_bytes were waiting for the backend.",
+                s.dropped_total.load(Ordering::Relaxed),
+            ),
+            (
+                "webhook_posts_total",
+                "counter",
+                "Webhook batches the backend accepted (2xx).",
+                s.posts_total.load(Ordering::Relaxed),
+            ),
+            (
+                "webhook_post_failures_total",
+                "counter",
+                "Webhook POSTs that failed (an error, a timeout or a non-2xx status) and were retried.",
+                s.post_failures_total.load(Ordering::Relaxed),
+            ),
+            (
+                "webhook_queued_bytes",
+                "gauge",
+                "Bytes of webhook events waiting for the backend (bounded by webhooks.max_queued_bytes).",
+                s.queued_bytes.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in metrics {
+            let _ = writeln!(out, "# HELP ringcast_{name} {help}");
+            let _ = writeln!(out, "# TYPE ringcast_{name} {kind}");
+            let _ = writeln!(out, "ringcast_{name} {value}");
+        }
+    }
+}

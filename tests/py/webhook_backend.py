@@ -1,0 +1,85 @@
+"""A fake application backend for the webhook tests: it receives ringcast's
+webhook POSTs on /hook, checks each one's X-Ringcast-Signature with the
+secret given as its first argument (as a backend would, in constant time),
+and records the events. The test drives and reads it over HTTP:
+
+  GET  /events        {"events": [...], "posts": N, "bad_signatures": N, "failed": N}
+  POST /fail?n=N      the next N webhook POSTs are answered 500
+  POST /stall?ms=N    webhook POSTs wait N ms before they are answered
+
+Prints `listening on 127.0.0.1:PORT` first, then serves until killed.
+"""
+
+import hashlib
+import hmac
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+SECRET = sys.argv[1].encode()
+lock = threading.Lock()
+state = {"events": [], "posts": 0, "bad_signatures": 0, "failed": 0, "fail": 0, "stall_ms": 0}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, status, body=b""):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if urlparse(self.path).path != "/events":
+            return self.answer(404)
+        with lock:
+            view = {k: state[k] for k in ("events", "posts", "bad_signatures", "failed")}
+        self.answer(200, json.dumps(view).encode())
+
+    def do_POST(self):
+        url = urlparse(self.path)
+        query = parse_qs(url.query)
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if url.path == "/fail":
+            with lock:
+                state["fail"] = int(query["n"][0])
+            return self.answer(204)
+        if url.path == "/stall":
+            with lock:
+                state["stall_ms"] = int(query["ms"][0])
+            return self.answer(204)
+        if url.path != "/hook":
+            return self.answer(404)
+        with lock:
+            stall = state["stall_ms"]
+        if stall:
+            time.sleep(stall / 1000)
+        expected = "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
+        given = self.headers.get("X-Ringcast-Signature", "")
+        with lock:
+            if not hmac.compare_digest(expected, given):
+                state["bad_signatures"] += 1
+                return self.answer(401)
+            if state["fail"] > 0:
+                state["fail"] -= 1
+                state["failed"] += 1
+                return self.answer(500)
+            batch = json.loads(body)
+            assert isinstance(batch["time_ms"], int), batch
+            state["events"].extend(batch["events"])
+            state["posts"] += 1
+        self.answer(200, b"{}")
+
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server.daemon_threads = True
+print(f"listening on 127.0.0.1:{server.server_address[1]}", flush=True)
+server.serve_forever()

@@ -1,0 +1,257 @@
+//! Webhooks against a fake backend (`tests/py/webhook_backend.py`, a
+//! Python HTTP server that checks every POST's signature and records the
+//! events): a topic held on several shards is occupied and vacated once, a
+//! subscriber back within the delay cancels the vacated event, a user's
+//! last connection closing sends `user_offline` once, a failing backend
+//! gets the events again in order, a stopping node sends what waited for
+//! its delay, and one client's churn against a stalled backend stays
+//! within `max_queued_bytes` (the rest dropped and counted).
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::TestServer;
+use serde_json::{json, Value};
+
+const SECRET: &str = "webhook-test-secret";
+
+/// The fake backend.
+fn backend() -> TestServer {
+    let script = format!("{}/tests/py/webhook_backend.py", env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new("python3");
+    cmd.arg(script).arg(SECRET);
+    TestServer::spawn(cmd, None)
+}
+
+/// A node of `shards` shards reporting to `backend`, with `webhooks`
+/// (more keys of `[webhooks]`).
+fn node(backend: &TestServer, shards: usize, webhooks: &str) -> TestServer {
+    TestServer::start(
+        shards,
+        Some(&format!(
+            "[webhooks]\nurl = \"http://{}/hook\"\nsecret = \"{SECRET}\"\n{webhooks}\n",
+            backend.addr
+        )),
+    )
+}
+
+/// What the backend has recorded.
+fn recorded(backend: &TestServer) -> Value {
+    let (status, body) = backend.http("GET", "/events", None);
+    assert_eq!(status, 200, "{body}");
+    let view: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(view["bad_signatures"], 0, "every POST is signed: {view}");
+    view
+}
+
+/// The recorded events as (name, topic or user).
+fn events(backend: &TestServer) -> Vec<(String, String)> {
+    recorded(backend)["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert!(e["time_ms"].as_u64().is_some_and(|t| t > 0), "{e}");
+            let name = e["topic"].as_str().or(e["user"].as_str()).unwrap();
+            (e["name"].as_str().unwrap().to_string(), name.to_string())
+        })
+        .collect()
+}
+
+fn event(name: &str, subject: &str) -> (String, String) {
+    (name.to_string(), subject.to_string())
+}
+
+/// Waits until the backend has recorded `expected` exactly (a later event
+/// fails it).
+fn wait_for_events(backend: &TestServer, expected: &[(String, String)]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = events(backend);
+        if seen == expected {
+            return;
+        }
+        assert!(
+            seen.len() < expected.len() || seen[..expected.len()] != *expected,
+            "more or other events than expected: {seen:?}, expected {expected:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the backend got {seen:?}, expected {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Nothing more arrives within `quiet`.
+fn assert_no_more(backend: &TestServer, expected: &[(String, String)], quiet: Duration) {
+    std::thread::sleep(quiet);
+    assert_eq!(events(backend), expected, "no event after these");
+}
+
+fn subscribe(node: &TestServer, topic: &str) -> common::Ws {
+    let mut ws = node.ws("/ws");
+    ws.send_text(&json!({"type":"subscribe","topic":topic}).to_string());
+    let reply: Value = serde_json::from_str(&ws.recv_text()).unwrap();
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    ws
+}
+
+#[test]
+fn a_topic_held_on_every_shard_is_occupied_and_vacated_once() {
+    let backend = backend();
+    let node = node(&backend, 2, "vacated_delay_ms = 300");
+    // Connections until both shards hold the topic (the kernel spreads
+    // them by their ports).
+    let mut subscribers = Vec::new();
+    while (0..2).any(|shard| node.shard_metric("subscriptions", shard) == 0) {
+        assert!(subscribers.len() < 64, "every connection went to one shard");
+        subscribers.push(subscribe(&node, "room"));
+    }
+    let occupied = [event("channel_occupied", "room")];
+    wait_for_events(&backend, &occupied);
+    subscribers.truncate(1);
+    assert_no_more(&backend, &occupied, Duration::from_millis(600));
+    drop(subscribers);
+    let vacated = [
+        event("channel_occupied", "room"),
+        event("channel_vacated", "room"),
+    ];
+    wait_for_events(&backend, &vacated);
+    assert_no_more(&backend, &vacated, Duration::from_millis(600));
+    assert!(node.metric("webhook_posts_total") >= 1);
+    assert_eq!(node.metric("webhook_events_total"), 2);
+    assert_eq!(node.metric("webhook_queued_bytes"), 0);
+}
+
+#[test]
+fn a_subscriber_back_within_the_delay_cancels_the_vacated_event() {
+    let backend = backend();
+    let node = node(&backend, 1, "vacated_delay_ms = 3000");
+    let first = subscribe(&node, "lobby");
+    let occupied = [event("channel_occupied", "lobby")];
+    wait_for_events(&backend, &occupied);
+    let left = Instant::now();
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200));
+    let second = subscribe(&node, "lobby");
+    assert!(left.elapsed() < Duration::from_millis(3000), "back in time");
+    assert_no_more(&backend, &occupied, Duration::from_millis(3500));
+    let left = Instant::now();
+    drop(second);
+    let vacated = [
+        event("channel_occupied", "lobby"),
+        event("channel_vacated", "lobby"),
+    ];
+    wait_for_events(&backend, &vacated);
+    assert!(
+        left.elapsed() >= Duration::from_millis(2900),
+        "vacated only after its delay, here {:?}",
+        left.elapsed()
+    );
+}
+
+#[test]
+fn a_users_last_connection_closing_sends_user_offline_once() {
+    let backend = backend();
+    let node = node(
+        &backend,
+        2,
+        "events = [\"user_offline\"]\noffline_delay_ms = 300",
+    );
+    let connections: Vec<_> = (0..4).map(|_| node.ws("/ws?user_id=ann")).collect();
+    let bob = node.ws("/ws?user_id=bob");
+    assert_no_more(&backend, &[], Duration::from_millis(500));
+    drop(connections);
+    let offline = [event("user_offline", "ann")];
+    wait_for_events(&backend, &offline);
+    assert_no_more(&backend, &offline, Duration::from_millis(600));
+    drop(bob);
+    wait_for_events(
+        &backend,
+        &[event("user_offline", "ann"), event("user_offline", "bob")],
+    );
+}
+
+#[test]
+fn a_failing_backend_gets_every_event_again_in_order() {
+    let backend = backend();
+    assert_eq!(backend.http("POST", "/fail?n=3", None).0, 204);
+    let node = node(&backend, 2, "vacated_delay_ms = 0\nmax_batch_events = 2");
+    let topics = ["a", "b", "c", "d", "e"];
+    let mut expected = Vec::new();
+    for topic in topics {
+        drop(subscribe(&node, topic));
+        expected.push(event("channel_occupied", topic));
+        expected.push(event("channel_vacated", topic));
+    }
+    wait_for_events(&backend, &expected);
+    assert_eq!(recorded(&backend)["failed"], 3);
+    // The backend records a batch before the node reads its answer.
+    node.wait_for("the last answer to be counted", || {
+        node.metric("webhook_queued_bytes") == 0
+    });
+    assert_eq!(node.metric("webhook_post_failures_total"), 3);
+    assert!(node.metric("webhook_posts_total") >= 5, "batches of two");
+}
+
+#[test]
+fn a_stopping_node_sends_what_waited_for_its_delay() {
+    let backend = backend();
+    let mut node = node(
+        &backend,
+        2,
+        "vacated_delay_ms = 60000\noffline_delay_ms = 60000",
+    );
+    let ws = subscribe(&node, "shutting");
+    let user = node.ws("/ws?user_id=carol");
+    wait_for_events(&backend, &[event("channel_occupied", "shutting")]);
+    drop((ws, user));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(node.terminate(), Some(0));
+    wait_for_events(
+        &backend,
+        &[
+            event("channel_occupied", "shutting"),
+            event("channel_vacated", "shutting"),
+            event("user_offline", "carol"),
+        ],
+    );
+}
+
+#[test]
+fn one_clients_churn_against_a_stalled_backend_stays_within_the_byte_bound() {
+    let backend = backend();
+    // The backend takes 30 s per POST: nothing is delivered during the test.
+    assert_eq!(backend.http("POST", "/stall?ms=30000", None).0, 204);
+    let node = node(
+        &backend,
+        1,
+        "vacated_delay_ms = 0\nmax_queued_bytes = 65536\ntimeout_ms = 60000",
+    );
+    let mut ws = node.ws("/ws");
+    // Each round makes two events of about 70 bytes.
+    for i in 0..1500 {
+        let topic = format!("churn-{i:05}");
+        ws.send_text(&json!({"type":"subscribe","topic":topic}).to_string());
+        ws.send_text(&json!({"type":"unsubscribe","topic":topic}).to_string());
+    }
+    ws.send_text(r#"{"type":"subscribe","topic":"last"}"#);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply: Value = serde_json::from_str(&ws.recv_text()).unwrap();
+        if reply["type"] == "subscribed" && reply["topic"] == "last" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the churn was not answered");
+    }
+    node.wait_for("the webhook thread to count the churn", || {
+        node.metric("webhook_events_total") + node.metric("webhook_events_dropped_total") >= 3001
+    });
+    let queued = node.metric("webhook_queued_bytes");
+    assert!(queued <= 65536, "{queued} bytes queued");
+    assert!(queued > 60000, "the bound is what stops it: {queued}");
+    assert!(node.metric("webhook_events_dropped_total") > 1000);
+    assert_eq!(node.http("GET", "/health", None).0, 200);
+}
