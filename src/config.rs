@@ -260,7 +260,13 @@ pub struct Config {
 
 /// Webhook event names, as they appear in a webhook body and in
 /// `[webhooks] events`.
-pub const WEBHOOK_EVENTS: [&str; 3] = ["channel_occupied", "channel_vacated", "user_offline"];
+pub const WEBHOOK_EVENTS: [&str; 5] = [
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "user_offline",
+];
 
 /// `[webhooks]`: where and how the node reports transitions to the
 /// application backend.
@@ -274,7 +280,8 @@ pub struct WebhookConfig {
     pub events: Vec<String>,
     /// How long a topic must stay without subscribers before
     /// `channel_vacated` is sent (a subscriber back within it cancels it,
-    /// and no second `channel_occupied` is sent). Default 2 s.
+    /// and no second `channel_occupied` is sent), and a presence member
+    /// gone before `member_removed`. Default 2 s.
     pub vacated_delay: Duration,
     /// How long a user must stay without connections before
     /// `user_offline` is sent. Default 5 s.

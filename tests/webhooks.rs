@@ -45,7 +45,7 @@ fn recorded(backend: &TestServer) -> Value {
     view
 }
 
-/// The recorded events as (name, topic or user).
+/// The recorded events as (name, topic or user, or topic/user for members).
 fn events(backend: &TestServer) -> Vec<(String, String)> {
     recorded(backend)["events"]
         .as_array()
@@ -53,8 +53,12 @@ fn events(backend: &TestServer) -> Vec<(String, String)> {
         .iter()
         .map(|e| {
             assert!(e["time_ms"].as_u64().is_some_and(|t| t > 0), "{e}");
-            let name = e["topic"].as_str().or(e["user"].as_str()).unwrap();
-            (e["name"].as_str().unwrap().to_string(), name.to_string())
+            let name = match (e["topic"].as_str(), e["user"].as_str()) {
+                (Some(topic), Some(user)) => format!("{topic}/{user}"),
+                (Some(name), None) | (None, Some(name)) => name.to_string(),
+                (None, None) => panic!("an event about nothing: {e}"),
+            };
+            (e["name"].as_str().unwrap().to_string(), name)
         })
         .collect()
 }
@@ -172,6 +176,53 @@ fn a_users_last_connection_closing_sends_user_offline_once() {
         &backend,
         &[event("user_offline", "ann"), event("user_offline", "bob")],
     );
+}
+
+#[test]
+fn a_user_is_added_to_a_presence_topic_once_and_removed_when_its_last_connection_leaves() {
+    let backend = backend();
+    let node = node(
+        &backend,
+        2,
+        "events = [\"member_added\", \"member_removed\"]\nvacated_delay_ms = 300\n\
+         [[rules]]\npattern = \"room:*\"\npresence = true\n\
+         [[rules]]\npattern = \"feed:*\"\n",
+    );
+    let join = |user: &str, topic: &str| {
+        let mut ws = node.ws(&format!("/ws?user_id={user}"));
+        ws.send_text(&json!({"type":"subscribe","topic":topic}).to_string());
+        let reply: Value = serde_json::from_str(&ws.recv_text()).unwrap();
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        ws
+    };
+    let ann: Vec<_> = (0..4).map(|_| join("ann", "room:1")).collect();
+    let bob = join("bob", "room:1");
+    // No presence on feed:*: no member events; anonymous members have no user.
+    let _reader = join("carl", "feed:1");
+    let _anonymous = subscribe(&node, "room:1");
+    let mut members: Vec<_> = events(&backend);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while members.len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        members = events(&backend);
+    }
+    members.sort();
+    assert_eq!(
+        members,
+        [
+            ("member_added".to_string(), "room:1/ann".to_string()),
+            ("member_added".to_string(), "room:1/bob".to_string()),
+        ]
+    );
+    let added = events(&backend);
+    drop(ann);
+    let mut expected = added.clone();
+    expected.push(event("member_removed", "room:1/ann"));
+    wait_for_events(&backend, &expected);
+    assert_no_more(&backend, &expected, Duration::from_millis(600));
+    drop(bob);
+    expected.push(event("member_removed", "room:1/bob"));
+    wait_for_events(&backend, &expected);
 }
 
 #[test]

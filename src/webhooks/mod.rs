@@ -1,7 +1,9 @@
 //! Webhooks: the node tells the application backend when a topic gains its
 //! first subscriber (`channel_occupied`), when it has had none for
-//! `vacated_delay` (`channel_vacated`), and when a user has had no
-//! connection for `offline_delay` (`user_offline`).
+//! `vacated_delay` (`channel_vacated`), when a user becomes a presence
+//! member of a topic (`member_added`, the user's first tracked subscription
+//! there) and has not been one for `vacated_delay` (`member_removed`), and
+//! when a user has had no connection for `offline_delay` (`user_offline`).
 //!
 //! A shard only reports its own transitions (its first local holder of a
 //! topic or user came, its last one left) as [`Notice`]s to the webhook
@@ -29,6 +31,8 @@ pub use driver::{spawn, WebhookHandle};
 pub enum Subject {
     Topic,
     User,
+    /// A user as a presence member of a topic.
+    Member,
 }
 
 /// One shard's transition: it gained its first (`on`) or lost its last
@@ -38,7 +42,10 @@ pub enum Subject {
 pub struct Notice {
     pub shard: usize,
     pub subject: Subject,
+    /// The topic, or the user for [`Subject::User`].
     pub name: Arc<str>,
+    /// For [`Subject::Member`]: the user.
+    pub user: Option<Arc<str>>,
     pub on: bool,
 }
 
@@ -50,6 +57,7 @@ pub struct WebhookSink {
     receiver: Mutex<Option<mpsc::UnboundedReceiver<Notice>>>,
     topics: bool,
     users: bool,
+    members: bool,
     pub stats: WebhookStats,
 }
 
@@ -71,6 +79,7 @@ impl WebhookSink {
             receiver: Mutex::new(Some(receiver)),
             topics: config.wants("channel_occupied") || config.wants("channel_vacated"),
             users: config.wants("user_offline"),
+            members: config.wants("member_added") || config.wants("member_removed"),
             stats: WebhookStats::default(),
         }
     }
@@ -80,6 +89,7 @@ impl WebhookSink {
         match subject {
             Subject::Topic => self.topics,
             Subject::User => self.users,
+            Subject::Member => self.members,
         }
     }
 

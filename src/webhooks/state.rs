@@ -40,14 +40,19 @@ struct Holding {
     generation: u64,
 }
 
+/// What a transition is about: a topic, a user, or a user in a topic.
+type Key = (Subject, Arc<str>, Option<Arc<str>>);
+
+const SUBJECTS: [Subject; 3] = [Subject::Topic, Subject::User, Subject::Member];
+
 /// The webhook thread's state.
 #[derive(Debug)]
 pub struct WebhookState {
     config: Arc<WebhookConfig>,
-    holding: HashMap<(Subject, Arc<str>), Holding>,
+    holding: HashMap<Key, Holding>,
     /// Names whose last holder left, by deadline (the delays are fixed per
     /// subject, so each subject's deadlines come in order).
-    vacating: [VecDeque<(Instant, Arc<str>, u64)>; 2],
+    vacating: [VecDeque<(Instant, Key, u64)>; 3],
     /// Encoded events waiting, oldest first; the first `in_flight` of them
     /// are being posted.
     queue: VecDeque<String>,
@@ -69,7 +74,7 @@ impl WebhookState {
         WebhookState {
             config,
             holding: HashMap::new(),
-            vacating: [VecDeque::new(), VecDeque::new()],
+            vacating: [VecDeque::new(), VecDeque::new(), VecDeque::new()],
             queue: VecDeque::new(),
             queued_bytes: 0,
             in_flight: None,
@@ -86,11 +91,17 @@ impl WebhookState {
     /// A shard's transition, at `now` (`unix_ms` on the wall clock).
     pub fn notice(&mut self, notice: Notice, now: Instant, unix_ms: u64) {
         let Notice {
-            subject, name, on, ..
+            subject,
+            name,
+            user,
+            on,
+            ..
         } = notice;
+        debug_assert_eq!(user.is_some(), subject == Subject::Member);
         self.unix_ms = unix_ms;
         let delay = self.delay(subject);
-        let holding = self.holding.entry((subject, name.clone())).or_default();
+        let key = (subject, name, user);
+        let holding = self.holding.entry(key.clone()).or_default();
         if on {
             holding.shards += 1;
             if holding.shards > 1 {
@@ -100,12 +111,15 @@ impl WebhookState {
             holding.generation += 1;
             if !holding.announced {
                 holding.announced = true;
-                if subject == Subject::Topic {
-                    self.event("channel_occupied", subject, &name, unix_ms);
+                match subject {
+                    Subject::Topic => self.event("channel_occupied", &key, unix_ms),
+                    Subject::Member => self.event("member_added", &key, unix_ms),
+                    // Coming online is no event; going offline is.
+                    Subject::User => {}
                 }
             }
         } else {
-            debug_assert!(holding.shards > 0, "a shard left {name} it never held");
+            debug_assert!(holding.shards > 0, "a shard left {key:?} it never held");
             holding.shards = holding.shards.saturating_sub(1);
             if holding.shards > 0 {
                 return;
@@ -113,9 +127,9 @@ impl WebhookState {
             holding.generation += 1;
             let generation = holding.generation;
             if delay.is_zero() {
-                self.vacate(subject, &name, generation, unix_ms);
+                self.vacate(&key, generation, unix_ms);
             } else {
-                self.vacating[subject as usize].push_back((now + delay, name, generation));
+                self.vacating[subject as usize].push_back((now + delay, key, generation));
             }
         }
         self.pump(now);
@@ -124,15 +138,15 @@ impl WebhookState {
     /// Time passed: vacates that are due happen, a backoff may end.
     pub fn tick(&mut self, now: Instant, unix_ms: u64) {
         self.unix_ms = unix_ms;
-        for subject in [Subject::Topic, Subject::User] {
+        for subject in SUBJECTS {
             while let Some((at, _, _)) = self.vacating[subject as usize].front() {
                 if *at > now {
                     break;
                 }
-                let (_, name, generation) = self.vacating[subject as usize]
+                let (_, key, generation) = self.vacating[subject as usize]
                     .pop_front()
                     .expect("a front");
-                self.vacate(subject, &name, generation, unix_ms);
+                self.vacate(&key, generation, unix_ms);
             }
         }
         self.pump(now);
@@ -142,9 +156,9 @@ impl WebhookState {
     /// whatever its delay, so the backend is not left believing it occupied.
     pub fn flush(&mut self, now: Instant, unix_ms: u64) {
         self.unix_ms = unix_ms;
-        for subject in [Subject::Topic, Subject::User] {
-            while let Some((_, name, generation)) = self.vacating[subject as usize].pop_front() {
-                self.vacate(subject, &name, generation, unix_ms);
+        for subject in SUBJECTS {
+            while let Some((_, key, generation)) = self.vacating[subject as usize].pop_front() {
+                self.vacate(&key, generation, unix_ms);
             }
         }
         self.retry_at = None;
@@ -195,42 +209,47 @@ impl WebhookState {
 
     fn delay(&self, subject: Subject) -> Duration {
         match subject {
-            Subject::Topic => self.config.vacated_delay,
+            Subject::Topic | Subject::Member => self.config.vacated_delay,
             Subject::User => self.config.offline_delay,
         }
     }
 
     /// A scheduled vacate of `name`, unless it was voided since.
-    fn vacate(&mut self, subject: Subject, name: &Arc<str>, generation: u64, unix_ms: u64) {
-        let key = (subject, name.clone());
-        let Some(holding) = self.holding.get(&key) else {
+    fn vacate(&mut self, key: &Key, generation: u64, unix_ms: u64) {
+        let Some(holding) = self.holding.get(key) else {
             return;
         };
         if holding.generation != generation || holding.shards > 0 {
             return;
         }
         let announced = holding.announced;
-        self.holding.remove(&key);
+        self.holding.remove(key);
         if announced {
-            let event = match subject {
+            let event = match key.0 {
                 Subject::Topic => "channel_vacated",
                 Subject::User => "user_offline",
+                Subject::Member => "member_removed",
             };
-            self.event(event, subject, name, unix_ms);
+            self.event(event, key, unix_ms);
         }
     }
 
-    /// Queues event `event` about `name` if it is wanted and fits.
-    fn event(&mut self, event: &str, subject: Subject, name: &str, unix_ms: u64) {
+    /// Queues event `event` about `key` if it is wanted and fits.
+    fn event(&mut self, event: &str, key: &Key, unix_ms: u64) {
         if !self.config.wants(event) {
             return;
         }
-        let field = match subject {
-            Subject::Topic => "topic",
-            Subject::User => "user",
-        };
-        let encoded =
-            serde_json::json!({"name": event, field: name, "time_ms": unix_ms}).to_string();
+        let (subject, name, user) = (key.0, &*key.1, key.2.as_deref());
+        let encoded = match subject {
+            Subject::Topic => {
+                serde_json::json!({"name": event, "topic": name, "time_ms": unix_ms})
+            }
+            Subject::User => serde_json::json!({"name": event, "user": name, "time_ms": unix_ms}),
+            Subject::Member => serde_json::json!({
+                "name": event, "topic": name, "user": user, "time_ms": unix_ms
+            }),
+        }
+        .to_string();
         if self.queued_bytes + encoded.len() > self.config.max_queued_bytes {
             self.dropped_total += 1;
             return;
@@ -296,6 +315,17 @@ mod tests {
             shard,
             subject,
             name: Arc::from(name),
+            user: None,
+            on,
+        }
+    }
+
+    fn member(shard: usize, topic: &str, user: &str, on: bool) -> Notice {
+        Notice {
+            shard,
+            subject: Subject::Member,
+            name: Arc::from(topic),
+            user: Some(Arc::from(user)),
             on,
         }
     }
@@ -311,11 +341,12 @@ mod tests {
             for Op::Post { id, body } in ops {
                 let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
                 for event in body["events"].as_array().unwrap() {
-                    let name = event["topic"].as_str().or(event["user"].as_str());
-                    out.push((
-                        event["name"].as_str().unwrap().to_string(),
-                        name.unwrap().to_string(),
-                    ));
+                    let name = match (event["topic"].as_str(), event["user"].as_str()) {
+                        (Some(topic), Some(user)) => format!("{topic}/{user}"),
+                        (Some(name), None) | (None, Some(name)) => name.to_string(),
+                        (None, None) => panic!("an event about nothing: {event}"),
+                    };
+                    out.push((event["name"].as_str().unwrap().to_string(), name));
                 }
                 state.posted(id, true, now);
             }
@@ -398,6 +429,33 @@ mod tests {
         assert_eq!(occupied, ["a", "b", "c", "d"], "in order, in batches of 3");
         assert_eq!(state.queued_bytes(), 0);
         assert!(state.idle());
+    }
+
+    #[test]
+    fn a_user_is_a_member_once_whatever_its_connections_and_shards() {
+        let mut state = WebhookState::new(config(1000, 0));
+        let t0 = Instant::now();
+        state.notice(member(0, "room", "ann", true), t0, 1);
+        state.notice(member(1, "room", "ann", true), t0, 1);
+        state.notice(member(1, "room", "bob", true), t0, 1);
+        state.notice(member(0, "room", "ann", false), t0, 2);
+        assert_eq!(
+            delivered(&mut state, t0),
+            [
+                pair("member_added", "room/ann"),
+                pair("member_added", "room/bob")
+            ]
+        );
+        state.notice(member(1, "room", "ann", false), t0, 3);
+        state.notice(member(1, "room", "bob", false), t0, 3);
+        let later = t0 + Duration::from_millis(400);
+        state.notice(member(0, "room", "bob", true), later, 4);
+        state.tick(t0 + Duration::from_millis(1000), 5);
+        assert_eq!(
+            delivered(&mut state, later),
+            [pair("member_removed", "room/ann")],
+            "bob came back within the delay"
+        );
     }
 
     #[test]

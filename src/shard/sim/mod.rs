@@ -784,6 +784,22 @@ impl Sim {
                     .map_err(|e| e.to_string())?;
             config.limits.max_history_bytes = streams.max_history_bytes;
         }
+        // Every webhook event on, so the shards keep their member counts
+        // and `check_invariants` checks them after every step; nothing
+        // reads the notices (no webhook thread runs here).
+        config.webhooks = Some(crate::config::WebhookConfig {
+            url: "http://127.0.0.1:9/hook".into(),
+            secret: "sim".into(),
+            events: crate::config::WEBHOOK_EVENTS
+                .iter()
+                .map(|e| e.to_string())
+                .collect(),
+            vacated_delay: Duration::from_secs(1),
+            offline_delay: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            max_queued_bytes: 1 << 20,
+            max_batch_events: 100,
+        });
         if params.ping {
             config.ping_interval = Duration::from_secs(2);
             config.pong_timeout = Duration::from_secs(1);

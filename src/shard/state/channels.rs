@@ -321,8 +321,13 @@ impl ShardState {
         };
         if let Some(sub) = conn.subs.iter_mut().find(|s| s.topic == id) {
             if sub.meta != meta {
+                let was_member = sub.meta.is_some();
                 sub.meta = meta.clone();
+                let is_member = meta.is_some();
                 self.presence_to_other_nodes(key, id, meta);
+                if was_member != is_member {
+                    self.member_changed(key, id, is_member);
+                }
             }
         }
     }

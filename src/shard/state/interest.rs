@@ -12,8 +12,6 @@ use std::sync::Arc;
 use crate::bus::{Envelope, IndexKind, ShardId};
 use crate::shard::key::ConnKey;
 
-use crate::webhooks::{Notice, Subject};
-
 use super::names::{NameId, NameIndex, NameLimit};
 use super::ShardState;
 
@@ -118,24 +116,6 @@ impl ShardState {
             }
         }
         self.update_topic_gauge();
-    }
-
-    /// Tells the webhook thread this shard gained its first (`on`) or lost
-    /// its last local holder of a topic or user, if it wants to know.
-    fn tell_webhooks(&self, kind: IndexKind, name: Arc<str>, on: bool) {
-        let subject = match kind {
-            IndexKind::Topic => Subject::Topic,
-            IndexKind::User => Subject::User,
-            IndexKind::Chat => return,
-        };
-        if let Some(sink) = self.shared.webhooks.as_ref().filter(|s| s.wants(subject)) {
-            sink.notify(Notice {
-                shard: self.id.0,
-                subject,
-                name,
-                on,
-            });
-        }
     }
 
     /// Records where connection `conn` now sits in entry `id`.

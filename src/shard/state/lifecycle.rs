@@ -416,5 +416,41 @@ pub(super) fn check_invariants(state: &ShardState) -> Result<(), String> {
             }
         }
     }
+    check_webhook_members(state)
+}
+
+/// With member webhooks, the per (topic, user) counts are the tracked
+/// subscriptions of connections with a user id: a count that drifted
+/// would announce a member that left, or never remove one.
+fn check_webhook_members(state: &ShardState) -> Result<(), String> {
+    let wanted = state
+        .shared
+        .webhooks
+        .as_ref()
+        .is_some_and(|s| s.wants(crate::webhooks::Subject::Member));
+    if !wanted {
+        return Ok(());
+    }
+    // Ordered, so a failure reads the same in every replay of a seed.
+    let mut counted = std::collections::BTreeMap::new();
+    for (_, conn) in state.conns.iter() {
+        let Some(user) = conn.identity.as_ref().and_then(|i| i.user.clone()) else {
+            continue;
+        };
+        for sub in conn.subs.iter().filter(|s| s.meta.is_some()) {
+            let topic = state.topics.entry(sub.topic).name.clone();
+            *counted.entry((topic, user.clone())).or_insert(0) += 1;
+        }
+    }
+    let kept: std::collections::BTreeMap<_, _> = state
+        .webhook_members
+        .iter()
+        .map(|(pair, count)| (pair.clone(), *count))
+        .collect();
+    if counted != kept {
+        return Err(format!(
+            "webhook members {kept:?}, tracked subscriptions {counted:?}"
+        ));
+    }
     Ok(())
 }

@@ -32,6 +32,7 @@ mod replay;
 mod route;
 pub(crate) mod streams;
 mod users;
+mod webhooks;
 
 use std::time::Instant;
 
@@ -204,6 +205,8 @@ pub struct ShardState {
     last_scan: Instant,
     event_streams: event_streams::EventStreams,
     compression: compression::Compression,
+    /// Presence members per (topic, user), with `[webhooks]` member events.
+    webhook_members: webhooks::Members,
     shutdown: Shutdown,
 }
 
@@ -237,6 +240,7 @@ impl ShardState {
             compression: compression::Compression::new(
                 shared.config.websocket.compression_min_bytes,
             ),
+            webhook_members: webhooks::Members::new(),
             shutdown: Shutdown {
                 begun: false,
                 drained_peers: 0,

@@ -185,6 +185,7 @@ impl ShardState {
         ShardStats::sub(&self.stats().subscriptions, 1);
         if sub.meta.is_some() {
             self.presence_to_other_nodes(key, id, None);
+            self.member_changed(key, id, false);
         }
         let entry = self.topics.entry(id);
         let (name, channel) = (entry.name.clone(), entry.channel);
