@@ -256,6 +256,23 @@ pub struct Config {
     /// `[webhooks]`: the node tells the application backend when topics
     /// become occupied or vacated and users go offline. Default: none.
     pub webhooks: Option<WebhookConfig>,
+    /// `[proxy]`: the application backend allows or refuses subscriptions
+    /// to the topics of rules with `subscribe_proxy = true`. Default: none.
+    pub proxy: Option<ProxyConfig>,
+}
+
+/// `[proxy]`: where the node asks the application backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// `http://host:port/path` a subscription of a `subscribe_proxy` rule's
+    /// topic is POSTed to.
+    pub subscribe_url: String,
+    /// How long the backend may take; past it the subscription is refused
+    /// (the proxy fails closed). Default 3 s.
+    pub timeout: Duration,
+    /// Calls in flight per shard; past it a subscription is refused at once
+    /// (`server busy`) instead of waiting. Default 1,024.
+    pub max_in_flight: usize,
 }
 
 /// Webhook event names, as they appear in a webhook body and in
@@ -397,6 +414,7 @@ impl Default for Config {
             rules: RuleSet::default_rules(),
             cluster: None,
             webhooks: None,
+            proxy: None,
         }
     }
 }
@@ -451,6 +469,18 @@ struct FileConfig {
     rules: Option<Vec<FileRule>>,
     cluster: Option<FileCluster>,
     webhooks: Option<FileWebhooks>,
+    proxy: Option<FileProxy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileProxy {
+    subscribe_url: Option<String>,
+    connect_url: Option<String>,
+    publish_url: Option<String>,
+    refresh_url: Option<String>,
+    timeout_ms: Option<u64>,
+    max_in_flight: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -519,6 +549,8 @@ struct FileRule {
     history_ttl_s: u64,
     #[serde(default)]
     replay_on_subscribe: usize,
+    #[serde(default)]
+    subscribe_proxy: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -649,6 +681,14 @@ impl Config {
         }
         config.cluster = file.cluster.map(cluster_config).transpose()?;
         config.webhooks = file.webhooks.map(webhook_config).transpose()?;
+        config.proxy = file.proxy.map(proxy_config).transpose()?;
+        let proxied = config.rules.rules().iter().find(|r| r.subscribe_proxy);
+        if let (Some(rule), None) = (proxied, &config.proxy) {
+            return Err(ConfigError::Invalid(format!(
+                "rules: `{}` has subscribe_proxy = true but [proxy] has no subscribe_url",
+                rule.pattern
+            )));
+        }
         if config.webhooks.is_some() && config.cluster.is_some() {
             // Each node would report its own transitions: a topic occupied
             // on two nodes would be announced twice. Until the transitions
@@ -806,17 +846,65 @@ fn cluster_config(file: FileCluster) -> Result<ClusterConfig, ConfigError> {
     })
 }
 
-fn webhook_config(file: FileWebhooks) -> Result<WebhookConfig, ConfigError> {
-    let invalid = |message: String| Err(ConfigError::Invalid(format!("webhooks.{message}")));
-    let Some(rest) = file.url.strip_prefix("http://") else {
-        return invalid(format!(
-            "url: `{}` is not a URL like http://127.0.0.1:9000/ringcast (https is not supported yet)",
-            redact_url(&file.url)
+/// `http://host[:port]/path`, or why not (https is not supported yet).
+fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let invalid = |why: &str| {
+        Err(ConfigError::Invalid(format!(
+            "{key}: `{}` {why}",
+            redact_url(url)
+        )))
+    };
+    let Some(rest) = url.strip_prefix("http://") else {
+        return invalid(
+            "is not a URL like http://127.0.0.1:9000/ringcast (https is not supported yet)",
+        );
+    };
+    if rest.is_empty() || rest.starts_with('/') || url.parse::<hyper::Uri>().is_err() {
+        return invalid("names no host");
+    }
+    Ok(())
+}
+
+fn proxy_config(file: FileProxy) -> Result<ProxyConfig, ConfigError> {
+    for (key, value) in [
+        ("connect_url", &file.connect_url),
+        ("publish_url", &file.publish_url),
+        ("refresh_url", &file.refresh_url),
+    ] {
+        if value.is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "proxy.{key} is not supported yet: only subscribe_url is"
+            )));
+        }
+    }
+    let Some(subscribe_url) = file.subscribe_url else {
+        return Err(ConfigError::Invalid(
+            "proxy.subscribe_url is required".into(),
         ));
     };
-    if rest.is_empty() || rest.starts_with('/') || file.url.parse::<hyper::Uri>().is_err() {
-        return invalid(format!("url: `{}` names no host", redact_url(&file.url)));
+    check_http_url("proxy.subscribe_url", &subscribe_url)?;
+    let timeout = Duration::from_millis(file.timeout_ms.unwrap_or(3000));
+    if timeout < Duration::from_millis(10) {
+        return Err(ConfigError::Invalid(
+            "proxy.timeout_ms must be at least 10".into(),
+        ));
     }
+    let max_in_flight = file.max_in_flight.unwrap_or(1024);
+    if !(1..=1_000_000).contains(&max_in_flight) {
+        return Err(ConfigError::Invalid(
+            "proxy.max_in_flight must be 1 to 1000000".into(),
+        ));
+    }
+    Ok(ProxyConfig {
+        subscribe_url,
+        timeout,
+        max_in_flight,
+    })
+}
+
+fn webhook_config(file: FileWebhooks) -> Result<WebhookConfig, ConfigError> {
+    let invalid = |message: String| Err(ConfigError::Invalid(format!("webhooks.{message}")));
+    check_http_url("webhooks.url", &file.url)?;
     if file.secret.trim().is_empty() {
         return invalid("secret must not be empty: the backend checks it".into());
     }
@@ -904,6 +992,7 @@ fn rule_set(file: Vec<FileRule>) -> Result<RuleSet, ConfigError> {
             join_leave: r.join_leave,
             require_auth: r.require_auth,
             history,
+            subscribe_proxy: r.subscribe_proxy,
         });
     }
     RuleSet::new(rules).map_err(|e| ConfigError::Invalid(format!("rules: {e}")))
@@ -1055,6 +1144,44 @@ pattern = "chat:lobby"
             ),
         ] {
             let error = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn proxy_settings_are_checked() {
+        let config = Config::from_toml(
+            "[proxy]\nsubscribe_url = \"http://10.0.0.9:9000/sub\"\n\
+             [[rules]]\npattern = \"private:*\"\nsubscribe_proxy = true\n",
+        )
+        .unwrap();
+        let proxy = config.proxy.unwrap();
+        assert_eq!(proxy.timeout, Duration::from_secs(3));
+        assert_eq!(proxy.max_in_flight, 1024);
+        assert!(config.rules.rules()[0].subscribe_proxy);
+        for (text, expected) in [
+            (
+                "[[rules]]\npattern = \"p:*\"\nsubscribe_proxy = true\n",
+                "has subscribe_proxy = true but [proxy] has no subscribe_url",
+            ),
+            (
+                "[proxy]\ntimeout_ms = 100\n",
+                "proxy.subscribe_url is required",
+            ),
+            (
+                "[proxy]\nsubscribe_url = \"http://h/s\"\nconnect_url = \"http://h/c\"\n",
+                "proxy.connect_url is not supported yet",
+            ),
+            (
+                "[proxy]\nsubscribe_url = \"ftp://h/s\"\n",
+                "proxy.subscribe_url",
+            ),
+            (
+                "[proxy]\nsubscribe_url = \"http://h/s\"\nmax_in_flight = 0\n",
+                "max_in_flight",
+            ),
+        ] {
+            let error = Config::from_toml(text).unwrap_err().to_string();
             assert!(error.contains(expected), "{text:?}: {error}");
         }
     }

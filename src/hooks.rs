@@ -29,6 +29,12 @@ pub trait ChannelHook: Send + Sync + 'static {
         None
     }
 
+    /// Whether the application backend allows each subscription first
+    /// (`[proxy] subscribe_url`), before [`ChannelHook::join`] runs.
+    fn subscribe_proxy(&self) -> bool {
+        false
+    }
+
     /// A connection asks to subscribe to `ctx.topic()`. `Err(reason)` refuses:
     /// the client gets `{"type":"error","message":reason}` instead of `subscribed`.
     fn join(&self, ctx: &mut HookContext<'_>) -> Result<(), String> {
@@ -182,6 +188,10 @@ impl ChannelHook for RuleHook {
 
     fn history(&self) -> Option<History> {
         self.0.history
+    }
+
+    fn subscribe_proxy(&self) -> bool {
+        self.0.subscribe_proxy
     }
 
     fn join(&self, ctx: &mut HookContext<'_>) -> Result<(), String> {

@@ -47,6 +47,7 @@ pub mod engine;
 pub mod hooks;
 pub mod metrics;
 pub mod protocol;
+pub mod proxy;
 pub mod rules;
 pub mod server;
 pub mod shard;

@@ -92,6 +92,9 @@ pub struct Rule {
     /// Makes these topics streams: publications get offsets and a bounded
     /// history that reconnecting clients recover from. Config default: none.
     pub history: Option<History>,
+    /// Each subscription is allowed or refused by the application backend
+    /// (`[proxy] subscribe_url`) before it is made. Config default `false`.
+    pub subscribe_proxy: bool,
 }
 
 /// History settings of a stream topic.
@@ -118,6 +121,7 @@ impl Rule {
             join_leave: false,
             require_auth: false,
             history: None,
+            subscribe_proxy: false,
         }
     }
 }
@@ -229,6 +233,7 @@ impl RuleSet {
             join_leave: false,
             require_auth: false,
             history: None,
+            subscribe_proxy: false,
         };
         let mut index = PatternMap::default();
         index.insert(&rule.pattern, RuleId(0));

@@ -60,6 +60,8 @@ pub struct Relay {
     broker: Option<BrokerHandle>,
     /// The webhook thread, with `[webhooks]`.
     webhooks: Option<crate::webhooks::WebhookHandle>,
+    /// The subscribe proxy's thread, with `[proxy]`.
+    proxy: Option<crate::proxy::ProxyHandle>,
 }
 
 /// How a shard thread ended.
@@ -141,6 +143,14 @@ impl Relay {
             }
             _ => None,
         };
+        let proxy = match (&shared.proxy, &shared.config.proxy) {
+            (Some(sink), Some(config)) => Some(crate::proxy::spawn(
+                sink.clone(),
+                config,
+                shared.bus().clone(),
+            )?),
+            _ => None,
+        };
         let (exit_tx, exits) = mpsc::channel();
         for (i, listener) in listeners.into_iter().enumerate() {
             let shared = shared.clone();
@@ -168,6 +178,7 @@ impl Relay {
             shards,
             broker,
             webhooks,
+            proxy,
         })
     }
 
@@ -232,6 +243,9 @@ impl Relay {
         if let Some(broker) = self.broker {
             // The shards have handed over their last publications.
             broker.stop(BROKER_FLUSH);
+        }
+        if let Some(proxy) = self.proxy {
+            proxy.stop();
         }
         if let Some(webhooks) = self.webhooks {
             // The shards' last notices (their connections closed) are in;

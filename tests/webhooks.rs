@@ -1,4 +1,4 @@
-//! Webhooks against a fake backend (`tests/py/webhook_backend.py`, a
+//! Webhooks against a fake backend (`tests/py/backend.py`, a
 //! Python HTTP server that checks every POST's signature and records the
 //! events): a topic held on several shards is occupied and vacated once, a
 //! subscriber back within the delay cancels the vacated event, a user's
@@ -18,7 +18,7 @@ const SECRET: &str = "webhook-test-secret";
 
 /// The fake backend.
 fn backend() -> TestServer {
-    let script = format!("{}/tests/py/webhook_backend.py", env!("CARGO_MANIFEST_DIR"));
+    let script = format!("{}/tests/py/backend.py", env!("CARGO_MANIFEST_DIR"));
     let mut cmd = Command::new("python3");
     cmd.arg(script).arg(SECRET);
     TestServer::spawn(cmd, None)

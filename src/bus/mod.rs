@@ -253,6 +253,12 @@ pub enum Envelope {
     Drained,
     /// Stop accepting, close every connection with 1001, and exit.
     Shutdown,
+    /// The backend's verdict on the subscription waiting under `ticket`
+    /// (from the proxy thread, on the shard's own queue).
+    ProxyVerdict {
+        ticket: u64,
+        verdict: crate::proxy::Verdict,
+    },
 }
 
 impl Envelope {

@@ -36,6 +36,7 @@ use crate::cluster::ClusterStatus;
 use crate::config::Config;
 use crate::hooks::Channels;
 use crate::metrics::ShardStats;
+use crate::proxy::ProxySink;
 use crate::webhooks::WebhookSink;
 
 pub use driver::outbound;
@@ -57,6 +58,8 @@ pub struct Shared {
     pub(crate) cluster: Option<Arc<ClusterStatus>>,
     /// `[webhooks]`: where the shards' transitions go.
     pub(crate) webhooks: Option<Arc<WebhookSink>>,
+    /// `[proxy]`: where subscribe calls go.
+    pub(crate) proxy: Option<Arc<ProxySink>>,
 }
 
 impl Shared {
@@ -74,6 +77,7 @@ impl Shared {
         });
         let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::default()).collect();
         let auth = Arc::new(config.auth.build());
+        let config_proxy = config.proxy.is_some();
         let webhooks = config
             .webhooks
             .as_ref()
@@ -88,6 +92,7 @@ impl Shared {
             registration_bytes: Arc::new(AtomicUsize::new(0)),
             cluster,
             webhooks,
+            proxy: config_proxy.then(|| Arc::new(ProxySink::new())),
         })
     }
 

@@ -1150,5 +1150,6 @@ fn describe(envelope: &Envelope) -> String {
         Envelope::StreamReply { ticket, status, .. } => format!("StreamReply #{ticket} {status}"),
         Envelope::Drained => "Drained".into(),
         Envelope::Shutdown => "Shutdown".into(),
+        Envelope::ProxyVerdict { ticket, verdict } => format!("ProxyVerdict #{ticket} {verdict:?}"),
     }
 }

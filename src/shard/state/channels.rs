@@ -111,7 +111,7 @@ impl PresenceQueries {
 
 impl ShardState {
     /// The process-unique id hooks and presence show for a connection.
-    fn conn_id(&self, key: ConnKey) -> String {
+    pub(super) fn conn_id(&self, key: ConnKey) -> String {
         format!("{}-{}-{}", self.id.0, key.slot(), key.generation())
     }
 

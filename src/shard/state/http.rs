@@ -63,6 +63,9 @@ impl ShardState {
                 if let Some(webhooks) = &self.shared.webhooks {
                     webhooks.render_prometheus(&mut text);
                 }
+                if let Some(proxy) = &self.shared.proxy {
+                    proxy.render_prometheus(&mut text);
+                }
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
             Route::Publish => match self.http_publish(key, &request, cors) {

@@ -27,6 +27,7 @@ mod input;
 mod interest;
 mod lifecycle;
 pub mod names;
+mod proxied;
 mod relay;
 mod replay;
 mod route;
@@ -207,6 +208,8 @@ pub struct ShardState {
     compression: compression::Compression,
     /// Presence members per (topic, user), with `[webhooks]` member events.
     webhook_members: webhooks::Members,
+    /// Subscriptions waiting for the backend's verdict (`[proxy]`).
+    proxied: proxied::Proxied,
     shutdown: Shutdown,
 }
 
@@ -241,6 +244,7 @@ impl ShardState {
                 shared.config.websocket.compression_min_bytes,
             ),
             webhook_members: webhooks::Members::new(),
+            proxied: proxied::Proxied::default(),
             shutdown: Shutdown {
                 begun: false,
                 drained_peers: 0,
@@ -497,6 +501,7 @@ impl ShardState {
             } => self.on_stream_reply(ticket, status, body),
             Envelope::Drained => self.on_peer_drained(),
             Envelope::Shutdown => self.begin_shutdown(),
+            Envelope::ProxyVerdict { ticket, verdict } => self.on_proxy_verdict(ticket, verdict),
         }
     }
 

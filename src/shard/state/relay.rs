@@ -72,6 +72,7 @@ impl ShardState {
                 if let Some(id) = self.subscription(key, &topic) {
                     self.unsubscribe(key, id);
                 }
+                self.cancel_proxied(key, |t| t == topic.as_ref());
                 self.send(key, message::unsubscribed(&topic));
             }
             Ok(ClientMessage::SetTopics(topics)) => self.set_topics(key, topics),
@@ -114,6 +115,21 @@ impl ShardState {
     /// is opened at its home (recovering from `since` if given) before it
     /// gets `subscribed`; `since` means nothing for a plain topic.
     pub(super) fn subscribe(&mut self, key: ConnKey, topic: &str, since: Option<Since>) {
+        self.subscribe_with(key, topic, since, false);
+    }
+
+    /// The same, for a subscription the backend has allowed.
+    pub(super) fn subscribe_allowed(&mut self, key: ConnKey, topic: &str, since: Option<Since>) {
+        self.subscribe_with(key, topic, since, true);
+    }
+
+    fn subscribe_with(
+        &mut self,
+        key: ConnKey,
+        topic: &str,
+        since: Option<Since>,
+        allowed_by_backend: bool,
+    ) {
         let Some(conn) = self.conns.get(key) else {
             return;
         };
@@ -131,7 +147,9 @@ impl ShardState {
             return;
         }
         let max = self.config().limits.max_subscriptions_per_connection;
-        if conn.subs.len() >= max {
+        // Subscriptions waiting for the backend count too (the one allowed
+        // now no longer waits).
+        if conn.subs.len() + self.proxied_count(key) >= max {
             let message =
                 format!("subscription limit of {max} reached; unsubscribe from a topic first");
             return self.send_error(key, &message);
@@ -139,6 +157,9 @@ impl ShardState {
         let Some(channel) = self.channel_for(topic) else {
             return self.send_error(key, &format!("no rule allows topic `{topic}`"));
         };
+        if !allowed_by_backend && self.shared.channels.hook(channel).subscribe_proxy() {
+            return self.ask_backend(key, topic, since);
+        }
         if self.topics.lookup(topic).is_none() && !self.control_has_room() {
             return self.send_error(key, "server busy: cannot subscribe now, try again");
         }
@@ -232,6 +253,7 @@ impl ShardState {
                 self.send(key, message::unsubscribed(&name));
             }
         }
+        self.cancel_proxied(key, |t| !unique.iter().any(|u| u.topic == t));
         for request in unique {
             if self.subscription(key, &request.topic).is_none() {
                 self.subscribe(key, &request.topic, request.since);

@@ -1,9 +1,19 @@
-"""A fake application backend for the webhook tests: it receives ringcast's
-webhook POSTs on /hook, checks each one's X-Ringcast-Signature with the
-secret given as its first argument (as a backend would, in constant time),
-and records the events. The test drives and reads it over HTTP:
+"""A fake application backend for the webhook and proxy tests.
+
+Webhooks: it receives ringcast's webhook POSTs on /hook, checks each one's
+X-Ringcast-Signature with the secret given as its first argument (as a
+backend would, in constant time), and records the events.
+
+Subscribe proxy: POST /subscribe gets {"client","transport","user","topic"}
+and answers by the topic's name: one containing "deny" is refused with
+{"error":{"code":4403,"message":"not for you"}}, "status" with a bare 403,
+"bad" with a body that is not JSON, "slow" after 1 s (then allowed, unless
+"deny" too), anything else {"result":{}}. Every call is recorded.
+
+The test drives and reads it over HTTP:
 
   GET  /events        {"events": [...], "posts": N, "bad_signatures": N, "failed": N}
+  GET  /calls         {"calls": [subscribe call bodies, in arrival order]}
   POST /fail?n=N      the next N webhook POSTs are answered 500
   POST /stall?ms=N    webhook POSTs wait N ms before they are answered
 
@@ -21,7 +31,15 @@ from urllib.parse import parse_qs, urlparse
 
 SECRET = sys.argv[1].encode()
 lock = threading.Lock()
-state = {"events": [], "posts": 0, "bad_signatures": 0, "failed": 0, "fail": 0, "stall_ms": 0}
+state = {
+    "events": [],
+    "posts": 0,
+    "bad_signatures": 0,
+    "failed": 0,
+    "fail": 0,
+    "stall_ms": 0,
+    "calls": [],
+}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -38,11 +56,30 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        if urlparse(self.path).path != "/events":
-            return self.answer(404)
+        path = urlparse(self.path).path
         with lock:
-            view = {k: state[k] for k in ("events", "posts", "bad_signatures", "failed")}
+            if path == "/events":
+                view = {k: state[k] for k in ("events", "posts", "bad_signatures", "failed")}
+            elif path == "/calls":
+                view = {"calls": list(state["calls"])}
+            else:
+                return self.answer(404)
         self.answer(200, json.dumps(view).encode())
+
+    def subscribe(self, body):
+        call = json.loads(body)
+        with lock:
+            state["calls"].append(call)
+        topic = call["topic"]
+        if "slow" in topic:
+            time.sleep(1)
+        if "deny" in topic:
+            return self.answer(200, b'{"error":{"code":4403,"message":"not for you"}}')
+        if "status" in topic:
+            return self.answer(403, b"forbidden")
+        if "bad" in topic:
+            return self.answer(200, b"ok")
+        self.answer(200, b'{"result":{}}')
 
     def do_POST(self):
         url = urlparse(self.path)
@@ -56,6 +93,8 @@ class Handler(BaseHTTPRequestHandler):
             with lock:
                 state["stall_ms"] = int(query["ms"][0])
             return self.answer(204)
+        if url.path == "/subscribe":
+            return self.subscribe(body)
         if url.path != "/hook":
             return self.answer(404)
         with lock:

@@ -1,0 +1,136 @@
+//! The proxy thread: runs each call the shards hand it as a POST (a
+//! current-thread tokio runtime, hyper-util's pooled keep-alive HTTP/1.1
+//! client), bounded by `[proxy] timeout_ms`, and puts the verdict on the
+//! asking shard's own bus queue (the one outside control uses), waking it.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::Uri;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::bus::{Bus, Envelope};
+use crate::config::ProxyConfig;
+
+use super::{Call, ProxySink, Verdict};
+
+/// The most of a backend's answer that is read: an answer is a small JSON
+/// object, and a longer one is no verdict.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// The running proxy thread.
+pub struct ProxyHandle {
+    stop: oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Stops the thread; calls still running are dropped (their shards
+    /// have stopped).
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// Starts the proxy thread for `sink`'s calls.
+pub fn spawn(sink: Arc<ProxySink>, config: &ProxyConfig, bus: Arc<Bus>) -> io::Result<ProxyHandle> {
+    let calls = sink
+        .take_receiver()
+        .ok_or_else(|| io::Error::other("the proxy thread was started twice"))?;
+    let uri: Uri = config.subscribe_url.parse().map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("proxy.subscribe_url: {e}"),
+        )
+    })?;
+    let timeout = config.timeout;
+    let (stop, stopped) = oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let thread = std::thread::Builder::new()
+        .name("ringcast-proxy".into())
+        .spawn(move || {
+            let client = Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build_http();
+            runtime.block_on(run(calls, stopped, client, uri, timeout, sink, bus));
+        })?;
+    Ok(ProxyHandle { stop, thread })
+}
+
+async fn run(
+    mut calls: mpsc::UnboundedReceiver<Call>,
+    mut stopped: oneshot::Receiver<()>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    uri: Uri,
+    timeout: Duration,
+    sink: Arc<ProxySink>,
+    bus: Arc<Bus>,
+) {
+    loop {
+        let call = tokio::select! {
+            call = calls.recv() => match call {
+                Some(call) => call,
+                None => return,
+            },
+            _ = &mut stopped => return,
+        };
+        let request = hyper::Request::post(uri.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::USER_AGENT, "ringcast")
+            .body(Full::new(call.body))
+            .expect("a request of a valid URI and header values");
+        let (client, sink, bus) = (client.clone(), sink.clone(), bus.clone());
+        tokio::spawn(async move {
+            let verdict = match tokio::time::timeout(timeout, ask(client, request)).await {
+                Ok(verdict) => verdict,
+                Err(_) => Verdict::Failed(format!("no answer within {} ms", timeout.as_millis())),
+            };
+            let counter = match &verdict {
+                Verdict::Allowed => &sink.stats.allowed_total,
+                Verdict::Refused { .. } => &sink.stats.refused_total,
+                Verdict::Failed(_) => &sink.stats.failed_total,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            sink.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let mut envelope = Envelope::ProxyVerdict {
+                ticket: call.ticket,
+                verdict,
+            };
+            // The shard drains its queues every loop turn; a full queue
+            // empties within one.
+            while let Err(back) = bus.push(call.shard, call.shard, envelope) {
+                envelope = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            bus.waker(call.shard).signal();
+        });
+    }
+}
+
+/// POSTs `request` and reads the verdict from the answer.
+async fn ask(
+    client: Client<HttpConnector, Full<Bytes>>,
+    request: hyper::Request<Full<Bytes>>,
+) -> Verdict {
+    let response = match client.request(request).await {
+        Ok(response) => response,
+        Err(e) => return Verdict::Failed(format!("the backend is unreachable: {e}")),
+    };
+    let status = response.status().as_u16();
+    match Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+        .collect()
+        .await
+    {
+        Ok(body) => Verdict::of_answer(status, &body.to_bytes()),
+        Err(e) => Verdict::Failed(format!("the backend's answer could not be read: {e}")),
+    }
+}

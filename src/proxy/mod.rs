@@ -1,0 +1,227 @@
+//! The subscribe proxy: before a subscription to a topic whose rule has
+//! `subscribe_proxy = true` is made, the application backend is asked
+//! (`POST [proxy] subscribe_url`) whether to allow it.
+//!
+//! A shard never waits for it: it keeps the subscription pending (counted
+//! against the connection's subscription limit and the shard's
+//! `max_in_flight`), hands the call to the proxy thread (`driver.rs`, a
+//! tokio runtime with a pooled keep-alive HTTP/1.1 client), and goes on.
+//! The thread's [`Verdict`] comes back as an envelope on the shard's own
+//! bus queue. A timeout or an unreachable backend refuses the subscription
+//! (the proxy fails closed).
+
+mod driver;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::bus::ShardId;
+
+pub use driver::{spawn, ProxyHandle};
+
+/// The longest refusal message passed on to a client.
+pub const MAX_MESSAGE_BYTES: usize = 256;
+
+/// One question for the backend.
+#[derive(Debug)]
+pub struct Call {
+    /// Who gets the verdict, and the ticket it names.
+    pub shard: ShardId,
+    pub ticket: u64,
+    /// The JSON body: `client`, `transport`, `user`, `topic`.
+    pub body: Bytes,
+}
+
+/// What the backend decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// `200 {"result": {...}}`.
+    Allowed,
+    /// `200 {"error": {"code": C, "message": M}}`, or a non-2xx status
+    /// (its code, no message).
+    Refused { code: u32, message: String },
+    /// No decision: a timeout, an unreachable backend, an answer that is
+    /// not one of the above. The subscription is refused.
+    Failed(String),
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    result: Option<serde::de::IgnoredAny>,
+    error: Option<AnswerError>,
+}
+
+#[derive(Deserialize)]
+struct AnswerError {
+    #[serde(default)]
+    code: u32,
+    #[serde(default)]
+    message: String,
+}
+
+impl Verdict {
+    /// The verdict of an HTTP answer.
+    pub fn of_answer(status: u16, body: &[u8]) -> Verdict {
+        if !(200..300).contains(&status) {
+            return Verdict::Refused {
+                code: u32::from(status),
+                message: String::new(),
+            };
+        }
+        match serde_json::from_slice::<Answer>(body) {
+            Ok(Answer {
+                error: Some(error), ..
+            }) => Verdict::Refused {
+                code: error.code,
+                message: truncate(error.message, MAX_MESSAGE_BYTES),
+            },
+            Ok(Answer {
+                result: Some(_), ..
+            }) => Verdict::Allowed,
+            Ok(_) => Verdict::Failed("the backend answered neither result nor error".into()),
+            Err(e) => Verdict::Failed(format!("the backend's answer is not JSON: {e}")),
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// The shards' side: where calls go, and the counters `/metrics` shows.
+#[derive(Debug)]
+pub struct ProxySink {
+    calls: mpsc::UnboundedSender<Call>,
+    receiver: Mutex<Option<mpsc::UnboundedReceiver<Call>>>,
+    pub stats: ProxyStats,
+}
+
+/// Counters of the subscribe proxy, for the whole node.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub calls_total: AtomicU64,
+    pub allowed_total: AtomicU64,
+    pub refused_total: AtomicU64,
+    pub failed_total: AtomicU64,
+    /// Subscriptions refused at once because the shard had `max_in_flight`.
+    pub busy_total: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+impl Default for ProxySink {
+    fn default() -> ProxySink {
+        ProxySink::new()
+    }
+}
+
+impl ProxySink {
+    pub fn new() -> ProxySink {
+        let (calls, receiver) = mpsc::unbounded_channel();
+        ProxySink {
+            calls,
+            receiver: Mutex::new(Some(receiver)),
+            stats: ProxyStats::default(),
+        }
+    }
+
+    /// Hands `call` to the proxy thread without waiting. Each shard keeps
+    /// at most `max_in_flight` calls outstanding, which bounds the channel.
+    pub fn call(&self, call: Call) {
+        self.stats.calls_total.fetch_add(1, Ordering::Relaxed);
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _ = self.calls.send(call);
+    }
+
+    fn take_receiver(&self) -> Option<mpsc::UnboundedReceiver<Call>> {
+        self.receiver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Appends the proxy metrics in the Prometheus text format.
+    pub fn render_prometheus(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let s = &self.stats;
+        let metrics = [
+            ("proxy_calls_total", "counter", "Subscribe proxy calls made.", &s.calls_total),
+            ("proxy_allowed_total", "counter", "Subscriptions the backend allowed.", &s.allowed_total),
+            ("proxy_refused_total", "counter", "Subscriptions the backend refused.", &s.refused_total),
+            (
+                "proxy_failed_total",
+                "counter",
+                "Subscribe proxy calls without a decision (timeout, unreachable, bad answer): refused.",
+                &s.failed_total,
+            ),
+            (
+                "proxy_busy_total",
+                "counter",
+                "Subscriptions refused at once: the shard had proxy.max_in_flight calls outstanding.",
+                &s.busy_total,
+            ),
+            ("proxy_in_flight", "gauge", "Subscribe proxy calls outstanding.", &s.in_flight),
+        ];
+        for (name, kind, help, value) in metrics {
+            let _ = writeln!(out, "# HELP ringcast_{name} {help}");
+            let _ = writeln!(out, "# TYPE ringcast_{name} {kind}");
+            let _ = writeln!(out, "ringcast_{name} {}", value.load(Ordering::Relaxed));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_as_the_contract_says() {
+        assert_eq!(
+            Verdict::of_answer(200, br#"{"result":{}}"#),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            Verdict::of_answer(200, br#"{"result":{"info":{"x":1}}}"#),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            Verdict::of_answer(200, br#"{"error":{"code":4403,"message":"not yours"}}"#),
+            Verdict::Refused {
+                code: 4403,
+                message: "not yours".into()
+            }
+        );
+        assert_eq!(
+            Verdict::of_answer(403, b"<html>forbidden</html>"),
+            Verdict::Refused {
+                code: 403,
+                message: String::new()
+            }
+        );
+        assert!(matches!(Verdict::of_answer(200, b"{}"), Verdict::Failed(_)));
+        assert!(matches!(Verdict::of_answer(200, b"ok"), Verdict::Failed(_)));
+        let long = format!(
+            r#"{{"error":{{"code":1,"message":"{}é"}}}}"#,
+            "x".repeat(255)
+        );
+        let Verdict::Refused { message, .. } = Verdict::of_answer(200, long.as_bytes()) else {
+            panic!("a refusal");
+        };
+        assert_eq!(
+            message.len(),
+            255,
+            "cut before the character that would pass 256"
+        );
+    }
+}

@@ -1,0 +1,280 @@
+//! The subscribe proxy against a fake backend (`tests/py/backend.py`, which
+//! decides by the topic's name): subscriptions to `private:*` are made only
+//! when the backend allows them, over WebSocket and SSE; a refusal, a bare
+//! error status, an unreadable answer, a timeout and an unreachable backend
+//! all refuse (fail closed) with an `error` naming the topic; an
+//! unsubscribe while the backend decides cancels the subscription; and a
+//! stalled backend holds no more than `max_in_flight` calls per shard and
+//! the connection's subscription limit.
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::sse::Sse;
+use common::{TestServer, Ws};
+use serde_json::{json, Value};
+
+fn backend() -> TestServer {
+    let script = format!("{}/tests/py/backend.py", env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new("python3");
+    cmd.arg(script).arg("unused-secret");
+    TestServer::spawn(cmd, None)
+}
+
+/// A node whose `private:*` topics go through the proxy at `url`, with
+/// `more` config after the `[proxy]` keys.
+fn node_with(url: &str, more: &str) -> TestServer {
+    TestServer::start(
+        1,
+        Some(&format!(
+            "[proxy]\nsubscribe_url = \"{url}\"\n{more}\n\
+             [[rules]]\npattern = \"private:*\"\nsubscribe_proxy = true\nclient_publish = true\n\
+             [[rules]]\npattern = \"*\"\nclient_publish = true\n"
+        )),
+    )
+}
+
+fn node(backend: &TestServer, more: &str) -> TestServer {
+    node_with(&format!("http://{}/subscribe", backend.addr), more)
+}
+
+/// The subscribe calls the backend got.
+fn calls(backend: &TestServer) -> Vec<Value> {
+    let (status, body) = backend.http("GET", "/calls", None);
+    assert_eq!(status, 200);
+    let view: Value = serde_json::from_str(&body).unwrap();
+    view["calls"].as_array().unwrap().clone()
+}
+
+fn send(ws: &mut Ws, message: Value) {
+    ws.send_text(&message.to_string());
+}
+
+fn next(ws: &mut Ws) -> Value {
+    serde_json::from_str(&ws.recv_text()).unwrap()
+}
+
+/// Subscribes and returns the answer (`subscribed` or `error`).
+fn subscribe(ws: &mut Ws, topic: &str) -> Value {
+    send(ws, json!({"type":"subscribe","topic":topic}));
+    next(ws)
+}
+
+#[test]
+fn the_backend_decides_who_subscribes_to_proxied_topics() {
+    let backend = backend();
+    let node = node(&backend, "timeout_ms = 3000");
+    let mut ws = node.ws("/ws?user_id=ann");
+
+    let reply = subscribe(&mut ws, "private:ok");
+    assert_eq!(reply, json!({"type":"subscribed","topic":"private:ok"}));
+    let asked = calls(&backend);
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0]["topic"], "private:ok");
+    assert_eq!(asked[0]["transport"], "websocket");
+    assert_eq!(asked[0]["user"], "ann");
+    assert!(asked[0]["client"].as_str().is_some_and(|c| !c.is_empty()));
+
+    // Allowed means subscribed: a publication reaches it.
+    assert_eq!(
+        node.publish(r#"{"topic":"private:ok","payload":{"n":1}}"#),
+        202
+    );
+    assert_eq!(next(&mut ws)["payload"], json!({"n":1}));
+
+    for (topic, says) in [
+        ("private:deny", "refused by the backend (4403): not for you"),
+        ("private:status", "refused by the backend (403)"),
+        ("private:bad", "the backend gave no verdict"),
+    ] {
+        let reply = subscribe(&mut ws, topic);
+        assert_eq!(reply["type"], "error", "{topic}: {reply}");
+        let message = reply["message"].as_str().unwrap();
+        assert!(
+            message.contains(topic) && message.contains(says),
+            "{topic}: {message}"
+        );
+        // Refused means not subscribed.
+        assert_eq!(
+            node.publish(&json!({"topic":topic,"payload":1}).to_string()),
+            202
+        );
+    }
+    // A topic without the proxy: no call.
+    assert_eq!(subscribe(&mut ws, "public")["type"], "subscribed");
+    assert_eq!(calls(&backend).len(), 4);
+    send(
+        &mut ws,
+        json!({"type":"message","topic":"public","payload":"after"}),
+    );
+    assert_eq!(
+        next(&mut ws)["payload"],
+        "after",
+        "nothing of the refused topics arrived before this"
+    );
+    assert_eq!(node.metric("proxy_allowed_total"), 1);
+    assert_eq!(node.metric("proxy_refused_total"), 2);
+    assert_eq!(node.metric("proxy_failed_total"), 1);
+    assert_eq!(node.metric("proxy_in_flight"), 0);
+}
+
+#[test]
+fn an_event_stream_subscribes_to_what_the_backend_allows() {
+    let backend = backend();
+    let node = node(&backend, "");
+    let mut sse = Sse::open(
+        node.addr,
+        "/sse?topic=private:ok&topic=private:deny&topic=open",
+        "",
+    );
+    assert_eq!(sse.status, 200);
+    let mut subscribed = Vec::new();
+    let mut refused = Vec::new();
+    while subscribed.len() + refused.len() < 3 {
+        let event = sse.next().expect("the stream goes on");
+        match event.event.as_str() {
+            "ringcast.subscribed" => subscribed.push(event.json()["topic"].clone()),
+            "ringcast.error" => refused.push(event.json()["message"].clone()),
+            _ => panic!("unexpected {event:?}"),
+        }
+    }
+    subscribed.sort_by_key(|t| t.to_string());
+    assert_eq!(subscribed, [json!("open"), json!("private:ok")]);
+    assert!(
+        refused[0].as_str().unwrap().contains("private:deny"),
+        "{refused:?}"
+    );
+    let asked = calls(&backend);
+    assert!(asked.iter().all(|c| c["transport"] == "sse"), "{asked:?}");
+    assert_eq!(
+        node.publish(r#"{"topic":"private:ok","payload":"hello"}"#),
+        202
+    );
+    assert_eq!(sse.next_push().json()["payload"], "hello");
+}
+
+#[test]
+fn no_verdict_in_time_or_no_backend_refuses_the_subscription() {
+    let backend = backend();
+    let node = node(&backend, "timeout_ms = 300");
+    let mut ws = node.ws("/ws");
+    let started = Instant::now();
+    let reply = subscribe(&mut ws, "private:slow");
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 300 ms"),
+        "{reply}"
+    );
+    // The backend would have answered (allowed) after 1 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failed closed in time"
+    );
+    assert_eq!(node.metric("proxy_failed_total"), 1);
+
+    // A backend nobody listens for.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let orphan = node_with(&format!("http://127.0.0.1:{port}/subscribe"), "");
+    let mut ws = orphan.ws("/ws");
+    let reply = subscribe(&mut ws, "private:any");
+    assert!(
+        reply["message"].as_str().unwrap().contains("unreachable"),
+        "{reply}"
+    );
+    assert_eq!(orphan.http("GET", "/health", None).0, 200);
+}
+
+#[test]
+fn an_unsubscribe_while_the_backend_decides_cancels_the_subscription() {
+    let backend = backend();
+    let node = node(&backend, "");
+    let mut ws = node.ws("/ws");
+    send(&mut ws, json!({"type":"subscribe","topic":"private:slow"}));
+    send(
+        &mut ws,
+        json!({"type":"unsubscribe","topic":"private:slow"}),
+    );
+    assert_eq!(
+        next(&mut ws),
+        json!({"type":"unsubscribed","topic":"private:slow"})
+    );
+    node.wait_for("the backend's verdict", || {
+        node.metric("proxy_allowed_total") == 1
+    });
+    assert_eq!(
+        node.publish(r#"{"topic":"private:slow","payload":"missed"}"#),
+        202
+    );
+    assert_eq!(subscribe(&mut ws, "after")["type"], "subscribed");
+    send(
+        &mut ws,
+        json!({"type":"message","topic":"after","payload":"mark"}),
+    );
+    assert_eq!(
+        next(&mut ws)["payload"],
+        "mark",
+        "no subscribed and no push for the cancelled topic"
+    );
+}
+
+#[test]
+fn a_stalled_backend_holds_at_most_max_in_flight_calls_and_the_subscription_limit() {
+    let backend = backend();
+    let node = node(
+        &backend,
+        "timeout_ms = 5000\nmax_in_flight = 4\n[limits]\nmax_subscriptions_per_connection = 3",
+    );
+    // One connection: the limit counts subscriptions still waiting.
+    let mut one = node.ws("/ws");
+    for i in 0..3 {
+        send(
+            &mut one,
+            json!({"type":"subscribe","topic":format!("private:slow-{i}")}),
+        );
+    }
+    let reply = subscribe(&mut one, "private:slow-3");
+    assert_eq!(reply["type"], "error");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("subscription limit"),
+        "{reply}"
+    );
+    // Others: the shard has one call of room left, then refuses at once.
+    let mut two = node.ws("/ws");
+    send(
+        &mut two,
+        json!({"type":"subscribe","topic":"private:slow-a"}),
+    );
+    let started = Instant::now();
+    let reply = subscribe(&mut two, "private:slow-b");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused, not queued"
+    );
+    assert!(
+        reply["message"].as_str().unwrap().contains("server busy"),
+        "{reply}"
+    );
+    assert_eq!(node.metric("proxy_busy_total"), 1);
+    assert_eq!(node.metric("proxy_in_flight"), 4);
+    // Every waiting subscription is answered.
+    let mut answered = Vec::new();
+    for _ in 0..3 {
+        answered.push(next(&mut one)["topic"].as_str().unwrap().to_string());
+    }
+    answered.sort();
+    assert_eq!(
+        answered,
+        ["private:slow-0", "private:slow-1", "private:slow-2"]
+    );
+    assert_eq!(next(&mut two)["topic"], "private:slow-a");
+    assert_eq!(node.metric("proxy_in_flight"), 0);
+}
