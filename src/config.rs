@@ -266,12 +266,15 @@ pub struct Config {
 pub struct ProxyConfig {
     /// `http://host:port/path` a subscription of a `subscribe_proxy` rule's
     /// topic is POSTed to.
-    pub subscribe_url: String,
+    pub subscribe_url: Option<String>,
+    /// `http://host:port/path` a client publication to a `publish_proxy`
+    /// rule's topic is POSTed to.
+    pub publish_url: Option<String>,
     /// How long the backend may take; past it the subscription is refused
     /// (the proxy fails closed). Default 3 s.
     pub timeout: Duration,
-    /// Calls in flight per shard; past it a subscription is refused at once
-    /// (`server busy`) instead of waiting. Default 1,024.
+    /// Calls in flight per shard; past it a subscription or publication is
+    /// refused at once (`server busy`) instead of waiting. Default 1,024.
     pub max_in_flight: usize,
 }
 
@@ -551,6 +554,8 @@ struct FileRule {
     replay_on_subscribe: usize,
     #[serde(default)]
     subscribe_proxy: bool,
+    #[serde(default)]
+    publish_proxy: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -682,13 +687,7 @@ impl Config {
         config.cluster = file.cluster.map(cluster_config).transpose()?;
         config.webhooks = file.webhooks.map(webhook_config).transpose()?;
         config.proxy = file.proxy.map(proxy_config).transpose()?;
-        let proxied = config.rules.rules().iter().find(|r| r.subscribe_proxy);
-        if let (Some(rule), None) = (proxied, &config.proxy) {
-            return Err(ConfigError::Invalid(format!(
-                "rules: `{}` has subscribe_proxy = true but [proxy] has no subscribe_url",
-                rule.pattern
-            )));
-        }
+        check_proxied_rules(&config)?;
         if config.webhooks.is_some() && config.cluster.is_some() {
             // Each node would report its own transitions: a topic occupied
             // on two nodes would be announced twice. Until the transitions
@@ -846,6 +845,29 @@ fn cluster_config(file: FileCluster) -> Result<ClusterConfig, ConfigError> {
     })
 }
 
+/// A rule that sends its topics through a proxy needs that proxy's URL.
+fn check_proxied_rules(config: &Config) -> Result<(), ConfigError> {
+    let proxy = config.proxy.as_ref();
+    let has_subscribe = proxy.is_some_and(|p| p.subscribe_url.is_some());
+    let has_publish = proxy.is_some_and(|p| p.publish_url.is_some());
+    for rule in config.rules.rules() {
+        let missing = if rule.subscribe_proxy && !has_subscribe {
+            Some(("subscribe_proxy", "subscribe_url"))
+        } else if rule.publish_proxy && !has_publish {
+            Some(("publish_proxy", "publish_url"))
+        } else {
+            None
+        };
+        if let Some((flag, url)) = missing {
+            return Err(ConfigError::Invalid(format!(
+                "rules: `{}` has {flag} = true but [proxy] has no {url}",
+                rule.pattern
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `http://host[:port]/path`, or why not (https is not supported yet).
 fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
     let invalid = |why: &str| {
@@ -868,21 +890,27 @@ fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
 fn proxy_config(file: FileProxy) -> Result<ProxyConfig, ConfigError> {
     for (key, value) in [
         ("connect_url", &file.connect_url),
-        ("publish_url", &file.publish_url),
         ("refresh_url", &file.refresh_url),
     ] {
         if value.is_some() {
             return Err(ConfigError::Invalid(format!(
-                "proxy.{key} is not supported yet: only subscribe_url is"
+                "proxy.{key} is not supported yet: only subscribe_url and publish_url are"
             )));
         }
     }
-    let Some(subscribe_url) = file.subscribe_url else {
+    if file.subscribe_url.is_none() && file.publish_url.is_none() {
         return Err(ConfigError::Invalid(
-            "proxy.subscribe_url is required".into(),
+            "proxy: subscribe_url or publish_url is required".into(),
         ));
-    };
-    check_http_url("proxy.subscribe_url", &subscribe_url)?;
+    }
+    for (key, url) in [
+        ("proxy.subscribe_url", &file.subscribe_url),
+        ("proxy.publish_url", &file.publish_url),
+    ] {
+        if let Some(url) = url {
+            check_http_url(key, url)?;
+        }
+    }
     let timeout = Duration::from_millis(file.timeout_ms.unwrap_or(3000));
     if timeout < Duration::from_millis(10) {
         return Err(ConfigError::Invalid(
@@ -896,7 +924,8 @@ fn proxy_config(file: FileProxy) -> Result<ProxyConfig, ConfigError> {
         ));
     }
     Ok(ProxyConfig {
-        subscribe_url,
+        subscribe_url: file.subscribe_url,
+        publish_url: file.publish_url,
         timeout,
         max_in_flight,
     })
@@ -993,6 +1022,7 @@ fn rule_set(file: Vec<FileRule>) -> Result<RuleSet, ConfigError> {
             require_auth: r.require_auth,
             history,
             subscribe_proxy: r.subscribe_proxy,
+            publish_proxy: r.publish_proxy,
         });
     }
     RuleSet::new(rules).map_err(|e| ConfigError::Invalid(format!("rules: {e}")))
@@ -1166,7 +1196,12 @@ pattern = "chat:lobby"
             ),
             (
                 "[proxy]\ntimeout_ms = 100\n",
-                "proxy.subscribe_url is required",
+                "subscribe_url or publish_url is required",
+            ),
+            (
+                "[proxy]\nsubscribe_url = \"http://h/s\"\n\
+                 [[rules]]\npattern = \"p:*\"\npublish_proxy = true\n",
+                "has publish_proxy = true but [proxy] has no publish_url",
             ),
             (
                 "[proxy]\nsubscribe_url = \"http://h/s\"\nconnect_url = \"http://h/c\"\n",

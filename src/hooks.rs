@@ -35,6 +35,13 @@ pub trait ChannelHook: Send + Sync + 'static {
         false
     }
 
+    /// Whether the application backend passes, rewrites or refuses each
+    /// client publication (`[proxy] publish_url`), after
+    /// [`ChannelHook::message`] allowed it.
+    fn publish_proxy(&self) -> bool {
+        false
+    }
+
     /// A connection asks to subscribe to `ctx.topic()`. `Err(reason)` refuses:
     /// the client gets `{"type":"error","message":reason}` instead of `subscribed`.
     fn join(&self, ctx: &mut HookContext<'_>) -> Result<(), String> {
@@ -192,6 +199,10 @@ impl ChannelHook for RuleHook {
 
     fn subscribe_proxy(&self) -> bool {
         self.0.subscribe_proxy
+    }
+
+    fn publish_proxy(&self) -> bool {
+        self.0.publish_proxy
     }
 
     fn join(&self, ctx: &mut HookContext<'_>) -> Result<(), String> {

@@ -95,6 +95,10 @@ pub struct Rule {
     /// Each subscription is allowed or refused by the application backend
     /// (`[proxy] subscribe_url`) before it is made. Config default `false`.
     pub subscribe_proxy: bool,
+    /// Each client publication (over `/ws`) is passed, rewritten or
+    /// refused by the application backend (`[proxy] publish_url`).
+    /// Config default `false`.
+    pub publish_proxy: bool,
 }
 
 /// History settings of a stream topic.
@@ -122,6 +126,7 @@ impl Rule {
             require_auth: false,
             history: None,
             subscribe_proxy: false,
+            publish_proxy: false,
         }
     }
 }
@@ -234,6 +239,7 @@ impl RuleSet {
             require_auth: false,
             history: None,
             subscribe_proxy: false,
+            publish_proxy: false,
         };
         let mut index = PatternMap::default();
         index.insert(&rule.pattern, RuleId(0));

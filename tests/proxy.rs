@@ -22,14 +22,17 @@ fn backend() -> TestServer {
     TestServer::spawn(cmd, None)
 }
 
-/// A node whose `private:*` topics go through the proxy at `url`, with
-/// `more` config after the `[proxy]` keys.
+/// A node whose `private:*` subscriptions and `chat:*` client
+/// publications go through the proxy at `url` (`/subscribe` and
+/// `/publish`), with `more` config after the `[proxy]` keys.
 fn node_with(url: &str, more: &str) -> TestServer {
+    let publish_url = url.replace("/subscribe", "/publish");
     TestServer::start(
         1,
         Some(&format!(
-            "[proxy]\nsubscribe_url = \"{url}\"\n{more}\n\
+            "[proxy]\nsubscribe_url = \"{url}\"\npublish_url = \"{publish_url}\"\n{more}\n\
              [[rules]]\npattern = \"private:*\"\nsubscribe_proxy = true\nclient_publish = true\n\
+             [[rules]]\npattern = \"chat:*\"\npublish_proxy = true\nclient_publish = true\n\
              [[rules]]\npattern = \"*\"\nclient_publish = true\n"
         )),
     )
@@ -277,4 +280,137 @@ fn a_stalled_backend_holds_at_most_max_in_flight_calls_and_the_subscription_limi
     );
     assert_eq!(next(&mut two)["topic"], "private:slow-a");
     assert_eq!(node.metric("proxy_in_flight"), 0);
+}
+
+#[test]
+fn the_backend_passes_rewrites_or_refuses_client_publications() {
+    let backend = backend();
+    let node = node(&backend, "");
+    let mut reader = node.ws("/ws");
+    assert_eq!(subscribe(&mut reader, "chat:room")["type"], "subscribed");
+    assert_eq!(subscribe(&mut reader, "chat:deny")["type"], "subscribed");
+    // Clients publish to topics they are subscribed to (the rule's own
+    // check runs first), so the writer reads its own publications too.
+    let mut writer = node.ws("/ws?user_id=bob");
+    assert_eq!(subscribe(&mut writer, "chat:room")["type"], "subscribed");
+    assert_eq!(subscribe(&mut writer, "chat:deny")["type"], "subscribed");
+    let say = |ws: &mut Ws, topic: &str, text: &str| {
+        send(
+            ws,
+            json!({"type":"message","topic":topic,"event":"said","payload":{"text":text}}),
+        );
+    };
+    say(&mut writer, "chat:room", "hello");
+    let push = next(&mut reader);
+    assert_eq!(push["payload"], json!({"text":"hello"}), "{push}");
+    assert_eq!(push["event"], "said");
+    assert_eq!(next(&mut writer), push);
+    say(&mut writer, "chat:room", "a badword here");
+    assert_eq!(
+        next(&mut reader)["payload"],
+        json!({"text":"***"}),
+        "rewritten"
+    );
+    assert_eq!(next(&mut writer)["payload"], json!({"text":"***"}));
+    say(&mut writer, "chat:deny", "nope");
+    let reply = next(&mut writer);
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("publication to `chat:deny` refused by the backend (4403): not allowed here"),
+        "{reply}"
+    );
+    say(&mut writer, "chat:room", "after");
+    assert_eq!(
+        next(&mut reader)["payload"],
+        json!({"text":"after"}),
+        "nothing of the refused publication arrived"
+    );
+    let asked = calls(&backend);
+    assert_eq!(asked.len(), 4, "{asked:?}");
+    assert_eq!(asked[0]["user"], "bob");
+    assert_eq!(asked[0]["event"], "said");
+    assert_eq!(asked[0]["payload"], json!({"text":"hello"}));
+    // Publishes over HTTP are the application's own: never proxied.
+    assert_eq!(
+        node.publish(r#"{"topic":"chat:room","payload":{"text":"badword from the server"}}"#),
+        202
+    );
+    assert_eq!(
+        next(&mut reader)["payload"],
+        json!({"text":"badword from the server"})
+    );
+    assert_eq!(calls(&backend).len(), 4);
+}
+
+#[test]
+fn a_clients_publications_keep_their_order_while_the_backend_decides() {
+    let backend = backend();
+    let node = node(&backend, "");
+    let mut reader = node.ws("/ws");
+    assert_eq!(subscribe(&mut reader, "chat:slow")["type"], "subscribed");
+    let mut writer = node.ws("/ws");
+    assert_eq!(subscribe(&mut writer, "chat:slow")["type"], "subscribed");
+    for n in 0..5 {
+        send(
+            &mut writer,
+            json!({"type":"message","topic":"chat:slow","payload":n}),
+        );
+    }
+    // Input after the publications waits behind them.
+    send(&mut writer, json!({"type":"subscribe","topic":"later"}));
+    let started = Instant::now();
+    let got: Vec<Value> = (0..5)
+        .map(|_| next(&mut reader)["payload"].clone())
+        .collect();
+    assert_eq!(got, [json!(0), json!(1), json!(2), json!(3), json!(4)]);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "one at a time, 300 ms each: {:?}",
+        started.elapsed()
+    );
+    for n in 0..5 {
+        assert_eq!(next(&mut writer)["payload"], n, "its own, in order");
+    }
+    assert_eq!(
+        next(&mut writer),
+        json!({"type":"subscribed","topic":"later"})
+    );
+}
+
+#[test]
+fn a_client_flooding_publications_against_a_stalled_backend_is_closed_at_the_parked_input_bound() {
+    let backend = backend();
+    let node = node(&backend, "timeout_ms = 8000");
+    let mut flooder = node.ws("/ws");
+    assert_eq!(subscribe(&mut flooder, "chat:stall")["type"], "subscribed");
+    let filler = "x".repeat(50_000);
+    // The first waits for the backend; the rest pile up behind it, past
+    // the parked input bound (one largest request, about 1 MiB).
+    let mut closed = false;
+    for _ in 0..40 {
+        let message = json!({"type":"message","topic":"chat:stall","payload":filler});
+        if flooder
+            .0
+            .send(tungstenite::Message::text(message.to_string()))
+            .is_err()
+        {
+            closed = true;
+            break;
+        }
+    }
+    node.wait_for("the flooder to be closed", || {
+        node.shard_metric("parked_input_overflows_total", 0) == 1
+    });
+    if !closed {
+        let read = flooder.0.read();
+        assert!(
+            !matches!(read, Ok(tungstenite::Message::Text(_))),
+            "the flooder got a message: {read:?}"
+        );
+    }
+    assert_eq!(node.metric("proxy_in_flight"), 1, "one call for the flood");
+    assert_eq!(node.http("GET", "/health", None).0, 200);
 }

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::bus::{Bus, Envelope};
 use crate::config::ProxyConfig;
 
-use super::{Call, ProxySink, Verdict};
+use super::{Call, CallKind, ProxySink, Verdict};
 
 /// The most of a backend's answer that is read: an answer is a small JSON
 /// object, and a longer one is no verdict.
@@ -44,12 +44,19 @@ pub fn spawn(sink: Arc<ProxySink>, config: &ProxyConfig, bus: Arc<Bus>) -> io::R
     let calls = sink
         .take_receiver()
         .ok_or_else(|| io::Error::other("the proxy thread was started twice"))?;
-    let uri: Uri = config.subscribe_url.parse().map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("proxy.subscribe_url: {e}"),
-        )
-    })?;
+    let parse = |key: &str, url: &Option<String>| -> io::Result<Option<Uri>> {
+        url.as_deref()
+            .map(|u| {
+                u.parse::<Uri>().map_err(|e| {
+                    io::Error::new(io::ErrorKind::InvalidInput, format!("proxy.{key}: {e}"))
+                })
+            })
+            .transpose()
+    };
+    let uris = Uris {
+        subscribe: parse("subscribe_url", &config.subscribe_url)?,
+        publish: parse("publish_url", &config.publish_url)?,
+    };
     let timeout = config.timeout;
     let (stop, stopped) = oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -61,16 +68,22 @@ pub fn spawn(sink: Arc<ProxySink>, config: &ProxyConfig, bus: Arc<Bus>) -> io::R
             let client = Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(60))
                 .build_http();
-            runtime.block_on(run(calls, stopped, client, uri, timeout, sink, bus));
+            runtime.block_on(run(calls, stopped, client, uris, timeout, sink, bus));
         })?;
     Ok(ProxyHandle { stop, thread })
+}
+
+/// Where each kind of call goes.
+struct Uris {
+    subscribe: Option<Uri>,
+    publish: Option<Uri>,
 }
 
 async fn run(
     mut calls: mpsc::UnboundedReceiver<Call>,
     mut stopped: oneshot::Receiver<()>,
     client: Client<HttpConnector, Full<Bytes>>,
-    uri: Uri,
+    uris: Uris,
     timeout: Duration,
     sink: Arc<ProxySink>,
     bus: Arc<Bus>,
@@ -83,19 +96,31 @@ async fn run(
             },
             _ = &mut stopped => return,
         };
-        let request = hyper::Request::post(uri.clone())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::USER_AGENT, "ringcast")
-            .body(Full::new(call.body))
-            .expect("a request of a valid URI and header values");
+        let uri = match call.kind {
+            CallKind::Subscribe => &uris.subscribe,
+            CallKind::Publish => &uris.publish,
+        };
+        let request = uri.clone().map(|uri| {
+            hyper::Request::post(uri)
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .header(hyper::header::USER_AGENT, "ringcast")
+                .body(Full::new(call.body))
+                .expect("a request of a valid URI and header values")
+        });
         let (client, sink, bus) = (client.clone(), sink.clone(), bus.clone());
         tokio::spawn(async move {
-            let verdict = match tokio::time::timeout(timeout, ask(client, request)).await {
-                Ok(verdict) => verdict,
-                Err(_) => Verdict::Failed(format!("no answer within {} ms", timeout.as_millis())),
+            let verdict = match request {
+                // A channel hook asked for a proxy the config has no URL for.
+                None => Verdict::Failed(format!("no [proxy] URL for {:?} calls", call.kind)),
+                Some(request) => match tokio::time::timeout(timeout, ask(client, request)).await {
+                    Ok(verdict) => verdict,
+                    Err(_) => {
+                        Verdict::Failed(format!("no answer within {} ms", timeout.as_millis()))
+                    }
+                },
             };
             let counter = match &verdict {
-                Verdict::Allowed => &sink.stats.allowed_total,
+                Verdict::Allowed { .. } => &sink.stats.allowed_total,
                 Verdict::Refused { .. } => &sink.stats.refused_total,
                 Verdict::Failed(_) => &sink.stats.failed_total,
             };

@@ -1,11 +1,16 @@
-//! The subscribe proxy: before a subscription to a topic whose rule has
-//! `subscribe_proxy = true` is made, the application backend is asked
-//! (`POST [proxy] subscribe_url`) whether to allow it.
+//! The subscribe and publish proxies: before a subscription to a topic
+//! whose rule has `subscribe_proxy = true` is made, the application
+//! backend is asked (`POST [proxy] subscribe_url`) whether to allow it;
+//! before a client's publication to a topic whose rule has
+//! `publish_proxy = true` goes out, it is asked (`POST [proxy]
+//! publish_url`) to pass, rewrite or refuse it.
 //!
 //! A shard never waits for it: it keeps the subscription pending (counted
-//! against the connection's subscription limit and the shard's
-//! `max_in_flight`), hands the call to the proxy thread (`driver.rs`, a
-//! tokio runtime with a pooled keep-alive HTTP/1.1 client), and goes on.
+//! against the connection's subscription limit), or parks the publishing
+//! connection (its input held, so its publications stay in order), hands
+//! the call to the proxy thread (`driver.rs`, a tokio runtime with a pooled
+//! keep-alive HTTP/1.1 client), and goes on; at most `max_in_flight` calls
+//! per shard.
 //! The thread's [`Verdict`] comes back as an envelope on the shard's own
 //! bus queue. A timeout or an unreachable backend refuses the subscription
 //! (the proxy fails closed).
@@ -26,21 +31,31 @@ pub use driver::{spawn, ProxyHandle};
 /// The longest refusal message passed on to a client.
 pub const MAX_MESSAGE_BYTES: usize = 256;
 
+/// Which proxy a call is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    Subscribe,
+    Publish,
+}
+
 /// One question for the backend.
 #[derive(Debug)]
 pub struct Call {
     /// Who gets the verdict, and the ticket it names.
     pub shard: ShardId,
     pub ticket: u64,
-    /// The JSON body: `client`, `transport`, `user`, `topic`.
+    pub kind: CallKind,
+    /// The JSON body: `client`, `transport`, `user`, `topic` (and for a
+    /// publication `event` and `payload`).
     pub body: Bytes,
 }
 
 /// What the backend decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// `200 {"result": {...}}`.
-    Allowed,
+    /// `200 {"result": {...}}`; for a publication, `result.payload` (any
+    /// JSON value) replaces the client's payload.
+    Allowed { payload: Option<String> },
     /// `200 {"error": {"code": C, "message": M}}`, or a non-2xx status
     /// (its code, no message).
     Refused { code: u32, message: String },
@@ -50,9 +65,16 @@ pub enum Verdict {
 }
 
 #[derive(Deserialize)]
-struct Answer {
-    result: Option<serde::de::IgnoredAny>,
+struct Answer<'a> {
+    #[serde(borrow)]
+    result: Option<AnswerResult<'a>>,
     error: Option<AnswerError>,
+}
+
+#[derive(Deserialize)]
+struct AnswerResult<'a> {
+    #[serde(borrow)]
+    payload: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -80,8 +102,11 @@ impl Verdict {
                 message: truncate(error.message, MAX_MESSAGE_BYTES),
             },
             Ok(Answer {
-                result: Some(_), ..
-            }) => Verdict::Allowed,
+                result: Some(result),
+                ..
+            }) => Verdict::Allowed {
+                payload: result.payload.map(|p| p.get().to_string()),
+            },
             Ok(_) => Verdict::Failed("the backend answered neither result nor error".into()),
             Err(e) => Verdict::Failed(format!("the backend's answer is not JSON: {e}")),
         }
@@ -156,22 +181,22 @@ impl ProxySink {
         use std::fmt::Write as _;
         let s = &self.stats;
         let metrics = [
-            ("proxy_calls_total", "counter", "Subscribe proxy calls made.", &s.calls_total),
-            ("proxy_allowed_total", "counter", "Subscriptions the backend allowed.", &s.allowed_total),
-            ("proxy_refused_total", "counter", "Subscriptions the backend refused.", &s.refused_total),
+            ("proxy_calls_total", "counter", "Subscribe and publish proxy calls made.", &s.calls_total),
+            ("proxy_allowed_total", "counter", "Subscriptions and publications the backend allowed.", &s.allowed_total),
+            ("proxy_refused_total", "counter", "Subscriptions and publications the backend refused.", &s.refused_total),
             (
                 "proxy_failed_total",
                 "counter",
-                "Subscribe proxy calls without a decision (timeout, unreachable, bad answer): refused.",
+                "Proxy calls without a decision (timeout, unreachable, bad answer): refused.",
                 &s.failed_total,
             ),
             (
                 "proxy_busy_total",
                 "counter",
-                "Subscriptions refused at once: the shard had proxy.max_in_flight calls outstanding.",
+                "Subscriptions and publications refused at once: the shard had proxy.max_in_flight calls outstanding.",
                 &s.busy_total,
             ),
-            ("proxy_in_flight", "gauge", "Subscribe proxy calls outstanding.", &s.in_flight),
+            ("proxy_in_flight", "gauge", "Proxy calls outstanding.", &s.in_flight),
         ];
         for (name, kind, help, value) in metrics {
             let _ = writeln!(out, "# HELP ringcast_{name} {help}");
@@ -187,13 +212,17 @@ mod tests {
 
     #[test]
     fn answers_are_read_as_the_contract_says() {
-        assert_eq!(
-            Verdict::of_answer(200, br#"{"result":{}}"#),
-            Verdict::Allowed
-        );
+        let allowed = Verdict::Allowed { payload: None };
+        assert_eq!(Verdict::of_answer(200, br#"{"result":{}}"#), allowed);
         assert_eq!(
             Verdict::of_answer(200, br#"{"result":{"info":{"x":1}}}"#),
-            Verdict::Allowed
+            allowed
+        );
+        assert_eq!(
+            Verdict::of_answer(200, br#"{"result":{"payload":{"text":"***"}}}"#),
+            Verdict::Allowed {
+                payload: Some(r#"{"text":"***"}"#.into())
+            }
         );
         assert_eq!(
             Verdict::of_answer(200, br#"{"error":{"code":4403,"message":"not yours"}}"#),

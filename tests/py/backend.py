@@ -10,6 +10,12 @@ and answers by the topic's name: one containing "deny" is refused with
 "bad" with a body that is not JSON, "slow" after 1 s (then allowed, unless
 "deny" too), anything else {"result":{}}. Every call is recorded.
 
+Publish proxy: POST /publish gets {"client","transport","user","topic",
+"event","payload"}: a topic containing "deny" is refused (4403), "slow"
+waits 300 ms, "stall" 10 s, a payload whose "text" contains "badword" is allowed with
+the payload {"text":"***"}, anything else allowed as is. Every call is
+recorded with the subscribe calls.
+
 The test drives and reads it over HTTP:
 
   GET  /events        {"events": [...], "posts": N, "bad_signatures": N, "failed": N}
@@ -66,6 +72,21 @@ class Handler(BaseHTTPRequestHandler):
                 return self.answer(404)
         self.answer(200, json.dumps(view).encode())
 
+    def publish(self, body):
+        call = json.loads(body)
+        with lock:
+            state["calls"].append(call)
+        if "slow" in call["topic"]:
+            time.sleep(0.3)
+        if "stall" in call["topic"]:
+            time.sleep(10)
+        if "deny" in call["topic"]:
+            return self.answer(200, b'{"error":{"code":4403,"message":"not allowed here"}}')
+        payload = call.get("payload")
+        if isinstance(payload, dict) and "badword" in str(payload.get("text", "")):
+            return self.answer(200, b'{"result":{"payload":{"text":"***"}}}')
+        self.answer(200, b'{"result":{}}')
+
     def subscribe(self, body):
         call = json.loads(body)
         with lock:
@@ -95,6 +116,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer(204)
         if url.path == "/subscribe":
             return self.subscribe(body)
+        if url.path == "/publish":
+            return self.publish(body)
         if url.path != "/hook":
             return self.answer(404)
         with lock:

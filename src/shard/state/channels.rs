@@ -20,6 +20,7 @@ use crate::shard::key::ConnKey;
 
 use super::conn::Deferred;
 use super::names::NameId;
+use super::proxied::Publication;
 use super::streams::Published;
 use super::ShardState;
 
@@ -252,7 +253,29 @@ impl ShardState {
         {
             return self.send_error(key, "server shutting down: publishes are refused");
         }
+        let proxied = self.shared.channels.hook(channel).publish_proxy();
         let published = match verdict {
+            Verdict::Broadcast if proxied => {
+                let publication = Publication {
+                    topic,
+                    event: message.event,
+                    payload: message.payload.get(),
+                    idempotency_key,
+                };
+                self.ask_to_publish(key, publication);
+                None
+            }
+            Verdict::Rewrite { event, payload } if proxied => {
+                let payload = payload.to_string();
+                let publication = Publication {
+                    topic,
+                    event: &event,
+                    payload: &payload,
+                    idempotency_key,
+                };
+                self.ask_to_publish(key, publication);
+                None
+            }
             Verdict::Broadcast => {
                 let (event, payload) = (message.event, message.payload.get());
                 Some(self.publish(topic, event, payload, None, idempotency_key))

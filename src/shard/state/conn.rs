@@ -203,6 +203,16 @@ pub(crate) enum Deferred {
         /// When it is answered `404` if the registration has not come.
         until: Instant,
     },
+    /// A client publication waiting for the publish proxy's verdict; the
+    /// connection's later input waits behind it, so its publications stay
+    /// in order.
+    Publish {
+        ticket: u64,
+        topic: Box<str>,
+        event: Box<str>,
+        payload: Box<str>,
+        idempotency_key: Option<Box<str>>,
+    },
     /// An HTTP response to send once the registry change with this ticket is
     /// acknowledged everywhere.
     Response {
@@ -245,6 +255,18 @@ impl Deferred {
             }
             Deferred::Response { response, .. } => response.body().len(),
             Deferred::Registration { request, id, .. } => request.head_bytes() + id.len(),
+            Deferred::Publish {
+                topic,
+                event,
+                payload,
+                idempotency_key,
+                ..
+            } => {
+                topic.len()
+                    + event.len()
+                    + payload.len()
+                    + idempotency_key.as_deref().map_or(0, str::len)
+            }
             Deferred::Presence { reply } | Deferred::Stream { reply, .. } => {
                 reply.cors.as_deref().map_or(0, str::len)
             }

@@ -158,7 +158,7 @@ impl ShardState {
             return self.send_error(key, &format!("no rule allows topic `{topic}`"));
         };
         if !allowed_by_backend && self.shared.channels.hook(channel).subscribe_proxy() {
-            return self.ask_backend(key, topic, since);
+            return self.ask_to_subscribe(key, topic, since);
         }
         if self.topics.lookup(topic).is_none() && !self.control_has_room() {
             return self.send_error(key, "server busy: cannot subscribe now, try again");
