@@ -270,6 +270,14 @@ pub struct ProxyConfig {
     /// `http://host:port/path` a client publication to a `publish_proxy`
     /// rule's topic is POSTed to.
     pub publish_url: Option<String>,
+    /// `http://host:port/path` asked about each `/ws`, `/sse` and `/stream`
+    /// connection that brings no valid token: the backend names its user
+    /// (and starting topics) or refuses it.
+    pub connect_url: Option<String>,
+    /// Request headers passed to the connect proxy (lowercase names).
+    /// Default: `cookie`, `user-agent`, `origin`, `x-forwarded-for`,
+    /// `x-real-ip`.
+    pub forward_headers: Vec<String>,
     /// How long the backend may take; past it the subscription is refused
     /// (the proxy fails closed). Default 3 s.
     pub timeout: Duration,
@@ -484,6 +492,7 @@ struct FileProxy {
     refresh_url: Option<String>,
     timeout_ms: Option<u64>,
     max_in_flight: Option<usize>,
+    forward_headers: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -888,22 +897,18 @@ fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
 }
 
 fn proxy_config(file: FileProxy) -> Result<ProxyConfig, ConfigError> {
-    for (key, value) in [
-        ("connect_url", &file.connect_url),
-        ("refresh_url", &file.refresh_url),
-    ] {
-        if value.is_some() {
-            return Err(ConfigError::Invalid(format!(
-                "proxy.{key} is not supported yet: only subscribe_url and publish_url are"
-            )));
-        }
-    }
-    if file.subscribe_url.is_none() && file.publish_url.is_none() {
+    if file.refresh_url.is_some() {
         return Err(ConfigError::Invalid(
-            "proxy: subscribe_url or publish_url is required".into(),
+            "proxy.refresh_url is not supported yet".into(),
+        ));
+    }
+    if file.subscribe_url.is_none() && file.publish_url.is_none() && file.connect_url.is_none() {
+        return Err(ConfigError::Invalid(
+            "proxy: connect_url, subscribe_url or publish_url is required".into(),
         ));
     }
     for (key, url) in [
+        ("proxy.connect_url", &file.connect_url),
         ("proxy.subscribe_url", &file.subscribe_url),
         ("proxy.publish_url", &file.publish_url),
     ] {
@@ -923,9 +928,34 @@ fn proxy_config(file: FileProxy) -> Result<ProxyConfig, ConfigError> {
             "proxy.max_in_flight must be 1 to 1000000".into(),
         ));
     }
+    let forward_headers: Vec<String> = match file.forward_headers {
+        Some(names) => names
+            .iter()
+            .map(|n| n.trim().to_ascii_lowercase())
+            .collect(),
+        None => [
+            "cookie",
+            "user-agent",
+            "origin",
+            "x-forwarded-for",
+            "x-real-ip",
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    if let Some(bad) = forward_headers
+        .iter()
+        .find(|n| n.is_empty() || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "proxy.forward_headers: `{bad}` is not a header name"
+        )));
+    }
     Ok(ProxyConfig {
         subscribe_url: file.subscribe_url,
         publish_url: file.publish_url,
+        connect_url: file.connect_url,
+        forward_headers,
         timeout,
         max_in_flight,
     })
@@ -1196,7 +1226,7 @@ pattern = "chat:lobby"
             ),
             (
                 "[proxy]\ntimeout_ms = 100\n",
-                "subscribe_url or publish_url is required",
+                "connect_url, subscribe_url or publish_url is required",
             ),
             (
                 "[proxy]\nsubscribe_url = \"http://h/s\"\n\
@@ -1204,8 +1234,12 @@ pattern = "chat:lobby"
                 "has publish_proxy = true but [proxy] has no publish_url",
             ),
             (
-                "[proxy]\nsubscribe_url = \"http://h/s\"\nconnect_url = \"http://h/c\"\n",
-                "proxy.connect_url is not supported yet",
+                "[proxy]\nsubscribe_url = \"http://h/s\"\nrefresh_url = \"http://h/c\"\n",
+                "proxy.refresh_url is not supported yet",
+            ),
+            (
+                "[proxy]\nconnect_url = \"http://h/c\"\nforward_headers = [\"a b\"]\n",
+                "not a header name",
             ),
             (
                 "[proxy]\nsubscribe_url = \"ftp://h/s\"\n",

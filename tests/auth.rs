@@ -1,11 +1,7 @@
 //! JWT on `/ws` and `/chat`, and the API key on publish, register and presence.
 mod common;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use common::TestServer;
-use jsonwebtoken::{encode, EncodingKey, Header};
-use serde_json::json;
 
 const SECRET: &str = "test-secret-0123456789";
 const KEY: &str = "test-api-key";
@@ -14,24 +10,10 @@ fn config() -> String {
     format!("[auth]\njwt_secret = \"{SECRET}\"\napi_key = \"{KEY}\"\n")
 }
 
-fn token(secret: &str, sub: &str, exp_offset_secs: i64) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let claims = json!({ "sub": sub, "exp": now + exp_offset_secs });
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
-}
-
 #[test]
 fn a_valid_token_opens_ws_and_names_the_user() {
     let server = TestServer::start(2, Some(&config()));
-    let good = token(SECRET, "alice", 300);
+    let good = common::jwt(SECRET, "alice", 300);
     assert_eq!(
         server.upgrade_status("/ws", &format!("Authorization: Bearer {good}\r\n")),
         101
@@ -54,12 +36,12 @@ fn a_valid_token_opens_ws_and_names_the_user() {
 fn missing_bad_and_expired_tokens_get_401_before_the_upgrade() {
     let server = TestServer::start(1, Some(&config()));
     assert_eq!(server.upgrade_status("/ws", ""), 401);
-    let forged = token("another-secret", "mallory", 300);
+    let forged = common::jwt("another-secret", "mallory", 300);
     assert_eq!(
         server.upgrade_status(&format!("/ws?token={forged}"), ""),
         401
     );
-    let expired = token(SECRET, "alice", -10);
+    let expired = common::jwt(SECRET, "alice", -10);
     assert_eq!(
         server.upgrade_status("/ws", &format!("Authorization: Bearer {expired}\r\n")),
         401
@@ -74,7 +56,7 @@ fn chat_needs_a_token_and_its_user_must_match() {
         server.upgrade_status("/chat?user_id=ann&recipient_id=ben", ""),
         401
     );
-    let ann = token(SECRET, "ann", 300);
+    let ann = common::jwt(SECRET, "ann", 300);
     assert_eq!(
         server.upgrade_status(&format!("/chat?recipient_id=ben&token={ann}"), ""),
         101
@@ -142,7 +124,7 @@ fn publish_register_and_presence_need_the_api_key() {
 fn echo_needs_a_token_when_jwt_auth_is_on() {
     let server = TestServer::start(1, Some(&config()));
     assert_eq!(server.upgrade_status("/echo", ""), 401);
-    let good = token(SECRET, "alice", 300);
+    let good = common::jwt(SECRET, "alice", 300);
     assert_eq!(
         server.upgrade_status(&format!("/echo?token={good}"), ""),
         101

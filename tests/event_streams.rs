@@ -344,7 +344,7 @@ fn shutdown_ends_a_stream_with_a_close_event_after_what_was_accepted() {
 fn an_authenticated_stream_gets_publications_to_its_user() {
     let config = format!("{CONFIG}\n[auth]\njwt_secret = \"secret\"\n");
     let server = TestServer::start(2, Some(&config));
-    let token = jwt("secret", "alice");
+    let token = common::jwt("secret", "alice", 3600);
     let mut sse = subscribed(
         &server,
         "topic=inbox",
@@ -362,23 +362,6 @@ fn an_authenticated_stream_gets_publications_to_its_user() {
             ("dm", json!("hi"))
         );
     }
-}
-
-/// An HS256 token for `sub`, valid for an hour.
-fn jwt(secret: &str, sub: &str) -> String {
-    use jsonwebtoken::{encode, EncodingKey, Header};
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    let claims = json!({"sub": sub, "exp": exp});
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
 }
 
 #[test]

@@ -414,3 +414,124 @@ fn a_client_flooding_publications_against_a_stalled_backend_is_closed_at_the_par
     assert_eq!(node.metric("proxy_in_flight"), 1, "one call for the flood");
     assert_eq!(node.http("GET", "/health", None).0, 200);
 }
+
+/// A node whose `/ws`, `/sse` and `/stream` connections without a valid
+/// token are identified by the backend's `/connect`.
+fn connect_node(backend: &TestServer, more: &str) -> TestServer {
+    TestServer::start(
+        2,
+        Some(&format!(
+            "[proxy]\nconnect_url = \"http://{}/connect\"\n{more}\n",
+            backend.addr
+        )),
+    )
+}
+
+#[test]
+fn the_backend_names_the_user_of_a_connection_without_a_token() {
+    let backend = backend();
+    let node = connect_node(&backend, "");
+    let stream = std::net::TcpStream::connect(node.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = tungstenite::http::Request::builder()
+        .uri(node.ws_url("/ws?as=ann"))
+        .header("Host", node.addr.to_string())
+        .header("Cookie", "session=abc")
+        .header("X-Secret", "not forwarded")
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header(
+            "Sec-WebSocket-Key",
+            tungstenite::handshake::client::generate_key(),
+        )
+        .body(())
+        .unwrap();
+    let (socket, _) =
+        tungstenite::client::client(request, tungstenite::stream::MaybeTlsStream::Plain(stream))
+            .expect("the backend allowed it");
+    let mut ws = Ws(socket);
+    // The grant's starting topic.
+    assert_eq!(next(&mut ws), json!({"type":"subscribed","topic":"news"}));
+    let asked = calls(&backend);
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0]["transport"], "websocket");
+    assert_eq!(asked[0]["query"], "as=ann");
+    assert_eq!(asked[0]["headers"]["cookie"], "session=abc");
+    assert!(asked[0]["headers"].get("x-secret").is_none(), "{asked:?}");
+    assert!(asked[0]["user"].is_null());
+    // The connection is ann's: a publish to her reaches it.
+    assert_eq!(
+        node.publish(r#"{"topic":"news","user_id":"ann","payload":"for ann"}"#),
+        202
+    );
+    assert_eq!(next(&mut ws)["payload"], "for ann");
+
+    // An event stream too.
+    let mut sse = Sse::open(node.addr, "/sse?topic=news&as=bob", "");
+    assert_eq!(sse.status, 200);
+    sse.expect("ringcast.subscribed");
+    assert_eq!(calls(&backend)[1]["transport"], "sse");
+    assert_eq!(
+        node.publish(r#"{"topic":"news","user_id":"bob","payload":"for bob"}"#),
+        202
+    );
+    assert_eq!(sse.next_push().json()["payload"], "for bob");
+}
+
+#[test]
+fn a_refused_or_unanswered_connection_gets_the_status_before_any_upgrade() {
+    let backend = backend();
+    let node = connect_node(&backend, "timeout_ms = 300");
+    assert_eq!(node.upgrade_status("/ws?deny=1", ""), 403);
+    assert_eq!(node.upgrade_status("/ws?status=401", ""), 401);
+    assert_eq!(
+        node.upgrade_status("/ws?slow=1", ""),
+        503,
+        "no verdict in time"
+    );
+    let (status, body) = node.http("GET", "/sse?topic=news&deny=1", None);
+    assert_eq!(status, 403);
+    assert!(
+        body.contains("connection refused by the backend (4403): who are you"),
+        "{body}"
+    );
+    assert_eq!(node.upgrade_status("/ws", ""), 101, "allowed, anonymous");
+    assert_eq!(node.metric("proxy_refused_total"), 3);
+    assert_eq!(node.metric("proxy_failed_total"), 1);
+}
+
+#[test]
+fn a_valid_token_skips_the_backend_and_a_grant_expires_with_4001() {
+    let backend = backend();
+    let secret = "connect-proxy-test-secret";
+    let node = connect_node(&backend, &format!("[auth]\njwt_secret = \"{secret}\""));
+    let token = common::jwt(secret, "carol", 3600);
+    let mut with_token = node.ws(&format!("/ws?token={token}"));
+    assert_eq!(subscribe(&mut with_token, "x")["type"], "subscribed");
+    assert!(calls(&backend).is_empty(), "a valid token needs no backend");
+
+    let mut granted = node.ws("/ws?as=dan&expire=1");
+    assert_eq!(next(&mut granted)["topic"], "news");
+    assert_eq!(calls(&backend).len(), 1);
+    let started = Instant::now();
+    loop {
+        match granted.0.read() {
+            Ok(tungstenite::Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), 4001);
+                assert_eq!(frame.reason, "connection expired");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        subscribe(&mut with_token, "y")["type"],
+        "subscribed",
+        "others go on"
+    );
+}

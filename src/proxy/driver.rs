@@ -54,6 +54,7 @@ pub fn spawn(sink: Arc<ProxySink>, config: &ProxyConfig, bus: Arc<Bus>) -> io::R
             .transpose()
     };
     let uris = Uris {
+        connect: parse("connect_url", &config.connect_url)?,
         subscribe: parse("subscribe_url", &config.subscribe_url)?,
         publish: parse("publish_url", &config.publish_url)?,
     };
@@ -75,6 +76,7 @@ pub fn spawn(sink: Arc<ProxySink>, config: &ProxyConfig, bus: Arc<Bus>) -> io::R
 
 /// Where each kind of call goes.
 struct Uris {
+    connect: Option<Uri>,
     subscribe: Option<Uri>,
     publish: Option<Uri>,
 }
@@ -97,6 +99,7 @@ async fn run(
             _ = &mut stopped => return,
         };
         let uri = match call.kind {
+            CallKind::Connect => &uris.connect,
             CallKind::Subscribe => &uris.subscribe,
             CallKind::Publish => &uris.publish,
         };
@@ -155,7 +158,12 @@ async fn ask(
         .collect()
         .await
     {
-        Ok(body) => Verdict::of_answer(status, &body.to_bytes()),
+        Ok(body) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            Verdict::of_answer(status, &body.to_bytes(), now)
+        }
         Err(e) => Verdict::Failed(format!("the backend's answer could not be read: {e}")),
     }
 }

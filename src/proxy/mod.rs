@@ -19,6 +19,7 @@ mod driver;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -34,6 +35,7 @@ pub const MAX_MESSAGE_BYTES: usize = 256;
 /// Which proxy a call is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallKind {
+    Connect,
     Subscribe,
     Publish,
 }
@@ -53,9 +55,8 @@ pub struct Call {
 /// What the backend decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// `200 {"result": {...}}`; for a publication, `result.payload` (any
-    /// JSON value) replaces the client's payload.
-    Allowed { payload: Option<String> },
+    /// `200 {"result": {...}}`.
+    Allowed(Grant),
     /// `200 {"error": {"code": C, "message": M}}`, or a non-2xx status
     /// (its code, no message).
     Refused { code: u32, message: String },
@@ -71,10 +72,29 @@ struct Answer<'a> {
     error: Option<AnswerError>,
 }
 
+/// What an allowing answer may carry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// A publication's replacement payload (any JSON value, as text).
+    pub payload: Option<String>,
+    /// A connection's user id.
+    pub user: Option<String>,
+    /// Topics a WebSocket connection starts with.
+    pub topics: Vec<String>,
+    /// When a connection must end (its `expire_at`), from when the answer
+    /// was read.
+    pub expires_in: Option<Duration>,
+}
+
 #[derive(Deserialize)]
 struct AnswerResult<'a> {
     #[serde(borrow)]
     payload: Option<&'a serde_json::value::RawValue>,
+    user: Option<String>,
+    #[serde(default)]
+    topics: Vec<String>,
+    /// Unix seconds.
+    expire_at: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -86,8 +106,8 @@ struct AnswerError {
 }
 
 impl Verdict {
-    /// The verdict of an HTTP answer.
-    pub fn of_answer(status: u16, body: &[u8]) -> Verdict {
+    /// The verdict of an HTTP answer read at `now_unix_s`.
+    pub fn of_answer(status: u16, body: &[u8], now_unix_s: u64) -> Verdict {
         if !(200..300).contains(&status) {
             return Verdict::Refused {
                 code: u32::from(status),
@@ -104,9 +124,14 @@ impl Verdict {
             Ok(Answer {
                 result: Some(result),
                 ..
-            }) => Verdict::Allowed {
+            }) => Verdict::Allowed(Grant {
                 payload: result.payload.map(|p| p.get().to_string()),
-            },
+                user: result.user.filter(|u| !u.is_empty()),
+                topics: result.topics,
+                expires_in: result
+                    .expire_at
+                    .map(|at| Duration::from_secs(at.saturating_sub(now_unix_s))),
+            }),
             Ok(_) => Verdict::Failed("the backend answered neither result nor error".into()),
             Err(e) => Verdict::Failed(format!("the backend's answer is not JSON: {e}")),
         }
@@ -210,41 +235,68 @@ impl ProxySink {
 mod tests {
     use super::*;
 
+    /// The verdict at an arbitrary time, for answers without `expire_at`.
+    impl Verdict {
+        fn of_answer_at(status: u16, body: &[u8]) -> Verdict {
+            Verdict::of_answer(status, body, 0)
+        }
+    }
+
     #[test]
     fn answers_are_read_as_the_contract_says() {
-        let allowed = Verdict::Allowed { payload: None };
-        assert_eq!(Verdict::of_answer(200, br#"{"result":{}}"#), allowed);
+        let allowed = Verdict::Allowed(Grant::default());
+        assert_eq!(Verdict::of_answer_at(200, br#"{"result":{}}"#), allowed);
         assert_eq!(
-            Verdict::of_answer(200, br#"{"result":{"info":{"x":1}}}"#),
+            Verdict::of_answer_at(200, br#"{"result":{"info":{"x":1}}}"#),
             allowed
         );
         assert_eq!(
-            Verdict::of_answer(200, br#"{"result":{"payload":{"text":"***"}}}"#),
-            Verdict::Allowed {
-                payload: Some(r#"{"text":"***"}"#.into())
-            }
+            Verdict::of_answer_at(200, br#"{"result":{"payload":{"text":"***"}}}"#),
+            Verdict::Allowed(Grant {
+                payload: Some(r#"{"text":"***"}"#.into()),
+                ..Grant::default()
+            })
         );
         assert_eq!(
-            Verdict::of_answer(200, br#"{"error":{"code":4403,"message":"not yours"}}"#),
+            Verdict::of_answer(
+                200,
+                br#"{"result":{"user":"ann","topics":["a","b"],"expire_at":1060}}"#,
+                1000
+            ),
+            Verdict::Allowed(Grant {
+                user: Some("ann".into()),
+                topics: vec!["a".into(), "b".into()],
+                expires_in: Some(Duration::from_secs(60)),
+                ..Grant::default()
+            })
+        );
+        assert_eq!(
+            Verdict::of_answer_at(200, br#"{"error":{"code":4403,"message":"not yours"}}"#),
             Verdict::Refused {
                 code: 4403,
                 message: "not yours".into()
             }
         );
         assert_eq!(
-            Verdict::of_answer(403, b"<html>forbidden</html>"),
+            Verdict::of_answer_at(403, b"<html>forbidden</html>"),
             Verdict::Refused {
                 code: 403,
                 message: String::new()
             }
         );
-        assert!(matches!(Verdict::of_answer(200, b"{}"), Verdict::Failed(_)));
-        assert!(matches!(Verdict::of_answer(200, b"ok"), Verdict::Failed(_)));
+        assert!(matches!(
+            Verdict::of_answer_at(200, b"{}"),
+            Verdict::Failed(_)
+        ));
+        assert!(matches!(
+            Verdict::of_answer_at(200, b"ok"),
+            Verdict::Failed(_)
+        ));
         let long = format!(
             r#"{{"error":{{"code":1,"message":"{}é"}}}}"#,
             "x".repeat(255)
         );
-        let Verdict::Refused { message, .. } = Verdict::of_answer(200, long.as_bytes()) else {
+        let Verdict::Refused { message, .. } = Verdict::of_answer_at(200, long.as_bytes()) else {
             panic!("a refusal");
         };
         assert_eq!(

@@ -442,3 +442,19 @@ pub fn read_server_frame(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>
     stream.read_exact(&mut payload)?;
     Ok((head[0] & 0x0f, payload))
 }
+
+/// An HS256 token for `sub` (what an application signing with `secret`
+/// makes), expiring `valid_for_secs` from now (negative: expired).
+pub fn jwt(secret: &str, sub: &str, valid_for_secs: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = serde_json::json!({ "sub": sub, "exp": now + valid_for_secs });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}

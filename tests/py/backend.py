@@ -16,6 +16,12 @@ waits 300 ms, "stall" 10 s, a payload whose "text" contains "badword" is allowed
 the payload {"text":"***"}, anything else allowed as is. Every call is
 recorded with the subscribe calls.
 
+Connect proxy: POST /connect gets {"client","transport","user","headers",
+"query","remote_addr"} and answers by the query: `deny` refuses (4403),
+`status=N` answers a bare N, `slow` waits 1 s, `as=U` allows as user U with
+the starting topic "news" (and `expire=S` sets expire_at S seconds ahead),
+anything else allows anonymously. Every call is recorded.
+
 The test drives and reads it over HTTP:
 
   GET  /events        {"events": [...], "posts": N, "bad_signatures": N, "failed": N}
@@ -72,6 +78,24 @@ class Handler(BaseHTTPRequestHandler):
                 return self.answer(404)
         self.answer(200, json.dumps(view).encode())
 
+    def connect(self, body):
+        call = json.loads(body)
+        with lock:
+            state["calls"].append(call)
+        query = parse_qs(call["query"])
+        if "slow" in query:
+            time.sleep(1)
+        if "deny" in query:
+            return self.answer(200, b'{"error":{"code":4403,"message":"who are you"}}')
+        if "status" in query:
+            return self.answer(int(query["status"][0]), b"no")
+        result = {}
+        if "as" in query:
+            result = {"user": query["as"][0], "topics": ["news"]}
+        if "expire" in query:
+            result["expire_at"] = int(time.time()) + int(query["expire"][0])
+        self.answer(200, json.dumps({"result": result}).encode())
+
     def publish(self, body):
         call = json.loads(body)
         with lock:
@@ -116,6 +140,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer(204)
         if url.path == "/subscribe":
             return self.subscribe(body)
+        if url.path == "/connect":
+            return self.connect(body)
         if url.path == "/publish":
             return self.publish(body)
         if url.path != "/hook":

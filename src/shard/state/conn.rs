@@ -203,6 +203,15 @@ pub(crate) enum Deferred {
         /// When it is answered `404` if the registration has not come.
         until: Instant,
     },
+    /// A `/ws`, `/sse` or `/stream` request waiting for the connect
+    /// proxy's verdict on who it is.
+    Connect {
+        ticket: u64,
+        request: Box<Request>,
+        route: super::connect::ConnectRoute,
+        /// The allowed origin its answer names.
+        cors: Option<Box<str>>,
+    },
     /// A client publication waiting for the publish proxy's verdict; the
     /// connection's later input waits behind it, so its publications stay
     /// in order.
@@ -255,6 +264,9 @@ impl Deferred {
             }
             Deferred::Response { response, .. } => response.body().len(),
             Deferred::Registration { request, id, .. } => request.head_bytes() + id.len(),
+            Deferred::Connect { request, cors, .. } => {
+                request.head_bytes() + cors.as_deref().map_or(0, str::len)
+            }
             Deferred::Publish {
                 topic,
                 event,

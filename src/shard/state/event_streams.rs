@@ -52,10 +52,21 @@ impl ShardState {
         format: Format,
         cors: Option<&str>,
     ) -> Option<Response> {
-        let user = match self.identify(request, "user_id") {
-            Ok(user) => user,
-            Err(response) => return Some(response),
-        };
+        match self.identify(request, "user_id") {
+            Ok(user) => self.event_stream_request_as(key, request, format, cors, user),
+            Err(response) => Some(response),
+        }
+    }
+
+    /// The same for a request whose user is known (`None`: anonymous).
+    pub(super) fn event_stream_request_as(
+        &mut self,
+        key: ConnKey,
+        request: &Request,
+        format: Format,
+        cors: Option<&str>,
+        user: Option<Arc<str>>,
+    ) -> Option<Response> {
         let limits = &self.config().limits;
         let (max_topic, max_subs) = (
             limits.max_topic_bytes,

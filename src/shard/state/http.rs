@@ -19,6 +19,7 @@ use crate::shard::key::ConnKey;
 use super::channels::PresenceThen;
 use super::cluster::LocalOnly;
 use super::conn::{Deferred, Reply, WsKind};
+use super::connect::ConnectRoute;
 use super::route::Route;
 use super::streams::Published;
 use super::users::Opening;
@@ -76,6 +77,19 @@ impl ShardState {
                 Some(response) => response,
                 None => return,
             },
+            Route::Ws if request.method == Method::Get && self.connect_needs_backend(&request) => {
+                return self.ask_to_connect(key, request, ConnectRoute::Ws, cors);
+            }
+            Route::Sse if request.method == Method::Get && self.connect_needs_backend(&request) => {
+                let route = ConnectRoute::Stream(Format::Sse);
+                return self.ask_to_connect(key, request, route, cors);
+            }
+            Route::Stream
+                if request.method == Method::Get && self.connect_needs_backend(&request) =>
+            {
+                let route = ConnectRoute::Stream(Format::Ndjson);
+                return self.ask_to_connect(key, request, route, cors);
+            }
             Route::Ws => match self.identify(&request, "user_id") {
                 Ok(user) => {
                     let mut opening = Opening::anonymous(WsKind::Relay);

@@ -124,6 +124,7 @@ impl ShardState {
         self.leave_indexes(key);
         self.release_input(key);
         self.forget_presence_rate(key);
+        self.connect_expiries.forget(key);
         if let Some(conn) = self.conns.remove(key) {
             match conn.phase {
                 Phase::WebSocket(ws) => {
@@ -208,6 +209,7 @@ impl ShardState {
         self.expire_idle_http();
         self.ping_websockets();
         self.heartbeat_event_streams();
+        self.expire_granted_connections();
     }
 
     /// Closes HTTP connections that did not complete a request in time: a
@@ -415,6 +417,9 @@ pub(super) fn check_invariants(state: &ShardState) -> Result<(), String> {
                 ));
             }
         }
+    }
+    if state.connect_expiries.len() > state.conns.len() {
+        return Err("a connection's expiry outlived it".into());
     }
     check_webhook_members(state)
 }

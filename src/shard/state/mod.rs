@@ -18,6 +18,7 @@ mod channels;
 mod cluster;
 mod compression;
 mod conn;
+mod connect;
 mod encodings;
 mod event_streams;
 mod http;
@@ -210,6 +211,8 @@ pub struct ShardState {
     webhook_members: webhooks::Members,
     /// Subscriptions waiting for the backend's verdict (`[proxy]`).
     proxied: proxied::Proxied,
+    /// When connections the connect proxy granted expire.
+    connect_expiries: connect::Expiries,
     shutdown: Shutdown,
 }
 
@@ -245,6 +248,7 @@ impl ShardState {
             ),
             webhook_members: webhooks::Members::new(),
             proxied: proxied::Proxied::default(),
+            connect_expiries: connect::Expiries::default(),
             shutdown: Shutdown {
                 begun: false,
                 drained_peers: 0,

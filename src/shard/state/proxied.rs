@@ -36,12 +36,20 @@ pub(super) struct Proxied {
 /// A call in flight and who waits for it.
 struct Waiting {
     key: ConnKey,
-    /// What waits: a subscription (here), or a publication (parked on the
-    /// connection as `Deferred::Publish`).
-    subscription: Option<WaitingSubscription>,
+    what: WaitingFor,
 }
 
-struct WaitingSubscription {
+/// What waits for a verdict.
+pub(super) enum WaitingFor {
+    /// A subscription (here: the connection goes on meanwhile).
+    Subscription(WaitingSubscription),
+    /// A publication, parked on the connection as `Deferred::Publish`.
+    Publication,
+    /// A connection's request, parked on it as `Deferred::Connect`.
+    Connection,
+}
+
+pub(super) struct WaitingSubscription {
     topic: Arc<str>,
     since: Option<Since>,
     /// Unsubscribed meanwhile: the verdict is thrown away. (The entry
@@ -67,7 +75,7 @@ impl ShardState {
             .waiting
             .values()
             .filter(|w| w.key == key)
-            .filter(|w| w.subscription.as_ref().is_some_and(|s| !s.cancelled))
+            .filter(|w| matches!(&w.what, WaitingFor::Subscription(s) if !s.cancelled))
             .count()
     }
 
@@ -76,9 +84,7 @@ impl ShardState {
     pub(super) fn ask_to_subscribe(&mut self, key: ConnKey, topic: &str, since: Option<Since>) {
         let waiting_already = self.proxied.waiting.values().any(|w| {
             w.key == key
-                && w.subscription
-                    .as_ref()
-                    .is_some_and(|s| !s.cancelled && *s.topic == *topic)
+                && matches!(&w.what, WaitingFor::Subscription(s) if !s.cancelled && *s.topic == *topic)
         });
         if waiting_already {
             return;
@@ -88,8 +94,12 @@ impl ShardState {
             since,
             cancelled: false,
         };
-        let body = |base: serde_json::Value| base;
-        self.ask(key, CallKind::Subscribe, topic, Some(subscription), body);
+        let mut body = self.call_body(key);
+        body["topic"] = topic.into();
+        let what = WaitingFor::Subscription(subscription);
+        if let Err(why) = self.ask(key, CallKind::Subscribe, what, body) {
+            self.send_error(key, &format!("`{topic}`: {why}"));
+        }
     }
 
     /// Asks the backend to pass, rewrite or refuse `publication` from
@@ -101,16 +111,16 @@ impl ShardState {
             payload,
             idempotency_key,
         } = publication;
-        let body = |mut base: serde_json::Value| {
-            base["event"] = serde_json::Value::String(event.to_string());
-            base["payload"] = serde_json::from_str::<&RawValue>(payload)
-                .ok()
-                .and_then(|raw| serde_json::to_value(raw).ok())
-                .unwrap_or(serde_json::Value::Null);
-            base
-        };
-        let Some(ticket) = self.ask(key, CallKind::Publish, topic, None, body) else {
-            return;
+        let mut body = self.call_body(key);
+        body["topic"] = topic.into();
+        body["event"] = event.into();
+        body["payload"] = serde_json::from_str::<&RawValue>(payload)
+            .ok()
+            .and_then(|raw| serde_json::to_value(raw).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let ticket = match self.ask(key, CallKind::Publish, WaitingFor::Publication, body) {
+            Ok(ticket) => ticket,
+            Err(why) => return self.send_error(key, &format!("`{topic}`: {why}")),
         };
         self.park(
             key,
@@ -124,58 +134,51 @@ impl ShardState {
         );
     }
 
-    /// Hands a call about `topic` to the proxy thread and records who waits
-    /// for it; `None` (and an `error` to the client) when the shard has
-    /// `max_in_flight` calls outstanding.
-    fn ask(
+    /// What every call says of connection `key`: `client`, `transport`
+    /// and `user`.
+    pub(super) fn call_body(&self, key: ConnKey) -> serde_json::Value {
+        let conn = self.conns.get(key);
+        let transport = match conn.map(|c| &c.phase) {
+            Some(Phase::WebSocket(_)) => "websocket",
+            Some(Phase::Stream(stream)) if stream.format == Format::Sse => "sse",
+            Some(Phase::Stream(_)) => "ndjson",
+            Some(Phase::Http(_)) | None => "http",
+        };
+        serde_json::json!({
+            "client": self.conn_id(key),
+            "transport": transport,
+            "user": conn.and_then(|c| c.user()).map(|u| &**u),
+        })
+    }
+
+    /// Hands a call with `body` to the proxy thread and records `what`
+    /// waits for it; refused (with why) when the shard has `max_in_flight`
+    /// calls outstanding or no proxy runs.
+    pub(super) fn ask(
         &mut self,
         key: ConnKey,
         kind: CallKind,
-        topic: &str,
-        subscription: Option<WaitingSubscription>,
-        body: impl FnOnce(serde_json::Value) -> serde_json::Value,
-    ) -> Option<u64> {
+        what: WaitingFor,
+        body: serde_json::Value,
+    ) -> Result<u64, &'static str> {
         let (Some(sink), Some(config)) = (self.shared.proxy.clone(), self.config().proxy.as_ref())
         else {
-            self.send_error(
-                key,
-                &format!("`{topic}` needs the application backend, and no [proxy] is configured"),
-            );
-            return None;
+            return Err("no [proxy] is configured to ask the backend");
         };
         if self.proxied.waiting.len() >= config.max_in_flight {
             sink.stats.busy_total.fetch_add(1, Ordering::Relaxed);
-            self.send_error(
-                key,
-                &format!("server busy: cannot ask the backend about `{topic}` now, try again"),
-            );
-            return None;
+            return Err("server busy: cannot ask the backend now, try again");
         }
-        let conn = self.conns.get(key)?;
-        let transport = match &conn.phase {
-            Phase::WebSocket(_) => "websocket",
-            Phase::Stream(stream) if stream.format == Format::Sse => "sse",
-            Phase::Stream(_) => "ndjson",
-            Phase::Http(_) => "http",
-        };
-        let base = serde_json::json!({
-            "client": self.conn_id(key),
-            "transport": transport,
-            "user": conn.user().map(|u| &**u),
-            "topic": topic,
-        });
         self.proxied.next_ticket += 1;
         let ticket = self.proxied.next_ticket;
-        self.proxied
-            .waiting
-            .insert(ticket, Waiting { key, subscription });
+        self.proxied.waiting.insert(ticket, Waiting { key, what });
         sink.call(Call {
             shard: self.id,
             ticket,
             kind,
-            body: Bytes::from(body(base).to_string()),
+            body: Bytes::from(body.to_string()),
         });
-        Some(ticket)
+        Ok(ticket)
     }
 
     /// Cancels connection `key`'s waiting subscriptions whose topic `drop`
@@ -185,7 +188,7 @@ impl ShardState {
             if waiting.key != key {
                 continue;
             }
-            if let Some(subscription) = waiting.subscription.as_mut() {
+            if let WaitingFor::Subscription(subscription) = &mut waiting.what {
                 if drop(&subscription.topic) {
                     subscription.cancelled = true;
                 }
@@ -195,13 +198,16 @@ impl ShardState {
 
     /// The backend's verdict on the call under `ticket`.
     pub(super) fn on_proxy_verdict(&mut self, ticket: u64, verdict: Verdict) {
-        let Some(Waiting { key, subscription }) = self.proxied.waiting.remove(&ticket) else {
+        let Some(Waiting { key, what }) = self.proxied.waiting.remove(&ticket) else {
             debug_assert!(false, "a verdict on no call");
             return;
         };
-        match subscription {
-            Some(subscription) => self.subscription_verdict(key, subscription, verdict),
-            None => self.publication_verdict(key, ticket, verdict),
+        match what {
+            WaitingFor::Subscription(subscription) => {
+                self.subscription_verdict(key, subscription, verdict)
+            }
+            WaitingFor::Publication => self.publication_verdict(key, ticket, verdict),
+            WaitingFor::Connection => self.connection_verdict(key, ticket, verdict),
         }
     }
 
@@ -220,8 +226,11 @@ impl ShardState {
         }
         let WaitingSubscription { topic, since, .. } = subscription;
         match verdict {
-            Verdict::Allowed { .. } => self.subscribe_allowed(key, &topic, since),
-            refused => self.send_error(key, &refusal("subscription to", &topic, refused)),
+            Verdict::Allowed(_) => self.subscribe_allowed(key, &topic, since),
+            refused => self.send_error(
+                key,
+                &refusal(&format!("subscription to `{topic}`"), refused),
+            ),
         }
     }
 
@@ -242,8 +251,8 @@ impl ShardState {
             return;
         };
         match verdict {
-            Verdict::Allowed { payload: rewritten } => {
-                let payload = rewritten.as_deref().unwrap_or(&payload);
+            Verdict::Allowed(grant) => {
+                let payload = grant.payload.as_deref().unwrap_or(&payload);
                 let published =
                     self.publish(&topic, &event, payload, None, idempotency_key.as_deref());
                 match published {
@@ -252,24 +261,26 @@ impl ShardState {
                     _ => {}
                 }
             }
-            refused => self.send_error(key, &refusal("publication to", &topic, refused)),
+            refused => {
+                self.send_error(key, &refusal(&format!("publication to `{topic}`"), refused))
+            }
         }
         self.resume_input(key);
     }
 }
 
-/// The `error` a client gets for a refused subscription or publication.
-fn refusal(what: &str, topic: &str, verdict: Verdict) -> String {
+/// Why `what` (a subscription, a publication, a connection) was refused.
+pub(super) fn refusal(what: &str, verdict: Verdict) -> String {
     match verdict {
-        Verdict::Allowed { .. } => unreachable!("not a refusal"),
+        Verdict::Allowed(_) => unreachable!("not a refusal"),
         Verdict::Refused { code, message } if message.is_empty() => {
-            format!("{what} `{topic}` refused by the backend ({code})")
+            format!("{what} refused by the backend ({code})")
         }
         Verdict::Refused { code, message } => {
-            format!("{what} `{topic}` refused by the backend ({code}): {message}")
+            format!("{what} refused by the backend ({code}): {message}")
         }
         Verdict::Failed(reason) => {
-            format!("{what} `{topic}` refused: the backend gave no verdict ({reason})")
+            format!("{what} refused: the backend gave no verdict ({reason})")
         }
     }
 }
