@@ -274,6 +274,9 @@ pub struct ProxyConfig {
     /// connection that brings no valid token: the backend names its user
     /// (and starting topics) or refuses it.
     pub connect_url: Option<String>,
+    /// `http://host:port/path` asked to renew a granted connection before
+    /// its `expire_at`; without it the connection is closed then.
+    pub refresh_url: Option<String>,
     /// Request headers passed to the connect proxy (lowercase names).
     /// Default: `cookie`, `user-agent`, `origin`, `x-forwarded-for`,
     /// `x-real-ip`.
@@ -897,9 +900,9 @@ fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
 }
 
 fn proxy_config(file: FileProxy) -> Result<ProxyConfig, ConfigError> {
-    if file.refresh_url.is_some() {
+    if file.refresh_url.is_some() && file.connect_url.is_none() {
         return Err(ConfigError::Invalid(
-            "proxy.refresh_url is not supported yet".into(),
+            "proxy.refresh_url renews what connect_url granted: set connect_url too".into(),
         ));
     }
     if file.subscribe_url.is_none() && file.publish_url.is_none() && file.connect_url.is_none() {
@@ -909,6 +912,7 @@ fn proxy_config(file: FileProxy) -> Result<ProxyConfig, ConfigError> {
     }
     for (key, url) in [
         ("proxy.connect_url", &file.connect_url),
+        ("proxy.refresh_url", &file.refresh_url),
         ("proxy.subscribe_url", &file.subscribe_url),
         ("proxy.publish_url", &file.publish_url),
     ] {
@@ -955,6 +959,7 @@ fn proxy_config(file: FileProxy) -> Result<ProxyConfig, ConfigError> {
         subscribe_url: file.subscribe_url,
         publish_url: file.publish_url,
         connect_url: file.connect_url,
+        refresh_url: file.refresh_url,
         forward_headers,
         timeout,
         max_in_flight,
@@ -1235,7 +1240,7 @@ pattern = "chat:lobby"
             ),
             (
                 "[proxy]\nsubscribe_url = \"http://h/s\"\nrefresh_url = \"http://h/c\"\n",
-                "proxy.refresh_url is not supported yet",
+                "set connect_url too",
             ),
             (
                 "[proxy]\nconnect_url = \"http://h/c\"\nforward_headers = [\"a b\"]\n",

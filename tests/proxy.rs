@@ -535,3 +535,33 @@ fn a_valid_token_skips_the_backend_and_a_grant_expires_with_4001() {
         "others go on"
     );
 }
+
+#[test]
+fn the_backend_renews_a_grant_before_it_expires_or_ends_it_with_4003() {
+    let backend = backend();
+    let node = connect_node(
+        &backend,
+        &format!("refresh_url = \"http://{}/refresh\"", backend.addr),
+    );
+    let mut kept = node.ws("/ws?as=keeper&expire=1");
+    assert_eq!(next(&mut kept)["topic"], "news");
+    let mut stopped = node.ws("/ws?as=stopper&expire=1");
+    assert_eq!(next(&mut stopped)["topic"], "news");
+    let started = Instant::now();
+    match stopped.0.read() {
+        Ok(tungstenite::Message::Close(Some(frame))) => {
+            assert_eq!(u16::from(frame.code), 4003);
+            assert_eq!(frame.reason, "connection refused on refresh");
+        }
+        other => panic!("expected a close frame: {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Renewed for 2 s at a time: alive well past its first expire_at.
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(subscribe(&mut kept, "still")["type"], "subscribed");
+    let refreshes = calls(&backend)
+        .iter()
+        .filter(|c| c["user"] == "keeper" && c.get("headers").is_none())
+        .count();
+    assert!(refreshes >= 2, "{refreshes} refreshes");
+}

@@ -55,6 +55,7 @@ pub fn spawn(sink: Arc<ProxySink>, config: &ProxyConfig, bus: Arc<Bus>) -> io::R
     };
     let uris = Uris {
         connect: parse("connect_url", &config.connect_url)?,
+        refresh: parse("refresh_url", &config.refresh_url)?,
         subscribe: parse("subscribe_url", &config.subscribe_url)?,
         publish: parse("publish_url", &config.publish_url)?,
     };
@@ -77,6 +78,7 @@ pub fn spawn(sink: Arc<ProxySink>, config: &ProxyConfig, bus: Arc<Bus>) -> io::R
 /// Where each kind of call goes.
 struct Uris {
     connect: Option<Uri>,
+    refresh: Option<Uri>,
     subscribe: Option<Uri>,
     publish: Option<Uri>,
 }
@@ -100,6 +102,7 @@ async fn run(
         };
         let uri = match call.kind {
             CallKind::Connect => &uris.connect,
+            CallKind::Refresh => &uris.refresh,
             CallKind::Subscribe => &uris.subscribe,
             CallKind::Publish => &uris.publish,
         };

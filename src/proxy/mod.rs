@@ -36,6 +36,7 @@ pub const MAX_MESSAGE_BYTES: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallKind {
     Connect,
+    Refresh,
     Subscribe,
     Publish,
 }

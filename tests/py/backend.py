@@ -22,6 +22,9 @@ Connect proxy: POST /connect gets {"client","transport","user","headers",
 the starting topic "news" (and `expire=S` sets expire_at S seconds ahead),
 anything else allows anonymously. Every call is recorded.
 
+Refresh proxy: POST /refresh gets {"client","transport","user"}: a user
+containing "stop" is refused (4403), anyone else renewed for 2 s.
+
 The test drives and reads it over HTTP:
 
   GET  /events        {"events": [...], "posts": N, "bad_signatures": N, "failed": N}
@@ -96,6 +99,15 @@ class Handler(BaseHTTPRequestHandler):
             result["expire_at"] = int(time.time()) + int(query["expire"][0])
         self.answer(200, json.dumps({"result": result}).encode())
 
+    def refresh(self, body):
+        call = json.loads(body)
+        with lock:
+            state["calls"].append(call)
+        if "stop" in (call.get("user") or ""):
+            return self.answer(200, b'{"error":{"code":4403,"message":"revoked"}}')
+        result = {"expire_at": int(time.time()) + 2}
+        self.answer(200, json.dumps({"result": result}).encode())
+
     def publish(self, body):
         call = json.loads(body)
         with lock:
@@ -142,6 +154,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.subscribe(body)
         if url.path == "/connect":
             return self.connect(body)
+        if url.path == "/refresh":
+            return self.refresh(body)
         if url.path == "/publish":
             return self.publish(body)
         if url.path != "/hook":

@@ -5,12 +5,14 @@
 //! refusal answers the request with the status it gave.
 //!
 //! A connection whose grant had an `expire_at` is closed then (code 4001
-//! on a WebSocket, a `close` event on a stream): the client connects again
-//! and the backend is asked again.
+//! on a WebSocket, a `close` event on a stream), unless `[proxy]
+//! refresh_url` renews it: a quarter of its lifetime before (at most 30 s
+//! before) the backend is asked again, and its answer sets the next
+//! `expire_at`, or refuses (code 4003, `connection refused on refresh`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::protocol::event_stream::Format;
 use crate::protocol::http::{error_json, Request};
@@ -24,6 +26,10 @@ use super::ShardState;
 
 /// The close code of a connection whose grant expired.
 pub(crate) const EXPIRED: u16 = 4001;
+/// The close code of a connection the backend refused to renew.
+pub(crate) const REFRESH_REFUSED: u16 = 4003;
+/// A refresh is asked this long before the expiry at most.
+const MAX_REFRESH_LEAD: Duration = Duration::from_secs(30);
 
 /// Which kind of connection a parked request opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,44 +38,59 @@ pub(crate) enum ConnectRoute {
     Stream(Format),
 }
 
-/// When granted connections expire, soonest first, and each one's entry
-/// (so a connection that closes first is forgotten at once).
+/// What happens to a granted connection next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Ask the backend to renew the grant, which ends at `expires`.
+    Refresh { expires: Instant },
+    /// Close it.
+    Expire,
+}
+
+/// When granted connections must be renewed or closed, soonest first, and
+/// each one's entry (so a connection that closes first is forgotten at
+/// once).
 #[derive(Default)]
 pub(super) struct Expiries {
     by_time: BTreeSet<(Instant, ConnKey)>,
-    by_conn: HashMap<ConnKey, Instant>,
+    by_conn: HashMap<ConnKey, (Instant, Next)>,
 }
 
 impl Expiries {
-    fn insert(&mut self, key: ConnKey, at: Instant) {
-        if let Some(old) = self.by_conn.insert(key, at) {
+    fn insert(&mut self, key: ConnKey, at: Instant, next: Next) {
+        if let Some((old, _)) = self.by_conn.insert(key, (at, next)) {
             self.by_time.remove(&(old, key));
         }
         self.by_time.insert((at, key));
     }
 
     pub(super) fn forget(&mut self, key: ConnKey) {
-        if let Some(at) = self.by_conn.remove(&key) {
+        if let Some((at, _)) = self.by_conn.remove(&key) {
             self.by_time.remove(&(at, key));
         }
     }
 
-    /// Connections whose time has come, removed.
-    fn due(&mut self, now: Instant) -> Vec<ConnKey> {
+    /// Connections whose time has come, removed, with what is due.
+    fn due(&mut self, now: Instant) -> Vec<(ConnKey, Next)> {
         let mut due = Vec::new();
         while let Some(&(at, key)) = self.by_time.first() {
             if at > now {
                 break;
             }
             self.by_time.pop_first();
-            self.by_conn.remove(&key);
-            due.push(key);
+            if let Some((_, next)) = self.by_conn.remove(&key) {
+                due.push((key, next));
+            }
         }
         due
     }
 
     pub(super) fn len(&self) -> usize {
         self.by_conn.len()
+    }
+
+    fn contains(&self, key: ConnKey) -> bool {
+        self.by_conn.contains_key(&key)
     }
 }
 
@@ -215,17 +236,68 @@ impl ShardState {
                 }
             }
         }
-        if let Some(expires_in) = grant.expires_in {
-            self.connect_expiries.insert(key, self.now + expires_in);
-        }
+        self.schedule_expiry(key, grant.expires_in);
         // What the client sent after its request waited with it.
         self.resume_input(key);
     }
 
-    /// Closes the granted connections whose `expire_at` has come.
+    /// Schedules the end (or, with `refresh_url`, the renewal) of a grant
+    /// that lasts `expires_in`; none for a grant without `expire_at`.
+    fn schedule_expiry(&mut self, key: ConnKey, expires_in: Option<Duration>) {
+        let Some(expires_in) = expires_in else {
+            return self.connect_expiries.forget(key);
+        };
+        let expires = self.now + expires_in;
+        let refreshes = self
+            .config()
+            .proxy
+            .as_ref()
+            .is_some_and(|p| p.refresh_url.is_some());
+        if refreshes {
+            let lead = (expires_in / 4).min(MAX_REFRESH_LEAD);
+            let at = expires - lead;
+            self.connect_expiries
+                .insert(key, at, Next::Refresh { expires });
+        } else {
+            self.connect_expiries.insert(key, expires, Next::Expire);
+        }
+    }
+
+    /// Renews or closes the granted connections whose time has come.
     pub(super) fn expire_granted_connections(&mut self) {
-        for key in self.connect_expiries.due(self.now) {
-            self.close_ws(key, EXPIRED, "connection expired");
+        for (key, next) in self.connect_expiries.due(self.now) {
+            match next {
+                Next::Expire => self.close_ws(key, EXPIRED, "connection expired"),
+                Next::Refresh { expires } => {
+                    // Closed at `expires` unless the answer renews it first.
+                    self.connect_expiries.insert(key, expires, Next::Expire);
+                    let body = self.call_body(key);
+                    if self
+                        .ask(key, CallKind::Refresh, WaitingFor::Refresh, body)
+                        .is_err()
+                    {
+                        // No room to ask now: the grant runs out as it was.
+                        continue;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The backend's answer to a refresh of connection `key`.
+    pub(super) fn refresh_verdict(&mut self, key: ConnKey, verdict: Verdict) {
+        if !self.connect_expiries.contains(key) {
+            // It closed, or expired before the answer came.
+            return;
+        }
+        match verdict {
+            Verdict::Allowed(grant) => self.schedule_expiry(key, grant.expires_in),
+            refused => {
+                self.connect_expiries.forget(key);
+                let why = refusal("connection", refused);
+                tracing::debug!("refresh refused: {why}");
+                self.close_ws(key, REFRESH_REFUSED, "connection refused on refresh");
+            }
         }
     }
 }

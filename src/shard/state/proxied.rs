@@ -47,6 +47,8 @@ pub(super) enum WaitingFor {
     Publication,
     /// A connection's request, parked on it as `Deferred::Connect`.
     Connection,
+    /// The renewal of a granted connection's expiry (it goes on meanwhile).
+    Refresh,
 }
 
 pub(super) struct WaitingSubscription {
@@ -208,6 +210,7 @@ impl ShardState {
             }
             WaitingFor::Publication => self.publication_verdict(key, ticket, verdict),
             WaitingFor::Connection => self.connection_verdict(key, ticket, verdict),
+            WaitingFor::Refresh => self.refresh_verdict(key, verdict),
         }
     }
 
