@@ -5,7 +5,12 @@
 //! all refuse (fail closed) with an `error` naming the topic; an
 //! unsubscribe while the backend decides cancels the subscription; and a
 //! stalled backend holds no more than `max_in_flight` calls per shard and
-//! the connection's subscription limit.
+//! the connection's subscription limit. The publish proxy passes, rewrites
+//! or refuses client publications in their order; the connect proxy names
+//! the user of a connection without a token (or refuses it before the
+//! upgrade), its grant expires with 4001 or is renewed by the refresh
+//! proxy (4003 when refused); and unauthenticated upgrades against a slow
+//! backend wait within `max_in_flight`.
 mod common;
 
 use std::process::Command;
@@ -564,4 +569,46 @@ fn the_backend_renews_a_grant_before_it_expires_or_ends_it_with_4003() {
         .filter(|c| c["user"] == "keeper" && c.get("headers").is_none())
         .count();
     assert!(refreshes >= 2, "{refreshes} refreshes");
+}
+
+#[test]
+fn unauthenticated_upgrades_against_a_slow_backend_wait_within_max_in_flight() {
+    use std::io::{Read, Write};
+    let backend = backend();
+    let node = TestServer::start(
+        1,
+        Some(&format!(
+            "[proxy]\nconnect_url = \"http://{}/connect\"\nmax_in_flight = 2\n",
+            backend.addr
+        )),
+    );
+    let upgrade = |query: &str| {
+        let mut stream = std::net::TcpStream::connect(node.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let request = format!(
+            "GET /ws?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        stream
+    };
+    let status = |stream: &mut std::net::TcpStream| {
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap();
+        String::from_utf8_lossy(&head[9..12])
+            .parse::<u16>()
+            .unwrap()
+    };
+    let mut waiting: Vec<_> = (0..2).map(|_| upgrade("slow=1")).collect();
+    node.wait_for("two calls in flight", || {
+        node.metric("proxy_in_flight") == 2
+    });
+    let mut third = upgrade("slow=1");
+    assert_eq!(status(&mut third), 503, "refused at once, not parked");
+    assert_eq!(node.metric("proxy_busy_total"), 1);
+    for stream in &mut waiting {
+        assert_eq!(status(stream), 101, "the parked ones are answered");
+    }
 }
