@@ -167,6 +167,16 @@ pub fn total(shards: &[ShardStats], pick: impl Fn(&ShardStats) -> &AtomicU64) ->
 }
 
 /// Prometheus text exposition: each counter summed, then per shard.
+/// Appends node-wide metrics, each `(name, kind, help, value)`, in the
+/// Prometheus text format (`ringcast_` prefixed).
+pub fn write_node_metrics(out: &mut String, metrics: &[(&str, &str, &str, u64)]) {
+    for (name, kind, help, value) in metrics {
+        let _ = writeln!(out, "# HELP ringcast_{name} {help}");
+        let _ = writeln!(out, "# TYPE ringcast_{name} {kind}");
+        let _ = writeln!(out, "ringcast_{name} {value}");
+    }
+}
+
 pub fn render_prometheus(shards: &[ShardStats]) -> String {
     let mut out = String::with_capacity(4096);
     let Some(first) = shards.first() else {

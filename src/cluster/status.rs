@@ -113,7 +113,6 @@ impl ClusterStatus {
 
     /// Appends the cluster's metrics in Prometheus text format.
     pub fn render_prometheus(&self, out: &mut String) {
-        use std::fmt::Write as _;
         let s = &self.stats;
         let metrics = [
             (
@@ -201,11 +200,7 @@ impl ClusterStatus {
                 s.reconnects_total.load(Ordering::Relaxed),
             ),
         ];
-        for (name, kind, help, value) in metrics {
-            let _ = writeln!(out, "# HELP ringcast_{name} {help}");
-            let _ = writeln!(out, "# TYPE ringcast_{name} {kind}");
-            let _ = writeln!(out, "ringcast_{name} {value}");
-        }
+        crate::metrics::write_node_metrics(out, &metrics);
     }
 
     /// Adds one to a counter.

@@ -1,13 +1,15 @@
-//! The subscribe and publish proxies: before a subscription to a topic
-//! whose rule has `subscribe_proxy = true` is made, the application
-//! backend is asked (`POST [proxy] subscribe_url`) whether to allow it;
-//! before a client's publication to a topic whose rule has
-//! `publish_proxy = true` goes out, it is asked (`POST [proxy]
-//! publish_url`) to pass, rewrite or refuse it.
+//! The application backend's proxies: a connection without a valid token
+//! is identified by it (`[proxy] connect_url`, then `refresh_url` before
+//! its grant expires); a subscription to a topic whose rule has
+//! `subscribe_proxy = true` is made only if it allows it (`subscribe_url`);
+//! a client's publication to a topic whose rule has `publish_proxy = true`
+//! goes out only as it says, as sent, rewritten or not at all
+//! (`publish_url`).
 //!
-//! A shard never waits for it: it keeps the subscription pending (counted
-//! against the connection's subscription limit), or parks the publishing
-//! connection (its input held, so its publications stay in order), hands
+//! A shard never waits for it: it parks the connecting request, keeps the
+//! subscription pending (counted against the connection's subscription
+//! limit), or parks the publishing connection (its input held, so its
+//! publications stay in order), hands
 //! the call to the proxy thread (`driver.rs`, a tokio runtime with a pooled
 //! keep-alive HTTP/1.1 client), and goes on; at most `max_in_flight` calls
 //! per shard.
@@ -159,7 +161,7 @@ pub struct ProxySink {
     pub stats: ProxyStats,
 }
 
-/// Counters of the subscribe proxy, for the whole node.
+/// Counters of the proxies, for the whole node.
 #[derive(Debug, Default)]
 pub struct ProxyStats {
     pub calls_total: AtomicU64,
@@ -204,12 +206,26 @@ impl ProxySink {
 
     /// Appends the proxy metrics in the Prometheus text format.
     pub fn render_prometheus(&self, out: &mut String) {
-        use std::fmt::Write as _;
         let s = &self.stats;
         let metrics = [
-            ("proxy_calls_total", "counter", "Subscribe and publish proxy calls made.", &s.calls_total),
-            ("proxy_allowed_total", "counter", "Subscriptions and publications the backend allowed.", &s.allowed_total),
-            ("proxy_refused_total", "counter", "Subscriptions and publications the backend refused.", &s.refused_total),
+            (
+                "proxy_calls_total",
+                "counter",
+                "Connect, refresh, subscribe and publish proxy calls made.",
+                &s.calls_total,
+            ),
+            (
+                "proxy_allowed_total",
+                "counter",
+                "Connections, subscriptions and publications the backend allowed.",
+                &s.allowed_total,
+            ),
+            (
+                "proxy_refused_total",
+                "counter",
+                "Connections, subscriptions and publications the backend refused.",
+                &s.refused_total,
+            ),
             (
                 "proxy_failed_total",
                 "counter",
@@ -219,16 +235,19 @@ impl ProxySink {
             (
                 "proxy_busy_total",
                 "counter",
-                "Subscriptions and publications refused at once: the shard had proxy.max_in_flight calls outstanding.",
+                "Requests refused at once: the shard had proxy.max_in_flight calls outstanding.",
                 &s.busy_total,
             ),
-            ("proxy_in_flight", "gauge", "Proxy calls outstanding.", &s.in_flight),
+            (
+                "proxy_in_flight",
+                "gauge",
+                "Proxy calls outstanding.",
+                &s.in_flight,
+            ),
         ];
-        for (name, kind, help, value) in metrics {
-            let _ = writeln!(out, "# HELP ringcast_{name} {help}");
-            let _ = writeln!(out, "# TYPE ringcast_{name} {kind}");
-            let _ = writeln!(out, "ringcast_{name} {}", value.load(Ordering::Relaxed));
-        }
+        let metrics = metrics
+            .map(|(name, kind, help, value)| (name, kind, help, value.load(Ordering::Relaxed)));
+        crate::metrics::write_node_metrics(out, &metrics);
     }
 }
 

@@ -111,7 +111,6 @@ impl WebhookSink {
 
     /// Appends the webhook metrics in the Prometheus text format.
     pub fn render_prometheus(&self, out: &mut String) {
-        use std::fmt::Write as _;
         let s = &self.stats;
         let metrics = [
             (
@@ -145,10 +144,6 @@ impl WebhookSink {
                 s.queued_bytes.load(Ordering::Relaxed),
             ),
         ];
-        for (name, kind, help, value) in metrics {
-            let _ = writeln!(out, "# HELP ringcast_{name} {help}");
-            let _ = writeln!(out, "# TYPE ringcast_{name} {kind}");
-            let _ = writeln!(out, "ringcast_{name} {value}");
-        }
+        crate::metrics::write_node_metrics(out, &metrics);
     }
 }
