@@ -880,7 +880,7 @@ fn check_proxied_rules(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `http://host[:port]/path`, or why not (https is not supported yet).
+/// `http(s)://host[:port]/path`, or why not.
 fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
     let invalid = |why: &str| {
         Err(ConfigError::Invalid(format!(
@@ -888,9 +888,12 @@ fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
             redact_url(url)
         )))
     };
-    let Some(rest) = url.strip_prefix("http://") else {
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
         return invalid(
-            "is not a URL like http://127.0.0.1:9000/ringcast (https is not supported yet)",
+            "is not a URL like http://127.0.0.1:9000/ringcast or https://backend.example/ringcast",
         );
     };
     if rest.is_empty() || rest.starts_with('/') || url.parse::<hyper::Uri>().is_err() {
@@ -1189,7 +1192,7 @@ pattern = "chat:lobby"
             |more: &str| format!("[webhooks]\nurl = \"http://h:1/x\"\nsecret = \"s\"\n{more}");
         for (text, expected) in [
             (
-                "[webhooks]\nurl = \"https://h/x\"\nsecret = \"s\"\n".to_string(),
+                "[webhooks]\nurl = \"ftp://h/x\"\nsecret = \"s\"\n".to_string(),
                 "webhooks.url",
             ),
             (

@@ -40,6 +40,7 @@
 //! sockets; only the shard's driver names `io_uring`.
 
 pub mod auth;
+pub mod backend;
 pub mod bus;
 pub mod cluster;
 pub mod config;

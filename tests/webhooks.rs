@@ -4,8 +4,9 @@
 //! subscriber back within the delay cancels the vacated event, a user's
 //! last connection closing sends `user_offline` once, a failing backend
 //! gets the events again in order, a stopping node sends what waited for
-//! its delay, and one client's churn against a stalled backend stays
-//! within `max_queued_bytes` (the rest dropped and counted).
+//! its delay, one client's churn against a stalled backend stays within
+//! `max_queued_bytes` (the rest dropped and counted), and an `https://`
+//! backend gets them only from a node that trusts its CA.
 mod common;
 
 use std::process::Command;
@@ -305,4 +306,83 @@ fn one_clients_churn_against_a_stalled_backend_stays_within_the_byte_bound() {
     assert!(queued > 60000, "the bound is what stops it: {queued}");
     assert!(node.metric("webhook_events_dropped_total") > 1000);
     assert_eq!(node.http("GET", "/health", None).0, 200);
+}
+
+#[test]
+fn an_https_backend_gets_the_events_when_its_ca_is_trusted_and_none_when_not() {
+    let dir = std::env::temp_dir().join(format!("ringcast-webhook-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    common::tls::certificates(&dir, "backend");
+    let script = format!("{}/tests/py/backend.py", env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new("python3");
+    cmd.arg(script)
+        .arg(SECRET)
+        .arg("--tls")
+        .arg(dir.join("backend.pem"))
+        .arg(dir.join("backend.key"));
+    let backend = TestServer::spawn(cmd, None);
+    // The backend speaks TLS only: read what it recorded with Python's
+    // urllib, trusting the test CA.
+    let events = || -> Value {
+        let read = "import ssl, sys, urllib.request\n\
+                    c = ssl.create_default_context(cafile=sys.argv[1])\n\
+                    print(urllib.request.urlopen(sys.argv[2], context=c).read().decode())";
+        let out = Command::new("python3")
+            .args(["-c", read])
+            .arg(dir.join("ca.pem"))
+            .arg(format!("https://{}/events", backend.addr))
+            .output()
+            .expect("python3 runs");
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let node_trusting = |trust: bool| {
+        let config = std::env::temp_dir().join(format!(
+            "ringcast-webhook-tls-{}-{trust}.toml",
+            std::process::id()
+        ));
+        std::fs::write(
+            &config,
+            format!(
+                "[webhooks]\nurl = \"https://{}/hook\"\nsecret = \"{SECRET}\"\ntimeout_ms = 2000\n",
+                backend.addr
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringcast"));
+        cmd.args(["--listen", "127.0.0.1:0", "--shards", "1", "--config"])
+            .arg(&config);
+        // rustls-native-certs reads the CAs from SSL_CERT_FILE when it is
+        // set; without it, the system's, which do not hold the test CA.
+        if trust {
+            cmd.env("SSL_CERT_FILE", dir.join("ca.pem"));
+        } else {
+            cmd.env_remove("SSL_CERT_FILE");
+        }
+        TestServer::spawn(cmd, Some(common::tempfile_path::TempPath(config)))
+    };
+
+    let untrusting = node_trusting(false);
+    let _ws = subscribe(&untrusting, "nobody-hears");
+    untrusting.wait_for("a failed POST", || {
+        untrusting.metric("webhook_post_failures_total") >= 1
+    });
+    let trusting = node_trusting(true);
+    let _ws = subscribe(&trusting, "secure");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = events();
+        let names: Vec<&str> = seen["events"]
+            .as_array()
+            .map(|e| e.iter().filter_map(|e| e["topic"].as_str()).collect())
+            .unwrap_or_default();
+        if names == ["secure"] {
+            assert_eq!(seen["bad_signatures"], 0);
+            break;
+        }
+        assert!(names.is_empty(), "only the trusting node's event: {seen}");
+        assert!(Instant::now() < deadline, "no event over https: {seen}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

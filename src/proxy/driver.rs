@@ -11,10 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::Uri;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::backend::BackendClient;
 use crate::bus::{Bus, Envelope};
 use crate::config::ProxyConfig;
 
@@ -60,6 +59,7 @@ pub fn spawn(sink: Arc<ProxySink>, config: &ProxyConfig, bus: Arc<Bus>) -> io::R
         publish: parse("publish_url", &config.publish_url)?,
     };
     let timeout = config.timeout;
+    let client = crate::backend::client()?;
     let (stop, stopped) = oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -67,9 +67,6 @@ pub fn spawn(sink: Arc<ProxySink>, config: &ProxyConfig, bus: Arc<Bus>) -> io::R
     let thread = std::thread::Builder::new()
         .name("ringcast-proxy".into())
         .spawn(move || {
-            let client = Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(60))
-                .build_http();
             runtime.block_on(run(calls, stopped, client, uris, timeout, sink, bus));
         })?;
     Ok(ProxyHandle { stop, thread })
@@ -86,7 +83,7 @@ struct Uris {
 async fn run(
     mut calls: mpsc::UnboundedReceiver<Call>,
     mut stopped: oneshot::Receiver<()>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: BackendClient,
     uris: Uris,
     timeout: Duration,
     sink: Arc<ProxySink>,
@@ -148,10 +145,7 @@ async fn run(
 }
 
 /// POSTs `request` and reads the verdict from the answer.
-async fn ask(
-    client: Client<HttpConnector, Full<Bytes>>,
-    request: hyper::Request<Full<Bytes>>,
-) -> Verdict {
+async fn ask(client: BackendClient, request: hyper::Request<Full<Bytes>>) -> Verdict {
     let response = match client.request(request).await {
         Ok(response) => response,
         Err(e) => return Verdict::Failed(format!("the backend is unreachable: {e}")),

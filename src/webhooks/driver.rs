@@ -11,10 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::Uri;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::backend::BackendClient;
 use crate::config::WebhookConfig;
 
 use super::signature;
@@ -49,6 +48,7 @@ pub fn spawn(sink: Arc<WebhookSink>, config: Arc<WebhookConfig>) -> io::Result<W
         .url
         .parse()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("webhooks.url: {e}")))?;
+    let client = crate::backend::client()?;
     let (stop, stopped) = oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -61,9 +61,7 @@ pub fn spawn(sink: Arc<WebhookSink>, config: Arc<WebhookConfig>) -> io::Result<W
                 config,
                 uri,
                 sink,
-                client: Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .build_http(),
+                client,
             };
             runtime.block_on(driver.run(notices, stopped));
         })?;
@@ -75,7 +73,7 @@ struct Driver {
     config: Arc<WebhookConfig>,
     uri: Uri,
     sink: Arc<WebhookSink>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: BackendClient,
 }
 
 fn unix_ms() -> u64 {
@@ -197,10 +195,7 @@ impl Driver {
 }
 
 /// Sends `request`; a 2xx answer (read whole, up to a bound) is success.
-async fn send(
-    client: Client<HttpConnector, Full<Bytes>>,
-    request: hyper::Request<Full<Bytes>>,
-) -> Result<(), String> {
+async fn send(client: BackendClient, request: hyper::Request<Full<Bytes>>) -> Result<(), String> {
     let response = client.request(request).await.map_err(|e| e.to_string())?;
     let status = response.status();
     // Read the answer so the connection can carry the next POST.

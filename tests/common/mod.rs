@@ -6,6 +6,7 @@ pub mod browser;
 pub mod cut_proxy;
 pub mod redis;
 pub mod sse;
+pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

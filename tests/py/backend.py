@@ -33,11 +33,14 @@ The test drives and reads it over HTTP:
   POST /stall?ms=N    webhook POSTs wait N ms before they are answered
 
 Prints `listening on 127.0.0.1:PORT` first, then serves until killed.
+With `--tls CERT KEY` after the secret it serves HTTPS with that
+certificate.
 """
 
 import hashlib
 import hmac
 import json
+import ssl
 import sys
 import threading
 import time
@@ -183,5 +186,9 @@ class Handler(BaseHTTPRequestHandler):
 
 server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 server.daemon_threads = True
+if sys.argv[2:3] == ["--tls"]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[3], sys.argv[4])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
 print(f"listening on 127.0.0.1:{server.server_address[1]}", flush=True)
 server.serve_forever()
