@@ -291,7 +291,18 @@ pub struct ProxyConfig {
 
 /// Webhook event names, as they appear in a webhook body and in
 /// `[webhooks] events`.
-pub const WEBHOOK_EVENTS: [&str; 5] = [
+pub const WEBHOOK_EVENTS: [&str; 6] = [
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "user_offline",
+    "client_event",
+];
+
+/// The events wanted when `[webhooks] events` is left out: every
+/// transition, not `client_event` (one per client publication).
+pub const DEFAULT_WEBHOOK_EVENTS: [&str; 5] = [
     "channel_occupied",
     "channel_vacated",
     "member_added",
@@ -307,7 +318,8 @@ pub struct WebhookConfig {
     pub url: String,
     /// HMAC-SHA256 key of the `X-Ringcast-Signature` header.
     pub secret: String,
-    /// The events wanted, from [`WEBHOOK_EVENTS`]. Default: all of them.
+    /// The events wanted, from [`WEBHOOK_EVENTS`]. Default:
+    /// [`DEFAULT_WEBHOOK_EVENTS`].
     pub events: Vec<String>,
     /// How long a topic must stay without subscribers before
     /// `channel_vacated` is sent (a subscriber back within it cancels it,
@@ -977,7 +989,10 @@ fn webhook_config(file: FileWebhooks) -> Result<WebhookConfig, ConfigError> {
     }
     let events = match file.events {
         Some(events) => events,
-        None => WEBHOOK_EVENTS.iter().map(|e| e.to_string()).collect(),
+        None => DEFAULT_WEBHOOK_EVENTS
+            .iter()
+            .map(|e| e.to_string())
+            .collect(),
     };
     if let Some(unknown) = events
         .iter()
@@ -1177,9 +1192,8 @@ pattern = "chat:lobby"
         .unwrap();
         let webhooks = config.webhooks.unwrap();
         assert_eq!(
-            webhooks.events.len(),
-            WEBHOOK_EVENTS.len(),
-            "all by default"
+            webhooks.events, DEFAULT_WEBHOOK_EVENTS,
+            "every transition by default"
         );
         assert_eq!(webhooks.vacated_delay, Duration::from_secs(2));
         let shown = format!("{webhooks:?}");

@@ -18,7 +18,7 @@ use crate::config::WebhookConfig;
 
 use super::signature;
 use super::state::{Op, WebhookState};
-use super::WebhookSink;
+use super::{Report, WebhookSink};
 
 /// The most of a backend's answer that is read (and thrown away, so the
 /// connection can be used again).
@@ -41,7 +41,7 @@ impl WebhookHandle {
 
 /// Starts the webhook thread for `sink`'s notices.
 pub fn spawn(sink: Arc<WebhookSink>, config: Arc<WebhookConfig>) -> io::Result<WebhookHandle> {
-    let notices = sink
+    let reports = sink
         .take_receiver()
         .ok_or_else(|| io::Error::other("the webhook thread was started twice"))?;
     let uri: Uri = config
@@ -63,7 +63,7 @@ pub fn spawn(sink: Arc<WebhookSink>, config: Arc<WebhookConfig>) -> io::Result<W
                 sink,
                 client,
             };
-            runtime.block_on(driver.run(notices, stopped));
+            runtime.block_on(driver.run(reports, stopped));
         })?;
     Ok(WebhookHandle { stop, thread })
 }
@@ -85,7 +85,7 @@ fn unix_ms() -> u64 {
 impl Driver {
     async fn run(
         mut self,
-        mut notices: mpsc::UnboundedReceiver<super::Notice>,
+        mut reports: mpsc::UnboundedReceiver<Report>,
         mut stopped: oneshot::Receiver<Duration>,
     ) {
         let (done_tx, mut done) = mpsc::unbounded_channel::<(u64, bool)>();
@@ -99,8 +99,8 @@ impl Driver {
                 }
             };
             tokio::select! {
-                notice = notices.recv() => match notice {
-                    Some(notice) => self.state.notice(notice, Instant::now(), unix_ms()),
+                report = reports.recv() => match report {
+                    Some(report) => self.report(report),
                     None => break Duration::ZERO,
                 },
                 Some((id, ok)) = done.recv() => self.posted(id, ok),
@@ -109,8 +109,8 @@ impl Driver {
             }
         };
         // The shards have stopped: their last notices are in the channel.
-        while let Ok(notice) = notices.try_recv() {
-            self.state.notice(notice, Instant::now(), unix_ms());
+        while let Ok(report) = reports.try_recv() {
+            self.report(report);
         }
         self.state.flush(Instant::now(), unix_ms());
         let until = tokio::time::Instant::now() + flush;
@@ -135,6 +135,13 @@ impl Driver {
                 "webhooks: {} bytes of events undelivered at shutdown",
                 self.state.queued_bytes()
             );
+        }
+    }
+
+    fn report(&mut self, report: Report) {
+        match report {
+            Report::Transition(notice) => self.state.notice(notice, Instant::now(), unix_ms()),
+            Report::ClientEvent(event) => self.state.client_event(event, Instant::now(), unix_ms()),
         }
     }
 

@@ -49,15 +49,34 @@ pub struct Notice {
     pub on: bool,
 }
 
-/// The shards' side: where notices go, and the counters `/metrics` shows.
+/// A client's publication (over `/ws`), for `client_event`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientEvent {
+    pub topic: Arc<str>,
+    pub event: Box<str>,
+    /// The publisher's user id, if it has one.
+    pub user: Option<Arc<str>>,
+    /// The payload as published (raw JSON).
+    pub payload: Box<str>,
+}
+
+/// What a shard hands the webhook thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    Transition(Notice),
+    ClientEvent(ClientEvent),
+}
+
+/// The shards' side: where reports go, and the counters `/metrics` shows.
 #[derive(Debug)]
 pub struct WebhookSink {
-    notices: mpsc::UnboundedSender<Notice>,
+    reports: mpsc::UnboundedSender<Report>,
     /// Taken once by the webhook thread.
-    receiver: Mutex<Option<mpsc::UnboundedReceiver<Notice>>>,
+    receiver: Mutex<Option<mpsc::UnboundedReceiver<Report>>>,
     topics: bool,
     users: bool,
     members: bool,
+    client_events: bool,
     pub stats: WebhookStats,
 }
 
@@ -73,13 +92,14 @@ pub struct WebhookStats {
 
 impl WebhookSink {
     pub fn new(config: &WebhookConfig) -> WebhookSink {
-        let (notices, receiver) = mpsc::unbounded_channel();
+        let (reports, receiver) = mpsc::unbounded_channel();
         WebhookSink {
-            notices,
+            reports,
             receiver: Mutex::new(Some(receiver)),
             topics: config.wants("channel_occupied") || config.wants("channel_vacated"),
             users: config.wants("user_offline"),
             members: config.wants("member_added") || config.wants("member_removed"),
+            client_events: config.wants("client_event"),
             stats: WebhookStats::default(),
         }
     }
@@ -99,10 +119,23 @@ impl WebhookSink {
     /// having stopped (a node shutting down) loses one.
     pub fn notify(&self, notice: Notice) {
         debug_assert!(self.wants(notice.subject), "a notice nobody asked for");
-        let _ = self.notices.send(notice);
+        let _ = self.reports.send(Report::Transition(notice));
     }
 
-    fn take_receiver(&self) -> Option<mpsc::UnboundedReceiver<Notice>> {
+    /// Whether client publications are reported (`client_event`).
+    pub fn wants_client_events(&self) -> bool {
+        self.client_events
+    }
+
+    /// Hands a client's publication to the webhook thread. It only queues
+    /// it (within `max_queued_bytes`, past which it is dropped and
+    /// counted), so the channel drains as fast as shards fill it.
+    pub fn client_event(&self, event: ClientEvent) {
+        debug_assert!(self.client_events, "a client event nobody asked for");
+        let _ = self.reports.send(Report::ClientEvent(event));
+    }
+
+    fn take_receiver(&self) -> Option<mpsc::UnboundedReceiver<Report>> {
         self.receiver
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -13,7 +13,7 @@ use bytes::Bytes;
 
 use crate::config::WebhookConfig;
 
-use super::{Notice, Subject};
+use super::{ClientEvent, Notice, Subject};
 
 /// The first wait after a failed POST; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -135,6 +135,25 @@ impl WebhookState {
         self.pump(now);
     }
 
+    /// A client's publication, reported as it is (`client_event`).
+    pub fn client_event(&mut self, event: ClientEvent, now: Instant, unix_ms: u64) {
+        self.unix_ms = unix_ms;
+        if !self.config.wants("client_event") {
+            return;
+        }
+        let text = |s: &str| serde_json::to_string(s).expect("a string serialises");
+        let user = event.user.as_deref().map_or("null".to_string(), text);
+        // The payload is raw JSON the client sent, parsed on its way in.
+        let encoded = format!(
+            "{{\"name\":\"client_event\",\"topic\":{},\"event\":{},\"user\":{user},\"payload\":{},\"time_ms\":{unix_ms}}}",
+            text(&event.topic),
+            text(&event.event),
+            event.payload
+        );
+        self.queue_event(encoded);
+        self.pump(now);
+    }
+
     /// Time passed: vacates that are due happen, a backoff may end.
     pub fn tick(&mut self, now: Instant, unix_ms: u64) {
         self.unix_ms = unix_ms;
@@ -250,6 +269,11 @@ impl WebhookState {
             }),
         }
         .to_string();
+        self.queue_event(encoded);
+    }
+
+    /// Queues an encoded event within `max_queued_bytes`, else drops it.
+    fn queue_event(&mut self, encoded: String) {
         if self.queued_bytes + encoded.len() > self.config.max_queued_bytes {
             self.dropped_total += 1;
             return;

@@ -254,7 +254,7 @@ impl ShardState {
             return self.send_error(key, "server shutting down: publishes are refused");
         }
         let proxied = self.shared.channels.hook(channel).publish_proxy();
-        let published = match verdict {
+        match verdict {
             Verdict::Broadcast if proxied => {
                 let publication = Publication {
                     topic,
@@ -263,7 +263,6 @@ impl ShardState {
                     idempotency_key,
                 };
                 self.ask_to_publish(key, publication);
-                None
             }
             Verdict::Rewrite { event, payload } if proxied => {
                 let payload = payload.to_string();
@@ -274,28 +273,38 @@ impl ShardState {
                     idempotency_key,
                 };
                 self.ask_to_publish(key, publication);
-                None
             }
             Verdict::Broadcast => {
                 let (event, payload) = (message.event, message.payload.get());
-                Some(self.publish(topic, event, payload, None, idempotency_key))
+                self.publish_from_client(key, topic, event, payload, idempotency_key);
             }
             Verdict::Rewrite { event, payload } => {
                 let payload = payload.to_string();
-                Some(self.publish(topic, &event, &payload, None, idempotency_key))
+                self.publish_from_client(key, topic, &event, &payload, idempotency_key);
             }
-            Verdict::Drop => None,
-            Verdict::Reject(reason) => {
-                self.send_error(key, &reason);
-                None
-            }
-        };
-        match published {
-            Some(Published::LocalOnly { why, .. }) => self.send_error(key, why.message()),
-            Some(Published::Refused(_, why)) => self.send_error(key, &why),
-            _ => {}
+            Verdict::Drop => {}
+            Verdict::Reject(reason) => self.send_error(key, &reason),
         }
         self.apply_actions(key, topic, actions);
+    }
+
+    /// Publishes what connection `key` published, once its rule, its hook
+    /// and (with `publish_proxy`) the backend allowed it; tells the client
+    /// when it did not go everywhere, and reports it as a `client_event`.
+    pub(super) fn publish_from_client(
+        &mut self,
+        key: ConnKey,
+        topic: &str,
+        event: &str,
+        payload: &str,
+        idempotency_key: Option<&str>,
+    ) {
+        match self.publish(topic, event, payload, None, idempotency_key) {
+            Published::Refused(_, why) => return self.send_error(key, &why),
+            Published::LocalOnly { why, .. } => self.send_error(key, why.message()),
+            _ => {}
+        }
+        self.report_client_event(key, topic, event, payload);
     }
 
     /// Carries out what a hook asked for on behalf of connection `key`

@@ -23,7 +23,6 @@ use crate::proxy::{Call, CallKind, Verdict};
 use crate::shard::key::ConnKey;
 
 use super::conn::{Closing, Deferred, Phase};
-use super::streams::Published;
 use super::ShardState;
 
 /// The shard's calls in flight, by ticket.
@@ -256,13 +255,8 @@ impl ShardState {
         match verdict {
             Verdict::Allowed(grant) => {
                 let payload = grant.payload.as_deref().unwrap_or(&payload);
-                let published =
-                    self.publish(&topic, &event, payload, None, idempotency_key.as_deref());
-                match published {
-                    Published::LocalOnly { why, .. } => self.send_error(key, why.message()),
-                    Published::Refused(_, why) => self.send_error(key, &why),
-                    _ => {}
-                }
+                let idempotency_key = idempotency_key.as_deref();
+                self.publish_from_client(key, &topic, &event, payload, idempotency_key);
             }
             refused => {
                 self.send_error(key, &refusal(&format!("publication to `{topic}`"), refused))

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::bus::IndexKind;
 use crate::shard::key::ConnKey;
-use crate::webhooks::{Notice, Subject};
+use crate::webhooks::{ClientEvent, Notice, Subject};
 
 use super::names::NameId;
 use super::ShardState;
@@ -37,6 +37,30 @@ impl ShardState {
                 on,
             });
         }
+    }
+
+    /// Reports what connection `key` published, with `client_event`.
+    pub(super) fn report_client_event(
+        &self,
+        key: ConnKey,
+        topic: &str,
+        event: &str,
+        payload: &str,
+    ) {
+        let Some(sink) = self
+            .shared
+            .webhooks
+            .as_ref()
+            .filter(|s| s.wants_client_events())
+        else {
+            return;
+        };
+        sink.client_event(ClientEvent {
+            topic: Arc::from(topic),
+            event: event.into(),
+            user: self.conns.get(key).and_then(|c| c.user()).cloned(),
+            payload: payload.into(),
+        });
     }
 
     /// Connection `key`'s subscription to `topic` became (`joined`) or
