@@ -59,9 +59,9 @@ pub struct Relay {
     /// The cluster broker thread, with `[cluster]`.
     broker: Option<BrokerHandle>,
     /// The webhook thread, with `[webhooks]`.
-    webhooks: Option<crate::webhooks::WebhookHandle>,
+    webhooks: Option<crate::backend::Worker>,
     /// The subscribe proxy's thread, with `[proxy]`.
-    proxy: Option<crate::proxy::ProxyHandle>,
+    proxy: Option<crate::backend::Worker>,
 }
 
 /// How a shard thread ended.
@@ -245,7 +245,7 @@ impl Relay {
             broker.stop(BROKER_FLUSH);
         }
         if let Some(proxy) = self.proxy {
-            proxy.stop();
+            proxy.stop(Duration::ZERO);
         }
         if let Some(webhooks) = self.webhooks {
             // The shards' last notices (their connections closed) are in;

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::Uri;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::BackendClient;
+use crate::backend::{BackendClient, Worker};
 use crate::bus::{Bus, Envelope};
 use crate::config::ProxyConfig;
 
@@ -23,26 +23,10 @@ use super::{Call, CallKind, ProxySink, Verdict};
 /// object, and a longer one is no verdict.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// The running proxy thread.
-pub struct ProxyHandle {
-    stop: oneshot::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl ProxyHandle {
-    /// Stops the thread; calls still running are dropped (their shards
-    /// have stopped).
-    pub fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
-    }
-}
-
-/// Starts the proxy thread for `sink`'s calls.
-pub fn spawn(sink: Arc<ProxySink>, config: &ProxyConfig, bus: Arc<Bus>) -> io::Result<ProxyHandle> {
-    let calls = sink
-        .take_receiver()
-        .ok_or_else(|| io::Error::other("the proxy thread was started twice"))?;
+/// Starts the proxy thread for `sink`'s calls. Stopped, it drops the calls
+/// still running (their shards have stopped) whatever the flush time.
+pub fn spawn(sink: Arc<ProxySink>, config: &ProxyConfig, bus: Arc<Bus>) -> io::Result<Worker> {
+    let calls = sink.calls.take("proxy")?;
     let parse = |key: &str, url: &Option<String>| -> io::Result<Option<Uri>> {
         url.as_deref()
             .map(|u| {
@@ -60,16 +44,9 @@ pub fn spawn(sink: Arc<ProxySink>, config: &ProxyConfig, bus: Arc<Bus>) -> io::R
     };
     let timeout = config.timeout;
     let client = crate::backend::client()?;
-    let (stop, stopped) = oneshot::channel();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let thread = std::thread::Builder::new()
-        .name("ringcast-proxy".into())
-        .spawn(move || {
-            runtime.block_on(run(calls, stopped, client, uris, timeout, sink, bus));
-        })?;
-    Ok(ProxyHandle { stop, thread })
+    Worker::spawn("ringcast-proxy", move |stopped| {
+        run(calls, stopped, client, uris, timeout, sink, bus)
+    })
 }
 
 /// Where each kind of call goes.
@@ -82,7 +59,7 @@ struct Uris {
 
 async fn run(
     mut calls: mpsc::UnboundedReceiver<Call>,
-    mut stopped: oneshot::Receiver<()>,
+    mut stopped: oneshot::Receiver<Duration>,
     client: BackendClient,
     uris: Uris,
     timeout: Duration,

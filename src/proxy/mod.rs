@@ -20,16 +20,15 @@
 mod driver;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 
+use crate::backend::Handoff;
 use crate::bus::ShardId;
 
-pub use driver::{spawn, ProxyHandle};
+pub use driver::spawn;
 
 /// The longest refusal message passed on to a client.
 pub const MAX_MESSAGE_BYTES: usize = 256;
@@ -156,8 +155,7 @@ fn truncate(mut text: String, max: usize) -> String {
 /// The shards' side: where calls go, and the counters `/metrics` shows.
 #[derive(Debug)]
 pub struct ProxySink {
-    calls: mpsc::UnboundedSender<Call>,
-    receiver: Mutex<Option<mpsc::UnboundedReceiver<Call>>>,
+    calls: Handoff<Call>,
     pub stats: ProxyStats,
 }
 
@@ -181,10 +179,8 @@ impl Default for ProxySink {
 
 impl ProxySink {
     pub fn new() -> ProxySink {
-        let (calls, receiver) = mpsc::unbounded_channel();
         ProxySink {
-            calls,
-            receiver: Mutex::new(Some(receiver)),
+            calls: Handoff::default(),
             stats: ProxyStats::default(),
         }
     }
@@ -194,14 +190,7 @@ impl ProxySink {
     pub fn call(&self, call: Call) {
         self.stats.calls_total.fetch_add(1, Ordering::Relaxed);
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _ = self.calls.send(call);
-    }
-
-    fn take_receiver(&self) -> Option<mpsc::UnboundedReceiver<Call>> {
-        self.receiver
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.calls.send(call);
     }
 
     /// Appends the proxy metrics in the Prometheus text format.

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::Uri;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::BackendClient;
+use crate::backend::{BackendClient, Worker};
 use crate::config::WebhookConfig;
 
 use super::signature;
@@ -24,48 +24,25 @@ use super::{Report, WebhookSink};
 /// connection can be used again).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// The running webhook thread.
-pub struct WebhookHandle {
-    stop: oneshot::Sender<Duration>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl WebhookHandle {
-    /// Sends what is owed (every vacate due at once) for up to `flush`,
-    /// then stops the thread.
-    pub fn stop(self, flush: Duration) {
-        let _ = self.stop.send(flush);
-        let _ = self.thread.join();
-    }
-}
-
-/// Starts the webhook thread for `sink`'s notices.
-pub fn spawn(sink: Arc<WebhookSink>, config: Arc<WebhookConfig>) -> io::Result<WebhookHandle> {
-    let reports = sink
-        .take_receiver()
-        .ok_or_else(|| io::Error::other("the webhook thread was started twice"))?;
+/// Starts the webhook thread for `sink`'s reports. Stopped with a flush
+/// time, it sends what is owed (every vacate due at once) for up to that.
+pub fn spawn(sink: Arc<WebhookSink>, config: Arc<WebhookConfig>) -> io::Result<Worker> {
+    let reports = sink.reports.take("webhook")?;
     let uri: Uri = config
         .url
         .parse()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("webhooks.url: {e}")))?;
     let client = crate::backend::client()?;
-    let (stop, stopped) = oneshot::channel();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let thread = std::thread::Builder::new()
-        .name("ringcast-webhooks".into())
-        .spawn(move || {
-            let driver = Driver {
-                state: WebhookState::new(config.clone()),
-                config,
-                uri,
-                sink,
-                client,
-            };
-            runtime.block_on(driver.run(reports, stopped));
-        })?;
-    Ok(WebhookHandle { stop, thread })
+    Worker::spawn("ringcast-webhooks", move |stopped| {
+        let driver = Driver {
+            state: WebhookState::new(config.clone()),
+            config,
+            uri,
+            sink,
+            client,
+        };
+        driver.run(reports, stopped)
+    })
 }
 
 struct Driver {

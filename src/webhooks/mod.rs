@@ -18,13 +18,12 @@ pub mod signature;
 pub mod state;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use tokio::sync::mpsc;
-
+use crate::backend::Handoff;
 use crate::config::WebhookConfig;
 
-pub use driver::{spawn, WebhookHandle};
+pub use driver::spawn;
 
 /// What a transition is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,9 +69,7 @@ pub enum Report {
 /// The shards' side: where reports go, and the counters `/metrics` shows.
 #[derive(Debug)]
 pub struct WebhookSink {
-    reports: mpsc::UnboundedSender<Report>,
-    /// Taken once by the webhook thread.
-    receiver: Mutex<Option<mpsc::UnboundedReceiver<Report>>>,
+    reports: Handoff<Report>,
     topics: bool,
     users: bool,
     members: bool,
@@ -92,10 +89,8 @@ pub struct WebhookStats {
 
 impl WebhookSink {
     pub fn new(config: &WebhookConfig) -> WebhookSink {
-        let (reports, receiver) = mpsc::unbounded_channel();
         WebhookSink {
-            reports,
-            receiver: Mutex::new(Some(receiver)),
+            reports: Handoff::default(),
             topics: config.wants("channel_occupied") || config.wants("channel_vacated"),
             users: config.wants("user_offline"),
             members: config.wants("member_added") || config.wants("member_removed"),
@@ -119,7 +114,7 @@ impl WebhookSink {
     /// having stopped (a node shutting down) loses one.
     pub fn notify(&self, notice: Notice) {
         debug_assert!(self.wants(notice.subject), "a notice nobody asked for");
-        let _ = self.reports.send(Report::Transition(notice));
+        self.reports.send(Report::Transition(notice));
     }
 
     /// Whether client publications are reported (`client_event`).
@@ -132,14 +127,7 @@ impl WebhookSink {
     /// counted), so the channel drains as fast as shards fill it.
     pub fn client_event(&self, event: ClientEvent) {
         debug_assert!(self.client_events, "a client event nobody asked for");
-        let _ = self.reports.send(Report::ClientEvent(event));
-    }
-
-    fn take_receiver(&self) -> Option<mpsc::UnboundedReceiver<Report>> {
-        self.receiver
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.reports.send(Report::ClientEvent(event));
     }
 
     /// Appends the webhook metrics in the Prometheus text format.
