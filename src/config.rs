@@ -712,14 +712,6 @@ impl Config {
         config.webhooks = file.webhooks.map(webhook_config).transpose()?;
         config.proxy = file.proxy.map(proxy_config).transpose()?;
         check_proxied_rules(&config)?;
-        if config.webhooks.is_some() && config.cluster.is_some() {
-            // Each node would report its own transitions: a topic occupied
-            // on two nodes would be announced twice. Until the transitions
-            // are decided cluster-wide, refuse rather than mislead.
-            return Err(ConfigError::Invalid(
-                "[webhooks] with [cluster] is not supported yet: each node would report its own transitions".into(),
-            ));
-        }
         config.validate()?;
         Ok(config)
     }
@@ -1220,10 +1212,6 @@ pattern = "chat:lobby"
             (hook("events = [\"channel_opened\"]"), "channel_opened"),
             (hook("max_queued_bytes = 10"), "max_queued_bytes"),
             (hook("max_batch_events = 0"), "max_batch_events"),
-            (
-                hook("[cluster]\nredis_url = \"redis://x\""),
-                "not supported yet",
-            ),
         ] {
             let error = Config::from_toml(&text).unwrap_err().to_string();
             assert!(error.contains(expected), "{text:?}: {error}");

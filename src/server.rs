@@ -139,6 +139,7 @@ impl Relay {
                 Some(crate::webhooks::spawn(
                     sink.clone(),
                     Arc::new(config.clone()),
+                    shared.config.cluster.clone(),
                 )?)
             }
             _ => None,

@@ -13,19 +13,12 @@
 //! backend wait within `max_in_flight`.
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::backend::backend;
 use common::sse::Sse;
 use common::{TestServer, Ws};
 use serde_json::{json, Value};
-
-fn backend() -> TestServer {
-    let script = format!("{}/tests/py/backend.py", env!("CARGO_MANIFEST_DIR"));
-    let mut cmd = Command::new("python3");
-    cmd.arg(script).arg("unused-secret");
-    TestServer::spawn(cmd, None)
-}
 
 /// A node whose `private:*` subscriptions and `chat:*` client
 /// publications go through the proxy at `url` (`/subscribe` and

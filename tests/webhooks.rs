@@ -12,87 +12,14 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::backend::*;
 use common::TestServer;
 use serde_json::{json, Value};
-
-const SECRET: &str = "webhook-test-secret";
-
-/// The fake backend.
-fn backend() -> TestServer {
-    let script = format!("{}/tests/py/backend.py", env!("CARGO_MANIFEST_DIR"));
-    let mut cmd = Command::new("python3");
-    cmd.arg(script).arg(SECRET);
-    TestServer::spawn(cmd, None)
-}
 
 /// A node of `shards` shards reporting to `backend`, with `webhooks`
 /// (more keys of `[webhooks]`).
 fn node(backend: &TestServer, shards: usize, webhooks: &str) -> TestServer {
-    TestServer::start(
-        shards,
-        Some(&format!(
-            "[webhooks]\nurl = \"http://{}/hook\"\nsecret = \"{SECRET}\"\n{webhooks}\n",
-            backend.addr
-        )),
-    )
-}
-
-/// What the backend has recorded.
-fn recorded(backend: &TestServer) -> Value {
-    let (status, body) = backend.http("GET", "/events", None);
-    assert_eq!(status, 200, "{body}");
-    let view: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(view["bad_signatures"], 0, "every POST is signed: {view}");
-    view
-}
-
-/// The recorded events as (name, topic or user, or topic/user for members).
-fn events(backend: &TestServer) -> Vec<(String, String)> {
-    recorded(backend)["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            assert!(e["time_ms"].as_u64().is_some_and(|t| t > 0), "{e}");
-            let name = match (e["topic"].as_str(), e["user"].as_str()) {
-                (Some(topic), Some(user)) => format!("{topic}/{user}"),
-                (Some(name), None) | (None, Some(name)) => name.to_string(),
-                (None, None) => panic!("an event about nothing: {e}"),
-            };
-            (e["name"].as_str().unwrap().to_string(), name)
-        })
-        .collect()
-}
-
-fn event(name: &str, subject: &str) -> (String, String) {
-    (name.to_string(), subject.to_string())
-}
-
-/// Waits until the backend has recorded `expected` exactly (a later event
-/// fails it).
-fn wait_for_events(backend: &TestServer, expected: &[(String, String)]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let seen = events(backend);
-        if seen == expected {
-            return;
-        }
-        assert!(
-            seen.len() < expected.len() || seen[..expected.len()] != *expected,
-            "more or other events than expected: {seen:?}, expected {expected:?}"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the backend got {seen:?}, expected {expected:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Nothing more arrives within `quiet`.
-fn assert_no_more(backend: &TestServer, expected: &[(String, String)], quiet: Duration) {
-    std::thread::sleep(quiet);
-    assert_eq!(events(backend), expected, "no event after these");
+    TestServer::start(shards, Some(&webhooks_table(backend, webhooks)))
 }
 
 fn subscribe(node: &TestServer, topic: &str) -> common::Ws {

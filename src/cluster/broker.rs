@@ -87,15 +87,7 @@ pub fn spawn(shared: Shared, config: ClusterConfig) -> io::Result<BrokerHandle> 
         .cluster
         .clone()
         .ok_or_else(|| io::Error::other("no cluster status"))?;
-    let mut redis = fred::prelude::Config::from_url(&config.redis_url).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("cluster.redis_url `{}`: {e}", redact_url(&config.redis_url)),
-        )
-    })?;
-    if let Some(path) = &config.tls_ca_file {
-        redis.tls = Some(super::tls::trusting(path)?.into());
-    }
+    let redis = redis_config(&config)?;
     set_nonblocking(bus.waker(me).raw_fd())?;
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
@@ -121,6 +113,30 @@ pub fn spawn(shared: Shared, config: ClusterConfig) -> io::Result<BrokerHandle> 
         me,
         thread,
     })
+}
+
+/// The fred configuration of `[cluster]`'s Redis: its URL, and the CAs to
+/// trust with `rediss://`.
+fn redis_config(config: &ClusterConfig) -> io::Result<fred::prelude::Config> {
+    let mut redis = fred::prelude::Config::from_url(&config.redis_url).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cluster.redis_url `{}`: {e}", redact_url(&config.redis_url)),
+        )
+    })?;
+    if let Some(path) = &config.tls_ca_file {
+        redis.tls = Some(super::tls::trusting(path)?.into());
+    }
+    Ok(redis)
+}
+
+/// A client of `[cluster]`'s Redis for another part of the node (the
+/// webhook thread), with the broker's policies; it starts connecting on
+/// the runtime it is called on.
+pub fn redis_client(config: &ClusterConfig) -> io::Result<fred::prelude::Client> {
+    let client = super::redis::build_client(redis_config(config)?, 16).map_err(io::Error::other)?;
+    fred::interfaces::ClientLike::connect(&client);
+    Ok(client)
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {

@@ -19,5 +19,5 @@ mod subscriptions;
 mod tls;
 pub mod wire;
 
-pub use broker::{spawn, BrokerHandle};
+pub use broker::{redis_client, spawn, BrokerHandle};
 pub use status::{ClusterStats, ClusterStatus};

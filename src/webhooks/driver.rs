@@ -1,7 +1,8 @@
 //! The webhook thread: a current-thread tokio runtime that feeds the
 //! shards' notices, POST outcomes and timers to [`WebhookState`] and runs
 //! the POSTs it asks for with a pooled keep-alive HTTP/1.1 client, each
-//! signed and bounded by `[webhooks] timeout_ms`.
+//! signed and bounded by `[webhooks] timeout_ms`; with `[cluster]`, also
+//! the Redis batches of its arbiter, one at a time, on its own client.
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -14,8 +15,10 @@ use hyper::Uri;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{BackendClient, Worker};
-use crate::config::WebhookConfig;
+use crate::config::{ClusterConfig, WebhookConfig};
 
+use super::arbiter::{Answer, Arbiter};
+use super::cluster::{ClusterKeys, ClusterRunner};
 use super::signature;
 use super::state::{Op, WebhookState};
 use super::{Report, WebhookSink};
@@ -24,26 +27,71 @@ use super::{Report, WebhookSink};
 /// connection can be used again).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// Starts the webhook thread for `sink`'s reports. Stopped with a flush
-/// time, it sends what is owed (every vacate due at once) for up to that.
-pub fn spawn(sink: Arc<WebhookSink>, config: Arc<WebhookConfig>) -> io::Result<Worker> {
+/// Starts the webhook thread for `sink`'s reports; with `cluster`, its
+/// transitions are decided with the other nodes through Redis. Stopped
+/// with a flush time, it sends what is owed (every vacate due at once) for
+/// up to that.
+pub fn spawn(
+    sink: Arc<WebhookSink>,
+    config: Arc<WebhookConfig>,
+    cluster: Option<ClusterConfig>,
+) -> io::Result<Worker> {
     let reports = sink.reports.take("webhook")?;
     let uri: Uri = config
         .url
         .parse()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("webhooks.url: {e}")))?;
     let client = crate::backend::client()?;
-    Worker::spawn("ringcast-webhooks", move |stopped| {
+    Worker::spawn("ringcast-webhooks", move |stopped| async move {
+        let (state, runner) = match cluster.map(|c| clustered(&config, &c)).transpose() {
+            Ok(Some((arbiter, runner))) => (
+                WebhookState::clustered(config.clone(), arbiter),
+                Some(runner),
+            ),
+            Ok(None) => (WebhookState::new(config.clone()), None),
+            Err(e) => {
+                tracing::error!("webhooks cannot reach the cluster's Redis: {e}");
+                return;
+            }
+        };
         let driver = Driver {
-            state: WebhookState::new(config.clone()),
+            state,
             config,
             uri,
             sink,
             client,
+            runner,
         };
-        driver.run(reports, stopped)
+        driver.run(reports, stopped).await
     })
 }
+
+/// The arbiter and its Redis client for a node of `cluster`, under a name
+/// of its own for this run.
+fn clustered(
+    config: &WebhookConfig,
+    cluster: &ClusterConfig,
+) -> io::Result<(Arbiter, ClusterRunner)> {
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|e| io::Error::other(e.to_string()))?;
+    let node: Arc<str> = Arc::from(format!("{:016x}", u64::from_le_bytes(id)));
+    let ttl = cluster.presence_ttl;
+    let delays = [
+        config.vacated_delay,
+        config.offline_delay,
+        config.vacated_delay,
+    ];
+    debug_assert_eq!(delays[super::Subject::User as usize], config.offline_delay);
+    let longest = config.vacated_delay.max(config.offline_delay);
+    let keys = ClusterKeys::new(&cluster.prefix, &node, ttl, longest);
+    let client = crate::cluster::redis_client(cluster)?;
+    tracing::info!("webhooks: decided across the cluster as node {node}");
+    let arbiter = Arbiter::new(node, delays, ttl / 3, Instant::now());
+    Ok((arbiter, ClusterRunner::new(client, keys)))
+}
+
+/// What came of a Redis batch, and the runner back.
+type RedisDone = (u64, Option<Vec<Answer>>, ClusterRunner);
 
 struct Driver {
     state: WebhookState,
@@ -51,6 +99,8 @@ struct Driver {
     uri: Uri,
     sink: Arc<WebhookSink>,
     client: BackendClient,
+    /// With a cluster: the Redis runner, when no batch has it.
+    runner: Option<ClusterRunner>,
 }
 
 fn unix_ms() -> u64 {
@@ -66,8 +116,9 @@ impl Driver {
         mut stopped: oneshot::Receiver<Duration>,
     ) {
         let (done_tx, mut done) = mpsc::unbounded_channel::<(u64, bool)>();
+        let (redis_tx, mut redis) = mpsc::unbounded_channel::<RedisDone>();
         let flush = loop {
-            self.start_posts(&done_tx);
+            self.start(&done_tx, &redis_tx);
             let deadline = self.state.next_deadline();
             let sleep = async {
                 match deadline {
@@ -81,6 +132,7 @@ impl Driver {
                     None => break Duration::ZERO,
                 },
                 Some((id, ok)) = done.recv() => self.posted(id, ok),
+                Some(answered) = redis.recv() => self.redis_answered(answered),
                 () = sleep => self.state.tick(Instant::now(), unix_ms()),
                 flush = &mut stopped => break flush.unwrap_or_default(),
             }
@@ -92,13 +144,14 @@ impl Driver {
         self.state.flush(Instant::now(), unix_ms());
         let until = tokio::time::Instant::now() + flush;
         loop {
-            self.start_posts(&done_tx);
+            self.start(&done_tx, &redis_tx);
             if self.state.idle() {
                 break;
             }
             let deadline = self.state.next_deadline();
             tokio::select! {
                 Some((id, ok)) = done.recv() => self.posted(id, ok),
+                Some(answered) = redis.recv() => self.redis_answered(answered),
                 () = tokio::time::sleep_until(deadline.map_or(until, Into::into).min(until)) => {
                     if tokio::time::Instant::now() >= until {
                         break;
@@ -109,10 +162,17 @@ impl Driver {
         }
         if !self.state.idle() {
             tracing::warn!(
-                "webhooks: {} bytes of events undelivered at shutdown",
-                self.state.queued_bytes()
+                "webhooks: {} bytes of events undelivered at shutdown ({} commands for Redis unsent)",
+                self.state.queued_bytes(),
+                self.state.redis_counts().0,
             );
         }
+    }
+
+    fn redis_answered(&mut self, (id, answers, runner): RedisDone) {
+        self.runner = Some(runner);
+        self.state
+            .redis_answered(id, answers, Instant::now(), unix_ms());
     }
 
     fn report(&mut self, report: Report) {
@@ -132,10 +192,26 @@ impl Driver {
         self.state.posted(id, ok, Instant::now());
     }
 
-    /// Runs the POSTs the state asks for, and shows its counters.
-    fn start_posts(&mut self, done: &mpsc::UnboundedSender<(u64, bool)>) {
+    /// Runs the POSTs and Redis batches the state asks for, and shows its
+    /// counters.
+    fn start(
+        &mut self,
+        done: &mpsc::UnboundedSender<(u64, bool)>,
+        redis: &mpsc::UnboundedSender<RedisDone>,
+    ) {
         for op in self.state.take_ops() {
-            let Op::Post { id, body } = op;
+            let (id, body) = match op {
+                Op::Post { id, body } => (id, body),
+                Op::Redis { id, commands } => {
+                    let mut runner = self.runner.take().expect("one Redis batch at a time");
+                    let redis = redis.clone();
+                    tokio::spawn(async move {
+                        let answers = runner.run(&commands).await;
+                        let _ = redis.send((id, answers, runner));
+                    });
+                    continue;
+                }
+            };
             let request = self.request(body);
             let client = self.client.clone();
             let done = done.clone();
@@ -165,6 +241,11 @@ impl Driver {
         stats
             .queued_bytes
             .store(self.state.queued_bytes() as u64, Ordering::Relaxed);
+        let (waiting, failures) = self.state.redis_counts();
+        stats.redis_waiting.store(waiting as u64, Ordering::Relaxed);
+        stats
+            .redis_failures_total
+            .store(failures, Ordering::Relaxed);
     }
 
     fn request(&self, body: Bytes) -> hyper::Request<Full<Bytes>> {

@@ -12,7 +12,15 @@
 //! whole node is reported once however many shards hold the name, and
 //! POSTs batches of events signed with HMAC-SHA256 (`signature.rs`),
 //! retrying with backoff from a queue bounded in bytes (`driver.rs`).
+//!
+//! With `[cluster]`, which node reports a transition is decided in Redis
+//! (`arbiter.rs`, `cluster.rs`): one `channel_occupied` and one
+//! `channel_vacated` per transition for the whole cluster, one
+//! `user_offline` when a user's last connection anywhere closed, and the
+//! vacated events of a node that died within `presence_ttl` of its death.
 
+pub mod arbiter;
+mod cluster;
 mod driver;
 pub mod signature;
 pub mod state;
@@ -85,6 +93,8 @@ pub struct WebhookStats {
     pub posts_total: AtomicU64,
     pub post_failures_total: AtomicU64,
     pub queued_bytes: AtomicU64,
+    pub redis_waiting: AtomicU64,
+    pub redis_failures_total: AtomicU64,
 }
 
 impl WebhookSink {
@@ -163,6 +173,18 @@ impl WebhookSink {
                 "gauge",
                 "Bytes of webhook events waiting for the backend (bounded by webhooks.max_queued_bytes).",
                 s.queued_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "webhook_redis_waiting",
+                "gauge",
+                "With [cluster]: webhook commands waiting for Redis (changes coalesce per name, so at most a few per name the node holds).",
+                s.redis_waiting.load(Ordering::Relaxed),
+            ),
+            (
+                "webhook_redis_failures_total",
+                "counter",
+                "With [cluster]: webhook batches Redis failed or did not answer in time (each sent again).",
+                s.redis_failures_total.load(Ordering::Relaxed),
             ),
         ];
         crate::metrics::write_node_metrics(out, &metrics);

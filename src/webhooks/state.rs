@@ -4,6 +4,10 @@
 //! name that comes back in time produces neither, queues the events within
 //! a byte bound, and sends them in batches, one POST at a time (so the
 //! backend sees them in order), retrying a failed one with backoff.
+//!
+//! With `[cluster]`, the node's transitions go to an [`Arbiter`] instead,
+//! which asks Redis whether each is the cluster's (`arbiter.rs`); the
+//! events it decides are queued here like a single node's.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -13,6 +17,7 @@ use bytes::Bytes;
 
 use crate::config::WebhookConfig;
 
+use super::arbiter::{Answer, Arbiter, Command, Decision};
 use super::{ClientEvent, Notice, Subject};
 
 /// The first wait after a failed POST; it doubles up to [`MAX_BACKOFF`].
@@ -25,6 +30,9 @@ pub enum Op {
     /// POST `body` (signed by the driver); answer with
     /// [`WebhookState::posted`] and this `id`.
     Post { id: u64, body: Bytes },
+    /// Run `commands` in Redis, in order; answer with
+    /// [`WebhookState::redis_answered`] and this `id`.
+    Redis { id: u64, commands: Vec<Command> },
 }
 
 /// Where a name stands across the node's shards.
@@ -41,7 +49,7 @@ struct Holding {
 }
 
 /// What a transition is about: a topic, a user, or a user in a topic.
-type Key = (Subject, Arc<str>, Option<Arc<str>>);
+type Key = super::arbiter::Key;
 
 const SUBJECTS: [Subject; 3] = [Subject::Topic, Subject::User, Subject::Member];
 
@@ -50,6 +58,8 @@ const SUBJECTS: [Subject; 3] = [Subject::Topic, Subject::User, Subject::Member];
 pub struct WebhookState {
     config: Arc<WebhookConfig>,
     holding: HashMap<Key, Holding>,
+    /// With `[cluster]`: where the node's transitions are decided.
+    cluster: Option<Arbiter>,
     /// Names whose last holder left, by deadline (the delays are fixed per
     /// subject, so each subject's deadlines come in order).
     vacating: [VecDeque<(Instant, Key, u64)>; 3],
@@ -74,6 +84,7 @@ impl WebhookState {
         WebhookState {
             config,
             holding: HashMap::new(),
+            cluster: None,
             vacating: [VecDeque::new(), VecDeque::new(), VecDeque::new()],
             queue: VecDeque::new(),
             queued_bytes: 0,
@@ -85,6 +96,14 @@ impl WebhookState {
             unix_ms: 0,
             events_total: 0,
             dropped_total: 0,
+        }
+    }
+
+    /// The same for a node of a cluster: `arbiter` decides its transitions.
+    pub fn clustered(config: Arc<WebhookConfig>, arbiter: Arbiter) -> WebhookState {
+        WebhookState {
+            cluster: Some(arbiter),
+            ..WebhookState::new(config)
         }
     }
 
@@ -102,6 +121,23 @@ impl WebhookState {
         let delay = self.delay(subject);
         let key = (subject, name, user);
         let holding = self.holding.entry(key.clone()).or_default();
+        if let Some(arbiter) = &mut self.cluster {
+            if on {
+                holding.shards += 1;
+                if holding.shards == 1 {
+                    arbiter.hold(key, true);
+                }
+            } else {
+                debug_assert!(holding.shards > 0, "a shard left {key:?} it never held");
+                holding.shards = holding.shards.saturating_sub(1);
+                if holding.shards == 0 {
+                    self.holding.remove(&key);
+                    arbiter.hold(key, false);
+                }
+            }
+            self.pump(now);
+            return;
+        }
         if on {
             holding.shards += 1;
             if holding.shards > 1 {
@@ -171,10 +207,41 @@ impl WebhookState {
         self.pump(now);
     }
 
+    /// Redis answered the batch `id` (`None`: it failed).
+    pub fn redis_answered(
+        &mut self,
+        id: u64,
+        answers: Option<Vec<Answer>>,
+        now: Instant,
+        unix_ms: u64,
+    ) {
+        self.unix_ms = unix_ms;
+        let Some(arbiter) = &mut self.cluster else {
+            debug_assert!(false, "a Redis answer without a cluster");
+            return;
+        };
+        arbiter.answered(id, answers, now);
+        for decision in arbiter.take_decided() {
+            let (event, key) = match &decision {
+                Decision::Occupied(key) => match key.0 {
+                    Subject::Topic => ("channel_occupied", key),
+                    Subject::Member => ("member_added", key),
+                    Subject::User => continue,
+                },
+                Decision::Vacated(key) => (vacated_event(key.0), key),
+            };
+            self.event(event, key, unix_ms);
+        }
+        self.pump(now);
+    }
+
     /// The node is stopping: every name without holders is vacated now,
     /// whatever its delay, so the backend is not left believing it occupied.
     pub fn flush(&mut self, now: Instant, unix_ms: u64) {
         self.unix_ms = unix_ms;
+        if let Some(arbiter) = &mut self.cluster {
+            arbiter.flush();
+        }
         for subject in SUBJECTS {
             while let Some((_, key, generation)) = self.vacating[subject as usize].pop_front() {
                 self.vacate(&key, generation, unix_ms);
@@ -213,7 +280,8 @@ impl WebhookState {
     pub fn next_deadline(&self) -> Option<Instant> {
         let vacate = self.vacating.iter().filter_map(|q| q.front()).map(|v| v.0);
         let retry = self.retry_at.filter(|_| self.in_flight.is_none());
-        vacate.chain(retry).min()
+        let redis = self.cluster.as_ref().and_then(Arbiter::next_deadline);
+        vacate.chain(retry).chain(redis).min()
     }
 
     /// Bytes of events waiting (the one in flight included).
@@ -221,9 +289,17 @@ impl WebhookState {
         self.queued_bytes
     }
 
-    /// Whether nothing waits to be sent or is being sent.
+    /// Whether nothing waits to be sent or is being sent (with a cluster:
+    /// and the arbiter said goodbye after a flush).
     pub fn idle(&self) -> bool {
-        self.queue.is_empty()
+        self.queue.is_empty() && self.cluster.as_ref().map_or(true, Arbiter::idle)
+    }
+
+    /// Commands waiting for Redis, and Redis batches that failed.
+    pub fn redis_counts(&self) -> (usize, u64) {
+        self.cluster
+            .as_ref()
+            .map_or((0, 0), |a| (a.waiting(), a.failures_total))
     }
 
     fn delay(&self, subject: Subject) -> Duration {
@@ -244,12 +320,7 @@ impl WebhookState {
         let announced = holding.announced;
         self.holding.remove(key);
         if announced {
-            let event = match key.0 {
-                Subject::Topic => "channel_vacated",
-                Subject::User => "user_offline",
-                Subject::Member => "member_removed",
-            };
-            self.event(event, key, unix_ms);
+            self.event(vacated_event(key.0), key, unix_ms);
         }
     }
 
@@ -283,8 +354,12 @@ impl WebhookState {
         self.queue.push_back(encoded);
     }
 
-    /// Starts the next POST if none is in flight and no backoff runs.
+    /// Starts the next Redis batch and the next POST, if none is in
+    /// flight and no backoff runs.
     fn pump(&mut self, now: Instant) {
+        if let Some((id, commands)) = self.cluster.as_mut().and_then(|a| a.next_batch(now)) {
+            self.ops.push(Op::Redis { id, commands });
+        }
         if self.in_flight.is_some() || self.queue.is_empty() {
             return;
         }
@@ -311,6 +386,15 @@ impl WebhookState {
             id: self.next_post,
             body: Bytes::from(body),
         });
+    }
+}
+
+/// The event of `subject`'s last holder gone for its delay.
+fn vacated_event(subject: Subject) -> &'static str {
+    match subject {
+        Subject::Topic => "channel_vacated",
+        Subject::User => "user_offline",
+        Subject::Member => "member_removed",
     }
 }
 
@@ -362,7 +446,10 @@ mod tests {
             if ops.is_empty() {
                 return out;
             }
-            for Op::Post { id, body } in ops {
+            for op in ops {
+                let Op::Post { id, body } = op else {
+                    panic!("no Redis without a cluster");
+                };
                 let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
                 for event in body["events"].as_array().unwrap() {
                     let name = match (event["topic"].as_str(), event["user"].as_str()) {

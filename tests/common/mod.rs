@@ -2,6 +2,7 @@
 //! over real sockets with tungstenite's blocking client and raw HTTP.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod backend;
 pub mod browser;
 pub mod cut_proxy;
 pub mod redis;

@@ -51,6 +51,39 @@ const BACKOFF_JITTER_MS: u32 = 100;
 /// A batch of channel changes, on the connection numbered `.0`.
 type Batch = (u64, Vec<Change<Key>>);
 
+/// A client of the node's Redis with the cluster's policies: connections
+/// retried with jittered backoff (Redis may start after the node), every
+/// command bounded by [`COMMAND_TIMEOUT`], never sent twice over a
+/// reconnection, and `receive_buffer` messages buffered for a subscriber.
+pub(crate) fn build_client(
+    mut redis: fred::prelude::Config,
+    receive_buffer: usize,
+) -> Result<Client, Error> {
+    let clustered = redis.server.is_clustered();
+    // Retry the first connection too: Redis may start after us.
+    redis.fail_fast = false;
+    let mut policy = ReconnectPolicy::new_exponential(0, BACKOFF_MIN_MS, BACKOFF_MAX_MS, 2);
+    policy.set_jitter(BACKOFF_JITTER_MS);
+    Builder::from_config(redis)
+        .set_policy(policy)
+        .with_performance_config(|p| {
+            p.default_command_timeout = COMMAND_TIMEOUT;
+            p.broadcast_channel_capacity = receive_buffer;
+        })
+        .with_connection_config(|c| {
+            c.connection_timeout = COMMAND_TIMEOUT;
+            c.internal_command_timeout = COMMAND_TIMEOUT;
+            // A command in flight when the connection drops is not
+            // sent again on the next one: a publish could arrive
+            // twice. A Redis Cluster answers MOVED or ASK while its
+            // slots move (a failover, resharding), and following
+            // one is a second attempt; there, stream publications
+            // carry a key that makes a second run harmless.
+            c.max_command_attempts = if clustered { 3 } else { 1 };
+        })
+        .build()
+}
+
 /// The node's connections to Redis and the tasks that use them.
 pub(super) struct Redis {
     pub(super) subscriber: Client,
@@ -75,32 +108,7 @@ impl Redis {
         status: Arc<ClusterStatus>,
         done: mpsc::UnboundedSender<Event>,
     ) -> Result<Redis, Error> {
-        let clustered = redis.server.is_clustered();
-        let client = |receive_buffer: usize| {
-            let mut redis = redis.clone();
-            // Retry the first connection too: Redis may start after us.
-            redis.fail_fast = false;
-            let mut policy = ReconnectPolicy::new_exponential(0, BACKOFF_MIN_MS, BACKOFF_MAX_MS, 2);
-            policy.set_jitter(BACKOFF_JITTER_MS);
-            Builder::from_config(redis)
-                .set_policy(policy)
-                .with_performance_config(|p| {
-                    p.default_command_timeout = COMMAND_TIMEOUT;
-                    p.broadcast_channel_capacity = receive_buffer;
-                })
-                .with_connection_config(|c| {
-                    c.connection_timeout = COMMAND_TIMEOUT;
-                    c.internal_command_timeout = COMMAND_TIMEOUT;
-                    // A command in flight when the connection drops is not
-                    // sent again on the next one: a publish could arrive
-                    // twice. A Redis Cluster answers MOVED or ASK while its
-                    // slots move (a failover, resharding), and following
-                    // one is a second attempt; there, stream publications
-                    // carry a key that makes a second run harmless.
-                    c.max_command_attempts = if clustered { 3 } else { 1 };
-                })
-                .build()
-        };
+        let client = |receive_buffer: usize| build_client(redis.clone(), receive_buffer);
         let subscriber = client(RECEIVE_BUFFER)?;
         let publisher = client(16)?;
         subscriber.connect();
