@@ -9,12 +9,14 @@
 //! In Redis, per name (one key, so one slot of a Redis Cluster):
 //!
 //! ```text
-//! {prefix}:wh:{<entry>}   hash: <node> -> 1 for each holder,
-//!                          ~a: who announced it (the occupied event was sent),
-//!                          ~t: a counter bumped by every join and last leave
-//!                              (a delayed check carries the value it saw),
-//!                          ~v: who reported it vacant (so a retry answers alike)
+//! {prefix}:wh:{<entry>}    hash: <node> -> 1 for each holder,
+//!                           ~a: who announced it (the occupied event was sent),
+//!                           ~t: a counter bumped by every join and last leave
+//!                               (a delayed check carries the value it saw)
+//! {prefix}:wh:{<entry>}:v  hash: who reported it vacant (so a retry answers alike)
 //! ```
+//!
+//! Both expire a while after the name's last holder left.
 //!
 //! and per node, under one hash tag: `live:<node>` (expires `presence_ttl`
 //! after the node's last heartbeat), `idx:<node>` (the names it holds or
@@ -61,30 +63,38 @@ pub enum Command {
     /// This node has no more business with `key`: off its index.
     Forget { key: Key },
     /// `dead` stopped refreshing its `live` key: remove it from every name
-    /// in its index; answers the names that became vacant.
-    Sweep { dead: String },
+    /// in its index; answers the names that became vacant (`tag` names
+    /// this sweep, so a second run answers alike).
+    Sweep { dead: String, tag: String },
+    /// `dead` was swept (and the answer read): its index and its place on
+    /// the list of nodes go, unless it came back.
+    ForgetNode { dead: String },
     /// The node stops with nothing held: off the list of nodes.
     Goodbye,
 }
 
-/// Redis's answer to each [`Command`], in order.
+/// Redis's answer to each [`Command`], in order. A decision carries
+/// Redis's clock (Unix ms) when it was made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     Heartbeat { present: bool, dead: Vec<String> },
-    Joined { announced: bool },
+    Joined { announced: Option<u64> },
     Left { token: Option<i64> },
-    Checked { vacated: bool },
-    Swept { vacated: Vec<Key> },
+    Checked { vacated: Option<u64> },
+    Swept { vacated: Vec<(Key, u64)> },
     Done,
 }
 
-/// The events the cluster decided this node reports.
+/// The events the cluster decided this node reports, with Redis's clock
+/// (Unix ms) when each was decided: one clock for the cluster, so a
+/// backend ordering a name's events by it gets them in the order they
+/// happened, even when a retried answer made one arrive after a later one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// The first holder in the cluster (no event for a user).
-    Occupied(Key),
+    Occupied(Key, u64),
     /// No holder in the cluster for the delay (or a dead node's last).
-    Vacated(Key),
+    Vacated(Key, u64),
 }
 
 /// The node's side of the cluster-wide transitions.
@@ -109,8 +119,12 @@ pub struct Arbiter {
     checking: HashMap<Key, i64>,
     /// Names to take off the index.
     forget: Vec<Key>,
-    /// Dead nodes this node claimed.
+    /// Dead nodes this node claimed, and those it swept; `sweeping` has
+    /// both until they are forgotten (a claim is answered again by each
+    /// heartbeat until then, and must be swept once).
     sweeps: Vec<String>,
+    swept: Vec<String>,
+    sweeping: HashSet<String>,
     in_flight: Option<(u64, Vec<Command>)>,
     sent: bool,
     retry_at: Option<Instant>,
@@ -150,6 +164,8 @@ impl Arbiter {
             checking: HashMap::new(),
             forget: Vec::new(),
             sweeps: Vec::new(),
+            swept: Vec::new(),
+            sweeping: HashSet::new(),
             in_flight: None,
             sent: false,
             retry_at: None,
@@ -210,7 +226,16 @@ impl Arbiter {
             commands.push(Command::Heartbeat);
             self.next_heartbeat = now + self.heartbeat_every;
         }
-        commands.extend(self.sweeps.drain(..).map(|dead| Command::Sweep { dead }));
+        for dead in std::mem::take(&mut self.sweeps) {
+            self.next_tag += 1;
+            let tag = format!("{}:{}", self.node, self.next_tag);
+            commands.push(Command::Sweep { dead, tag });
+        }
+        commands.extend(
+            self.swept
+                .drain(..)
+                .map(|dead| Command::ForgetNode { dead }),
+        );
         // Before this batch's joins: a name held again stays on the index.
         let forget: Vec<Key> = self.forget.drain(..).collect();
         for key in forget {
@@ -318,11 +343,15 @@ impl Arbiter {
                     }
                 }
                 self.heartbeats_answered += 1;
-                self.sweeps.extend(dead);
+                for dead in dead {
+                    if self.sweeping.insert(dead.clone()) {
+                        self.sweeps.push(dead);
+                    }
+                }
             }
             (Command::Join { key, .. }, Answer::Joined { announced }) => {
-                if announced {
-                    self.decided.push(Decision::Occupied(key.clone()));
+                if let Some(at) = announced {
+                    self.decided.push(Decision::Occupied(key.clone(), at));
                 }
                 self.joined.insert(key.clone());
                 // A check waiting was voided by this join.
@@ -347,8 +376,8 @@ impl Arbiter {
                 }
             }
             (Command::Check { key, token, .. }, Answer::Checked { vacated }) => {
-                if vacated {
-                    self.decided.push(Decision::Vacated(key.clone()));
+                if let Some(at) = vacated {
+                    self.decided.push(Decision::Vacated(key.clone(), at));
                 }
                 if self.checking.get(&key) == Some(&token) {
                     self.checking.remove(&key);
@@ -357,9 +386,17 @@ impl Arbiter {
                     }
                 }
             }
-            (Command::Sweep { .. }, Answer::Swept { vacated }) => {
-                self.decided
-                    .extend(vacated.into_iter().map(Decision::Vacated));
+            (Command::Sweep { dead, .. }, Answer::Swept { vacated }) => {
+                // Only now: a sweep sent again reads the same index.
+                self.swept.push(dead);
+                self.decided.extend(
+                    vacated
+                        .into_iter()
+                        .map(|(key, at)| Decision::Vacated(key, at)),
+                );
+            }
+            (Command::ForgetNode { dead }, Answer::Done) => {
+                self.sweeping.remove(&dead);
             }
             (Command::Forget { .. } | Command::Goodbye, Answer::Done) => {}
             (command, answer) => {
@@ -392,6 +429,7 @@ impl Arbiter {
             + self.checks.iter().map(VecDeque::len).sum::<usize>()
             + self.forget.len()
             + self.sweeps.len()
+            + self.swept.len()
             + self.in_flight.as_ref().map_or(0, |(_, c)| c.len())
     }
 
@@ -446,7 +484,11 @@ mod tests {
         live: HashSet<String>,
         nodes: HashSet<String>,
         index: HashMap<String, HashSet<Key>>,
-        claimed: HashSet<String>,
+        /// Dead nodes and who claimed each (a claim lapses with its
+        /// claimer, as the claim key expires).
+        claimed: HashMap<String, String>,
+        /// Redis's clock: one tick per command.
+        clock: u64,
     }
 
     #[derive(Default, Clone)]
@@ -454,11 +496,14 @@ mod tests {
         holders: HashSet<String>,
         announced: Option<String>,
         token: i64,
-        vacated: Option<String>,
+        announced_at: u64,
+        vacated: HashMap<String, u64>,
     }
 
     impl FakeRedis {
         fn run(&mut self, node: &str, command: &Command) -> Answer {
+            self.clock += 1;
+            let now = self.clock;
             match command {
                 Command::Heartbeat => {
                     let present = !self.live.insert(node.to_string());
@@ -467,10 +512,16 @@ mod tests {
                         .nodes
                         .iter()
                         .filter(|n| !self.live.contains(*n) && n.as_str() != node)
-                        .filter(|n| !self.claimed.contains(*n))
+                        .filter(|n| {
+                            self.claimed
+                                .get(*n)
+                                .map_or(true, |by| by == node || !self.live.contains(by))
+                        })
                         .cloned()
                         .collect();
-                    self.claimed.extend(dead.iter().cloned());
+                    for dead in &dead {
+                        self.claimed.insert(dead.clone(), node.to_string());
+                    }
                     Answer::Heartbeat { present, dead }
                 }
                 Command::Join { key, tag } => {
@@ -479,15 +530,15 @@ mod tests {
                         .or_default()
                         .insert(key.clone());
                     let name = self.names.entry(key.clone()).or_default();
-                    name.vacated = None;
                     name.holders.insert(node.to_string());
                     name.token += 1;
                     let announced = match &name.announced {
                         None => {
                             name.announced = Some(tag.clone());
-                            true
+                            name.announced_at = now;
+                            Some(now)
                         }
-                        Some(by) => by == tag,
+                        Some(by) => (by == tag).then_some(name.announced_at),
                     };
                     Answer::Joined { announced }
                 }
@@ -505,25 +556,30 @@ mod tests {
                 Command::Check { key, token, tag } => {
                     let name = self.names.entry(key.clone()).or_default();
                     Answer::Checked {
-                        vacated: name.vacate(tag, Some(*token)),
+                        vacated: name.vacate(tag, Some(*token), now),
                     }
                 }
                 Command::Forget { key } => {
                     self.index.entry(node.to_string()).or_default().remove(key);
                     Answer::Done
                 }
-                Command::Sweep { dead } => {
-                    let tag = format!("sweep:{dead}:{node}");
+                Command::Sweep { dead, tag } => {
                     let mut vacated = Vec::new();
-                    for key in self.index.remove(dead).unwrap_or_default() {
+                    for key in self.index.get(dead).cloned().unwrap_or_default() {
                         let name = self.names.entry(key.clone()).or_default();
                         name.holders.remove(dead);
-                        if name.vacate(&tag, None) {
-                            vacated.push(key);
+                        if let Some(at) = name.vacate(tag, None, now) {
+                            vacated.push((key, at));
                         }
                     }
-                    self.nodes.remove(dead);
                     Answer::Swept { vacated }
+                }
+                Command::ForgetNode { dead } => {
+                    if !self.live.contains(dead) {
+                        self.index.remove(dead);
+                        self.nodes.remove(dead);
+                    }
+                    Answer::Done
                 }
                 Command::Goodbye => {
                     self.live.remove(node);
@@ -536,18 +592,16 @@ mod tests {
     }
 
     impl Name {
-        fn vacate(&mut self, tag: &str, token: Option<i64>) -> bool {
-            if self.vacated.as_deref() == Some(tag) {
-                return true;
+        fn vacate(&mut self, tag: &str, token: Option<i64>, now: u64) -> Option<u64> {
+            if let Some(at) = self.vacated.get(tag) {
+                return Some(*at);
             }
             if !self.holders.is_empty() || token.is_some_and(|t| t != self.token) {
-                return false;
+                return None;
             }
-            if self.announced.take().is_none() {
-                return false;
-            }
-            self.vacated = Some(tag.to_string());
-            true
+            self.announced.take()?;
+            self.vacated.insert(tag.to_string(), now);
+            Some(now)
         }
     }
 
@@ -561,15 +615,22 @@ mod tests {
         Arbiter::new(Arc::from(node), [DELAY; 3], Duration::from_secs(10), now)
     }
 
-    /// Runs every batch `arbiter` has at `now` against `redis`; `fail`
-    /// loses the first batch's answer after Redis ran it.
-    fn settle(arbiter: &mut Arbiter, redis: &mut FakeRedis, now: Instant) -> Vec<Decision> {
+    /// Runs every batch `arbiter` has at `now` against `redis`: what it
+    /// decided (occupied or not), without times.
+    fn settle(arbiter: &mut Arbiter, redis: &mut FakeRedis, now: Instant) -> Vec<(bool, Key)> {
         while let Some((id, commands)) = arbiter.next_batch(now) {
             let node = arbiter.node().to_string();
             let answers = commands.iter().map(|c| redis.run(&node, c)).collect();
             arbiter.answered(id, Some(answers), now);
         }
-        arbiter.take_decided()
+        arbiter
+            .take_decided()
+            .into_iter()
+            .map(|d| match d {
+                Decision::Occupied(key, _) => (true, key),
+                Decision::Vacated(key, _) => (false, key),
+            })
+            .collect()
     }
 
     #[test]
@@ -579,10 +640,7 @@ mod tests {
         let (mut a, mut b) = (arbiter("a", t0), arbiter("b", t0));
         a.hold(topic("x"), true);
         b.hold(topic("x"), true);
-        assert_eq!(
-            settle(&mut a, &mut redis, t0),
-            [Decision::Occupied(topic("x"))]
-        );
+        assert_eq!(settle(&mut a, &mut redis, t0), [(true, topic("x"))]);
         assert_eq!(settle(&mut b, &mut redis, t0), []);
         a.hold(topic("x"), false);
         b.hold(topic("x"), false);
@@ -594,7 +652,7 @@ mod tests {
             settle(&mut b, &mut redis, later),
         ]
         .concat();
-        assert_eq!(decided, [Decision::Vacated(topic("x"))], "once, by b");
+        assert_eq!(decided, [(false, topic("x"))], "once, by b");
         assert!(redis.index.values().all(HashSet::is_empty), "indexes empty");
     }
 
@@ -627,7 +685,7 @@ mod tests {
         let retry = t0 + FIRST_BACKOFF;
         assert_eq!(
             settle(&mut a, &mut redis, retry),
-            [Decision::Occupied(topic("x"))],
+            [(true, topic("x"))],
             "the retry's join answers as the lost one would have"
         );
         a.hold(topic("x"), false);
@@ -639,7 +697,7 @@ mod tests {
         a.answered(id, None, retry + DELAY);
         assert_eq!(
             settle(&mut a, &mut redis, retry + DELAY + FIRST_BACKOFF),
-            [Decision::Vacated(topic("x"))]
+            [(false, topic("x"))]
         );
     }
 
@@ -664,12 +722,12 @@ mod tests {
             settle(&mut b, &mut redis, later),
         ]
         .concat();
-        assert_eq!(decided, [Decision::Vacated(topic("only-c"))]);
+        assert_eq!(decided, [(false, topic("only-c"))]);
         b.hold(topic("shared"), false);
         settle(&mut b, &mut redis, later);
         assert_eq!(
             settle(&mut b, &mut redis, later + DELAY),
-            [Decision::Vacated(topic("shared"))]
+            [(false, topic("shared"))]
         );
     }
 
@@ -688,7 +746,7 @@ mod tests {
         let mut redis = FakeRedis::default();
         assert_eq!(
             settle(&mut a, &mut redis, t0 + FIRST_BACKOFF),
-            [Decision::Occupied(topic("y"))]
+            [(true, topic("y"))]
         );
     }
 
@@ -701,12 +759,151 @@ mod tests {
         settle(&mut a, &mut redis, t0);
         a.hold(topic("x"), false);
         a.flush();
-        assert_eq!(
-            settle(&mut a, &mut redis, t0),
-            [Decision::Vacated(topic("x"))]
-        );
+        assert_eq!(settle(&mut a, &mut redis, t0), [(false, topic("x"))]);
         assert!(a.idle());
         assert!(!redis.nodes.contains("a"), "gone without being swept");
+    }
+
+    /// A small seeded generator (xorshift64*), so a failing seed replays.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        }
+    }
+
+    /// Nodes hold and release four topics at random while Redis loses
+    /// answers (before or after running the batch) and nodes die (between
+    /// batches) and new ones start. Each topic's reported events, in the
+    /// order of Redis's clock, alternate occupied, vacated, occupied...
+    /// across all nodes (none lost, none twice), and once everything is
+    /// released and the dead are swept, each ends vacated.
+    fn run_cluster(seed: u64) {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut redis = FakeRedis::default();
+        let mut nodes: Vec<Arbiter> = (0..3).map(|i| arbiter(&format!("n{i}"), t0)).collect();
+        let mut started = 3;
+        let topics: Vec<Key> = (0..4).map(|i| topic(&format!("t{i}"))).collect();
+        let mut reported: HashMap<Key, Vec<(u64, bool)>> = HashMap::new();
+        let mut record = |decisions: Vec<Decision>| {
+            for decision in decisions {
+                let (key, at, occupied) = match decision {
+                    Decision::Occupied(key, at) => (key, at, true),
+                    Decision::Vacated(key, at) => (key, at, false),
+                };
+                if std::env::var_os("ARBITER_TRACE").is_some() {
+                    eprintln!("  decided {key:?} {occupied} at {at}");
+                }
+                reported.entry(key).or_default().push((at, occupied));
+            }
+        };
+        let step = |node: &mut Arbiter, redis: &mut FakeRedis, now: Instant, fate: u64| {
+            let Some((id, commands)) = node.next_batch(now) else {
+                return;
+            };
+            let name = node.node().to_string();
+            if std::env::var_os("ARBITER_TRACE").is_some() {
+                eprintln!("{name} fate {fate}: {commands:?}");
+            }
+            match fate {
+                // Lost on the way: Redis ran nothing.
+                0 => node.answered(id, None, now),
+                // Ran, and the answer was lost (a timeout).
+                1 => {
+                    for c in &commands {
+                        redis.run(&name, c);
+                    }
+                    node.answered(id, None, now);
+                }
+                _ => {
+                    let answers = commands.iter().map(|c| redis.run(&name, c)).collect();
+                    node.answered(id, Some(answers), now);
+                }
+            }
+        };
+        for _ in 0..400 {
+            let i = rng.below(nodes.len() as u64) as usize;
+            match rng.below(100) {
+                0..=39 => {
+                    let key = topics[rng.below(4) as usize].clone();
+                    let on = !nodes[i].held.contains(&key);
+                    if std::env::var_os("ARBITER_TRACE").is_some() {
+                        eprintln!("{} holds {key:?}: {on}", nodes[i].node());
+                    }
+                    nodes[i].hold(key, on);
+                }
+                40..=79 => {
+                    let fate = rng.below(10);
+                    step(&mut nodes[i], &mut redis, now, fate);
+                    record(nodes[i].take_decided());
+                }
+                80..=95 => now += Duration::from_millis(rng.below(1500)),
+                _ if nodes[i].in_flight.is_none() && nodes.len() > 1 => {
+                    // Dies without a goodbye: its live key expires.
+                    let dead = nodes.swap_remove(i);
+                    if std::env::var_os("ARBITER_TRACE").is_some() {
+                        eprintln!("{} dies", dead.node());
+                    }
+                    redis.live.remove(dead.node());
+                    if rng.below(2) == 0 {
+                        nodes.push(arbiter(&format!("n{started}"), now));
+                        started += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Everything released, Redis answering: past every delay and
+        // heartbeat, every topic ends vacated.
+        for node in &mut nodes {
+            let held: Vec<Key> = node.held.iter().cloned().collect();
+            for key in held {
+                node.hold(key, false);
+            }
+        }
+        for _ in 0..4 {
+            now += Duration::from_secs(11);
+            for node in &mut nodes {
+                while node.next_deadline().is_some_and(|at| at <= now) || node.waiting() > 0 {
+                    let before = node.waiting();
+                    step(node, &mut redis, now, 9);
+                    record(node.take_decided());
+                    if node.waiting() == before && node.in_flight.is_none() {
+                        break;
+                    }
+                }
+            }
+        }
+        for (key, events) in &mut reported {
+            events.sort_unstable();
+            let alternate = events.iter().enumerate().all(|(i, e)| e.1 == (i % 2 == 0));
+            assert!(alternate, "seed {seed}: {key:?} {events:?}");
+            assert_eq!(
+                events.last().map(|e| e.1),
+                Some(false),
+                "seed {seed}: {key:?}"
+            );
+        }
+        for (key, name) in &redis.names {
+            assert!(name.holders.is_empty(), "seed {seed}: {key:?} still held");
+        }
+    }
+
+    #[test]
+    fn each_topic_is_occupied_and_vacated_in_turn_across_failures_and_deaths() {
+        if let Ok(seed) = std::env::var("ARBITER_SEED") {
+            return run_cluster(seed.parse().unwrap());
+        }
+        let seeds = std::env::var("ARBITER_SEEDS").map_or(500, |s| s.parse().unwrap());
+        for seed in 0..seeds {
+            run_cluster(seed);
+        }
     }
 
     #[test]

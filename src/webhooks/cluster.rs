@@ -16,11 +16,20 @@ use fred::types::{ClusterHash, CustomCommand};
 
 use super::arbiter::{entry, parse_entry, Answer, Command};
 
+/// Redis's clock in Unix ms, as a string (a Lua number is a double:
+/// exact for these, and `%.0f` writes no exponent).
+const NOW: &str = r#"
+local function now_ms()
+  local t = redis.call('TIME')
+  return string.format('%.0f', t[1] * 1000 + math.floor(t[2] / 1000))
+end
+"#;
+
 /// How many holders a name has: its fields but the marks.
 const HOLDERS: &str = r#"
 local function holders(key)
   local n = redis.call('HLEN', key)
-  for _, mark in ipairs({'~a', '~t', '~v'}) do
+  for _, mark in ipairs({'~a', '~t'}) do
     n = n - redis.call('HEXISTS', key, mark)
   end
   return n
@@ -28,35 +37,41 @@ end
 "#;
 
 /// Reports `key` vacant once, if it has no holder, was announced, and
-/// (with a token) no join came since the leave that gave the token. The
-/// reporter's `tag` stays on the emptied key, so its retry answers alike.
+/// (with a token) no join came since the leave that gave the token: the
+/// time it was decided, or '' if it is not. The reporter's `tag` and that
+/// time are kept in `vacated` (the name's `:v` hash, in the same slot) for
+/// as long as the name, so a retry answers alike even after a join
+/// announced the name again.
 const VACATE: &str = r#"
-local function vacate(key, tag, token, ttl)
-  if redis.call('HGET', key, '~v') == tag then return 1 end
-  if holders(key) > 0 then return 0 end
+local function vacate(key, vacated, tag, token, ttl)
+  local before = redis.call('HGET', vacated, tag)
+  if before then return before end
+  if holders(key) > 0 then return '' end
   redis.call('PEXPIRE', key, ttl)
-  if token ~= '' and redis.call('HGET', key, '~t') ~= token then return 0 end
-  if redis.call('HEXISTS', key, '~a') == 0 then return 0 end
-  redis.call('DEL', key)
-  redis.call('HSET', key, '~v', tag)
-  redis.call('PEXPIRE', key, ttl)
-  return 1
+  if token ~= '' and redis.call('HGET', key, '~t') ~= token then return '' end
+  if redis.call('HDEL', key, '~a') == 0 then return '' end
+  local at = now_ms()
+  redis.call('HSET', vacated, tag, at)
+  redis.call('PEXPIRE', vacated, ttl)
+  return at
 end
 "#;
 
-/// KEYS: the name. ARGV: node, tag. 1 if this join announced the name.
-const JOIN: &str = r#"
+/// KEYS: the name. ARGV: node, tag. If this join announced the name,
+/// the time it did ("<ms> <tag>" is kept in `~a`), else ''.
+const JOIN_BODY: &str = r#"
 redis.call('PERSIST', KEYS[1])
-redis.call('HDEL', KEYS[1], '~v')
 redis.call('HSET', KEYS[1], ARGV[1], '1')
 redis.call('HINCRBY', KEYS[1], '~t', 1)
 local by = redis.call('HGET', KEYS[1], '~a')
 if not by then
-  redis.call('HSET', KEYS[1], '~a', ARGV[2])
-  return 1
+  local at = now_ms()
+  redis.call('HSET', KEYS[1], '~a', at .. ' ' .. ARGV[2])
+  return at
 end
-if by == ARGV[2] then return 1 end
-return 0
+local at, tag = string.match(by, '^(%d+) (.*)$')
+if tag == ARGV[2] then return at end
+return ''
 "#;
 
 /// KEYS: the name. ARGV: node, expiry (ms). A check token if no node
@@ -70,18 +85,19 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return token
 "#;
 
-/// KEYS: the name. ARGV: token, tag, expiry (ms).
-const CHECK_BODY: &str = "return vacate(KEYS[1], ARGV[2], ARGV[1], ARGV[3])";
+/// KEYS: the name, its vacated tags. ARGV: token, tag, expiry (ms).
+const CHECK_BODY: &str = "return vacate(KEYS[1], KEYS[2], ARGV[2], ARGV[1], ARGV[3])";
 
-/// KEYS: the name. ARGV: the dead node, tag, expiry (ms).
+/// KEYS: the name, its vacated tags. ARGV: the dead node, tag, expiry (ms).
 const SWEEP_BODY: &str = r#"
 redis.call('HDEL', KEYS[1], ARGV[1])
-return vacate(KEYS[1], ARGV[2], '', ARGV[3])
+return vacate(KEYS[1], KEYS[2], ARGV[2], '', ARGV[3])
 "#;
 
 /// KEYS: nodes, this node's live key. ARGV: node, live ttl (ms), the live
 /// keys' prefix, the claim keys' prefix, claim ttl (ms). Whether the live
-/// key was still there, and the dead nodes this node claimed.
+/// key was still there, and the dead nodes this node claimed (now or
+/// before: a claim answers its claimer again until it expires).
 const HEARTBEAT: &str = r#"
 local present = redis.call('EXISTS', KEYS[2])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
@@ -89,7 +105,11 @@ redis.call('SADD', KEYS[1], ARGV[1])
 local dead = {}
 for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if node ~= ARGV[1] and redis.call('EXISTS', ARGV[3] .. node) == 0 then
-    if redis.call('SET', ARGV[4] .. node, ARGV[1], 'NX', 'PX', ARGV[5]) then
+    local by = redis.call('GET', ARGV[4] .. node)
+    if not by then
+      redis.call('SET', ARGV[4] .. node, ARGV[1], 'PX', ARGV[5])
+      table.insert(dead, node)
+    elseif by == ARGV[1] then
       table.insert(dead, node)
     end
   end
@@ -141,10 +161,10 @@ struct Scripts {
 impl Scripts {
     fn new() -> Scripts {
         Scripts {
-            join: Script::new(JOIN.to_string()),
+            join: Script::new(format!("{NOW}{JOIN_BODY}")),
             leave: Script::new(format!("{HOLDERS}{LEAVE_BODY}")),
-            check: Script::new(format!("{HOLDERS}{VACATE}{CHECK_BODY}")),
-            sweep: Script::new(format!("{HOLDERS}{VACATE}{SWEEP_BODY}")),
+            check: Script::new(format!("{NOW}{HOLDERS}{VACATE}{CHECK_BODY}")),
+            sweep: Script::new(format!("{NOW}{HOLDERS}{VACATE}{SWEEP_BODY}")),
             heartbeat: Script::new(HEARTBEAT.to_string()),
             forget_node: Script::new(FORGET_NODE.to_string()),
             goodbye: Script::new(GOODBYE.to_string()),
@@ -208,6 +228,13 @@ impl ClusterKeys {
 
     fn name(&self, entry: &str) -> String {
         format!("{}:wh:{{{entry}}}", self.prefix)
+    }
+
+    /// A name and its vacated tags: one hash tag, so one slot.
+    fn name_and_vacated(&self, entry: &str) -> [String; 2] {
+        let name = self.name(entry);
+        let vacated = format!("{name}:v");
+        [name, vacated]
     }
 }
 
@@ -274,9 +301,9 @@ impl ClusterRunner {
         // Commands before a sweep go in one pipeline; a sweep reads first.
         let mut run = Vec::new();
         for command in commands {
-            if let Command::Sweep { dead } = command {
+            if let Command::Sweep { dead, tag } = command {
                 answers.extend(self.pipeline(&std::mem::take(&mut run)).await?);
-                answers.push(self.sweep(dead).await?);
+                answers.push(self.sweep(dead, tag).await?);
             } else {
                 run.push(command.clone());
             }
@@ -328,12 +355,18 @@ impl ClusterRunner {
                         Value::from(tag.as_str()),
                         ms(keys.name_ttl),
                     ];
-                    let name = keys.name(&entry(key));
-                    eval(&pipeline, &self.scripts.check, &[name], args).await?;
+                    let k = keys.name_and_vacated(&entry(key));
+                    eval(&pipeline, &self.scripts.check, &k, args).await?;
                     queued.push(Queued::Checked);
                 }
                 Command::Forget { key } => {
                     plain(&pipeline, "SREM", &[keys.index(&keys.node), entry(key)]).await?;
+                    queued.push(Queued::Done);
+                }
+                Command::ForgetNode { dead } => {
+                    let k = [keys.nodes(), keys.live(dead), keys.index(dead)];
+                    let args = vec![Value::from(dead.as_str())];
+                    eval(&pipeline, &self.scripts.forget_node, &k, args).await?;
                     queued.push(Queued::Done);
                 }
                 Command::Goodbye => {
@@ -358,8 +391,9 @@ impl ClusterRunner {
         Ok(answers)
     }
 
-    /// Removes `dead` from every name on its index, and forgets it.
-    async fn sweep(&self, dead: &str) -> Result<Answer, Error> {
+    /// Removes `dead` from every name on its index (kept until a
+    /// [`Command::ForgetNode`], so a sweep sent again answers alike).
+    async fn sweep(&self, dead: &str, tag: &str) -> Result<Answer, Error> {
         let keys = &self.keys;
         let members: Value = self
             .client
@@ -373,35 +407,23 @@ impl ClusterRunner {
             .into_iter()
             .filter_map(|v| v.as_string())
             .collect();
-        let tag = format!("sweep:{dead}:{}", keys.node);
         let pipeline = self.client.pipeline();
         for entry in &entries {
             let args = vec![
                 Value::from(dead),
-                Value::from(tag.as_str()),
+                Value::from(tag),
                 Value::from(keys.name_ttl.as_millis() as i64),
             ];
-            eval(&pipeline, &self.scripts.sweep, &[keys.name(entry)], args).await?;
+            let k = keys.name_and_vacated(entry);
+            eval(&pipeline, &self.scripts.sweep, &k, args).await?;
         }
         let results = pipeline.try_all::<Value>().await;
         let mut vacated = Vec::new();
         for (entry, result) in entries.iter().zip(results) {
-            if result?.as_i64() == Some(1) {
+            if let Some(at) = decided_at(result?) {
                 // An entry this version cannot read is swept, not reported.
-                vacated.extend(parse_entry(entry));
+                vacated.extend(parse_entry(entry).map(|key| (key, at)));
             }
-        }
-        let k = [keys.nodes(), keys.live(dead), keys.index(dead)];
-        let forgot: Value = self
-            .client
-            .evalsha(
-                self.scripts.forget_node.digest.as_str(),
-                k.to_vec(),
-                vec![dead.to_string()],
-            )
-            .await?;
-        if forgot.as_i64() != Some(1) {
-            tracing::info!("webhooks: node {dead} answers again; its index stays");
         }
         if !vacated.is_empty() {
             tracing::info!(
@@ -441,6 +463,12 @@ async fn plain(
     pipeline.custom(command, args.to_vec()).await
 }
 
+/// A script's decision: the time (Redis's clock, Unix ms) it was made, or
+/// nothing ('') if it was not.
+fn decided_at(value: Value) -> Option<u64> {
+    value.as_string()?.parse().ok()
+}
+
 /// The answer `value` gives to a command queued as `queued`; `None` for a
 /// step that is not a command's last.
 fn parse(queued: Queued, value: Value) -> Result<Option<Answer>, Error> {
@@ -464,7 +492,7 @@ fn parse(queued: Queued, value: Value) -> Result<Option<Answer>, Error> {
             Answer::Heartbeat { present, dead }
         }
         Queued::Joined => Answer::Joined {
-            announced: value.as_i64().ok_or_else(bad)? == 1,
+            announced: decided_at(value),
         },
         Queued::Left => {
             let token = value.as_i64().ok_or_else(bad)?;
@@ -473,7 +501,7 @@ fn parse(queued: Queued, value: Value) -> Result<Option<Answer>, Error> {
             }
         }
         Queued::Checked => Answer::Checked {
-            vacated: value.as_i64().ok_or_else(bad)? == 1,
+            vacated: decided_at(value),
         },
         Queued::Done => Answer::Done,
         Queued::Step => return Ok(None),

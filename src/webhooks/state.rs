@@ -222,15 +222,16 @@ impl WebhookState {
         };
         arbiter.answered(id, answers, now);
         for decision in arbiter.take_decided() {
-            let (event, key) = match &decision {
-                Decision::Occupied(key) => match key.0 {
-                    Subject::Topic => ("channel_occupied", key),
-                    Subject::Member => ("member_added", key),
+            // Stamped with Redis's clock: the cluster's one order.
+            let (event, key, at) = match &decision {
+                Decision::Occupied(key, at) => match key.0 {
+                    Subject::Topic => ("channel_occupied", key, *at),
+                    Subject::Member => ("member_added", key, *at),
                     Subject::User => continue,
                 },
-                Decision::Vacated(key) => (vacated_event(key.0), key),
+                Decision::Vacated(key, at) => (vacated_event(key.0), key, *at),
             };
-            self.event(event, key, unix_ms);
+            self.event(event, key, at);
         }
         self.pump(now);
     }
