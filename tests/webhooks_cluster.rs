@@ -197,3 +197,31 @@ fn a_transition_made_while_redis_is_stopped_is_reported_once_when_it_answers_aga
         }
     });
 }
+
+#[test]
+fn a_node_stopped_with_sigterm_reports_its_vacated_topics_at_once_and_says_goodbye() {
+    let backend = backend();
+    let mut cluster = cluster(&backend, "vacated_delay_ms = 60000");
+    let _shared = subscribe(&cluster.a, "shared");
+    let _on_c = [
+        subscribe(&cluster.c, "shared"),
+        subscribe(&cluster.c, "solo"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events(&backend).len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut expected = events(&backend);
+    assert_eq!(expected.len(), 2, "{expected:?}");
+    assert_eq!(cluster.c.terminate(), Some(0));
+    // Its connections closed as it stopped: what waited for the
+    // delay (a minute) was checked at once, and reported before the node exited.
+    expected.push(event("channel_vacated", "solo"));
+    assert_eq!(events(&backend), expected);
+    // It left no live key to expire: no sweep, nothing more.
+    assert_no_more(&backend, &expected, PRESENCE_TTL + PRESENCE_TTL / 2);
+    let nodes = cluster
+        .redis
+        .cmd(&["SMEMBERS", "{ringcast-test:whn}:nodes"]);
+    assert_eq!(nodes.lines().count(), 2, "c said goodbye: {nodes:?}");
+}
