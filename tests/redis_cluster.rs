@@ -282,3 +282,62 @@ fn a_master_failover_loses_no_acknowledged_stream_publication() {
         );
     }
 }
+
+/// Webhooks across two nodes on a Redis Cluster: the scripts touch one slot
+/// each (a name, or the nodes' keys under one hash tag), so topics spread
+/// over the slots are each occupied and vacated once, and a killed node's
+/// topic is vacated by the other after its TTL.
+#[test]
+fn webhooks_are_decided_once_across_the_slots_of_a_redis_cluster() {
+    use common::backend::{
+        backend, event, events, wait_for_events, wait_for_events_within, webhooks_table,
+    };
+    let redis = RedisCluster::start();
+    let backend = backend();
+    let extra = format!(
+        "presence_ttl_s = 3\n{}",
+        webhooks_table(&backend, "vacated_delay_ms = 300")
+    );
+    let a = node(&redis, "a", &extra);
+    let b = node(&redis, "b", &extra);
+    let topics: Vec<String> = (0..6).map(|i| format!("t{i}")).collect();
+    let mut subscribers = Vec::new();
+    for node in [&a, &b] {
+        let mut ws = node.ws("/ws");
+        for topic in &topics {
+            open(&mut ws, topic);
+        }
+        subscribers.push(ws);
+    }
+    let expected =
+        |name: &str| -> Vec<(String, String)> { topics.iter().map(|t| event(name, t)).collect() };
+    let sorted = || {
+        let mut seen = events(&backend);
+        seen.sort();
+        seen
+    };
+    wait_until("each topic occupied once", || {
+        let seen = sorted();
+        (seen == expected("channel_occupied"))
+            .then_some(())
+            .ok_or(format!("{seen:?}"))
+    });
+    subscribers.clear();
+    let mut both = [expected("channel_occupied"), expected("channel_vacated")].concat();
+    both.sort();
+    wait_until("each topic vacated once", || {
+        let seen = sorted();
+        (seen == both).then_some(()).ok_or(format!("{seen:?}"))
+    });
+    let _solo = {
+        let mut ws = b.ws("/ws");
+        open(&mut ws, "solo");
+        ws
+    };
+    let mut all = events(&backend);
+    all.push(event("channel_occupied", "solo"));
+    wait_for_events(&backend, &all);
+    b.signal(libc::SIGKILL);
+    all.push(event("channel_vacated", "solo"));
+    wait_for_events_within(&backend, &all, Duration::from_secs(15));
+}

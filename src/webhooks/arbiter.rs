@@ -103,9 +103,16 @@ pub struct Arbiter {
     node: Arc<str>,
     /// The delays after a last leave, per subject.
     delays: [Duration; 3],
-    heartbeat_every: Duration,
+    /// How long a node's `live` key outlives its last heartbeat (it
+    /// heartbeats every third of it).
+    live_ttl: Duration,
     next_heartbeat: Instant,
     heartbeats_answered: u64,
+    /// Since when every batch was answered: only a node that heard from
+    /// Redis for a whole `live_ttl` sweeps others. After an outage, the
+    /// first node back would otherwise find every other node's key expired
+    /// and report all their names vacant; they heartbeat again within it.
+    answering_since: Option<Instant>,
     /// Names this node holds now.
     held: HashSet<Key>,
     /// Names Redis counts this node a holder of (as last answered).
@@ -141,21 +148,18 @@ pub struct Arbiter {
 
 impl Arbiter {
     /// `node` names this run of the node in Redis (random, so a restarted
-    /// node is a new one); `delays` per subject; heartbeats every
-    /// `heartbeat_every`.
-    pub fn new(
-        node: Arc<str>,
-        delays: [Duration; 3],
-        heartbeat_every: Duration,
-        now: Instant,
-    ) -> Arbiter {
+    /// node is a new one); `delays` per subject; its `live` key lasts
+    /// `live_ttl` after each heartbeat.
+    pub fn new(node: Arc<str>, delays: [Duration; 3], live_ttl: Duration, now: Instant) -> Arbiter {
         debug_assert!(!node.is_empty() && !node.starts_with('~'));
+        debug_assert!(!live_ttl.is_zero());
         Arbiter {
             node,
             delays,
-            heartbeat_every,
+            live_ttl,
             next_heartbeat: now,
             heartbeats_answered: 0,
+            answering_since: None,
             held: HashSet::new(),
             joined: HashSet::new(),
             dirty: VecDeque::new(),
@@ -224,7 +228,7 @@ impl Arbiter {
         let mut commands = Vec::new();
         if now >= self.next_heartbeat && !self.said_goodbye {
             commands.push(Command::Heartbeat);
-            self.next_heartbeat = now + self.heartbeat_every;
+            self.next_heartbeat = now + self.live_ttl / 3;
         }
         for dead in std::mem::take(&mut self.sweeps) {
             self.next_tag += 1;
@@ -314,6 +318,7 @@ impl Arbiter {
             Some(answers) if answers.len() == commands.len() => answers,
             _ => {
                 self.failures_total += 1;
+                self.answering_since = None;
                 self.in_flight = Some((current, commands));
                 self.sent = false;
                 self.retry_at = Some(now + self.backoff);
@@ -322,6 +327,7 @@ impl Arbiter {
             }
         };
         self.backoff = FIRST_BACKOFF;
+        self.answering_since.get_or_insert(now);
         for (command, answer) in commands.into_iter().zip(answers) {
             self.apply(command, answer, now);
         }
@@ -343,7 +349,12 @@ impl Arbiter {
                     }
                 }
                 self.heartbeats_answered += 1;
-                for dead in dead {
+                let trusted = self
+                    .answering_since
+                    .is_some_and(|since| now.saturating_duration_since(since) >= self.live_ttl);
+                // An untrusted claim is answered again by later heartbeats
+                // while it lasts, and the node is swept then if still dead.
+                for dead in dead.into_iter().filter(|_| trusted) {
                     if self.sweeping.insert(dead.clone()) {
                         self.sweeps.push(dead);
                     }
@@ -611,8 +622,11 @@ mod tests {
 
     const DELAY: Duration = Duration::from_millis(1000);
 
+    /// Heartbeats every 10 s.
+    const LIVE_TTL: Duration = Duration::from_secs(30);
+
     fn arbiter(node: &str, now: Instant) -> Arbiter {
-        Arbiter::new(Arc::from(node), [DELAY; 3], Duration::from_secs(10), now)
+        Arbiter::new(Arc::from(node), [DELAY; 3], LIVE_TTL, now)
     }
 
     /// Runs every batch `arbiter` has at `now` against `redis`: what it
@@ -716,7 +730,7 @@ mod tests {
         settle(&mut b, &mut redis, t0);
         // c dies: its live key expires.
         redis.live.remove("c");
-        let later = t0 + Duration::from_secs(10);
+        let later = t0 + LIVE_TTL;
         let decided = [
             settle(&mut a, &mut redis, later),
             settle(&mut b, &mut redis, later),
@@ -729,6 +743,27 @@ mod tests {
             settle(&mut b, &mut redis, later + DELAY),
             [(false, topic("shared"))]
         );
+    }
+
+    #[test]
+    fn a_node_back_from_an_outage_sweeps_no_one_before_redis_answered_it_for_a_ttl() {
+        let t0 = Instant::now();
+        let mut redis = FakeRedis::default();
+        let (mut a, mut c) = (arbiter("a", t0), arbiter("c", t0));
+        c.hold(topic("x"), true);
+        settle(&mut c, &mut redis, t0);
+        settle(&mut a, &mut redis, t0);
+        // An outage longer than the TTL: c's key expires, a's batch fails.
+        redis.live.remove("c");
+        let back = t0 + LIVE_TTL + Duration::from_secs(1);
+        let (id, _) = a.next_batch(back).unwrap();
+        a.answered(id, None, back);
+        let retry = back + FIRST_BACKOFF;
+        assert_eq!(settle(&mut a, &mut redis, retry), [], "not trusted yet");
+        // c comes back within a's TTL of answers: it was never dead.
+        settle(&mut c, &mut redis, retry + LIVE_TTL / 3);
+        assert_eq!(settle(&mut a, &mut redis, retry + LIVE_TTL), []);
+        assert!(redis.names[&topic("x")].holders.contains("c"));
     }
 
     #[test]
@@ -867,8 +902,8 @@ mod tests {
                 node.hold(key, false);
             }
         }
-        for _ in 0..4 {
-            now += Duration::from_secs(11);
+        for _ in 0..8 {
+            now += LIVE_TTL / 3 + Duration::from_secs(1);
             for node in &mut nodes {
                 while node.next_deadline().is_some_and(|at| at <= now) || node.waiting() > 0 {
                     let before = node.waiting();

@@ -86,7 +86,7 @@ fn clustered(
     let keys = ClusterKeys::new(&cluster.prefix, &node, ttl, longest);
     let client = crate::cluster::redis_client(cluster)?;
     tracing::info!("webhooks: decided across the cluster as node {node}");
-    let arbiter = Arbiter::new(node, delays, ttl / 3, Instant::now());
+    let arbiter = Arbiter::new(node, delays, ttl, Instant::now());
     Ok((arbiter, ClusterRunner::new(client, keys)))
 }
 

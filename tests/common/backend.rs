@@ -62,7 +62,12 @@ pub fn event(name: &str, subject: &str) -> (String, String) {
 /// Waits until the backend has recorded `expected` exactly (a later event
 /// fails it).
 pub fn wait_for_events(backend: &TestServer, expected: &[(String, String)]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    wait_for_events_within(backend, expected, Duration::from_secs(10));
+}
+
+/// The same, waiting up to `wait`.
+pub fn wait_for_events_within(backend: &TestServer, expected: &[(String, String)], wait: Duration) {
+    let deadline = Instant::now() + wait;
     loop {
         let seen = events(backend);
         if seen == expected {
