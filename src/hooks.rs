@@ -113,6 +113,7 @@ pub struct HookContext<'a> {
     topic: &'a str,
     conn_id: &'a str,
     user_id: Option<&'a str>,
+    info: Option<&'a str>,
     subscribed: bool,
     pub(crate) actions: Vec<Action>,
 }
@@ -128,9 +129,17 @@ impl<'a> HookContext<'a> {
             topic,
             conn_id,
             user_id,
+            info: None,
             subscribed,
             actions: Vec::new(),
         }
+    }
+
+    /// The same for a connection the connect proxy gave `info` (its
+    /// `meta`, a JSON object as text).
+    pub(crate) fn with_info(mut self, info: Option<&'a str>) -> Self {
+        self.info = info;
+        self
     }
 
     /// The topic this call is about.
@@ -146,6 +155,12 @@ impl<'a> HookContext<'a> {
     /// The connection's user id, if it has one (token `sub`, registration, or `?user_id=`).
     pub fn user_id(&self) -> Option<&str> {
         self.user_id
+    }
+
+    /// What the application backend said about the connection when it
+    /// allowed it (the connect proxy's `meta`: a JSON object, as text).
+    pub fn info(&self) -> Option<&str> {
+        self.info
     }
 
     /// Whether the connection holds the topic (always true in `join` after it succeeds).
@@ -213,7 +228,11 @@ impl ChannelHook for RuleHook {
             ));
         }
         if self.0.presence {
-            let meta = serde_json::json!({ "user_id": ctx.user_id() });
+            let mut meta = serde_json::json!({ "user_id": ctx.user_id() });
+            // Checked to be an object when the backend granted it.
+            if let Some(info) = ctx.info().and_then(|i| serde_json::from_str(i).ok()) {
+                meta["info"] = info;
+            }
             ctx.track_presence(&meta);
         }
         if self.0.join_leave {

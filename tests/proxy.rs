@@ -480,6 +480,31 @@ fn the_backend_names_the_user_of_a_connection_without_a_token() {
 }
 
 #[test]
+fn the_backend_s_meta_for_a_connection_shows_in_its_presence() {
+    let backend = backend();
+    let node = connect_node(&backend, "");
+    // `{"name":"Ann"}`, URL-encoded.
+    let mut ws = node.ws("/ws?as=ann&meta=%7B%22name%22%3A%22Ann%22%7D");
+    assert_eq!(next(&mut ws), json!({"type":"subscribed","topic":"news"}));
+    let (status, body) = node.http("GET", "/topics/news/presence", None);
+    assert_eq!(status, 200, "{body}");
+    let presence: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        presence["members"][0]["meta"],
+        json!({"user_id":"ann","info":{"name":"Ann"}}),
+        "{presence}"
+    );
+    // A meta that is no object, or past max_presence_meta_bytes (1 KiB):
+    // the backend's mistake, refused before any upgrade.
+    assert_eq!(node.upgrade_status("/ws?as=bob&meta=%5B1%5D", ""), 502);
+    let big = format!("%7B%22a%22%3A%22{}%22%7D", "x".repeat(1000));
+    assert_eq!(
+        node.upgrade_status(&format!("/ws?as=bob&meta={big}"), ""),
+        502
+    );
+}
+
+#[test]
 fn a_refused_or_unanswered_connection_gets_the_status_before_any_upgrade() {
     let backend = backend();
     let node = connect_node(&backend, "timeout_ms = 300");

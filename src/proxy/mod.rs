@@ -86,6 +86,9 @@ pub struct Grant {
     /// When a connection must end (its `expire_at`), from when the answer
     /// was read.
     pub expires_in: Option<Duration>,
+    /// A connection's `meta`: a JSON object its presence shows (as `info`
+    /// beside its `user_id`), as text.
+    pub meta: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -97,6 +100,8 @@ struct AnswerResult<'a> {
     topics: Vec<String>,
     /// Unix seconds.
     expire_at: Option<u64>,
+    #[serde(borrow)]
+    meta: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +138,7 @@ impl Verdict {
                 expires_in: result
                     .expire_at
                     .map(|at| Duration::from_secs(at.saturating_sub(now_unix_s))),
+                meta: result.meta.map(|m| m.get().to_string()),
             }),
             Ok(_) => Verdict::Failed("the backend answered neither result nor error".into()),
             Err(e) => Verdict::Failed(format!("the backend's answer is not JSON: {e}")),

@@ -19,8 +19,9 @@ recorded with the subscribe calls.
 Connect proxy: POST /connect gets {"client","transport","user","headers",
 "query","remote_addr"} and answers by the query: `deny` refuses (4403),
 `status=N` answers a bare N, `slow` waits 1 s, `as=U` allows as user U with
-the starting topic "news" (and `expire=S` sets expire_at S seconds ahead),
-anything else allows anonymously. Every call is recorded.
+the starting topic "news" (and `expire=S` sets expire_at S seconds ahead,
+`meta=J` the meta to the JSON J), anything else allows anonymously. Every
+call is recorded.
 
 Refresh proxy: POST /refresh gets {"client","transport","user"}: a user
 containing "stop" is refused (4403), anyone else renewed for 2 s.
@@ -100,6 +101,8 @@ class Handler(BaseHTTPRequestHandler):
             result = {"user": query["as"][0], "topics": ["news"]}
         if "expire" in query:
             result["expire_at"] = int(time.time()) + int(query["expire"][0])
+        if "meta" in query:
+            result["meta"] = json.loads(query["meta"][0])
         self.answer(200, json.dumps({"result": result}).encode())
 
     def refresh(self, body):

@@ -69,6 +69,11 @@ pub(crate) struct PresenceQueries {
     /// Presence queries per connection in the current second, for the
     /// connections that asked any: (second, count).
     rates: HashMap<ConnKey, (u32, u32)>,
+    /// What the connect proxy's backend said about the connections it
+    /// allowed with a `meta` (a JSON object within `max_presence_meta_bytes`),
+    /// shown in their presence; beside the connections, so the others pay
+    /// nothing for it.
+    infos: HashMap<ConnKey, Arc<str>>,
 }
 
 /// Distinct metas interned per shard; past it, unused ones are dropped and,
@@ -92,7 +97,8 @@ impl PresenceQueries {
                 std::mem::size_of::<PresenceWait>() + listed
             })
             .sum();
-        metas + waits + self.rates.len() * 32
+        let infos: usize = self.infos.values().map(|i| i.len() + 48).sum();
+        metas + waits + self.rates.len() * 32 + infos
     }
 
     fn intern(&mut self, meta: String) -> Arc<str> {
@@ -171,9 +177,15 @@ impl ShardState {
         }
     }
 
-    /// Forgets a closed connection's presence rate window.
-    pub(super) fn forget_presence_rate(&mut self, key: ConnKey) {
+    /// Forgets a closed connection's presence rate window and info.
+    pub(super) fn forget_presence(&mut self, key: ConnKey) {
         self.presence.rates.remove(&key);
+        self.presence.infos.remove(&key);
+    }
+
+    /// Keeps what the backend said about connection `key` for its presence.
+    pub(super) fn set_conn_info(&mut self, key: ConnKey, info: Arc<str>) {
+        self.presence.infos.insert(key, info);
     }
 
     /// The channel governing `topic`: cached on the topic entry when there is one.
@@ -197,7 +209,9 @@ impl ShardState {
     ) -> (R, Vec<Action>) {
         let conn_id = self.conn_id(key);
         let user = self.conns.get(key).and_then(|c| c.user().cloned());
-        let mut ctx = HookContext::new(topic, &conn_id, user.as_deref(), subscribed);
+        let info = self.presence.infos.get(&key);
+        let mut ctx = HookContext::new(topic, &conn_id, user.as_deref(), subscribed)
+            .with_info(info.map(|i| &**i));
         let result = call(self.shared.channels.hook(channel), &mut ctx);
         (result, ctx.actions)
     }

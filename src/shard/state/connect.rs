@@ -221,6 +221,18 @@ impl ShardState {
             },
             None => None,
         };
+        if let Some(meta) = grant.meta {
+            let max = self.config().limits.max_presence_meta_bytes;
+            // It is shown inside the member's meta: room for the rest.
+            if meta.len() + 64 > max || !meta.trim_start().starts_with('{') {
+                let why = format!(
+                    "the backend granted a meta that is not a JSON object within {} bytes",
+                    max.saturating_sub(64)
+                );
+                return self.answer_parked(key, reply.answer(error_json(502, &why)));
+            }
+            self.set_conn_info(key, Arc::from(meta));
+        }
         match route {
             ConnectRoute::Ws => {
                 let mut opening = Opening::anonymous(WsKind::Relay);
