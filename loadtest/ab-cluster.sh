@@ -11,7 +11,9 @@
 #       -- --subscribers 1000 --topics 1 --rate 200
 #
 # Needs `redis-server` (7 or newer) on PATH. Env: LOAD (ringcast-load
-# binary), OUT (result dir), WARMUP, DURATION, REDIS_PORT (default 6391).
+# binary), OUT (result dir), WARMUP, DURATION, REDIS_PORT (default 6391),
+# CONFIG_A / CONFIG_B (TOML appended to both nodes' files of the first /
+# second side, after `[cluster]`: e.g. a `[webhooks]` table).
 set -euo pipefail
 rounds=$1 shards=$2 la=$3 a=$4 lb=$5 b=$6; shift 7
 LOAD=${LOAD:-$(dirname "$0")/../target/release/ringcast-load}
@@ -26,9 +28,9 @@ for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
 
 # Starts `cmd` as node `name` and prints its port once it reports ok.
 start_node() {
-  local cmd=$1 name=$2 cpu=$3 log="$out/$2.log"
-  printf '[cluster]\nredis_url = "redis://127.0.0.1:%s"\nnode_name = "%s"\nprefix = "ab"\n' \
-    "$redis_port" "$name" > "$out/$name.toml"
+  local cmd=$1 name=$2 cpu=$3 extra=$4 log="$out/$2.log"
+  printf '[cluster]\nredis_url = "redis://127.0.0.1:%s"\nnode_name = "%s"\nprefix = "ab"\n%s\n' \
+    "$redis_port" "$name" "$extra" > "$out/$name.toml"
   taskset -c "$cpu" $cmd --listen 127.0.0.1:0 --shards "$shards" --config "$out/$name.toml" > "$log" 2>&1 &
   echo $! > "$out/$name.pid"
   local port=""
@@ -43,9 +45,10 @@ start_node() {
 for r in $(seq "$rounds"); do
   for pair in "$la|$a" "$lb|$b"; do
     label=${pair%%|*}; cmd=${pair#*|}
+    if [ "$label" = "$la" ]; then extra=${CONFIG_A:-}; else extra=${CONFIG_B:-}; fi
     redis-cli -p "$redis_port" flushall >/dev/null
-    port_a=$(start_node "$cmd" a "$scpu")
-    port_b=$(start_node "$cmd" b "$ccpu")
+    port_a=$(start_node "$cmd" a "$scpu" "$extra")
+    port_b=$(start_node "$cmd" b "$ccpu" "$extra")
     taskset -c "$ccpu" "$LOAD" --host 127.0.0.1:$port_a --pub-url "http://127.0.0.1:$port_b/publish" \
       --server-pid "$(cat "$out/a.pid")" --warmup ${WARMUP:-2s} --duration ${DURATION:-6s} --drain 1s \
       --json --quiet "$@" > "$out/$label-$r.json" 2> "$out/$label-$r.err" \
