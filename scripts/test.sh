@@ -26,6 +26,13 @@ if [ "$pinned" != "$installed" ]; then
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
 
+# The Pusher tests (tests/pusher_sdk.rs) run Pusher's own npm libraries.
+pinned=$(node -p 'require("./tests/pusher/package.json").dependencies["pusher"]')
+installed=$(node -p 'require("./tests/pusher/node_modules/pusher/package.json").version' 2>/dev/null || true)
+if [ "$pinned" != "$installed" ]; then
+  npm ci --prefix tests/pusher --no-audit --no-fund --loglevel=error
+fi
+
 # The cluster tests (tests/cluster*.rs) run their own redis-server on a private
 # loopback port; tests/redis_cluster.rs runs six of them as a Redis Cluster and
 # joins them with redis-cli (redis-tools, a dependency of the package). Only

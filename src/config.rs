@@ -259,6 +259,8 @@ pub struct Config {
     /// `[proxy]`: the application backend allows or refuses subscriptions
     /// to the topics of rules with `subscribe_proxy = true`. Default: none.
     pub proxy: Option<ProxyConfig>,
+    /// `[[apps]]`: the Pusher apps served. Default: none.
+    pub apps: Vec<crate::pusher::App>,
 }
 
 /// `[proxy]`: where the node asks the application backend.
@@ -441,6 +443,7 @@ impl Default for Config {
             cluster: None,
             webhooks: None,
             proxy: None,
+            apps: Vec::new(),
         }
     }
 }
@@ -496,6 +499,7 @@ struct FileConfig {
     cluster: Option<FileCluster>,
     webhooks: Option<FileWebhooks>,
     proxy: Option<FileProxy>,
+    apps: Option<Vec<crate::pusher::FileApp>>,
 }
 
 #[derive(Deserialize)]
@@ -711,6 +715,14 @@ impl Config {
         config.cluster = file.cluster.map(cluster_config).transpose()?;
         config.webhooks = file.webhooks.map(webhook_config).transpose()?;
         config.proxy = file.proxy.map(proxy_config).transpose()?;
+        let check_url = |key: &str, url: &str| {
+            check_http_url(key, url).map_err(|e| match e {
+                ConfigError::Invalid(message) => message,
+                other => other.to_string(),
+            })
+        };
+        config.apps = crate::pusher::apps::apps(file.apps.unwrap_or_default(), check_url)
+            .map_err(ConfigError::Invalid)?;
         check_proxied_rules(&config)?;
         config.validate()?;
         Ok(config)
@@ -1174,6 +1186,33 @@ pattern = "chat:lobby"
             assert!(error.contains(expected), "{text:?}: {error}");
         }
         assert!(Config::from_toml("").unwrap().cluster.is_none());
+    }
+
+    #[test]
+    fn pusher_apps_are_read_and_checked() {
+        let config = Config::from_toml(
+            "[[apps]]\nid = \"1\"\nkey = \"k1\"\nsecret = \"s1\"\nclient_events = true\n\
+             [[apps]]\nid = \"2\"\nkey = \"k2\"\nsecret = \"s2\"\nwebhook_url = \"http://h:1/p\"\n",
+        )
+        .unwrap();
+        let ids: Vec<_> = config
+            .apps
+            .iter()
+            .map(|a| (a.id.as_str(), a.client_events))
+            .collect();
+        assert_eq!(ids, [("1", true), ("2", false)]);
+        let error = Config::from_toml(
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nwebhook_url = \"ftp://h\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            error.matches("invalid config").count(),
+            1,
+            "said once: {error}"
+        );
+        assert!(error.contains("apps[0].webhook_url"), "{error}");
+        assert!(Config::from_toml("").unwrap().apps.is_empty());
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub mod hooks;
 pub mod metrics;
 pub mod protocol;
 pub mod proxy;
+pub mod pusher;
 pub mod rules;
 pub mod server;
 pub mod shard;

@@ -144,6 +144,14 @@ impl Relay {
             }
             _ => None,
         };
+        if !shared.config.apps.is_empty() {
+            // Read and checked, so a config written for the Pusher front-end
+            // is ready for it; nothing serves /app/{key} in this build yet.
+            tracing::warn!(
+                "[[apps]]: {} Pusher apps configured; the Pusher protocol is not served by this build yet",
+                shared.config.apps.len()
+            );
+        }
         let proxy = match (&shared.proxy, &shared.config.proxy) {
             (Some(sink), Some(config)) => Some(crate::proxy::spawn(
                 sink.clone(),
