@@ -43,7 +43,7 @@ pub type Key = (Subject, Arc<str>, Option<Arc<str>>);
 /// The first wait after a failed batch; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Most name changes in one batch.
+/// Most name changes and checks in one batch (the rest wait for the next).
 const MAX_BATCH: usize = 512;
 
 /// One command for Redis.
@@ -267,7 +267,7 @@ impl Arbiter {
         }
         for subject in 0..3 {
             while let Some((at, _, _)) = self.checks[subject].front() {
-                if *at > now && !self.flushing {
+                if (*at > now && !self.flushing) || commands.len() >= MAX_BATCH {
                     break;
                 }
                 let (_, key, token) = self.checks[subject].pop_front().expect("a front");
