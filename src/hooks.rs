@@ -290,6 +290,19 @@ impl Channels {
         channels
     }
 
+    /// Adds each Pusher app's channel: every topic under the app's prefix
+    /// (no rule can name one: patterns refuse control characters).
+    pub fn with_apps(mut self, apps: &[crate::pusher::App]) -> Channels {
+        for app in apps {
+            let prefix = crate::pusher::wire::topic_prefix(&app.id);
+            self.set(
+                Pattern::Prefix(prefix),
+                Arc::new(crate::pusher::hook::PusherHook),
+            );
+        }
+        self
+    }
+
     /// Registers `hook` for `pattern` (`chat:lobby` or `room:*`), replacing any
     /// hook or rule already there.
     pub fn add(&mut self, pattern: &str, hook: impl ChannelHook) -> Result<(), RuleError> {

@@ -90,7 +90,7 @@ impl ShutdownHandle {
 impl Relay {
     /// A builder starting from `config`; its `[[rules]]` become the first channels.
     pub fn builder(config: Config) -> RelayBuilder {
-        let channels = Channels::from_rules(&config.rules);
+        let channels = Channels::from_rules(&config.rules).with_apps(&config.apps);
         RelayBuilder { config, channels }
     }
 
@@ -145,12 +145,8 @@ impl Relay {
             _ => None,
         };
         if !shared.config.apps.is_empty() {
-            // Read and checked, so a config written for the Pusher front-end
-            // is ready for it; nothing serves /app/{key} in this build yet.
-            tracing::warn!(
-                "[[apps]]: {} Pusher apps configured; the Pusher protocol is not served by this build yet",
-                shared.config.apps.len()
-            );
+            let keys: Vec<&str> = shared.config.apps.iter().map(|a| a.key.as_str()).collect();
+            tracing::info!("pusher: apps at /app/{{key}} for keys {keys:?}");
         }
         let proxy = match (&shared.proxy, &shared.config.proxy) {
             (Some(sink), Some(config)) => Some(crate::proxy::spawn(

@@ -24,6 +24,9 @@ const MAX_EVENT_BYTES: usize = 1024 * 1024;
 const MAX_PRESENCE_MEMBERS: usize = 10_000;
 /// App ids and keys: what Pusher's dashboards make, and safe in a URL path.
 const MAX_ID_BYTES: usize = 64;
+/// Apps one node serves from its config (a connection names its app in a
+/// byte).
+pub const MAX_APPS: usize = 256;
 
 /// One `[[apps]]` table as written.
 #[derive(Debug, Deserialize)]
@@ -97,6 +100,9 @@ pub fn apps(
     files: Vec<FileApp>,
     check_url: impl Fn(&str, &str) -> Result<(), String>,
 ) -> Result<Vec<App>, String> {
+    if files.len() > MAX_APPS {
+        return Err(format!("at most {MAX_APPS} [[apps]] per node"));
+    }
     let mut apps: Vec<App> = Vec::with_capacity(files.len());
     for (i, file) in files.into_iter().enumerate() {
         let at = format!("apps[{i}]");
@@ -234,5 +240,13 @@ mod tests {
             let error = parse(&text).unwrap_err();
             assert!(error.contains(expected), "{text:?}: {error}");
         }
+        let many: String = (0..=MAX_APPS)
+            .map(|i| app(&i.to_string(), &format!("k{i}"), ""))
+            .collect();
+        assert!(parse(&many).unwrap_err().contains("at most 256"));
+        let most: String = (0..MAX_APPS)
+            .map(|i| app(&i.to_string(), &format!("k{i}"), ""))
+            .collect();
+        assert_eq!(parse(&most).unwrap().len(), MAX_APPS);
     }
 }

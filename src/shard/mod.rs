@@ -60,6 +60,11 @@ pub struct Shared {
     pub(crate) webhooks: Option<Arc<WebhookSink>>,
     /// `[proxy]`: where subscribe calls go.
     pub(crate) proxy: Option<Arc<ProxySink>>,
+    /// Random for this run of the node, in every Pusher socket id: a
+    /// channel authorization signed for one connection's socket id cannot
+    /// be replayed by a connection in the same slot of another node, or of
+    /// this node's next run.
+    pub(crate) socket_salt: u32,
 }
 
 impl Shared {
@@ -82,7 +87,10 @@ impl Shared {
             .webhooks
             .as_ref()
             .map(|w| Arc::new(WebhookSink::new(w)));
+        let mut salt = [0u8; 4];
+        getrandom::fill(&mut salt).map_err(|e| io::Error::other(e.to_string()))?;
         Ok(Shared {
+            socket_salt: u32::from_le_bytes(salt),
             config: Arc::new(config),
             bus,
             stats,

@@ -146,6 +146,10 @@ pub(crate) enum WsKind {
     Echo,
     /// `/chat`: one-to-one plain-text chat with the identity's recipient.
     Chat,
+    /// `/app/{key}`: the Pusher protocol, for the app at this index of
+    /// `[[apps]]` (a byte: the kind stays within the connection's padding,
+    /// which every idle connection pays for; `[[apps]]` holds at most 256).
+    Pusher(u8),
 }
 
 /// Where an identified connection sits in its shard's user (or chat user) index.

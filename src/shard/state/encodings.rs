@@ -12,7 +12,7 @@ use crate::protocol::event_stream::{self, encode, Format, Head};
 use crate::protocol::{frame, message};
 use crate::shard::key::ConnKey;
 
-use super::conn::{Phase, StreamConn};
+use super::conn::{Phase, StreamConn, WsKind};
 use super::Command;
 
 pub(super) struct Encodings<'f> {
@@ -26,6 +26,8 @@ pub(super) struct Encodings<'f> {
     /// SSE: `event:` and `data:` lines, and the same ended (no `id:`).
     sse: Option<(Bytes, Bytes)>,
     ndjson: Option<Bytes>,
+    /// The Pusher event (`None` inside: the frame is not one Pusher shows).
+    pusher: Option<Option<Bytes>>,
 }
 
 impl<'f> Encodings<'f> {
@@ -37,6 +39,7 @@ impl<'f> Encodings<'f> {
             deflated: None,
             sse: None,
             ndjson: None,
+            pusher: None,
         }
     }
 
@@ -51,6 +54,15 @@ impl<'f> Encodings<'f> {
     ) {
         match phase {
             Some(Phase::Stream(stream)) => self.push_to_stream(key, stream, commands),
+            Some(Phase::WebSocket(ws)) if matches!(ws.kind, WsKind::Pusher(_)) => {
+                let frame = self.frame;
+                let pusher = self
+                    .pusher
+                    .get_or_insert_with(|| crate::pusher::wire::translate(frame.clone()));
+                if let Some(pusher) = pusher {
+                    commands.push(Command::Push(key, pusher.clone()));
+                }
+            }
             Some(Phase::WebSocket(ws)) if ws.deflate => {
                 let frame = self.deflated(deflater).clone();
                 commands.push(Command::Push(key, frame));

@@ -116,6 +116,8 @@ impl ShardState {
                     None => return,
                 },
             },
+            Route::PusherApp(app_key) => return self.pusher_upgrade(key, &request, app_key),
+            Route::PusherEvents(app_id) => self.pusher_events(&request, app_id),
             Route::Presence(ref topic) => match self.presence_request(key, &request, topic, cors) {
                 Some(response) => response,
                 None => return,

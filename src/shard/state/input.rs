@@ -310,6 +310,9 @@ impl ShardState {
             deflate,
         });
         ShardStats::add(&self.stats().websockets, 1);
+        if matches!(kind, WsKind::Pusher(_)) {
+            self.pusher_websockets += 1;
+        }
         if deflate {
             self.compression.websockets += 1;
             ShardStats::add(&self.stats().websockets_compressed, 1);

@@ -11,7 +11,7 @@ use crate::protocol::frame;
 use crate::protocol::http::error_json;
 use crate::shard::key::ConnKey;
 
-use super::conn::{Closing, Phase};
+use super::conn::{Closing, Phase, WsKind};
 use super::{CloseMode, ShardState};
 
 /// How often connections are scanned for timeouts. Deadlines are seconds
@@ -129,6 +129,10 @@ impl ShardState {
             match conn.phase {
                 Phase::WebSocket(ws) => {
                     ShardStats::sub(&self.stats().websockets, 1);
+                    if matches!(ws.kind, WsKind::Pusher(_)) {
+                        debug_assert!(self.pusher_websockets > 0);
+                        self.pusher_websockets -= 1;
+                    }
                     if ws.deflate {
                         self.compression.websockets -= 1;
                         ShardStats::sub(&self.stats().websockets_compressed, 1);
@@ -352,6 +356,17 @@ pub(super) fn check_invariants(state: &ShardState) -> Result<(), String> {
         return Err(format!(
             "{streams} event streams open, {} counted",
             state.event_streams.open
+        ));
+    }
+    let pusher = state
+        .conns
+        .iter()
+        .filter(|(_, c)| matches!(c.ws_kind(), Some(WsKind::Pusher(_))))
+        .count();
+    if pusher != state.pusher_websockets {
+        return Err(format!(
+            "{pusher} Pusher websockets open, {} counted",
+            state.pusher_websockets
         ));
     }
     for (kind, index) in [

@@ -29,6 +29,7 @@ mod interest;
 mod lifecycle;
 pub mod names;
 mod proxied;
+mod pusher;
 mod relay;
 mod replay;
 mod route;
@@ -48,7 +49,7 @@ use crate::protocol::http::Response;
 use crate::shard::key::{ConnKey, ConnTable};
 use crate::shard::Shared;
 
-use conn::{Closing, Conn, Millis, Phase};
+use conn::{Closing, Conn, Millis, Phase, WsKind};
 use names::{NameId, NameIndex};
 use users::Users;
 
@@ -206,6 +207,9 @@ pub struct ShardState {
     /// When connections were last scanned for timeouts.
     last_scan: Instant,
     event_streams: event_streams::EventStreams,
+    /// Open Pusher WebSockets: while there are any, a fan-out looks up
+    /// each subscriber's format (a Pusher connection reads its own frame).
+    pusher_websockets: usize,
     compression: compression::Compression,
     /// Presence members per (topic, user), with `[webhooks]` member events.
     webhook_members: webhooks::Members,
@@ -239,6 +243,7 @@ impl ShardState {
             started: now,
             now,
             last_scan: now,
+            pusher_websockets: 0,
             event_streams: event_streams::EventStreams {
                 open: 0,
                 last_heartbeat: now,
@@ -398,6 +403,12 @@ impl ShardState {
                 Some(bytes) => bytes,
                 None => return,
             },
+            Phase::WebSocket(ws) if matches!(ws.kind, WsKind::Pusher(_)) => {
+                match crate::pusher::wire::translate(bytes) {
+                    Some(bytes) => bytes,
+                    None => return,
+                }
+            }
             _ => bytes,
         };
         self.commands.push(Command::Send(key, bytes));
@@ -545,12 +556,16 @@ impl ShardState {
             return 0;
         };
         self.commands.reserve(entry.subscribers.len());
-        if self.event_streams.open == 0 && self.compression.websockets == 0 {
+        let one_format = self.event_streams.open == 0
+            && self.compression.websockets == 0
+            && self.pusher_websockets == 0;
+        if one_format {
             for &key in &entry.subscribers {
                 self.commands.push(Command::Push(key, frame.clone()));
             }
         } else {
-            // Some connection here is an event stream or compresses: each
+            // Some connection here is an event stream, compresses or speaks
+            // Pusher: each
             // subscriber's format is looked up, and each format's bytes
             // made once.
             let mut encodings = encodings::Encodings::new(frame, self.compression.min_bytes);

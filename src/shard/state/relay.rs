@@ -35,6 +35,7 @@ impl ShardState {
                 WsKind::Echo => self.send(key, frame::text(&text)),
                 WsKind::Relay => self.handle_relay_text(key, &text),
                 WsKind::Chat => self.chat_line(key, &text),
+                WsKind::Pusher(app) => self.pusher_text(key, app, &text),
             },
             Incoming::Binary(data) => match kind {
                 WsKind::Echo => self.send(key, frame::binary(&data)),
@@ -45,6 +46,10 @@ impl ShardState {
                 WsKind::Chat => {
                     self.send(key, frame::text(b"error: /chat carries text messages only"))
                 }
+                WsKind::Pusher(_) => self.send(
+                    key,
+                    crate::pusher::wire::error(None, "binary messages are not Pusher messages"),
+                ),
             },
         }
     }

@@ -41,6 +41,10 @@ pub(crate) enum Route<'a> {
     History(Cow<'a, str>),
     /// `/topics/{topic}/presence`.
     Presence(Cow<'a, str>),
+    /// `/app/{key}`: a Pusher client's WebSocket.
+    PusherApp(&'a str),
+    /// `/apps/{id}/events`: Pusher's HTTP API, triggering an event.
+    PusherEvents(&'a str),
     /// Nothing here.
     NotFound,
 }
@@ -69,6 +73,11 @@ impl<'a> Route<'a> {
             ("sse", None, _) => Route::Sse,
             ("stream", None, _) => Route::Stream,
             ("topics", Some(_), true) => topic_route(rest),
+            ("app", Some(key), false) if !key.is_empty() => Route::PusherApp(key),
+            ("apps", Some(id), true) if !id.is_empty() => match rest.split('/').nth(2) {
+                Some("events") if rest.split('/').count() == 3 => Route::PusherEvents(id),
+                _ => Route::NotFound,
+            },
             _ => Route::NotFound,
         }
     }
@@ -77,7 +86,7 @@ impl<'a> Route<'a> {
     pub(crate) fn allowed(&self) -> &'static str {
         match self {
             Route::Health => "GET, HEAD",
-            Route::Publish | Route::Register => "POST",
+            Route::Publish | Route::Register | Route::PusherEvents(_) => "POST",
             Route::Registration(_) => "DELETE",
             Route::NotFound => "",
             _ => "GET",
@@ -88,7 +97,7 @@ impl<'a> Route<'a> {
     pub(crate) fn allows(&self, method: Method) -> bool {
         match self {
             Route::Health => matches!(method, Method::Get | Method::Head),
-            Route::Publish | Route::Register => method == Method::Post,
+            Route::Publish | Route::Register | Route::PusherEvents(_) => method == Method::Post,
             Route::Registration(_) => method == Method::Delete,
             Route::NotFound => false,
             _ => method == Method::Get,
@@ -107,6 +116,7 @@ impl<'a> Route<'a> {
                 | Route::Echo
                 | Route::Sse
                 | Route::Stream
+                | Route::PusherApp(_)
         )
     }
 

@@ -211,6 +211,12 @@ impl ShardState {
             return;
         };
         self.send(key, switching);
+        if matches!(
+            self.conns.get(key).and_then(|c| c.ws_kind()),
+            Some(WsKind::Pusher(_))
+        ) {
+            self.pusher_opened(key);
+        }
         for topic in topics.iter() {
             self.subscribe(key, topic, None);
         }

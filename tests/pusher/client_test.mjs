@@ -1,0 +1,75 @@
+// pusher-js (the Node build, as an app's code would use it) against a
+// ringcast node with a Pusher app, and events triggered with Pusher's
+// server SDK. Prints one JSON object of what happened; tests/pusher_js.rs
+// checks it.
+//
+//   node client_test.mjs HOST PORT APP_ID KEY SECRET
+import Pusher from "pusher-js";
+import PusherServer from "pusher";
+
+const [host, port, appId, key, secret] = process.argv.slice(2);
+const server = new PusherServer({ appId, key, secret, host, port, useTLS: false });
+const forger = new PusherServer({ appId, key, secret: secret + "-wrong", host, port, useTLS: false });
+const out = { events: [], errors: [] };
+const deadline = setTimeout(() => {
+  out.timeout = true;
+  console.log(JSON.stringify(out));
+  process.exit(1);
+}, 15000);
+
+const client = new Pusher(key, {
+  wsHost: host,
+  wsPort: Number(port),
+  forceTLS: false,
+  enabledTransports: ["ws"],
+  cluster: "unused",
+  disableStats: true,
+  channelAuthorization: {
+    customHandler: ({ socketId, channelName }, callback) => {
+      // Signed by the app's backend; the forged one with another secret.
+      const signer = channelName === "private-forged" ? forger : server;
+      callback(null, signer.authorizeChannel(socketId, channelName));
+    },
+  },
+});
+
+const connected = new Promise((resolve) => client.connection.bind("connected", resolve));
+await connected;
+out.socket_id = client.connection.socket_id;
+
+const subscribed = (name) =>
+  new Promise((resolve) => {
+    const channel = client.subscribe(name);
+    channel.bind("pusher:subscription_succeeded", () => resolve(channel));
+    channel.bind("pusher:subscription_error", (e) => {
+      out.errors.push({ channel: name, status: e.status, type: e.type });
+      resolve(null);
+    });
+  });
+const [news, room, forged] = await Promise.all(
+  ["news", "private-room", "private-forged"].map(subscribed),
+);
+out.forged_subscribed = forged !== null;
+
+const received = new Promise((resolve) => {
+  const seen = [];
+  for (const channel of [news, room]) {
+    channel.bind("greeting", (data) => {
+      seen.push({ channel: channel.name, data });
+      if (seen.length === 2) resolve(seen);
+    });
+  }
+});
+await server.trigger(["news", "private-room"], "greeting", { text: "hi, & welcome" });
+out.events = await received;
+
+try {
+  await forger.trigger("news", "greeting", { text: "forged" });
+  out.forged_trigger = "accepted";
+} catch (e) {
+  out.forged_trigger = e.status;
+}
+
+client.disconnect();
+clearTimeout(deadline);
+console.log(JSON.stringify(out));

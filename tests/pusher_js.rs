@@ -1,0 +1,155 @@
+//! The Pusher protocol with Pusher's own libraries: pusher-js (Node build)
+//! connects to `/app/{key}`, subscribes to a public and a private channel
+//! (authorized by the server SDK as an app's backend would), gets events
+//! the server SDK triggers over `POST /apps/{id}/events`, and is refused a
+//! channel authorized with another secret; a trigger signed with another
+//! secret gets 401. Raw WebSocket checks of what pusher-js hides: the
+//! socket id, `pusher:ping`, unknown keys and channel names, and that an
+//! app's channels and ringcast's topics of the same name never meet.
+//! `scripts/test.sh` installs the packages (`npm ci --prefix tests/pusher`).
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{TestServer, Ws};
+use serde_json::{json, Value};
+
+const APP: &str = "[[apps]]\nid = \"4711\"\nkey = \"app-key\"\nsecret = \"app-secret\"\n";
+
+fn node() -> TestServer {
+    TestServer::start(2, Some(APP))
+}
+
+/// A raw WebSocket to `/app/app-key`, past `pusher:connection_established`;
+/// with the socket id it was given.
+fn pusher_ws(node: &TestServer) -> (Ws, String) {
+    let mut ws = node.ws("/app/app-key?protocol=7&client=js&version=8.6.0");
+    let established = ws.recv_json();
+    assert_eq!(established["event"], "pusher:connection_established");
+    let data: Value = serde_json::from_str(established["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data["activity_timeout"], 120);
+    let socket_id = data["socket_id"].as_str().unwrap().to_string();
+    (ws, socket_id)
+}
+
+/// `POST /apps/4711/events` of `data` to `channel`, signed with `secret`
+/// as Pusher's libraries sign; the status.
+fn trigger(node: &TestServer, secret: &str, channel: &str, data: &str) -> u16 {
+    use md5::{Digest, Md5};
+    let body = json!({"name":"greeting","channels":[channel],"data":data}).to_string();
+    let md5: String = Md5::digest(body.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let params = format!("auth_key=app-key&auth_timestamp={now}&auth_version=1.0&body_md5={md5}");
+    let signature = ringcast::pusher::sign::hmac_hex(
+        secret,
+        format!("POST\n/apps/4711/events\n{params}").as_bytes(),
+    );
+    let path = format!("/apps/4711/events?{params}&auth_signature={signature}");
+    node.http("POST", &path, Some(&body)).0
+}
+
+#[test]
+fn pusher_js_subscribes_and_gets_events_the_server_sdk_triggers() {
+    let dir = format!("{}/tests/pusher", env!("CARGO_MANIFEST_DIR"));
+    assert!(
+        std::path::Path::new(&format!("{dir}/node_modules/pusher-js")).exists(),
+        "tests/pusher/node_modules is missing: run ./scripts/test.sh (npm ci --prefix tests/pusher)"
+    );
+    let node = node();
+    let out = Command::new("node")
+        .current_dir(&dir)
+        .args(["client_test.mjs", "127.0.0.1"])
+        .arg(node.addr.port().to_string())
+        .args(["4711", "app-key", "app-secret"])
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let socket_id = result["socket_id"].as_str().unwrap();
+    assert!(
+        socket_id
+            .split_once('.')
+            .is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok()),
+        "{result}"
+    );
+    let mut events = result["events"].as_array().unwrap().clone();
+    events.sort_by_key(|e| e["channel"].as_str().unwrap().to_string());
+    assert_eq!(
+        events,
+        [
+            json!({"channel":"news","data":{"text":"hi, & welcome"}}),
+            json!({"channel":"private-room","data":{"text":"hi, & welcome"}}),
+        ],
+        "{result}"
+    );
+    assert_eq!(result["forged_subscribed"], false, "{result}");
+    assert_eq!(
+        result["errors"],
+        json!([{"channel":"private-forged","status":401,"type":"AuthError"}])
+    );
+    assert_eq!(result["forged_trigger"], 401, "{result}");
+}
+
+#[test]
+fn the_protocols_own_messages_and_refusals() {
+    let node = node();
+    let (mut ws, socket_id) = pusher_ws(&node);
+    let (_, other_id) = pusher_ws(&node);
+    assert_ne!(socket_id, other_id, "each connection its own socket id");
+    ws.send_text(r#"{"event":"pusher:ping","data":{}}"#);
+    assert_eq!(ws.recv_json(), json!({"event":"pusher:pong","data":{}}));
+    ws.send_text(r#"{"event":"pusher:subscribe","data":{"channel":"bad name"}}"#);
+    let error = ws.recv_json();
+    assert_eq!(error["event"], "pusher:error");
+    assert_eq!(error["data"]["code"], 4009, "{error}");
+    ws.send_text(r#"{"event":"pusher:subscribe","data":{"channel":"private-x"}}"#);
+    let refused = ws.recv_json();
+    assert_eq!(refused["event"], "pusher:subscription_error", "{refused}");
+    assert_eq!(refused["channel"], "private-x");
+    ws.send_text("not json");
+    assert_eq!(ws.recv_json()["event"], "pusher:error");
+    // A key no app has.
+    assert_eq!(node.upgrade_status("/app/nobody", ""), 404);
+}
+
+#[test]
+fn an_apps_channels_and_ringcast_topics_of_the_same_name_never_meet() {
+    let node = node();
+    let (mut pusher, _) = pusher_ws(&node);
+    pusher.send_text(r#"{"event":"pusher:subscribe","data":{"channel":"news"}}"#);
+    assert_eq!(
+        pusher.recv_json(),
+        json!({"event":"pusher_internal:subscription_succeeded","channel":"news","data":"{}"})
+    );
+    let mut native = node.ws("/ws");
+    native.subscribe("news");
+    // ringcast's publish to its `news` reaches only its own subscriber.
+    assert_eq!(node.publish(r#"{"topic":"news","payload":"native"}"#), 202);
+    assert_eq!(native.recv_json()["payload"], "native");
+    assert!(pusher.is_silent_for(Duration::from_millis(300)));
+    // A Pusher trigger to `news` reaches only the app's subscriber.
+    assert_eq!(trigger(&node, "app-secret", "news", "hello"), 200);
+    let event = pusher.recv_json();
+    assert_eq!(
+        event,
+        json!({"event":"greeting","channel":"news","data":"hello"})
+    );
+    assert!(native.is_silent_for(Duration::from_millis(300)));
+    assert_eq!(trigger(&node, "other-secret", "news", "forged"), 401);
+    // Unsubscribed: nothing more, and no reply (Pusher sends none).
+    pusher.send_text(r#"{"event":"pusher:unsubscribe","data":{"channel":"news"}}"#);
+    pusher.send_text(r#"{"event":"pusher:ping","data":{}}"#);
+    assert_eq!(pusher.recv_json()["event"], "pusher:pong");
+}
