@@ -92,8 +92,13 @@ client_publish = true
 [[rules]]
 pattern = "*"
 client_publish = true
-"#,
-        history = 128 << 20
+{apps}"#,
+        history = 128 << 20,
+        apps = if std::env::var_os("RINGCAST_TEST_BIN").is_some() {
+            ""
+        } else {
+            "\n[[apps]]\nid = \"4711\"\nkey = \"app-key\"\nsecret = \"app-secret\"\n"
+        }
     )
 }
 
@@ -999,5 +1004,50 @@ fn a_compressed_bomb_is_refused_with_1009() {
         };
         assert_eq!(code, Some(1009));
     }
+    still_healthy();
+}
+
+/// Pusher's app key is public (it is in every client): forged triggers
+/// with it and a fresh timestamp, each with a 64 KiB body, are refused on
+/// the signature before the body is hashed or parsed, and private
+/// subscriptions without an authorization are refused before the core
+/// holds anything.
+#[test]
+fn forged_pusher_triggers_and_unauthorized_private_subscriptions_hold_nothing() {
+    if std::env::var_os("RINGCAST_TEST_BIN").is_some() {
+        return; // an older build has no Pusher apps
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let body = format!(
+        r#"{{"name":"e","channels":["c"],"data":"{}"}}"#,
+        "x".repeat(64 << 10)
+    );
+    let forged: Vec<String> = (0..300)
+        .map(|i| {
+            post(
+                &format!(
+                    "/apps/4711/events?auth_key=app-key&auth_timestamp={now}&auth_version=1.0\
+                     &body_md5=00&auth_signature={i:064x}"
+                ),
+                &body,
+            )
+        })
+        .collect();
+    for (status, _) in pipelined(&forged) {
+        assert_eq!(status, 401);
+    }
+    let subscriptions = metric("subscriptions");
+    let mut ws = server().ws("/app/app-key");
+    assert_eq!(ws.recv_json()["event"], "pusher:connection_established");
+    for i in 0..200 {
+        ws.send_text(&format!(
+            r#"{{"event":"pusher:subscribe","data":{{"channel":"private-{i}","auth":"app-key:{i:064x}"}}}}"#
+        ));
+        assert_eq!(ws.recv_json()["event"], "pusher:subscription_error");
+    }
+    assert_eq!(metric("subscriptions"), subscriptions);
     still_healthy();
 }
