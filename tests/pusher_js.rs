@@ -1,7 +1,8 @@
 //! The Pusher protocol with Pusher's own libraries: pusher-js (Node build)
 //! connects to `/app/{key}`, subscribes to a public and a private channel
 //! (authorized by the server SDK as an app's backend would), gets events
-//! the server SDK triggers over `POST /apps/{id}/events`, and is refused a
+//! the server SDK triggers over `POST /apps/{id}/events` and
+//! `/batch_events` (a batch with one bad event refused whole), and is refused a
 //! channel authorized with another secret; a trigger signed with another
 //! secret gets 401. Raw WebSocket checks of what pusher-js hides: the
 //! socket id, `pusher:ping`, unknown keys and channel names, and that an
@@ -100,6 +101,17 @@ fn pusher_js_subscribes_and_gets_events_the_server_sdk_triggers() {
         json!([{"channel":"private-forged","status":401,"type":"AuthError"}])
     );
     assert_eq!(result["forged_trigger"], 401, "{result}");
+    assert_eq!(result["bad_batch"], 400, "{result}");
+    let mut batched = result["batched"].as_array().unwrap().clone();
+    batched.sort_by_key(|e| e["channel"].as_str().unwrap().to_string());
+    assert_eq!(
+        batched,
+        [
+            json!({"channel":"news","data":{"n":1}}),
+            json!({"channel":"private-room","data":{"n":2}}),
+        ],
+        "the bad batch's good event never went out: {result}"
+    );
 }
 
 #[test]

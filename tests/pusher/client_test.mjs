@@ -63,6 +63,32 @@ const received = new Promise((resolve) => {
 await server.trigger(["news", "private-room"], "greeting", { text: "hi, & welcome" });
 out.events = await received;
 
+// A batch is checked whole before any of it goes out: one bad channel
+// refuses all of it, and nothing of it arrives before the good batch.
+const batched = new Promise((resolve) => {
+  const seen = [];
+  for (const channel of [news, room]) {
+    channel.bind("batched", (data) => {
+      seen.push({ channel: channel.name, data });
+      if (seen.length === 2) resolve(seen);
+    });
+  }
+});
+try {
+  await server.triggerBatch([
+    { channel: "news", name: "batched", data: { n: 0 } },
+    { channel: "bad channel", name: "batched", data: { n: -1 } },
+  ]);
+  out.bad_batch = "accepted";
+} catch (e) {
+  out.bad_batch = e.status;
+}
+await server.triggerBatch([
+  { channel: "news", name: "batched", data: { n: 1 } },
+  { channel: "private-room", name: "batched", data: { n: 2 } },
+]);
+out.batched = await batched;
+
 try {
   await forger.trigger("news", "greeting", { text: "forged" });
   out.forged_trigger = "accepted";

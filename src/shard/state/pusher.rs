@@ -7,7 +7,8 @@
 //! Built so far: `/app/{key}` (connection established with a socket id,
 //! ping and pong, subscribe and unsubscribe on public and private
 //! channels, a private channel's authorization checked against the socket
-//! id) and `POST /apps/{id}/events` (signed, up to 100 channels). Presence
+//! id), `POST /apps/{id}/events` (signed, up to 100 channels) and
+//! `POST /apps/{id}/batch_events` (up to 10). Presence
 //! channels and client events are refused with Pusher's messages until
 //! they are built.
 
@@ -28,6 +29,8 @@ use super::ShardState;
 
 /// Channels one `POST /apps/{id}/events` may name (Pusher's limit).
 const MAX_CHANNELS_PER_EVENT: usize = 100;
+/// Events one `POST /apps/{id}/batch_events` may carry (Pusher's limit).
+const MAX_BATCH_EVENTS: usize = 10;
 
 /// A `POST /apps/{id}/events` body.
 #[derive(Deserialize)]
@@ -36,6 +39,19 @@ struct Trigger {
     data: String,
     channels: Option<Vec<String>>,
     channel: Option<String>,
+}
+
+/// A `POST /apps/{id}/batch_events` body.
+#[derive(Deserialize)]
+struct Batch {
+    batch: Vec<BatchEvent>,
+}
+
+#[derive(Deserialize)]
+struct BatchEvent {
+    channel: String,
+    name: String,
+    data: String,
 }
 
 impl ShardState {
@@ -133,23 +149,10 @@ impl ShardState {
     /// `POST /apps/{id}/events`: an event for up to 100 channels, signed
     /// with the app's secret.
     pub(super) fn pusher_events(&mut self, request: &Request, app_id: &str) -> Response {
-        let Some(app) = self.config().apps.iter().find(|a| a.id == app_id).cloned() else {
-            return pusher_error(404, &format!("Unknown app {app_id}"));
+        let app = match self.signed_app(request, app_id) {
+            Ok(app) => app,
+            Err(refusal) => return refusal,
         };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let signed = sign::check_api_request(
-            &app,
-            "POST",
-            &request.path,
-            &request.query,
-            &request.body,
-            now,
-        );
-        if let Err(why) = signed {
-            return pusher_error(401, &why.to_string());
-        }
         let trigger: Trigger = match serde_json::from_slice(&request.body) {
             Ok(trigger) => trigger,
             Err(e) => return pusher_error(400, &format!("Invalid JSON: {e}")),
@@ -159,38 +162,105 @@ impl ShardState {
             (None, Some(channel)) => vec![channel],
             _ => return pusher_error(400, "Give channels or channel"),
         };
-        if channels.is_empty() || channels.len() > MAX_CHANNELS_PER_EVENT {
-            let why = format!("1 to {MAX_CHANNELS_PER_EVENT} channels per event");
+        let event = (channels, trigger.name, trigger.data);
+        if let Err(refusal) = checked_event(&app, &event) {
+            return refusal;
+        }
+        match self.publish_event(&app, &event) {
+            Ok(()) => Response::json(200, "{}".to_string()),
+            Err(refusal) => refusal,
+        }
+    }
+
+    /// `POST /apps/{id}/batch_events`: up to 10 events, each for one
+    /// channel; all are checked before any is published.
+    pub(super) fn pusher_batch_events(&mut self, request: &Request, app_id: &str) -> Response {
+        let app = match self.signed_app(request, app_id) {
+            Ok(app) => app,
+            Err(refusal) => return refusal,
+        };
+        let batch: Batch = match serde_json::from_slice(&request.body) {
+            Ok(batch) => batch,
+            Err(e) => return pusher_error(400, &format!("Invalid JSON: {e}")),
+        };
+        if batch.batch.is_empty() || batch.batch.len() > MAX_BATCH_EVENTS {
+            let why = format!("1 to {MAX_BATCH_EVENTS} events per batch");
             return pusher_error(400, &why);
         }
-        if let Some(bad) = channels.iter().find(|c| !wire::valid_channel(c)) {
-            return pusher_error(400, &format!("Invalid channel name `{bad}`"));
+        let events: Vec<Event> = batch
+            .batch
+            .into_iter()
+            .map(|e| (vec![e.channel], e.name, e.data))
+            .collect();
+        if let Some(refusal) = events.iter().find_map(|e| checked_event(&app, e).err()) {
+            return refusal;
         }
-        if trigger.name.is_empty() || trigger.name.len() > wire::MAX_EVENT_NAME_BYTES {
-            let why = format!(
-                "Event name must be 1 to {} bytes",
-                wire::MAX_EVENT_NAME_BYTES
-            );
-            return pusher_error(400, &why);
-        }
-        if trigger.data.len() > app.max_event_bytes {
-            let why = format!("Event data over {} bytes", app.max_event_bytes);
-            return pusher_error(413, &why);
-        }
-        let payload = serde_json::to_string(&trigger.data).expect("a string serialises");
-        for channel in &channels {
-            let topic = wire::topic(&app.id, channel);
-            // An app's topics are plain (its channel resolves to no
-            // history), so a publish is decided here, never parked.
-            match self.publish(&topic, &trigger.name, &payload, None, None) {
-                Published::Done { .. } => {}
-                Published::LocalOnly { why, .. } => return pusher_error(503, why.message()),
-                Published::Refused(status, why) => return pusher_error(status, &why),
-                Published::Parked => debug_assert!(false, "an app's channel is never a stream"),
+        for event in &events {
+            if let Err(refusal) = self.publish_event(&app, event) {
+                return refusal;
             }
         }
         Response::json(200, "{}".to_string())
     }
+
+    /// The app `app_id` names, if `request` is signed with its secret.
+    fn signed_app(&self, request: &Request, app_id: &str) -> Result<App, Response> {
+        let Some(app) = self.config().apps.iter().find(|a| a.id == app_id) else {
+            return Err(pusher_error(404, &format!("Unknown app {app_id}")));
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (path, query, body) = (&request.path, &request.query, &request.body);
+        sign::check_api_request(app, "POST", path, query, body, now)
+            .map_err(|why| pusher_error(401, &why.to_string()))?;
+        Ok(app.clone())
+    }
+
+    /// Publishes a checked event to each of its channels.
+    fn publish_event(&mut self, app: &App, (channels, name, data): &Event) -> Result<(), Response> {
+        let payload = serde_json::to_string(data).expect("a string serialises");
+        for channel in channels {
+            let topic = wire::topic(&app.id, channel);
+            // An app's topics are plain (its channel resolves to no
+            // history), so a publish is decided here, never parked.
+            match self.publish(&topic, name, &payload, None, None) {
+                Published::Done { .. } => {}
+                Published::LocalOnly { why, .. } => return Err(pusher_error(503, why.message())),
+                Published::Refused(status, why) => return Err(pusher_error(status, &why)),
+                Published::Parked => debug_assert!(false, "an app's channel is never a stream"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An event to publish: its channels, name and data (a string, as
+/// Pusher's libraries send it).
+type Event = (Vec<String>, String, String);
+
+/// Whether `app` takes the event: 1 to 100 valid channels, a name of 1 to
+/// 200 bytes, data within its `max_event_bytes`.
+fn checked_event(app: &App, (channels, name, data): &Event) -> Result<(), Response> {
+    if channels.is_empty() || channels.len() > MAX_CHANNELS_PER_EVENT {
+        let why = format!("1 to {MAX_CHANNELS_PER_EVENT} channels per event");
+        return Err(pusher_error(400, &why));
+    }
+    if let Some(bad) = channels.iter().find(|c| !wire::valid_channel(c)) {
+        return Err(pusher_error(400, &format!("Invalid channel name `{bad}`")));
+    }
+    if name.is_empty() || name.len() > wire::MAX_EVENT_NAME_BYTES {
+        let why = format!(
+            "Event name must be 1 to {} bytes",
+            wire::MAX_EVENT_NAME_BYTES
+        );
+        return Err(pusher_error(400, &why));
+    }
+    if data.len() > app.max_event_bytes {
+        let why = format!("Event data over {} bytes", app.max_event_bytes);
+        return Err(pusher_error(413, &why));
+    }
+    Ok(())
 }
 
 /// Pusher answers its HTTP API's errors with the message as text.

@@ -45,6 +45,8 @@ pub(crate) enum Route<'a> {
     PusherApp(&'a str),
     /// `/apps/{id}/events`: Pusher's HTTP API, triggering an event.
     PusherEvents(&'a str),
+    /// `/apps/{id}/batch_events`: several events at once.
+    PusherBatchEvents(&'a str),
     /// Nothing here.
     NotFound,
 }
@@ -74,10 +76,13 @@ impl<'a> Route<'a> {
             ("stream", None, _) => Route::Stream,
             ("topics", Some(_), true) => topic_route(rest),
             ("app", Some(key), false) if !key.is_empty() => Route::PusherApp(key),
-            ("apps", Some(id), true) if !id.is_empty() => match rest.split('/').nth(2) {
-                Some("events") if rest.split('/').count() == 3 => Route::PusherEvents(id),
-                _ => Route::NotFound,
-            },
+            ("apps", Some(id), true) if !id.is_empty() && rest.split('/').count() == 3 => {
+                match rest.split('/').nth(2) {
+                    Some("events") => Route::PusherEvents(id),
+                    Some("batch_events") => Route::PusherBatchEvents(id),
+                    _ => Route::NotFound,
+                }
+            }
             _ => Route::NotFound,
         }
     }
@@ -86,7 +91,10 @@ impl<'a> Route<'a> {
     pub(crate) fn allowed(&self) -> &'static str {
         match self {
             Route::Health => "GET, HEAD",
-            Route::Publish | Route::Register | Route::PusherEvents(_) => "POST",
+            Route::Publish
+            | Route::Register
+            | Route::PusherEvents(_)
+            | Route::PusherBatchEvents(_) => "POST",
             Route::Registration(_) => "DELETE",
             Route::NotFound => "",
             _ => "GET",
@@ -97,7 +105,10 @@ impl<'a> Route<'a> {
     pub(crate) fn allows(&self, method: Method) -> bool {
         match self {
             Route::Health => matches!(method, Method::Get | Method::Head),
-            Route::Publish | Route::Register | Route::PusherEvents(_) => method == Method::Post,
+            Route::Publish
+            | Route::Register
+            | Route::PusherEvents(_)
+            | Route::PusherBatchEvents(_) => method == Method::Post,
             Route::Registration(_) => method == Method::Delete,
             Route::NotFound => false,
             _ => method == Method::Get,
