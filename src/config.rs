@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -260,7 +261,7 @@ pub struct Config {
     /// to the topics of rules with `subscribe_proxy = true`. Default: none.
     pub proxy: Option<ProxyConfig>,
     /// `[[apps]]`: the Pusher apps served. Default: none.
-    pub apps: Vec<crate::pusher::App>,
+    pub apps: Vec<Arc<crate::pusher::App>>,
 }
 
 /// `[proxy]`: where the node asks the application backend.
@@ -722,7 +723,10 @@ impl Config {
             })
         };
         config.apps = crate::pusher::apps::apps(file.apps.unwrap_or_default(), check_url)
-            .map_err(ConfigError::Invalid)?;
+            .map_err(ConfigError::Invalid)?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
         check_proxied_rules(&config)?;
         config.validate()?;
         Ok(config)

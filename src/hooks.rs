@@ -292,7 +292,7 @@ impl Channels {
 
     /// Adds each Pusher app's channel: every topic under the app's prefix
     /// (no rule can name one: patterns refuse control characters).
-    pub fn with_apps(mut self, apps: &[crate::pusher::App]) -> Channels {
+    pub fn with_apps(mut self, apps: &[Arc<crate::pusher::App>]) -> Channels {
         for app in apps {
             let prefix = crate::pusher::wire::topic_prefix(&app.id);
             self.set(

@@ -23,7 +23,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{client_text_frame, read_server_frame, TestServer, IO_TIMEOUT};
+use common::{client_text_frame, read_server_frame, TestServer, Ws, IO_TIMEOUT};
 use serde_json::Value;
 
 /// Address space the server may map: its idle 2-shard footprint is about
@@ -97,7 +97,7 @@ client_publish = true
         apps = if std::env::var_os("RINGCAST_TEST_BIN").is_some() {
             ""
         } else {
-            "\n[[apps]]\nid = \"4711\"\nkey = \"app-key\"\nsecret = \"app-secret\"\n"
+            "\n[[apps]]\nid = \"4711\"\nkey = \"app-key\"\nsecret = \"app-secret\"\nclient_events = true\n"
         }
     )
 }
@@ -1049,5 +1049,77 @@ fn forged_pusher_triggers_and_unauthorized_private_subscriptions_hold_nothing() 
         assert_eq!(ws.recv_json()["event"], "pusher:subscription_error");
     }
     assert_eq!(metric("subscriptions"), subscriptions);
+    still_healthy();
+}
+
+/// A Pusher client that floods a private channel it may use with client
+/// events (1,000 of 8 KiB, written without reading) gets Pusher's 4301 past
+/// 10 a second; the channel's other subscriber gets at most the 10 of each
+/// second, and the node stays healthy.
+#[test]
+fn a_client_event_flood_is_cut_at_ten_a_second() {
+    if std::env::var_os("RINGCAST_TEST_BIN").is_some() {
+        return; // an older build has no Pusher apps
+    }
+    let subscribe = |ws: &mut Ws| {
+        let established = ws.recv_json();
+        let data: serde_json::Value =
+            serde_json::from_str(established["data"].as_str().unwrap()).unwrap();
+        let socket_id = data["socket_id"].as_str().unwrap().to_string();
+        let signature = ringcast::pusher::sign::hmac_hex(
+            "app-secret",
+            format!("{socket_id}:private-flood").as_bytes(),
+        );
+        ws.send_text(&format!(
+            r#"{{"event":"pusher:subscribe","data":{{"channel":"private-flood","auth":"app-key:{signature}"}}}}"#
+        ));
+        assert_eq!(
+            ws.recv_json()["event"],
+            "pusher_internal:subscription_succeeded"
+        );
+    };
+    let mut reader = server().ws("/app/app-key");
+    subscribe(&mut reader);
+    let mut flooder = server().ws("/app/app-key");
+    subscribe(&mut flooder);
+    let event = format!(
+        r#"{{"event":"client-x","channel":"private-flood","data":{{"pad":"{}"}}}}"#,
+        "x".repeat(8 << 10)
+    );
+    let started = Instant::now();
+    for _ in 0..1000 {
+        flooder.send_text(&event);
+    }
+    // What each side got, until it has been quiet a while.
+    let drain = |ws: &mut Ws| -> Vec<Value> {
+        let mut got = Vec::new();
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.0.get_mut() {
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+        }
+        while let Ok(message) = ws.0.read() {
+            got.push(serde_json::from_str(message.to_text().unwrap()).unwrap());
+        }
+        got
+    };
+    let refusals = drain(&mut flooder);
+    let seconds = started.elapsed().as_secs() + 1;
+    assert!(
+        refusals.iter().all(|r| r["data"]["code"] == 4301),
+        "only refusals, never its own event back: {:?}",
+        refusals.iter().find(|r| r["data"]["code"] != 4301)
+    );
+    let relayed = drain(&mut reader);
+    assert!(relayed.iter().all(|e| e["event"] == "client-x"));
+    assert_eq!(
+        relayed.len() + refusals.len(),
+        1000,
+        "each event relayed or refused"
+    );
+    assert!(
+        (10..=10 * seconds as usize + 10).contains(&relayed.len()),
+        "{} relayed in about {seconds} s",
+        relayed.len()
+    );
     still_healthy();
 }

@@ -7,12 +7,18 @@
 //! secret gets 401. Raw WebSocket checks of what pusher-js hides: the
 //! socket id, `pusher:ping`, unknown keys and channel names, and that an
 //! app's channels and ringcast's topics of the same name never meet.
+//! Presence channels and client events with pusher-js on one node of two
+//! shards and on two nodes joined through Redis (`presence_test.mjs`).
 //! `scripts/test.sh` installs the packages (`npm ci --prefix tests/pusher`).
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
+use cluster::Redis;
+use common::redis::RedisServer;
 use common::{TestServer, Ws};
 use serde_json::{json, Value};
 
@@ -56,28 +62,35 @@ fn trigger(node: &TestServer, secret: &str, channel: &str, data: &str) -> u16 {
     node.http("POST", &path, Some(&body)).0
 }
 
-#[test]
-fn pusher_js_subscribes_and_gets_events_the_server_sdk_triggers() {
+/// Runs `script` (in tests/pusher) with Node against `nodes` (the first's
+/// address, the app, then the second's address if any); what it printed.
+fn run_script(script: &str, nodes: &[&TestServer]) -> Value {
     let dir = format!("{}/tests/pusher", env!("CARGO_MANIFEST_DIR"));
     assert!(
         std::path::Path::new(&format!("{dir}/node_modules/pusher-js")).exists(),
         "tests/pusher/node_modules is missing: run ./scripts/test.sh (npm ci --prefix tests/pusher)"
     );
-    let node = node();
-    let out = Command::new("node")
-        .current_dir(&dir)
-        .args(["client_test.mjs", "127.0.0.1"])
-        .arg(node.addr.port().to_string())
-        .args(["4711", "app-key", "app-secret"])
-        .output()
-        .expect("node runs");
+    let mut command = Command::new("node");
+    command.current_dir(&dir).args([script, "127.0.0.1"]);
+    command.arg(nodes[0].addr.port().to_string());
+    command.args(["4711", "app-key", "app-secret"]);
+    for node in &nodes[1..] {
+        command.arg("127.0.0.1").arg(node.addr.port().to_string());
+    }
+    let out = command.output().expect("node runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let result: Value = serde_json::from_str(stdout.trim()).unwrap();
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[test]
+fn pusher_js_subscribes_and_gets_events_the_server_sdk_triggers() {
+    let node = node();
+    let result = run_script("client_test.mjs", &[&node]);
     let socket_id = result["socket_id"].as_str().unwrap();
     assert!(
         socket_id
@@ -164,4 +177,67 @@ fn an_apps_channels_and_ringcast_topics_of_the_same_name_never_meet() {
     pusher.send_text(r#"{"event":"pusher:unsubscribe","data":{"channel":"news"}}"#);
     pusher.send_text(r#"{"event":"pusher:ping","data":{}}"#);
     assert_eq!(pusher.recv_json()["event"], "pusher:pong");
+}
+
+/// The app of the presence tests: client events on, two members at most.
+const PRESENCE_APP: &str = "[[apps]]\nid = \"4711\"\nkey = \"app-key\"\nsecret = \"app-secret\"\nclient_events = true\nmax_presence_members = 2\n";
+
+/// What `presence_test.mjs` must have seen, on one node or two: a user
+/// with two connections is one member, announced once and removed once
+/// (when the last leaves), never to its own connections; a third user
+/// finds the channel full; a client event reaches the others with its
+/// sender's user id, never its sender; a trigger skips the socket it names.
+fn check_presence(result: &Value) {
+    let ann = json!({"count":1,"ids":["ann"],"me":"ann","info":{"name":"ANN"}});
+    assert_eq!(result["ann1"]["subscribed"], ann, "{result}");
+    let both =
+        |me: &str| json!({"count":2,"ids":["ann","bob"],"me":me,"info":{"name":me.to_uppercase()}});
+    assert_eq!(result["bob"]["subscribed"], both("bob"), "{result}");
+    assert_eq!(result["ann2"]["subscribed"], both("ann"), "{result}");
+    assert_eq!(
+        result["cy"]["subscribed"],
+        json!({"error":"LimitReached","status":4100}),
+        "{result}"
+    );
+    let seen = |who: &str| result[who]["seen"].clone();
+    assert_eq!(
+        seen("ann1"),
+        json!(["added bob", "said not to bob"]),
+        "{result}"
+    );
+    assert_eq!(
+        seen("ann2"),
+        json!(["typing ann1 from ann", "said not to bob"]),
+        "{result}"
+    );
+    assert_eq!(
+        seen("bob"),
+        json!(["typing ann1 from ann", "removed ann", "said end"]),
+        "{result}"
+    );
+    assert_eq!(seen("cy"), json!([]), "{result}");
+}
+
+#[test]
+fn presence_channels_and_client_events_with_pusher_js() {
+    let node = TestServer::start(2, Some(PRESENCE_APP));
+    let result = run_script("presence_test.mjs", &[&node]);
+    check_presence(&result);
+    assert_eq!(
+        node.metric("presence_refused_total"),
+        1,
+        "cy's subscription"
+    );
+}
+
+#[test]
+fn presence_members_are_the_clusters_across_two_nodes() {
+    let redis = RedisServer::start();
+    let a = cluster::start_node_with(&redis, "a", PRESENCE_APP);
+    let b = cluster::start_node_with(&redis, "b", PRESENCE_APP);
+    cluster::wait_for_redis(&a, "a", Redis::Up);
+    cluster::wait_for_redis(&b, "b", Redis::Up);
+    // bob and ann's second tab are on node b.
+    let result = run_script("presence_test.mjs", &[&a, &b]);
+    check_presence(&result);
 }

@@ -7,8 +7,14 @@
 //! and the next page starts after the last id of this one. An answer holds
 //! at most `limit` members whatever the topic's size: a presence query
 //! costs a pass over the members, never a copy of them all.
+//!
+//! A member's id is its connection's, or, for a query `by_user`, the
+//! `user_id` of its meta: then one user with several connections is one
+//! member of the page (a Pusher presence channel's members are users).
 
 use std::sync::Arc;
+
+use serde::Deserialize;
 
 /// Which members a presence query wants.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -17,12 +23,33 @@ pub struct MemberQuery {
     pub limit: usize,
     /// Only members whose id sorts after this one (the previous page's last).
     pub after: Option<Arc<str>>,
+    /// Members are users (the `user_id` of their meta): a page lists each
+    /// once, and metas without one are not members.
+    pub by_user: bool,
+    /// Count only the members with this id (a user's connections, with
+    /// `by_user`).
+    pub only: Option<Arc<str>>,
+}
+
+#[derive(Deserialize)]
+struct UserMeta<'a> {
+    #[serde(borrow)]
+    user_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// The `user_id` a presence meta names, if it is a string.
+pub fn user_of(meta: &str) -> Option<String> {
+    serde_json::from_str::<UserMeta<'_>>(meta)
+        .ok()?
+        .user_id
+        .map(std::borrow::Cow::into_owned)
 }
 
 /// Members of a topic, or of one party's share of it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Members {
-    /// Every member, whatever the page.
+    /// Every member, whatever the page (a user is counted per connection
+    /// even `by_user`: only the list is one per user).
     pub count: usize,
     /// Members after the query's cursor.
     pub following: usize,
@@ -40,11 +67,15 @@ impl Members {
         id: impl FnOnce() -> String,
         json: impl FnOnce(&str) -> String,
     ) {
-        self.count += 1;
-        if query.limit == 0 && query.after.is_none() {
+        if query.limit == 0 && query.after.is_none() && query.only.is_none() {
+            self.count += 1;
             return;
         }
         let id = id();
+        if query.only.as_deref().is_some_and(|only| only != id) {
+            return;
+        }
+        self.count += 1;
         if query
             .after
             .as_deref()
@@ -63,14 +94,13 @@ impl Members {
         }
     }
 
-    /// Keeps the `limit` smallest ids, in order.
+    /// Keeps the `limit` smallest ids, each once, in order.
     pub fn trim(&mut self, limit: usize) {
-        if self.list.len() > limit {
-            self.list
-                .select_nth_unstable_by(limit, |a, b| a.0.cmp(&b.0));
-            self.list.truncate(limit);
-        }
+        // Sorted whole before the cut: with members by user one id may
+        // come several times, and the cut must count distinct ids.
         self.list.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        self.list.dedup_by(|a, b| a.0 == b.0);
+        self.list.truncate(limit);
     }
 
     /// Adds another party's answer to the same query.
@@ -120,6 +150,7 @@ mod tests {
             let query = MemberQuery {
                 limit: 2,
                 after: after.clone(),
+                ..MemberQuery::default()
             };
             let mut total = Members::default();
             for ids in parties {
@@ -134,6 +165,40 @@ mod tests {
             }
         }
         assert_eq!(seen, ["a0", "a1", "a2", "a3", "b0", "b1", "b2", "c9"]);
+    }
+
+    #[test]
+    fn by_user_a_page_lists_each_user_once_and_only_counts_one_users_connections() {
+        let parties: [&[&str]; 3] = [&["bo", "ann", "bo"], &["ann", "cy"], &["dee", "ann"]];
+        let query = MemberQuery {
+            limit: 3,
+            by_user: true,
+            ..MemberQuery::default()
+        };
+        let mut total = Members::default();
+        for ids in parties {
+            total.merge(answer(&query, ids), query.limit);
+        }
+        let ids: Vec<&str> = total.list.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["ann", "bo", "cy"],
+            "three distinct users, the first three"
+        );
+        let anns = MemberQuery {
+            only: Some(Arc::from("ann")),
+            ..MemberQuery::default()
+        };
+        let mut count = Members::default();
+        for ids in parties {
+            count.merge(answer(&anns, ids), 0);
+        }
+        assert_eq!((count.count, count.list.len()), (3, 0));
+        assert_eq!(
+            user_of(r#"{"user_id":"ann","user_info":{}}"#).as_deref(),
+            Some("ann")
+        );
+        assert_eq!(user_of(r#"{"user_id":null}"#), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crossbeam_queue::ArrayQueue;
 use crate::engine::{Page, StreamLimit};
 
 mod members;
-pub use members::{MemberQuery, Members};
+pub use members::{user_of, MemberQuery, Members};
 
 /// Index of a shard, `0..shards`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -115,6 +115,22 @@ pub enum Envelope {
         name: Arc<str>,
         /// The epoch of the notice acknowledged.
         epoch: u64,
+    },
+    /// A Pusher presence channel's member (a user) gained (`joined`) or
+    /// lost a connection on the sending shard: for the channel's home
+    /// shard, which counts each user's connections on the node and tells
+    /// the channel when a user comes or goes.
+    PusherMember {
+        /// The channel's core topic.
+        topic: Arc<str>,
+        /// The member's meta, `{"user_id":U,"user_info":I}`.
+        meta: Arc<str>,
+        /// The user id in the meta.
+        user: Arc<str>,
+        joined: bool,
+        /// A joining connection's socket id: its own `member_added` is
+        /// not sent to it.
+        socket: Option<Box<str>>,
     },
     /// Record a client registration (every shard keeps every registration).
     Register {

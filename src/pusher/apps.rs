@@ -21,7 +21,7 @@ const DEFAULT_MAX_EVENT_BYTES: usize = 10 * 1024;
 const DEFAULT_MAX_PRESENCE_MEMBERS: usize = 100;
 /// Above these an app would let one client make a node hold too much.
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
-const MAX_PRESENCE_MEMBERS: usize = 10_000;
+const MAX_PRESENCE_MEMBERS: usize = 1_000;
 /// App ids and keys: what Pusher's dashboards make, and safe in a URL path.
 const MAX_ID_BYTES: usize = 64;
 /// Apps one node serves from its config (a connection names its app in a

@@ -3,7 +3,9 @@
 //! so an app's channels follow Pusher's semantics, not a rule's. Who may
 //! subscribe is decided by the front-end before it asks the core (a
 //! private or presence channel's authorization is checked against the
-//! connection's socket id); client events are not relayed yet.
+//! connection's socket id), and client events are the front-end's own
+//! (`shard/state/pusher.rs`): a Pusher client cannot send the core's
+//! `message`.
 
 use crate::hooks::{ChannelHook, ClientMessage, HookContext, Verdict};
 
@@ -18,7 +20,7 @@ impl ChannelHook for PusherHook {
 
     fn message(&self, ctx: &mut HookContext<'_>, _message: &ClientMessage<'_>) -> Verdict {
         Verdict::Reject(format!(
-            "client events are not relayed on `{}` yet",
+            "`{}` is a Pusher app's: its client events come over /app/{{key}}",
             ctx.topic()
         ))
     }

@@ -147,6 +147,16 @@ pub fn error(code: Option<u16>, message: &str) -> Bytes {
     event_frame("pusher:error", None, &data)
 }
 
+/// `pusher:subscription_error` for a presence channel that has its app's
+/// `max_presence_members` already.
+pub fn subscription_limit(channel: &str, message: &str) -> Bytes {
+    let data = format!(
+        "{{\"type\":\"LimitReached\",\"error\":{},\"status\":4100}}",
+        json_string(message)
+    );
+    event_frame("pusher:subscription_error", Some(channel), &data)
+}
+
 /// `pusher:subscription_error`: a private or presence channel's
 /// authorization did not hold.
 pub fn subscription_error(channel: &str, message: &str) -> Bytes {
@@ -163,7 +173,18 @@ fn json_string(text: &str) -> String {
 
 /// `{"event":E,"channel":C,"data":D}` framed, `data_json` as given.
 fn event_frame(event: &str, channel: Option<&str>, data_json: &str) -> Bytes {
-    let hint = 40 + event.len() + channel.map_or(0, str::len) + data_json.len();
+    event_frame_from(event, channel, data_json, None)
+}
+
+/// The same with the `user_id` of a client event's sender on a presence
+/// channel.
+fn event_frame_from(
+    event: &str,
+    channel: Option<&str>,
+    data_json: &str,
+    user_id: Option<&str>,
+) -> Bytes {
+    let hint = 60 + event.len() + channel.map_or(0, str::len) + data_json.len();
     frame::text_with(hint, |out| {
         out.extend_from_slice(b"{\"event\":");
         out.extend_from_slice(json_string(event).as_bytes());
@@ -173,6 +194,76 @@ fn event_frame(event: &str, channel: Option<&str>, data_json: &str) -> Bytes {
         }
         out.extend_from_slice(b",\"data\":");
         out.extend_from_slice(data_json.as_bytes());
+        if let Some(user_id) = user_id {
+            out.extend_from_slice(b",\"user_id\":");
+            out.extend_from_slice(json_string(user_id).as_bytes());
+        }
+        out.push(b'}');
+    })
+}
+
+/// A connection's socket id: its shard and slot, then the node's per-run
+/// salt and the slot's generation, written `high.low` as Pusher's are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketId {
+    pub shard: u32,
+    pub slot: u32,
+    pub salt: u32,
+    pub generation: u32,
+}
+
+impl SocketId {
+    /// Reads a socket id a client or a backend gave; `None` for one no
+    /// node of ringcast made.
+    pub fn parse(text: &str) -> Option<SocketId> {
+        let (high, low) = text.split_once('.')?;
+        let (high, low): (u64, u64) = (high.parse().ok()?, low.parse().ok()?);
+        Some(SocketId {
+            shard: (high >> 32) as u32,
+            slot: high as u32,
+            salt: (low >> 32) as u32,
+            generation: low as u32,
+        })
+    }
+}
+
+impl std::fmt::Display for SocketId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let high = u64::from(self.shard) << 32 | u64::from(self.slot);
+        let low = u64::from(self.salt) << 32 | u64::from(self.generation);
+        write!(f, "{high}.{low}")
+    }
+}
+
+/// A core push for an app's channel that one connection does not get (a
+/// client event's sender, a trigger's `socket_id`): the push's frame with
+/// `"except"`, which only Pusher connections read (no other connection can
+/// subscribe to an app's topics), so the exclusion travels with the bytes
+/// to every shard and node.
+/// A client event on a presence channel names its sender's `user_id`.
+pub fn push_except(
+    topic: &str,
+    event: &str,
+    data_json: &str,
+    except: Option<&str>,
+    user_id: Option<&str>,
+) -> Bytes {
+    let hint = 80 + topic.len() + event.len() + data_json.len();
+    frame::text_with(hint, |out| {
+        out.extend_from_slice(b"{\"type\":\"push\",\"topic\":");
+        out.extend_from_slice(json_string(topic).as_bytes());
+        out.extend_from_slice(b",\"event\":");
+        out.extend_from_slice(json_string(event).as_bytes());
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(data_json.as_bytes());
+        if let Some(except) = except {
+            out.extend_from_slice(b",\"except\":");
+            out.extend_from_slice(json_string(except).as_bytes());
+        }
+        if let Some(user_id) = user_id {
+            out.extend_from_slice(b",\"user_id\":");
+            out.extend_from_slice(json_string(user_id).as_bytes());
+        }
         out.push(b'}');
     })
 }
@@ -190,34 +281,87 @@ struct CoreMessage<'a> {
     payload: Option<&'a RawValue>,
     #[serde(borrow)]
     message: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    except: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    user_id: Option<std::borrow::Cow<'a, str>>,
 }
 
-/// What a Pusher connection gets for the core's `bytes`: a frame in
-/// Pusher's words, the bytes as they are when they are not a core message
-/// (the `101`, a close frame, a Pusher frame), or nothing for a message
-/// Pusher has no word for.
-pub fn translate(bytes: Bytes) -> Option<Bytes> {
+/// What a Pusher connection gets for a core message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outgoing {
+    /// These bytes: a frame in Pusher's words, or the bytes as they were
+    /// when they are not a core message (the `101`, a close frame, a
+    /// Pusher frame).
+    Frame(Bytes),
+    /// Nothing: Pusher has no word for it.
+    Nothing,
+    /// The core subscribed the connection to a presence channel (this
+    /// topic): its `subscription_succeeded` needs the members first.
+    PresenceSubscribed(String),
+}
+
+/// A publication as every Pusher subscriber reads it, and the socket that
+/// must not get it (see [`push_except`]).
+pub fn translate_publication(bytes: &Bytes) -> (Option<Bytes>, Option<SocketId>) {
+    let Some(json) = message::frame_json(bytes) else {
+        return (Some(bytes.clone()), None);
+    };
+    let Ok(core) = serde_json::from_slice::<CoreMessage<'_>>(json) else {
+        return (Some(bytes.clone()), None);
+    };
+    let except = core.except.as_deref().and_then(SocketId::parse);
+    match pusher_words(&core) {
+        Outgoing::Frame(frame) => (Some(frame), except),
+        _ => (None, None),
+    }
+}
+
+/// What a Pusher connection gets for the core's `bytes`.
+pub fn translate(bytes: Bytes) -> Outgoing {
     let Some(json) = message::frame_json(&bytes) else {
-        return Some(bytes);
+        return Outgoing::Frame(bytes);
     };
     // A frame written in Pusher's words already (no `type`) goes as it is.
-    let Ok(core) = serde_json::from_slice::<CoreMessage<'_>>(json) else {
-        return Some(bytes);
-    };
-    let channel = || core.topic.as_deref().and_then(channel_of);
-    match core.kind {
-        "push" => {
-            let data = core.payload.map_or("null", RawValue::get);
-            Some(event_frame(core.event.as_deref()?, Some(channel()?), data))
-        }
-        "subscribed" => Some(event_frame(
-            "pusher_internal:subscription_succeeded",
-            Some(channel()?),
-            "\"{}\"",
-        )),
-        "error" => Some(error(None, core.message.as_deref().unwrap_or("error"))),
-        _ => None,
+    match serde_json::from_slice::<CoreMessage<'_>>(json) {
+        Ok(core) => pusher_words(&core),
+        Err(_) => Outgoing::Frame(bytes),
     }
+}
+
+fn pusher_words(core: &CoreMessage<'_>) -> Outgoing {
+    let Some(channel) = core.topic.as_deref().and_then(channel_of) else {
+        return match core.kind {
+            "error" => Outgoing::Frame(error(None, core.message.as_deref().unwrap_or("error"))),
+            _ => Outgoing::Nothing,
+        };
+    };
+    match core.kind {
+        "push" => match core.event.as_deref() {
+            Some(event) => {
+                let data = core.payload.map_or("null", RawValue::get);
+                let user_id = core.user_id.as_deref();
+                Outgoing::Frame(event_frame_from(event, Some(channel), data, user_id))
+            }
+            None => Outgoing::Nothing,
+        },
+        "subscribed" if channel.starts_with("presence-") => {
+            Outgoing::PresenceSubscribed(core.topic.as_deref().unwrap_or_default().to_string())
+        }
+        "subscribed" => Outgoing::Frame(subscription_succeeded(channel, "\"{}\"")),
+        "error" => Outgoing::Frame(error(None, core.message.as_deref().unwrap_or("error"))),
+        _ => Outgoing::Nothing,
+    }
+}
+
+/// `pusher_internal:subscription_succeeded`, `data_json` as given (a
+/// presence channel's members, or `"{}"`).
+pub fn subscription_succeeded(channel: &str, data_json: &str) -> Bytes {
+    event_frame(
+        "pusher_internal:subscription_succeeded",
+        Some(channel),
+        data_json,
+    )
 }
 
 #[cfg(test)]
@@ -285,26 +429,83 @@ mod tests {
     }
 
     #[test]
+    fn a_socket_id_reads_back_and_a_push_carries_whom_it_skips() {
+        let id = SocketId {
+            shard: 3,
+            slot: 77,
+            salt: u32::MAX,
+            generation: 9,
+        };
+        assert_eq!(SocketId::parse(&id.to_string()), Some(id));
+        for bad in [
+            "",
+            "1",
+            "1.",
+            ".1",
+            "a.b",
+            "1.2.3",
+            "-1.2",
+            "99999999999999999999.1",
+        ] {
+            assert_eq!(SocketId::parse(bad), None, "{bad}");
+        }
+        let push = push_except(
+            &topic("1", "room"),
+            "client-x",
+            "{}",
+            Some(&id.to_string()),
+            Some("ann"),
+        );
+        let (frame, except) = translate_publication(&push);
+        assert_eq!(
+            text(&frame.unwrap()),
+            r#"{"event":"client-x","channel":"room","data":{},"user_id":"ann"}"#
+        );
+        assert_eq!(except, Some(id));
+        let plain = message::push(&topic("1", "room"), "e", "1");
+        assert_eq!(translate_publication(&plain).1, None);
+    }
+
+    #[test]
     fn the_cores_messages_become_pushers() {
+        let frame = |outgoing| match outgoing {
+            Outgoing::Frame(bytes) => bytes,
+            other => panic!("{other:?}"),
+        };
         let push = message::push(&topic("1", "room"), "greeting", r#""{\"text\":\"hi\"}""#);
         assert_eq!(
-            text(&translate(push).unwrap()),
+            text(&frame(translate(push))),
             r#"{"event":"greeting","channel":"room","data":"{\"text\":\"hi\"}"}"#
         );
         let subscribed = message::subscribed(&topic("1", "room"));
         assert_eq!(
-            text(&translate(subscribed).unwrap()),
+            text(&frame(translate(subscribed))),
             r#"{"event":"pusher_internal:subscription_succeeded","channel":"room","data":"{}"}"#
         );
-        let error = translate(message::error("no")).unwrap();
+        let error = frame(translate(message::error("no")));
         assert_eq!(
             text(&error),
             r#"{"event":"pusher:error","data":{"code":null,"message":"no"}}"#
         );
-        assert_eq!(translate(message::unsubscribed(&topic("1", "room"))), None);
+        assert_eq!(
+            translate(message::unsubscribed(&topic("1", "room"))),
+            Outgoing::Nothing
+        );
+        assert_eq!(
+            translate(message::subscribed(&topic("1", "presence-room"))),
+            Outgoing::PresenceSubscribed(topic("1", "presence-room"))
+        );
         let http = Bytes::from_static(b"HTTP/1.1 101 Switching Protocols\r\n\r\n");
-        assert_eq!(translate(http.clone()), Some(http), "not a message: as is");
-        assert_eq!(translate(pong()), Some(pong()), "Pusher's own: as is");
+        assert_eq!(
+            translate(http.clone()),
+            Outgoing::Frame(http),
+            "not a message: as is"
+        );
+        assert_eq!(
+            translate(pong()),
+            Outgoing::Frame(pong()),
+            "Pusher's own: as is"
+        );
         let established = connection_established("1.2");
         assert_eq!(
             text(&established),

@@ -122,7 +122,8 @@ pub(super) async fn query(
 }
 
 /// The other nodes' members, as a shard answers for its own: the count,
-/// and the page the query asks for of `{"conn_id":"node/id","meta":..}`.
+/// and the page the query asks for of `{"conn_id":"node/id","meta":..}`
+/// (or, `by_user`, of the metas, one per user).
 fn gather_members(value: Value, query: &MemberQuery) -> bus::Members {
     let mut items = value.into_array().into_iter();
     let mut members = bus::Members::default();
@@ -138,6 +139,13 @@ fn gather_members(value: Value, query: &MemberQuery) -> bus::Members {
             };
             // Metas were JSON when stored; anything else is not ours.
             if serde_json::from_str::<serde::de::IgnoredAny>(&meta).is_err() {
+                continue;
+            }
+            if query.by_user {
+                let Some(user) = bus::user_of(&meta) else {
+                    continue;
+                };
+                members.offer(query, || user, |_| meta.to_string());
                 continue;
             }
             members.offer(

@@ -651,7 +651,7 @@ impl Node {
         self.shards.queries.insert(ticket);
         let query = MemberQuery {
             limit: 10,
-            after: None,
+            ..MemberQuery::default()
         };
         let envelope = Envelope::PresenceQuery {
             ticket,

@@ -1098,6 +1098,12 @@ fn describe(envelope: &Envelope) -> String {
             conn_id,
             meta,
         } => format!("PresenceChange {topic} {conn_id} {}", meta.is_some()),
+        Envelope::PusherMember {
+            topic,
+            user,
+            joined,
+            ..
+        } => format!("PusherMember {topic:?} {user} {joined}"),
         Envelope::Interest {
             kind,
             name,

@@ -44,6 +44,20 @@ pub(crate) enum PresenceThen {
         event: String,
         user: Option<Arc<str>>,
     },
+    /// A Pusher presence subscription waiting for the channel's members
+    /// (`joining`: the member it becomes, unless it is one already).
+    PusherSucceeded {
+        key: ConnKey,
+        joining: Option<Arc<str>>,
+    },
+    /// A presence channel's home asked the other nodes whether a user that
+    /// came or went here is there.
+    PusherMember {
+        user: Arc<str>,
+        meta: Arc<str>,
+        joined: bool,
+        socket: Option<Box<str>>,
+    },
 }
 
 /// A presence query waiting for other shards.
@@ -101,7 +115,7 @@ impl PresenceQueries {
         metas + waits + self.rates.len() * 32 + infos
     }
 
-    fn intern(&mut self, meta: String) -> Arc<str> {
+    pub(super) fn intern(&mut self, meta: String) -> Arc<str> {
         if let Some(shared) = self.metas.get(meta.as_str()) {
             return shared.clone();
         }
@@ -148,7 +162,7 @@ impl ShardState {
                 429,
                 format!("at most {per_second} presence queries a second per connection"),
             ))
-        } else if self.presence.waits.len() >= MAX_PRESENCE_PER_SHARD || !self.control_has_room() {
+        } else if !self.presence_has_room() {
             Some((
                 503,
                 "server busy: too many presence queries in flight, try again".to_string(),
@@ -174,6 +188,7 @@ impl ShardState {
         MemberQuery {
             limit: limit.map_or(max, |l| l.min(max)),
             after: after.map(Arc::from),
+            ..MemberQuery::default()
         }
     }
 
@@ -358,7 +373,7 @@ impl ShardState {
         }
     }
 
-    fn set_presence_meta(&mut self, key: ConnKey, topic: &str, meta: Option<Arc<str>>) {
+    pub(super) fn set_presence_meta(&mut self, key: ConnKey, topic: &str, meta: Option<Arc<str>>) {
         let Some(id) = self.topics.lookup(topic) else {
             return;
         };
@@ -367,12 +382,16 @@ impl ShardState {
         };
         if let Some(sub) = conn.subs.iter_mut().find(|s| s.topic == id) {
             if sub.meta != meta {
-                let was_member = sub.meta.is_some();
-                sub.meta = meta.clone();
-                let is_member = meta.is_some();
-                self.presence_to_other_nodes(key, id, meta);
-                if was_member != is_member {
-                    self.member_changed(key, id, is_member);
+                let was = std::mem::replace(&mut sub.meta, meta.clone());
+                self.presence_to_other_nodes(key, id, meta.clone());
+                if was.is_some() != meta.is_some() {
+                    self.member_changed(key, id, meta.is_some());
+                }
+                if let Some(was) = &was {
+                    self.pusher_member_changed(key, id, was, false);
+                }
+                if let Some(meta) = &meta {
+                    self.pusher_member_changed(key, id, meta, true);
                 }
             }
         }
@@ -422,6 +441,15 @@ impl ShardState {
             else {
                 continue;
             };
+            if query.by_user {
+                // The meta is the member (one per user, however many
+                // connections it has).
+                let Some(user) = crate::bus::user_of(meta) else {
+                    continue;
+                };
+                members.offer(query, || user, |_| meta.to_string());
+                continue;
+            }
             members.offer(
                 query,
                 || self.conn_id(key),
@@ -466,6 +494,40 @@ impl ShardState {
             topic: topic.clone(),
             query: query.clone(),
         });
+    }
+
+    /// Asks only the other nodes (the broker) for `topic`'s page `query`;
+    /// without a cluster the answer, none, is given at once.
+    pub(super) fn start_node_presence(
+        &mut self,
+        topic: &str,
+        query: MemberQuery,
+        then: PresenceThen,
+    ) {
+        let wait = PresenceWait {
+            topic: Arc::from(topic),
+            remaining: 1,
+            query,
+            members: Members::default(),
+            then,
+        };
+        let Some(broker) = self.shared.bus.broker() else {
+            return self.finish_presence(wait);
+        };
+        let ticket = self.presence.next_ticket;
+        self.presence.next_ticket += 1;
+        let envelope = Envelope::PresenceQuery {
+            ticket,
+            topic: wait.topic.clone(),
+            query: wait.query.clone(),
+        };
+        self.presence.waits.insert(ticket, wait);
+        self.post_control(broker, envelope);
+    }
+
+    /// Whether this shard may start another presence query.
+    pub(super) fn presence_has_room(&self) -> bool {
+        self.presence.waits.len() < MAX_PRESENCE_PER_SHARD && self.control_has_room()
     }
 
     pub(super) fn on_presence_query(
@@ -517,6 +579,19 @@ impl ShardState {
                 let payload =
                     serde_json::json!({ "user_id": user.as_deref(), "count": members.count });
                 self.publish(&wait.topic, &event, &payload.to_string(), None, None);
+            }
+            PresenceThen::PusherSucceeded { key, joining } => {
+                self.pusher_presence_answered(key, &wait.topic, joining, members);
+            }
+            PresenceThen::PusherMember {
+                user,
+                meta,
+                joined,
+                socket,
+            } => {
+                let elsewhere = members.count > 0;
+                let then = (user, meta, joined, socket);
+                self.pusher_member_checked(&wait.topic, then, elsewhere);
             }
         }
     }

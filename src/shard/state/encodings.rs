@@ -10,6 +10,7 @@ use bytes::Bytes;
 use crate::protocol::deflate::Deflater;
 use crate::protocol::event_stream::{self, encode, Format, Head};
 use crate::protocol::{frame, message};
+use crate::pusher::wire::{translate_publication, SocketId};
 use crate::shard::key::ConnKey;
 
 use super::conn::{Phase, StreamConn, WsKind};
@@ -26,12 +27,17 @@ pub(super) struct Encodings<'f> {
     /// SSE: `event:` and `data:` lines, and the same ended (no `id:`).
     sse: Option<(Bytes, Bytes)>,
     ndjson: Option<Bytes>,
-    /// The Pusher event (`None` inside: the frame is not one Pusher shows).
-    pusher: Option<Option<Bytes>>,
+    /// The Pusher event (`None` inside: the frame is not one Pusher
+    /// shows), and the socket it skips.
+    pusher: Option<(Option<Bytes>, Option<SocketId>)>,
+    /// This shard's id and this run's salt: what a skipped socket id must
+    /// name to be one of this shard's connections.
+    here: (u32, u32),
 }
 
 impl<'f> Encodings<'f> {
-    pub(super) fn new(frame: &'f Bytes, min_deflate: usize) -> Encodings<'f> {
+    /// `here`: the shard's id and the run's socket salt.
+    pub(super) fn new(frame: &'f Bytes, min_deflate: usize, here: (u32, u32)) -> Encodings<'f> {
         Encodings {
             frame,
             min_deflate,
@@ -40,6 +46,7 @@ impl<'f> Encodings<'f> {
             sse: None,
             ndjson: None,
             pusher: None,
+            here,
         }
     }
 
@@ -56,10 +63,15 @@ impl<'f> Encodings<'f> {
             Some(Phase::Stream(stream)) => self.push_to_stream(key, stream, commands),
             Some(Phase::WebSocket(ws)) if matches!(ws.kind, WsKind::Pusher(_)) => {
                 let frame = self.frame;
-                let pusher = self
+                let (pusher, except) = self
                     .pusher
-                    .get_or_insert_with(|| crate::pusher::wire::translate(frame.clone()));
-                if let Some(pusher) = pusher {
+                    .get_or_insert_with(|| translate_publication(frame));
+                let (shard, salt) = self.here;
+                let skipped = except.is_some_and(|e| {
+                    (e.shard, e.salt, e.slot as usize, e.generation)
+                        == (shard, salt, key.slot(), key.generation())
+                });
+                if let (Some(pusher), false) = (pusher, skipped) {
                     commands.push(Command::Push(key, pusher.clone()));
                 }
             }

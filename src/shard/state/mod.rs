@@ -30,6 +30,7 @@ mod lifecycle;
 pub mod names;
 mod proxied;
 mod pusher;
+mod pusher_presence;
 mod relay;
 mod replay;
 mod route;
@@ -46,6 +47,7 @@ use crate::config::Config;
 use crate::engine::StreamEngine as _;
 use crate::metrics::ShardStats;
 use crate::protocol::http::Response;
+use crate::pusher::wire::Outgoing;
 use crate::shard::key::{ConnKey, ConnTable};
 use crate::shard::Shared;
 
@@ -210,6 +212,10 @@ pub struct ShardState {
     /// Open Pusher WebSockets: while there are any, a fan-out looks up
     /// each subscriber's format (a Pusher connection reads its own frame).
     pusher_websockets: usize,
+    /// Pusher presence channels: subscriptions joining, users per channel.
+    pusher_presence: pusher_presence::PusherPresence,
+    /// Pusher client events per connection this second.
+    pusher_client_events: pusher::ClientEventRates,
     compression: compression::Compression,
     /// Presence members per (topic, user), with `[webhooks]` member events.
     webhook_members: webhooks::Members,
@@ -244,6 +250,8 @@ impl ShardState {
             now,
             last_scan: now,
             pusher_websockets: 0,
+            pusher_presence: pusher_presence::PusherPresence::default(),
+            pusher_client_events: pusher::ClientEventRates::default(),
             event_streams: event_streams::EventStreams {
                 open: 0,
                 last_heartbeat: now,
@@ -332,7 +340,9 @@ impl ShardState {
             inbound: self.inbound.bytes(),
             parked: self.parked_bytes,
             registrations: self.users_state.registry.bytes(),
-            presence: self.presence.bytes(),
+            presence: self.presence.bytes()
+                + self.pusher_presence.bytes()
+                + self.pusher_client_events.bytes(),
             stream_history: engine.stored_bytes as usize,
             stream_meta: engine.meta_bytes as usize,
             streams: engine.streams as usize,
@@ -405,8 +415,11 @@ impl ShardState {
             },
             Phase::WebSocket(ws) if matches!(ws.kind, WsKind::Pusher(_)) => {
                 match crate::pusher::wire::translate(bytes) {
-                    Some(bytes) => bytes,
-                    None => return,
+                    Outgoing::Frame(bytes) => bytes,
+                    Outgoing::Nothing => return,
+                    Outgoing::PresenceSubscribed(topic) => {
+                        return self.pusher_presence_subscribed(key, &topic)
+                    }
                 }
             }
             _ => bytes,
@@ -486,6 +499,13 @@ impl ShardState {
                 let key = idempotency_key.as_deref();
                 self.on_stream_publish(from, &topic, &event, &payload, ticket, key)
             }
+            Envelope::PusherMember {
+                topic,
+                meta,
+                user,
+                joined,
+                socket,
+            } => self.on_pusher_member(topic, meta, user, joined, socket),
             // Addressed to the broker only.
             Envelope::ForNodes { .. } | Envelope::PresenceChange { .. } => {}
             Envelope::StreamOpen {
@@ -552,6 +572,7 @@ impl ShardState {
     /// Queues `frame` to every active local subscriber of a topic. Returns how
     /// many it was queued for.
     fn deliver_local(&mut self, id: NameId, frame: &Bytes) -> usize {
+        let here = self.socket_here();
         let Some(entry) = self.topics.get(id) else {
             return 0;
         };
@@ -568,7 +589,7 @@ impl ShardState {
             // Pusher: each
             // subscriber's format is looked up, and each format's bytes
             // made once.
-            let mut encodings = encodings::Encodings::new(frame, self.compression.min_bytes);
+            let mut encodings = encodings::Encodings::new(frame, self.compression.min_bytes, here);
             for &key in &entry.subscribers {
                 let phase = self.conns.get_mut(key).map(|c| &mut c.phase);
                 encodings.push(

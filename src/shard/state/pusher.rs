@@ -5,21 +5,25 @@
 //! subscriptions, fan-out, limits and the cluster are the core's, once.
 //!
 //! Built so far: `/app/{key}` (connection established with a socket id,
-//! ping and pong, subscribe and unsubscribe on public and private
-//! channels, a private channel's authorization checked against the socket
-//! id), `POST /apps/{id}/events` (signed, up to 100 channels) and
-//! `POST /apps/{id}/batch_events` (up to 10). Presence
-//! channels and client events are refused with Pusher's messages until
-//! they are built.
+//! ping and pong, subscribe and unsubscribe on public, private and
+//! presence channels, a channel's authorization checked against the socket
+//! id; presence in `pusher_presence.rs`), client events on private and
+//! presence channels (when the app allows them, never echoed to their
+//! sender, 10 a second per connection as Pusher does), `POST
+//! /apps/{id}/events` (signed, up to 100 channels, a `socket_id` to skip)
+//! and `POST /apps/{id}/batch_events` (up to 10).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::metrics::ShardStats;
 use crate::protocol::http::{Request, Response};
-use crate::pusher::wire::{self, Incoming};
-use crate::pusher::{sign, App};
+use crate::pusher::wire::{self, Incoming, SocketId};
+use crate::pusher::{presence, sign, App};
 use crate::shard::key::ConnKey;
 
 use super::conn::WsKind;
@@ -31,6 +35,34 @@ use super::ShardState;
 const MAX_CHANNELS_PER_EVENT: usize = 100;
 /// Events one `POST /apps/{id}/batch_events` may carry (Pusher's limit).
 const MAX_BATCH_EVENTS: usize = 10;
+/// Client events one connection may send a second (Pusher's limit).
+const MAX_CLIENT_EVENTS_PER_SECOND: u32 = 10;
+
+/// Client events per connection in the current second, for the
+/// connections that sent any: (second, count).
+#[derive(Default)]
+pub(crate) struct ClientEventRates(HashMap<ConnKey, (u32, u32)>);
+
+impl ClientEventRates {
+    /// Counts one more for `key` in `second`; whether it is within the
+    /// limit.
+    fn admit(&mut self, key: ConnKey, second: u32) -> bool {
+        let (window, count) = self.0.entry(key).or_insert((second, 0));
+        if *window != second {
+            (*window, *count) = (second, 0);
+        }
+        *count += 1;
+        *count <= MAX_CLIENT_EVENTS_PER_SECOND
+    }
+
+    pub(crate) fn forget(&mut self, key: ConnKey) {
+        self.0.remove(&key);
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.0.len() * 32
+    }
+}
 
 /// A `POST /apps/{id}/events` body.
 #[derive(Deserialize)]
@@ -39,6 +71,8 @@ struct Trigger {
     data: String,
     channels: Option<Vec<String>>,
     channel: Option<String>,
+    /// The connection that caused the event, which does not get it.
+    socket_id: Option<String>,
 }
 
 /// A `POST /apps/{id}/batch_events` body.
@@ -52,6 +86,7 @@ struct BatchEvent {
     channel: String,
     name: String,
     data: String,
+    socket_id: Option<String>,
 }
 
 impl ShardState {
@@ -71,9 +106,28 @@ impl ShardState {
     /// other connection, here or on another node, has it (an authorization
     /// signed for it is good for this connection only).
     pub(super) fn socket_id(&self, key: ConnKey) -> String {
-        let high = (self.id.0 as u64) << 32 | key.slot() as u64;
-        let low = u64::from(self.shared.socket_salt) << 32 | u64::from(key.generation());
-        format!("{high}.{low}")
+        let (shard, salt) = self.socket_here();
+        let id = SocketId {
+            shard,
+            slot: key.slot() as u32,
+            salt,
+            generation: key.generation(),
+        };
+        id.to_string()
+    }
+
+    /// What every socket id of this shard starts with: its id and the
+    /// run's salt.
+    pub(super) fn socket_here(&self) -> (u32, u32) {
+        (self.id.0 as u32, self.shared.socket_salt)
+    }
+
+    /// The app of Pusher connection `key`.
+    pub(super) fn app_of(&self, key: ConnKey) -> Option<Arc<App>> {
+        match self.conns.get(key)?.ws_kind()? {
+            WsKind::Pusher(index) => self.config().apps.get(usize::from(index)).cloned(),
+            _ => None,
+        }
     }
 
     /// The first message of a Pusher connection, after its `101`.
@@ -83,12 +137,12 @@ impl ShardState {
     }
 
     /// A Pusher client's text message.
-    pub(super) fn pusher_text(&mut self, key: ConnKey, app: u8, text: &[u8]) {
+    pub(super) fn pusher_text(&mut self, key: ConnKey, text: &[u8]) {
         // The frame decoder has validated UTF-8 for text messages.
         let Ok(text) = std::str::from_utf8(text) else {
             return;
         };
-        let Some(app) = self.config().apps.get(usize::from(app)).cloned() else {
+        let Some(app) = self.app_of(key) else {
             debug_assert!(false, "a connection of an app the config does not have");
             return;
         };
@@ -108,10 +162,11 @@ impl ShardState {
                     self.unsubscribe(key, id);
                 }
             }
-            Ok(Incoming::ClientEvent { channel, .. }) => {
-                let why = format!("client events are not supported yet (on {channel})");
-                self.send(key, wire::error(None, &why));
-            }
+            Ok(Incoming::ClientEvent {
+                channel,
+                event,
+                data,
+            }) => self.client_event(key, &app, &channel, &event, data),
             Ok(Incoming::Other) => {}
         }
     }
@@ -131,38 +186,103 @@ impl ShardState {
             );
             return self.send(key, wire::error(Some(4009), &why));
         }
-        if channel.starts_with("presence-") {
-            let why = "presence channels are not supported yet";
-            return self.send(key, wire::subscription_error(channel, why));
-        }
-        if channel.starts_with("private-") {
+        let private = channel.starts_with("private-");
+        let presence = channel.starts_with("presence-");
+        if private || presence {
             let socket_id = self.socket_id(key);
             let auth = auth.unwrap_or_default();
-            if !sign::channel_authorized(app, &socket_id, channel, channel_data.as_deref(), &auth) {
+            let data = channel_data.as_deref().filter(|_| presence);
+            if !sign::channel_authorized(app, &socket_id, channel, data, &auth) {
                 let why = format!("Invalid signature: auth for {channel} on socket {socket_id}");
                 return self.send(key, wire::subscription_error(channel, &why));
             }
         }
-        self.subscribe(key, &wire::topic(&app.id, channel), None);
+        let topic = wire::topic(&app.id, channel);
+        if presence {
+            let member = presence::member(channel_data.as_deref().unwrap_or_default());
+            return match member {
+                Ok(member) => self.pusher_presence_subscribe(key, &topic, member.meta),
+                Err(why) => self.send(key, wire::subscription_error(channel, &why)),
+            };
+        }
+        self.subscribe(key, &topic, None);
+    }
+
+    /// A `client-*` event: relayed to the channel's other subscribers when
+    /// the app allows client events, the channel is private or presence,
+    /// the sender holds it, and it is within 10 a second.
+    fn client_event(&mut self, key: ConnKey, app: &App, channel: &str, event: &str, data: &str) {
+        let refusal = if !app.client_events {
+            Some((
+                None,
+                "Client events are not enabled for this app".to_string(),
+            ))
+        } else if !(channel.starts_with("private-") || channel.starts_with("presence-")) {
+            let why =
+                format!("Client events are only for private and presence channels, not {channel}");
+            Some((None, why))
+        } else if event.len() > wire::MAX_EVENT_NAME_BYTES {
+            let why = format!("Event name over {} bytes", wire::MAX_EVENT_NAME_BYTES);
+            Some((None, why))
+        } else if data.len() > app.max_event_bytes {
+            Some((
+                None,
+                format!("Event data over {} bytes", app.max_event_bytes),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, why)) = refusal {
+            return self.send(key, wire::error(code, &why));
+        }
+        let topic = wire::topic(&app.id, channel);
+        let Some(id) = self.subscription(key, &topic) else {
+            let why = format!("Client event rejected: not subscribed to {channel}");
+            return self.send(key, wire::error(None, &why));
+        };
+        let second = self.millis().0 / 1000;
+        if !self.pusher_client_events.admit(key, second) {
+            ShardStats::add(&self.stats().ws_errors_total, 1);
+            let why = format!(
+                "Client event rejected: only {MAX_CLIENT_EVENTS_PER_SECOND} accepted per second"
+            );
+            return self.send(key, wire::error(Some(4301), &why));
+        }
+        if !self.accepting_publishes() {
+            return self.send(key, wire::error(Some(4200), "Server shutting down"));
+        }
+        // On a presence channel the sender's user id goes with it.
+        let user = self
+            .conns
+            .get(key)
+            .and_then(|c| c.subs.iter().find(|s| s.topic == id))
+            .and_then(|s| s.meta.as_deref())
+            .and_then(crate::bus::user_of);
+        let socket_id = self.socket_id(key);
+        let frame = wire::push_except(&topic, event, data, Some(&socket_id), user.as_deref());
+        if let Published::LocalOnly { why, .. } = self.publish_framed(&topic, frame) {
+            self.send(key, wire::error(None, why.message()));
+        }
     }
 
     /// `POST /apps/{id}/events`: an event for up to 100 channels, signed
     /// with the app's secret.
     pub(super) fn pusher_events(&mut self, request: &Request, app_id: &str) -> Response {
-        let app = match self.signed_app(request, app_id) {
-            Ok(app) => app,
+        let (app, trigger) = match self.signed_body::<Trigger>(request, app_id) {
+            Ok(signed) => signed,
             Err(refusal) => return refusal,
-        };
-        let trigger: Trigger = match serde_json::from_slice(&request.body) {
-            Ok(trigger) => trigger,
-            Err(e) => return pusher_error(400, &format!("Invalid JSON: {e}")),
         };
         let channels = match (trigger.channels, trigger.channel) {
             (Some(channels), None) => channels,
             (None, Some(channel)) => vec![channel],
             _ => return pusher_error(400, "Give channels or channel"),
         };
-        let event = (channels, trigger.name, trigger.data);
+        let event = Event {
+            channels,
+            name: trigger.name,
+            data: trigger.data,
+            socket_id: trigger.socket_id,
+        };
         if let Err(refusal) = checked_event(&app, &event) {
             return refusal;
         }
@@ -175,13 +295,9 @@ impl ShardState {
     /// `POST /apps/{id}/batch_events`: up to 10 events, each for one
     /// channel; all are checked before any is published.
     pub(super) fn pusher_batch_events(&mut self, request: &Request, app_id: &str) -> Response {
-        let app = match self.signed_app(request, app_id) {
-            Ok(app) => app,
+        let (app, batch) = match self.signed_body::<Batch>(request, app_id) {
+            Ok(signed) => signed,
             Err(refusal) => return refusal,
-        };
-        let batch: Batch = match serde_json::from_slice(&request.body) {
-            Ok(batch) => batch,
-            Err(e) => return pusher_error(400, &format!("Invalid JSON: {e}")),
         };
         if batch.batch.is_empty() || batch.batch.len() > MAX_BATCH_EVENTS {
             let why = format!("1 to {MAX_BATCH_EVENTS} events per batch");
@@ -190,7 +306,12 @@ impl ShardState {
         let events: Vec<Event> = batch
             .batch
             .into_iter()
-            .map(|e| (vec![e.channel], e.name, e.data))
+            .map(|e| Event {
+                channels: vec![e.channel],
+                name: e.name,
+                data: e.data,
+                socket_id: e.socket_id,
+            })
             .collect();
         if let Some(refusal) = events.iter().find_map(|e| checked_event(&app, e).err()) {
             return refusal;
@@ -203,8 +324,13 @@ impl ShardState {
         Response::json(200, "{}".to_string())
     }
 
-    /// The app `app_id` names, if `request` is signed with its secret.
-    fn signed_app(&self, request: &Request, app_id: &str) -> Result<App, Response> {
+    /// The app `app_id` names and the request's JSON body, if the request
+    /// is signed with the app's secret (checked before the body is read).
+    fn signed_body<T: DeserializeOwned>(
+        &self,
+        request: &Request,
+        app_id: &str,
+    ) -> Result<(Arc<App>, T), Response> {
         let Some(app) = self.config().apps.iter().find(|a| a.id == app_id) else {
             return Err(pusher_error(404, &format!("Unknown app {app_id}")));
         };
@@ -214,21 +340,28 @@ impl ShardState {
         let (path, query, body) = (&request.path, &request.query, &request.body);
         sign::check_api_request(app, "POST", path, query, body, now)
             .map_err(|why| pusher_error(401, &why.to_string()))?;
-        Ok(app.clone())
+        let body = serde_json::from_slice(body)
+            .map_err(|e| pusher_error(400, &format!("Invalid JSON: {e}")))?;
+        Ok((app.clone(), body))
     }
 
     /// Publishes a checked event to each of its channels.
-    fn publish_event(&mut self, app: &App, (channels, name, data): &Event) -> Result<(), Response> {
-        let payload = serde_json::to_string(data).expect("a string serialises");
-        for channel in channels {
+    fn publish_event(&mut self, app: &App, event: &Event) -> Result<(), Response> {
+        if !self.accepting_publishes() {
+            return Err(pusher_error(
+                503,
+                "server shutting down: publishes are refused",
+            ));
+        }
+        let data = serde_json::to_string(&event.data).expect("a string serialises");
+        for channel in &event.channels {
             let topic = wire::topic(&app.id, channel);
+            let except = event.socket_id.as_deref();
+            let frame = wire::push_except(&topic, &event.name, &data, except, None);
             // An app's topics are plain (its channel resolves to no
-            // history), so a publish is decided here, never parked.
-            match self.publish(&topic, name, &payload, None, None) {
-                Published::Done { .. } => {}
-                Published::LocalOnly { why, .. } => return Err(pusher_error(503, why.message())),
-                Published::Refused(status, why) => return Err(pusher_error(status, &why)),
-                Published::Parked => debug_assert!(false, "an app's channel is never a stream"),
+            // history): published here, never parked.
+            if let Published::LocalOnly { why, .. } = self.publish_framed(&topic, frame) {
+                return Err(pusher_error(503, why.message()));
             }
         }
         Ok(())
@@ -236,12 +369,19 @@ impl ShardState {
 }
 
 /// An event to publish: its channels, name and data (a string, as
-/// Pusher's libraries send it).
-type Event = (Vec<String>, String, String);
+/// Pusher's libraries send it), and the socket that does not get it.
+struct Event {
+    channels: Vec<String>,
+    name: String,
+    data: String,
+    socket_id: Option<String>,
+}
 
 /// Whether `app` takes the event: 1 to 100 valid channels, a name of 1 to
-/// 200 bytes, data within its `max_event_bytes`.
-fn checked_event(app: &App, (channels, name, data): &Event) -> Result<(), Response> {
+/// 200 bytes, data within its `max_event_bytes`, a socket id ringcast
+/// could have made.
+fn checked_event(app: &App, event: &Event) -> Result<(), Response> {
+    let channels = &event.channels;
     if channels.is_empty() || channels.len() > MAX_CHANNELS_PER_EVENT {
         let why = format!("1 to {MAX_CHANNELS_PER_EVENT} channels per event");
         return Err(pusher_error(400, &why));
@@ -249,16 +389,24 @@ fn checked_event(app: &App, (channels, name, data): &Event) -> Result<(), Respon
     if let Some(bad) = channels.iter().find(|c| !wire::valid_channel(c)) {
         return Err(pusher_error(400, &format!("Invalid channel name `{bad}`")));
     }
-    if name.is_empty() || name.len() > wire::MAX_EVENT_NAME_BYTES {
+    if event.name.is_empty() || event.name.len() > wire::MAX_EVENT_NAME_BYTES {
         let why = format!(
             "Event name must be 1 to {} bytes",
             wire::MAX_EVENT_NAME_BYTES
         );
         return Err(pusher_error(400, &why));
     }
-    if data.len() > app.max_event_bytes {
+    if event.data.len() > app.max_event_bytes {
         let why = format!("Event data over {} bytes", app.max_event_bytes);
         return Err(pusher_error(413, &why));
+    }
+    if let Some(socket_id) = &event.socket_id {
+        if SocketId::parse(socket_id).is_none() {
+            return Err(pusher_error(
+                400,
+                &format!("Invalid socket id `{socket_id}`"),
+            ));
+        }
     }
     Ok(())
 }

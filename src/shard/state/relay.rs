@@ -35,7 +35,7 @@ impl ShardState {
                 WsKind::Echo => self.send(key, frame::text(&text)),
                 WsKind::Relay => self.handle_relay_text(key, &text),
                 WsKind::Chat => self.chat_line(key, &text),
-                WsKind::Pusher(app) => self.pusher_text(key, app, &text),
+                WsKind::Pusher(_) => self.pusher_text(key, &text),
             },
             Incoming::Binary(data) => match kind {
                 WsKind::Echo => self.send(key, frame::binary(&data)),
@@ -209,12 +209,14 @@ impl ShardState {
         };
         let sub = conn.subs.swap_remove(index);
         ShardStats::sub(&self.stats().subscriptions, 1);
-        if sub.meta.is_some() {
+        if let Some(meta) = &sub.meta {
             self.presence_to_other_nodes(key, id, None);
             self.member_changed(key, id, false);
+            self.pusher_member_changed(key, id, meta, false);
         }
         let entry = self.topics.entry(id);
         let (name, channel) = (entry.name.clone(), entry.channel);
+        self.forget_pusher_joining(key, &name);
         self.cancel_stream_opens(key, &name);
         self.leave_index(IndexKind::Topic, key, id, sub.pos);
         self.hook_leave(key, channel, &name);

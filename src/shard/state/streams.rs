@@ -109,9 +109,15 @@ impl ShardState {
     /// on every shard (SipHash with fixed keys).
     /// In a cluster, Redis orders every stream, through the broker.
     pub(super) fn home_of(&self, topic: &str) -> ShardId {
-        if let Some(broker) = self.shared.bus.broker() {
-            return broker;
+        match self.shared.bus.broker() {
+            Some(broker) => broker,
+            None => self.shard_home_of(topic),
         }
+    }
+
+    /// The shard of this node that decides for `topic` (a stream's home
+    /// without a cluster; a presence channel's member counts always).
+    pub(super) fn shard_home_of(&self, topic: &str) -> ShardId {
         let mut hasher = DefaultHasher::new();
         topic.hash(&mut hasher);
         ShardId((hasher.finish() % self.shared.bus.shards() as u64) as usize)
@@ -148,17 +154,7 @@ impl ShardState {
             return Published::Refused(400, why);
         }
         let Some(history) = history else {
-            let frame = message::push(topic, event, payload_json);
-            ShardStats::add(&self.stats().publishes_total, 1);
-            let shards = self.fan_out(topic, frame.clone());
-            let nodes = self.send_to_other_nodes(IndexKind::Topic, topic, None, frame);
-            return match nodes {
-                Ok(()) => Published::Done {
-                    shards,
-                    position: None,
-                },
-                Err(why) => Published::LocalOnly { shards, why },
-            };
+            return self.publish_framed(topic, message::push(topic, event, payload_json));
         };
         let home = self.home_of(topic);
         if home == self.id {
@@ -203,6 +199,24 @@ impl ShardState {
                 shards: 0,
                 position: None,
             },
+        }
+    }
+
+    /// Publishes a push framed already to a plain topic: to this shard's
+    /// subscribers, every shard with interest and the other nodes.
+    pub(super) fn publish_framed(&mut self, topic: &str, frame: Bytes) -> Published {
+        debug_assert!(
+            self.stream_history(topic).is_none(),
+            "a stream orders its pushes"
+        );
+        ShardStats::add(&self.stats().publishes_total, 1);
+        let shards = self.fan_out(topic, frame.clone());
+        match self.send_to_other_nodes(IndexKind::Topic, topic, None, frame) {
+            Ok(()) => Published::Done {
+                shards,
+                position: None,
+            },
+            Err(why) => Published::LocalOnly { shards, why },
         }
     }
 

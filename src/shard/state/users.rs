@@ -564,7 +564,8 @@ impl ShardState {
             _ => &self.users,
         };
         let mut delivered = 0;
-        let mut encodings = Encodings::new(frame, self.compression.min_bytes);
+        let here = self.socket_here();
+        let mut encodings = Encodings::new(frame, self.compression.min_bytes, here);
         let topic_name = topic.map(|id| self.topics.entry(id).name.clone());
         for &key in &index.entry(entry).subscribers {
             // A stream subscriber whose replay is still paging has its

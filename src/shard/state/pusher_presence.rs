@@ -1,0 +1,305 @@
+//! Pusher presence channels on a shard. A member is a user, not a
+//! connection: the core keeps each subscription's member as its presence
+//! meta (so counts, pages and the cluster are the core's), and lists an app
+//! topic's members by user (`MemberQuery::by_user`). Three steps make
+//! Pusher's semantics:
+//!
+//! - **Joining.** A presence subscription is tracked only once the core has
+//!   subscribed it (its publications reach it) and the channel has room:
+//!   the core's `subscribed` starts a query of the members, and its answer
+//!   either refuses (the app's `max_presence_members` reached, the user not
+//!   among them) or tracks the member and sends
+//!   `subscription_succeeded` with every member, this one included.
+//! - **Member events.** Each channel has a home shard on the node, which
+//!   counts each user's connections there (told by every shard, in order
+//!   per shard): a user's first connection is `member_added` (not sent to
+//!   that connection), its last one leaving is `member_removed`, so a user
+//!   with several tabs is one member. In a cluster the home first asks the
+//!   other nodes (their members in Redis) whether the user is there too.
+//! - **Leaving** is the core's: an unsubscribe or a close drops the meta.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::bus::{Envelope, MemberQuery, Members};
+use crate::metrics::ShardStats;
+use crate::pusher::{presence, wire};
+use crate::shard::key::ConnKey;
+
+use super::channels::PresenceThen;
+use super::names::NameId;
+use super::streams::Published;
+use super::ShardState;
+
+/// A user's connections to one presence channel on this node, on the
+/// channel's home.
+#[derive(Debug, Default)]
+struct UserCount {
+    connections: u32,
+    /// The channel was told the user is present (by this node, or another
+    /// had the user when it came): no second `member_added`.
+    announced: bool,
+}
+
+/// Presence channels' state on one shard.
+#[derive(Default)]
+pub(crate) struct PusherPresence {
+    /// Subscriptions the core is subscribing, with the member each will
+    /// be once it has (its meta), by connection and topic.
+    joining: HashMap<(ConnKey, Arc<str>), Arc<str>>,
+    /// On a channel's home: its users' connections on this node.
+    users: HashMap<Arc<str>, HashMap<Arc<str>, UserCount>>,
+}
+
+impl PusherPresence {
+    /// Bytes held: bounded by the subscriptions of presence channels.
+    pub(crate) fn bytes(&self) -> usize {
+        let joining: usize = self
+            .joining
+            .iter()
+            .map(|((_, topic), meta)| topic.len() + meta.len() + 64)
+            .sum();
+        let users: usize = self
+            .users
+            .iter()
+            .map(|(topic, users)| {
+                topic.len() + 48 + users.keys().map(|u| u.len() + 48).sum::<usize>()
+            })
+            .sum();
+        joining + users
+    }
+}
+
+/// Whether `topic` is an app's presence channel.
+pub(super) fn is_presence(topic: &str) -> bool {
+    wire::channel_of(topic).is_some_and(|c| c.starts_with("presence-"))
+}
+
+impl ShardState {
+    /// A `pusher:subscribe` to a presence channel whose authorization
+    /// held: the core subscribes it, and the member waits for that.
+    pub(super) fn pusher_presence_subscribe(&mut self, key: ConnKey, topic: &str, meta: String) {
+        let max = self.config().limits.max_presence_meta_bytes;
+        if meta.len() > max {
+            let channel = wire::channel_of(topic).unwrap_or_default();
+            let why = format!("channel_data over {max} bytes");
+            return self.send(key, wire::subscription_error(channel, &why));
+        }
+        let pending = (key, Arc::<str>::from(topic));
+        let tracked = self.subscription(key, topic).is_some();
+        if !tracked {
+            self.pusher_presence
+                .joining
+                .insert(pending.clone(), meta.into());
+        }
+        self.subscribe(key, topic, None);
+        if self.subscription(key, topic).is_none() {
+            // Refused by the core (it told the client why).
+            self.pusher_presence.joining.remove(&pending);
+        }
+    }
+
+    /// The core subscribed connection `key` to presence channel `topic`:
+    /// its members are gathered before it is told.
+    pub(super) fn pusher_presence_subscribed(&mut self, key: ConnKey, topic: &str) {
+        let Some(app) = self.app_of(key) else {
+            return;
+        };
+        let joining = self
+            .pusher_presence
+            .joining
+            .remove(&(key, Arc::from(topic)));
+        if !self.presence_has_room() {
+            ShardStats::add(&self.stats().presence_refused_total, 1);
+            if let Some(id) = self.subscription(key, topic) {
+                self.unsubscribe(key, id);
+            }
+            let channel = wire::channel_of(topic).unwrap_or_default();
+            let why = "server busy: too many presence queries in flight, try again";
+            return self.send(key, wire::subscription_error(channel, why));
+        }
+        let query = MemberQuery {
+            limit: app.max_presence_members,
+            by_user: true,
+            ..MemberQuery::default()
+        };
+        let then = PresenceThen::PusherSucceeded { key, joining };
+        self.start_presence(topic, query, then);
+    }
+
+    /// The members of presence channel `topic` were gathered for
+    /// connection `key`: it joins them (if `joining` is its member and the
+    /// channel has room) and is told who is there.
+    pub(super) fn pusher_presence_answered(
+        &mut self,
+        key: ConnKey,
+        topic: &str,
+        joining: Option<Arc<str>>,
+        members: &Members,
+    ) {
+        let (Some(app), Some(id)) = (self.app_of(key), self.subscription(key, topic)) else {
+            return;
+        };
+        let channel = wire::channel_of(topic).unwrap_or_default().to_string();
+        let mut metas: Vec<&str> = members.objects().collect();
+        if let Some(meta) = &joining {
+            let user = crate::bus::user_of(meta);
+            let listed = metas
+                .iter()
+                .any(|m| crate::bus::user_of(m).is_some_and(|u| Some(u) == user));
+            if !listed {
+                if metas.len() >= app.max_presence_members {
+                    ShardStats::add(&self.stats().presence_refused_total, 1);
+                    self.unsubscribe(key, id);
+                    let why = format!(
+                        "The maximum members per presence channel ({}) was reached",
+                        app.max_presence_members
+                    );
+                    return self.send(key, wire::subscription_limit(&channel, &why));
+                }
+                metas.push(meta);
+            }
+        }
+        let data = presence::succeeded_data(metas.into_iter());
+        self.send(key, wire::subscription_succeeded(&channel, &data));
+        if let Some(meta) = joining {
+            let meta = self.presence.intern(meta.to_string());
+            self.set_presence_meta(key, topic, Some(meta));
+        }
+    }
+
+    /// Connection `key`'s member of `topic` came (`joined`) or went: the
+    /// channel's home counts it.
+    pub(super) fn pusher_member_changed(
+        &mut self,
+        key: ConnKey,
+        topic: NameId,
+        meta: &Arc<str>,
+        joined: bool,
+    ) {
+        let name = self.topics.entry(topic).name.clone();
+        if !is_presence(&name) {
+            return;
+        }
+        let Some(user) = crate::bus::user_of(meta) else {
+            debug_assert!(false, "a presence channel's member without a user id");
+            return;
+        };
+        let socket = joined.then(|| self.socket_id(key).into_boxed_str());
+        let home = self.shard_home_of(&name);
+        let (meta, user) = (meta.clone(), Arc::from(user));
+        if home == self.id {
+            self.on_pusher_member(name, meta, user, joined, socket);
+        } else {
+            let envelope = Envelope::PusherMember {
+                topic: name,
+                meta,
+                user,
+                joined,
+                socket,
+            };
+            self.post_control(home, envelope);
+        }
+    }
+
+    /// On a channel's home: a user's connection on this node came or went.
+    pub(super) fn on_pusher_member(
+        &mut self,
+        topic: Arc<str>,
+        meta: Arc<str>,
+        user: Arc<str>,
+        joined: bool,
+        socket: Option<Box<str>>,
+    ) {
+        let users = self.pusher_presence.users.entry(topic.clone()).or_default();
+        let count = users.entry(user.clone()).or_default();
+        let transition = if joined {
+            count.connections += 1;
+            count.connections == 1 && !count.announced
+        } else {
+            debug_assert!(count.connections > 0, "a member left that never joined");
+            count.connections = count.connections.saturating_sub(1);
+            count.connections == 0
+        };
+        if !transition {
+            return;
+        }
+        let query = MemberQuery {
+            by_user: true,
+            only: Some(user.clone()),
+            ..MemberQuery::default()
+        };
+        let then = PresenceThen::PusherMember {
+            user,
+            meta,
+            joined,
+            socket,
+        };
+        self.start_node_presence(&topic, query, then);
+    }
+
+    /// On a channel's home: whether the other nodes have `user` in
+    /// `topic` is known (`elsewhere`); the channel is told if the user
+    /// came or went for the whole cluster.
+    pub(super) fn pusher_member_checked(
+        &mut self,
+        topic: &str,
+        then: (Arc<str>, Arc<str>, bool, Option<Box<str>>),
+        elsewhere: bool,
+    ) {
+        let (user, meta, joined, socket) = then;
+        let Some(users) = self.pusher_presence.users.get_mut(topic) else {
+            return;
+        };
+        let Some(count) = users.get_mut(&user) else {
+            return;
+        };
+        // What the count is now decides (it may have changed while the
+        // other nodes were asked).
+        let announce = match (joined, count.connections > 0) {
+            (true, true) if !count.announced => {
+                count.announced = true;
+                !elsewhere
+            }
+            (false, false) => {
+                // A user whose coming was never told (it left before
+                // the other nodes answered) goes untold too.
+                let told = count.announced;
+                users.remove(&user);
+                if users.is_empty() {
+                    self.pusher_presence.users.remove(topic);
+                }
+                told && !elsewhere
+            }
+            _ => false,
+        };
+        if !announce || !self.accepting_publishes() {
+            return;
+        }
+        let frame = if joined {
+            let data = presence::added_data(&meta);
+            let event = "pusher_internal:member_added";
+            wire::push_except(topic, event, &data, socket.as_deref(), None)
+        } else {
+            let data = presence::removed_data(&user);
+            let event = "pusher_internal:member_removed";
+            wire::push_except(topic, event, &data, None, None)
+        };
+        if let Published::LocalOnly { why, .. } = self.publish_framed(topic, frame) {
+            tracing::debug!(
+                "pusher: a member event reached this node only: {}",
+                why.message()
+            );
+        }
+    }
+
+    /// Forgets what waits for connection `key`'s subscriptions (it closed
+    /// or left them).
+    pub(super) fn forget_pusher_joining(&mut self, key: ConnKey, topic: &str) {
+        if !self.pusher_presence.joining.is_empty() {
+            self.pusher_presence
+                .joining
+                .remove(&(key, Arc::from(topic)));
+        }
+    }
+}
