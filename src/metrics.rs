@@ -35,7 +35,7 @@ counters! {
     connections_accepted_total: "counter",
     /// Accept operations that failed (out of descriptors or memory).
     accept_errors_total: "counter",
-    /// Connections refused because max_connections was reached.
+    /// Connections refused because max_connections (of the node, or of a Pusher app) was reached.
     connections_rejected_total: "counter",
     /// Open WebSocket connections.
     websockets: "gauge",

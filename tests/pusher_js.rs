@@ -241,3 +241,34 @@ fn presence_members_are_the_clusters_across_two_nodes() {
     let result = run_script("presence_test.mjs", &[&a, &b]);
     check_presence(&result);
 }
+
+/// An app's `max_connections`: the connection past it is told Pusher's
+/// 4004 and closed with it (pusher-js does not retry 4000-4099), the app's
+/// count is in `/metrics`, and a connection that closes makes room.
+#[test]
+fn an_apps_connections_are_bounded_per_node() {
+    let config = format!("{APP}max_connections = 2\n");
+    let node = TestServer::start(2, Some(&config));
+    let (first, _) = pusher_ws(&node);
+    let (_second, _) = pusher_ws(&node);
+    let mut third = node.ws("/app/app-key?protocol=7");
+    let refused = third.recv_json();
+    assert_eq!(refused["event"], "pusher:error", "{refused}");
+    assert_eq!(refused["data"]["code"], 4004, "{refused}");
+    assert_eq!(third.expect_close(), 4004);
+    let count = || {
+        let (_, text) = node.http("GET", "/metrics", None);
+        text.lines()
+            .find_map(|l| l.strip_prefix("ringcast_app_connections{app=\"4711\"} "))
+            .map(|v| v.trim().to_string())
+    };
+    node.wait_for("the refused connection is gone", || {
+        count().as_deref() == Some("2")
+    });
+    drop(first);
+    node.wait_for("a closed connection makes room", || {
+        count().as_deref() == Some("1")
+    });
+    let (_fourth, _) = pusher_ws(&node);
+    assert!(node.metric("connections_rejected_total") >= 1);
+}

@@ -250,3 +250,57 @@ mod tests {
         assert_eq!(parse(&most).unwrap().len(), MAX_APPS);
     }
 }
+
+/// Each app's open connections on this node, across its shards: counted
+/// when a connection becomes a Pusher WebSocket and until it closes, for
+/// the app's `max_connections` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct AppConnections(Box<[std::sync::atomic::AtomicU64]>);
+
+impl AppConnections {
+    pub fn new(apps: usize) -> AppConnections {
+        AppConnections((0..apps).map(|_| Default::default()).collect())
+    }
+
+    /// Counts a connection of app `index` opening; the app's count with it.
+    pub fn open(&self, index: usize) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.0
+            .get(index)
+            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// App `index`'s open connections.
+    pub fn count(&self, index: usize) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.0.get(index).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Counts a connection of app `index` closing.
+    pub fn close(&self, index: usize) {
+        use std::sync::atomic::Ordering;
+        if let Some(count) = self.0.get(index) {
+            let before = count.fetch_sub(1, Ordering::Relaxed);
+            debug_assert!(before > 0, "an app's connection closed that never opened");
+        }
+    }
+
+    /// `ringcast_app_connections{app="ID"} N` for each app.
+    pub fn render_prometheus(&self, apps: &[std::sync::Arc<App>], out: &mut String) {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering;
+        if apps.is_empty() {
+            return;
+        }
+        out.push_str("# TYPE ringcast_app_connections gauge\n");
+        for (app, count) in apps.iter().zip(self.0.iter()) {
+            // App ids are URL-safe (checked at startup): nothing to escape.
+            let count = count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "ringcast_app_connections{{app=\"{}\"}} {count}",
+                app.id
+            );
+        }
+    }
+}

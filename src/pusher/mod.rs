@@ -12,4 +12,4 @@ pub mod presence;
 pub mod sign;
 pub mod wire;
 
-pub use apps::{App, FileApp};
+pub use apps::{App, AppConnections, FileApp};

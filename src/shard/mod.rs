@@ -65,6 +65,8 @@ pub struct Shared {
     /// be replayed by a connection in the same slot of another node, or of
     /// this node's next run.
     pub(crate) socket_salt: u32,
+    /// Each Pusher app's open connections on this node.
+    pub(crate) app_connections: Arc<crate::pusher::AppConnections>,
 }
 
 impl Shared {
@@ -91,6 +93,7 @@ impl Shared {
         getrandom::fill(&mut salt).map_err(|e| io::Error::other(e.to_string()))?;
         Ok(Shared {
             socket_salt: u32::from_le_bytes(salt),
+            app_connections: Arc::new(crate::pusher::AppConnections::new(config.apps.len())),
             config: Arc::new(config),
             bus,
             stats,

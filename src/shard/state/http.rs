@@ -67,6 +67,10 @@ impl ShardState {
                 if let Some(proxy) = &self.shared.proxy {
                     proxy.render_prometheus(&mut text);
                 }
+                let apps = &self.config().apps;
+                self.shared
+                    .app_connections
+                    .render_prometheus(apps, &mut text);
                 Response::text(200, "text/plain; version=0.0.4", text)
             }
             Route::Publish => match self.http_publish(key, &request, cors) {

@@ -310,8 +310,9 @@ impl ShardState {
             deflate,
         });
         ShardStats::add(&self.stats().websockets, 1);
-        if matches!(kind, WsKind::Pusher(_)) {
+        if let WsKind::Pusher(app) = kind {
             self.pusher_websockets += 1;
+            self.shared.app_connections.open(usize::from(app));
         }
         if deflate {
             self.compression.websockets += 1;

@@ -130,9 +130,10 @@ impl ShardState {
             match conn.phase {
                 Phase::WebSocket(ws) => {
                     ShardStats::sub(&self.stats().websockets, 1);
-                    if matches!(ws.kind, WsKind::Pusher(_)) {
+                    if let WsKind::Pusher(app) = ws.kind {
                         debug_assert!(self.pusher_websockets > 0);
                         self.pusher_websockets -= 1;
+                        self.shared.app_connections.close(usize::from(app));
                     }
                     if ws.deflate {
                         self.compression.websockets -= 1;

@@ -124,14 +124,34 @@ impl ShardState {
 
     /// The app of Pusher connection `key`.
     pub(super) fn app_of(&self, key: ConnKey) -> Option<Arc<App>> {
+        self.app_index_of(key).map(|(_, app)| app)
+    }
+
+    /// The same with the app's index in the config.
+    fn app_index_of(&self, key: ConnKey) -> Option<(usize, Arc<App>)> {
         match self.conns.get(key)?.ws_kind()? {
-            WsKind::Pusher(index) => self.config().apps.get(usize::from(index)).cloned(),
+            WsKind::Pusher(index) => {
+                let index = usize::from(index);
+                Some((index, self.config().apps.get(index)?.clone()))
+            }
             _ => None,
         }
     }
 
-    /// The first message of a Pusher connection, after its `101`.
+    /// The first message of a Pusher connection, after its `101`; or
+    /// Pusher's 4004 and a close, past the app's `max_connections` (the
+    /// count includes this connection since it became a WebSocket).
     pub(super) fn pusher_opened(&mut self, key: ConnKey) {
+        let Some((index, app)) = self.app_index_of(key) else {
+            return;
+        };
+        let open = self.shared.app_connections.count(index);
+        if app.max_connections.is_some_and(|max| open > max) {
+            ShardStats::add(&self.stats().connections_rejected_total, 1);
+            let why = "Over connection quota";
+            self.send(key, wire::error(Some(4004), why));
+            return self.close_ws(key, 4004, why);
+        }
         let socket_id = self.socket_id(key);
         self.send(key, wire::connection_established(&socket_id));
     }
@@ -217,6 +237,11 @@ impl ShardState {
                 None,
                 "Client events are not enabled for this app".to_string(),
             ))
+        } else if channel.starts_with("private-encrypted-") {
+            // Pusher relays no client event on an encrypted channel (the
+            // server cannot see what it would relay).
+            let why = format!("Client events are not supported on encrypted channels ({channel})");
+            Some((None, why))
         } else if !(channel.starts_with("private-") || channel.starts_with("presence-")) {
             let why =
                 format!("Client events are only for private and presence channels, not {channel}");
