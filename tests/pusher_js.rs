@@ -272,3 +272,86 @@ fn an_apps_connections_are_bounded_per_node() {
     let (_fourth, _) = pusher_ws(&node);
     assert!(node.metric("connections_rejected_total") >= 1);
 }
+
+/// `pusher:signin` with pusher-js, signed by the server SDK's
+/// `authenticateUser`: `sendToUser` reaches only its user, and
+/// `terminateUserConnections` closes only that user's connection (with
+/// 4009, which pusher-js does not retry).
+#[test]
+fn signed_in_users_get_their_events_and_can_be_terminated() {
+    let node = node();
+    let result = run_script("user_test.mjs", &[&node]);
+    assert_eq!(
+        result["ann"]["user_data"],
+        json!({"id":"ann","name":"ANN"}),
+        "{result}"
+    );
+    assert_eq!(result["ann"]["got"], json!([{"to":"ann"}]), "{result}");
+    assert_eq!(result["bob"]["got"], json!([{"to":"bob"}]), "{result}");
+    assert_eq!(result["terminate"], 200, "{result}");
+    assert_ne!(result["ann_state"], "connected", "{result}");
+    assert_eq!(result["bob_state"], "connected", "{result}");
+    assert!(
+        result["ann"]["states"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| *s == "connected")
+            .count()
+            == 1,
+        "terminated, not reconnected: {result}"
+    );
+}
+
+/// What pusher-js never sends: a forged sign-in is 4009 and a close; a
+/// user's channel is refused to a connection not signed in as that user,
+/// and kept by one that is (it cannot unsubscribe from its termination).
+#[test]
+fn forged_signins_and_other_users_channels_are_refused() {
+    let node = node();
+    let (mut ws, _) = pusher_ws(&node);
+    ws.send_text(r##"{"event":"pusher:subscribe","data":{"channel":"#server-to-user-ann"}}"##);
+    let refused = ws.recv_json();
+    assert_eq!(refused["event"], "pusher:subscription_error", "{refused}");
+    let (mut ann, socket_id) = pusher_ws(&node);
+    let user_data = r#"{"id":"ann"}"#;
+    let signature = ringcast::pusher::sign::hmac_hex(
+        "app-secret",
+        format!("{socket_id}::user::{user_data}").as_bytes(),
+    );
+    let signin = json!({"event":"pusher:signin","data":{"auth":format!("app-key:{signature}"),"user_data":user_data}});
+    ann.send_text(&signin.to_string());
+    assert_eq!(ann.recv_json()["event"], "pusher:signin_success");
+    assert_eq!(ann.recv_json()["channel"], "#server-to-user-ann");
+    ann.send_text(r##"{"event":"pusher:unsubscribe","data":{"channel":"#server-to-user-ann"}}"##);
+    // The same signature on another socket is a forgery.
+    ws.send_text(&signin.to_string());
+    let error = ws.recv_json();
+    assert_eq!(error["data"]["code"], 4009, "{error}");
+    assert_eq!(ws.expect_close(), 4009);
+    let terminate = signed_post(&node, "/apps/4711/users/ann/terminate_connections", "{}");
+    assert_eq!(terminate, 200);
+    assert_eq!(ann.recv_json()["data"]["code"], 4009);
+    assert_eq!(ann.expect_close(), 4009);
+}
+
+/// `POST path` with `body`, signed with the app's secret as Pusher's
+/// libraries sign; the status.
+fn signed_post(node: &TestServer, path: &str, body: &str) -> u16 {
+    use md5::{Digest, Md5};
+    let md5: String = Md5::digest(body.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let params = format!("auth_key=app-key&auth_timestamp={now}&auth_version=1.0&body_md5={md5}");
+    let signature = ringcast::pusher::sign::hmac_hex(
+        "app-secret",
+        format!("POST\n{path}\n{params}").as_bytes(),
+    );
+    let url = format!("{path}?{params}&auth_signature={signature}");
+    node.http("POST", &url, Some(body)).0
+}

@@ -49,6 +49,24 @@ pub fn valid_channel(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_-=@,.;".contains(&b))
 }
 
+/// The channel of a signed-in user's events (`sendToUser`): only that
+/// user's connections hold it.
+pub const USER_CHANNEL_PREFIX: &str = "#server-to-user-";
+
+/// The user whose channel `channel` is, if it is one: an id of 1 to 128
+/// bytes without control characters.
+pub fn user_channel(channel: &str) -> Option<&str> {
+    let user = channel.strip_prefix(USER_CHANNEL_PREFIX)?;
+    let fits = (1..=crate::pusher::presence::MAX_USER_ID_BYTES).contains(&user.len());
+    (fits && !user.chars().any(char::is_control)).then_some(user)
+}
+
+/// `pusher:signin_success` with the user data the backend signed.
+pub fn signin_success(user_data: &str) -> Bytes {
+    let data = format!("{{\"user_data\":{}}}", json_string(user_data));
+    event_frame("pusher:signin_success", None, &data)
+}
+
 /// What a Pusher client sent.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming<'a> {
@@ -60,6 +78,11 @@ pub enum Incoming<'a> {
     },
     Unsubscribe {
         channel: String,
+    },
+    /// `pusher:signin`: user authentication, `user_data` as signed.
+    Signin {
+        auth: String,
+        user_data: String,
     },
     /// `client-*` on a channel, with its data as raw JSON.
     ClientEvent {
@@ -77,6 +100,12 @@ struct Envelope<'a> {
     #[serde(borrow)]
     data: Option<&'a RawValue>,
     channel: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SigninData {
+    auth: String,
+    user_data: String,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +146,18 @@ pub fn parse(text: &str) -> Result<Incoming<'_>, String> {
         "pusher:unsubscribe" => Incoming::Unsubscribe {
             channel: data(envelope.data)?.channel,
         },
+        "pusher:signin" => {
+            let raw = envelope.data.ok_or("no data")?.get();
+            let signin: SigninData = match serde_json::from_str::<String>(raw) {
+                Ok(inner) => serde_json::from_str(&inner),
+                Err(_) => serde_json::from_str(raw),
+            }
+            .map_err(|e| format!("bad data: {e}"))?;
+            Incoming::Signin {
+                auth: signin.auth,
+                user_data: signin.user_data,
+            }
+        }
         name if name.starts_with("client-") => Incoming::ClientEvent {
             channel: envelope.channel.ok_or("a client event names no channel")?,
             event: envelope.event,
@@ -268,6 +309,18 @@ pub fn push_except(
     })
 }
 
+/// The core push that closes every connection holding `topic` (a
+/// signed-in user's channel) with Pusher's 4009: the marker travels in the
+/// publication's bytes to every shard and node, and no trigger can make it
+/// (its `"terminate"` is not an event).
+pub fn terminate(topic: &str) -> Bytes {
+    frame::text_with(64 + topic.len(), |out| {
+        out.extend_from_slice(b"{\"type\":\"push\",\"topic\":");
+        out.extend_from_slice(json_string(topic).as_bytes());
+        out.extend_from_slice(b",\"terminate\":true}");
+    })
+}
+
 /// A core message as the Pusher client reads it.
 #[derive(Deserialize)]
 struct CoreMessage<'a> {
@@ -285,6 +338,8 @@ struct CoreMessage<'a> {
     except: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     user_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    terminate: bool,
 }
 
 /// What a Pusher connection gets for a core message.
@@ -301,19 +356,42 @@ pub enum Outgoing {
     PresenceSubscribed(String),
 }
 
-/// A publication as every Pusher subscriber reads it, and the socket that
-/// must not get it (see [`push_except`]).
-pub fn translate_publication(bytes: &Bytes) -> (Option<Bytes>, Option<SocketId>) {
+/// A publication as every Pusher subscriber reads it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Publication {
+    /// The frame, or `None` for nothing to send.
+    pub frame: Option<Bytes>,
+    /// The socket that must not get it (see [`push_except`]).
+    pub except: Option<SocketId>,
+    /// Every subscriber is closed instead (see [`terminate`]).
+    pub terminate: bool,
+}
+
+/// What every Pusher subscriber of a publication gets.
+pub fn translate_publication(bytes: &Bytes) -> Publication {
+    let as_is = Publication {
+        frame: Some(bytes.clone()),
+        ..Publication::default()
+    };
     let Some(json) = message::frame_json(bytes) else {
-        return (Some(bytes.clone()), None);
+        return as_is;
     };
     let Ok(core) = serde_json::from_slice::<CoreMessage<'_>>(json) else {
-        return (Some(bytes.clone()), None);
+        return as_is;
     };
-    let except = core.except.as_deref().and_then(SocketId::parse);
+    if core.terminate {
+        return Publication {
+            terminate: true,
+            ..Publication::default()
+        };
+    }
     match pusher_words(&core) {
-        Outgoing::Frame(frame) => (Some(frame), except),
-        _ => (None, None),
+        Outgoing::Frame(frame) => Publication {
+            frame: Some(frame),
+            except: core.except.as_deref().and_then(SocketId::parse),
+            terminate: false,
+        },
+        _ => Publication::default(),
     }
 }
 
@@ -456,14 +534,24 @@ mod tests {
             Some(&id.to_string()),
             Some("ann"),
         );
-        let (frame, except) = translate_publication(&push);
+        let Publication { frame, except, .. } = translate_publication(&push);
         assert_eq!(
             text(&frame.unwrap()),
             r#"{"event":"client-x","channel":"room","data":{},"user_id":"ann"}"#
         );
         assert_eq!(except, Some(id));
         let plain = message::push(&topic("1", "room"), "e", "1");
-        assert_eq!(translate_publication(&plain).1, None);
+        assert_eq!(translate_publication(&plain).except, None);
+        let end = translate_publication(&terminate(&topic("1", "#server-to-user-ann")));
+        assert!(end.terminate && end.frame.is_none());
+        assert_eq!(user_channel("#server-to-user-ann"), Some("ann"));
+        for bad in [
+            "#server-to-user-",
+            "server-to-user-ann",
+            "#server-to-user-a\u{1}",
+        ] {
+            assert_eq!(user_channel(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -10,11 +10,21 @@ use bytes::Bytes;
 use crate::protocol::deflate::Deflater;
 use crate::protocol::event_stream::{self, encode, Format, Head};
 use crate::protocol::{frame, message};
-use crate::pusher::wire::{translate_publication, SocketId};
+use crate::pusher::wire::{translate_publication, Publication};
 use crate::shard::key::ConnKey;
 
 use super::conn::{Phase, StreamConn, WsKind};
 use super::Command;
+
+/// What a publication does to one connection.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Delivered {
+    /// Queued in its format (or skipped: not one it shows).
+    Queued,
+    /// The connection is to be closed (a Pusher user's connections
+    /// terminated by the app).
+    Terminate,
+}
 
 pub(super) struct Encodings<'f> {
     frame: &'f Bytes,
@@ -29,7 +39,7 @@ pub(super) struct Encodings<'f> {
     ndjson: Option<Bytes>,
     /// The Pusher event (`None` inside: the frame is not one Pusher
     /// shows), and the socket it skips.
-    pusher: Option<(Option<Bytes>, Option<SocketId>)>,
+    pusher: Option<Publication>,
     /// This shard's id and this run's salt: what a skipped socket id must
     /// name to be one of this shard's connections.
     here: (u32, u32),
@@ -51,28 +61,33 @@ impl<'f> Encodings<'f> {
     }
 
     /// Queues the publication to connection `key` (`phase`: what it reads,
-    /// if it is still there) in its format.
+    /// if it is still there) in its format; or says the connection is to
+    /// be closed instead.
+    #[must_use]
     pub(super) fn push(
         &mut self,
         key: ConnKey,
         phase: Option<&mut Phase>,
         deflater: &mut Deflater,
         commands: &mut Vec<Command>,
-    ) {
+    ) -> Delivered {
         match phase {
             Some(Phase::Stream(stream)) => self.push_to_stream(key, stream, commands),
             Some(Phase::WebSocket(ws)) if matches!(ws.kind, WsKind::Pusher(_)) => {
                 let frame = self.frame;
-                let (pusher, except) = self
+                let pusher = self
                     .pusher
                     .get_or_insert_with(|| translate_publication(frame));
+                if pusher.terminate {
+                    return Delivered::Terminate;
+                }
                 let (shard, salt) = self.here;
-                let skipped = except.is_some_and(|e| {
+                let skipped = pusher.except.is_some_and(|e| {
                     (e.shard, e.salt, e.slot as usize, e.generation)
                         == (shard, salt, key.slot(), key.generation())
                 });
-                if let (Some(pusher), false) = (pusher, skipped) {
-                    commands.push(Command::Push(key, pusher.clone()));
+                if let (Some(frame), false) = (&pusher.frame, skipped) {
+                    commands.push(Command::Push(key, frame.clone()));
                 }
             }
             Some(Phase::WebSocket(ws)) if ws.deflate => {
@@ -81,6 +96,7 @@ impl<'f> Encodings<'f> {
             }
             _ => commands.push(Command::Push(key, self.frame.clone())),
         }
+        Delivered::Queued
     }
 
     /// The frame as a WebSocket that negotiated permessage-deflate gets it:

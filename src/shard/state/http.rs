@@ -123,6 +123,7 @@ impl ShardState {
             Route::PusherApp(app_key) => return self.pusher_upgrade(key, &request, app_key),
             Route::PusherEvents(app_id) => self.pusher_events(&request, app_id),
             Route::PusherBatchEvents(app_id) => self.pusher_batch_events(&request, app_id),
+            Route::PusherTerminate(app_id, user) => self.pusher_terminate(&request, app_id, user),
             Route::Presence(ref topic) => match self.presence_request(key, &request, topic, cors) {
                 Some(response) => response,
                 None => return,

@@ -124,7 +124,7 @@ impl ShardState {
         self.leave_indexes(key);
         self.release_input(key);
         self.forget_presence(key);
-        self.pusher_client_events.forget(key);
+        self.pusher_conns.forget(key);
         self.connect_expiries.forget(key);
         if let Some(conn) = self.conns.remove(key) {
             match conn.phase {

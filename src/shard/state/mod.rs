@@ -214,8 +214,8 @@ pub struct ShardState {
     pusher_websockets: usize,
     /// Pusher presence channels: subscriptions joining, users per channel.
     pusher_presence: pusher_presence::PusherPresence,
-    /// Pusher client events per connection this second.
-    pusher_client_events: pusher::ClientEventRates,
+    /// Pusher connections' users and client event rates.
+    pusher_conns: pusher::PusherConns,
     compression: compression::Compression,
     /// Presence members per (topic, user), with `[webhooks]` member events.
     webhook_members: webhooks::Members,
@@ -251,7 +251,7 @@ impl ShardState {
             last_scan: now,
             pusher_websockets: 0,
             pusher_presence: pusher_presence::PusherPresence::default(),
-            pusher_client_events: pusher::ClientEventRates::default(),
+            pusher_conns: pusher::PusherConns::default(),
             event_streams: event_streams::EventStreams {
                 open: 0,
                 last_heartbeat: now,
@@ -292,6 +292,9 @@ impl ShardState {
             Event::Envelope(from, envelope) => self.on_envelope(from, envelope),
             Event::Tick => self.on_tick(),
         }
+        // Closed only now: a close leaves the topic indexes a fan-out was
+        // walking.
+        self.close_terminated();
     }
 
     /// Moves the commands produced so far into `out` (which should be empty).
@@ -342,7 +345,7 @@ impl ShardState {
             registrations: self.users_state.registry.bytes(),
             presence: self.presence.bytes()
                 + self.pusher_presence.bytes()
-                + self.pusher_client_events.bytes(),
+                + self.pusher_conns.bytes(),
             stream_history: engine.stored_bytes as usize,
             stream_meta: engine.meta_bytes as usize,
             streams: engine.streams as usize,
@@ -590,15 +593,22 @@ impl ShardState {
             // subscriber's format is looked up, and each format's bytes
             // made once.
             let mut encodings = encodings::Encodings::new(frame, self.compression.min_bytes, here);
+            let mut terminated = Vec::new();
             for &key in &entry.subscribers {
                 let phase = self.conns.get_mut(key).map(|c| &mut c.phase);
-                encodings.push(
+                let outcome = encodings.push(
                     key,
                     phase,
                     &mut self.compression.deflater,
                     &mut self.commands,
                 );
+                if outcome == encodings::Delivered::Terminate {
+                    terminated.push(key);
+                }
             }
+            let count = entry.subscribers.len();
+            self.pusher_conns.terminating.extend(terminated);
+            return count;
         }
         entry.subscribers.len()
     }

@@ -38,6 +38,31 @@ const MAX_BATCH_EVENTS: usize = 10;
 /// Client events one connection may send a second (Pusher's limit).
 const MAX_CLIENT_EVENTS_PER_SECOND: u32 = 10;
 
+/// Per-connection Pusher state beside the connections (so a connection
+/// that uses none of it pays nothing): the users signed in, and client
+/// events in the current second.
+#[derive(Default)]
+pub(crate) struct PusherConns {
+    /// `pusher:signin`: the user each signed-in connection is.
+    signed_in: HashMap<ConnKey, Arc<str>>,
+    pub(crate) client_events: ClientEventRates,
+    /// Connections a fan-out found terminated by their app, closed once the
+    /// event that found them is handled.
+    pub(crate) terminating: Vec<ConnKey>,
+}
+
+impl PusherConns {
+    pub(crate) fn forget(&mut self, key: ConnKey) {
+        self.signed_in.remove(&key);
+        self.client_events.forget(key);
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        let users: usize = self.signed_in.values().map(|u| u.len() + 48).sum();
+        users + self.client_events.bytes()
+    }
+}
+
 /// Client events per connection in the current second, for the
 /// connections that sent any: (second, count).
 #[derive(Default)]
@@ -55,11 +80,11 @@ impl ClientEventRates {
         *count <= MAX_CLIENT_EVENTS_PER_SECOND
     }
 
-    pub(crate) fn forget(&mut self, key: ConnKey) {
+    fn forget(&mut self, key: ConnKey) {
         self.0.remove(&key);
     }
 
-    pub(crate) fn bytes(&self) -> usize {
+    fn bytes(&self) -> usize {
         self.0.len() * 32
     }
 }
@@ -73,6 +98,12 @@ struct Trigger {
     channel: Option<String>,
     /// The connection that caused the event, which does not get it.
     socket_id: Option<String>,
+}
+
+/// The part of a sign-in's `user_data` the server reads.
+#[derive(Deserialize)]
+struct SigninUser {
+    id: String,
 }
 
 /// A `POST /apps/{id}/batch_events` body.
@@ -178,9 +209,17 @@ impl ShardState {
                 channel_data,
             }) => self.pusher_subscribe(key, &app, &channel, auth, channel_data),
             Ok(Incoming::Unsubscribe { channel }) => {
+                // A signed-in connection keeps its user's channel: it is
+                // how the app terminates it.
+                if wire::user_channel(&channel).is_some() {
+                    return;
+                }
                 if let Some(id) = self.subscription(key, &wire::topic(&app.id, &channel)) {
                     self.unsubscribe(key, id);
                 }
+            }
+            Ok(Incoming::Signin { auth, user_data }) => {
+                self.pusher_signin(key, &app, &auth, &user_data)
             }
             Ok(Incoming::ClientEvent {
                 channel,
@@ -188,6 +227,53 @@ impl ShardState {
                 data,
             }) => self.client_event(key, &app, &channel, &event, data),
             Ok(Incoming::Other) => {}
+        }
+    }
+
+    /// `pusher:signin`: a user authentication the app's backend signed
+    /// for this socket id. The connection is then that user's: it holds
+    /// the user's channel (`sendToUser`, `terminate_connections`) from
+    /// now on. A bad one is Pusher's 4009 and a close.
+    fn pusher_signin(&mut self, key: ConnKey, app: &App, auth: &str, user_data: &str) {
+        let socket_id = self.socket_id(key);
+        let user = serde_json::from_str::<SigninUser>(user_data)
+            .ok()
+            .map(|u| u.id)
+            .filter(|id| {
+                wire::user_channel(&format!("{}{id}", wire::USER_CHANNEL_PREFIX)).is_some()
+            });
+        let signed = sign::user_authenticated(app, &socket_id, user_data, auth);
+        let (true, Some(user)) = (signed, user) else {
+            ShardStats::add(&self.stats().ws_errors_total, 1);
+            let why = "Invalid signin: the signature or the user_data's id does not hold";
+            self.send(key, wire::error(Some(4009), why));
+            return self.close_ws(key, 4009, "Connection not authorized");
+        };
+        let topic = wire::topic(&app.id, &format!("{}{user}", wire::USER_CHANNEL_PREFIX));
+        let previous = self
+            .pusher_conns
+            .signed_in
+            .insert(key, Arc::from(user.as_str()));
+        if let Some(previous) = previous.filter(|p| **p != *user) {
+            let old = wire::topic(&app.id, &format!("{}{previous}", wire::USER_CHANNEL_PREFIX));
+            if let Some(id) = self.subscription(key, &old) {
+                self.unsubscribe(key, id);
+            }
+        }
+        self.send(key, wire::signin_success(user_data));
+        self.subscribe(key, &topic, None);
+    }
+
+    /// Closes the Pusher connections their app terminated (a signed-in
+    /// user's): Pusher's 4009.
+    pub(super) fn close_terminated(&mut self) {
+        if self.pusher_conns.terminating.is_empty() {
+            return;
+        }
+        let why = "You got disconnected by the app";
+        for key in std::mem::take(&mut self.pusher_conns.terminating) {
+            self.send(key, wire::error(Some(4009), why));
+            self.close_ws(key, 4009, why);
         }
     }
 
@@ -199,6 +285,15 @@ impl ShardState {
         auth: Option<String>,
         channel_data: Option<String>,
     ) {
+        if let Some(user) = wire::user_channel(channel) {
+            // Held only by the connections signed in as that user.
+            let signed_in = self.pusher_conns.signed_in.get(&key);
+            if signed_in.is_some_and(|u| **u == *user) {
+                return self.subscribe(key, &wire::topic(&app.id, channel), None);
+            }
+            let why = format!("{channel} is only for a connection signed in as {user}");
+            return self.send(key, wire::subscription_error(channel, &why));
+        }
         if !wire::valid_channel(channel) {
             let why = format!(
                 "Invalid channel name: 1 to {} of A-Z, a-z, 0-9 and _-=@,.;",
@@ -266,7 +361,7 @@ impl ShardState {
             return self.send(key, wire::error(None, &why));
         };
         let second = self.millis().0 / 1000;
-        if !self.pusher_client_events.admit(key, second) {
+        if !self.pusher_conns.client_events.admit(key, second) {
             ShardStats::add(&self.stats().ws_errors_total, 1);
             let why = format!(
                 "Client event rejected: only {MAX_CLIENT_EVENTS_PER_SECOND} accepted per second"
@@ -349,6 +444,30 @@ impl ShardState {
         Response::json(200, "{}".to_string())
     }
 
+    /// `POST /apps/{id}/users/{user}/terminate_connections`: every
+    /// connection signed in as `user`, on every shard and node, is closed
+    /// with Pusher's 4009.
+    pub(super) fn pusher_terminate(
+        &mut self,
+        request: &Request,
+        app_id: &str,
+        user: &str,
+    ) -> Response {
+        let (app, _) = match self.signed_body::<serde::de::IgnoredAny>(request, app_id) {
+            Ok(signed) => signed,
+            Err(refusal) => return refusal,
+        };
+        let channel = format!("{}{user}", wire::USER_CHANNEL_PREFIX);
+        if wire::user_channel(&channel).is_none() {
+            return pusher_error(400, &format!("Invalid user id `{user}`"));
+        }
+        let topic = wire::topic(&app.id, &channel);
+        match self.publish_framed(&topic, wire::terminate(&topic)) {
+            Published::LocalOnly { why, .. } => pusher_error(503, why.message()),
+            _ => Response::json(200, "{}".to_string()),
+        }
+    }
+
     /// The app `app_id` names and the request's JSON body, if the request
     /// is signed with the app's secret (checked before the body is read).
     fn signed_body<T: DeserializeOwned>(
@@ -411,7 +530,8 @@ fn checked_event(app: &App, event: &Event) -> Result<(), Response> {
         let why = format!("1 to {MAX_CHANNELS_PER_EVENT} channels per event");
         return Err(pusher_error(400, &why));
     }
-    if let Some(bad) = channels.iter().find(|c| !wire::valid_channel(c)) {
+    let valid = |c: &String| wire::valid_channel(c) || wire::user_channel(c).is_some();
+    if let Some(bad) = channels.iter().find(|c| !valid(c)) {
         return Err(pusher_error(400, &format!("Invalid channel name `{bad}`")));
     }
     if event.name.is_empty() || event.name.len() > wire::MAX_EVENT_NAME_BYTES {

@@ -47,6 +47,9 @@ pub(crate) enum Route<'a> {
     PusherEvents(&'a str),
     /// `/apps/{id}/batch_events`: several events at once.
     PusherBatchEvents(&'a str),
+    /// `/apps/{id}/users/{user}/terminate_connections`: closes a signed-in
+    /// user's connections.
+    PusherTerminate(&'a str, &'a str),
     /// Nothing here.
     NotFound,
 }
@@ -76,10 +79,14 @@ impl<'a> Route<'a> {
             ("stream", None, _) => Route::Stream,
             ("topics", Some(_), true) => topic_route(rest),
             ("app", Some(key), false) if !key.is_empty() => Route::PusherApp(key),
-            ("apps", Some(id), true) if !id.is_empty() && rest.split('/').count() == 3 => {
-                match rest.split('/').nth(2) {
-                    Some("events") => Route::PusherEvents(id),
-                    Some("batch_events") => Route::PusherBatchEvents(id),
+            ("apps", Some(id), true) if !id.is_empty() => {
+                let tail: Vec<&str> = rest.split('/').skip(2).take(4).collect();
+                match tail[..] {
+                    ["events"] => Route::PusherEvents(id),
+                    ["batch_events"] => Route::PusherBatchEvents(id),
+                    ["users", user, "terminate_connections"] if !user.is_empty() => {
+                        Route::PusherTerminate(id, user)
+                    }
                     _ => Route::NotFound,
                 }
             }
@@ -94,7 +101,8 @@ impl<'a> Route<'a> {
             Route::Publish
             | Route::Register
             | Route::PusherEvents(_)
-            | Route::PusherBatchEvents(_) => "POST",
+            | Route::PusherBatchEvents(_)
+            | Route::PusherTerminate(..) => "POST",
             Route::Registration(_) => "DELETE",
             Route::NotFound => "",
             _ => "GET",
@@ -108,7 +116,8 @@ impl<'a> Route<'a> {
             Route::Publish
             | Route::Register
             | Route::PusherEvents(_)
-            | Route::PusherBatchEvents(_) => method == Method::Post,
+            | Route::PusherBatchEvents(_)
+            | Route::PusherTerminate(..) => method == Method::Post,
             Route::Registration(_) => method == Method::Delete,
             Route::NotFound => false,
             _ => method == Method::Get,

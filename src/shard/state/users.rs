@@ -23,7 +23,7 @@ use crate::shard::key::ConnKey;
 
 use super::cluster::LocalOnly;
 use super::conn::{Deferred, Ident, StreamConn, WsKind};
-use super::encodings::Encodings;
+use super::encodings::{Delivered, Encodings};
 use super::ShardState;
 
 /// A client registration: who connects with the id and what it starts with.
@@ -580,12 +580,15 @@ impl ShardState {
             };
             if holds_topic {
                 let phase = self.conns.get_mut(key).map(|c| &mut c.phase);
-                encodings.push(
+                let outcome = encodings.push(
                     key,
                     phase,
                     &mut self.compression.deflater,
                     &mut self.commands,
                 );
+                // A Pusher connection is in no user index: nothing here
+                // terminates one.
+                debug_assert_eq!(outcome, Delivered::Queued);
                 delivered += 1;
             }
         }
