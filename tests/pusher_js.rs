@@ -114,6 +114,16 @@ fn pusher_js_subscribes_and_gets_events_the_server_sdk_triggers() {
         json!([{"channel":"private-forged","status":401,"type":"AuthError"}])
     );
     assert_eq!(result["forged_trigger"], 401, "{result}");
+    assert_eq!(
+        result["queries"],
+        json!({
+            "news": {"occupied": true, "subscription_count": 1},
+            "empty": {"occupied": false},
+            "user_count_of_public": 400,
+            "forged": 401,
+        }),
+        "{result}"
+    );
     assert_eq!(result["bad_batch"], 400, "{result}");
     let mut batched = result["batched"].as_array().unwrap().clone();
     batched.sort_by_key(|e| e["channel"].as_str().unwrap().to_string());
@@ -198,6 +208,15 @@ fn check_presence(result: &Value) {
         result["cy"]["subscribed"],
         json!({"error":"LimitReached","status":4100}),
         "{result}"
+    );
+    assert_eq!(
+        result["channel"],
+        json!({"occupied": true, "user_count": 2, "subscription_count": 3}),
+        "ann's two connections and bob's: {result}"
+    );
+    assert_eq!(
+        result["users"],
+        json!({"users": [{"id": "ann"}, {"id": "bob"}]})
     );
     let seen = |who: &str| result[who]["seen"].clone();
     assert_eq!(

@@ -29,6 +29,10 @@ pub struct MemberQuery {
     /// Count only the members with this id (a user's connections, with
     /// `by_user`).
     pub only: Option<Arc<str>>,
+    /// Count every subscriber of the topic, member or not (the list is
+    /// still of members). A node answers for its own subscribers only:
+    /// Redis keeps no count of other nodes' non-members.
+    pub subscribers: bool,
 }
 
 #[derive(Deserialize)]

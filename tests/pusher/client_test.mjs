@@ -96,6 +96,28 @@ try {
   out.forged_trigger = e.status;
 }
 
+// The channel queries, as the server SDK asks them.
+const get = async (path, params) => {
+  try {
+    return await (await server.get({ path, params })).json();
+  } catch (e) {
+    return e.status;
+  }
+};
+out.queries = {
+  news: await get("/channels/news", { info: "subscription_count" }),
+  empty: await get("/channels/nobody-here", {}),
+  user_count_of_public: await get("/channels/news", { info: "user_count" }),
+  forged: await (async () => {
+    try {
+      await forger.get({ path: "/channels/news" });
+      return "accepted";
+    } catch (e) {
+      return e.status;
+    }
+  })(),
+};
+
 client.disconnect();
 clearTimeout(deadline);
 console.log(JSON.stringify(out));

@@ -68,6 +68,15 @@ await sleep(300);
 const cy = await connect("cy", "cy");
 await sleep(300);
 
+// The channel queries, asked of the first node: users once each, every
+// connection counted.
+const get = async (path, params) => {
+  const response = await server.get({ path, params });
+  return response.json();
+};
+out.channel = await get("/channels/presence-room", { info: "user_count,subscription_count" });
+out.users = await get("/channels/presence-room/users", {});
+
 // A client event goes to every other subscriber, never back to its sender.
 ann1.channel.trigger("client-typing", { by: "ann1" });
 await sleep(300);

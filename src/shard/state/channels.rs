@@ -50,6 +50,12 @@ pub(crate) enum PresenceThen {
         key: ConnKey,
         joining: Option<Arc<str>>,
     },
+    /// `GET /apps/{id}/channels/{channel}[/users]` (its connection is
+    /// parked): a channel's counts, or a presence channel's users.
+    PusherChannel {
+        key: ConnKey,
+        query: super::pusher_api::ChannelQuery,
+    },
     /// A presence channel's home asked the other nodes whether a user that
     /// came or went here is there.
     PusherMember {
@@ -431,6 +437,10 @@ impl ShardState {
         };
         let entry = self.topics.entry(id);
         for &key in entry.subscribers.iter().chain(entry.waiting.iter()) {
+            if query.subscribers && query.limit == 0 {
+                members.count += 1;
+                continue;
+            }
             let Some(meta) = self
                 .conns
                 .get(key)
@@ -579,6 +589,10 @@ impl ShardState {
                 let payload =
                     serde_json::json!({ "user_id": user.as_deref(), "count": members.count });
                 self.publish(&wait.topic, &event, &payload.to_string(), None, None);
+            }
+            PresenceThen::PusherChannel { key, query } => {
+                self.presence_answered(key);
+                self.pusher_channel_answered(key, query, members);
             }
             PresenceThen::PusherSucceeded { key, joining } => {
                 self.pusher_presence_answered(key, &wait.topic, joining, members);

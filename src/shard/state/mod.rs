@@ -30,6 +30,7 @@ mod lifecycle;
 pub mod names;
 mod proxied;
 mod pusher;
+mod pusher_api;
 mod pusher_presence;
 mod relay;
 mod replay;

@@ -50,6 +50,10 @@ pub(crate) enum Route<'a> {
     /// `/apps/{id}/users/{user}/terminate_connections`: closes a signed-in
     /// user's connections.
     PusherTerminate(&'a str, &'a str),
+    /// `/apps/{id}/channels/{channel}`: whether it is occupied, its counts.
+    PusherChannel(&'a str, &'a str),
+    /// `/apps/{id}/channels/{channel}/users`: a presence channel's users.
+    PusherUsers(&'a str, &'a str),
     /// Nothing here.
     NotFound,
 }
@@ -86,6 +90,12 @@ impl<'a> Route<'a> {
                     ["batch_events"] => Route::PusherBatchEvents(id),
                     ["users", user, "terminate_connections"] if !user.is_empty() => {
                         Route::PusherTerminate(id, user)
+                    }
+                    ["channels", channel] if !channel.is_empty() => {
+                        Route::PusherChannel(id, channel)
+                    }
+                    ["channels", channel, "users"] if !channel.is_empty() => {
+                        Route::PusherUsers(id, channel)
                     }
                     _ => Route::NotFound,
                 }

@@ -1,0 +1,342 @@
+//! Pusher's HTTP API on a shard, signed with an app's secret (checked
+//! before a body is read): triggering events (`POST /apps/{id}/events`,
+//! `/batch_events`, each event's `socket_id` skipped),
+//! `POST /apps/{id}/users/{user}/terminate_connections`, and the channel
+//! queries (`GET /apps/{id}/channels/{channel}` and its `/users`).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::bus::{MemberQuery, Members};
+use crate::protocol::http::{Request, Response};
+use crate::pusher::wire::{self, SocketId};
+use crate::pusher::{sign, App};
+use crate::shard::key::ConnKey;
+
+use super::channels::PresenceThen;
+use super::conn::{Deferred, Reply};
+use super::streams::Published;
+use super::ShardState;
+
+/// What a `GET /apps/{id}/channels/{channel}[/users]` asked for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChannelQuery {
+    /// `/users`: a presence channel's users.
+    users: bool,
+    /// `info=user_count` (presence channels only).
+    user_count: bool,
+    /// `info=subscription_count`.
+    subscription_count: bool,
+}
+
+/// Channels one `POST /apps/{id}/events` may name (Pusher's limit).
+const MAX_CHANNELS_PER_EVENT: usize = 100;
+/// Events one `POST /apps/{id}/batch_events` may carry (Pusher's limit).
+const MAX_BATCH_EVENTS: usize = 10;
+/// A `POST /apps/{id}/events` body.
+#[derive(Deserialize)]
+struct Trigger {
+    name: String,
+    data: String,
+    channels: Option<Vec<String>>,
+    channel: Option<String>,
+    /// The connection that caused the event, which does not get it.
+    socket_id: Option<String>,
+}
+
+/// A `POST /apps/{id}/batch_events` body.
+#[derive(Deserialize)]
+struct Batch {
+    batch: Vec<BatchEvent>,
+}
+
+#[derive(Deserialize)]
+struct BatchEvent {
+    channel: String,
+    name: String,
+    data: String,
+    socket_id: Option<String>,
+}
+
+impl ShardState {
+    /// `POST /apps/{id}/events`: an event for up to 100 channels, signed
+    /// with the app's secret.
+    pub(super) fn pusher_events(&mut self, request: &Request, app_id: &str) -> Response {
+        let (app, trigger) = match self.signed_body::<Trigger>(request, app_id) {
+            Ok(signed) => signed,
+            Err(refusal) => return refusal,
+        };
+        let channels = match (trigger.channels, trigger.channel) {
+            (Some(channels), None) => channels,
+            (None, Some(channel)) => vec![channel],
+            _ => return pusher_error(400, "Give channels or channel"),
+        };
+        let event = Event {
+            channels,
+            name: trigger.name,
+            data: trigger.data,
+            socket_id: trigger.socket_id,
+        };
+        if let Err(refusal) = checked_event(&app, &event) {
+            return refusal;
+        }
+        match self.publish_event(&app, &event) {
+            Ok(()) => Response::json(200, "{}".to_string()),
+            Err(refusal) => refusal,
+        }
+    }
+
+    /// `POST /apps/{id}/batch_events`: up to 10 events, each for one
+    /// channel; all are checked before any is published.
+    pub(super) fn pusher_batch_events(&mut self, request: &Request, app_id: &str) -> Response {
+        let (app, batch) = match self.signed_body::<Batch>(request, app_id) {
+            Ok(signed) => signed,
+            Err(refusal) => return refusal,
+        };
+        if batch.batch.is_empty() || batch.batch.len() > MAX_BATCH_EVENTS {
+            let why = format!("1 to {MAX_BATCH_EVENTS} events per batch");
+            return pusher_error(400, &why);
+        }
+        let events: Vec<Event> = batch
+            .batch
+            .into_iter()
+            .map(|e| Event {
+                channels: vec![e.channel],
+                name: e.name,
+                data: e.data,
+                socket_id: e.socket_id,
+            })
+            .collect();
+        if let Some(refusal) = events.iter().find_map(|e| checked_event(&app, e).err()) {
+            return refusal;
+        }
+        for event in &events {
+            if let Err(refusal) = self.publish_event(&app, event) {
+                return refusal;
+            }
+        }
+        Response::json(200, "{}".to_string())
+    }
+
+    /// `POST /apps/{id}/users/{user}/terminate_connections`: every
+    /// connection signed in as `user`, on every shard and node, is closed
+    /// with Pusher's 4009.
+    pub(super) fn pusher_terminate(
+        &mut self,
+        request: &Request,
+        app_id: &str,
+        user: &str,
+    ) -> Response {
+        let (app, _) = match self.signed_body::<serde::de::IgnoredAny>(request, app_id) {
+            Ok(signed) => signed,
+            Err(refusal) => return refusal,
+        };
+        let channel = format!("{}{user}", wire::USER_CHANNEL_PREFIX);
+        if wire::user_channel(&channel).is_none() {
+            return pusher_error(400, &format!("Invalid user id `{user}`"));
+        }
+        let topic = wire::topic(&app.id, &channel);
+        match self.publish_framed(&topic, wire::terminate(&topic)) {
+            Published::LocalOnly { why, .. } => pusher_error(503, why.message()),
+            _ => Response::json(200, "{}".to_string()),
+        }
+    }
+
+    /// The app `app_id` names and the request's JSON body, if the request
+    /// is signed with the app's secret (checked before the body is read).
+    fn signed_body<T: DeserializeOwned>(
+        &self,
+        request: &Request,
+        app_id: &str,
+    ) -> Result<(Arc<App>, T), Response> {
+        let app = self.signed_app(request, "POST", app_id)?;
+        let body = serde_json::from_slice(&request.body)
+            .map_err(|e| pusher_error(400, &format!("Invalid JSON: {e}")))?;
+        Ok((app, body))
+    }
+
+    /// The app `app_id` names, if the request is signed with its secret.
+    fn signed_app(
+        &self,
+        request: &Request,
+        method: &str,
+        app_id: &str,
+    ) -> Result<Arc<App>, Response> {
+        let Some(app) = self.config().apps.iter().find(|a| a.id == app_id) else {
+            return Err(pusher_error(404, &format!("Unknown app {app_id}")));
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (path, query, body) = (&request.path, &request.query, &request.body);
+        sign::check_api_request(app, method, path, query, body, now)
+            .map_err(|why| pusher_error(401, &why.to_string()))?;
+        Ok(app.clone())
+    }
+
+    /// `GET /apps/{id}/channels/{channel}` (`users`: its `/users`): the
+    /// channel's counts across the node's shards (and, for a presence
+    /// channel, the cluster's members), answered once every shard has
+    /// counted; the connection is parked meanwhile, within the limits of a
+    /// presence query.
+    pub(super) fn pusher_channel_query(
+        &mut self,
+        key: ConnKey,
+        request: &Request,
+        app_id: &str,
+        channel: &str,
+        users: bool,
+        cors: Option<&str>,
+    ) -> Option<Response> {
+        let app = match self.signed_app(request, "GET", app_id) {
+            Ok(app) => app,
+            Err(refusal) => return Some(refusal),
+        };
+        if !wire::valid_channel(channel) && wire::user_channel(channel).is_none() {
+            return Some(pusher_error(
+                400,
+                &format!("Invalid channel name `{channel}`"),
+            ));
+        }
+        let presence = channel.starts_with("presence-");
+        let info = request.query_param("info").unwrap_or_default();
+        let asked = |what: &str| info.split(',').any(|i| i.trim() == what);
+        let query = ChannelQuery {
+            users,
+            user_count: asked("user_count"),
+            subscription_count: asked("subscription_count"),
+        };
+        if (users || query.user_count) && !presence {
+            let why = "user_count and users are only for presence channels";
+            return Some(pusher_error(400, why));
+        }
+        if let Err((status, why)) = self.admit_presence(key) {
+            return Some(pusher_error(status, &why));
+        }
+        self.park(
+            key,
+            Deferred::Presence {
+                reply: Reply::to(request, cors),
+            },
+        );
+        let members = MemberQuery {
+            // A presence channel's users are listed whole (an app allows at
+            // most 1,000); otherwise only counted.
+            limit: if users || query.user_count {
+                app.max_presence_members
+            } else {
+                0
+            },
+            by_user: presence,
+            subscribers: !presence,
+            ..MemberQuery::default()
+        };
+        let topic = wire::topic(&app.id, channel);
+        self.start_presence(&topic, members, PresenceThen::PusherChannel { key, query });
+        None
+    }
+
+    /// A channel query's counts are in: the parked request is answered.
+    pub(super) fn pusher_channel_answered(
+        &mut self,
+        key: ConnKey,
+        query: ChannelQuery,
+        members: &Members,
+    ) {
+        let parked = self.take_deferred(key, |d| matches!(d, Deferred::Presence { .. }));
+        let Some(Deferred::Presence { reply }) = parked else {
+            return;
+        };
+        let body = if query.users {
+            let users: Vec<serde_json::Value> = members
+                .list
+                .iter()
+                .map(|(user, _)| serde_json::json!({ "id": user }))
+                .collect();
+            serde_json::json!({ "users": users })
+        } else {
+            let mut body = serde_json::json!({ "occupied": members.count > 0 });
+            if query.user_count {
+                body["user_count"] = members.list.len().into();
+            }
+            if query.subscription_count {
+                body["subscription_count"] = members.count.into();
+            }
+            body
+        };
+        self.answer_parked(key, reply.answer(Response::json(200, body.to_string())));
+    }
+
+    /// Publishes a checked event to each of its channels.
+    fn publish_event(&mut self, app: &App, event: &Event) -> Result<(), Response> {
+        if !self.accepting_publishes() {
+            return Err(pusher_error(
+                503,
+                "server shutting down: publishes are refused",
+            ));
+        }
+        let data = serde_json::to_string(&event.data).expect("a string serialises");
+        for channel in &event.channels {
+            let topic = wire::topic(&app.id, channel);
+            let except = event.socket_id.as_deref();
+            let frame = wire::push_except(&topic, &event.name, &data, except, None);
+            // An app's topics are plain (its channel resolves to no
+            // history): published here, never parked.
+            if let Published::LocalOnly { why, .. } = self.publish_framed(&topic, frame) {
+                return Err(pusher_error(503, why.message()));
+            }
+        }
+        Ok(())
+    }
+}
+/// An event to publish: its channels, name and data (a string, as
+/// Pusher's libraries send it), and the socket that does not get it.
+struct Event {
+    channels: Vec<String>,
+    name: String,
+    data: String,
+    socket_id: Option<String>,
+}
+
+/// Whether `app` takes the event: 1 to 100 valid channels, a name of 1 to
+/// 200 bytes, data within its `max_event_bytes`, a socket id ringcast
+/// could have made.
+fn checked_event(app: &App, event: &Event) -> Result<(), Response> {
+    let channels = &event.channels;
+    if channels.is_empty() || channels.len() > MAX_CHANNELS_PER_EVENT {
+        let why = format!("1 to {MAX_CHANNELS_PER_EVENT} channels per event");
+        return Err(pusher_error(400, &why));
+    }
+    let valid = |c: &String| wire::valid_channel(c) || wire::user_channel(c).is_some();
+    if let Some(bad) = channels.iter().find(|c| !valid(c)) {
+        return Err(pusher_error(400, &format!("Invalid channel name `{bad}`")));
+    }
+    if event.name.is_empty() || event.name.len() > wire::MAX_EVENT_NAME_BYTES {
+        let why = format!(
+            "Event name must be 1 to {} bytes",
+            wire::MAX_EVENT_NAME_BYTES
+        );
+        return Err(pusher_error(400, &why));
+    }
+    if event.data.len() > app.max_event_bytes {
+        let why = format!("Event data over {} bytes", app.max_event_bytes);
+        return Err(pusher_error(413, &why));
+    }
+    if let Some(socket_id) = &event.socket_id {
+        if SocketId::parse(socket_id).is_none() {
+            return Err(pusher_error(
+                400,
+                &format!("Invalid socket id `{socket_id}`"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Pusher answers its HTTP API's errors with the message as text.
+pub(super) fn pusher_error(status: u16, message: &str) -> Response {
+    Response::text(status, "text/plain; charset=utf-8", format!("{message}\n"))
+}
