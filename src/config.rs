@@ -343,6 +343,22 @@ pub struct WebhookConfig {
 }
 
 impl WebhookConfig {
+    /// The delays and bounds of `[webhooks]` when it gives none (a Pusher
+    /// app's webhooks use them without a `[webhooks]` table), with no
+    /// destination of its own.
+    pub fn defaults() -> WebhookConfig {
+        WebhookConfig {
+            url: String::new(),
+            secret: String::new(),
+            events: Vec::new(),
+            vacated_delay: Duration::from_millis(2000),
+            offline_delay: Duration::from_millis(5000),
+            timeout: Duration::from_millis(5000),
+            max_queued_bytes: 16 << 20,
+            max_batch_events: 100,
+        }
+    }
+
     /// Whether `event` (one of [`WEBHOOK_EVENTS`]) is wanted.
     pub fn wants(&self, event: &str) -> bool {
         self.events.iter().any(|e| e == event)
@@ -1011,15 +1027,18 @@ fn webhook_config(file: FileWebhooks) -> Result<WebhookConfig, ConfigError> {
             WEBHOOK_EVENTS.join(", ")
         ));
     }
-    let max_queued_bytes = file.max_queued_bytes.unwrap_or(16 * 1024 * 1024);
+    let defaults = WebhookConfig::defaults();
+    let max_queued_bytes = file.max_queued_bytes.unwrap_or(defaults.max_queued_bytes);
     if max_queued_bytes < 64 * 1024 {
         return invalid("max_queued_bytes must be at least 64 KiB (65536)".into());
     }
-    let max_batch_events = file.max_batch_events.unwrap_or(100);
+    let max_batch_events = file.max_batch_events.unwrap_or(defaults.max_batch_events);
     if !(1..=10_000).contains(&max_batch_events) {
         return invalid("max_batch_events must be 1 to 10000".into());
     }
-    let timeout = Duration::from_millis(file.timeout_ms.unwrap_or(5000));
+    let timeout = file
+        .timeout_ms
+        .map_or(defaults.timeout, Duration::from_millis);
     if timeout < Duration::from_millis(100) {
         return invalid("timeout_ms must be at least 100".into());
     }
@@ -1027,8 +1046,12 @@ fn webhook_config(file: FileWebhooks) -> Result<WebhookConfig, ConfigError> {
         url: file.url,
         secret: file.secret,
         events,
-        vacated_delay: Duration::from_millis(file.vacated_delay_ms.unwrap_or(2000)),
-        offline_delay: Duration::from_millis(file.offline_delay_ms.unwrap_or(5000)),
+        vacated_delay: file
+            .vacated_delay_ms
+            .map_or(defaults.vacated_delay, Duration::from_millis),
+        offline_delay: file
+            .offline_delay_ms
+            .map_or(defaults.offline_delay, Duration::from_millis),
         timeout,
         max_queued_bytes,
         max_batch_events,

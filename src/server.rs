@@ -129,18 +129,19 @@ impl Relay {
             }
             None => None,
         };
-        let webhooks = match (&shared.webhooks, &shared.config.webhooks) {
-            (Some(sink), Some(config)) => {
-                tracing::info!(
-                    "webhooks: events {:?} go to {}",
-                    config.events,
-                    crate::config::redact_url(&config.url)
-                );
-                Some(crate::webhooks::spawn(
-                    sink.clone(),
-                    Arc::new(config.clone()),
-                    shared.config.cluster.clone(),
-                )?)
+        let plan = crate::webhooks::Plan::of(&shared.config);
+        let webhooks = match (&shared.webhooks, plan) {
+            (Some(sink), Some(plan)) => {
+                for target in &plan.targets {
+                    tracing::info!(
+                        "webhooks: events {:?} go to {} ({:?})",
+                        target.events,
+                        crate::config::redact_url(&target.url),
+                        target.signer,
+                    );
+                }
+                let cluster = shared.config.cluster.clone();
+                Some(crate::webhooks::spawn(sink.clone(), plan, cluster)?)
             }
             _ => None,
         };

@@ -374,3 +374,73 @@ fn signed_post(node: &TestServer, path: &str, body: &str) -> u16 {
     let url = format!("{path}?{params}&auth_signature={signature}");
     node.http("POST", &url, Some(body)).0
 }
+
+/// Pusher-format webhooks to an app's `webhook_url`, checked by the server
+/// SDK's `webhook(req).isValid()` as a backend checks them: occupied and
+/// member added when the first user subscribes, the client event with its
+/// socket and user, then vacated and member removed (after the delay) once
+/// it left; ringcast's own topics never reach the app's backend.
+#[test]
+fn an_apps_webhooks_are_pushers_and_the_server_sdk_validates_them() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = format!("{}/tests/pusher", env!("CARGO_MANIFEST_DIR"));
+    let mut script = Command::new("node")
+        .current_dir(&dir)
+        .args(["webhook_test.mjs", "4711", "app-key", "app-secret"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node runs");
+    let mut stdout = BufReader::new(script.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("listening ")
+        .expect("the receiver's port");
+    let config = format!(
+        "{APP}client_events = true\nwebhook_events = [\"channel_occupied\", \"channel_vacated\", \"member_added\", \"member_removed\", \"client_event\"]\nwebhook_url = \"http://127.0.0.1:{port}/pusher\"\n"
+    );
+    let node = TestServer::start(2, Some(&config));
+    // A ringcast topic of its own: no webhook for it goes to the app.
+    let mut native = node.ws("/ws");
+    native.subscribe("news");
+    let mut stdin = script.stdin.take().unwrap();
+    writeln!(stdin, "127.0.0.1 {}", node.addr.port()).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(script.wait().unwrap().success(), "{rest}");
+    let result: Value = serde_json::from_str(rest.trim()).unwrap();
+    assert_eq!(
+        result["invalid"], 0,
+        "every webhook signed with the app's secret: {result}"
+    );
+    let socket_id = result["socket_id"].as_str().unwrap();
+    let events = result["events"].as_array().unwrap();
+    let mut names: Vec<&str> = events.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "channel_occupied",
+            "channel_vacated",
+            "client_event",
+            "member_added",
+            "member_removed"
+        ],
+        "{result}"
+    );
+    for event in events {
+        assert_eq!(event["channel"], "presence-room", "{event}");
+        match event["name"].as_str().unwrap() {
+            "member_added" | "member_removed" => assert_eq!(event["user_id"], "ann"),
+            "client_event" => {
+                assert_eq!(event["event"], "client-typing");
+                assert_eq!(event["data"], r#"{"by":"ann"}"#);
+                assert_eq!(event["socket_id"], socket_id);
+                assert_eq!(event["user_id"], "ann");
+            }
+            _ => {}
+        }
+    }
+}

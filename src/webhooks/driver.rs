@@ -21,7 +21,10 @@ use super::arbiter::{Answer, Arbiter};
 use super::cluster::{ClusterKeys, ClusterRunner};
 use super::signature;
 use super::state::{Op, WebhookState};
-use super::{Report, WebhookSink};
+use super::{Plan, Report, Signer, Target, WebhookSink};
+
+/// A POST's outcome: its destination, its id, whether it was delivered.
+type Posted = (usize, u64, bool);
 
 /// The most of a backend's answer that is read (and thrown away, so the
 /// connection can be used again).
@@ -33,22 +36,32 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// up to that.
 pub fn spawn(
     sink: Arc<WebhookSink>,
-    config: Arc<WebhookConfig>,
+    plan: Plan,
     cluster: Option<ClusterConfig>,
 ) -> io::Result<Worker> {
     let reports = sink.reports.take("webhook")?;
-    let uri: Uri = config
-        .url
-        .parse()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("webhooks.url: {e}")))?;
+    let uris = plan
+        .targets
+        .iter()
+        .map(|t| {
+            t.url.parse::<Uri>().map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("webhook url {}: {e}", t.url),
+                )
+            })
+        })
+        .collect::<io::Result<Vec<Uri>>>()?;
     let client = crate::backend::client()?;
     Worker::spawn("ringcast-webhooks", move |stopped| async move {
+        let config = plan.settings.clone();
+        let destinations = plan.destinations();
         let (state, runner) = match cluster.map(|c| clustered(&config, &c)).transpose() {
             Ok(Some((arbiter, runner))) => (
-                WebhookState::clustered(config.clone(), arbiter),
+                WebhookState::clustered(config.clone(), destinations, arbiter),
                 Some(runner),
             ),
-            Ok(None) => (WebhookState::new(config.clone()), None),
+            Ok(None) => (WebhookState::new(config.clone(), destinations), None),
             Err(e) => {
                 tracing::error!("webhooks cannot reach the cluster's Redis: {e}");
                 return;
@@ -57,7 +70,7 @@ pub fn spawn(
         let driver = Driver {
             state,
             config,
-            uri,
+            targets: plan.targets.into_iter().zip(uris).collect(),
             sink,
             client,
             runner,
@@ -96,7 +109,8 @@ type RedisDone = (u64, Option<Vec<Answer>>, ClusterRunner);
 struct Driver {
     state: WebhookState,
     config: Arc<WebhookConfig>,
-    uri: Uri,
+    /// Each destination's target and its parsed URL, in the state's order.
+    targets: Vec<(Target, Uri)>,
     sink: Arc<WebhookSink>,
     client: BackendClient,
     /// With a cluster: the Redis runner, when no batch has it.
@@ -115,7 +129,7 @@ impl Driver {
         mut reports: mpsc::UnboundedReceiver<Report>,
         mut stopped: oneshot::Receiver<Duration>,
     ) {
-        let (done_tx, mut done) = mpsc::unbounded_channel::<(u64, bool)>();
+        let (done_tx, mut done) = mpsc::unbounded_channel::<Posted>();
         let (redis_tx, mut redis) = mpsc::unbounded_channel::<RedisDone>();
         let flush = loop {
             self.start(&done_tx, &redis_tx);
@@ -131,7 +145,7 @@ impl Driver {
                     Some(report) => self.report(report),
                     None => break Duration::ZERO,
                 },
-                Some((id, ok)) = done.recv() => self.posted(id, ok),
+                Some((to, id, ok)) = done.recv() => self.posted(to, id, ok),
                 Some(answered) = redis.recv() => self.redis_answered(answered),
                 () = sleep => self.state.tick(Instant::now(), unix_ms()),
                 flush = &mut stopped => break flush.unwrap_or_default(),
@@ -150,7 +164,7 @@ impl Driver {
             }
             let deadline = self.state.next_deadline();
             tokio::select! {
-                Some((id, ok)) = done.recv() => self.posted(id, ok),
+                Some((to, id, ok)) = done.recv() => self.posted(to, id, ok),
                 Some(answered) = redis.recv() => self.redis_answered(answered),
                 () = tokio::time::sleep_until(deadline.map_or(until, Into::into).min(until)) => {
                     if tokio::time::Instant::now() >= until {
@@ -182,26 +196,26 @@ impl Driver {
         }
     }
 
-    fn posted(&mut self, id: u64, ok: bool) {
+    fn posted(&mut self, to: usize, id: u64, ok: bool) {
         let counter = if ok {
             &self.sink.stats.posts_total
         } else {
             &self.sink.stats.post_failures_total
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        self.state.posted(id, ok, Instant::now());
+        self.state.posted(to, id, ok, Instant::now());
     }
 
     /// Runs the POSTs and Redis batches the state asks for, and shows its
     /// counters.
     fn start(
         &mut self,
-        done: &mpsc::UnboundedSender<(u64, bool)>,
+        done: &mpsc::UnboundedSender<Posted>,
         redis: &mpsc::UnboundedSender<RedisDone>,
     ) {
         for op in self.state.take_ops() {
-            let (id, body) = match op {
-                Op::Post { id, body } => (id, body),
+            let (to, id, body) = match op {
+                Op::Post { to, id, body } => (to, id, body),
                 Op::Redis { id, commands } => {
                     let mut runner = self.runner.take().expect("one Redis batch at a time");
                     let redis = redis.clone();
@@ -212,7 +226,7 @@ impl Driver {
                     continue;
                 }
             };
-            let request = self.request(body);
+            let request = self.request(to, body);
             let client = self.client.clone();
             let done = done.clone();
             let timeout = self.config.timeout;
@@ -228,16 +242,13 @@ impl Driver {
                         false
                     }
                 };
-                let _ = done.send((id, ok));
+                let _ = done.send((to, id, ok));
             });
         }
         let stats = &self.sink.stats;
-        stats
-            .events_total
-            .store(self.state.events_total, Ordering::Relaxed);
-        stats
-            .dropped_total
-            .store(self.state.dropped_total, Ordering::Relaxed);
+        let (events, dropped) = self.state.events_counts();
+        stats.events_total.store(events, Ordering::Relaxed);
+        stats.dropped_total.store(dropped, Ordering::Relaxed);
         stats
             .queued_bytes
             .store(self.state.queued_bytes() as u64, Ordering::Relaxed);
@@ -248,12 +259,22 @@ impl Driver {
             .store(failures, Ordering::Relaxed);
     }
 
-    fn request(&self, body: Bytes) -> hyper::Request<Full<Bytes>> {
-        let signature = signature::sign(&self.config.secret, &body);
-        hyper::Request::post(self.uri.clone())
+    /// The POST of `body` to destination `to`, signed as it expects.
+    fn request(&self, to: usize, body: Bytes) -> hyper::Request<Full<Bytes>> {
+        let (target, uri) = &self.targets[to];
+        let request = hyper::Request::post(uri.clone())
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::USER_AGENT, "ringcast")
-            .header(signature::HEADER, signature)
+            .header(hyper::header::USER_AGENT, "ringcast");
+        let request = match &target.signer {
+            Signer::Ringcast { secret } => {
+                request.header(signature::HEADER, signature::sign(secret, &body))
+            }
+            Signer::Pusher { key, secret } => request.header("X-Pusher-Key", key.as_str()).header(
+                "X-Pusher-Signature",
+                crate::pusher::sign::hmac_hex(secret, &body),
+            ),
+        };
+        request
             .body(Full::new(body))
             .expect("a request of a valid URI and header values")
     }

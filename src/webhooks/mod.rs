@@ -21,7 +21,9 @@
 
 pub mod arbiter;
 mod cluster;
+pub mod destination;
 mod driver;
+mod outbox;
 pub mod signature;
 pub mod state;
 
@@ -29,7 +31,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::backend::Handoff;
-use crate::config::WebhookConfig;
+use crate::config::{Config, WebhookConfig};
+
+pub use destination::{Destination, Format};
 
 pub use driver::spawn;
 
@@ -56,7 +60,8 @@ pub struct Notice {
     pub on: bool,
 }
 
-/// A client's publication (over `/ws`), for `client_event`.
+/// A client's publication (over `/ws`, or a Pusher client event), for
+/// `client_event`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientEvent {
     pub topic: Arc<str>,
@@ -65,6 +70,113 @@ pub struct ClientEvent {
     pub user: Option<Arc<str>>,
     /// The payload as published (raw JSON).
     pub payload: Box<str>,
+    /// A Pusher client's socket id.
+    pub socket_id: Option<Box<str>>,
+}
+
+/// Where the webhook thread sends events, and how: one per destination,
+/// in the order of the state's destinations.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub url: String,
+    pub format: Format,
+    pub events: Vec<String>,
+    pub signer: Signer,
+}
+
+/// How a destination's POSTs are signed.
+#[derive(Clone)]
+pub enum Signer {
+    /// `X-Ringcast-Signature` with `[webhooks] secret`.
+    Ringcast { secret: String },
+    /// `X-Pusher-Key` and `X-Pusher-Signature` (the app's secret), as
+    /// Pusher's server libraries check them.
+    Pusher { key: String, secret: String },
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Signer::Ringcast { .. } => f.write_str("Ringcast"),
+            Signer::Pusher { key, .. } => write!(f, "Pusher({key})"),
+        }
+    }
+}
+
+/// What the webhook thread serves: its delays and bounds, and the
+/// destinations (ringcast's `[webhooks]`, then each app with a
+/// `webhook_url`); `None` when nobody wants a webhook.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub settings: Arc<WebhookConfig>,
+    pub targets: Vec<Target>,
+}
+
+impl Plan {
+    pub fn of(config: &Config) -> Option<Plan> {
+        let mut targets = Vec::new();
+        if let Some(webhooks) = &config.webhooks {
+            targets.push(Target {
+                url: webhooks.url.clone(),
+                format: Format::Ringcast,
+                events: webhooks.events.clone(),
+                signer: Signer::Ringcast {
+                    secret: webhooks.secret.clone(),
+                },
+            });
+        }
+        for app in &config.apps {
+            let Some(url) = &app.webhook_url else {
+                continue;
+            };
+            targets.push(Target {
+                url: url.clone(),
+                format: Format::Pusher {
+                    prefix: crate::pusher::wire::topic_prefix(&app.id),
+                },
+                events: app.webhook_events.clone(),
+                signer: Signer::Pusher {
+                    key: app.key.clone(),
+                    secret: app.secret.clone(),
+                },
+            });
+        }
+        if targets.is_empty() {
+            return None;
+        }
+        // An app's webhooks keep ringcast's delays and bounds, or their
+        // defaults without `[webhooks]`.
+        let settings = config
+            .webhooks
+            .clone()
+            .unwrap_or_else(WebhookConfig::defaults);
+        Some(Plan {
+            settings: Arc::new(settings),
+            targets,
+        })
+    }
+
+    /// The state's destinations, in the targets' order.
+    pub fn destinations(&self) -> Vec<Destination> {
+        self.targets
+            .iter()
+            .map(|t| {
+                Destination::new(
+                    t.format.clone(),
+                    t.events.clone(),
+                    self.settings.max_queued_bytes,
+                    self.settings.max_batch_events,
+                )
+            })
+            .collect()
+    }
+
+    /// Whether some destination wants `event`.
+    fn wants(&self, event: &str) -> bool {
+        self.targets
+            .iter()
+            .any(|t| t.events.iter().any(|e| e == event))
+    }
 }
 
 /// What a shard hands the webhook thread.
@@ -98,13 +210,13 @@ pub struct WebhookStats {
 }
 
 impl WebhookSink {
-    pub fn new(config: &WebhookConfig) -> WebhookSink {
+    pub fn new(plan: &Plan) -> WebhookSink {
         WebhookSink {
             reports: Handoff::default(),
-            topics: config.wants("channel_occupied") || config.wants("channel_vacated"),
-            users: config.wants("user_offline"),
-            members: config.wants("member_added") || config.wants("member_removed"),
-            client_events: config.wants("client_event"),
+            topics: plan.wants("channel_occupied") || plan.wants("channel_vacated"),
+            users: plan.wants("user_offline"),
+            members: plan.wants("member_added") || plan.wants("member_removed"),
+            client_events: plan.wants("client_event"),
             stats: WebhookStats::default(),
         }
     }

@@ -1,9 +1,9 @@
 //! The webhook thread's decisions, without I/O: notices and ticks in, POSTs
 //! out. It sums the shards' transitions per name (a topic is occupied
 //! while any shard holds it), delays the vacated and offline events so a
-//! name that comes back in time produces neither, queues the events within
-//! a byte bound, and sends them in batches, one POST at a time (so the
-//! backend sees them in order), retrying a failed one with backoff.
+//! name that comes back in time produces neither, and hands each event to
+//! the destination it is for (`destination.rs`: ringcast's `[webhooks]`,
+//! or a Pusher app's), whose queue sends it in order (`outbox.rs`).
 //!
 //! With `[cluster]`, the node's transitions go to an [`Arbiter`] instead,
 //! which asks Redis whether each is the cluster's (`arbiter.rs`); the
@@ -18,18 +18,17 @@ use bytes::Bytes;
 use crate::config::WebhookConfig;
 
 use super::arbiter::{Answer, Arbiter, Command, Decision};
+use super::destination::Destination;
+#[cfg(test)]
+use super::destination::Format;
 use super::{ClientEvent, Notice, Subject};
-
-/// The first wait after a failed POST; it doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// POST `body` (signed by the driver); answer with
-    /// [`WebhookState::posted`] and this `id`.
-    Post { id: u64, body: Bytes },
+    /// POST `body` to destination `to` (signed by the driver); answer
+    /// with [`WebhookState::posted`], `to` and this `id`.
+    Post { to: usize, id: u64, body: Bytes },
     /// Run `commands` in Redis, in order; answer with
     /// [`WebhookState::redis_answered`] and this `id`.
     Redis { id: u64, commands: Vec<Command> },
@@ -56,54 +55,43 @@ const SUBJECTS: [Subject; 3] = [Subject::Topic, Subject::User, Subject::Member];
 /// The webhook thread's state.
 #[derive(Debug)]
 pub struct WebhookState {
+    /// The delays (the destinations' own settings are in them).
     config: Arc<WebhookConfig>,
+    destinations: Vec<Destination>,
     holding: HashMap<Key, Holding>,
     /// With `[cluster]`: where the node's transitions are decided.
     cluster: Option<Arbiter>,
     /// Names whose last holder left, by deadline (the delays are fixed per
     /// subject, so each subject's deadlines come in order).
     vacating: [VecDeque<(Instant, Key, u64)>; 3],
-    /// Encoded events waiting, oldest first; the first `in_flight` of them
-    /// are being posted.
-    queue: VecDeque<String>,
-    queued_bytes: usize,
-    in_flight: Option<(u64, usize)>,
-    retry_at: Option<Instant>,
-    backoff: Duration,
-    next_post: u64,
     ops: Vec<Op>,
     /// The wall clock at the latest input, for a batch's `time_ms`.
     unix_ms: u64,
-    /// Events queued, and dropped over the byte bound.
-    pub events_total: u64,
-    pub dropped_total: u64,
 }
 
 impl WebhookState {
-    pub fn new(config: Arc<WebhookConfig>) -> WebhookState {
+    /// The state for `destinations`, with `config`'s delays.
+    pub fn new(config: Arc<WebhookConfig>, destinations: Vec<Destination>) -> WebhookState {
         WebhookState {
             config,
+            destinations,
             holding: HashMap::new(),
             cluster: None,
             vacating: [VecDeque::new(), VecDeque::new(), VecDeque::new()],
-            queue: VecDeque::new(),
-            queued_bytes: 0,
-            in_flight: None,
-            retry_at: None,
-            backoff: FIRST_BACKOFF,
-            next_post: 0,
             ops: Vec::new(),
             unix_ms: 0,
-            events_total: 0,
-            dropped_total: 0,
         }
     }
 
     /// The same for a node of a cluster: `arbiter` decides its transitions.
-    pub fn clustered(config: Arc<WebhookConfig>, arbiter: Arbiter) -> WebhookState {
+    pub fn clustered(
+        config: Arc<WebhookConfig>,
+        destinations: Vec<Destination>,
+        arbiter: Arbiter,
+    ) -> WebhookState {
         WebhookState {
             cluster: Some(arbiter),
-            ..WebhookState::new(config)
+            ..WebhookState::new(config, destinations)
         }
     }
 
@@ -171,23 +159,19 @@ impl WebhookState {
         self.pump(now);
     }
 
-    /// A client's publication, reported as it is (`client_event`).
+    /// A client's publication (over `/ws`, or a Pusher client event),
+    /// reported as it is (`client_event`) to the destination it is for.
     pub fn client_event(&mut self, event: ClientEvent, now: Instant, unix_ms: u64) {
         self.unix_ms = unix_ms;
-        if !self.config.wants("client_event") {
+        let key: Key = (Subject::Topic, event.topic.clone(), None);
+        let Some(destination) = self.destinations.iter_mut().find(|d| d.takes(&key)) else {
             return;
+        };
+        if destination.wants("client_event") {
+            let encoded = destination.encode_client_event(&event, unix_ms);
+            destination.outbox.queue(encoded);
+            self.pump(now);
         }
-        let text = |s: &str| serde_json::to_string(s).expect("a string serialises");
-        let user = event.user.as_deref().map_or("null".to_string(), text);
-        // The payload is raw JSON the client sent, parsed on its way in.
-        let encoded = format!(
-            "{{\"name\":\"client_event\",\"topic\":{},\"event\":{},\"user\":{user},\"payload\":{},\"time_ms\":{unix_ms}}}",
-            text(&event.topic),
-            text(&event.event),
-            event.payload
-        );
-        self.queue_event(encoded);
-        self.pump(now);
     }
 
     /// Time passed: vacates that are due happen, a backoff may end.
@@ -248,27 +232,20 @@ impl WebhookState {
                 self.vacate(&key, generation, unix_ms);
             }
         }
-        self.retry_at = None;
+        for destination in &mut self.destinations {
+            destination.outbox.end_backoff();
+        }
         self.pump(now);
     }
 
-    /// The POST `id` ended: delivered (`ok`) or to be retried after a backoff.
-    pub fn posted(&mut self, id: u64, ok: bool, now: Instant) {
-        let Some((current, count)) = self.in_flight.take() else {
-            debug_assert!(false, "an answer to no POST");
+    /// The POST `id` to destination `to` ended: delivered (`ok`) or to be
+    /// retried after a backoff.
+    pub fn posted(&mut self, to: usize, id: u64, ok: bool, now: Instant) {
+        let Some(destination) = self.destinations.get_mut(to) else {
+            debug_assert!(false, "an answer from no destination");
             return;
         };
-        debug_assert_eq!(current, id, "POSTs are answered in order, one at a time");
-        if ok {
-            for _ in 0..count {
-                let event = self.queue.pop_front().expect("posted events are queued");
-                self.queued_bytes -= event.len();
-            }
-            self.backoff = FIRST_BACKOFF;
-        } else {
-            self.retry_at = Some(now + self.backoff);
-            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-        }
+        destination.outbox.posted(id, ok, now);
         self.pump(now);
     }
 
@@ -280,20 +257,39 @@ impl WebhookState {
     /// When [`tick`](Self::tick) has something to do next, if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
         let vacate = self.vacating.iter().filter_map(|q| q.front()).map(|v| v.0);
-        let retry = self.retry_at.filter(|_| self.in_flight.is_none());
+        let retries = self
+            .destinations
+            .iter()
+            .filter_map(|d| d.outbox.retry_deadline());
         let redis = self.cluster.as_ref().and_then(Arbiter::next_deadline);
-        vacate.chain(retry).chain(redis).min()
+        vacate.chain(retries).chain(redis).min()
     }
 
-    /// Bytes of events waiting (the one in flight included).
+    /// Bytes of events waiting (those in flight included), everywhere.
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes
+        self.destinations
+            .iter()
+            .map(|d| d.outbox.queued_bytes())
+            .sum()
+    }
+
+    /// Events queued, and dropped over a destination's byte bound.
+    pub fn events_counts(&self) -> (u64, u64) {
+        self.destinations
+            .iter()
+            .fold((0, 0), |(queued, dropped), d| {
+                (
+                    queued + d.outbox.events_total,
+                    dropped + d.outbox.dropped_total,
+                )
+            })
     }
 
     /// Whether nothing waits to be sent or is being sent (with a cluster:
     /// and the arbiter said goodbye after a flush).
     pub fn idle(&self) -> bool {
-        self.queue.is_empty() && self.cluster.as_ref().map_or(true, Arbiter::idle)
+        self.destinations.iter().all(|d| d.outbox.is_empty())
+            && self.cluster.as_ref().map_or(true, Arbiter::idle)
     }
 
     /// Commands waiting for Redis, and Redis batches that failed.
@@ -325,68 +321,29 @@ impl WebhookState {
         }
     }
 
-    /// Queues event `event` about `key` if it is wanted and fits.
+    /// Queues event `event` about `key` at the destination it is for, if
+    /// that one wants it and it fits.
     fn event(&mut self, event: &str, key: &Key, unix_ms: u64) {
-        if !self.config.wants(event) {
+        let Some(destination) = self.destinations.iter_mut().find(|d| d.takes(key)) else {
             return;
+        };
+        if destination.wants(event) {
+            let encoded = destination.encode(event, key, unix_ms);
+            destination.outbox.queue(encoded);
         }
-        let (subject, name, user) = (key.0, &*key.1, key.2.as_deref());
-        let encoded = match subject {
-            Subject::Topic => {
-                serde_json::json!({"name": event, "topic": name, "time_ms": unix_ms})
-            }
-            Subject::User => serde_json::json!({"name": event, "user": name, "time_ms": unix_ms}),
-            Subject::Member => serde_json::json!({
-                "name": event, "topic": name, "user": user, "time_ms": unix_ms
-            }),
-        }
-        .to_string();
-        self.queue_event(encoded);
     }
 
-    /// Queues an encoded event within `max_queued_bytes`, else drops it.
-    fn queue_event(&mut self, encoded: String) {
-        if self.queued_bytes + encoded.len() > self.config.max_queued_bytes {
-            self.dropped_total += 1;
-            return;
-        }
-        self.events_total += 1;
-        self.queued_bytes += encoded.len();
-        self.queue.push_back(encoded);
-    }
-
-    /// Starts the next Redis batch and the next POST, if none is in
-    /// flight and no backoff runs.
+    /// Starts the next Redis batch, and each destination's next POST if
+    /// none is in flight there and no backoff runs.
     fn pump(&mut self, now: Instant) {
         if let Some((id, commands)) = self.cluster.as_mut().and_then(|a| a.next_batch(now)) {
             self.ops.push(Op::Redis { id, commands });
         }
-        if self.in_flight.is_some() || self.queue.is_empty() {
-            return;
-        }
-        if self.retry_at.is_some_and(|at| now < at) {
-            return;
-        }
-        self.retry_at = None;
-        let count = self.queue.len().min(self.config.max_batch_events);
-        debug_assert!(count > 0);
-        let mut body = String::with_capacity(64 + self.queued_bytes.min(1 << 20));
-        body.push_str("{\"time_ms\":");
-        body.push_str(&self.unix_ms.to_string());
-        body.push_str(",\"events\":[");
-        for (i, event) in self.queue.iter().take(count).enumerate() {
-            if i > 0 {
-                body.push(',');
+        for (to, destination) in self.destinations.iter_mut().enumerate() {
+            if let Some((id, body)) = destination.outbox.next_post(now, self.unix_ms) {
+                self.ops.push(Op::Post { to, id, body });
             }
-            body.push_str(event);
         }
-        body.push_str("]}");
-        self.next_post += 1;
-        self.in_flight = Some((self.next_post, count));
-        self.ops.push(Op::Post {
-            id: self.next_post,
-            body: Bytes::from(body),
-        });
     }
 }
 
@@ -401,7 +358,19 @@ fn vacated_event(subject: Subject) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use super::super::outbox::FIRST_BACKOFF;
     use super::*;
+
+    /// The state with ringcast's destination of `config` only.
+    fn ringcast(config: Arc<WebhookConfig>) -> WebhookState {
+        let destination = Destination::new(
+            Format::Ringcast,
+            config.events.clone(),
+            config.max_queued_bytes,
+            config.max_batch_events,
+        );
+        WebhookState::new(config, vec![destination])
+    }
 
     fn config(vacated_ms: u64, offline_ms: u64) -> Arc<WebhookConfig> {
         Arc::new(WebhookConfig {
@@ -448,7 +417,7 @@ mod tests {
                 return out;
             }
             for op in ops {
-                let Op::Post { id, body } = op else {
+                let Op::Post { to, id, body } = op else {
                     panic!("no Redis without a cluster");
                 };
                 let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -460,7 +429,7 @@ mod tests {
                     };
                     out.push((event["name"].as_str().unwrap().to_string(), name));
                 }
-                state.posted(id, true, now);
+                state.posted(to, id, true, now);
             }
         }
     }
@@ -471,7 +440,7 @@ mod tests {
 
     #[test]
     fn a_topic_held_by_two_shards_is_occupied_and_vacated_once() {
-        let mut state = WebhookState::new(config(0, 0));
+        let mut state = ringcast(config(0, 0));
         let t0 = Instant::now();
         state.notice(notice(0, Subject::Topic, "news", true), t0, 1);
         state.notice(notice(1, Subject::Topic, "news", true), t0, 2);
@@ -487,7 +456,7 @@ mod tests {
 
     #[test]
     fn a_subscriber_back_within_the_delay_cancels_the_vacated_event() {
-        let mut state = WebhookState::new(config(1000, 5000));
+        let mut state = ringcast(config(1000, 5000));
         let t0 = Instant::now();
         state.notice(notice(0, Subject::Topic, "room", true), t0, 1);
         state.notice(notice(0, Subject::User, "ann", true), t0, 1);
@@ -521,16 +490,16 @@ mod tests {
 
     #[test]
     fn a_failed_post_is_retried_with_backoff_and_events_keep_their_order() {
-        let mut state = WebhookState::new(config(0, 0));
+        let mut state = ringcast(config(0, 0));
         let t0 = Instant::now();
         for topic in ["a", "b", "c", "d"] {
             state.notice(notice(0, Subject::Topic, topic, true), t0, 1);
         }
-        let [Op::Post { id, body }] = &state.take_ops()[..] else {
+        let [Op::Post { to, id, body }] = &state.take_ops()[..] else {
             panic!("one POST at a time");
         };
         assert!(std::str::from_utf8(body).unwrap().contains("\"a\""));
-        state.posted(*id, false, t0);
+        state.posted(*to, *id, false, t0);
         assert!(state.take_ops().is_empty(), "no retry before the backoff");
         assert_eq!(state.next_deadline(), Some(t0 + FIRST_BACKOFF));
         state.tick(t0 + FIRST_BACKOFF, 2);
@@ -545,7 +514,7 @@ mod tests {
 
     #[test]
     fn a_user_is_a_member_once_whatever_its_connections_and_shards() {
-        let mut state = WebhookState::new(config(1000, 0));
+        let mut state = ringcast(config(1000, 0));
         let t0 = Instant::now();
         state.notice(member(0, "room", "ann", true), t0, 1);
         state.notice(member(1, "room", "ann", true), t0, 1);
@@ -574,19 +543,20 @@ mod tests {
     fn past_the_byte_bound_events_are_dropped_and_counted() {
         let mut config = (*config(0, 0)).clone();
         config.max_queued_bytes = 200;
-        let mut state = WebhookState::new(Arc::new(config));
+        let mut state = ringcast(Arc::new(config));
         let t0 = Instant::now();
         for i in 0..10 {
             state.notice(notice(0, Subject::Topic, &format!("t{i}"), true), t0, 1);
         }
         assert!(state.queued_bytes() <= 200);
-        assert!(state.dropped_total > 0);
-        assert_eq!(state.events_total + state.dropped_total, 10);
+        let (queued, dropped) = state.events_counts();
+        assert!(dropped > 0);
+        assert_eq!(queued + dropped, 10);
     }
 
     #[test]
     fn stopping_vacates_at_once_what_waits_for_its_delay() {
-        let mut state = WebhookState::new(config(60_000, 60_000));
+        let mut state = ringcast(config(60_000, 60_000));
         let t0 = Instant::now();
         state.notice(notice(0, Subject::Topic, "x", true), t0, 1);
         state.notice(notice(0, Subject::User, "u", true), t0, 1);

@@ -353,5 +353,6 @@ impl ShardState {
         if let Published::LocalOnly { why, .. } = self.publish_framed(&topic, frame) {
             self.send(key, wire::error(None, why.message()));
         }
+        self.report_pusher_client_event(&socket_id, user.as_deref(), &topic, event, data);
     }
 }

@@ -187,7 +187,9 @@ impl ShardState {
         };
         let socket = joined.then(|| self.socket_id(key).into_boxed_str());
         let home = self.shard_home_of(&name);
-        let (meta, user) = (meta.clone(), Arc::from(user));
+        let (meta, user) = (meta.clone(), Arc::<str>::from(user));
+        // The app's webhooks count members as users too.
+        self.report_member(topic, user.clone(), joined);
         if home == self.id {
             self.on_pusher_member(name, meta, user, joined, socket);
         } else {

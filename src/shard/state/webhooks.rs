@@ -60,6 +60,34 @@ impl ShardState {
             event: event.into(),
             user: self.conns.get(key).and_then(|c| c.user()).cloned(),
             payload: payload.into(),
+            socket_id: None,
+        });
+    }
+
+    /// Reports a Pusher client event (its sender's socket id, and user on
+    /// a presence channel), with `client_event`.
+    pub(super) fn report_pusher_client_event(
+        &self,
+        socket_id: &str,
+        user: Option<&str>,
+        topic: &str,
+        event: &str,
+        data: &str,
+    ) {
+        let Some(sink) = self
+            .shared
+            .webhooks
+            .as_ref()
+            .filter(|s| s.wants_client_events())
+        else {
+            return;
+        };
+        sink.client_event(ClientEvent {
+            topic: Arc::from(topic),
+            event: event.into(),
+            user: user.map(Arc::from),
+            payload: data.into(),
+            socket_id: Some(socket_id.into()),
         });
     }
 
@@ -67,19 +95,26 @@ impl ShardState {
     /// stopped being a tracked presence member. Only a connection with a
     /// user id is a member the backend can name.
     pub(super) fn member_changed(&mut self, key: ConnKey, topic: NameId, joined: bool) {
-        let Some(sink) = self
-            .shared
-            .webhooks
-            .as_ref()
-            .filter(|s| s.wants(Subject::Member))
-        else {
-            return;
-        };
         let Some(user) = self
             .conns
             .get(key)
             .and_then(|c| c.identity.as_ref())
             .and_then(|i| i.user.clone())
+        else {
+            return;
+        };
+        self.report_member(topic, user, joined);
+    }
+
+    /// `user` became (`joined`) or stopped being a presence member of
+    /// `topic` through one more or one fewer subscription here: the shard's
+    /// first and last are the webhook thread's transitions.
+    pub(super) fn report_member(&mut self, topic: NameId, user: Arc<str>, joined: bool) {
+        let Some(sink) = self
+            .shared
+            .webhooks
+            .as_ref()
+            .filter(|s| s.wants(Subject::Member))
         else {
             return;
         };
