@@ -119,6 +119,9 @@ fn pusher_js_subscribes_and_gets_events_the_server_sdk_triggers() {
         json!({
             "news": {"occupied": true, "subscription_count": 1},
             "empty": {"occupied": false},
+            "all": {"channels": {"news": {}, "private-room": {}}},
+            "private": {"channels": {"private-room": {}}},
+            "user_count_of_all": 400,
             "user_count_of_public": 400,
             "forged": 401,
         }),
@@ -243,6 +246,10 @@ fn presence_channels_and_client_events_with_pusher_js() {
     let result = run_script("presence_test.mjs", &[&node]);
     check_presence(&result);
     assert_eq!(
+        result["channels"],
+        json!({"channels": {"presence-room": {"user_count": 2}}})
+    );
+    assert_eq!(
         node.metric("presence_refused_total"),
         1,
         "cy's subscription"
@@ -259,6 +266,11 @@ fn presence_members_are_the_clusters_across_two_nodes() {
     // bob and ann's second tab are on node b.
     let result = run_script("presence_test.mjs", &[&a, &b]);
     check_presence(&result);
+    // The channel list is the asked node's (ann's first tab is on a).
+    assert_eq!(
+        result["channels"],
+        json!({"channels": {"presence-room": {"user_count": 1}}})
+    );
 }
 
 /// An app's `max_connections`: the connection past it is told Pusher's

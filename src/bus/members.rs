@@ -33,6 +33,11 @@ pub struct MemberQuery {
     /// still of members). A node answers for its own subscribers only:
     /// Redis keeps no count of other nodes' non-members.
     pub subscribers: bool,
+    /// List the topics whose names start with this, and that have a
+    /// subscriber, instead of one topic's members: each is a member whose
+    /// id is its name (with `by_user`, one per topic and member user:
+    /// `name\0user`). A node answers for its own topics only.
+    pub topics_under: Option<Arc<str>>,
 }
 
 #[derive(Deserialize)]

@@ -107,6 +107,9 @@ const get = async (path, params) => {
 out.queries = {
   news: await get("/channels/news", { info: "subscription_count" }),
   empty: await get("/channels/nobody-here", {}),
+  all: await get("/channels", {}),
+  private: await get("/channels", { filter_by_prefix: "private-" }),
+  user_count_of_all: await get("/channels", { info: "user_count" }),
   user_count_of_public: await get("/channels/news", { info: "user_count" }),
   forged: await (async () => {
     try {

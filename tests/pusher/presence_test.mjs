@@ -76,6 +76,7 @@ const get = async (path, params) => {
 };
 out.channel = await get("/channels/presence-room", { info: "user_count,subscription_count" });
 out.users = await get("/channels/presence-room/users", {});
+out.channels = await get("/channels", { filter_by_prefix: "presence-", info: "user_count" });
 
 // A client event goes to every other subscriber, never back to its sender.
 ann1.channel.trigger("client-typing", { by: "ann1" });

@@ -56,6 +56,13 @@ pub(crate) enum PresenceThen {
         key: ConnKey,
         query: super::pusher_api::ChannelQuery,
     },
+    /// `GET /apps/{id}/channels` (its connection is parked): the app's
+    /// occupied channels under a prefix.
+    PusherChannels {
+        key: ConnKey,
+        prefix: Arc<str>,
+        user_count: bool,
+    },
     /// A presence channel's home asked the other nodes whether a user that
     /// came or went here is there.
     PusherMember {
@@ -431,6 +438,9 @@ impl ShardState {
     /// This shard's members of `topic`: the count, and the page `query`
     /// asks for.
     fn local_presence(&self, topic: &str, query: &MemberQuery) -> Members {
+        if let Some(prefix) = &query.topics_under {
+            return self.local_topics(prefix, query);
+        }
         let mut members = Members::default();
         let Some(id) = self.topics.lookup(topic) else {
             return members;
@@ -473,6 +483,35 @@ impl ShardState {
                     json
                 },
             );
+        }
+        members.trim(query.limit);
+        members
+    }
+
+    /// This shard's topics under `prefix` with subscribers, as members
+    /// (see `MemberQuery::topics_under`).
+    fn local_topics(&self, prefix: &str, query: &MemberQuery) -> Members {
+        let mut members = Members::default();
+        for (id, entry) in self.topics.iter() {
+            if entry.subscribers.is_empty() || !entry.name.starts_with(prefix) {
+                continue;
+            }
+            if !query.by_user {
+                members.offer(query, || entry.name.to_string(), |_| String::new());
+                continue;
+            }
+            for &key in &entry.subscribers {
+                let user = self
+                    .conns
+                    .get(key)
+                    .and_then(|c| c.subs.iter().find(|s| s.topic == id))
+                    .and_then(|s| s.meta.as_deref())
+                    .and_then(crate::bus::user_of);
+                if let Some(user) = user {
+                    let pair = || format!("{}\0{user}", entry.name);
+                    members.offer(query, pair, |_| String::new());
+                }
+            }
         }
         members.trim(query.limit);
         members
@@ -589,6 +628,14 @@ impl ShardState {
                 let payload =
                     serde_json::json!({ "user_id": user.as_deref(), "count": members.count });
                 self.publish(&wait.topic, &event, &payload.to_string(), None, None);
+            }
+            PresenceThen::PusherChannels {
+                key,
+                prefix,
+                user_count,
+            } => {
+                self.presence_answered(key);
+                self.pusher_channels_answered(key, &prefix, user_count, members);
             }
             PresenceThen::PusherChannel { key, query } => {
                 self.presence_answered(key);

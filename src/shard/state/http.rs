@@ -124,6 +124,12 @@ impl ShardState {
             Route::PusherEvents(app_id) => self.pusher_events(&request, app_id),
             Route::PusherBatchEvents(app_id) => self.pusher_batch_events(&request, app_id),
             Route::PusherTerminate(app_id, user) => self.pusher_terminate(&request, app_id, user),
+            Route::PusherChannels(app_id) => {
+                match self.pusher_channels_query(key, &request, app_id, cors) {
+                    Some(response) => response,
+                    None => return,
+                }
+            }
             Route::PusherChannel(app_id, channel) => {
                 match self.pusher_channel_query(key, &request, app_id, channel, false, cors) {
                     Some(response) => response,

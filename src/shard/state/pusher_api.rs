@@ -21,6 +21,10 @@ use super::conn::{Deferred, Reply};
 use super::streams::Published;
 use super::ShardState;
 
+/// Channels (or, with `user_count`, channel users) one
+/// `GET /apps/{id}/channels` lists at most; past it the answer is `413`.
+const MAX_CHANNELS_LISTED: usize = 10_000;
+
 /// What a `GET /apps/{id}/channels/{channel}[/users]` asked for.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ChannelQuery {
@@ -237,6 +241,99 @@ impl ShardState {
         let topic = wire::topic(&app.id, channel);
         self.start_presence(&topic, members, PresenceThen::PusherChannel { key, query });
         None
+    }
+
+    /// `GET /apps/{id}/channels?filter_by_prefix=P&info=user_count`: the
+    /// app's channels with subscribers on this node's shards (with
+    /// `user_count`, only for `presence-` prefixes, each one's distinct
+    /// users), at most [`MAX_CHANNELS_LISTED`] of them.
+    pub(super) fn pusher_channels_query(
+        &mut self,
+        key: ConnKey,
+        request: &Request,
+        app_id: &str,
+        cors: Option<&str>,
+    ) -> Option<Response> {
+        let app = match self.signed_app(request, "GET", app_id) {
+            Ok(app) => app,
+            Err(refusal) => return Some(refusal),
+        };
+        let filter = request.query_param("filter_by_prefix").unwrap_or_default();
+        if filter.len() > wire::MAX_CHANNEL_BYTES {
+            return Some(pusher_error(
+                400,
+                "filter_by_prefix is longer than a channel name",
+            ));
+        }
+        let info = request.query_param("info").unwrap_or_default();
+        let user_count = info.split(',').any(|i| i.trim() == "user_count");
+        if user_count && !filter.starts_with("presence-") {
+            let why = "user_count is only for filter_by_prefix=presence-";
+            return Some(pusher_error(400, why));
+        }
+        if let Err((status, why)) = self.admit_presence(key) {
+            return Some(pusher_error(status, &why));
+        }
+        self.park(
+            key,
+            Deferred::Presence {
+                reply: Reply::to(request, cors),
+            },
+        );
+        let prefix: Arc<str> = Arc::from(wire::topic(&app.id, &filter));
+        let query = MemberQuery {
+            limit: MAX_CHANNELS_LISTED + 1,
+            by_user: user_count,
+            topics_under: Some(prefix.clone()),
+            ..MemberQuery::default()
+        };
+        let then = PresenceThen::PusherChannels {
+            key,
+            prefix: Arc::from(wire::topic_prefix(&app.id)),
+            user_count,
+        };
+        self.start_presence(&prefix, query, then);
+        None
+    }
+
+    /// A channel list is in: the parked request is answered.
+    pub(super) fn pusher_channels_answered(
+        &mut self,
+        key: ConnKey,
+        app_prefix: &str,
+        user_count: bool,
+        members: &Members,
+    ) {
+        let parked = self.take_deferred(key, |d| matches!(d, Deferred::Presence { .. }));
+        let Some(Deferred::Presence { reply }) = parked else {
+            return;
+        };
+        if members.list.len() > MAX_CHANNELS_LISTED {
+            let why = format!(
+                "more than {MAX_CHANNELS_LISTED} channels{}: narrow filter_by_prefix",
+                if user_count { " and users" } else { "" }
+            );
+            return self.answer_parked(key, reply.answer(pusher_error(413, &why)));
+        }
+        // Ids are the topics, or with user_count `topic\0user` in order,
+        // so a channel's users are consecutive.
+        let mut channels = serde_json::Map::new();
+        for (id, _) in &members.list {
+            let topic = id.split('\0').next().unwrap_or(id);
+            let channel = topic.strip_prefix(app_prefix).unwrap_or(topic);
+            if wire::user_channel(channel).is_some() {
+                continue; // a signed-in user's, not a channel the app named
+            }
+            let entry = channels
+                .entry(channel)
+                .or_insert_with(|| serde_json::json!({}));
+            if user_count {
+                let users = entry["user_count"].as_u64().unwrap_or(0);
+                entry["user_count"] = (users + 1).into();
+            }
+        }
+        let body = serde_json::json!({ "channels": channels });
+        self.answer_parked(key, reply.answer(Response::json(200, body.to_string())));
     }
 
     /// A channel query's counts are in: the parked request is answered.

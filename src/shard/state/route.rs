@@ -50,6 +50,8 @@ pub(crate) enum Route<'a> {
     /// `/apps/{id}/users/{user}/terminate_connections`: closes a signed-in
     /// user's connections.
     PusherTerminate(&'a str, &'a str),
+    /// `/apps/{id}/channels`: the app's occupied channels.
+    PusherChannels(&'a str),
     /// `/apps/{id}/channels/{channel}`: whether it is occupied, its counts.
     PusherChannel(&'a str, &'a str),
     /// `/apps/{id}/channels/{channel}/users`: a presence channel's users.
@@ -91,6 +93,7 @@ impl<'a> Route<'a> {
                     ["users", user, "terminate_connections"] if !user.is_empty() => {
                         Route::PusherTerminate(id, user)
                     }
+                    ["channels"] => Route::PusherChannels(id),
                     ["channels", channel] if !channel.is_empty() => {
                         Route::PusherChannel(id, channel)
                     }
