@@ -8,7 +8,10 @@
 //! socket id, `pusher:ping`, unknown keys and channel names, and that an
 //! app's channels and ringcast's topics of the same name never meet.
 //! Presence channels and client events with pusher-js on one node of two
-//! shards and on two nodes joined through Redis (`presence_test.mjs`).
+//! shards and on two nodes joined through Redis (`presence_test.mjs`);
+//! sign-in, `sendToUser` and `terminateUserConnections` (`user_test.mjs`);
+//! webhooks the SDK validates (`webhook_test.mjs`); Laravel Echo
+//! (`echo_test.mjs`).
 //! `scripts/test.sh` installs the packages (`npm ci --prefix tests/pusher`).
 #[path = "common/cluster.rs"]
 mod cluster;
@@ -455,4 +458,21 @@ fn an_apps_webhooks_are_pushers_and_the_server_sdk_validates_them() {
             _ => {}
         }
     }
+}
+
+/// Laravel Echo over pusher-js, as a Laravel front end uses it: a private
+/// channel's event under Echo's namespace, presence `here`/`joining`/
+/// `leaving`, and a whisper (a client event) reaching the other member.
+#[test]
+fn laravel_echo_listens_joins_and_whispers() {
+    let node = TestServer::start(2, Some(PRESENCE_APP));
+    let result = run_script("echo_test.mjs", &[&node]);
+    assert_eq!(result["ann_here"], json!(["ann"]), "{result}");
+    assert_eq!(result["shipped"], json!({"id": 1}), "{result}");
+    assert_eq!(result["bob_here"], json!(["ann", "bob"]), "{result}");
+    assert_eq!(
+        result["ann"],
+        json!(["joining bob", "whisper bob", "leaving bob"]),
+        "{result}"
+    );
 }
