@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs what the
-# real-client tests need (Python `websockets` and `sseclient-py`; Debian's Chromium and npm
+# real-client tests need (Python `websockets`, `sseclient-py` and `pusher`;
+# npm pusher-js, pusher and laravel-echo; Debian's Chromium and npm
 # playwright-core for the browser test; Debian's redis-server for the cluster
 # tests), builds, then tests.
 set -euo pipefail
@@ -12,6 +13,11 @@ fi
 # tests/event_streams.rs reads /sse with sseclient-py.
 if ! python3 -c 'import sseclient' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'sseclient-py>=1.8,<2'
+fi
+
+# tests/pusher_sdk.rs drives the Pusher HTTP API with Pusher's Python library.
+if ! python3 -c 'import pusher' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'pusher==3.3.4'
 fi
 
 # The browser test (tests/browser_chat.rs) drives Debian's Chromium through
@@ -26,10 +32,13 @@ if [ "$pinned" != "$installed" ]; then
   npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
 
-# The Pusher tests (tests/pusher_sdk.rs) run Pusher's own npm libraries.
-pinned=$(node -p 'require("./tests/pusher/package.json").dependencies["pusher"]')
-installed=$(node -p 'require("./tests/pusher/node_modules/pusher/package.json").version' 2>/dev/null || true)
-if [ "$pinned" != "$installed" ]; then
+# The Pusher tests (tests/pusher_*.rs) run Pusher's own npm libraries and
+# Laravel Echo: installed again whenever one of them is not the pinned one.
+if ! node -e '
+  const deps = require("./tests/pusher/package.json").dependencies;
+  for (const [name, version] of Object.entries(deps)) {
+    if (require(`./tests/pusher/node_modules/${name}/package.json`).version !== version) process.exit(1);
+  }' 2>/dev/null; then
   npm ci --prefix tests/pusher --no-audit --no-fund --loglevel=error
 fi
 

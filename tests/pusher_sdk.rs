@@ -1,8 +1,11 @@
 //! Pusher's own server SDK (npm `pusher`, pinned in tests/pusher) signs
 //! HTTP API requests, channel authorizations and a user sign-in
 //! (`tests/pusher/sdk_signatures.mjs`); ringcast's checks (`pusher::sign`)
-//! accept every one of them, and refuse each once it is changed.
-//! `scripts/test.sh` installs the package (`npm ci --prefix tests/pusher`).
+//! accept every one of them, and refuse each once it is changed. Pusher's
+//! Python library (PyPI `pusher`) drives a node's HTTP API as a Python
+//! backend would (`tests/py/pusher_api.py`). `scripts/test.sh` installs
+//! both (`npm ci --prefix tests/pusher`, `pip install pusher`).
+mod common;
 
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -128,4 +131,52 @@ fn every_signature_of_pushers_server_sdk_is_accepted_and_a_changed_one_refused()
         &user_data.replace("Ann", "Bob"),
         auth
     ));
+}
+
+/// PyPI `pusher` against a node: trigger, trigger_batch and send_to_user
+/// reach a raw subscriber in order, channels_info, channel_info and
+/// users_info answer as Pusher's do (users of a public channel: 400), a
+/// request signed with another secret is 401, and
+/// terminate_user_connections (which this library posts to
+/// `/users/{id}/terminate_connections`) closes the user's connection
+/// with 4009.
+#[test]
+fn pushers_python_library_drives_the_http_api() {
+    let node = common::TestServer::start(
+        2,
+        Some("[[apps]]\nid = \"4711\"\nkey = \"app-key\"\nsecret = \"app-secret\"\n"),
+    );
+    let script = format!("{}/tests/py/pusher_api.py", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg("127.0.0.1")
+        .arg(node.addr.port().to_string())
+        .args(["4711", "app-key", "app-secret"])
+        .output()
+        .expect("python3 runs (scripts/test.sh installs pusher and websockets)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let expected = serde_json::json!({
+        "trigger": {},
+        "batch": {},
+        "received": [
+            ["news", "greeting", "{\"text\": \"hi\"}"],
+            ["news", "batched", "1"],
+            ["private-orders", "batched", "{\"n\": 2}"],
+            ["#server-to-user-ann", "hello", "{\"to\": \"ann\"}"],
+        ],
+        "channels": {"channels": {"news": {}, "private-orders": {}}},
+        "channel": {"occupied": true, "subscription_count": 1},
+        "users": 400,
+        "forged": 401,
+        "terminate": {},
+        "terminated": 4009,
+        "closed": 4009,
+    });
+    assert_eq!(result, expected);
 }

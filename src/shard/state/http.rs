@@ -124,6 +124,14 @@ impl ShardState {
             Route::PusherEvents(app_id) => self.pusher_events(&request, app_id),
             Route::PusherBatchEvents(app_id) => self.pusher_batch_events(&request, app_id),
             Route::PusherTerminate(app_id, user) => self.pusher_terminate(&request, app_id, user),
+            Route::PusherTerminateByKey(user) => {
+                let key = request.query_param("auth_key").unwrap_or_default();
+                let app = self.config().apps.iter().find(|a| *a.key == *key).cloned();
+                match app {
+                    Some(app) => self.pusher_terminate(&request, &app.id, user),
+                    None => super::pusher_api::pusher_error(401, "Unknown auth_key"),
+                }
+            }
             Route::PusherChannels(app_id) => {
                 match self.pusher_channels_query(key, &request, app_id, cors) {
                     Some(response) => response,

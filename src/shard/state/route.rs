@@ -50,6 +50,9 @@ pub(crate) enum Route<'a> {
     /// `/apps/{id}/users/{user}/terminate_connections`: closes a signed-in
     /// user's connections.
     PusherTerminate(&'a str, &'a str),
+    /// `/users/{user}/terminate_connections`: the same, the app named by
+    /// its `auth_key` (as Pusher's Python library asks).
+    PusherTerminateByKey(&'a str),
     /// `/apps/{id}/channels`: the app's occupied channels.
     PusherChannels(&'a str),
     /// `/apps/{id}/channels/{channel}`: whether it is occupied, its counts.
@@ -85,6 +88,11 @@ impl<'a> Route<'a> {
             ("stream", None, _) => Route::Stream,
             ("topics", Some(_), true) => topic_route(rest),
             ("app", Some(key), false) if !key.is_empty() => Route::PusherApp(key),
+            ("users", Some(user), true)
+                if !user.is_empty() && rest.split('/').skip(2).eq(["terminate_connections"]) =>
+            {
+                Route::PusherTerminateByKey(user)
+            }
             ("apps", Some(id), true) if !id.is_empty() => {
                 let tail: Vec<&str> = rest.split('/').skip(2).take(4).collect();
                 match tail[..] {
@@ -115,7 +123,8 @@ impl<'a> Route<'a> {
             | Route::Register
             | Route::PusherEvents(_)
             | Route::PusherBatchEvents(_)
-            | Route::PusherTerminate(..) => "POST",
+            | Route::PusherTerminate(..)
+            | Route::PusherTerminateByKey(_) => "POST",
             Route::Registration(_) => "DELETE",
             Route::NotFound => "",
             _ => "GET",
@@ -130,7 +139,8 @@ impl<'a> Route<'a> {
             | Route::Register
             | Route::PusherEvents(_)
             | Route::PusherBatchEvents(_)
-            | Route::PusherTerminate(..) => method == Method::Post,
+            | Route::PusherTerminate(..)
+            | Route::PusherTerminateByKey(_) => method == Method::Post,
             Route::Registration(_) => method == Method::Delete,
             Route::NotFound => false,
             _ => method == Method::Get,
