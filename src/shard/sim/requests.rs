@@ -4,7 +4,8 @@
 //! leave anything held once the connection is gone.
 //!
 //! Two states over a real bus with a stream rule (`s:*`), a presence rule
-//! (`p:*`) and a catch-all, so every route has something behind it. The
+//! (`p:*`), a catch-all and a Pusher app (`/app/k`, `/apps/4711`), so
+//! every route has something behind it. The
 //! first input byte picks the API key and where the input is split into
 //! receives; the rest is what the client sends.
 
@@ -61,7 +62,12 @@ pub fn run_request(data: &[u8]) -> Result<(), String> {
         },
     ])
     .map_err(|e| e.to_string())?;
-    let channels = Channels::from_rules(&config.rules);
+    // A Pusher app with every feature on, so `/app/k` and `/apps/4711/..`
+    // have something behind them too.
+    let app = "[[apps]]\nid = \"4711\"\nkey = \"k\"\nsecret = \"s\"\nclient_events = true\n\
+               max_presence_members = 2\nmax_connections = 1\n";
+    config.apps = Config::from_toml(app).map_err(|e| e.to_string())?.apps;
+    let channels = Channels::from_rules(&config.rules).with_apps(&config.apps);
     let shared = Shared::new(config, channels).map_err(|e| e.to_string())?;
     let now = Instant::now();
     let mut states: Vec<ShardState> = (0..2)
@@ -192,6 +198,60 @@ mod tests {
         }
     }
 
+    /// A Pusher session of every message the front-end reads, well formed
+    /// or not, forged or not; then the HTTP API's routes.
+    #[test]
+    fn pusher_sessions_and_api_requests_leave_nothing_behind() {
+        use super::super::client::{http_request, masked_frame, upgrade_request};
+        let messages = [
+            r#"{"event":"pusher:ping","data":{}}"#,
+            r#"{"event":"pusher:subscribe","data":{"channel":"news"}}"#,
+            r#"{"event":"pusher:subscribe","data":{"channel":"private-x","auth":"k:00"}}"#,
+            r#"{"event":"pusher:subscribe","data":{"channel":"presence-x","auth":"k:00","channel_data":"{\"user_id\":1}"}}"#,
+            r##"{"event":"pusher:subscribe","data":{"channel":"#server-to-user-ann"}}"##,
+            r#"{"event":"pusher:subscribe","data":"{\"channel\":\"cache-x\"}"}"#,
+            r#"{"event":"pusher:subscribe","data":{"channel":"bad name"}}"#,
+            r#"{"event":"pusher:signin","data":{"auth":"k:00","user_data":"{\"id\":\"ann\"}"}}"#,
+            r#"{"event":"client-x","channel":"news","data":{}}"#,
+            r#"{"event":"client-x","channel":"private-x","data":"s"}"#,
+            r#"{"event":"pusher:unsubscribe","data":{"channel":"news"}}"#,
+            r##"{"event":"pusher:unsubscribe","data":{"channel":"#server-to-user-ann"}}"##,
+            r#"{"event":"pusher:whatever"}"#,
+            "not json",
+        ];
+        let mut session = upgrade_request("/app/k?protocol=7");
+        for message in messages {
+            session.extend(masked_frame(true, 1, message.as_bytes(), [7, 1, 3, 9]));
+        }
+        for flags in [0, 0x24, 0x7e] {
+            let mut data = vec![flags];
+            data.extend_from_slice(&session);
+            assert_eq!(run_request(&data), Ok(()));
+        }
+        for (method, path) in [
+            (
+                "GET",
+                "/apps/4711/channels?info=user_count&filter_by_prefix=presence-",
+            ),
+            (
+                "GET",
+                "/apps/4711/channels/presence-x?info=user_count,subscription_count",
+            ),
+            ("GET", "/apps/4711/channels/news/users"),
+            ("POST", "/apps/4711/users/ann/terminate_connections"),
+            ("POST", "/users/ann/terminate_connections?auth_key=k"),
+            (
+                "POST",
+                "/apps/4711/events?auth_key=k&auth_timestamp=1&auth_version=1.0",
+            ),
+            ("GET", "/app/nobody"),
+        ] {
+            let mut data = vec![0];
+            data.extend(http_request(method, path, Some("{}"), false));
+            assert_eq!(run_request(&data), Ok(()), "{method} {path}");
+        }
+    }
+
     #[test]
     fn the_paths_that_once_aborted_the_process_are_answered() {
         for path in [
@@ -224,6 +284,9 @@ mod tests {
                     Just("/ws/"), Just("register"), Just("/register/"), Just("s:a"),
                     Just("p:a"), Just("%2F"), Just("%25"), Just("%00"), Just("%"), Just("%C3"),
                     Just("é"), Just("//"), Just("sse"), Just("/stream"),
+                    Just("app"), Just("/app/k"), Just("apps"), Just("/apps/4711/"),
+                    Just("events"), Just("channels"), Just("/channels/"), Just("users"),
+                    Just("/users/"), Just("terminate_connections"), Just("presence-x"),
                 ],
                 0..8,
             ),

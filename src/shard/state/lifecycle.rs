@@ -371,6 +371,14 @@ pub(super) fn check_invariants(state: &ShardState) -> Result<(), String> {
             state.pusher_websockets
         ));
     }
+    if let Some(key) = state
+        .pusher_conns
+        .keys()
+        .chain(state.pusher_presence.joining_keys())
+        .find(|&key| !state.conns.contains(key))
+    {
+        return Err(format!("Pusher state outlived its connection {key:?}"));
+    }
     for (kind, index) in [
         (IndexKind::Topic, &state.topics),
         (IndexKind::User, &state.users),

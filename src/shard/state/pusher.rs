@@ -52,6 +52,12 @@ impl PusherConns {
         self.client_events.forget(key);
     }
 
+    /// The connections something is kept for.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = ConnKey> + '_ {
+        let signed_in = self.signed_in.keys().copied();
+        signed_in.chain(self.client_events.0.keys().copied())
+    }
+
     pub(crate) fn bytes(&self) -> usize {
         let users: usize = self.signed_in.values().map(|u| u.len() + 48).sum();
         users + self.client_events.bytes()

@@ -52,6 +52,11 @@ pub(crate) struct PusherPresence {
 }
 
 impl PusherPresence {
+    /// The connections a joining member waits for.
+    pub(crate) fn joining_keys(&self) -> impl Iterator<Item = ConnKey> + '_ {
+        self.joining.keys().map(|(key, _)| *key)
+    }
+
     /// Bytes held: bounded by the subscriptions of presence channels.
     pub(crate) fn bytes(&self) -> usize {
         let joining: usize = self
