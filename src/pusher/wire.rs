@@ -61,6 +61,12 @@ pub fn user_channel(channel: &str) -> Option<&str> {
     (fits && !user.chars().any(char::is_control)).then_some(user)
 }
 
+/// The channel of `user`'s events, if the id fits one.
+pub fn channel_of_user(user: &str) -> Option<String> {
+    let channel = format!("{USER_CHANNEL_PREFIX}{user}");
+    user_channel(&channel).is_some().then_some(channel)
+}
+
 /// `pusher:signin_success` with the user data the backend signed.
 pub fn signin_success(user_data: &str) -> Bytes {
     let data = format!("{{\"user_data\":{}}}", json_string(user_data));

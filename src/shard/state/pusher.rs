@@ -214,25 +214,22 @@ impl ShardState {
         let socket_id = self.socket_id(key);
         let user = serde_json::from_str::<SigninUser>(user_data)
             .ok()
-            .map(|u| u.id)
-            .filter(|id| {
-                wire::user_channel(&format!("{}{id}", wire::USER_CHANNEL_PREFIX)).is_some()
-            });
+            .and_then(|u| Some((wire::channel_of_user(&u.id)?, u.id)));
         let signed = sign::user_authenticated(app, &socket_id, user_data, auth);
-        let (true, Some(user)) = (signed, user) else {
+        let (true, Some((channel, user))) = (signed, user) else {
             ShardStats::add(&self.stats().ws_errors_total, 1);
             let why = "Invalid signin: the signature or the user_data's id does not hold";
             self.send(key, wire::error(Some(4009), why));
             return self.close_ws(key, 4009, "Connection not authorized");
         };
-        let topic = wire::topic(&app.id, &format!("{}{user}", wire::USER_CHANNEL_PREFIX));
+        let topic = wire::topic(&app.id, &channel);
         let previous = self
             .pusher_conns
             .signed_in
             .insert(key, Arc::from(user.as_str()));
         if let Some(previous) = previous.filter(|p| **p != *user) {
-            let old = wire::topic(&app.id, &format!("{}{previous}", wire::USER_CHANNEL_PREFIX));
-            if let Some(id) = self.subscription(key, &old) {
+            let old = wire::channel_of_user(&previous).map(|c| wire::topic(&app.id, &c));
+            if let Some(id) = old.and_then(|old| self.subscription(key, &old)) {
                 self.unsubscribe(key, id);
             }
         }
@@ -304,32 +301,29 @@ impl ShardState {
     /// the sender holds it, and it is within 10 a second.
     fn client_event(&mut self, key: ConnKey, app: &App, channel: &str, event: &str, data: &str) {
         let refusal = if !app.client_events {
-            Some((
-                None,
-                "Client events are not enabled for this app".to_string(),
-            ))
+            Some("Client events are not enabled for this app".to_string())
         } else if channel.starts_with("private-encrypted-") {
             // Pusher relays no client event on an encrypted channel (the
             // server cannot see what it would relay).
-            let why = format!("Client events are not supported on encrypted channels ({channel})");
-            Some((None, why))
-        } else if !(channel.starts_with("private-") || channel.starts_with("presence-")) {
-            let why =
-                format!("Client events are only for private and presence channels, not {channel}");
-            Some((None, why))
-        } else if event.len() > wire::MAX_EVENT_NAME_BYTES {
-            let why = format!("Event name over {} bytes", wire::MAX_EVENT_NAME_BYTES);
-            Some((None, why))
-        } else if data.len() > app.max_event_bytes {
-            Some((
-                None,
-                format!("Event data over {} bytes", app.max_event_bytes),
+            Some(format!(
+                "Client events are not supported on encrypted channels ({channel})"
             ))
+        } else if !(channel.starts_with("private-") || channel.starts_with("presence-")) {
+            Some(format!(
+                "Client events are only for private and presence channels, not {channel}"
+            ))
+        } else if event.len() > wire::MAX_EVENT_NAME_BYTES {
+            Some(format!(
+                "Event name over {} bytes",
+                wire::MAX_EVENT_NAME_BYTES
+            ))
+        } else if data.len() > app.max_event_bytes {
+            Some(format!("Event data over {} bytes", app.max_event_bytes))
         } else {
             None
         };
-        if let Some((code, why)) = refusal {
-            return self.send(key, wire::error(code, &why));
+        if let Some(why) = refusal {
+            return self.send(key, wire::error(None, &why));
         }
         let topic = wire::topic(&app.id, channel);
         let Some(id) = self.subscription(key, &topic) else {

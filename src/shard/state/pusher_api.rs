@@ -138,10 +138,9 @@ impl ShardState {
             Ok(signed) => signed,
             Err(refusal) => return refusal,
         };
-        let channel = format!("{}{user}", wire::USER_CHANNEL_PREFIX);
-        if wire::user_channel(&channel).is_none() {
+        let Some(channel) = wire::channel_of_user(user) else {
             return pusher_error(400, &format!("Invalid user id `{user}`"));
-        }
+        };
         let topic = wire::topic(&app.id, &channel);
         match self.publish_framed(&topic, wire::terminate(&topic)) {
             Published::LocalOnly { why, .. } => pusher_error(503, why.message()),

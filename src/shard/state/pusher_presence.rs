@@ -148,10 +148,9 @@ impl ShardState {
         let channel = wire::channel_of(topic).unwrap_or_default().to_string();
         let mut metas: Vec<&str> = members.objects().collect();
         if let Some(meta) = &joining {
+            // Listed by user: the ids are the members' user ids.
             let user = crate::bus::user_of(meta);
-            let listed = metas
-                .iter()
-                .any(|m| crate::bus::user_of(m).is_some_and(|u| Some(u) == user));
+            let listed = members.list.iter().any(|(id, _)| Some(id) == user.as_ref());
             if !listed {
                 if metas.len() >= app.max_presence_members {
                     ShardStats::add(&self.stats().presence_refused_total, 1);
