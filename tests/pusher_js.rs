@@ -46,23 +46,8 @@ fn pusher_ws(node: &TestServer) -> (Ws, String) {
 /// `POST /apps/4711/events` of `data` to `channel`, signed with `secret`
 /// as Pusher's libraries sign; the status.
 fn trigger(node: &TestServer, secret: &str, channel: &str, data: &str) -> u16 {
-    use md5::{Digest, Md5};
     let body = json!({"name":"greeting","channels":[channel],"data":data}).to_string();
-    let md5: String = Md5::digest(body.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let params = format!("auth_key=app-key&auth_timestamp={now}&auth_version=1.0&body_md5={md5}");
-    let signature = ringcast::pusher::sign::hmac_hex(
-        secret,
-        format!("POST\n/apps/4711/events\n{params}").as_bytes(),
-    );
-    let path = format!("/apps/4711/events?{params}&auth_signature={signature}");
-    node.http("POST", &path, Some(&body)).0
+    signed_post(node, secret, "/apps/4711/events", &body)
 }
 
 /// Runs `script` (in tests/pusher) with Node against `nodes` (the first's
@@ -363,15 +348,16 @@ fn forged_signins_and_other_users_channels_are_refused() {
     let error = ws.recv_json();
     assert_eq!(error["data"]["code"], 4009, "{error}");
     assert_eq!(ws.expect_close(), 4009);
-    let terminate = signed_post(&node, "/apps/4711/users/ann/terminate_connections", "{}");
+    let path = "/apps/4711/users/ann/terminate_connections";
+    let terminate = signed_post(&node, "app-secret", path, "{}");
     assert_eq!(terminate, 200);
     assert_eq!(ann.recv_json()["data"]["code"], 4009);
     assert_eq!(ann.expect_close(), 4009);
 }
 
-/// `POST path` with `body`, signed with the app's secret as Pusher's
-/// libraries sign; the status.
-fn signed_post(node: &TestServer, path: &str, body: &str) -> u16 {
+/// `POST path` with `body`, signed with `secret` as Pusher's libraries
+/// sign; the status.
+fn signed_post(node: &TestServer, secret: &str, path: &str, body: &str) -> u16 {
     use md5::{Digest, Md5};
     let md5: String = Md5::digest(body.as_bytes())
         .iter()
@@ -382,10 +368,8 @@ fn signed_post(node: &TestServer, path: &str, body: &str) -> u16 {
         .unwrap()
         .as_secs();
     let params = format!("auth_key=app-key&auth_timestamp={now}&auth_version=1.0&body_md5={md5}");
-    let signature = ringcast::pusher::sign::hmac_hex(
-        "app-secret",
-        format!("POST\n{path}\n{params}").as_bytes(),
-    );
+    let signature =
+        ringcast::pusher::sign::hmac_hex(secret, format!("POST\n{path}\n{params}").as_bytes());
     let url = format!("{path}?{params}&auth_signature={signature}");
     node.http("POST", &url, Some(body)).0
 }

@@ -4,34 +4,19 @@
 // checks it.
 //
 //   node client_test.mjs HOST PORT APP_ID KEY SECRET
-import Pusher from "pusher-js";
 import PusherServer from "pusher";
+import { client as pusherClient, deadline } from "./common.mjs";
 
 const [host, port, appId, key, secret] = process.argv.slice(2);
 const server = new PusherServer({ appId, key, secret, host, port, useTLS: false });
 const forger = new PusherServer({ appId, key, secret: secret + "-wrong", host, port, useTLS: false });
 const out = { events: [], errors: [] };
-const deadline = setTimeout(() => {
-  out.timeout = true;
-  console.log(JSON.stringify(out));
-  process.exit(1);
-}, 15000);
+const timer = deadline(out, 15000);
 
-const client = new Pusher(key, {
-  wsHost: host,
-  wsPort: Number(port),
-  forceTLS: false,
-  enabledTransports: ["ws"],
-  cluster: "unused",
-  disableStats: true,
-  channelAuthorization: {
-    customHandler: ({ socketId, channelName }, callback) => {
-      // Signed by the app's backend; the forged one with another secret.
-      const signer = channelName === "private-forged" ? forger : server;
-      callback(null, signer.authorizeChannel(socketId, channelName));
-    },
-  },
-});
+// Signed by the app's backend; the forged one with another secret.
+const client = pusherClient(key, host, port, (socketId, channelName) =>
+  (channelName === "private-forged" ? forger : server).authorizeChannel(socketId, channelName),
+);
 
 const connected = new Promise((resolve) => client.connection.bind("connected", resolve));
 await connected;
@@ -122,5 +107,5 @@ out.queries = {
 };
 
 client.disconnect();
-clearTimeout(deadline);
+clearTimeout(timer);
 console.log(JSON.stringify(out));

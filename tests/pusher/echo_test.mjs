@@ -7,36 +7,21 @@
 //
 //   node echo_test.mjs HOST PORT APP_ID KEY SECRET
 import Echo from "laravel-echo";
-import Pusher from "pusher-js";
 import PusherServer from "pusher";
+import { client as pusherClient, deadline, sleep } from "./common.mjs";
 
 const [host, port, appId, key, secret] = process.argv.slice(2);
 const server = new PusherServer({ appId, key, secret, host, port, useTLS: false });
 const out = { ann: [], bob: [] };
-const deadline = setTimeout(() => {
-  out.timeout = true;
-  console.log(JSON.stringify(out));
-  process.exit(1);
-}, 15000);
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const timer = deadline(out, 15000);
 
 // An Echo for `user`, its pusher-js client authorized by the SDK.
 function echo(user) {
-  const client = new Pusher(key, {
-    wsHost: host,
-    wsPort: Number(port),
-    forceTLS: false,
-    enabledTransports: ["ws"],
-    cluster: "unused",
-    disableStats: true,
-    channelAuthorization: {
-      customHandler: ({ socketId, channelName }, callback) => {
-        const data = channelName.startsWith("presence-")
-          ? { user_id: user, user_info: { name: user } }
-          : undefined;
-        callback(null, server.authorizeChannel(socketId, channelName, data));
-      },
-    },
+  const client = pusherClient(key, host, port, (socketId, channelName) => {
+    const data = channelName.startsWith("presence-")
+      ? { user_id: user, user_info: { name: user } }
+      : undefined;
+    return server.authorizeChannel(socketId, channelName, data);
   });
   return new Echo({ broadcaster: "pusher", client });
 }
@@ -71,5 +56,5 @@ await sleep(500);
 
 ann.disconnect();
 bob.disconnect();
-clearTimeout(deadline);
+clearTimeout(timer);
 console.log(JSON.stringify(out));

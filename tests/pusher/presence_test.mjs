@@ -8,36 +8,24 @@
 //
 // With a second node, bob and ann's second tab connect to it: members
 // and member events are the cluster's.
-import Pusher from "pusher-js";
 import PusherServer from "pusher";
+import { client as pusherClient, deadline, sleep } from "./common.mjs";
 
 const [host, port, appId, key, secret, host2, port2] = process.argv.slice(2);
 const server = new PusherServer({ appId, key, secret, host, port, useTLS: false });
 const out = {};
-const deadline = setTimeout(() => {
-  out.timeout = true;
-  console.log(JSON.stringify(out));
-  process.exit(1);
-}, 20000);
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const timer = deadline(out, 20000);
 
 // One connection of `user`, on the first node or (`second`) the other one;
 // `seen` records every member and client event it gets.
 async function connect(name, user, second = false) {
-  const client = new Pusher(key, {
-    wsHost: second && host2 ? host2 : host,
-    wsPort: Number(second && port2 ? port2 : port),
-    forceTLS: false,
-    enabledTransports: ["ws"],
-    cluster: "unused",
-    disableStats: true,
-    channelAuthorization: {
-      customHandler: ({ socketId, channelName }, callback) => {
-        const data = { user_id: user, user_info: { name: user.toUpperCase() } };
-        callback(null, server.authorizeChannel(socketId, channelName, data));
-      },
-    },
-  });
+  const data = { user_id: user, user_info: { name: user.toUpperCase() } };
+  const client = pusherClient(
+    key,
+    second && host2 ? host2 : host,
+    second && port2 ? port2 : port,
+    (socketId, channelName) => server.authorizeChannel(socketId, channelName, data),
+  );
   await new Promise((resolve) => client.connection.bind("connected", resolve));
   const seen = [];
   out[name] = { seen };
@@ -95,5 +83,5 @@ await sleep(300);
 
 bob.client.disconnect();
 cy.client.disconnect();
-clearTimeout(deadline);
+clearTimeout(timer);
 console.log(JSON.stringify(out));

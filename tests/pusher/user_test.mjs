@@ -5,27 +5,19 @@
 // user's connection. Prints one JSON object; tests/pusher_js.rs checks it.
 //
 //   node user_test.mjs HOST PORT APP_ID KEY SECRET
-import Pusher from "pusher-js";
 import PusherServer from "pusher";
+import { client as pusherClient, deadline, sleep } from "./common.mjs";
 
 const [host, port, appId, key, secret] = process.argv.slice(2);
 const server = new PusherServer({ appId, key, secret, host, port, useTLS: false });
 const out = {};
-const deadline = setTimeout(() => {
-  out.timeout = true;
-  console.log(JSON.stringify(out));
-  process.exit(1);
-}, 15000);
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const timer = deadline(out, 15000);
 
 async function signedIn(user) {
-  const client = new Pusher(key, {
-    wsHost: host,
-    wsPort: Number(port),
-    forceTLS: false,
-    enabledTransports: ["ws"],
-    cluster: "unused",
-    disableStats: true,
+  const noChannels = () => {
+    throw new Error("no channel is authorized here");
+  };
+  const client = pusherClient(key, host, port, noChannels, {
     userAuthentication: {
       customHandler: ({ socketId }, callback) => {
         callback(null, server.authenticateUser(socketId, { id: user, name: user.toUpperCase() }));
@@ -56,5 +48,5 @@ out.ann_state = ann.connection.state;
 out.bob_state = bob.connection.state;
 ann.disconnect();
 bob.disconnect();
-clearTimeout(deadline);
+clearTimeout(timer);
 console.log(JSON.stringify(out));

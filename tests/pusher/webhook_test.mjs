@@ -10,17 +10,12 @@
 // arrived; tests/pusher_js.rs checks it.
 import http from "node:http";
 import readline from "node:readline";
-import Pusher from "pusher-js";
 import PusherServer from "pusher";
+import { client as pusherClient, deadline, sleep } from "./common.mjs";
 
 const [appId, key, secret] = process.argv.slice(2);
 const out = { events: [], invalid: 0 };
-const deadline = setTimeout(() => {
-  out.timeout = true;
-  console.log(JSON.stringify(out));
-  process.exit(1);
-}, 20000);
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const timer = deadline(out, 20000);
 
 const receiver = http.createServer((req, res) => {
   let rawBody = "";
@@ -42,19 +37,9 @@ const lines = readline.createInterface({ input: process.stdin });
 const [host, port] = (await lines[Symbol.asyncIterator]().next()).value.split(" ");
 const server = new PusherServer({ appId, key, secret, host, port, useTLS: false });
 
-const client = new Pusher(key, {
-  wsHost: host,
-  wsPort: Number(port),
-  forceTLS: false,
-  enabledTransports: ["ws"],
-  cluster: "unused",
-  disableStats: true,
-  channelAuthorization: {
-    customHandler: ({ socketId, channelName }, callback) => {
-      callback(null, server.authorizeChannel(socketId, channelName, { user_id: "ann" }));
-    },
-  },
-});
+const client = pusherClient(key, host, port, (socketId, channelName) =>
+  server.authorizeChannel(socketId, channelName, { user_id: "ann" }),
+);
 await new Promise((resolve) => client.connection.bind("connected", resolve));
 out.socket_id = client.connection.socket_id;
 const channel = client.subscribe("presence-room");
@@ -70,5 +55,5 @@ await waitFor(5);
 await sleep(300);
 receiver.close();
 lines.close();
-clearTimeout(deadline);
+clearTimeout(timer);
 console.log(JSON.stringify(out));

@@ -488,6 +488,14 @@ impl ShardState {
         members
     }
 
+    /// The user of connection `key`'s presence member in `topic`, if it
+    /// is one and its meta names a user.
+    pub(super) fn member_user(&self, key: ConnKey, topic: NameId) -> Option<String> {
+        let conn = self.conns.get(key)?;
+        let sub = conn.subs.iter().find(|s| s.topic == topic)?;
+        crate::bus::user_of(sub.meta.as_deref()?)
+    }
+
     /// This shard's topics under `prefix` with subscribers, as members
     /// (see `MemberQuery::topics_under`).
     fn local_topics(&self, prefix: &str, query: &MemberQuery) -> Members {
@@ -501,13 +509,7 @@ impl ShardState {
                 continue;
             }
             for &key in &entry.subscribers {
-                let user = self
-                    .conns
-                    .get(key)
-                    .and_then(|c| c.subs.iter().find(|s| s.topic == id))
-                    .and_then(|s| s.meta.as_deref())
-                    .and_then(crate::bus::user_of);
-                if let Some(user) = user {
+                if let Some(user) = self.member_user(key, id) {
                     let pair = || format!("{}\0{user}", entry.name);
                     members.offer(query, pair, |_| String::new());
                 }

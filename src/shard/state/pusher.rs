@@ -342,12 +342,7 @@ impl ShardState {
             return self.send(key, wire::error(Some(4200), "Server shutting down"));
         }
         // On a presence channel the sender's user id goes with it.
-        let user = self
-            .conns
-            .get(key)
-            .and_then(|c| c.subs.iter().find(|s| s.topic == id))
-            .and_then(|s| s.meta.as_deref())
-            .and_then(crate::bus::user_of);
+        let user = self.member_user(key, id);
         let socket_id = self.socket_id(key);
         let frame = wire::push_except(&topic, event, data, Some(&socket_id), user.as_deref());
         if let Published::LocalOnly { why, .. } = self.publish_framed(&topic, frame) {

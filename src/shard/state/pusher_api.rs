@@ -205,26 +205,18 @@ impl ShardState {
             ));
         }
         let presence = channel.starts_with("presence-");
-        let info = request.query_param("info").unwrap_or_default();
-        let asked = |what: &str| info.split(',').any(|i| i.trim() == what);
         let query = ChannelQuery {
             users,
-            user_count: asked("user_count"),
-            subscription_count: asked("subscription_count"),
+            user_count: info_asks(request, "user_count"),
+            subscription_count: info_asks(request, "subscription_count"),
         };
         if (users || query.user_count) && !presence {
             let why = "user_count and users are only for presence channels";
             return Some(pusher_error(400, why));
         }
-        if let Err((status, why)) = self.admit_presence(key) {
-            return Some(pusher_error(status, &why));
+        if let Err(refusal) = self.park_channel_query(key, request, cors) {
+            return Some(refusal);
         }
-        self.park(
-            key,
-            Deferred::Presence {
-                reply: Reply::to(request, cors),
-            },
-        );
         let members = MemberQuery {
             // A presence channel's users are listed whole (an app allows at
             // most 1,000); otherwise only counted.
@@ -264,21 +256,14 @@ impl ShardState {
                 "filter_by_prefix is longer than a channel name",
             ));
         }
-        let info = request.query_param("info").unwrap_or_default();
-        let user_count = info.split(',').any(|i| i.trim() == "user_count");
+        let user_count = info_asks(request, "user_count");
         if user_count && !filter.starts_with("presence-") {
             let why = "user_count is only for filter_by_prefix=presence-";
             return Some(pusher_error(400, why));
         }
-        if let Err((status, why)) = self.admit_presence(key) {
-            return Some(pusher_error(status, &why));
+        if let Err(refusal) = self.park_channel_query(key, request, cors) {
+            return Some(refusal);
         }
-        self.park(
-            key,
-            Deferred::Presence {
-                reply: Reply::to(request, cors),
-            },
-        );
         let prefix: Arc<str> = Arc::from(wire::topic(&app.id, &filter));
         let query = MemberQuery {
             limit: MAX_CHANNELS_LISTED + 1,
@@ -293,6 +278,21 @@ impl ShardState {
         };
         self.start_presence(&prefix, query, then);
         None
+    }
+
+    /// Parks a channel query's connection until every shard has counted,
+    /// within the bounds of a presence query (`429`, `503`).
+    fn park_channel_query(
+        &mut self,
+        key: ConnKey,
+        request: &Request,
+        cors: Option<&str>,
+    ) -> Result<(), Response> {
+        self.admit_presence(key)
+            .map_err(|(status, why)| pusher_error(status, &why))?;
+        let reply = Reply::to(request, cors);
+        self.park(key, Deferred::Presence { reply });
+        Ok(())
     }
 
     /// A channel list is in: the parked request is answered.
@@ -430,6 +430,12 @@ fn checked_event(app: &App, event: &Event) -> Result<(), Response> {
         }
     }
     Ok(())
+}
+
+/// Whether the request's `info` (a comma-separated list) asks for `what`.
+fn info_asks(request: &Request, what: &str) -> bool {
+    let info = request.query_param("info").unwrap_or_default();
+    info.split(',').any(|i| i.trim() == what)
 }
 
 /// Pusher answers its HTTP API's errors with the message as text.
