@@ -293,12 +293,14 @@ impl Channels {
     /// Adds each Pusher app's channel: every topic under the app's prefix
     /// (no rule can name one: patterns refuse control characters).
     pub fn with_apps(mut self, apps: &[Arc<crate::pusher::App>]) -> Channels {
+        use crate::pusher::{hook::PusherHook, wire};
         for app in apps {
-            let prefix = crate::pusher::wire::topic_prefix(&app.id);
-            self.set(
-                Pattern::Prefix(prefix),
-                Arc::new(crate::pusher::hook::PusherHook),
-            );
+            let prefix = wire::topic_prefix(&app.id);
+            for cache in wire::CACHE_PREFIXES {
+                let pattern = Pattern::Prefix(format!("{prefix}{cache}"));
+                self.set(pattern, Arc::new(PusherHook::cache()));
+            }
+            self.set(Pattern::Prefix(prefix), Arc::new(PusherHook::default()));
         }
         self
     }

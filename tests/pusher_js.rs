@@ -377,8 +377,9 @@ fn signed_post(node: &TestServer, secret: &str, path: &str, body: &str) -> u16 {
 /// Pusher-format webhooks to an app's `webhook_url`, checked by the server
 /// SDK's `webhook(req).isValid()` as a backend checks them: occupied and
 /// member added when the first user subscribes, the client event with its
-/// socket and user, then vacated and member removed (after the delay) once
-/// it left; ringcast's own topics never reach the app's backend.
+/// socket and user, a cache channel's miss, then vacated and member
+/// removed (after the delay) once it left; ringcast's own topics never
+/// reach the app's backend.
 #[test]
 fn an_apps_webhooks_are_pushers_and_the_server_sdk_validates_them() {
     use std::io::{BufRead, BufReader, Write};
@@ -398,7 +399,7 @@ fn an_apps_webhooks_are_pushers_and_the_server_sdk_validates_them() {
         .strip_prefix("listening ")
         .expect("the receiver's port");
     let config = format!(
-        "{APP}client_events = true\nwebhook_events = [\"channel_occupied\", \"channel_vacated\", \"member_added\", \"member_removed\", \"client_event\"]\nwebhook_url = \"http://127.0.0.1:{port}/pusher\"\n"
+        "{APP}client_events = true\nwebhook_events = [\"channel_occupied\", \"channel_vacated\", \"member_added\", \"member_removed\", \"client_event\", \"cache_miss\"]\nwebhook_url = \"http://127.0.0.1:{port}/pusher\"\n"
     );
     let node = TestServer::start(2, Some(&config));
     // A ringcast topic of its own: no webhook for it goes to the app.
@@ -415,22 +416,34 @@ fn an_apps_webhooks_are_pushers_and_the_server_sdk_validates_them() {
         "every webhook signed with the app's secret: {result}"
     );
     let socket_id = result["socket_id"].as_str().unwrap();
+    assert_eq!(result["cache_miss"], true, "{result}");
     let events = result["events"].as_array().unwrap();
-    let mut names: Vec<&str> = events.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    let mut names: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["name"].as_str().unwrap(),
+                e["channel"].as_str().unwrap()
+            )
+        })
+        .collect();
     names.sort_unstable();
     assert_eq!(
         names,
         [
-            "channel_occupied",
-            "channel_vacated",
-            "client_event",
-            "member_added",
-            "member_removed"
+            "cache_miss cache-empty",
+            "channel_occupied cache-empty",
+            "channel_occupied presence-room",
+            "channel_vacated cache-empty",
+            "channel_vacated presence-room",
+            "client_event presence-room",
+            "member_added presence-room",
+            "member_removed presence-room",
         ],
         "{result}"
     );
     for event in events {
-        assert_eq!(event["channel"], "presence-room", "{event}");
         match event["name"].as_str().unwrap() {
             "member_added" | "member_removed" => assert_eq!(event["user_id"], "ann"),
             "client_event" => {
@@ -458,5 +471,65 @@ fn laravel_echo_listens_joins_and_whispers() {
         result["ann"],
         json!(["joining bob", "whisper bob", "leaving bob"]),
         "{result}"
+    );
+}
+
+/// Cache channels: a new subscriber gets the channel's last event (kept
+/// 30 minutes, in the core's stream history), or `pusher:cache_miss` when
+/// there is none; on one node and, through Redis, across two (the event
+/// triggered on one node, the subscriber on the other).
+fn check_cache_channel(publisher: &TestServer, subscriber: &TestServer) {
+    let subscribe = |node: &TestServer| {
+        let (mut ws, _) = pusher_ws(node);
+        ws.send_text(r#"{"event":"pusher:subscribe","data":{"channel":"cache-prices"}}"#);
+        let succeeded = ws.recv_json();
+        assert_eq!(
+            succeeded["event"], "pusher_internal:subscription_succeeded",
+            "{succeeded}"
+        );
+        (ws, succeeded)
+    };
+    let (mut first, _) = subscribe(subscriber);
+    assert_eq!(
+        first.recv_json(),
+        json!({"event":"pusher:cache_miss","channel":"cache-prices","data":{}})
+    );
+    for price in ["1.10", "1.20"] {
+        assert_eq!(trigger(publisher, "app-secret", "cache-prices", price), 200);
+        assert_eq!(first.recv_json()["data"], price);
+    }
+    let (mut late, _) = subscribe(subscriber);
+    let cached = late.recv_json();
+    assert_eq!(
+        cached,
+        json!({"event":"greeting","channel":"cache-prices","data":"1.20"}),
+        "the last event, not a miss"
+    );
+    assert!(
+        late.is_silent_for(Duration::from_millis(300)),
+        "only the last one"
+    );
+}
+
+#[test]
+fn a_cache_channel_gives_new_subscribers_its_last_event() {
+    let node = node();
+    check_cache_channel(&node, &node);
+}
+
+#[test]
+fn a_cache_channels_last_event_is_the_clusters() {
+    let redis = RedisServer::start();
+    let a = cluster::start_node_with(&redis, "a", APP);
+    let b = cluster::start_node_with(&redis, "b", APP);
+    cluster::wait_for_redis(&a, "a", Redis::Up);
+    cluster::wait_for_redis(&b, "b", Redis::Up);
+    check_cache_channel(&a, &b);
+    // In a cluster the trigger is answered once Redis has the event, so it
+    // names that one channel.
+    let body = json!({"name":"e","channels":["cache-prices","news"],"data":"x"}).to_string();
+    assert_eq!(
+        signed_post(&a, "app-secret", "/apps/4711/events", &body),
+        400
     );
 }

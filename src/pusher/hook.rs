@@ -7,13 +7,39 @@
 //! (`shard/state/pusher.rs`): a Pusher client cannot send the core's
 //! `message`.
 
-use crate::hooks::{ChannelHook, ClientMessage, HookContext, Verdict};
+use std::time::Duration;
 
-/// One app's channels.
-#[derive(Debug, Clone)]
-pub struct PusherHook;
+use crate::hooks::{ChannelHook, ClientMessage, HookContext, Verdict};
+use crate::rules::History;
+
+/// How long a cache channel keeps its last event (Pusher's 30 minutes).
+pub const CACHE_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// One app's channels; its cache channels keep their last event for each
+/// new subscriber (a stream of one, replayed on subscribe).
+#[derive(Debug, Clone, Default)]
+pub struct PusherHook {
+    history: Option<History>,
+}
+
+impl PusherHook {
+    /// The hook of an app's cache channels.
+    pub fn cache() -> PusherHook {
+        PusherHook {
+            history: Some(History {
+                size: 1,
+                ttl: CACHE_TTL,
+                replay_on_subscribe: 1,
+            }),
+        }
+    }
+}
 
 impl ChannelHook for PusherHook {
+    fn history(&self) -> Option<History> {
+        self.history
+    }
+
     fn join(&self, _ctx: &mut HookContext<'_>) -> Result<(), String> {
         Ok(())
     }

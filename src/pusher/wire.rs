@@ -282,49 +282,45 @@ impl std::fmt::Display for SocketId {
     }
 }
 
-/// A core push for an app's channel that one connection does not get (a
-/// client event's sender, a trigger's `socket_id`): the push's frame with
-/// `"except"`, which only Pusher connections read (no other connection can
-/// subscribe to an app's topics), so the exclusion travels with the bytes
-/// to every shard and node.
-/// A client event on a presence channel names its sender's `user_id`.
-pub fn push_except(
-    topic: &str,
-    event: &str,
-    data_json: &str,
-    except: Option<&str>,
-    user_id: Option<&str>,
-) -> Bytes {
-    let hint = 80 + topic.len() + event.len() + data_json.len();
-    frame::text_with(hint, |out| {
-        out.extend_from_slice(b"{\"type\":\"push\",\"topic\":");
-        out.extend_from_slice(json_string(topic).as_bytes());
-        out.extend_from_slice(b",\"event\":");
-        out.extend_from_slice(json_string(event).as_bytes());
-        out.extend_from_slice(b",\"payload\":");
-        out.extend_from_slice(data_json.as_bytes());
-        if let Some(except) = except {
-            out.extend_from_slice(b",\"except\":");
-            out.extend_from_slice(json_string(except).as_bytes());
-        }
-        if let Some(user_id) = user_id {
-            out.extend_from_slice(b",\"user_id\":");
-            out.extend_from_slice(json_string(user_id).as_bytes());
-        }
-        out.push(b'}');
-    })
+/// The core payload of a publication to an app's channel: Pusher's
+/// `data` (as the publisher gave it), the socket that does not get it (a
+/// client event's sender, a trigger's `socket_id`), and the sender's
+/// `user_id` (a client event on a presence channel). Only Pusher
+/// connections read an app's topics (no other connection can subscribe to
+/// them), so the envelope is theirs: it travels with the publication to
+/// every shard and node, and through a stream's history (cache channels).
+pub fn payload(data_json: &str, except: Option<&str>, user_id: Option<&str>) -> String {
+    let mut out = String::with_capacity(32 + data_json.len());
+    out.push_str("{\"data\":");
+    out.push_str(data_json);
+    if let Some(except) = except {
+        out.push_str(",\"except\":");
+        out.push_str(&json_string(except));
+    }
+    if let Some(user_id) = user_id {
+        out.push_str(",\"user_id\":");
+        out.push_str(&json_string(user_id));
+    }
+    out.push('}');
+    out
 }
 
-/// The core push that closes every connection holding `topic` (a
-/// signed-in user's channel) with Pusher's 4009: the marker travels in the
-/// publication's bytes to every shard and node, and no trigger can make it
-/// (its `"terminate"` is not an event).
-pub fn terminate(topic: &str) -> Bytes {
-    frame::text_with(64 + topic.len(), |out| {
-        out.extend_from_slice(b"{\"type\":\"push\",\"topic\":");
-        out.extend_from_slice(json_string(topic).as_bytes());
-        out.extend_from_slice(b",\"terminate\":true}");
-    })
+/// The payload that closes every connection holding the channel (a
+/// signed-in user's) with Pusher's 4009. A trigger's payload always has
+/// `data`, so none can be this one.
+pub const TERMINATE: &str = r#"{"terminate":true}"#;
+
+/// A Pusher publication's payload, as [`payload`] and [`TERMINATE`] write it.
+#[derive(Deserialize)]
+struct Carried<'a> {
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    except: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    user_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    terminate: bool,
 }
 
 /// A core message as the Pusher client reads it.
@@ -340,12 +336,27 @@ struct CoreMessage<'a> {
     payload: Option<&'a RawValue>,
     #[serde(borrow)]
     message: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    except: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    user_id: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
-    terminate: bool,
+    /// A stream's position in `subscribed`: 0 for a stream with nothing
+    /// in it (a cache channel's miss).
+    offset: Option<u64>,
+}
+
+impl CoreMessage<'_> {
+    /// The push's payload as a Pusher envelope (a payload that is none is
+    /// all `data`).
+    fn envelope(&self) -> Carried<'_> {
+        let raw = self.payload;
+        let envelope = raw.and_then(|p| serde_json::from_str::<Carried<'_>>(p.get()).ok());
+        match envelope {
+            Some(envelope) if envelope.data.is_some() || envelope.terminate => envelope,
+            _ => Carried {
+                data: raw,
+                except: None,
+                user_id: None,
+                terminate: false,
+            },
+        }
+    }
 }
 
 /// What a Pusher connection gets for a core message.
@@ -358,8 +369,34 @@ pub enum Outgoing {
     /// Nothing: Pusher has no word for it.
     Nothing,
     /// The core subscribed the connection to a presence channel (this
-    /// topic): its `subscription_succeeded` needs the members first.
-    PresenceSubscribed(String),
+    /// topic): its `subscription_succeeded` needs the members first (and a
+    /// presence cache channel with nothing kept, `pusher:cache_miss` after).
+    PresenceSubscribed { topic: String, cache_miss: bool },
+    /// A cache channel (this topic) with nothing kept: these frames
+    /// (`subscription_succeeded`, `pusher:cache_miss`), and the app's
+    /// `cache_miss` webhook.
+    CacheMissed { frames: Bytes, topic: String },
+}
+
+/// Whether `channel` is a cache channel (its last event kept for new
+/// subscribers): `cache-`, `private-cache-`, `private-encrypted-cache-`
+/// or `presence-cache-`.
+pub fn is_cache(channel: &str) -> bool {
+    CACHE_PREFIXES.iter().any(|p| channel.starts_with(p))
+}
+
+/// The prefixes of cache channels.
+pub const CACHE_PREFIXES: [&str; 4] = [
+    "cache-",
+    "private-cache-",
+    "private-encrypted-cache-",
+    "presence-cache-",
+];
+
+/// `pusher:cache_miss`: a cache channel had no event to give a new
+/// subscriber.
+pub fn cache_miss_frame(channel: &str) -> Bytes {
+    event_frame("pusher:cache_miss", Some(channel), "{}")
 }
 
 /// A publication as every Pusher subscriber reads it.
@@ -367,9 +404,9 @@ pub enum Outgoing {
 pub struct Publication {
     /// The frame, or `None` for nothing to send.
     pub frame: Option<Bytes>,
-    /// The socket that must not get it (see [`push_except`]).
+    /// The socket that must not get it (see [`payload`]).
     pub except: Option<SocketId>,
-    /// Every subscriber is closed instead (see [`terminate`]).
+    /// Every subscriber is closed instead (see [`TERMINATE`]).
     pub terminate: bool,
 }
 
@@ -385,7 +422,7 @@ pub fn translate_publication(bytes: &Bytes) -> Publication {
     let Ok(core) = serde_json::from_slice::<CoreMessage<'_>>(json) else {
         return as_is;
     };
-    if core.terminate {
+    if core.kind == "push" && core.envelope().terminate {
         return Publication {
             terminate: true,
             ..Publication::default()
@@ -394,7 +431,7 @@ pub fn translate_publication(bytes: &Bytes) -> Publication {
     match pusher_words(&core) {
         Outgoing::Frame(frame) => Publication {
             frame: Some(frame),
-            except: core.except.as_deref().and_then(SocketId::parse),
+            except: core.envelope().except.as_deref().and_then(SocketId::parse),
             terminate: false,
         },
         _ => Publication::default(),
@@ -420,19 +457,35 @@ fn pusher_words(core: &CoreMessage<'_>) -> Outgoing {
             _ => Outgoing::Nothing,
         };
     };
+    // A cache channel's stream at offset 0 has nothing to give.
+    let cache_miss = is_cache(channel) && core.offset == Some(0);
     match core.kind {
         "push" => match core.event.as_deref() {
             Some(event) => {
-                let data = core.payload.map_or("null", RawValue::get);
-                let user_id = core.user_id.as_deref();
+                let envelope = core.envelope();
+                let data = envelope.data.map_or("null", RawValue::get);
+                let user_id = envelope.user_id.as_deref();
                 Outgoing::Frame(event_frame_from(event, Some(channel), data, user_id))
             }
             None => Outgoing::Nothing,
         },
-        "subscribed" if channel.starts_with("presence-") => {
-            Outgoing::PresenceSubscribed(core.topic.as_deref().unwrap_or_default().to_string())
+        "subscribed" if channel.starts_with("presence-") => Outgoing::PresenceSubscribed {
+            topic: core.topic.as_deref().unwrap_or_default().to_string(),
+            cache_miss,
+        },
+        "subscribed" => {
+            let succeeded = subscription_succeeded(channel, "\"{}\"");
+            if !cache_miss {
+                return Outgoing::Frame(succeeded);
+            }
+            // Two frames in one write: told it is in, then that nothing is.
+            let mut both = bytes::BytesMut::from(&succeeded[..]);
+            both.extend_from_slice(&cache_miss_frame(channel));
+            Outgoing::CacheMissed {
+                frames: both.freeze(),
+                topic: core.topic.as_deref().unwrap_or_default().to_string(),
+            }
         }
-        "subscribed" => Outgoing::Frame(subscription_succeeded(channel, "\"{}\"")),
         "error" => Outgoing::Frame(error(None, core.message.as_deref().unwrap_or("error"))),
         _ => Outgoing::Nothing,
     }
@@ -533,22 +586,18 @@ mod tests {
         ] {
             assert_eq!(SocketId::parse(bad), None, "{bad}");
         }
-        let push = push_except(
-            &topic("1", "room"),
-            "client-x",
-            "{}",
-            Some(&id.to_string()),
-            Some("ann"),
-        );
+        let data = payload("{}", Some(&id.to_string()), Some("ann"));
+        let push = message::push(&topic("1", "room"), "client-x", &data);
         let Publication { frame, except, .. } = translate_publication(&push);
         assert_eq!(
             text(&frame.unwrap()),
             r#"{"event":"client-x","channel":"room","data":{},"user_id":"ann"}"#
         );
         assert_eq!(except, Some(id));
-        let plain = message::push(&topic("1", "room"), "e", "1");
+        let plain = message::push(&topic("1", "room"), "e", &payload("1", None, None));
         assert_eq!(translate_publication(&plain).except, None);
-        let end = translate_publication(&terminate(&topic("1", "#server-to-user-ann")));
+        let end = message::push(&topic("1", "#server-to-user-ann"), "x", TERMINATE);
+        let end = translate_publication(&end);
         assert!(end.terminate && end.frame.is_none());
         assert_eq!(user_channel("#server-to-user-ann"), Some("ann"));
         for bad in [
@@ -587,8 +636,37 @@ mod tests {
         );
         assert_eq!(
             translate(message::subscribed(&topic("1", "presence-room"))),
-            Outgoing::PresenceSubscribed(topic("1", "presence-room"))
+            Outgoing::PresenceSubscribed {
+                topic: topic("1", "presence-room"),
+                cache_miss: false
+            }
         );
+        let Outgoing::CacheMissed { frames: missed, .. } = translate(message::subscribed_at(
+            &topic("1", "cache-x"),
+            None,
+            0,
+            "e",
+            false,
+        )) else {
+            panic!("a cache channel's miss is told");
+        };
+        // The first frame is short: a 2-byte header, then its payload.
+        let second = 2 + usize::from(missed[1] & 0x7f);
+        assert_eq!(
+            text(&Bytes::copy_from_slice(&missed[second..])),
+            r#"{"event":"pusher:cache_miss","channel":"cache-x","data":{}}"#,
+            "subscription_succeeded, then the miss"
+        );
+        let Outgoing::Frame(kept) = translate(message::subscribed_at(
+            &topic("1", "cache-x"),
+            None,
+            3,
+            "e",
+            false,
+        )) else {
+            panic!("a cache channel's subscription is told");
+        };
+        assert_eq!(2 + usize::from(kept[1] & 0x7f), kept.len(), "one frame");
         let http = Bytes::from_static(b"HTTP/1.1 101 Switching Protocols\r\n\r\n");
         assert_eq!(
             translate(http.clone()),

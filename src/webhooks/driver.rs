@@ -193,6 +193,7 @@ impl Driver {
         match report {
             Report::Transition(notice) => self.state.notice(notice, Instant::now(), unix_ms()),
             Report::ClientEvent(event) => self.state.client_event(event, Instant::now(), unix_ms()),
+            Report::CacheMiss(topic) => self.state.cache_miss(topic, Instant::now(), unix_ms()),
         }
     }
 

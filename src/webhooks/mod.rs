@@ -184,6 +184,8 @@ impl Plan {
 pub enum Report {
     Transition(Notice),
     ClientEvent(ClientEvent),
+    /// A Pusher cache channel (this topic) had nothing for a subscriber.
+    CacheMiss(Arc<str>),
 }
 
 /// The shards' side: where reports go, and the counters `/metrics` shows.
@@ -194,6 +196,7 @@ pub struct WebhookSink {
     users: bool,
     members: bool,
     client_events: bool,
+    cache_misses: bool,
     pub stats: WebhookStats,
 }
 
@@ -217,6 +220,7 @@ impl WebhookSink {
             users: plan.wants("user_offline"),
             members: plan.wants("member_added") || plan.wants("member_removed"),
             client_events: plan.wants("client_event"),
+            cache_misses: plan.wants("cache_miss"),
             stats: WebhookStats::default(),
         }
     }
@@ -250,6 +254,18 @@ impl WebhookSink {
     pub fn client_event(&self, event: ClientEvent) {
         debug_assert!(self.client_events, "a client event nobody asked for");
         self.reports.send(Report::ClientEvent(event));
+    }
+
+    /// Whether Pusher cache misses are reported (`cache_miss`).
+    pub fn wants_cache_misses(&self) -> bool {
+        self.cache_misses
+    }
+
+    /// Hands a cache miss of `topic` to the webhook thread (queued within
+    /// `max_queued_bytes`, like a client event).
+    pub fn cache_miss(&self, topic: Arc<str>) {
+        debug_assert!(self.cache_misses, "a cache miss nobody asked for");
+        self.reports.send(Report::CacheMiss(topic));
     }
 
     /// Appends the webhook metrics in the Prometheus text format.

@@ -174,6 +174,14 @@ impl WebhookState {
         }
     }
 
+    /// A Pusher cache channel had nothing for a new subscriber
+    /// (`cache_miss`), reported to its app.
+    pub fn cache_miss(&mut self, topic: Arc<str>, now: Instant, unix_ms: u64) {
+        self.unix_ms = unix_ms;
+        self.event("cache_miss", &(Subject::Topic, topic, None), unix_ms);
+        self.pump(now);
+    }
+
     /// Time passed: vacates that are due happen, a backoff may end.
     pub fn tick(&mut self, now: Instant, unix_ms: u64) {
         self.unix_ms = unix_ms;

@@ -45,13 +45,18 @@ out.socket_id = client.connection.socket_id;
 const channel = client.subscribe("presence-room");
 await new Promise((resolve) => channel.bind("pusher:subscription_succeeded", resolve));
 channel.trigger("client-typing", { by: "ann" });
+// A cache channel with nothing kept: pusher:cache_miss, and its webhook.
+const cache = client.subscribe("cache-empty");
+out.cache_miss = await new Promise((resolve) => cache.bind("pusher:cache_miss", () => resolve(true)));
 await sleep(500);
 client.disconnect();
-// channel_vacated and member_removed come after the vacated delay (2 s).
+// channel_vacated and member_removed come after the vacated delay (2 s):
+// presence-room's occupied, added, client event, vacated, removed;
+// cache-empty's occupied, miss, vacated.
 const waitFor = async (n) => {
   while (out.events.length < n) await sleep(50);
 };
-await waitFor(5);
+await waitFor(8);
 await sleep(300);
 receiver.close();
 lines.close();

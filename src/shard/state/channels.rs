@@ -49,6 +49,7 @@ pub(crate) enum PresenceThen {
     PusherSucceeded {
         key: ConnKey,
         joining: Option<Arc<str>>,
+        cache_miss: bool,
     },
     /// `GET /apps/{id}/channels/{channel}[/users]` (its connection is
     /// parked): a channel's counts, or a presence channel's users.
@@ -643,8 +644,12 @@ impl ShardState {
                 self.presence_answered(key);
                 self.pusher_channel_answered(key, query, members);
             }
-            PresenceThen::PusherSucceeded { key, joining } => {
-                self.pusher_presence_answered(key, &wait.topic, joining, members);
+            PresenceThen::PusherSucceeded {
+                key,
+                joining,
+                cache_miss,
+            } => {
+                self.pusher_presence_answered(key, &wait.topic, joining, cache_miss, members);
             }
             PresenceThen::PusherMember {
                 user,

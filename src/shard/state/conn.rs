@@ -241,6 +241,9 @@ pub(crate) enum Deferred {
 pub(crate) struct Reply {
     pub(crate) keep_alive: bool,
     pub(crate) cors: Option<Box<str>>,
+    /// A request of Pusher's HTTP API: answered in Pusher's words (`{}`
+    /// for a success, the message as text otherwise).
+    pub(crate) pusher: bool,
 }
 
 impl Reply {
@@ -250,11 +253,30 @@ impl Reply {
         Reply {
             keep_alive: request.keep_alive(),
             cors: cors.map(Box::from),
+            pusher: false,
+        }
+    }
+
+    /// The same for a request of Pusher's HTTP API.
+    pub(crate) fn pusher(request: &Request, cors: Option<&str>) -> Reply {
+        Reply {
+            pusher: true,
+            ..Reply::to(request, cors)
         }
     }
 
     /// `response` as this reply.
     pub(crate) fn answer(self, response: Response) -> Response {
+        let response = match self.pusher {
+            true if (200..300).contains(&response.status()) => {
+                Response::json(200, "{}".to_string())
+            }
+            true => {
+                let text = String::from_utf8_lossy(response.body()).into_owned();
+                Response::text(response.status(), "text/plain; charset=utf-8", text)
+            }
+            false => response,
+        };
         with_cors(response, self.cors.as_deref()).keep_alive(self.keep_alive)
     }
 }

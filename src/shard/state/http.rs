@@ -121,8 +121,16 @@ impl ShardState {
                 },
             },
             Route::PusherApp(app_key) => return self.pusher_upgrade(key, &request, app_key),
-            Route::PusherEvents(app_id) => self.pusher_events(&request, app_id),
-            Route::PusherBatchEvents(app_id) => self.pusher_batch_events(&request, app_id),
+            Route::PusherEvents(app_id) => match self.pusher_events(key, &request, app_id, cors) {
+                Some(response) => response,
+                None => return,
+            },
+            Route::PusherBatchEvents(app_id) => {
+                match self.pusher_batch_events(key, &request, app_id, cors) {
+                    Some(response) => response,
+                    None => return,
+                }
+            }
             Route::PusherTerminate(app_id, user) => self.pusher_terminate(&request, app_id, user),
             Route::PusherTerminateByKey(user) => {
                 let key = request.query_param("auth_key").unwrap_or_default();

@@ -421,8 +421,12 @@ impl ShardState {
                 match crate::pusher::wire::translate(bytes) {
                     Outgoing::Frame(bytes) => bytes,
                     Outgoing::Nothing => return,
-                    Outgoing::PresenceSubscribed(topic) => {
-                        return self.pusher_presence_subscribed(key, &topic)
+                    Outgoing::PresenceSubscribed { topic, cache_miss } => {
+                        return self.pusher_presence_subscribed(key, &topic, cache_miss)
+                    }
+                    Outgoing::CacheMissed { frames, topic } => {
+                        self.report_cache_miss(&topic);
+                        frames
                     }
                 }
             }

@@ -344,9 +344,11 @@ impl ShardState {
         // On a presence channel the sender's user id goes with it.
         let user = self.member_user(key, id);
         let socket_id = self.socket_id(key);
-        let frame = wire::push_except(&topic, event, data, Some(&socket_id), user.as_deref());
-        if let Published::LocalOnly { why, .. } = self.publish_framed(&topic, frame) {
-            self.send(key, wire::error(None, why.message()));
+        let payload = wire::payload(data, Some(&socket_id), user.as_deref());
+        match self.publish(&topic, event, &payload, None, None) {
+            Published::LocalOnly { why, .. } => self.send(key, wire::error(None, why.message())),
+            Published::Refused(_, why) => self.send(key, wire::error(None, &why)),
+            Published::Done { .. } | Published::Parked => {}
         }
         self.report_pusher_client_event(&socket_id, user.as_deref(), &topic, event, data);
     }

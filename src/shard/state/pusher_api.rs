@@ -67,16 +67,23 @@ struct BatchEvent {
 
 impl ShardState {
     /// `POST /apps/{id}/events`: an event for up to 100 channels, signed
-    /// with the app's secret.
-    pub(super) fn pusher_events(&mut self, request: &Request, app_id: &str) -> Response {
+    /// with the app's secret. `None`: parked until a cache channel's
+    /// stream home has it (see [`ShardState::publish_events`]).
+    pub(super) fn pusher_events(
+        &mut self,
+        key: ConnKey,
+        request: &Request,
+        app_id: &str,
+        cors: Option<&str>,
+    ) -> Option<Response> {
         let (app, trigger) = match self.signed_body::<Trigger>(request, app_id) {
             Ok(signed) => signed,
-            Err(refusal) => return refusal,
+            Err(refusal) => return Some(refusal),
         };
         let channels = match (trigger.channels, trigger.channel) {
             (Some(channels), None) => channels,
             (None, Some(channel)) => vec![channel],
-            _ => return pusher_error(400, "Give channels or channel"),
+            _ => return Some(pusher_error(400, "Give channels or channel")),
         };
         let event = Event {
             channels,
@@ -85,24 +92,27 @@ impl ShardState {
             socket_id: trigger.socket_id,
         };
         if let Err(refusal) = checked_event(&app, &event) {
-            return refusal;
+            return Some(refusal);
         }
-        match self.publish_event(&app, &event) {
-            Ok(()) => Response::json(200, "{}".to_string()),
-            Err(refusal) => refusal,
-        }
+        self.publish_events(key, request, cors, &app, &[event])
     }
 
     /// `POST /apps/{id}/batch_events`: up to 10 events, each for one
     /// channel; all are checked before any is published.
-    pub(super) fn pusher_batch_events(&mut self, request: &Request, app_id: &str) -> Response {
+    pub(super) fn pusher_batch_events(
+        &mut self,
+        key: ConnKey,
+        request: &Request,
+        app_id: &str,
+        cors: Option<&str>,
+    ) -> Option<Response> {
         let (app, batch) = match self.signed_body::<Batch>(request, app_id) {
             Ok(signed) => signed,
-            Err(refusal) => return refusal,
+            Err(refusal) => return Some(refusal),
         };
         if batch.batch.is_empty() || batch.batch.len() > MAX_BATCH_EVENTS {
             let why = format!("1 to {MAX_BATCH_EVENTS} events per batch");
-            return pusher_error(400, &why);
+            return Some(pusher_error(400, &why));
         }
         let events: Vec<Event> = batch
             .batch
@@ -115,14 +125,53 @@ impl ShardState {
             })
             .collect();
         if let Some(refusal) = events.iter().find_map(|e| checked_event(&app, e).err()) {
-            return refusal;
+            return Some(refusal);
         }
-        for event in &events {
-            if let Err(refusal) = self.publish_event(&app, event) {
-                return refusal;
+        self.publish_events(key, request, cors, &app, &events)
+    }
+
+    /// Publishes checked events to each of their channels. A cache
+    /// channel is a stream whose home orders it: on one node a shard
+    /// (reached through the in-process bus, answered at once), in a
+    /// cluster Redis, so there the request is answered when Redis has the
+    /// event (`None`: parked), and must name that one channel only.
+    fn publish_events(
+        &mut self,
+        key: ConnKey,
+        request: &Request,
+        cors: Option<&str>,
+        app: &App,
+        events: &[Event],
+    ) -> Option<Response> {
+        if !self.accepting_publishes() {
+            let why = "server shutting down: publishes are refused";
+            return Some(pusher_error(503, why));
+        }
+        let clustered = self.shared.bus.broker().is_some();
+        let channels = || events.iter().flat_map(|e| e.channels.iter());
+        let awaited = clustered && channels().any(|c| wire::is_cache(c));
+        if awaited && channels().count() > 1 {
+            let why = "In a cluster a trigger to a cache channel names only that channel: \
+                       it is answered once Redis has the event";
+            return Some(pusher_error(400, why));
+        }
+        for event in events {
+            let data = serde_json::to_string(&event.data).expect("a string serialises");
+            let payload = wire::payload(&data, event.socket_id.as_deref(), None);
+            for channel in &event.channels {
+                let topic = wire::topic(&app.id, channel);
+                let reply = awaited.then(|| (key, Reply::pusher(request, cors)));
+                match self.publish(&topic, &event.name, &payload, reply, None) {
+                    Published::Done { .. } => {}
+                    Published::Parked => return None,
+                    Published::LocalOnly { why, .. } => {
+                        return Some(pusher_error(503, why.message()))
+                    }
+                    Published::Refused(status, why) => return Some(pusher_error(status, &why)),
+                }
             }
         }
-        Response::json(200, "{}".to_string())
+        Some(Response::json(200, "{}".to_string()))
     }
 
     /// `POST /apps/{id}/users/{user}/terminate_connections`: every
@@ -142,8 +191,10 @@ impl ShardState {
             return pusher_error(400, &format!("Invalid user id `{user}`"));
         };
         let topic = wire::topic(&app.id, &channel);
-        match self.publish_framed(&topic, wire::terminate(&topic)) {
+        let event = "pusher_internal:terminate";
+        match self.publish(&topic, event, wire::TERMINATE, None, None) {
             Published::LocalOnly { why, .. } => pusher_error(503, why.message()),
+            Published::Refused(status, why) => pusher_error(status, &why),
             _ => Response::json(200, "{}".to_string()),
         }
     }
@@ -365,29 +416,8 @@ impl ShardState {
         };
         self.answer_parked(key, reply.answer(Response::json(200, body.to_string())));
     }
-
-    /// Publishes a checked event to each of its channels.
-    fn publish_event(&mut self, app: &App, event: &Event) -> Result<(), Response> {
-        if !self.accepting_publishes() {
-            return Err(pusher_error(
-                503,
-                "server shutting down: publishes are refused",
-            ));
-        }
-        let data = serde_json::to_string(&event.data).expect("a string serialises");
-        for channel in &event.channels {
-            let topic = wire::topic(&app.id, channel);
-            let except = event.socket_id.as_deref();
-            let frame = wire::push_except(&topic, &event.name, &data, except, None);
-            // An app's topics are plain (its channel resolves to no
-            // history): published here, never parked.
-            if let Published::LocalOnly { why, .. } = self.publish_framed(&topic, frame) {
-                return Err(pusher_error(503, why.message()));
-            }
-        }
-        Ok(())
-    }
 }
+
 /// An event to publish: its channels, name and data (a string, as
 /// Pusher's libraries send it), and the socket that does not get it.
 struct Event {

@@ -105,8 +105,14 @@ impl ShardState {
     }
 
     /// The core subscribed connection `key` to presence channel `topic`:
-    /// its members are gathered before it is told.
-    pub(super) fn pusher_presence_subscribed(&mut self, key: ConnKey, topic: &str) {
+    /// its members are gathered before it is told (and, on a presence
+    /// cache channel with nothing kept, told so after).
+    pub(super) fn pusher_presence_subscribed(
+        &mut self,
+        key: ConnKey,
+        topic: &str,
+        cache_miss: bool,
+    ) {
         let Some(app) = self.app_of(key) else {
             return;
         };
@@ -128,7 +134,11 @@ impl ShardState {
             by_user: true,
             ..MemberQuery::default()
         };
-        let then = PresenceThen::PusherSucceeded { key, joining };
+        let then = PresenceThen::PusherSucceeded {
+            key,
+            joining,
+            cache_miss,
+        };
         self.start_presence(topic, query, then);
     }
 
@@ -140,6 +150,7 @@ impl ShardState {
         key: ConnKey,
         topic: &str,
         joining: Option<Arc<str>>,
+        cache_miss: bool,
         members: &Members,
     ) {
         let (Some(app), Some(id)) = (self.app_of(key), self.subscription(key, topic)) else {
@@ -166,6 +177,10 @@ impl ShardState {
         }
         let data = presence::succeeded_data(metas.into_iter());
         self.send(key, wire::subscription_succeeded(&channel, &data));
+        if cache_miss {
+            self.send(key, wire::cache_miss_frame(&channel));
+            self.report_cache_miss(topic);
+        }
         if let Some(meta) = joining {
             let meta = self.presence.intern(meta.to_string());
             self.set_presence_meta(key, topic, Some(meta));
@@ -282,20 +297,26 @@ impl ShardState {
         if !announce || !self.accepting_publishes() {
             return;
         }
-        let frame = if joined {
-            let data = presence::added_data(&meta);
-            let event = "pusher_internal:member_added";
-            wire::push_except(topic, event, &data, socket.as_deref(), None)
+        let (event, data) = if joined {
+            ("pusher_internal:member_added", presence::added_data(&meta))
         } else {
-            let data = presence::removed_data(&user);
-            let event = "pusher_internal:member_removed";
-            wire::push_except(topic, event, &data, None, None)
+            (
+                "pusher_internal:member_removed",
+                presence::removed_data(&user),
+            )
         };
-        if let Published::LocalOnly { why, .. } = self.publish_framed(topic, frame) {
-            tracing::debug!(
-                "pusher: a member event reached this node only: {}",
-                why.message()
-            );
+        // The joining connection is told by its subscription_succeeded.
+        let except = socket.as_deref().filter(|_| joined);
+        let payload = wire::payload(&data, except, None);
+        match self.publish(topic, event, &payload, None, None) {
+            Published::LocalOnly { why, .. } => {
+                tracing::debug!(
+                    "pusher: a member event reached this node only: {}",
+                    why.message()
+                );
+            }
+            Published::Refused(_, why) => tracing::debug!("pusher: a member event refused: {why}"),
+            Published::Done { .. } | Published::Parked => {}
         }
     }
 

@@ -91,6 +91,19 @@ impl ShardState {
         });
     }
 
+    /// A Pusher cache channel had no event for a new subscriber, with
+    /// `cache_miss`.
+    pub(super) fn report_cache_miss(&self, topic: &str) {
+        if let Some(sink) = self
+            .shared
+            .webhooks
+            .as_ref()
+            .filter(|s| s.wants_cache_misses())
+        {
+            sink.cache_miss(Arc::from(topic));
+        }
+    }
+
     /// Connection `key`'s subscription to `topic` became (`joined`) or
     /// stopped being a tracked presence member. Only a connection with a
     /// user id is a member the backend can name.
