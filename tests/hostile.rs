@@ -1010,8 +1010,8 @@ fn a_compressed_bomb_is_refused_with_1009() {
 /// Pusher's app key is public (it is in every client): forged triggers
 /// with it and a fresh timestamp, each with a 64 KiB body, are refused on
 /// the signature before the body is hashed or parsed, and private
-/// subscriptions without an authorization are refused before the core
-/// holds anything.
+/// and presence subscriptions without an authorization are refused before
+/// the core holds anything.
 #[test]
 fn forged_pusher_triggers_and_unauthorized_private_subscriptions_hold_nothing() {
     if std::env::var_os("RINGCAST_TEST_BIN").is_some() {
@@ -1045,6 +1045,13 @@ fn forged_pusher_triggers_and_unauthorized_private_subscriptions_hold_nothing() 
     for i in 0..200 {
         ws.send_text(&format!(
             r#"{{"event":"pusher:subscribe","data":{{"channel":"private-{i}","auth":"app-key:{i:064x}"}}}}"#
+        ));
+        assert_eq!(ws.recv_json()["event"], "pusher:subscription_error");
+        // A presence member is a signed channel_data: a forged one holds
+        // no subscription, member or presence gather.
+        let member = format!(r#"{{\"user_id\":\"u{i}\",\"user_info\":\"{}\"}}"#, "x".repeat(900));
+        ws.send_text(&format!(
+            r#"{{"event":"pusher:subscribe","data":{{"channel":"presence-{i}","auth":"app-key:{i:064x}","channel_data":"{member}"}}}}"#
         ));
         assert_eq!(ws.recv_json()["event"], "pusher:subscription_error");
     }
