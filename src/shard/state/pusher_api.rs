@@ -2,7 +2,8 @@
 //! before a body is read): triggering events (`POST /apps/{id}/events`,
 //! `/batch_events`, each event's `socket_id` skipped),
 //! `POST /apps/{id}/users/{user}/terminate_connections`, and the channel
-//! queries (`GET /apps/{id}/channels/{channel}` and its `/users`).
+//! queries (`GET /apps/{id}/channels`, `/channels/{channel}` and its
+//! `/users`), parked over the core's member gather.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,6 +25,10 @@ use super::ShardState;
 /// Channels (or, with `user_count`, channel users) one
 /// `GET /apps/{id}/channels` lists at most; past it the answer is `413`.
 const MAX_CHANNELS_LISTED: usize = 10_000;
+/// Channels one `POST /apps/{id}/events` may name (Pusher's limit).
+const MAX_CHANNELS_PER_EVENT: usize = 100;
+/// Events one `POST /apps/{id}/batch_events` may carry (Pusher's limit).
+const MAX_BATCH_EVENTS: usize = 10;
 
 /// What a `GET /apps/{id}/channels/{channel}[/users]` asked for.
 #[derive(Debug, Clone, Copy)]
@@ -36,10 +41,6 @@ pub(crate) struct ChannelQuery {
     subscription_count: bool,
 }
 
-/// Channels one `POST /apps/{id}/events` may name (Pusher's limit).
-const MAX_CHANNELS_PER_EVENT: usize = 100;
-/// Events one `POST /apps/{id}/batch_events` may carry (Pusher's limit).
-const MAX_BATCH_EVENTS: usize = 10;
 /// A `POST /apps/{id}/events` body.
 #[derive(Deserialize)]
 struct Trigger {
