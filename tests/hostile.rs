@@ -1049,7 +1049,10 @@ fn forged_pusher_triggers_and_unauthorized_private_subscriptions_hold_nothing() 
         assert_eq!(ws.recv_json()["event"], "pusher:subscription_error");
         // A presence member is a signed channel_data: a forged one holds
         // no subscription, member or presence gather.
-        let member = format!(r#"{{\"user_id\":\"u{i}\",\"user_info\":\"{}\"}}"#, "x".repeat(900));
+        let member = format!(
+            r#"{{\"user_id\":\"u{i}\",\"user_info\":\"{}\"}}"#,
+            "x".repeat(900)
+        );
         ws.send_text(&format!(
             r#"{{"event":"pusher:subscribe","data":{{"channel":"presence-{i}","auth":"app-key:{i:064x}","channel_data":"{member}"}}}}"#
         ));
