@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side fan-out benchmark: ringcast vs the axum relay and nginx+nchan, same scenarios,
-# same tool, same cores.
+# same tool, same cores; and ringcast's Pusher Channels front-end vs sockudo (Pusher protocol 7).
 #
 # usage: loadtest/compare.sh            full size (takes several minutes)
 #        SCALE=0.1 loadtest/compare.sh  quick version (connection counts and rates x0.1)
@@ -24,7 +24,19 @@
 #   ROUNDS=3           rounds of s1, s2, a and b, the servers alternating within each round; the
 #                      table shows each metric's median over the rounds (c, d and r run once)
 #   SCENARIOS="s1 s2 a b c d"         which scenarios to run
-#   PEERS="ringcast axum nchan"       which servers (the first is the reference of the ratios)
+#   PEERS="ringcast axum nchan"       which servers (the first is the reference of the ratios):
+#     ringcast         ringcast, its own JSON protocol (/ws, POST /publish)
+#     axum             the axum relay ($SHARED/peers/axum-relay.sh), ringcast's protocol
+#     nchan            nginx+nchan ($SHARED/peers/nchan.sh), raw bodies
+#     ringcast-pusher  ringcast with one [[apps]] table (id 4711, key app-key, secret app-secret),
+#                      driven with `ringcast-load --protocol pusher`: subscribers on /app/app-key
+#                      with pusher:subscribe, publishes signed to POST /apps/4711/events
+#     sockudo          sockudo, a Rust Pusher server (loadtest/peers/sockudo.sh: `cargo install
+#                      sockudo` on first use, the same app, one process, TOKIO_WORKER_THREADS=CORES),
+#                      driven the same way (its HTTP API closes each connection after one answer,
+#                      so each of its publishes takes a TCP connection: the load tool notices and
+#                      does that by itself); e.g. PEERS="ringcast-pusher sockudo" SCENARIOS="s1 s2 c"
+#                      Scenario r is ringcast's own protocol only; the Pusher peers skip it.
 #   RECV_PATH=uring RECV_BATCH_US=0 PROCS=1   ringcast-load's receive path, batch window, processes
 #   N_S1 RATE_S1 | N_S2 T_S2 RATE_S2 | N_A RATE_A | N_B T_B RATE_B | N_C | N_D T_D RATE_D_START
 #   N_R T_R RATE_R STORM_AT_R=3s SHARDS_R=2   (scenario r; its window is at least 5s)
@@ -32,6 +44,10 @@
 #   SHARED=../shared                  where peers/nchan.sh lives
 #   OUT=/tmp/ringcast-compare         JSON results per server and scenario
 #   SKIP_BUILD=1 RINGCAST_BIN=... LOAD_BIN=...   use existing binaries
+#   REPORT_ONLY=1      run nothing: print the table of the JSON results already in $OUT (e.g.
+#                      rounds gathered by separate runs, renamed PEER-SCENARIO-ROUND.json)
+#   SOCKUDO_ROOT=~/.cache/ringcast-peers/sockudo SOCKUDO_BIN=...   where sockudo is (peers/sockudo.sh)
+#   PUSHER_APP=4711:app-key:app-secret              the Pusher app of both Pusher peers
 #
 # The server is pinned to the first CORES cpus with taskset and the client to the rest, when the
 # machine has more cores than CORES; otherwise they share cores and the table says so.
@@ -45,7 +61,7 @@ SCENARIOS="${SCENARIOS:-s1 s2 a b c d r}"; PEERS="${PEERS:-ringcast axum nchan}"
 RECV_PATH="${RECV_PATH:-uring}"; RECV_BATCH_US="${RECV_BATCH_US:-0}"; PROCS="${PROCS:-1}"
 SOURCE_IPS="${SOURCE_IPS:-127.0.0.1-127.0.0.4}"
 OUT="${OUT:-${TMPDIR:-/tmp}/ringcast-compare}"
-mkdir -p "$OUT"; rm -f "$OUT"/*.json
+mkdir -p "$OUT"; [ -n "${REPORT_ONLY:-}" ] || rm -f "$OUT"/*.json
 
 scale() { python3 -c "import sys; print(max(1, int(round($1 * $SCALE))))"; }
 N_S1="${N_S1:-$(scale 1000)}"; RATE_S1="${RATE_S1:-200}"
@@ -72,7 +88,7 @@ for v in N_S1 N_S2 N_A N_B N_D N_R; do
 done
 
 tdir="${CARGO_TARGET_DIR:-$root/target}"
-if [ -z "${SKIP_BUILD:-}" ]; then
+if [ -z "${SKIP_BUILD:-}" ] && [ -z "${REPORT_ONLY:-}" ]; then
   echo "== building release" >&2
   (cd "$root" && cargo build --release -q -p ringcast -p ringcast-load)
 fi
@@ -101,6 +117,19 @@ axum_tmp="$OUT/axum"; mkdir -p "$axum_tmp"
 axum_target="${AXUM_TARGET_DIR:-${TMPDIR:-/tmp}/ringcast-axum-relay-target}"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
+# ringcast-pusher's app, the same as sockudo's (peers/sockudo.sh) and ringcast-load's default.
+PUSHER_APP="${PUSHER_APP:-4711:app-key:app-secret}"
+IFS=: read -r pusher_id pusher_key pusher_secret <<<"$PUSHER_APP"
+pusher_config="$OUT/pusher-apps.toml"
+cat >"$pusher_config" <<TOML
+[[apps]]
+id = "$pusher_id"
+key = "$pusher_key"
+secret = "$pusher_secret"
+client_events = true
+TOML
+sockudo_tmp="$OUT/sockudo"; mkdir -p "$sockudo_tmp"
+
 # Scenario r's topics are streams: every publication keeps an offset and the
 # history a reconnecting subscriber recovers from.
 streams_config="$OUT/streams.toml"
@@ -114,18 +143,26 @@ history_ttl_s = 300
 TOML
 
 server_pid=""; port=""
-start_server() { # $1 = ringcast | axum | nchan; RINGCAST_ARGS: ringcast's own (default --shards $CORES)
+start_server() { # $1 = ringcast | ringcast-pusher | axum | nchan | sockudo; RINGCAST_ARGS: ringcast's own (default --shards $CORES)
   case "$1" in
-    ringcast)
-      local log="$OUT/ringcast.log"
+    ringcast | ringcast-pusher)
+      local log="$OUT/$1.log" args="${RINGCAST_ARGS:---shards $CORES}"
+      [ "$1" = ringcast-pusher ] && args="$args --config $pusher_config"
       # shellcheck disable=SC2086
-      taskset -c "$server_cpus" "$RINGCAST" --listen 127.0.0.1:0 ${RINGCAST_ARGS:---shards $CORES} >"$log" 2>&1 &
+      taskset -c "$server_cpus" "$RINGCAST" --listen 127.0.0.1:0 $args >"$log" 2>&1 &
       server_pid=$!
       for _ in $(seq 100); do
         port="$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log" | head -1)"
         [ -n "$port" ] && break; sleep 0.05
       done
-      [ -n "$port" ] || { echo "ringcast did not start; see $log" >&2; exit 1; }
+      [ -n "$port" ] || { echo "$1 did not start; see $log" >&2; exit 1; }
+      ;;
+    sockudo)
+      port="$(free_port)"
+      TMPDIR="$sockudo_tmp" TOKIO_WORKER_THREADS="$CORES" "$here/peers/sockudo.sh" start "$port" >&2
+      server_pid="$(cat "$sockudo_tmp/ringcast-sockudo.pid")"
+      # -a: every thread; threads the runtime starts later inherit the mask.
+      taskset -a -pc "$server_cpus" "$server_pid" >/dev/null
       ;;
     axum)
       port="$(free_port)"
@@ -147,7 +184,8 @@ start_server() { # $1 = ringcast | axum | nchan; RINGCAST_ARGS: ringcast's own (
 }
 stop_server() {
   case "$1" in
-    ringcast) kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true ;;
+    ringcast | ringcast-pusher) kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true ;;
+    sockudo) TMPDIR="$sockudo_tmp" "$here/peers/sockudo.sh" stop >/dev/null 2>&1 || true ;;
     axum)
       TMPDIR="$axum_tmp" "$shared/peers/axum-relay.sh" stop >/dev/null 2>&1 || true
       for _ in $(seq 200); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.05; done
@@ -166,6 +204,7 @@ trap 'for s in $PEERS; do stop_server "$s"; done' EXIT
 target_args() { # $1 = server
   case "$1" in
     ringcast | axum) echo "--host 127.0.0.1:$port" ;;
+    ringcast-pusher | sockudo) echo "--host 127.0.0.1:$port --protocol pusher --pusher-app $PUSHER_APP" ;;
     nchan) echo "--sub-url ws://127.0.0.1:$port/sub/{topic} --pub-url http://127.0.0.1:$port/pub/{topic} --pub-body raw" ;;
   esac
 }
@@ -186,6 +225,7 @@ run() { # $1 = server, $2 = scenario, rest = ringcast-load args; $round names th
 # Servers alternate within a round, so a slow minute of this shared machine
 # hits every server of that round rather than one server's whole sample.
 for scn in $SCENARIOS; do
+  [ -z "${REPORT_ONLY:-}" ] || break
   case "$scn" in c | d | r) rounds=1 ;; *) rounds="$ROUNDS" ;; esac
   for round in $(seq "$rounds"); do
    for srv in $PEERS; do
@@ -268,7 +308,8 @@ metrics = [
 ]
 ref = peers[0]
 others = peers[1:]
-hdr = f"{'scenario':<24} {'metric':<16}" + "".join(f"{p:>16}" for p in peers) + "".join(f"{ref+'/'+o:>18}" for o in others)
+rw = {o: max(18, len(ref) + len(o) + 3) for o in others}
+hdr = f"{'scenario':<24} {'metric':<16}" + "".join(f"{p:>16}" for p in peers) + "".join(f"{ref+'/'+o:>{rw[o]}}" for o in others)
 print(hdr); print("-" * len(hdr))
 warn = []
 for scn in scns:
@@ -291,7 +332,7 @@ for scn in scns:
         for o in others:
             a, b = vals[ref], vals[o]
             ratio = (a / b) if (isinstance(a, (int, float)) and isinstance(b, (int, float)) and b) else None
-            line += f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>18}"
+            line += f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>{rw[o]}}"
         print(line)
     for p, rows in rounds.items():
         if not rows and scn in ringcast_only and p != "ringcast":

@@ -45,6 +45,16 @@ pub(crate) enum PublishVia {
     Ws,
 }
 
+/// The wire protocol subscribers and publishers speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Protocol {
+    /// ringcast's own JSON protocol (`/ws`, `{"type":"subscribe"}`, `POST /publish`).
+    Ringcast,
+    /// Pusher Channels v7: `/app/{key}`, `pusher:subscribe` on public channels,
+    /// publishes through the signed HTTP API (`POST /apps/{id}/events`).
+    Pusher,
+}
+
 /// HTTP publish body format.
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 pub(crate) enum PubBody {
@@ -72,6 +82,13 @@ pub(crate) struct Args {
     /// What subscribers speak.
     #[arg(long, value_enum, default_value = "ws")]
     pub(crate) transport: Transport,
+    /// Protocol of subscribers and publishers: ringcast's own, or Pusher Channels
+    /// (subscribers on `/app/{key}`, publishes through the signed HTTP events API).
+    #[arg(long, value_enum, default_value = "ringcast")]
+    pub(crate) protocol: Protocol,
+    /// The Pusher app as `ID:KEY:SECRET` (with --protocol pusher).
+    #[arg(long, default_value = "4711:app-key:app-secret")]
+    pub(crate) pusher_app: String,
     /// WebSocket subscribers offer permessage-deflate and inflate compressed pushes.
     #[arg(long)]
     pub(crate) compression: bool,

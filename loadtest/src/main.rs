@@ -15,6 +15,7 @@
 //! - `uring.rs`    the io_uring receive path (multishot receive, provided buffers)
 //! - `child.rs`    `--procs` subscriber child processes and their line protocol
 //! - `publish.rs`  open-loop publisher threads (HTTP pipelined or WebSocket)
+//! - `pusher.rs`   `--protocol pusher`: the app, subscribe frames, signed HTTP API publishes
 //! - `probe.rs`    server and client CPU, core busy, ksoftirqd, RSS per window
 //! - `perf.rs`     server syscalls and context switches via `perf stat`
 //! - `procstat.rs` /proc readers (CPU, per-cpu ticks, RSS, affinity) and RLIMIT_NOFILE
@@ -50,6 +51,7 @@ mod plan;
 mod probe;
 mod procstat;
 mod publish;
+mod pusher;
 mod report;
 mod sub;
 mod uring;

@@ -5,8 +5,9 @@
 //! is the same connection whichever process opens it.
 
 use crate::churn;
-use crate::cli::{parse_source_ips, Args, Dist, PubBody, PublishVia, Transport};
+use crate::cli::{parse_source_ips, Args, Dist, Protocol, PubBody, PublishVia, Transport};
 use crate::publish::Via;
+use crate::pusher;
 use crate::report::Scenario;
 use crate::sub::SubSpec;
 use crate::ws;
@@ -29,6 +30,11 @@ pub(crate) struct Plan {
     pub(crate) sub_msg: Option<String>,
     /// Text marking the subscription acknowledged, if one is awaited.
     pub(crate) sub_ack: Option<Arc<[u8]>>,
+    /// Text of a server message awaited after the upgrade before the
+    /// subscribe frame is sent (Pusher's `pusher:connection_established`).
+    pub(crate) greeting: Option<Arc<[u8]>>,
+    /// The Pusher app, with `--protocol pusher`.
+    pub(crate) pusher: Option<pusher::App>,
     /// Publish URL template.
     pub(crate) pub_url: String,
     /// Topic names, index = topic id.
@@ -70,12 +76,28 @@ impl Plan {
             // `since` is ringcast's subscribe field; a custom frame cannot carry it.
             bail!("--recover re-subscribes with ringcast's subscribe message: not with --sub-msg");
         }
+        let pusher = match args.protocol {
+            Protocol::Ringcast => None,
+            Protocol::Pusher => {
+                if args.transport != Transport::Ws {
+                    bail!("--protocol pusher subscribes over WebSocket: not with --transport sse");
+                }
+                if args.publish_via != PublishVia::Http {
+                    bail!("--protocol pusher publishes through the HTTP API: not with --publish-via ws");
+                }
+                if args.recover {
+                    bail!("--recover re-subscribes from a ringcast stream position: not with --protocol pusher");
+                }
+                Some(pusher::App::parse(&args.pusher_app)?)
+            }
+        };
         let sub_url = args
             .sub_url
             .clone()
-            .unwrap_or_else(|| match args.transport {
-                Transport::Ws => format!("ws://{}/ws", args.host),
-                Transport::Sse => format!("http://{}/sse?topic={{topic}}", args.host),
+            .unwrap_or_else(|| match (&pusher, args.transport) {
+                (Some(app), _) => app.sub_url(&args.host),
+                (None, Transport::Ws) => format!("ws://{}/ws", args.host),
+                (None, Transport::Sse) => format!("http://{}/sse?topic={{topic}}", args.host),
             });
         if args.transport == Transport::Sse && args.sub_msg.is_some() {
             bail!("--transport sse names its topic in the URL: not with --sub-msg");
@@ -84,12 +106,14 @@ impl Plan {
         let sub_msg = match args.sub_msg.as_deref() {
             Some("none") | Some("") => None,
             Some(m) => Some(m.to_string()),
+            None if pusher.is_some() => Some(pusher::SUBSCRIBE.to_string()),
             None if topic_in_url => None,
             None => Some(r#"{"type":"subscribe","topic":"{topic}"}"#.to_string()),
         };
         let sub_ack = match args.sub_ack.as_deref() {
             Some("none") | Some("") => None,
             Some(a) => Some(a.to_string()),
+            None if pusher.is_some() && sub_msg.is_some() => Some(pusher::SUBSCRIBED.to_string()),
             None if sub_msg.is_some() || args.transport == Transport::Sse => {
                 Some(r#""subscribed""#.to_string())
             }
@@ -98,13 +122,30 @@ impl Plan {
         let pub_url = args
             .pub_url
             .clone()
-            .unwrap_or_else(|| match args.publish_via {
-                PublishVia::Http => format!("http://{}/publish", args.host),
-                PublishVia::Ws => format!("ws://{}/ws", args.host),
+            .unwrap_or_else(|| match (&pusher, args.publish_via) {
+                (Some(app), _) => app.events_url(&args.host),
+                (None, PublishVia::Http) => format!("http://{}/publish", args.host),
+                (None, PublishVia::Ws) => format!("ws://{}/ws", args.host),
             });
         let names: Vec<String> = (0..args.topics)
             .map(|t| format!("{}{t}", args.topic_prefix))
             .collect();
+        if pusher.is_some() {
+            if let Some(bad) = names.iter().find(|n| !pusher::public_channel(n)) {
+                bail!(
+                    "--protocol pusher: `{bad}` is not a public Pusher channel name \
+                     (A-Z a-z 0-9 _ - = @ , . ; and no private-/presence- prefix): change --topic-prefix"
+                );
+            }
+        }
+        // Pusher: the subscribe waits for the connection to be established
+        // (only when a subscribe frame is sent at all).
+        let greeting = match &pusher {
+            Some(_) if sub_msg.is_some() => {
+                Some(Arc::from(pusher::CONNECTION_ESTABLISHED.as_bytes()))
+            }
+            _ => None,
+        };
         let sub_addr = resolve(&ws::Url::parse(&ws::fill(&sub_url, &names[0]))?)?;
         let pub_addr = resolve(&ws::Url::parse(&ws::fill(&pub_url, &names[0]))?)?;
         let sources = match &args.source_ips {
@@ -119,6 +160,8 @@ impl Plan {
             sub_url,
             sub_msg,
             sub_ack: sub_ack.map(|a| Arc::from(a.as_bytes())),
+            greeting,
+            pusher,
             pub_url,
             names,
             sub_addr,
@@ -184,6 +227,7 @@ impl Plan {
                 .as_ref()
                 .map(|m| ws::fill(m, name).into_bytes()),
             ack: self.sub_ack.clone(),
+            greeting: self.greeting.clone(),
             topic: topic as u32,
             topic_name: name.clone(),
             index: i as u64,
@@ -193,6 +237,12 @@ impl Plan {
 
     /// How publishers reach the server.
     pub(crate) fn via(&self) -> Via {
+        if let Some(app) = &self.pusher {
+            return Via::Pusher {
+                url: self.pub_url.clone(),
+                app: app.clone(),
+            };
+        }
         match self.args.publish_via {
             PublishVia::Http => Via::Http {
                 url: self.pub_url.clone(),
@@ -211,7 +261,11 @@ impl Plan {
             label: a.label.clone(),
             sub_url: self.sub_url.clone(),
             pub_url: self.pub_url.clone(),
-            publish_via: format!("{:?}", a.publish_via).to_lowercase(),
+            protocol: format!("{:?}", a.protocol).to_lowercase(),
+            publish_via: match a.protocol {
+                Protocol::Pusher => "pusher-http-api".to_string(),
+                Protocol::Ringcast => format!("{:?}", a.publish_via).to_lowercase(),
+            },
             subscribers: a.subscribers,
             topics: a.topics,
             dist: format!("{:?}", a.dist).to_lowercase(),

@@ -9,6 +9,7 @@
 use crate::account::Marker;
 use crate::clock::{now_ns, sleep_until};
 use crate::offsets;
+use crate::pusher;
 use crate::sub::new_histogram;
 use crate::ws::{self, Decoded, Upgrade, Url};
 use anyhow::{bail, Context, Result};
@@ -17,7 +18,7 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -42,6 +43,26 @@ pub(crate) enum Via {
     Http { url: String, json: bool },
     /// ringcast's `{"type":"message",..}` over a WebSocket subscribed to the topic.
     Ws { url: String },
+    /// Pusher's HTTP API: `POST` of `{"name":..,"channels":[..],"data":..}` to
+    /// the events URL, each request signed for `app` (keep-alive and
+    /// pipelined as `Http`).
+    Pusher { url: String, app: pusher::App },
+}
+
+impl Via {
+    /// Publishes are HTTP requests (answered in order on a keep-alive connection).
+    fn http(&self) -> bool {
+        matches!(self, Via::Http { .. } | Via::Pusher { .. })
+    }
+}
+
+/// The fixed parts of a signed Pusher publish request.
+struct PusherWire {
+    app: pusher::App,
+    /// The events path, as signed (no query).
+    path: String,
+    /// From the end of the query to `Content-Length: `.
+    tail: Vec<u8>,
 }
 
 /// Counters summed over all publishers, reset by the main thread per epoch
@@ -67,6 +88,9 @@ pub(crate) struct PubCounters {
     pub(crate) write_failed: AtomicU64,
     /// Publisher connections re-opened after a failure.
     pub(crate) reconnects: AtomicU64,
+    /// HTTP publishes sent on a connection of their own (the server closes
+    /// each connection after one answer).
+    pub(crate) conns_per_request: AtomicU64,
     /// Last non-2xx status line.
     pub(crate) last_rejection: Mutex<Option<String>>,
 }
@@ -103,6 +127,7 @@ impl PubCounters {
             &self.rejected,
             &self.write_failed,
             &self.reconnects,
+            &self.conns_per_request,
         ] {
             c.store(0, Relaxed);
         }
@@ -176,12 +201,21 @@ pub(crate) struct Publisher {
     topic_subs: Arc<Vec<u64>>,
     scratch: Vec<u8>,
     rng: u64,
+    /// With `Via::Pusher`: what every request shares.
+    pusher: Option<PusherWire>,
+    /// What this publisher's HTTP response readers share.
+    http: Arc<HttpShared>,
+    /// Once the server closes every connection after one answer: a
+    /// connection per publish.
+    one_shot: Option<OneShot>,
+    /// One HTTP request being built.
+    request: Vec<u8>,
 }
 
 fn topic_conn(via: &Via, topic: usize) -> usize {
     match via {
         Via::Http { url, .. } if url.contains("{topic}") => 0,
-        Via::Http { .. } => 0,
+        Via::Http { .. } | Via::Pusher { .. } => 0,
         Via::Ws { .. } => topic / WS_TOPICS_PER_CONN,
     }
 }
@@ -203,8 +237,30 @@ impl Publisher {
     ) -> Result<Publisher> {
         let mut wires = Vec::with_capacity(names.len());
         let mut conns: Vec<PubConn> = Vec::new();
+        let mut pusher_wire = None;
         for (t, name) in names.iter().enumerate() {
             match &via {
+                Via::Pusher { url, app } => {
+                    wires.push(TopicWire {
+                        head: Vec::new(),
+                        body_prefix: pusher::body_prefix(name).into_bytes(),
+                        body_suffix: pusher::BODY_SUFFIX.as_bytes().to_vec(),
+                    });
+                    if conns.is_empty() {
+                        let u = Url::parse(url)?;
+                        let path = u.path.split('?').next().unwrap_or("/").to_string();
+                        pusher_wire = Some(PusherWire {
+                            app: app.clone(),
+                            path,
+                            tail: format!(
+                                " HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: ",
+                                u.authority
+                            )
+                            .into_bytes(),
+                        });
+                        conns.push(PubConn::new(u, Vec::new()));
+                    }
+                }
                 Via::Http { url, json } => {
                     let u = Url::parse(&ws::fill(url, name))?;
                     let ctype = if *json {
@@ -250,6 +306,11 @@ impl Publisher {
                 }
             }
         }
+        let http = Arc::new(HttpShared {
+            counters: counters.clone(),
+            subs: topic_subs.clone(),
+            server_closes: AtomicBool::new(false),
+        });
         let mut p = Publisher {
             id,
             publishers,
@@ -265,6 +326,10 @@ impl Publisher {
             topic_subs,
             scratch: Vec::with_capacity(payload_bytes + 256),
             rng: 0x9e37_79b9_7f4a_7c15 ^ id as u64,
+            pusher: pusher_wire,
+            http,
+            one_shot: None,
+            request: Vec::new(),
         };
         for c in 0..p.conns.len() {
             p.open(c)?;
@@ -279,15 +344,14 @@ impl Publisher {
         let mut reader = stream.try_clone()?;
         let conn = &mut self.conns[c];
         match &self.via {
-            Via::Http { .. } => {
-                let counters = self.counters.clone();
+            Via::Http { .. } | Via::Pusher { .. } => {
                 let inflight = Arc::new(Inflight::default());
                 conn.inflight = inflight.clone();
-                let subs = self.topic_subs.clone();
+                let shared = self.http.clone();
                 conn.reader = Some(
                     std::thread::Builder::new()
                         .name("pub-http-reader".into())
-                        .spawn(move || http_reader(&mut reader, &inflight, &counters, &subs))?,
+                        .spawn(move || http_reader(&mut reader, &inflight, &shared))?,
                 );
             }
             Via::Ws { .. } => {
@@ -348,50 +412,93 @@ impl Publisher {
         (self.rng as u32).to_le_bytes()
     }
 
-    fn encode(&mut self, topic: usize, m: &Marker, measured: bool, resends: u8) -> usize {
-        let c = topic_conn(&self.via, topic);
+    /// Appends the HTTP request publishing `m` to `out`.
+    fn http_request(&mut self, topic: usize, m: &Marker, out: &mut Vec<u8>) {
         self.scratch.clear();
         let w = &self.wires[topic];
-        match &self.via {
-            Via::Http { .. } => {
-                self.scratch.extend_from_slice(&w.body_prefix);
-                m.write_padded(&mut self.scratch, self.payload_bytes);
-                self.scratch.extend_from_slice(&w.body_suffix);
-                let conn = &mut self.conns[c];
-                conn.out.extend_from_slice(&w.head);
-                let _ = write!(conn.out, "{}\r\n\r\n", self.scratch.len());
-                conn.out.extend_from_slice(&self.scratch);
-                // Queued before the write so the reader can never see an unknown response.
-                conn.inflight
-                    .queue
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push_back(Pending {
-                        marker: *m,
-                        measured,
-                        resends,
-                    });
+        self.scratch.extend_from_slice(&w.body_prefix);
+        m.write_padded(&mut self.scratch, self.payload_bytes);
+        self.scratch.extend_from_slice(&w.body_suffix);
+        match &self.pusher {
+            Some(p) => {
+                let query = p.app.signed_query(&p.path, &self.scratch, unix_now_s());
+                out.extend_from_slice(b"POST ");
+                out.extend_from_slice(p.path.as_bytes());
+                out.push(b'?');
+                out.extend_from_slice(query.as_bytes());
+                out.extend_from_slice(&p.tail);
             }
-            Via::Ws { .. } => {
-                self.scratch.extend_from_slice(&w.head);
-                m.write_padded(&mut self.scratch, self.payload_bytes);
-                self.scratch.extend_from_slice(&w.body_suffix);
-                let mask = self.next_mask();
-                ws::encode_masked(&mut self.conns[c].out, ws::OP_TEXT, &self.scratch, mask);
-            }
+            None => out.extend_from_slice(&w.head),
         }
+        let _ = write!(out, "{}\r\n\r\n", self.scratch.len());
+        out.extend_from_slice(&self.scratch);
+    }
+
+    fn encode(&mut self, topic: usize, m: &Marker, measured: bool, resends: u8) -> usize {
+        let c = topic_conn(&self.via, topic);
+        let pending = Pending {
+            marker: *m,
+            measured,
+            resends,
+        };
+        if self.via.http() {
+            if let Some(one_shot) = self.one_shot.take() {
+                let mut request = std::mem::take(&mut self.request);
+                request.clear();
+                self.http_request(topic, m, &mut request);
+                one_shot.send(
+                    self.addr,
+                    &request,
+                    pending,
+                    self.pipeline_depth,
+                    &self.counters,
+                );
+                self.request = request;
+                self.one_shot = Some(one_shot);
+                return c;
+            }
+            let mut out = std::mem::take(&mut self.conns[c].out);
+            self.http_request(topic, m, &mut out);
+            let conn = &mut self.conns[c];
+            conn.out = out;
+            // Queued before the write so the reader can never see an unknown response.
+            conn.inflight
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_back(pending);
+            return c;
+        }
+        self.scratch.clear();
+        let w = &self.wires[topic];
+        self.scratch.extend_from_slice(&w.head);
+        m.write_padded(&mut self.scratch, self.payload_bytes);
+        self.scratch.extend_from_slice(&w.body_suffix);
+        let mask = self.next_mask();
+        ws::encode_masked(&mut self.conns[c].out, ws::OP_TEXT, &self.scratch, mask);
         c
     }
 
     /// Re-opens every HTTP connection the server closed and re-queues what it
-    /// left unanswered (keeping the original schedule times).
+    /// left unanswered (keeping the original schedule times). Once the
+    /// server has said `Connection: close`, publishes go on a connection
+    /// each instead, and what was pipelined behind that answer (never read
+    /// by the server) is sent that way, not counted as a re-send.
     fn revive(&mut self) {
-        if !matches!(self.via, Via::Http { .. }) {
+        if !self.via.http() {
             return;
+        }
+        if self.one_shot.is_none() && self.http.server_closes.load(Relaxed) {
+            // Without its reader threads it goes on reconnecting as before.
+            self.one_shot = OneShot::start(&self.http).ok();
         }
         for c in 0..self.conns.len() {
             let conn = &mut self.conns[c];
             if conn.stream.is_some() && !conn.inflight.closed.load(Relaxed) {
+                continue;
+            }
+            if self.one_shot.is_some() && conn.stream.is_none() && conn.reader.is_none() {
+                // Retired once per-request connections took over.
                 continue;
             }
             if let Some(s) = conn.stream.take() {
@@ -410,6 +517,13 @@ impl Publisher {
                     .unwrap_or_else(|p| p.into_inner()),
             )
             .into();
+            if self.one_shot.is_some() {
+                conn.out.clear();
+                for p in left {
+                    self.encode(p.marker.topic as usize, &p.marker, p.measured, p.resends);
+                }
+                continue;
+            }
             self.counters.reconnects.fetch_add(1, Relaxed);
             if self.open(c).is_err() {
                 self.counters
@@ -491,7 +605,7 @@ impl Publisher {
                     failed_conns |= 1 << c.min(63);
                 }
             }
-            if matches!(self.via, Via::Http { .. }) {
+            if self.via.http() {
                 // HTTP publishes are counted by the reader when answered; a failed
                 // write leaves them queued for `revive`.
                 continue;
@@ -514,7 +628,7 @@ impl Publisher {
 
     /// Waits while any HTTP connection has `pipeline_depth` unanswered requests.
     fn wait_pipeline(&self) {
-        if !matches!(self.via, Via::Http { .. }) {
+        if !self.via.http() {
             return;
         }
         let deadline = now_ns() + 10_000_000_000;
@@ -540,7 +654,7 @@ impl Publisher {
         conn.out.clear();
         if !ok {
             match self.via {
-                Via::Http { .. } => conn.inflight.closed.store(true, Relaxed),
+                Via::Http { .. } | Via::Pusher { .. } => conn.inflight.closed.store(true, Relaxed),
                 Via::Ws { .. } => {
                     conn.stream = None;
                     self.counters.reconnects.fetch_add(1, Relaxed);
@@ -550,6 +664,13 @@ impl Publisher {
         }
         ok
     }
+}
+
+/// Unix time in seconds: a Pusher request's `auth_timestamp`.
+fn unix_now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl PubConn {
@@ -568,8 +689,9 @@ impl PubConn {
 /// Outcome of parsing one HTTP response from the front of a buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Response {
-    /// Status code and bytes used.
-    Complete(u16, usize),
+    /// Status code, bytes used, and whether the server closes the
+    /// connection after it (`Connection: close`).
+    Complete(u16, usize, bool),
     /// More bytes needed.
     Partial,
     /// Not HTTP.
@@ -588,8 +710,11 @@ pub(crate) fn parse_response(buf: &[u8]) -> Response {
     let code = r.code.unwrap_or(0);
     let mut len: Option<usize> = None;
     let mut chunked = false;
+    let mut close = false;
     for h in r.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
+        if h.name.eq_ignore_ascii_case("connection") {
+            close = h.value.eq_ignore_ascii_case(b"close");
+        } else if h.name.eq_ignore_ascii_case("content-length") {
             len = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|v| v.trim().parse().ok());
@@ -615,9 +740,9 @@ pub(crate) fn parse_response(buf: &[u8]) -> Response {
             if size == 0 {
                 // Trailers end with an empty line.
                 return match memchr::memmem::find(&buf[at..], b"\r\n") {
-                    Some(0) => Response::Complete(code, at + 2),
+                    Some(0) => Response::Complete(code, at + 2, close),
                     Some(_) => match memchr::memmem::find(&buf[at..], b"\r\n\r\n") {
-                        Some(e) => Response::Complete(code, at + e + 4),
+                        Some(e) => Response::Complete(code, at + e + 4, close),
                         None => Response::Partial,
                     },
                     None => Response::Partial,
@@ -638,59 +763,152 @@ pub(crate) fn parse_response(buf: &[u8]) -> Response {
     if buf.len() < head + body {
         return Response::Partial;
     }
-    Response::Complete(code, head + body)
+    Response::Complete(code, head + body, close)
 }
 
-fn http_reader(stream: &mut TcpStream, inflight: &Inflight, counters: &PubCounters, subs: &[u64]) {
-    http_read_loop(stream, inflight, counters, subs);
+fn http_reader(stream: &mut TcpStream, inflight: &Inflight, shared: &HttpShared) {
+    http_read_loop(stream, inflight, shared);
     inflight.closed.store(true, Relaxed);
 }
 
-fn http_read_loop(
-    stream: &mut TcpStream,
-    inflight: &Inflight,
-    counters: &PubCounters,
-    subs: &[u64],
-) {
+/// What every HTTP response reader of one publisher shares.
+struct HttpShared {
+    counters: Arc<PubCounters>,
+    /// Ready subscribers per topic: the deliveries an accepted publish owes.
+    subs: Arc<Vec<u64>>,
+    /// Set once a response said `Connection: close`: the server answers one
+    /// request per connection, so the publisher stops pipelining and opens a
+    /// connection per request.
+    server_closes: AtomicBool,
+}
+
+fn http_read_loop(stream: &mut TcpStream, inflight: &Inflight, shared: &HttpShared) {
     read_loop(stream, |data| match parse_response(data) {
-        Response::Complete(code, used) => {
+        Response::Complete(code, used, close) => {
             let pending = inflight
                 .queue
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .pop_front();
-            if (200..300).contains(&code) {
-                counters.ok.fetch_add(1, Relaxed);
-                if let Some(p) = pending {
-                    let topic = p.marker.topic as usize;
-                    if let (Some(o), Some(last)) = (
-                        offsets::reply_offset(&data[..used]),
-                        counters.last_offsets.get(topic),
-                    ) {
-                        last.fetch_max(o, Relaxed);
-                    }
-                    let n = subs.get(topic).copied().unwrap_or(0);
-                    counters.sent.fetch_add(1, Relaxed);
-                    counters.expected.fetch_add(n, Relaxed);
-                    if p.measured {
-                        counters.measured_expected.fetch_add(n, Relaxed);
-                    }
-                }
-            } else {
-                counters.rejected.fetch_add(1, Relaxed);
-                if let Ok(mut l) = counters.last_rejection.lock() {
-                    let line = data[..used]
-                        .split(|&b| b == b'\r')
-                        .next()
-                        .unwrap_or_default();
-                    *l = Some(String::from_utf8_lossy(line).into_owned());
-                }
+            account(code, &data[..used], pending, shared);
+            if close {
+                // Whatever was pipelined behind this answer was not read:
+                // `revive` sends it again once the socket is closed.
+                shared.server_closes.store(true, Relaxed);
+                return Step::Stop;
             }
             Step::Used(used)
         }
         Response::Partial => Step::NeedMore,
         Response::Invalid => Step::Stop,
     });
+}
+
+/// Counts one HTTP publish response (`response` is all of it) for the
+/// publish it answers.
+fn account(code: u16, response: &[u8], pending: Option<Pending>, shared: &HttpShared) {
+    let counters = &shared.counters;
+    if (200..300).contains(&code) {
+        counters.ok.fetch_add(1, Relaxed);
+        if let Some(p) = pending {
+            let topic = p.marker.topic as usize;
+            if let (Some(o), Some(last)) = (
+                offsets::reply_offset(response),
+                counters.last_offsets.get(topic),
+            ) {
+                last.fetch_max(o, Relaxed);
+            }
+            let n = shared.subs.get(topic).copied().unwrap_or(0);
+            counters.sent.fetch_add(1, Relaxed);
+            counters.expected.fetch_add(n, Relaxed);
+            if p.measured {
+                counters.measured_expected.fetch_add(n, Relaxed);
+            }
+        }
+    } else {
+        counters.rejected.fetch_add(1, Relaxed);
+        if let Ok(mut l) = counters.last_rejection.lock() {
+            let line = response.split(|&b| b == b'\r').next().unwrap_or_default();
+            *l = Some(String::from_utf8_lossy(line).into_owned());
+        }
+    }
+}
+
+/// Threads reading the answers of publishes sent on a connection each.
+const ONE_SHOT_READERS: usize = 2;
+/// Longest wait for the answer of a publish sent on its own connection.
+const ONE_SHOT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Publishing to a server that closes every connection after one answer:
+/// each publish opens its own connection, writes its request and hands the
+/// socket to a reader thread (at most `--pipeline-depth` unanswered).
+struct OneShot {
+    tx: mpsc::Sender<(TcpStream, Pending)>,
+    /// Sent and not yet answered (or given up).
+    inflight: Arc<AtomicU64>,
+}
+
+impl OneShot {
+    fn start(shared: &Arc<HttpShared>) -> Result<OneShot> {
+        let (tx, rx) = mpsc::channel::<(TcpStream, Pending)>();
+        let rx = Arc::new(Mutex::new(rx));
+        let inflight = Arc::new(AtomicU64::new(0));
+        for _ in 0..ONE_SHOT_READERS {
+            let (rx, inflight, shared) = (rx.clone(), inflight.clone(), shared.clone());
+            // Detached: each ends once the publisher (the sender) is gone.
+            std::thread::Builder::new()
+                .name("pub-http-oneshot".into())
+                .spawn(move || loop {
+                    let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((mut stream, pending)) = next else {
+                        return;
+                    };
+                    let mut answered = false;
+                    read_loop(&mut stream, |data| match parse_response(data) {
+                        Response::Complete(code, used, _) => {
+                            account(code, &data[..used], Some(pending), &shared);
+                            answered = true;
+                            Step::Stop
+                        }
+                        Response::Partial => Step::NeedMore,
+                        Response::Invalid => Step::Stop,
+                    });
+                    if !answered {
+                        shared.counters.write_failed.fetch_add(1, Relaxed);
+                    }
+                    inflight.fetch_sub(1, Relaxed);
+                })?;
+        }
+        Ok(OneShot { tx, inflight })
+    }
+
+    /// Sends `request` on a new connection to `addr`, after waiting while
+    /// `depth` publishes are unanswered.
+    fn send(&self, addr: SocketAddr, request: &[u8], p: Pending, depth: u64, c: &PubCounters) {
+        let deadline = now_ns() + ONE_SHOT_TIMEOUT.as_nanos() as u64;
+        while self.inflight.load(Relaxed) >= depth && now_ns() < deadline {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        c.conns_per_request.fetch_add(1, Relaxed);
+        let sent = TcpStream::connect(addr).and_then(|mut s| {
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(ONE_SHOT_TIMEOUT))?;
+            s.write_all(request)?;
+            Ok(s)
+        });
+        match sent {
+            Ok(s) => {
+                self.inflight.fetch_add(1, Relaxed);
+                if self.tx.send((s, p)).is_err() {
+                    self.inflight.fetch_sub(1, Relaxed);
+                    c.write_failed.fetch_add(1, Relaxed);
+                }
+            }
+            Err(_) => {
+                c.write_failed.fetch_add(1, Relaxed);
+            }
+        }
+    }
 }
 
 fn ws_drain(stream: &mut TcpStream) {
@@ -742,17 +960,124 @@ fn read_loop(stream: &mut TcpStream, mut step: impl FnMut(&[u8]) -> Step) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
+
+    /// An HTTP server that answers one request per connection with
+    /// `Connection: close` (as sockudo's API does), then drains and closes.
+    fn closing_server() -> (SocketAddr, Arc<AtomicU64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { return };
+                count.fetch_add(1, Relaxed);
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // One whole request: its head and Content-Length body.
+                    loop {
+                        if let Some(end) = memchr::memmem::find(&buf, b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                            let len: usize = head
+                                .split("content-length: ")
+                                .nth(1)
+                                .and_then(|v| v.split("\r\n").next())
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + len {
+                                break;
+                            }
+                        }
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = s.write_all(
+                        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}",
+                    );
+                    let _ = s.shutdown(Shutdown::Write);
+                    while matches!(s.read(&mut chunk), Ok(n) if n > 0) {}
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[test]
+    fn a_server_that_closes_after_each_answer_gets_a_connection_per_publish() {
+        let (addr, accepted) = closing_server();
+        let counters = Arc::new(PubCounters::new(2));
+        let mut p = Publisher::connect(
+            0,
+            1,
+            addr,
+            Via::Pusher {
+                url: format!("http://{addr}/apps/4711/events"),
+                app: pusher::App::parse("4711:app-key:app-secret").unwrap(),
+            },
+            vec!["t0".into(), "t1".into()],
+            64,
+            16,
+            counters.clone(),
+            Arc::new(vec![3, 4]),
+        )
+        .unwrap();
+        let t0 = now_ns();
+        let plan = Plan {
+            epoch: 1,
+            t0,
+            measure_start: t0,
+            end: t0 + 300_000_000,
+            rate: 400.0,
+        };
+        p.run(&plan);
+        let deadline = now_ns() + 5_000_000_000;
+        while counters.unanswered() > 0 && now_ns() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let n = |c: &AtomicU64| c.load(Relaxed);
+        let attempted = n(&counters.attempted);
+        assert!(attempted >= 100, "{attempted} publishes");
+        assert_eq!(n(&counters.sent), attempted, "every publish answered once");
+        assert_eq!(n(&counters.write_failed), 0);
+        assert_eq!(n(&counters.rejected), 0);
+        // The first went on the keep-alive connection; from its answer on,
+        // one connection each (and nothing sent twice).
+        assert!(n(&counters.conns_per_request) >= attempted - 16);
+        assert_eq!(
+            n(&accepted),
+            1 + n(&counters.conns_per_request),
+            "one connection per publish after the first"
+        );
+        assert_eq!(
+            n(&counters.expected),
+            (0..attempted)
+                .map(|k| if k % 2 == 0 { 3 } else { 4 })
+                .sum::<u64>()
+        );
+    }
 
     #[test]
     fn pipelined_responses_with_length_and_chunked_bodies_parse() {
         let a = b"HTTP/1.1 202 Accepted\r\nContent-Length: 22\r\n\r\n{\"delivered_shards\":1}";
-        assert_eq!(parse_response(a), Response::Complete(202, a.len()));
+        assert_eq!(parse_response(a), Response::Complete(202, a.len(), false));
         assert_eq!(parse_response(&a[..a.len() - 1]), Response::Partial);
         let c = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nHTTP/1.1";
-        assert_eq!(parse_response(c), Response::Complete(201, c.len() - 8));
+        assert_eq!(
+            parse_response(c),
+            Response::Complete(201, c.len() - 8, false)
+        );
         assert_eq!(
             parse_response(b"HTTP/1.1 204 No Content\r\n\r\n"),
-            Response::Complete(204, 27)
+            Response::Complete(204, 27, false)
+        );
+        let closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(
+            parse_response(closing),
+            Response::Complete(200, closing.len(), true)
         );
         assert_eq!(parse_response(b"garbage\r\n\r\n"), Response::Invalid);
     }

@@ -31,6 +31,8 @@ pub(crate) struct Scenario {
     pub(crate) label: String,
     pub(crate) sub_url: String,
     pub(crate) pub_url: String,
+    /// `ringcast` or `pusher`.
+    pub(crate) protocol: String,
     pub(crate) publish_via: String,
     pub(crate) subscribers: usize,
     pub(crate) topics: usize,
@@ -212,6 +214,7 @@ pub(crate) struct StepReport {
     ok: u64,
     rejected: u64,
     reconnects: u64,
+    conns_per_request: u64,
     last_rejection: Option<String>,
     expected: u64,
     counts: DeliveryCounts,
@@ -237,6 +240,7 @@ impl StepReport {
             ok: pc.ok.load(Relaxed),
             rejected: pc.rejected.load(Relaxed),
             reconnects: pc.reconnects.load(Relaxed),
+            conns_per_request: pc.conns_per_request.load(Relaxed),
             last_rejection: pc.last_rejection.lock().ok().and_then(|l| l.clone()),
             expected: pc.expected.load(Relaxed),
             counts: c.counts,
@@ -378,6 +382,13 @@ impl StepReport {
         if self.conn_errors > 0 {
             w.push(format!("{} subscriber connection errors", self.conn_errors));
         }
+        if self.conns_per_request > 0 {
+            w.push(format!(
+                "the server closes every HTTP publish connection after one answer (Connection: close): \
+                 {} publishes went on a TCP connection each (its connect and accept are in the costs)",
+                self.conns_per_request
+            ));
+        }
         w
     }
 
@@ -393,6 +404,7 @@ impl StepReport {
             "publish_rejected": self.rejected,
             "publish_write_failed": self.write_failed,
             "publish_reconnects": self.reconnects,
+            "publish_conns_per_request": self.conns_per_request,
             "expected": self.expected,
             "delivered": self.counts.unique,
             "missing": self.missing(),
@@ -751,6 +763,7 @@ impl Run {
             "label": s.label,
             "scenario": {
                 "sub_url": s.sub_url, "pub_url": s.pub_url, "publish_via": s.publish_via,
+                "protocol": s.protocol,
                 "subscribers": s.subscribers, "topics": s.topics, "dist": s.dist,
                 "publishers": s.publishers, "payload_bytes": s.payload_bytes,
                 "duration_s": s.duration_s, "warmup_s": s.warmup_s,

@@ -369,6 +369,9 @@ pub(crate) struct SubSpec {
     pub(crate) subscribe: Option<Vec<u8>>,
     /// Text that marks the subscription acknowledged; `None`: ready after upgrade.
     pub(crate) ack: Option<Arc<[u8]>>,
+    /// Text of a server message to wait for after the upgrade before the
+    /// subscribe frame is sent (Pusher's `pusher:connection_established`).
+    pub(crate) greeting: Option<Arc<[u8]>>,
     /// Topic index.
     pub(crate) topic: u32,
     /// Topic name, for a subscribe from a position.
@@ -1162,10 +1165,69 @@ async fn dial(
             Upgrade::Refused(s) => return Err(ConnectError::Refused(s)),
         }
     };
+    let mut rest = buf.split_off(used);
     if let Some(sub) = subscribe {
+        if let Some(greeting) = &spec.greeting {
+            await_greeting(&mut stream, &mut rest, greeting).await?;
+        }
         let mut out = Vec::with_capacity(sub.len() + 16);
         ws::encode_masked(&mut out, ws::OP_TEXT, sub, [0x5a, 0xa5, 0x3c, 0xc3]);
         stream.write_all(&out).await?;
     }
-    Ok((stream, buf.split_off(used)))
+    Ok((stream, rest))
+}
+
+/// Most bytes read while waiting for the greeting: a server that talks this
+/// much without greeting is not the one expected.
+const MAX_GREETING_BYTES: usize = 64 * 1024;
+
+/// Reads frames after the upgrade (keeping them in `rest`, where the
+/// connection's reader will take them in) until one contains `greeting`.
+/// A close frame or a Pusher `pusher:error` first is a refusal.
+async fn await_greeting(
+    stream: &mut TcpStream,
+    rest: &mut Vec<u8>,
+    greeting: &[u8],
+) -> Result<(), ConnectError> {
+    loop {
+        let mut at = 0;
+        loop {
+            let f = match ws::decode(&rest[at..]) {
+                Decoded::Complete(f) => f,
+                Decoded::Partial => break,
+                Decoded::Invalid(why) => return Err(ConnectError::Refused(why.into())),
+            };
+            let raw = &rest[at + f.payload_at..at + f.end()];
+            let inflated;
+            let payload = if f.compressed {
+                inflated = inflate(raw).ok_or_else(|| {
+                    ConnectError::Refused("bad compressed message before the greeting".into())
+                })?;
+                &inflated[..]
+            } else {
+                raw
+            };
+            if f.opcode == ws::OP_CLOSE || memchr::memmem::find(payload, b"pusher:error").is_some()
+            {
+                let text = String::from_utf8_lossy(payload);
+                return Err(ConnectError::Refused(format!(
+                    "before the greeting the server sent {}",
+                    text.chars().take(200).collect::<String>()
+                )));
+            }
+            if memchr::memmem::find(payload, greeting).is_some() {
+                return Ok(());
+            }
+            at += f.end();
+        }
+        if rest.len() > MAX_GREETING_BYTES {
+            return Err(ConnectError::Refused("no greeting from the server".into()));
+        }
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(ConnectError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        rest.extend_from_slice(&chunk[..n]);
+    }
 }
