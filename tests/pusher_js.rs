@@ -146,8 +146,18 @@ fn the_protocols_own_messages_and_refusals() {
     assert_eq!(refused["channel"], "private-x");
     ws.send_text("not json");
     assert_eq!(ws.recv_json()["event"], "pusher:error");
-    // A key no app has.
-    assert_eq!(node.upgrade_status("/app/nobody", ""), 404);
+    // A key no app has: Pusher's 4001, final for its clients (an HTTP
+    // error they would retry).
+    let mut nobody = node.ws("/app/nobody?protocol=7");
+    let refused = nobody.recv_json();
+    assert_eq!(refused["event"], "pusher:error", "{refused}");
+    assert_eq!(refused["data"]["code"], 4001, "{refused}");
+    assert_eq!(nobody.expect_close(), 4001);
+    assert_eq!(
+        node.http("GET", "/app/nobody", None).0,
+        404,
+        "not an upgrade"
+    );
 }
 
 #[test]

@@ -18,8 +18,11 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use bytes::BytesMut;
+
 use crate::metrics::ShardStats;
 use crate::protocol::http::Request;
+use crate::protocol::{frame, handshake};
 use crate::pusher::wire::{self, Incoming, SocketId};
 use crate::pusher::{presence, sign, App};
 use crate::shard::key::ConnKey;
@@ -28,6 +31,7 @@ use super::conn::WsKind;
 use super::pusher_api::pusher_error;
 use super::streams::Published;
 use super::users::Opening;
+use super::CloseMode;
 use super::ShardState;
 
 /// Client events one connection may send a second (Pusher's limit).
@@ -102,10 +106,25 @@ impl ShardState {
     pub(super) fn pusher_upgrade(&mut self, key: ConnKey, request: &Request, app_key: &str) {
         let Some(index) = self.config().apps.iter().position(|a| a.key == app_key) else {
             let text = format!("App key {app_key} not in this cluster");
-            return self.respond(key, pusher_error(404, &text));
+            return self.refuse_app_key(key, request, &text);
         };
         let index = u8::try_from(index).expect("the config holds at most 256 apps");
         self.upgrade_request(key, request, Opening::anonymous(WsKind::Pusher(index)));
+    }
+
+    /// An upgrade to a key no app has: switched, told Pusher's 4001 and
+    /// closed with it, which Pusher's clients take as final (a `404` they
+    /// would retry for ever). Nothing is held: the connection never
+    /// becomes a WebSocket here, it ends once these bytes are out.
+    fn refuse_app_key(&mut self, key: ConnKey, request: &Request, text: &str) {
+        let Ok(switching) = handshake::accept(request) else {
+            let refusal = pusher_error(404, text).keep_alive(request.keep_alive());
+            return self.respond(key, refusal);
+        };
+        let mut last = BytesMut::from(&switching[..]);
+        last.extend_from_slice(&wire::error(Some(4001), text));
+        last.extend_from_slice(&frame::close(4001, "App does not exist"));
+        self.end(key, Some(last.freeze()), CloseMode::AfterFlush);
     }
 
     /// The socket id Pusher's signatures cover: the connection's shard and
