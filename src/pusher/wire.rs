@@ -422,20 +422,33 @@ pub fn translate_publication(bytes: &Bytes) -> Publication {
     let Ok(core) = serde_json::from_slice::<CoreMessage<'_>>(json) else {
         return as_is;
     };
-    if core.kind == "push" && core.envelope().terminate {
-        return Publication {
-            terminate: true,
-            ..Publication::default()
+    let (Some(channel), "push") = (core.topic.as_deref().and_then(channel_of), core.kind) else {
+        return match pusher_words(&core) {
+            Outgoing::Frame(frame) => Publication {
+                frame: Some(frame),
+                ..Publication::default()
+            },
+            _ => Publication::default(),
         };
+    };
+    // The payload is read once per publication, whatever its subscribers.
+    let envelope = core.envelope();
+    Publication {
+        frame: push_words(&core, channel, &envelope),
+        except: envelope.except.as_deref().and_then(SocketId::parse),
+        terminate: envelope.terminate,
     }
-    match pusher_words(&core) {
-        Outgoing::Frame(frame) => Publication {
-            frame: Some(frame),
-            except: core.envelope().except.as_deref().and_then(SocketId::parse),
-            terminate: false,
-        },
-        _ => Publication::default(),
+}
+
+/// A push in Pusher's words (`None`: a terminate, or no event).
+fn push_words(core: &CoreMessage<'_>, channel: &str, envelope: &Carried<'_>) -> Option<Bytes> {
+    if envelope.terminate {
+        return None;
     }
+    let event = core.event.as_deref()?;
+    let data = envelope.data.map_or("null", RawValue::get);
+    let user_id = envelope.user_id.as_deref();
+    Some(event_frame_from(event, Some(channel), data, user_id))
 }
 
 /// What a Pusher connection gets for the core's `bytes`.
@@ -460,13 +473,8 @@ fn pusher_words(core: &CoreMessage<'_>) -> Outgoing {
     // A cache channel's stream at offset 0 has nothing to give.
     let cache_miss = is_cache(channel) && core.offset == Some(0);
     match core.kind {
-        "push" => match core.event.as_deref() {
-            Some(event) => {
-                let envelope = core.envelope();
-                let data = envelope.data.map_or("null", RawValue::get);
-                let user_id = envelope.user_id.as_deref();
-                Outgoing::Frame(event_frame_from(event, Some(channel), data, user_id))
-            }
+        "push" => match push_words(core, channel, &core.envelope()) {
+            Some(frame) => Outgoing::Frame(frame),
             None => Outgoing::Nothing,
         },
         "subscribed" if channel.starts_with("presence-") => Outgoing::PresenceSubscribed {
