@@ -50,6 +50,17 @@ fn trigger(node: &TestServer, secret: &str, channel: &str, data: &str) -> u16 {
     signed_post(node, secret, "/apps/4711/events", &body)
 }
 
+/// Nodes `a` and `b` with `config`, joined through a Redis of their own,
+/// once both see it (the Redis first: it must outlive them).
+fn two_nodes(config: &str) -> (RedisServer, TestServer, TestServer) {
+    let redis = RedisServer::start();
+    let a = cluster::start_node_with(&redis, "a", config);
+    let b = cluster::start_node_with(&redis, "b", config);
+    cluster::wait_for_redis(&a, "a", Redis::Up);
+    cluster::wait_for_redis(&b, "b", Redis::Up);
+    (redis, a, b)
+}
+
 /// Runs `script` (in tests/pusher) with Node against `nodes` (the first's
 /// address, the app, then the second's address if any); what it printed.
 fn run_script(script: &str, nodes: &[&TestServer]) -> Value {
@@ -256,11 +267,7 @@ fn presence_channels_and_client_events_with_pusher_js() {
 
 #[test]
 fn presence_members_are_the_clusters_across_two_nodes() {
-    let redis = RedisServer::start();
-    let a = cluster::start_node_with(&redis, "a", PRESENCE_APP);
-    let b = cluster::start_node_with(&redis, "b", PRESENCE_APP);
-    cluster::wait_for_redis(&a, "a", Redis::Up);
-    cluster::wait_for_redis(&b, "b", Redis::Up);
+    let (_redis, a, b) = two_nodes(PRESENCE_APP);
     // bob and ann's second tab are on node b.
     let result = run_script("presence_test.mjs", &[&a, &b]);
     check_presence(&result);
@@ -529,11 +536,7 @@ fn a_cache_channel_gives_new_subscribers_its_last_event() {
 
 #[test]
 fn a_cache_channels_last_event_is_the_clusters() {
-    let redis = RedisServer::start();
-    let a = cluster::start_node_with(&redis, "a", APP);
-    let b = cluster::start_node_with(&redis, "b", APP);
-    cluster::wait_for_redis(&a, "a", Redis::Up);
-    cluster::wait_for_redis(&b, "b", Redis::Up);
+    let (_redis, a, b) = two_nodes(APP);
     check_cache_channel(&a, &b);
     // In a cluster the trigger is answered once Redis has the event, so it
     // names that one channel.

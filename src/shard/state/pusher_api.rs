@@ -92,9 +92,6 @@ impl ShardState {
             data: trigger.data,
             socket_id: trigger.socket_id,
         };
-        if let Err(refusal) = checked_event(&app, &event) {
-            return Some(refusal);
-        }
         self.publish_events(key, request, cors, &app, &[event])
     }
 
@@ -125,13 +122,11 @@ impl ShardState {
                 socket_id: e.socket_id,
             })
             .collect();
-        if let Some(refusal) = events.iter().find_map(|e| checked_event(&app, e).err()) {
-            return Some(refusal);
-        }
         self.publish_events(key, request, cors, &app, &events)
     }
 
-    /// Publishes checked events to each of their channels. A cache
+    /// Checks every event (`checked_event`), then, only if all hold,
+    /// publishes each to each of its channels. A cache
     /// channel is a stream whose home orders it: on one node a shard
     /// (reached through the in-process bus, answered at once), in a
     /// cluster Redis, so there the request is answered when Redis has the
@@ -144,6 +139,9 @@ impl ShardState {
         app: &App,
         events: &[Event],
     ) -> Option<Response> {
+        if let Some(refusal) = events.iter().find_map(|e| checked_event(app, e).err()) {
+            return Some(refusal);
+        }
         if !self.accepting_publishes() {
             let why = "server shutting down: publishes are refused";
             return Some(pusher_error(503, why));
