@@ -129,10 +129,9 @@ impl Relay {
             }
             None => None,
         };
-        let plan = crate::webhooks::Plan::of(&shared.config);
-        let webhooks = match (&shared.webhooks, plan) {
-            (Some(sink), Some(plan)) => {
-                for target in &plan.targets {
+        let webhooks = match &shared.webhooks {
+            Some(sink) => {
+                for target in &sink.plan.targets {
                     tracing::info!(
                         "webhooks: events {:?} go to {} ({:?})",
                         target.events,
@@ -141,9 +140,9 @@ impl Relay {
                     );
                 }
                 let cluster = shared.config.cluster.clone();
-                Some(crate::webhooks::spawn(sink.clone(), plan, cluster)?)
+                Some(crate::webhooks::spawn(sink.clone(), cluster)?)
             }
-            _ => None,
+            None => None,
         };
         if !shared.config.apps.is_empty() {
             let keys: Vec<&str> = shared.config.apps.iter().map(|a| a.key.as_str()).collect();

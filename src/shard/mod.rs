@@ -85,7 +85,7 @@ impl Shared {
         let stats: Arc<[ShardStats]> = (0..shards).map(|_| ShardStats::default()).collect();
         let auth = Arc::new(config.auth.build());
         let config_proxy = config.proxy.is_some();
-        let webhooks = crate::webhooks::Plan::of(&config).map(|p| Arc::new(WebhookSink::new(&p)));
+        let webhooks = crate::webhooks::Plan::of(&config).map(|p| Arc::new(WebhookSink::new(p)));
         let mut salt = [0u8; 4];
         getrandom::fill(&mut salt).map_err(|e| io::Error::other(e.to_string()))?;
         Ok(Shared {

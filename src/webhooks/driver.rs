@@ -21,7 +21,7 @@ use super::arbiter::{Answer, Arbiter};
 use super::cluster::{ClusterKeys, ClusterRunner};
 use super::signature;
 use super::state::{Op, WebhookState};
-use super::{Plan, Report, Signer, Target, WebhookSink};
+use super::{Report, Signer, Target, WebhookSink};
 
 /// A POST's outcome: its destination, its id, whether it was delivered.
 type Posted = (usize, u64, bool);
@@ -30,16 +30,13 @@ type Posted = (usize, u64, bool);
 /// connection can be used again).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// Starts the webhook thread for `sink`'s reports; with `cluster`, its
+/// Starts the webhook thread for `sink`'s reports and plan; with `cluster`, its
 /// transitions are decided with the other nodes through Redis. Stopped
 /// with a flush time, it sends what is owed (every vacate due at once) for
 /// up to that.
-pub fn spawn(
-    sink: Arc<WebhookSink>,
-    plan: Plan,
-    cluster: Option<ClusterConfig>,
-) -> io::Result<Worker> {
+pub fn spawn(sink: Arc<WebhookSink>, cluster: Option<ClusterConfig>) -> io::Result<Worker> {
     let reports = sink.reports.take("webhook")?;
+    let plan = sink.plan.clone();
     let uris = plan
         .targets
         .iter()

@@ -191,6 +191,8 @@ pub enum Report {
 /// The shards' side: where reports go, and the counters `/metrics` shows.
 #[derive(Debug)]
 pub struct WebhookSink {
+    /// What the webhook thread serves, as the sink was made for it.
+    pub plan: Plan,
     reports: Handoff<Report>,
     topics: bool,
     users: bool,
@@ -213,7 +215,7 @@ pub struct WebhookStats {
 }
 
 impl WebhookSink {
-    pub fn new(plan: &Plan) -> WebhookSink {
+    pub fn new(plan: Plan) -> WebhookSink {
         WebhookSink {
             reports: Handoff::default(),
             topics: plan.wants("channel_occupied") || plan.wants("channel_vacated"),
@@ -222,6 +224,7 @@ impl WebhookSink {
             client_events: plan.wants("client_event"),
             cache_misses: plan.wants("cache_miss"),
             stats: WebhookStats::default(),
+            plan,
         }
     }
 
