@@ -537,15 +537,22 @@ impl ShardState {
         if others == 0 {
             return self.finish_presence(wait);
         }
-        let ticket = self.presence.next_ticket;
-        self.presence.next_ticket += 1;
-        let query = wait.query.clone();
-        self.presence.waits.insert(ticket, wait);
+        let (ticket, query) = self.wait_for_presence(wait);
         self.broadcast_interest(|| Envelope::PresenceQuery {
             ticket,
             topic: topic.clone(),
             query: query.clone(),
         });
+    }
+
+    /// Keeps `wait` until its answers come: its ticket, and the query the
+    /// others are asked.
+    fn wait_for_presence(&mut self, wait: PresenceWait) -> (u64, MemberQuery) {
+        let ticket = self.presence.next_ticket;
+        self.presence.next_ticket += 1;
+        let query = wait.query.clone();
+        self.presence.waits.insert(ticket, wait);
+        (ticket, query)
     }
 
     /// Asks only the other nodes (the broker) for `topic`'s page `query`;
@@ -566,14 +573,13 @@ impl ShardState {
         let Some(broker) = self.shared.bus.broker() else {
             return self.finish_presence(wait);
         };
-        let ticket = self.presence.next_ticket;
-        self.presence.next_ticket += 1;
+        let topic = wait.topic.clone();
+        let (ticket, query) = self.wait_for_presence(wait);
         let envelope = Envelope::PresenceQuery {
             ticket,
-            topic: wait.topic.clone(),
-            query: wait.query.clone(),
+            topic,
+            query,
         };
-        self.presence.waits.insert(ticket, wait);
         self.post_control(broker, envelope);
     }
 
