@@ -1133,3 +1133,95 @@ fn a_client_event_flood_is_cut_at_ten_a_second() {
     );
     still_healthy();
 }
+
+/// Pusher's HTTP API past the trigger: channel queries (which park a
+/// request over a gather of every shard) and terminations, forged with the
+/// public app key, are refused (401) on the signature before anything is
+/// parked, gathered or published; forged sign-ins are closed with 4009 and leave
+/// no signed-in user behind (a second one on the same socket is never
+/// read).
+#[test]
+fn forged_pusher_queries_terminations_and_signins_hold_nothing() {
+    if std::env::var_os("RINGCAST_TEST_BIN").is_some() {
+        return; // an older build has no Pusher apps
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signed = |i: usize| {
+        format!("auth_key=app-key&auth_timestamp={now}&auth_version=1.0&auth_signature={i:064x}")
+    };
+    let mut forged = Vec::new();
+    for i in 0..300 {
+        let query = signed(i);
+        forged.push(get(&format!(
+            "/apps/4711/channels?filter_by_prefix=presence-&info=user_count&{query}"
+        )));
+        forged.push(get(&format!(
+            "/apps/4711/channels/presence-{i}/users?{query}"
+        )));
+        forged.push(post(
+            &format!("/apps/4711/users/u{i}/terminate_connections?{query}&body_md5=00"),
+            "{}",
+        ));
+        forged.push(post(
+            &format!("/users/u{i}/terminate_connections?{query}&body_md5=00"),
+            "{}",
+        ));
+    }
+    for (status, _) in pipelined(&forged) {
+        assert_eq!(status, 401);
+    }
+    for i in 0..100 {
+        let mut ws = server().ws("/app/app-key");
+        assert_eq!(ws.recv_json()["event"], "pusher:connection_established");
+        let signin = format!(
+            r#"{{"event":"pusher:signin","data":{{"auth":"app-key:{i:064x}","user_data":"{{\"id\":\"u{i}\"}}"}}}}"#
+        );
+        ws.send_text(&signin);
+        ws.send_text(&signin);
+        let refused = ws.recv_json();
+        assert_eq!(refused["data"]["code"], 4009, "{refused}");
+        assert_eq!(ws.expect_close(), 4009);
+    }
+    still_healthy();
+}
+
+/// Public cache channels need no authorization, and each is a stream of
+/// one: a client holds at most its `max_subscriptions_per_connection` of
+/// them (each answered with `pusher:cache_miss`, the next refused), and a
+/// stream nobody published to goes with its last subscriber.
+#[test]
+fn cache_channel_subscriptions_hold_streams_only_while_held() {
+    if std::env::var_os("RINGCAST_TEST_BIN").is_some() {
+        return; // an older build has no Pusher apps
+    }
+    let _turn = turn(&STREAM_TABLE);
+    let before = streams_after_sweep();
+    let mut ws = server().ws("/app/app-key");
+    assert_eq!(ws.recv_json()["event"], "pusher:connection_established");
+    for i in 0..50 {
+        ws.send_text(&format!(
+            r#"{{"event":"pusher:subscribe","data":{{"channel":"cache-hostile-{i}"}}}}"#
+        ));
+        let succeeded = ws.recv_json();
+        assert_eq!(
+            succeeded["event"], "pusher_internal:subscription_succeeded",
+            "{succeeded}"
+        );
+        assert_eq!(ws.recv_json()["event"], "pusher:cache_miss");
+    }
+    ws.send_text(r#"{"event":"pusher:subscribe","data":{"channel":"cache-hostile-50"}}"#);
+    let refused = ws.recv_json();
+    assert_eq!(refused["event"], "pusher:error", "the 51st: {refused}");
+    let held = metric("streams");
+    assert!(held <= before + 50, "{held} streams for 50 subscriptions");
+    drop(ws);
+    assert_eq!(
+        streams_after_sweep(),
+        before,
+        "cache streams outlived their subscriber"
+    );
+    still_healthy();
+}
