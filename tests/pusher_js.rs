@@ -18,7 +18,7 @@ mod cluster;
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cluster::Redis;
 use common::redis::RedisServer;
@@ -271,10 +271,11 @@ fn presence_members_are_the_clusters_across_two_nodes() {
     // bob and ann's second tab are on node b.
     let result = run_script("presence_test.mjs", &[&a, &b]);
     check_presence(&result);
-    // The channel list is the asked node's (ann's first tab is on a).
+    // The channel list is the cluster's: ann (on both nodes) and bob (on
+    // b) are its two users, asked of node a.
     assert_eq!(
         result["channels"],
-        json!({"channels": {"presence-room": {"user_count": 1}}})
+        json!({"channels": {"presence-room": {"user_count": 2}}})
     );
 }
 
@@ -375,20 +376,125 @@ fn forged_signins_and_other_users_channels_are_refused() {
 /// `POST path` with `body`, signed with `secret` as Pusher's libraries
 /// sign; the status.
 fn signed_post(node: &TestServer, secret: &str, path: &str, body: &str) -> u16 {
+    signed(node, secret, "POST", path, "", body).0
+}
+
+/// `GET path?query` signed with the app's secret; the status and the body
+/// as JSON (`null` if it is not).
+fn signed_get(node: &TestServer, path: &str, query: &str) -> (u16, Value) {
+    let (status, body) = signed(node, "app-secret", "GET", path, query, "");
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// A request signed as Pusher's libraries sign it: `query` (sorted
+/// `key=value` pairs, or empty) is signed with the auth parameters, and a
+/// body's MD5 with them; the status and the body.
+fn signed(
+    node: &TestServer,
+    secret: &str,
+    method: &str,
+    path: &str,
+    query: &str,
+    body: &str,
+) -> (u16, String) {
     use md5::{Digest, Md5};
-    let md5: String = Md5::digest(body.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let params = format!("auth_key=app-key&auth_timestamp={now}&auth_version=1.0&body_md5={md5}");
+    let mut params = vec![
+        "auth_key=app-key".to_string(),
+        format!("auth_timestamp={now}"),
+        "auth_version=1.0".to_string(),
+    ];
+    if !body.is_empty() {
+        let md5: String = Md5::digest(body.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        params.push(format!("body_md5={md5}"));
+    }
+    params.extend(query.split('&').filter(|p| !p.is_empty()).map(String::from));
+    params.sort();
+    let params = params.join("&");
     let signature =
-        ringcast::pusher::sign::hmac_hex(secret, format!("POST\n{path}\n{params}").as_bytes());
+        ringcast::pusher::sign::hmac_hex(secret, format!("{method}\n{path}\n{params}").as_bytes());
     let url = format!("{path}?{params}&auth_signature={signature}");
-    node.http("POST", &url, Some(body)).0
+    node.http(method, &url, (!body.is_empty()).then_some(body))
+}
+
+/// A raw Pusher connection subscribed to the public `channel`.
+fn subscribed(node: &TestServer, channel: &str) -> Ws {
+    let (mut ws, _) = pusher_ws(node);
+    let subscribe = json!({"event":"pusher:subscribe","data":{"channel":channel}});
+    ws.send_text(&subscribe.to_string());
+    let answer = ws.recv_json();
+    assert_eq!(
+        answer["event"], "pusher_internal:subscription_succeeded",
+        "{answer}"
+    );
+    ws
+}
+
+/// A channel's counts and the app's channel list are the cluster's: node
+/// `a` counts node `b`'s subscribers of a public channel (which Redis keeps
+/// no record of) by asking `b`, and lists the channels only `b` holds; a
+/// node that does not answer (stopped) leaves the asker its own counts
+/// after the timeout, counted as partial.
+#[test]
+fn channel_counts_and_lists_are_the_clusters() {
+    let (_redis, a, b) = two_nodes(APP);
+    let _on_a = subscribed(&a, "news");
+    let news_on_b = [subscribed(&b, "news"), subscribed(&b, "news")];
+    let _cars_on_b = subscribed(&b, "cars");
+    let count = |node: &TestServer, channel: &str| {
+        let path = format!("/apps/4711/channels/{channel}");
+        signed_get(node, &path, "info=subscription_count")
+    };
+    for node in [&a, &b] {
+        let news = json!({"occupied": true, "subscription_count": 3});
+        assert_eq!(count(node, "news"), (200, news));
+        let cars = json!({"occupied": true, "subscription_count": 1});
+        assert_eq!(count(node, "cars"), (200, cars), "held on b only");
+        let weather = json!({"occupied": false, "subscription_count": 0});
+        assert_eq!(count(node, "weather"), (200, weather));
+        let listed = json!({"channels": {"cars": {}, "news": {}}});
+        assert_eq!(signed_get(node, "/apps/4711/channels", ""), (200, listed));
+    }
+    drop(news_on_b);
+    let mut counted = Value::Null;
+    for _ in 0..100 {
+        counted = count(&a, "news").1;
+        if counted["subscription_count"] == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(counted, json!({"occupied": true, "subscription_count": 1}));
+    assert_eq!(a.metric("cluster_node_queries_partial_total"), 0);
+    // b stops answering: a answers with its own after the timeout.
+    signal(&b, libc::SIGSTOP);
+    let started = Instant::now();
+    let only_a = json!({"channels": {"news": {}}});
+    assert_eq!(signed_get(&a, "/apps/4711/channels", ""), (200, only_a));
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "waited for b"
+    );
+    signal(&b, libc::SIGCONT);
+    assert_eq!(a.metric("cluster_node_queries_partial_total"), 1);
+    assert!(
+        a.metric("cluster_node_queries_total") >= 6,
+        "4 in the loop, 1 after b left, 1 while b stopped"
+    );
+}
+
+/// Sends `signal` to the node's process.
+fn signal(node: &TestServer, signal: i32) {
+    // SAFETY: kill(2) on the test's own child process, which is alive
+    // (the TestServer owns it and has not reaped it).
+    let sent = unsafe { libc::kill(node.child.id() as i32, signal) };
+    assert_eq!(sent, 0, "signal {signal} to the node");
 }
 
 /// Pusher-format webhooks to an app's `webhook_url`, checked by the server

@@ -30,13 +30,13 @@ pub struct MemberQuery {
     /// `by_user`).
     pub only: Option<Arc<str>>,
     /// Count every subscriber of the topic, member or not (the list is
-    /// still of members). A node answers for its own subscribers only:
-    /// Redis keeps no count of other nodes' non-members.
+    /// still of members). Redis keeps no count of non-members, so in a
+    /// cluster the broker asks the other nodes (`cluster::state::node_queries`).
     pub subscribers: bool,
     /// List the topics whose names start with this, and that have a
     /// subscriber, instead of one topic's members: each is a member whose
     /// id is its name (with `by_user`, one per topic and member user:
-    /// `name\0user`). A node answers for its own topics only.
+    /// `name\0user`). Asked of the other nodes, as `subscribers` is.
     pub topics_under: Option<Arc<str>>,
 }
 

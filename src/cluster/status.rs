@@ -53,6 +53,12 @@ pub struct ClusterStats {
     /// Streams found restarted under a new epoch (Redis lost them): their
     /// subscribers were sent a `reset`.
     pub stream_resets_total: AtomicU64,
+    /// Questions this node asked the other nodes (counts Redis keeps no
+    /// record of: a channel's subscribers, the channels under a prefix).
+    pub node_queries_total: AtomicU64,
+    /// Of those, the ones answered when the timeout came, without every
+    /// node's answer.
+    pub node_queries_partial_total: AtomicU64,
 }
 
 impl ClusterStatus {
@@ -156,6 +162,18 @@ impl ClusterStatus {
                 "gauge",
                 "Stream reads and presence queries waiting for a turn (256 of each kind in flight at most).",
                 s.requests_waiting.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_node_queries_total",
+                "counter",
+                "Questions this node asked the other nodes (subscriber counts, channel lists).",
+                s.node_queries_total.load(Ordering::Relaxed),
+            ),
+            (
+                "cluster_node_queries_partial_total",
+                "counter",
+                "Questions to the other nodes answered at the timeout without every node's answer.",
+                s.node_queries_partial_total.load(Ordering::Relaxed),
             ),
             (
                 "cluster_presence_waiting",

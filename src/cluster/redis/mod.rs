@@ -25,7 +25,7 @@ use crate::config::ClusterConfig;
 
 use super::interest::Key;
 use super::liveness::Pong;
-use super::state::{Event, Op, StreamPublication};
+use super::state::{control_channel, Event, Op, StreamPublication};
 use super::subscriptions::Change;
 use super::ClusterStatus;
 
@@ -197,6 +197,22 @@ impl Redis {
             Op::QueryPresence(query) => {
                 let node = self.status.node.clone();
                 tokio::spawn(presence::query(client, prefix, node, query, done));
+            }
+            Op::AskNodes { id, message } => {
+                tokio::spawn(async move {
+                    let channel = control_channel(&prefix);
+                    let heard = client.spublish::<i64, _, _>(channel, message).await;
+                    let receivers = heard.ok().map(|n| n.max(0) as usize);
+                    let _ = done.send(Event::NodesAsked { id, receivers });
+                });
+            }
+            Op::AnswerNode { message } => {
+                tokio::spawn(async move {
+                    let channel = control_channel(&prefix);
+                    if let Err(e) = client.spublish::<i64, _, _>(channel, message).await {
+                        tracing::debug!("cluster: an answer to another node failed: {e}");
+                    }
+                });
             }
             Op::Ping => {
                 tokio::spawn(async move {

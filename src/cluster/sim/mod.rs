@@ -118,6 +118,7 @@ impl Summary {
         a.refused += b.refused;
         a.unknown += b.unknown;
         a.deduplicated += b.deduplicated;
+        a.counted_elsewhere += b.counted_elsewhere;
         self.stalls += other.stalls;
         self.drops += other.drops;
         self.restarts_empty += other.restarts_empty;
@@ -514,8 +515,15 @@ impl Sim {
             self.log(format!("n{n} presence {conn} in {topic}: {meta:?}"));
             self.nodes[n].presence(shard, topic, conn, meta, now, &mut self.checks);
         } else {
-            self.log(format!("n{n} shard {shard} asks for {topic}'s members"));
-            self.nodes[n].query_presence(shard, topic, now, &mut self.checks);
+            let subscribers = self.below(2) == 0;
+            let what = if subscribers {
+                "subscribers"
+            } else {
+                "members"
+            };
+            self.log(format!("n{n} shard {shard} asks for {topic}'s {what}"));
+            let node = &mut self.nodes[n];
+            node.query_presence(shard, topic, subscribers, now, &mut self.checks);
         }
         self.after(n);
     }
@@ -663,7 +671,7 @@ impl Sim {
             if node.status.queued_bytes() != 0 {
                 return Err(format!("{name} holds bytes for Redis at quiescence"));
             }
-            if node.state.requests() != (0, 0) {
+            if node.state.requests() != (0, 0) || !node.state.node_queries_idle() {
                 return Err(format!("{name} has requests at quiescence"));
             }
             let shards = &node.shards;
@@ -832,6 +840,8 @@ fn describe(op: &super::state::Op) -> String {
         Op::LoadRegistrations { .. } => "load registrations".into(),
         Op::WritePresence(w) => format!("presence write of {} topics", w.len()),
         Op::QueryPresence(q) => format!("presence query of {}", q.topic),
+        Op::AskNodes { id, .. } => format!("question {id} to the nodes"),
+        Op::AnswerNode { .. } => "answer to a node".into(),
         Op::Ping => "PING".into(),
     }
 }
@@ -892,6 +902,10 @@ fn clusters_keep_every_acknowledged_publication_through_redis_faults() {
             "some publish had an unknown outcome: {totals:?}"
         );
         assert!(s.deduplicated > 0, "a retry was deduplicated: {totals:?}");
+        assert!(
+            s.counted_elsewhere > 0,
+            "some subscriber count was answered by the other nodes: {totals:?}"
+        );
         assert!(
             totals.plain_delivered > 0,
             "plain topics were checked: {totals:?}"

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::bus::{Envelope, IndexKind, MemberQuery, ShardId};
+use crate::bus::{self, Envelope, IndexKind, MemberQuery, ShardId};
 use crate::cluster::liveness::Pong;
 use crate::cluster::state::{BrokerState, Event, Failure, Op, PublishAnswer};
 use crate::cluster::ClusterStatus;
@@ -48,6 +48,9 @@ enum Unanswered {
     Load(u64),
     PresenceWrite,
     PresenceQuery(ShardId, u64),
+    AskNodes(u64),
+    /// A message with no answer to wait for.
+    Told,
     Ping,
 }
 
@@ -66,6 +69,8 @@ impl Unanswered {
             Op::LoadRegistrations { after } => Unanswered::Load(*after),
             Op::WritePresence(_) => Unanswered::PresenceWrite,
             Op::QueryPresence(q) => Unanswered::PresenceQuery(q.from, q.ticket),
+            Op::AskNodes { id, .. } => Unanswered::AskNodes(*id),
+            Op::AnswerNode { .. } => Unanswered::Told,
             Op::Ping => Unanswered::Ping,
         }
     }
@@ -111,6 +116,11 @@ impl Unanswered {
                 ticket,
                 members: Default::default(),
             },
+            Unanswered::AskNodes(id) => Event::NodesAsked {
+                id,
+                receivers: None,
+            },
+            Unanswered::Told => return None,
             Unanswered::Ping => Event::Pong(if timed_out {
                 Pong::TimedOut
             } else {
@@ -217,6 +227,8 @@ pub(super) struct Shards {
     /// This node's presence members: topic -> conn id -> meta.
     pub(super) members: HashMap<Arc<str>, BTreeMap<String, String>>,
     pub(super) queries: HashSet<u64>,
+    /// Of those, the questions for the other nodes' subscribers.
+    pub(super) subscriber_queries: HashSet<u64>,
     pub(super) drained: Vec<bool>,
     /// Envelopes the shards send once the broker's current event is
     /// handled (a shard sends from its own loop, not from the broker's).
@@ -237,6 +249,8 @@ pub(super) struct NodeStats {
     pub(super) refused: usize,
     pub(super) unknown: usize,
     pub(super) deduplicated: usize,
+    /// Subscriber counts answered with another node's subscribers.
+    pub(super) counted_elsewhere: usize,
 }
 
 pub(super) struct Node {
@@ -285,6 +299,7 @@ impl Node {
                 registering: HashMap::new(),
                 members: HashMap::new(),
                 queries: HashSet::new(),
+                subscriber_queries: HashSet::new(),
                 drained: vec![false; shards],
                 outbox: VecDeque::new(),
                 recover: false,
@@ -640,17 +655,24 @@ impl Node {
         self.send(shard, envelope, now, checks);
     }
 
+    /// A shard asks for `topic`'s members, or (`subscribers`) how many
+    /// subscribe to it on every node (a question for the other nodes).
     pub(super) fn query_presence(
         &mut self,
         shard: usize,
         topic: Arc<str>,
+        subscribers: bool,
         now: Instant,
         checks: &mut Checks,
     ) {
         let ticket = self.ticket();
         self.shards.queries.insert(ticket);
+        if subscribers {
+            self.shards.subscriber_queries.insert(ticket);
+        }
         let query = MemberQuery {
             limit: 10,
+            subscribers,
             ..MemberQuery::default()
         };
         let envelope = Envelope::PresenceQuery {
@@ -877,7 +899,21 @@ impl Node {
                 super::trace(|| format!("  {} shard {shard}: -{id}", self.name));
                 shards.registrations.remove(&*id);
             }
-            Envelope::PresenceReply { ticket, .. } => {
+            Envelope::PresenceQuery { ticket, topic, .. } => {
+                // Another node's question: this shard's subscribers of it.
+                let key = (shard, topic);
+                let held = shards.plain.contains_key(&key) || shards.holders.contains_key(&key);
+                let members = Box::new(bus::Members {
+                    count: usize::from(held),
+                    ..bus::Members::default()
+                });
+                let reply = Envelope::PresenceReply { ticket, members };
+                shards.outbox.push_back((shard, reply));
+            }
+            Envelope::PresenceReply { ticket, members } => {
+                if shards.subscriber_queries.remove(&ticket) && members.count > 0 {
+                    shards.stats.counted_elsewhere += 1;
+                }
                 if !shards.queries.remove(&ticket) {
                     checks.fail(format!("a presence reply to ticket {ticket}, not waiting"));
                 }

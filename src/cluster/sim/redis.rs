@@ -207,6 +207,23 @@ impl FakeRedis {
                     members,
                 })
             }
+            Op::AskNodes { id, message } => {
+                let channel = control_channel(&self.prefix);
+                let receivers = self
+                    .subscribed
+                    .iter()
+                    .filter(|s| s.contains(&channel))
+                    .count();
+                messages.push((channel, message));
+                Some(Event::NodesAsked {
+                    id,
+                    receivers: Some(receivers),
+                })
+            }
+            Op::AnswerNode { message } => {
+                messages.push((control_channel(&self.prefix), message));
+                None
+            }
             Op::Ping => Some(Event::Pong(Pong::Answered)),
         };
         Executed { reply, messages }

@@ -11,6 +11,7 @@
 //! `PUBLISH_QUEUE`, reads and presence queries by their gates, presence
 //! writes one at a time, channel changes one batch at a time.
 
+mod node_queries;
 mod presence;
 mod registry;
 mod streams;
@@ -98,6 +99,9 @@ pub(super) enum Event {
         ticket: u64,
         members: bus::Members,
     },
+    /// Question `id` was published to the nodes: `receivers` heard it
+    /// (`None`: the command failed).
+    NodesAsked { id: u64, receivers: Option<usize> },
 }
 
 /// What the broker asks its driver to do.
@@ -132,6 +136,12 @@ pub(super) enum Op {
     WritePresence(Vec<TopicWrite>),
     /// Read the other nodes' members of a topic; answered by `Event::PresenceAnswered`.
     QueryPresence(PresenceQuery),
+    /// A question for the other nodes (`SPUBLISH` on the control channel);
+    /// answered by `Event::NodesAsked`, and then by the nodes' messages.
+    AskNodes { id: u64, message: Bytes },
+    /// An answer to another node's question (`SPUBLISH` on the control
+    /// channel); no event back.
+    AnswerNode { message: Bytes },
     /// PING; answered by `Event::Pong`.
     Ping,
 }
@@ -178,8 +188,11 @@ pub(super) struct BrokerState {
     reads: Gate<ReadRequest>,
     read_for: HashMap<u64, streams::ReadFor>,
     next_read: u64,
-    /// Presence queries in flight, bounded the same way.
+    /// Presence queries in flight, bounded the same way (those for the
+    /// other nodes too).
     presence_queries: Gate<PresenceQuery>,
+    /// Questions to the other nodes, and theirs to this one.
+    node_queries: node_queries::NodeQueries,
     /// Registry changes waiting for their announcement to come back.
     registry: registry::Pending,
     /// This node's presence members.
@@ -229,6 +242,7 @@ impl BrokerState {
             read_for: HashMap::new(),
             next_read: 0,
             presence_queries: Gate::new(READS_IN_FLIGHT),
+            node_queries: node_queries::NodeQueries::default(),
             registry: registry::Pending::default(),
             members: Members::default(),
             presence_refresh: None,
@@ -254,6 +268,12 @@ impl BrokerState {
         (reads.0 + presence.0, reads.1 + presence.1)
     }
 
+    /// No question to or from the other nodes is in flight.
+    #[cfg(test)]
+    pub(super) fn node_queries_idle(&self) -> bool {
+        self.node_queries.idle()
+    }
+
     pub(super) fn handle(&mut self, event: Event, now: Instant) {
         match event {
             Event::FromShards(envelopes) => self.on_shard_envelopes(envelopes, now),
@@ -272,6 +292,7 @@ impl BrokerState {
                     self.registry.reload = false;
                     self.load_registrations();
                 }
+                self.expire_node_queries(now);
                 let refresh = *self.presence_refresh.get_or_insert(now);
                 if now >= refresh {
                     self.presence_refresh = Some(now + self.presence_ttl / 3);
@@ -301,7 +322,8 @@ impl BrokerState {
                 from,
                 ticket,
                 members,
-            } => self.on_presence_answered(from, ticket, members),
+            } => self.presence_answered(from, ticket, members),
+            Event::NodesAsked { id, receivers } => self.on_nodes_asked(id, receivers),
         }
         self.check_drain(now);
         let waiting = self.requests().1;
@@ -543,12 +565,15 @@ impl BrokerState {
                 topic,
                 query,
             }),
+            Envelope::PresenceReply { ticket, members } if self.node_queries.counts(ticket) => {
+                self.on_shard_counted(ticket, *members)
+            }
             Envelope::Drained => {
                 self.drain.markers += 1;
                 self.drain.since.get_or_insert(now);
             }
-            // Shards acknowledge the registrations the broker hands them; and
-            // send the broker nothing else.
+            // Shards acknowledge the registrations the broker hands them, and
+            // answer its questions (above); they send the broker nothing else.
             _ => {}
         }
     }
@@ -639,7 +664,10 @@ impl BrokerState {
 
     fn on_message(&mut self, channel: &str, bytes: Bytes) {
         if channel == self.control_channel {
-            return self.on_notice(&bytes);
+            if bytes.first() == Some(&b'{') {
+                return self.on_notice(&bytes);
+            }
+            return self.on_node_message(&bytes);
         }
         let Some((kind, name)) = wire::parse_channel(&self.prefix, channel) else {
             return;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::bus::{self, Envelope, ShardId};
 
-use super::{BrokerState, Op, PresenceQuery};
+use super::{node_queries, BrokerState, Op, PresenceQuery};
 
 impl BrokerState {
     /// A member of `topic` on this node came (`meta`) or went.
@@ -52,7 +52,8 @@ impl BrokerState {
         self.write_presence();
     }
 
-    /// A shard counts a topic's members: ask Redis for the other nodes'.
+    /// A shard counts a topic's members: ask Redis for the other nodes'
+    /// (or, for what Redis keeps no record of, the nodes themselves).
     /// Bounded in flight like stream reads: a stalled Redis holds at most
     /// that many; the rest wait (each connection asks at most
     /// `max_presence_queries_per_second`).
@@ -63,20 +64,23 @@ impl BrokerState {
             return self.answer_presence(from, ticket, bus::Members::default());
         }
         if let Some(query) = self.presence_queries.admit(query) {
+            self.start_presence_query(query);
+        }
+    }
+
+    fn start_presence_query(&mut self, query: PresenceQuery) {
+        if node_queries::asks_nodes(&query.query) {
+            self.ask_nodes(query);
+        } else {
             self.ops.push(Op::QueryPresence(query));
         }
     }
 
-    /// A query's answer came back: it goes to the shard that asked, and
-    /// the next waiting query starts.
-    pub(super) fn on_presence_answered(
-        &mut self,
-        from: ShardId,
-        ticket: u64,
-        members: bus::Members,
-    ) {
+    /// A query's answer came back (from Redis or the nodes): it goes to
+    /// the shard that asked, and the next waiting query starts.
+    pub(super) fn presence_answered(&mut self, from: ShardId, ticket: u64, members: bus::Members) {
         if let Some(next) = self.presence_queries.done() {
-            self.ops.push(Op::QueryPresence(next));
+            self.start_presence_query(next);
         }
         self.answer_presence(from, ticket, members);
     }

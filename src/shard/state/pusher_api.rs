@@ -231,10 +231,9 @@ impl ShardState {
     }
 
     /// `GET /apps/{id}/channels/{channel}` (`users`: its `/users`): the
-    /// channel's counts across the node's shards (and, for a presence
-    /// channel, the cluster's members), answered once every shard has
-    /// counted; the connection is parked meanwhile, within the limits of a
-    /// presence query.
+    /// channel's counts across the node's shards and, through the broker,
+    /// the other nodes, answered once all have counted; the connection is
+    /// parked meanwhile, within the limits of a presence query.
     pub(super) fn pusher_channel_query(
         &mut self,
         key: ConnKey,
@@ -285,7 +284,7 @@ impl ShardState {
     }
 
     /// `GET /apps/{id}/channels?filter_by_prefix=P&info=user_count`: the
-    /// app's channels with subscribers on this node's shards (with
+    /// app's channels with subscribers on any shard of any node (with
     /// `user_count`, only for `presence-` prefixes, each one's distinct
     /// users), at most [`MAX_CHANNELS_LISTED`] of them.
     pub(super) fn pusher_channels_query(
