@@ -21,26 +21,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cluster::Redis;
+use common::pusher::{pusher_ws, signed, signed_get, subscribed, APP};
 use common::redis::RedisServer;
-use common::{TestServer, Ws};
+use common::TestServer;
 use serde_json::{json, Value};
-
-const APP: &str = "[[apps]]\nid = \"4711\"\nkey = \"app-key\"\nsecret = \"app-secret\"\n";
 
 fn node() -> TestServer {
     TestServer::start(2, Some(APP))
-}
-
-/// A raw WebSocket to `/app/app-key`, past `pusher:connection_established`;
-/// with the socket id it was given.
-fn pusher_ws(node: &TestServer) -> (Ws, String) {
-    let mut ws = node.ws("/app/app-key?protocol=7&client=js&version=8.6.0");
-    let established = ws.recv_json();
-    assert_eq!(established["event"], "pusher:connection_established");
-    let data: Value = serde_json::from_str(established["data"].as_str().unwrap()).unwrap();
-    assert_eq!(data["activity_timeout"], 120);
-    let socket_id = data["socket_id"].as_str().unwrap().to_string();
-    (ws, socket_id)
 }
 
 /// `POST /apps/4711/events` of `data` to `channel`, signed with `secret`
@@ -377,63 +364,6 @@ fn forged_signins_and_other_users_channels_are_refused() {
 /// sign; the status.
 fn signed_post(node: &TestServer, secret: &str, path: &str, body: &str) -> u16 {
     signed(node, secret, "POST", path, "", body).0
-}
-
-/// `GET path?query` signed with the app's secret; the status and the body
-/// as JSON (`null` if it is not).
-fn signed_get(node: &TestServer, path: &str, query: &str) -> (u16, Value) {
-    let (status, body) = signed(node, "app-secret", "GET", path, query, "");
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-/// A request signed as Pusher's libraries sign it: `query` (sorted
-/// `key=value` pairs, or empty) is signed with the auth parameters, and a
-/// body's MD5 with them; the status and the body.
-fn signed(
-    node: &TestServer,
-    secret: &str,
-    method: &str,
-    path: &str,
-    query: &str,
-    body: &str,
-) -> (u16, String) {
-    use md5::{Digest, Md5};
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let mut params = vec![
-        "auth_key=app-key".to_string(),
-        format!("auth_timestamp={now}"),
-        "auth_version=1.0".to_string(),
-    ];
-    if !body.is_empty() {
-        let md5: String = Md5::digest(body.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        params.push(format!("body_md5={md5}"));
-    }
-    params.extend(query.split('&').filter(|p| !p.is_empty()).map(String::from));
-    params.sort();
-    let params = params.join("&");
-    let signature =
-        ringcast::pusher::sign::hmac_hex(secret, format!("{method}\n{path}\n{params}").as_bytes());
-    let url = format!("{path}?{params}&auth_signature={signature}");
-    node.http(method, &url, (!body.is_empty()).then_some(body))
-}
-
-/// A raw Pusher connection subscribed to the public `channel`.
-fn subscribed(node: &TestServer, channel: &str) -> Ws {
-    let (mut ws, _) = pusher_ws(node);
-    let subscribe = json!({"event":"pusher:subscribe","data":{"channel":channel}});
-    ws.send_text(&subscribe.to_string());
-    let answer = ws.recv_json();
-    assert_eq!(
-        answer["event"], "pusher_internal:subscription_succeeded",
-        "{answer}"
-    );
-    ws
 }
 
 /// A channel's counts and the app's channel list are the cluster's: node

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cluster::{recv_within, wait_for_redis, wait_until, Redis};
-use common::{TestServer, Ws};
+use common::{pusher, TestServer, Ws};
 use redis_cluster::RedisCluster;
 use serde_json::{json, Value};
 
@@ -63,8 +63,8 @@ fn next(ws: &mut Ws, who: &str) -> Value {
 #[test]
 fn topics_streams_registrations_and_presence_work_across_the_slots_of_a_redis_cluster() {
     let redis = RedisCluster::start();
-    let a = node(&redis, "a", "");
-    let b = node(&redis, "b", "");
+    let a = node(&redis, "a", pusher::APP);
+    let b = node(&redis, "b", pusher::APP);
 
     // Topics whose channels fall on different masters.
     let topics: Vec<String> = (0..8).map(|n| format!("news:{n}")).collect();
@@ -156,6 +156,24 @@ fn topics_streams_registrations_and_presence_work_across_the_slots_of_a_redis_cl
         }
         Ok(())
     });
+
+    // A Pusher channel's subscribers on b, counted from a: a question on
+    // the control channel, whose SPUBLISH says how many nodes heard it.
+    let _on_b = [
+        pusher::subscribed(&b, "news"),
+        pusher::subscribed(&b, "news"),
+    ];
+    let (status, counted) =
+        pusher::signed_get(&a, "/apps/4711/channels/news", "info=subscription_count");
+    assert_eq!(status, 200, "{counted}");
+    assert_eq!(counted, json!({"occupied": true, "subscription_count": 2}));
+    let listed = pusher::signed_get(&a, "/apps/4711/channels", "");
+    assert_eq!(listed, (200, json!({"channels": {"news": {}}})));
+    assert_eq!(
+        a.metric("cluster_node_queries_partial_total"),
+        0,
+        "every node answered, none waited for the timeout"
+    );
 }
 
 /// A master dies under publish load; its replica takes over. Every stream

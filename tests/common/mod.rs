@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod browser;
 pub mod cut_proxy;
+pub mod pusher;
 pub mod redis;
 pub mod sse;
 pub mod tls;
