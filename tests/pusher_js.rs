@@ -21,9 +21,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cluster::Redis;
-use common::pusher::{pusher_ws, signed, signed_get, subscribed, APP};
+use common::pusher::{presence_member, pusher_ws, signed, signed_get, subscribed, APP};
 use common::redis::RedisServer;
-use common::TestServer;
+use common::{TestServer, Ws};
 use serde_json::{json, Value};
 
 fn node() -> TestServer {
@@ -264,6 +264,66 @@ fn presence_members_are_the_clusters_across_two_nodes() {
         result["channels"],
         json!({"channels": {"presence-room": {"user_count": 2}}})
     );
+}
+
+/// The member events a presence channel's subscriber gets: `+user` for
+/// each `member_added`, `-user` for each `member_removed`; `expected` many
+/// (waiting up to 10 s), then any more that come within `quiet`.
+fn member_events(ws: &mut Ws, expected: usize, quiet: Duration) -> Vec<String> {
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let wait = if events.len() < expected {
+            deadline.saturating_duration_since(Instant::now())
+        } else {
+            quiet
+        };
+        let Some(text) = cluster::recv_within(ws, wait) else {
+            return events;
+        };
+        let event: Value = serde_json::from_str(&text).unwrap();
+        let data: Value = serde_json::from_str(event["data"].as_str().unwrap_or("{}")).unwrap();
+        let user = data["user_id"].as_str().unwrap_or_default();
+        match event["event"].as_str() {
+            Some("pusher_internal:member_added") => events.push(format!("+{user}")),
+            Some("pusher_internal:member_removed") => events.push(format!("-{user}")),
+            _ => {}
+        }
+    }
+}
+
+/// A presence channel across two nodes hears each member come and go
+/// once, as Redis decides it: a user whose two tabs (one per node) close
+/// at the same moment is told gone once, never left behind; a node killed
+/// with SIGKILL has its users told gone by the other within its
+/// presence TTL.
+#[test]
+fn presence_members_come_and_go_once_across_nodes_and_with_a_dead_node() {
+    let config = format!("presence_ttl_s = 3\n{APP}");
+    let (_redis, a, b) = two_nodes(&config);
+    let (mut observer, _) = presence_member(&a, "presence-room", "obs");
+    let quiet = Duration::from_millis(700);
+    for round in 0..6 {
+        let (tab_on_a, _) = presence_member(&a, "presence-room", "ann");
+        let (tab_on_b, ids) = presence_member(&b, "presence-room", "ann");
+        assert_eq!(ids, ["ann", "obs"], "round {round}");
+        let joined = member_events(&mut observer, 1, quiet);
+        assert_eq!(joined, ["+ann"], "round {round}");
+        // Both tabs close together: each node's last connection of ann.
+        drop((tab_on_a, tab_on_b));
+        let left = member_events(&mut observer, 1, quiet);
+        assert_eq!(left, ["-ann"], "round {round}");
+    }
+    let (_bob, _) = presence_member(&b, "presence-room", "bob");
+    assert_eq!(member_events(&mut observer, 1, quiet), ["+bob"]);
+    signal(&b, libc::SIGKILL);
+    // Within its presence TTL (3 s) and a refresh of a's (1 s).
+    let started = Instant::now();
+    let quiet = Duration::from_millis(1500);
+    assert_eq!(member_events(&mut observer, 1, quiet), ["-bob"]);
+    eprintln!("bob told gone {:?} after node b died", started.elapsed());
+    let (_, ids) = presence_member(&a, "presence-room", "cy");
+    assert_eq!(ids, ["cy", "obs"], "bob is gone from the members too");
 }
 
 /// An app's `max_connections`: the connection past it is told Pusher's

@@ -174,6 +174,31 @@ fn topics_streams_registrations_and_presence_work_across_the_slots_of_a_redis_cl
         0,
         "every node answered, none waited for the timeout"
     );
+
+    // A presence channel's member events: Redis decides and publishes them
+    // in one script, whose keys and channel share the channel's slot.
+    let (mut watcher, _) = pusher::presence_member(&a, "presence-lobby", "obs");
+    let (ann, members) = pusher::presence_member(&b, "presence-lobby", "ann");
+    assert_eq!(members, ["ann", "obs"]);
+    let member_event = |ws: &mut Ws| {
+        let text = recv_within(ws, Duration::from_secs(10)).expect("a member event");
+        let event: Value = serde_json::from_str(&text).unwrap();
+        (
+            event["event"].as_str().unwrap().to_string(),
+            event["data"].clone(),
+        )
+    };
+    let added = member_event(&mut watcher);
+    assert_eq!(added.0, "pusher_internal:member_added", "{added:?}");
+    drop(ann);
+    let removed = member_event(&mut watcher);
+    assert_eq!(
+        removed,
+        (
+            "pusher_internal:member_removed".to_string(),
+            json!(r#"{"user_id":"ann"}"#)
+        )
+    );
 }
 
 /// A master dies under publish load; its replica takes over. Every stream

@@ -24,6 +24,16 @@ pub use members::{user_of, MemberQuery, Members};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ShardId(pub usize);
 
+/// The shard of `shards` that decides for `name` on a node: a hash of the
+/// name, the same on every shard and the broker (SipHash with fixed keys).
+pub fn shard_of(name: &str, shards: usize) -> ShardId {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    debug_assert!(shards > 0, "a node has a shard");
+    let mut hasher = DefaultHasher::new();
+    name.hash(&mut hasher);
+    ShardId((hasher.finish() % shards as u64) as usize)
+}
+
 /// Set of shards as a bitmask; the config caps shards at 64.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShardSet(pub u64);
@@ -131,6 +141,48 @@ pub enum Envelope {
         /// A joining connection's socket id: its own `member_added` is
         /// not sent to it.
         socket: Option<Box<str>>,
+    },
+    /// A user's first connection on this node to a Pusher presence
+    /// channel came (`joined`), or its last one went: from the channel's
+    /// home shard to the cluster broker, which records it in Redis, where
+    /// it is decided once for the cluster whether the user came or went;
+    /// answered with `MemberDecided`.
+    MemberTransition {
+        /// Returned in the answer.
+        ticket: u64,
+        /// The channel's core topic.
+        topic: Arc<str>,
+        /// The user id.
+        user: Arc<str>,
+        /// The member's meta, `{"user_id":U,"user_info":I}`.
+        meta: Arc<str>,
+        joined: bool,
+        /// The `member_added` or `member_removed` push, framed: Redis
+        /// publishes it to the channel in the step that decides, so the
+        /// channel hears its members' comings and goings in the order they
+        /// were decided. `None` for a stream topic (a presence cache
+        /// channel), whose pushes its home orders: the shard publishes.
+        frame: Option<Bytes>,
+    },
+    /// The broker's answer to a `MemberTransition`: whether the shard
+    /// tells the channel itself (Redis is away, or it decided for a
+    /// transition without a frame).
+    MemberDecided {
+        /// The transition's ticket.
+        ticket: u64,
+        tell: bool,
+    },
+    /// Users of a Pusher presence channel that came or went for the whole
+    /// cluster without a transition of this node's (from the broker: the
+    /// users of a node that died, or this node's, back after Redis lost
+    /// them): the receiving shard tells the channel.
+    MembersChanged {
+        /// The channel's core topic.
+        topic: Arc<str>,
+        /// Metas of the users who came, `{"user_id":U,"user_info":I}`.
+        added: Vec<Arc<str>>,
+        /// Ids of the users who went.
+        removed: Vec<String>,
     },
     /// Record a client registration (every shard keeps every registration).
     Register {

@@ -179,7 +179,8 @@ impl Broker {
             .map_err(|e| Error::new(fred::error::ErrorKind::IO, e.to_string()))?;
         let setup = Setup {
             prefix: config.prefix.clone(),
-            node: u64::from_le_bytes(node),
+            // Never 0: that names a message every node delivers.
+            node: u64::from_le_bytes(node).max(1),
             clustered: redis.clustered(),
             presence_ttl: config.presence_ttl,
             health_timeout: config.health_timeout,

@@ -38,6 +38,11 @@ fn letter(kind: IndexKind) -> char {
     }
 }
 
+/// The publisher of a message that every node delivers, the one that
+/// published it too (node ids are never 0): Redis publishes it for the
+/// node, in the step that decided it (`cluster::state::member_events`).
+pub const EVERY_NODE: u64 = 0;
+
 /// The Redis channel of `name` in index `kind`.
 pub fn channel(prefix: &str, kind: IndexKind, name: &str) -> String {
     format!("{prefix}:{}:{{{name}}}", letter(kind))

@@ -78,3 +78,40 @@ pub fn signed(
     let url = format!("{path}?{params}&auth_signature={signature}");
     node.http(method, &url, (!body.is_empty()).then_some(body))
 }
+
+/// A raw Pusher connection subscribed to presence channel `channel` as
+/// `user`, signed as an app's auth endpoint signs; with the ids of the
+/// members `subscription_succeeded` listed, sorted.
+pub fn presence_member(node: &TestServer, channel: &str, user: &str) -> (Ws, Vec<String>) {
+    let (mut ws, socket_id) = pusher_ws(node);
+    let channel_data = json!({"user_id": user, "user_info": {}}).to_string();
+    let to_sign = format!("{socket_id}:{channel}:{channel_data}");
+    let signature = ringcast::pusher::sign::hmac_hex("app-secret", to_sign.as_bytes());
+    let subscribe = json!({"event":"pusher:subscribe","data":{
+        "channel": channel,
+        "auth": format!("app-key:{signature}"),
+        "channel_data": channel_data,
+    }});
+    ws.send_text(&subscribe.to_string());
+    // A member event decided before this subscription's answer may reach
+    // it first (it travels through Redis); the answer lists the members.
+    let mut answer = ws.recv_json();
+    while answer["event"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("pusher_internal:member_"))
+    {
+        answer = ws.recv_json();
+    }
+    assert_eq!(
+        answer["event"], "pusher_internal:subscription_succeeded",
+        "{answer}"
+    );
+    let data: Value = serde_json::from_str(answer["data"].as_str().unwrap()).unwrap();
+    let ids = data["presence"]["ids"].as_array().unwrap();
+    let mut ids: Vec<String> = ids
+        .iter()
+        .map(|id| id.as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    (ws, ids)
+}

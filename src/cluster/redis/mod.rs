@@ -8,6 +8,7 @@
 //! other nodes are bounded in bytes by the shards (`max_queued_bytes`), and
 //! here by count as a backstop.
 
+mod member_events;
 mod presence;
 mod registry;
 mod streams;
@@ -197,6 +198,12 @@ impl Redis {
             Op::QueryPresence(query) => {
                 let node = self.status.node.clone();
                 tokio::spawn(presence::query(client, prefix, node, query, done));
+            }
+            Op::DecideMembers(commands) => {
+                let (node, ttl) = (self.status.node.clone(), self.presence_ttl);
+                tokio::spawn(member_events::decide(
+                    client, prefix, node, ttl, commands, done,
+                ));
             }
             Op::AskNodes { id, message } => {
                 tokio::spawn(async move {

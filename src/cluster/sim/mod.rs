@@ -214,7 +214,7 @@ impl Sim {
             nodes.push(node);
         }
         Ok(Sim {
-            redis: FakeRedis::new(PREFIX, params.nodes),
+            redis: FakeRedis::new(PREFIX, params.nodes, PRESENCE_TTL),
             choices,
             params,
             nodes,
@@ -392,7 +392,7 @@ impl Sim {
             describe(&op)
         ));
         let name = self.nodes[n].name.clone();
-        let executed = self.redis.execute(n, &name, op);
+        let executed = self.redis.execute(n, &name, op, self.now);
         if answer {
             self.nodes[n].client.from_redis[c].push_back(Incoming::Reply(id, executed.reply));
         }
@@ -510,7 +510,18 @@ impl Sim {
         } else if roll < 97 {
             let member = self.below(4);
             let join = self.below(2) == 0;
-            let meta = join.then(|| format!("{{\"m\":{}}}", self.below(100)));
+            // Half the time a Pusher presence channel, whose members are
+            // users (members 0 and 3 are one user's two connections).
+            let pusher = self.below(2) == 0;
+            let topic = if pusher {
+                Arc::from(format!("\u{1}app\u{1}presence-{}", self.below(2)))
+            } else {
+                topic
+            };
+            let meta = join.then(|| match pusher {
+                true => format!("{{\"user_id\":\"u{}\",\"user_info\":{{}}}}", member % 3),
+                false => format!("{{\"m\":{}}}", self.below(100)),
+            });
             let conn = format!("{shard}-{member}");
             self.log(format!("n{n} presence {conn} in {topic}: {meta:?}"));
             self.nodes[n].presence(shard, topic, conn, meta, now, &mut self.checks);
@@ -633,6 +644,43 @@ impl Sim {
         }
     }
 
+    /// What the Pusher presence channels were told for the cluster, in
+    /// Redis's order, leaves each user present exactly when some node
+    /// holds it: every going was told, none of a user still there.
+    fn check_members_told(&self) -> Result<(), String> {
+        let mut told: BTreeMap<(Arc<str>, String), bool> = BTreeMap::new();
+        for (topic, user, came) in &self.redis.members_told {
+            told.insert((topic.clone(), user.clone()), *came);
+        }
+        let mut held: BTreeMap<(Arc<str>, String), bool> = BTreeMap::new();
+        for node in &self.nodes {
+            for (topic, members) in &node.shards.members {
+                for meta in members.values() {
+                    if let Some(user) = crate::bus::user_of(meta) {
+                        held.insert((topic.clone(), user), true);
+                    }
+                }
+            }
+        }
+        // A channel nobody holds a member of has nobody to tell.
+        let watched = |topic: &Arc<str>| held.keys().any(|(t, _)| t == topic);
+        for (key, present) in told.iter().filter(|(k, _)| watched(&k.0)) {
+            if *present != held.contains_key(key) {
+                return Err(format!(
+                    "{:?} {} was last told {}, and is {}held",
+                    key.0,
+                    key.1,
+                    if *present { "present" } else { "gone" },
+                    if held.contains_key(key) { "" } else { "not " }
+                ));
+            }
+        }
+        if let Some(key) = held.keys().find(|k| !told.contains_key(*k)) {
+            return Err(format!("{:?} {} is held and was never told", key.0, key.1));
+        }
+        Ok(())
+    }
+
     fn check_step(&mut self) -> Result<(), String> {
         if let Some(failure) = self.checks.failures.first() {
             return Err(failure.clone());
@@ -671,7 +719,7 @@ impl Sim {
             if node.status.queued_bytes() != 0 {
                 return Err(format!("{name} holds bytes for Redis at quiescence"));
             }
-            if node.state.requests() != (0, 0) || !node.state.node_queries_idle() {
+            if node.state.requests() != (0, 0) || !node.state.questions_and_members_idle() {
                 return Err(format!("{name} has requests at quiescence"));
             }
             let shards = &node.shards;
@@ -683,6 +731,9 @@ impl Sim {
             }
             if !shards.queries.is_empty() {
                 return Err(format!("{name}: a presence query never answered"));
+            }
+            if !shards.deciding.is_empty() {
+                return Err(format!("{name}: a member transition never decided"));
             }
             let mut held = HashSet::new();
             for ((shard, topic), holder) in &shards.holders {
@@ -739,6 +790,7 @@ impl Sim {
                 ));
             }
         }
+        self.check_members_told()?;
         self.check_plain()?;
         let losses = self.checks.losses;
         for node in &self.nodes {
@@ -842,6 +894,7 @@ fn describe(op: &super::state::Op) -> String {
         Op::QueryPresence(q) => format!("presence query of {}", q.topic),
         Op::AskNodes { id, .. } => format!("question {id} to the nodes"),
         Op::AnswerNode { .. } => "answer to a node".into(),
+        Op::DecideMembers(commands) => format!("{} member commands: {commands:?}", commands.len()),
         Op::Ping => "PING".into(),
     }
 }

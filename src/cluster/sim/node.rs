@@ -49,6 +49,7 @@ enum Unanswered {
     PresenceWrite,
     PresenceQuery(ShardId, u64),
     AskNodes(u64),
+    Members,
     /// A message with no answer to wait for.
     Told,
     Ping,
@@ -71,6 +72,7 @@ impl Unanswered {
             Op::QueryPresence(q) => Unanswered::PresenceQuery(q.from, q.ticket),
             Op::AskNodes { id, .. } => Unanswered::AskNodes(*id),
             Op::AnswerNode { .. } => Unanswered::Told,
+            Op::DecideMembers(_) => Unanswered::Members,
             Op::Ping => Unanswered::Ping,
         }
     }
@@ -120,6 +122,7 @@ impl Unanswered {
                 id,
                 receivers: None,
             },
+            Unanswered::Members => Event::MembersDecided(None),
             Unanswered::Told => return None,
             Unanswered::Ping => Event::Pong(if timed_out {
                 Pong::TimedOut
@@ -229,6 +232,9 @@ pub(super) struct Shards {
     pub(super) queries: HashSet<u64>,
     /// Of those, the questions for the other nodes' subscribers.
     pub(super) subscriber_queries: HashSet<u64>,
+    /// Pusher presence transitions sent to the broker, by ticket: the
+    /// channel's topic, the user, and whether it came.
+    pub(super) deciding: HashMap<u64, (Arc<str>, String, bool)>,
     pub(super) drained: Vec<bool>,
     /// Envelopes the shards send once the broker's current event is
     /// handled (a shard sends from its own loop, not from the broker's).
@@ -300,6 +306,7 @@ impl Node {
                 members: HashMap::new(),
                 queries: HashSet::new(),
                 subscriber_queries: HashSet::new(),
+                deciding: HashMap::new(),
                 drained: vec![false; shards],
                 outbox: VecDeque::new(),
                 recover: false,
@@ -640,19 +647,52 @@ impl Node {
         checks: &mut Checks,
     ) {
         let members = self.shards.members.entry(topic.clone()).or_default();
-        match &meta {
+        let before = match &meta {
             Some(meta) => members.insert(conn_id.clone(), meta.clone()),
             None => members.remove(&conn_id),
         };
+        let user = meta.as_deref().or(before.as_deref()).and_then(bus::user_of);
         if members.is_empty() {
             self.shards.members.remove(&topic);
         }
         let envelope = Envelope::PresenceChange {
-            topic,
+            topic: topic.clone(),
             conn_id,
-            meta: meta.map(Arc::from),
+            meta: meta.clone().map(Arc::from),
         };
         self.send(shard, envelope, now, checks);
+        // A Pusher presence channel's home counts the user's connections
+        // on the node: its first coming and last going are transitions.
+        let Some(user) = user.filter(|_| before.is_none() != meta.is_none()) else {
+            return;
+        };
+        let connections = self.user_connections(&topic, &user);
+        let joined = meta.is_some();
+        if connections != usize::from(joined) {
+            return;
+        }
+        let ticket = self.ticket();
+        let transition = (topic.clone(), user.clone(), joined);
+        self.shards.deciding.insert(ticket, transition);
+        let home = bus::shard_of(&topic, self.shards.count);
+        let member_meta = meta.or(before).unwrap_or_default();
+        let envelope = Envelope::MemberTransition {
+            ticket,
+            topic,
+            user: Arc::from(user),
+            meta: Arc::from(member_meta),
+            joined,
+            frame: Some(Bytes::from_static(b"\x81\x02{}")),
+        };
+        self.send(home.0, envelope, now, checks);
+    }
+
+    /// The node's connections of `user` to `topic`.
+    pub(super) fn user_connections(&self, topic: &str, user: &str) -> usize {
+        let members = self.shards.members.get(topic).into_iter().flatten();
+        members
+            .filter(|(_, meta)| bus::user_of(meta).as_deref() == Some(user))
+            .count()
     }
 
     /// A shard asks for `topic`'s members, or (`subscribers`) how many
@@ -910,6 +950,14 @@ impl Node {
                 let reply = Envelope::PresenceReply { ticket, members };
                 shards.outbox.push_back((shard, reply));
             }
+            Envelope::MemberDecided { ticket, .. } => {
+                if shards.deciding.remove(&ticket).is_none() {
+                    checks.fail(format!(
+                        "a member decision for ticket {ticket}, not waiting"
+                    ));
+                }
+            }
+            Envelope::MembersChanged { .. } => {}
             Envelope::PresenceReply { ticket, members } => {
                 if shards.subscriber_queries.remove(&ticket) && members.count > 0 {
                     shards.stats.counted_elsewhere += 1;

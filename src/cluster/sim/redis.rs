@@ -5,15 +5,17 @@
 //! restarts) are the scheduler's (`sim::mod`); this is what a restart keeps
 //! or loses.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::bus::{self, IndexKind};
 use crate::cluster::liveness::Pong;
 use crate::cluster::state::{
-    control_channel, Event, Op, Read, ReadFrom, ReadRequest, StreamPublication,
+    control_channel, Event, MemberAnswer, MemberCommand, Op, Outcome, Read, ReadFrom, ReadRequest,
+    StreamPublication,
 };
 use crate::engine::Position;
 use crate::protocol::message;
@@ -55,10 +57,21 @@ pub(super) struct FakeRedis {
     /// Publications answered with a first run's position (a retry with
     /// the same idempotency key).
     pub(super) deduplicated: usize,
+    /// Pusher presence channels' users: topic -> user -> the nodes holding
+    /// it.
+    pub(super) member_holders: HashMap<Arc<str>, BTreeMap<String, BTreeSet<String>>>,
+    /// Each topic's nodes holding users and when they expire (`pml`: set
+    /// by the members script's joins and refreshes).
+    member_live: HashMap<Arc<str>, BTreeMap<String, Instant>>,
+    presence_ttl: Duration,
+    /// Every coming (`true`) and going of a channel's user decided for the
+    /// cluster, in Redis's order, kept through restarts: what the
+    /// channels were told.
+    pub(super) members_told: Vec<(Arc<str>, String, bool)>,
 }
 
 impl FakeRedis {
-    pub(super) fn new(prefix: &str, nodes: usize) -> FakeRedis {
+    pub(super) fn new(prefix: &str, nodes: usize, presence_ttl: Duration) -> FakeRedis {
         FakeRedis {
             prefix: prefix.to_string(),
             streams: HashMap::new(),
@@ -69,6 +82,10 @@ impl FakeRedis {
             runs: 0,
             stored: HashMap::new(),
             deduplicated: 0,
+            member_holders: HashMap::new(),
+            member_live: HashMap::new(),
+            presence_ttl,
+            members_told: Vec::new(),
         }
     }
 
@@ -78,6 +95,8 @@ impl FakeRedis {
         self.keys.clear();
         self.registrations.clear();
         self.presence.clear();
+        self.member_holders.clear();
+        self.member_live.clear();
     }
 
     /// A node's connection closed: its subscriptions went with it.
@@ -95,7 +114,7 @@ impl FakeRedis {
     }
 
     /// Carries out `op` for node `node` (named `name`).
-    pub(super) fn execute(&mut self, node: usize, name: &str, op: Op) -> Executed {
+    pub(super) fn execute(&mut self, node: usize, name: &str, op: Op, now: Instant) -> Executed {
         let mut messages = Vec::new();
         let reply = match op {
             Op::ToShard { .. } => unreachable!("envelopes go on the bus"),
@@ -224,9 +243,107 @@ impl FakeRedis {
                 messages.push((control_channel(&self.prefix), message));
                 None
             }
+            Op::DecideMembers(commands) => {
+                let answers = commands
+                    .into_iter()
+                    .map(|command| self.decide_member(name, command, now, &mut messages))
+                    .collect();
+                Some(Event::MembersDecided(Some(answers)))
+            }
             Op::Ping => Some(Event::Pong(Pong::Answered)),
         };
         Executed { reply, messages }
+    }
+
+    /// The members script (`cluster::redis::member_events`), for node `node`.
+    fn decide_member(
+        &mut self,
+        node: &str,
+        command: MemberCommand,
+        now: Instant,
+        messages: &mut Vec<(String, Bytes)>,
+    ) -> MemberAnswer {
+        let (topic, joined) = match &command {
+            MemberCommand::Transition { topic, joined, .. } => (topic.clone(), *joined),
+            MemberCommand::Refresh { topic, .. } => (topic.clone(), true),
+        };
+        let nodes = self.member_live.entry(topic.clone()).or_default();
+        if joined {
+            nodes.insert(node.to_string(), now + self.presence_ttl);
+        }
+        let live: BTreeSet<String> = (nodes.iter())
+            .filter(|(_, expires)| **expires > now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let alive = |n: &String| n == node || live.contains(n);
+        let users = self.member_holders.entry(topic.clone()).or_default();
+        match command {
+            MemberCommand::Transition { user, announce, .. } => {
+                let holders = users.entry(user.to_string()).or_default();
+                holders.retain(|n| alive(n));
+                let mine = if joined {
+                    !holders.insert(node.to_string())
+                } else {
+                    holders.remove(node)
+                };
+                let others = holders.len() - usize::from(joined);
+                if holders.is_empty() {
+                    users.remove(&*user);
+                }
+                // A join by a node not yet recorded, or a leave by one that
+                // was, with nobody else: the cluster's.
+                let outcome = if others == 0 && mine != joined {
+                    self.members_told.push((topic, user.to_string(), joined));
+                    messages.extend(announce);
+                    Outcome::Told
+                } else if others == 0 && !joined {
+                    Outcome::Unknown
+                } else {
+                    Outcome::Held
+                };
+                MemberAnswer::Transition(outcome)
+            }
+            MemberCommand::Refresh {
+                users: held,
+                doubtful,
+                ..
+            } => {
+                let mut back = Vec::new();
+                for user in &held {
+                    let nodes = users.entry(user.to_string()).or_default();
+                    nodes.retain(|n| alive(n));
+                    if nodes.is_empty() {
+                        back.push(user.to_string());
+                    }
+                    nodes.insert(node.to_string());
+                }
+                let mut gone = Vec::new();
+                users.retain(|user, nodes| {
+                    let mine = held.iter().any(|u| **u == **user);
+                    nodes.retain(|n| if n == node { mine } else { live.contains(n) });
+                    if nodes.is_empty() {
+                        gone.push(user.clone());
+                    }
+                    !nodes.is_empty()
+                });
+                for user in doubtful {
+                    let held = users.contains_key(&*user);
+                    if !held && !gone.iter().any(|g| **g == *user) {
+                        gone.push(user.to_string());
+                    }
+                }
+                if users.is_empty() {
+                    self.member_holders.remove(&topic);
+                }
+                for user in &back {
+                    self.members_told.push((topic.clone(), user.clone(), true));
+                }
+                for user in &gone {
+                    self.members_told.push((topic.clone(), user.clone(), false));
+                }
+                MemberAnswer::Refresh { back, gone }
+            }
+        }
     }
 
     /// The publish script: a second run with the same key answers the

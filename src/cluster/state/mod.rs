@@ -11,6 +11,7 @@
 //! `PUBLISH_QUEUE`, reads and presence queries by their gates, presence
 //! writes one at a time, channel changes one batch at a time.
 
+mod member_events;
 mod node_queries;
 mod presence;
 mod registry;
@@ -35,6 +36,7 @@ use super::subscriptions::Change;
 use super::wire;
 use super::ClusterStatus;
 
+pub(super) use member_events::{MemberAnswer, MemberCommand, Outcome};
 pub(super) use registry::{control_channel, RegistryWrite};
 pub(super) use streams::{Failure, PublishAnswer, Read, ReadFrom, ReadRequest, StreamPublication};
 
@@ -102,6 +104,9 @@ pub(super) enum Event {
     /// Question `id` was published to the nodes: `receivers` heard it
     /// (`None`: the command failed).
     NodesAsked { id: u64, receivers: Option<usize> },
+    /// The member commands in flight were answered, in order (`None`:
+    /// the batch failed).
+    MembersDecided(Option<Vec<MemberAnswer>>),
 }
 
 /// What the broker asks its driver to do.
@@ -142,6 +147,9 @@ pub(super) enum Op {
     /// An answer to another node's question (`SPUBLISH` on the control
     /// channel); no event back.
     AnswerNode { message: Bytes },
+    /// Pusher presence members' commands, in order; answered by
+    /// `Event::MembersDecided`. One batch at a time.
+    DecideMembers(Vec<MemberCommand>),
     /// PING; answered by `Event::Pong`.
     Ping,
 }
@@ -193,6 +201,8 @@ pub(super) struct BrokerState {
     presence_queries: Gate<PresenceQuery>,
     /// Questions to the other nodes, and theirs to this one.
     node_queries: node_queries::NodeQueries,
+    /// Pusher presence members' transitions and refreshes for Redis.
+    member_events: member_events::MemberEvents,
     /// Registry changes waiting for their announcement to come back.
     registry: registry::Pending,
     /// This node's presence members.
@@ -243,6 +253,7 @@ impl BrokerState {
             next_read: 0,
             presence_queries: Gate::new(READS_IN_FLIGHT),
             node_queries: node_queries::NodeQueries::default(),
+            member_events: member_events::MemberEvents::default(),
             registry: registry::Pending::default(),
             members: Members::default(),
             presence_refresh: None,
@@ -270,8 +281,8 @@ impl BrokerState {
 
     /// No question to or from the other nodes is in flight.
     #[cfg(test)]
-    pub(super) fn node_queries_idle(&self) -> bool {
-        self.node_queries.idle()
+    pub(super) fn questions_and_members_idle(&self) -> bool {
+        self.node_queries.idle() && self.member_events.idle()
     }
 
     pub(super) fn handle(&mut self, event: Event, now: Instant) {
@@ -293,6 +304,7 @@ impl BrokerState {
                     self.load_registrations();
                 }
                 self.expire_node_queries(now);
+                self.check_member_events();
                 let refresh = *self.presence_refresh.get_or_insert(now);
                 if now >= refresh {
                     self.presence_refresh = Some(now + self.presence_ttl / 3);
@@ -324,6 +336,7 @@ impl BrokerState {
                 members,
             } => self.presence_answered(from, ticket, members),
             Event::NodesAsked { id, receivers } => self.on_nodes_asked(id, receivers),
+            Event::MembersDecided(answers) => self.on_members_decided(answers),
         }
         self.check_drain(now);
         let waiting = self.requests().1;
@@ -565,6 +578,23 @@ impl BrokerState {
                 topic,
                 query,
             }),
+            Envelope::MemberTransition {
+                ticket,
+                topic,
+                user,
+                meta,
+                joined,
+                frame,
+            } => {
+                let transition = member_events::Transition {
+                    topic,
+                    user,
+                    meta,
+                    joined,
+                    frame,
+                };
+                self.on_member_transition((from, ticket), transition)
+            }
             Envelope::PresenceReply { ticket, members } if self.node_queries.counts(ticket) => {
                 self.on_shard_counted(ticket, *members)
             }

@@ -27,6 +27,7 @@ impl BrokerState {
     pub(super) fn refresh_presence(&mut self) {
         self.members.rewrite_all();
         self.write_presence();
+        self.refresh_member_events();
     }
 
     /// Starts the next presence write if none is in flight (and Redis is

@@ -1104,6 +1104,22 @@ fn describe(envelope: &Envelope) -> String {
             joined,
             ..
         } => format!("PusherMember {topic:?} {user} {joined}"),
+        Envelope::MemberTransition {
+            topic,
+            user,
+            joined,
+            ..
+        } => format!("MemberTransition {topic:?} {user} {joined}"),
+        Envelope::MemberDecided { ticket, tell } => format!("MemberDecided {ticket} {tell}"),
+        Envelope::MembersChanged {
+            topic,
+            added,
+            removed,
+        } => format!(
+            "MembersChanged {topic:?} +{} -{}",
+            added.len(),
+            removed.len()
+        ),
         Envelope::Interest {
             kind,
             name,

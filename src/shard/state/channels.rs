@@ -64,14 +64,6 @@ pub(crate) enum PresenceThen {
         prefix: Arc<str>,
         user_count: bool,
     },
-    /// A presence channel's home asked the other nodes whether a user that
-    /// came or went here is there.
-    PusherMember {
-        user: Arc<str>,
-        meta: Arc<str>,
-        joined: bool,
-        socket: Option<Box<str>>,
-    },
 }
 
 /// A presence query waiting for other shards.
@@ -555,34 +547,6 @@ impl ShardState {
         (ticket, query)
     }
 
-    /// Asks only the other nodes (the broker) for `topic`'s page `query`;
-    /// without a cluster the answer, none, is given at once.
-    pub(super) fn start_node_presence(
-        &mut self,
-        topic: &str,
-        query: MemberQuery,
-        then: PresenceThen,
-    ) {
-        let wait = PresenceWait {
-            topic: Arc::from(topic),
-            remaining: 1,
-            query,
-            members: Members::default(),
-            then,
-        };
-        let Some(broker) = self.shared.bus.broker() else {
-            return self.finish_presence(wait);
-        };
-        let topic = wait.topic.clone();
-        let (ticket, query) = self.wait_for_presence(wait);
-        let envelope = Envelope::PresenceQuery {
-            ticket,
-            topic,
-            query,
-        };
-        self.post_control(broker, envelope);
-    }
-
     /// Whether this shard may start another presence query.
     pub(super) fn presence_has_room(&self) -> bool {
         self.presence.waits.len() < MAX_PRESENCE_PER_SHARD && self.control_has_room()
@@ -656,16 +620,6 @@ impl ShardState {
                 cache_miss,
             } => {
                 self.pusher_presence_answered(key, &wait.topic, joining, cache_miss, members);
-            }
-            PresenceThen::PusherMember {
-                user,
-                meta,
-                joined,
-                socket,
-            } => {
-                let elsewhere = members.count > 0;
-                let then = (user, meta, joined, socket);
-                self.pusher_member_checked(&wait.topic, then, elsewhere);
             }
         }
     }

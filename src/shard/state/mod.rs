@@ -514,8 +514,16 @@ impl ShardState {
                 joined,
                 socket,
             } => self.on_pusher_member(topic, meta, user, joined, socket),
+            Envelope::MembersChanged {
+                topic,
+                added,
+                removed,
+            } => self.on_pusher_members_changed(&topic, &added, &removed),
+            Envelope::MemberDecided { ticket, tell } => self.on_member_decided(ticket, tell),
             // Addressed to the broker only.
-            Envelope::ForNodes { .. } | Envelope::PresenceChange { .. } => {}
+            Envelope::ForNodes { .. }
+            | Envelope::PresenceChange { .. }
+            | Envelope::MemberTransition { .. } => {}
             Envelope::StreamOpen {
                 ticket,
                 topic,

@@ -14,8 +14,10 @@
 //!   counts each user's connections there (told by every shard, in order
 //!   per shard): a user's first connection is `member_added` (not sent to
 //!   that connection), its last one leaving is `member_removed`, so a user
-//!   with several tabs is one member. In a cluster the home first asks the
-//!   other nodes (their members in Redis) whether the user is there too.
+//!   with several tabs is one member. In a cluster the broker records each
+//!   such transition in Redis, which decides once for the cluster whether
+//!   the user came or went (`cluster::state::member_events`), and tells a
+//!   shard of the users of a node that died.
 //! - **Leaving** is the core's: an unsubscribe or a close drops the meta.
 
 use std::collections::HashMap;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 
 use crate::bus::{Envelope, MemberQuery, Members};
 use crate::metrics::ShardStats;
+use crate::protocol::message;
 use crate::pusher::{presence, wire};
 use crate::shard::key::ConnKey;
 
@@ -31,24 +34,48 @@ use super::names::NameId;
 use super::streams::Published;
 use super::ShardState;
 
-/// A user's connections to one presence channel on this node, on the
-/// channel's home.
-#[derive(Debug, Default)]
-struct UserCount {
-    connections: u32,
-    /// The channel was told the user is present (by this node, or another
-    /// had the user when it came): no second `member_added`.
-    announced: bool,
-}
-
 /// Presence channels' state on one shard.
 #[derive(Default)]
 pub(crate) struct PusherPresence {
     /// Subscriptions the core is subscribing, with the member each will
     /// be once it has (its meta), by connection and topic.
     joining: HashMap<(ConnKey, Arc<str>), Arc<str>>,
-    /// On a channel's home: its users' connections on this node.
-    users: HashMap<Arc<str>, HashMap<Arc<str>, UserCount>>,
+    /// On a channel's home: its users' connections on this node (a user
+    /// at 0 stays until the broker answered its going).
+    users: HashMap<Arc<str>, HashMap<Arc<str>, u32>>,
+    /// On a channel's home: the node's transitions the broker decides, by
+    /// ticket.
+    deciding: HashMap<u64, Transition>,
+    next_ticket: u64,
+}
+
+/// A user's first connection on the node to a presence channel came
+/// (`joined`), or its last went.
+#[derive(Debug)]
+struct Transition {
+    topic: Arc<str>,
+    user: Arc<str>,
+    /// The member's meta, `{"user_id":U,"user_info":I}`.
+    meta: Arc<str>,
+    joined: bool,
+    /// The joining connection's socket id: it is not told of itself.
+    socket: Option<Box<str>>,
+}
+
+impl Transition {
+    /// The event and its payload as the channel is told, without the
+    /// joining connection (told by its `subscription_succeeded`).
+    fn payload(&self) -> (&'static str, String) {
+        let (event, data) = if self.joined {
+            let data = presence::added_data(&self.meta);
+            ("pusher_internal:member_added", data)
+        } else {
+            let data = presence::removed_data(&self.user);
+            ("pusher_internal:member_removed", data)
+        };
+        let except = self.socket.as_deref().filter(|_| self.joined);
+        (event, wire::payload(&data, except, None))
+    }
 }
 
 impl PusherPresence {
@@ -68,10 +95,14 @@ impl PusherPresence {
             .users
             .iter()
             .map(|(topic, users)| {
-                topic.len() + 48 + users.keys().map(|u| u.len() + 48).sum::<usize>()
+                topic.len() + 48 + users.keys().map(|u| u.len() + 40).sum::<usize>()
             })
             .sum();
-        joining + users
+        // Topic and user are shared with `users`.
+        let deciding: usize = (self.deciding.values())
+            .map(|t| t.meta.len() + t.socket.as_ref().map_or(0, |s| s.len()) + 96)
+            .sum();
+        joining + users + deciding
     }
 }
 
@@ -224,6 +255,9 @@ impl ShardState {
     }
 
     /// On a channel's home: a user's connection on this node came or went.
+    /// A user's first connection here, or its last going, is the node's
+    /// transition; in a cluster the broker records it in Redis and says
+    /// whether it is the cluster's.
     pub(super) fn on_pusher_member(
         &mut self,
         topic: Arc<str>,
@@ -233,82 +267,99 @@ impl ShardState {
         socket: Option<Box<str>>,
     ) {
         let users = self.pusher_presence.users.entry(topic.clone()).or_default();
-        let count = users.entry(user.clone()).or_default();
+        let connections = users.entry(user.clone()).or_default();
         let transition = if joined {
-            count.connections += 1;
-            count.connections == 1 && !count.announced
+            *connections += 1;
+            *connections == 1
         } else {
-            debug_assert!(count.connections > 0, "a member left that never joined");
-            count.connections = count.connections.saturating_sub(1);
-            count.connections == 0
+            debug_assert!(*connections > 0, "a member left that never joined");
+            *connections = connections.saturating_sub(1);
+            *connections == 0
         };
         if !transition {
             return;
         }
-        let query = MemberQuery {
-            by_user: true,
-            only: Some(user.clone()),
-            ..MemberQuery::default()
-        };
-        let then = PresenceThen::PusherMember {
+        let transition = Transition {
+            topic,
             user,
             meta,
             joined,
             socket,
         };
-        self.start_node_presence(&topic, query, then);
+        let Some(broker) = self.shared.bus.broker() else {
+            return self.member_decided(transition, true);
+        };
+        // A stream's pushes are ordered by its home: the shard publishes.
+        let frame = self.stream_history(&transition.topic).is_none().then(|| {
+            let (event, payload) = transition.payload();
+            message::push(&transition.topic, event, &payload)
+        });
+        let ticket = self.pusher_presence.next_ticket;
+        self.pusher_presence.next_ticket += 1;
+        let envelope = Envelope::MemberTransition {
+            ticket,
+            topic: transition.topic.clone(),
+            user: transition.user.clone(),
+            meta: transition.meta.clone(),
+            joined,
+            frame,
+        };
+        self.pusher_presence.deciding.insert(ticket, transition);
+        self.post_control(broker, envelope);
     }
 
-    /// On a channel's home: whether the other nodes have `user` in
-    /// `topic` is known (`elsewhere`); the channel is told if the user
-    /// came or went for the whole cluster.
-    pub(super) fn pusher_member_checked(
-        &mut self,
-        topic: &str,
-        then: (Arc<str>, Arc<str>, bool, Option<Box<str>>),
-        elsewhere: bool,
-    ) {
-        let (user, meta, joined, socket) = then;
-        let Some(users) = self.pusher_presence.users.get_mut(topic) else {
-            return;
-        };
-        let Some(count) = users.get_mut(&user) else {
-            return;
-        };
-        // What the count is now decides (it may have changed while the
-        // other nodes were asked).
-        let announce = match (joined, count.connections > 0) {
-            (true, true) if !count.announced => {
-                count.announced = true;
-                !elsewhere
-            }
-            (false, false) => {
-                // A user whose coming was never told (it left before
-                // the other nodes answered) goes untold too.
-                let told = count.announced;
-                users.remove(&user);
+    /// The broker decided transition `ticket`.
+    pub(super) fn on_member_decided(&mut self, ticket: u64, tell: bool) {
+        if let Some(transition) = self.pusher_presence.deciding.remove(&ticket) {
+            self.member_decided(transition, tell);
+        }
+    }
+
+    /// A transition was decided: a user at no connection is forgotten (if
+    /// it did not come back meanwhile), and the channel is told if this
+    /// shard is to tell it.
+    fn member_decided(&mut self, transition: Transition, tell: bool) {
+        let topic = &transition.topic;
+        if !transition.joined {
+            if let Some(users) = self.pusher_presence.users.get_mut(topic) {
+                if users.get(&transition.user) == Some(&0) {
+                    users.remove(&transition.user);
+                }
                 if users.is_empty() {
                     self.pusher_presence.users.remove(topic);
                 }
-                told && !elsewhere
             }
-            _ => false,
-        };
-        if !announce || !self.accepting_publishes() {
+        }
+        if tell {
+            let (event, payload) = transition.payload();
+            self.tell_members(topic, event, &payload);
+        }
+    }
+
+    /// Users came or went for the whole cluster without a transition of
+    /// this node's (the broker found them in Redis): the channel is told.
+    pub(super) fn on_pusher_members_changed(
+        &mut self,
+        topic: &str,
+        added: &[Arc<str>],
+        removed: &[String],
+    ) {
+        for meta in added {
+            let payload = wire::payload(&presence::added_data(meta), None, None);
+            self.tell_members(topic, "pusher_internal:member_added", &payload);
+        }
+        for user in removed {
+            let payload = wire::payload(&presence::removed_data(user), None, None);
+            self.tell_members(topic, "pusher_internal:member_removed", &payload);
+        }
+    }
+
+    /// Publishes a member event to the channel, on every node.
+    fn tell_members(&mut self, topic: &str, event: &str, payload: &str) {
+        if !self.accepting_publishes() {
             return;
         }
-        let (event, data) = if joined {
-            ("pusher_internal:member_added", presence::added_data(&meta))
-        } else {
-            (
-                "pusher_internal:member_removed",
-                presence::removed_data(&user),
-            )
-        };
-        // The joining connection is told by its subscription_succeeded.
-        let except = socket.as_deref().filter(|_| joined);
-        let payload = wire::payload(&data, except, None);
-        match self.publish(topic, event, &payload, None, None) {
+        match self.publish(topic, event, payload, None, None) {
             Published::LocalOnly { why, .. } => {
                 tracing::debug!(
                     "pusher: a member event reached this node only: {}",

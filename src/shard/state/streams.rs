@@ -14,9 +14,7 @@
 //! nothing, and a stream opened by a subscriber but never published to is
 //! forgotten as soon as the home's topic entry goes (its last holder left).
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -118,9 +116,7 @@ impl ShardState {
     /// The shard of this node that decides for `topic` (a stream's home
     /// without a cluster; a presence channel's member counts always).
     pub(super) fn shard_home_of(&self, topic: &str) -> ShardId {
-        let mut hasher = DefaultHasher::new();
-        topic.hash(&mut hasher);
-        ShardId((hasher.finish() % self.shared.bus.shards() as u64) as usize)
+        crate::bus::shard_of(topic, self.shared.bus.shards())
     }
 
     pub(super) fn stream_ticket(&mut self) -> u64 {
