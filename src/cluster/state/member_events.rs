@@ -135,8 +135,9 @@ pub(super) struct MemberEvents {
     /// The waiting transition of each topic and user.
     by_user: HashMap<(Arc<str>, Arc<str>), u64>,
     next: u64,
-    /// A refresh of every channel, not sent yet.
-    refresh: Vec<MemberCommand>,
+    /// A refresh of every channel is due: built when it goes, after every
+    /// transition received, so it holds what they left.
+    refresh_wanted: bool,
     /// The users this node holds, by topic, with a meta of each: as its
     /// transitions say, in the order they go to Redis (a refresh holds
     /// these, so it never gets ahead of a transition on its way).
@@ -152,10 +153,37 @@ pub(super) struct MemberEvents {
 }
 
 impl MemberEvents {
+    /// A refresh of every channel this node holds users of (or doubts),
+    /// as they stand: it carries every doubt.
+    fn refresh_batch(&mut self) -> Vec<(Asker, MemberCommand)> {
+        let mut doubtful = std::mem::take(&mut self.doubtful);
+        self.refresh_due = false;
+        let mut refresh = Vec::new();
+        for (topic, users) in &self.held {
+            let users = users.keys().cloned().collect();
+            let doubtful = doubtful.remove(topic).into_iter().flatten().collect();
+            refresh.push((topic.clone(), users, doubtful));
+        }
+        // Channels this node no longer holds users of: only the doubt.
+        for (topic, doubtful) in doubtful {
+            refresh.push((topic, Vec::new(), doubtful.into_iter().collect()));
+        }
+        let command = |(topic, users, doubtful): (Arc<str>, _, _)| {
+            let asker = Asker::Refresh(topic.clone());
+            let command = MemberCommand::Refresh {
+                topic,
+                users,
+                doubtful,
+            };
+            (asker, command)
+        };
+        refresh.into_iter().map(command).collect()
+    }
+
     /// Nothing waits or flies.
     #[cfg(test)]
     pub(super) fn idle(&self) -> bool {
-        self.waiting.is_empty() && self.refresh.is_empty() && self.in_flight.is_none()
+        self.waiting.is_empty() && !self.refresh_wanted && self.in_flight.is_none()
     }
 }
 
@@ -222,40 +250,7 @@ impl BrokerState {
     /// The presence refresh: this node's part of every presence channel it
     /// holds users of is rewritten, and what dead nodes left is swept.
     pub(super) fn refresh_member_events(&mut self) {
-        // A refresh not sent yet (Redis is away) is replaced; its doubts stay.
-        for unsent in std::mem::take(&mut self.member_events.refresh) {
-            if let MemberCommand::Refresh {
-                topic, doubtful, ..
-            } = unsent
-            {
-                self.doubt(topic, doubtful);
-            }
-        }
-        let events = &mut self.member_events;
-        // This refresh carries every doubt.
-        let mut doubtful = std::mem::take(&mut events.doubtful);
-        events.refresh_due = false;
-        let mut refresh = Vec::new();
-        for (topic, users) in &events.held {
-            let users: Vec<Arc<str>> = users.keys().cloned().collect();
-            let topic = topic.clone();
-            let doubtful = doubtful.remove(&topic).into_iter().flatten().collect();
-            refresh.push(MemberCommand::Refresh {
-                topic,
-                users,
-                doubtful,
-            });
-        }
-        // Channels this node no longer has members in: only the doubt.
-        for (topic, doubtful) in doubtful {
-            let (users, doubtful) = (Vec::new(), doubtful.into_iter().collect());
-            refresh.push(MemberCommand::Refresh {
-                topic,
-                users,
-                doubtful,
-            });
-        }
-        events.refresh = refresh;
+        self.member_events.refresh_wanted = true;
         self.send_members();
     }
 
@@ -265,7 +260,7 @@ impl BrokerState {
     pub(super) fn check_member_events(&mut self) {
         if self.status.is_up() {
             if std::mem::take(&mut self.member_events.refresh_due) {
-                return self.refresh_member_events();
+                self.member_events.refresh_wanted = true;
             }
             return self.send_members();
         }
@@ -302,15 +297,8 @@ impl BrokerState {
             let (shard, ticket) = waiting.asker;
             batch.push((Asker::Shard(shard, ticket), waiting.command));
         }
-        while batch.len() < MAX_BATCH {
-            let Some(refresh) = events.refresh.pop() else {
-                break;
-            };
-            let MemberCommand::Refresh { topic, .. } = &refresh else {
-                debug_assert!(false, "refreshes only");
-                continue;
-            };
-            batch.push((Asker::Refresh(topic.clone()), refresh));
+        if events.waiting.is_empty() && std::mem::take(&mut events.refresh_wanted) {
+            batch.extend(events.refresh_batch());
         }
         if batch.is_empty() {
             return;
