@@ -113,6 +113,19 @@ fn pusher_js_subscribes_and_gets_events_the_server_sdk_triggers() {
         }),
         "{result}"
     );
+    assert_eq!(
+        result["trigger_info"],
+        json!({"channels": {
+            "news": {"subscription_count": 1},
+            "nobody-here": {"subscription_count": 0},
+        }}),
+        "{result}"
+    );
+    assert_eq!(
+        result["batch_info"],
+        json!({"batch": [{"subscription_count": 1}, {}]}),
+        "{result}"
+    );
     assert_eq!(result["bad_batch"], 400, "{result}");
     let mut batched = result["batched"].as_array().unwrap().clone();
     batched.sort_by_key(|e| e["channel"].as_str().unwrap().to_string());
@@ -234,6 +247,11 @@ fn check_presence(result: &Value) {
         "{result}"
     );
     assert_eq!(seen("cy"), json!([]), "{result}");
+    assert_eq!(
+        result["said_info"],
+        json!({"channels": {"presence-room": {"user_count": 2, "subscription_count": 3}}}),
+        "the trigger's info: ann's two connections and bob's: {result}"
+    );
 }
 
 #[test]

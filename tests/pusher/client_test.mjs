@@ -74,6 +74,17 @@ await server.triggerBatch([
 ]);
 out.batched = await batched;
 
+// A trigger's info: each channel's counts, as the SDK asks for them.
+const counted = await server.trigger(["news", "nobody-here"], "counted", {}, {
+  info: "subscription_count",
+});
+out.trigger_info = await counted.json();
+const batchCounted = await server.triggerBatch([
+  { channel: "news", name: "counted", data: {}, info: "subscription_count" },
+  { channel: "private-room", name: "counted", data: {} },
+]);
+out.batch_info = await batchCounted.json();
+
 try {
   await forger.trigger("news", "greeting", { text: "forged" });
   out.forged_trigger = "accepted";

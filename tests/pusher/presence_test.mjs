@@ -69,8 +69,12 @@ out.channels = await get("/channels", { filter_by_prefix: "presence-", info: "us
 // A client event goes to every other subscriber, never back to its sender.
 ann1.channel.trigger("client-typing", { by: "ann1" });
 await sleep(300);
-// A trigger naming bob's socket skips bob.
-await server.trigger("presence-room", "said", "not to bob", { socket_id: bob.socketId });
+// A trigger naming bob's socket skips bob; asked for its channel's counts.
+const said = await server.trigger("presence-room", "said", "not to bob", {
+  socket_id: bob.socketId,
+  info: "user_count,subscription_count",
+});
+out.said_info = await said.json();
 await sleep(300);
 // Ann's second tab leaves: ann is still there (no member_removed).
 ann2.client.disconnect();

@@ -64,6 +64,11 @@ pub(crate) enum PresenceThen {
         prefix: Arc<str>,
         user_count: bool,
     },
+    /// A trigger's `info` (its connection is parked): one channel counted.
+    PusherTriggerInfo {
+        key: ConnKey,
+        info: Box<super::pusher_api::TriggerInfo>,
+    },
 }
 
 /// A presence query waiting for other shards.
@@ -610,6 +615,9 @@ impl ShardState {
                 self.presence_answered(key);
                 self.pusher_channels_answered(key, &prefix, user_count, members);
             }
+            PresenceThen::PusherTriggerInfo { key, info } => {
+                self.trigger_info_counted(key, info, members);
+            }
             PresenceThen::PusherChannel { key, query } => {
                 self.presence_answered(key);
                 self.pusher_channel_answered(key, query, members);
@@ -624,7 +632,7 @@ impl ShardState {
         }
     }
 
-    fn presence_answered(&mut self, key: ConnKey) {
+    pub(super) fn presence_answered(&mut self, key: ConnKey) {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.presence_queries = conn.presence_queries.saturating_sub(1);
         }

@@ -50,6 +50,8 @@ struct Trigger {
     channel: Option<String>,
     /// The connection that caused the event, which does not get it.
     socket_id: Option<String>,
+    /// What to answer of each channel: `subscription_count`, `user_count`.
+    info: Option<String>,
 }
 
 /// A `POST /apps/{id}/batch_events` body.
@@ -64,6 +66,52 @@ struct BatchEvent {
     name: String,
     data: String,
     socket_id: Option<String>,
+    info: Option<String>,
+}
+
+/// A trigger's `info`: each channel's counts, gathered one channel after
+/// another (over every shard and node) while the request waits parked,
+/// within the limits of one presence query.
+pub(crate) struct TriggerInfo {
+    app_id: Arc<str>,
+    /// A presence channel's users are counted up to its app's limit.
+    max_members: usize,
+    /// Channels still to count, in the answer's order.
+    left: std::collections::VecDeque<InfoItem>,
+    /// The channel being counted.
+    counting: Option<InfoItem>,
+    /// Each counted channel and its counts.
+    counted: Vec<(String, serde_json::Value)>,
+    /// `batch_events`: one answer per event, in order; else one per
+    /// channel, by name.
+    batch: bool,
+}
+
+/// One channel of a trigger's `info`, and what to count of it.
+struct InfoItem {
+    channel: String,
+    subscription_count: bool,
+    /// Only for presence channels.
+    user_count: bool,
+}
+
+impl InfoItem {
+    fn new(channel: &str, info: Option<&str>) -> InfoItem {
+        let asks = |what: &str| {
+            info.unwrap_or_default()
+                .split(',')
+                .any(|i| i.trim() == what)
+        };
+        InfoItem {
+            channel: channel.to_string(),
+            subscription_count: asks("subscription_count"),
+            user_count: asks("user_count") && channel.starts_with("presence-"),
+        }
+    }
+
+    fn asks(&self) -> bool {
+        self.subscription_count || self.user_count
+    }
 }
 
 impl ShardState {
@@ -86,13 +134,20 @@ impl ShardState {
             (None, Some(channel)) => vec![channel],
             _ => return Some(pusher_error(400, "Give channels or channel")),
         };
+        let mut items: Vec<InfoItem> = Vec::new();
+        for channel in &channels {
+            if !items.iter().any(|i| i.channel == *channel) {
+                items.push(InfoItem::new(channel, trigger.info.as_deref()));
+            }
+        }
         let event = Event {
             channels,
             name: trigger.name,
             data: trigger.data,
             socket_id: trigger.socket_id,
         };
-        self.publish_events(key, request, cors, &app, &[event])
+        let published = self.publish_events(key, request, cors, &app, &[event])?;
+        self.trigger_info(key, request, cors, &app, published, items, false)
     }
 
     /// `POST /apps/{id}/batch_events`: up to 10 events, each for one
@@ -112,6 +167,9 @@ impl ShardState {
             let why = format!("1 to {MAX_BATCH_EVENTS} events per batch");
             return Some(pusher_error(400, &why));
         }
+        let items = (batch.batch.iter())
+            .map(|e| InfoItem::new(&e.channel, e.info.as_deref()))
+            .collect();
         let events: Vec<Event> = batch
             .batch
             .into_iter()
@@ -122,7 +180,97 @@ impl ShardState {
                 socket_id: e.socket_id,
             })
             .collect();
-        self.publish_events(key, request, cors, &app, &events)
+        let published = self.publish_events(key, request, cors, &app, &events)?;
+        self.trigger_info(key, request, cors, &app, published, items, true)
+    }
+
+    /// A trigger was answered `published`: if it was published and asked
+    /// for `info`, the request waits parked while each channel is counted
+    /// (`None`; a request that may not wait, past the presence queries'
+    /// limits, is answered without). The events are published either way.
+    #[allow(clippy::too_many_arguments)]
+    fn trigger_info(
+        &mut self,
+        key: ConnKey,
+        request: &Request,
+        cors: Option<&str>,
+        app: &App,
+        published: Response,
+        items: Vec<InfoItem>,
+        batch: bool,
+    ) -> Option<Response> {
+        if published.status() != 200 || !items.iter().any(InfoItem::asks) {
+            return Some(published);
+        }
+        if self.park_channel_query(key, request, cors).is_err() {
+            return Some(published);
+        }
+        let info = TriggerInfo {
+            app_id: Arc::from(app.id.as_str()),
+            max_members: app.max_presence_members,
+            left: items.into(),
+            counting: None,
+            counted: Vec::new(),
+            batch,
+        };
+        self.count_trigger_info(key, Box::new(info));
+        None
+    }
+
+    /// Counts the next channel of a trigger's `info`, or, none left,
+    /// answers the parked request.
+    fn count_trigger_info(&mut self, key: ConnKey, mut info: Box<TriggerInfo>) {
+        while let Some(item) = info.left.pop_front() {
+            if !item.asks() {
+                info.counted.push((item.channel, serde_json::json!({})));
+                continue;
+            }
+            let presence = item.channel.starts_with("presence-");
+            let query = MemberQuery {
+                limit: if item.user_count { info.max_members } else { 0 },
+                by_user: presence,
+                subscribers: !presence,
+                ..MemberQuery::default()
+            };
+            let topic = wire::topic(&info.app_id, &item.channel);
+            info.counting = Some(item);
+            let then = PresenceThen::PusherTriggerInfo { key, info };
+            return self.start_presence(&topic, query, then);
+        }
+        self.presence_answered(key);
+        let parked = self.take_deferred(key, |d| matches!(d, Deferred::Presence { .. }));
+        let Some(Deferred::Presence { reply }) = parked else {
+            return;
+        };
+        let counted = info.counted.into_iter();
+        let body = if info.batch {
+            let batch: Vec<serde_json::Value> = counted.map(|(_, counts)| counts).collect();
+            serde_json::json!({ "batch": batch })
+        } else {
+            let channels: serde_json::Map<String, serde_json::Value> = counted.collect();
+            serde_json::json!({ "channels": channels })
+        };
+        self.answer_parked(key, reply.answer(Response::json(200, body.to_string())));
+    }
+
+    /// One channel of a trigger's `info` is counted: the next one is.
+    pub(super) fn trigger_info_counted(
+        &mut self,
+        key: ConnKey,
+        mut info: Box<TriggerInfo>,
+        members: &Members,
+    ) {
+        if let Some(item) = info.counting.take() {
+            let mut counts = serde_json::json!({});
+            if item.subscription_count {
+                counts["subscription_count"] = members.count.into();
+            }
+            if item.user_count {
+                counts["user_count"] = members.list.len().into();
+            }
+            info.counted.push((item.channel, counts));
+        }
+        self.count_trigger_info(key, info);
     }
 
     /// Checks every event (`checked_event`), then, only if all hold,
