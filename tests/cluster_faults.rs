@@ -196,6 +196,71 @@ fn presence_churn_keeps_a_node_within_its_memory_bound() {
     let _ = TcpStream::connect(node.addr).map(|mut s| s.write_all(b""));
 }
 
+/// Attack: Pusher presence churn on two nodes, each connection a user's
+/// first or last (half of them closed before their subscription is even
+/// answered), so every one is a transition Redis decides. The nodes stay
+/// within their bound and healthy, a member watching from the start is
+/// last told every churned user gone (none left behind, none told gone
+/// while still there), and Redis keeps no user of the channel afterwards.
+#[test]
+fn pusher_presence_churn_leaves_no_member_behind() {
+    let redis = RedisServer::start();
+    let config = format!("presence_ttl_s = 3\n{}", common::pusher::APP);
+    let a = start_node_with(&redis, "a", &config);
+    let b = start_node_with(&redis, "b", &config);
+    wait_for_redis(&a, "a", Redis::Up);
+    wait_for_redis(&b, "b", Redis::Up);
+    let channel = "presence-churn";
+    let (mut watcher, _) = common::pusher::presence_member(&a, channel, "watcher");
+
+    let start = Instant::now();
+    let mut churned = 0u64;
+    while start.elapsed() < Duration::from_secs(4) {
+        churned += 1;
+        let node = if churned % 2 == 0 { &a } else { &b };
+        let user = format!("u{}", churned % 20);
+        if churned % 3 == 0 {
+            // Gone before the subscription is answered.
+            let (mut ws, socket_id) = common::pusher::pusher_ws(node);
+            let data = format!("{{\"user_id\":\"{user}\"}}");
+            let to_sign = format!("{socket_id}:{channel}:{data}");
+            let signature = ringcast::pusher::sign::hmac_hex("app-secret", to_sign.as_bytes());
+            let subscribe = serde_json::json!({"event":"pusher:subscribe","data":{
+                "channel": channel, "auth": format!("app-key:{signature}"), "channel_data": data}});
+            ws.send_text(&subscribe.to_string());
+        } else {
+            drop(common::pusher::presence_member(node, channel, &user));
+        }
+    }
+    for node in [&a, &b] {
+        assert!(node.rss_bytes() <= NODE_BOUND, "a node grew past its bound");
+        assert_eq!(node.http("GET", "/health", None).0, 200);
+    }
+
+    // What the watcher was last told of each user: gone.
+    let mut last = std::collections::BTreeMap::new();
+    while let Some(text) = cluster::recv_within(&mut watcher, Duration::from_secs(3)) {
+        let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let data: serde_json::Value =
+            serde_json::from_str(event["data"].as_str().unwrap_or("{}")).unwrap();
+        let user = data["user_id"].as_str().unwrap_or_default().to_string();
+        match event["event"].as_str() {
+            Some("pusher_internal:member_added") => last.insert(user, "added"),
+            Some("pusher_internal:member_removed") => last.insert(user, "removed"),
+            _ => None,
+        };
+    }
+    assert!(last.len() >= 10, "the churned users were told: {last:?}");
+    let left: Vec<_> = last.iter().filter(|(_, e)| **e != "removed").collect();
+    assert!(left.is_empty(), "{churned} churned; left behind: {left:?}");
+    let users = redis.cmd(&[
+        "HKEYS",
+        &format!("ringcast-test:pm:{{\u{1}4711\u{1}{channel}}}"),
+    ]);
+    assert_eq!(users.trim(), "watcher", "Redis holds only the watcher");
+    println!("{churned} presence connections churned over two nodes");
+}
+
 /// Watches a node while something is done to it: the peak of its RSS and
 /// when its `/health` first said `degraded`.
 struct Watch {
