@@ -78,6 +78,9 @@ struct Stream<O> {
     acknowledged: u64,
     /// A check of where Redis stands is under way.
     checking: bool,
+    /// The channel was subscribed again while a check was under way: that
+    /// check may have run before, so another follows it.
+    recheck: bool,
     /// The last check failed: asked again at the next health check.
     check_due: bool,
     /// The first open's read is on its way and nothing is known of the
@@ -101,6 +104,7 @@ impl<O> Default for Stream<O> {
             catch_up_to: 0,
             acknowledged: 0,
             checking: false,
+            recheck: false,
             check_due: false,
             first_read: false,
             early: VecDeque::new(),
@@ -346,16 +350,29 @@ impl<O> Relay<O> {
         }
     }
 
+    /// Every stream is checked once Redis can be asked (the health tick's
+    /// `check_due`): messages were lost while it could not.
+    pub(super) fn check_all_later(&mut self) {
+        for stream in self.streams.values_mut() {
+            stream.check_due = true;
+        }
+    }
+
     /// Asks where Redis stands on `topic` (its channel was just
     /// subscribed again: messages published before may have been missed).
     pub(super) fn check(&mut self, topic: &Arc<str>) {
         if let Some(stream) = self.streams.get_mut(topic) {
-            if !stream.checking {
-                stream.checking = true;
-                self.actions.push(Action::Check {
-                    topic: topic.clone(),
-                });
+            if stream.checking {
+                // The check under way may have been read before the
+                // channel was held: what came between is only seen by
+                // another.
+                stream.recheck = true;
+                return;
             }
+            stream.checking = true;
+            self.actions.push(Action::Check {
+                topic: topic.clone(),
+            });
         }
     }
 
@@ -393,8 +410,16 @@ impl<O> Relay<O> {
             return;
         };
         stream.checking = false;
+        if std::mem::take(&mut stream.recheck) {
+            stream.checking = true;
+            self.actions.push(Action::Check {
+                topic: topic.clone(),
+            });
+        }
         let Some(read) = read else {
-            stream.check_due = true;
+            if !stream.checking {
+                stream.check_due = true;
+            }
             return;
         };
         if stream.first_read {

@@ -729,6 +729,9 @@ impl BrokerState {
         self.registry.reload = true;
         if self.status.is_up() {
             self.check_streams();
+        } else {
+            // Asked once Redis answers again (the health tick).
+            self.relay.check_all_later();
         }
     }
 
