@@ -223,12 +223,16 @@ run() { # $1 = server, $2 = scenario, rest = ringcast-load args; $round names th
 }
 
 # Servers alternate within a round, so a slow minute of this shared machine
-# hits every server of that round rather than one server's whole sample.
+# hits every server of that round rather than one server's whole sample; and
+# each round starts with the next server (round 2 with the second, ...), so
+# none always runs first (on a cold machine) or last.
+read -ra peer_list <<<"$PEERS"
 for scn in $SCENARIOS; do
   [ -z "${REPORT_ONLY:-}" ] || break
   case "$scn" in c | d | r) rounds=1 ;; *) rounds="$ROUNDS" ;; esac
   for round in $(seq "$rounds"); do
-   for srv in $PEERS; do
+   first=$(( (round - 1) % ${#peer_list[@]} ))
+   for srv in "${peer_list[@]:first}" "${peer_list[@]:0:first}"; do
     case "$scn" in
       s1) run "$srv" s1 --subscribers "$N_S1" --topics 1 --rate "$RATE_S1" ;;
       s2) run "$srv" s2 --subscribers "$N_S2" --topics "$T_S2" --rate "$RATE_S2" ;;

@@ -228,6 +228,10 @@ pub(crate) struct DeliveryCounts {
     pub(crate) stale: u64,
     /// Frames with our prefix that did not decode, or an unknown publisher.
     pub(crate) malformed: u64,
+    /// Deliveries of this epoch (duplicates too) that arrived while the
+    /// server's CPU was measured, whenever they were scheduled: what that
+    /// CPU paid for, a backlog from the warm-up included.
+    pub(crate) in_window: u64,
 }
 
 impl DeliveryCounts {
@@ -241,6 +245,7 @@ impl DeliveryCounts {
         self.misrouted += other.misrouted;
         self.stale += other.stale;
         self.malformed += other.malformed;
+        self.in_window += other.in_window;
     }
 
     /// Records one classified arrival; returns whether it is unique.

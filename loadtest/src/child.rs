@@ -162,7 +162,8 @@ fn hist_from_hex(v: &Value) -> Result<Histogram<u64>> {
 fn stats_to_json(c: &DeliveryCounts, h: &Histogram<u64>) -> Result<Value> {
     Ok(json!({
         "counts": [c.unique, c.measured, c.duplicates, c.out_of_order,
-                   c.out_of_order_beyond_window, c.misrouted, c.stale, c.malformed],
+                   c.out_of_order_beyond_window, c.misrouted, c.stale, c.malformed,
+                   c.in_window],
         "hist": hist_to_hex(h)?,
     }))
 }
@@ -220,7 +221,7 @@ pub(crate) fn stats_from_json(v: &Value) -> Result<(DeliveryCounts, Histogram<u6
         .iter()
         .map(|x| x.as_u64().unwrap_or(0))
         .collect();
-    if n.len() != 8 {
+    if n.len() != 9 {
         bail!("stats with {} counts", n.len());
     }
     let counts = DeliveryCounts {
@@ -232,6 +233,7 @@ pub(crate) fn stats_from_json(v: &Value) -> Result<(DeliveryCounts, Histogram<u6
         misrouted: n[5],
         stale: n[6],
         malformed: n[7],
+        in_window: n[8],
     };
     Ok((counts, hist_from_hex(&v["hist"])?))
 }
@@ -295,6 +297,7 @@ mod tests {
             measured: 3,
             duplicates: 1,
             out_of_order: 2,
+            in_window: 5,
             ..DeliveryCounts::default()
         };
         let v = stats_to_json(&c, &h).unwrap();

@@ -264,41 +264,60 @@ impl StepReport {
         self.counts.unique.saturating_sub(self.expected)
     }
 
-    fn delivered_per_s(&self) -> f64 {
+    /// Deliveries per second as they were scheduled: the measured ones
+    /// over the window's length, however long the server took.
+    fn scheduled_per_s(&self) -> f64 {
         self.counts.measured as f64 / self.duration_s.max(1e-9)
     }
 
-    /// Server process CPU seconds per million measured deliveries.
+    /// Deliveries per second achieved: those that arrived while the
+    /// server's CPU was measured, over that time (the window and the drain).
+    fn delivered_per_s(&self) -> f64 {
+        self.cost_deliveries() as f64 / self.cost.wall_s.max(1e-9)
+    }
+
+    /// The deliveries the window's CPU paid for: every one that arrived in
+    /// it, whenever scheduled (a warm-up backlog included; one due in the
+    /// window but arriving after it not). Measured deliveries where the
+    /// receive path counts no arrivals.
+    fn cost_deliveries(&self) -> u64 {
+        match self.counts.in_window {
+            0 => self.counts.measured,
+            n => n,
+        }
+    }
+
+    /// Server process CPU seconds per million deliveries in its window.
     fn cpu_per_million(&self) -> Option<f64> {
-        per_million(self.cost.server_cpu_s, self.counts.measured)
+        per_million(self.cost.server_cpu_s, self.cost_deliveries())
     }
 
     /// Server process plus its cpus' ksoftirqd, per million deliveries.
     fn cpu_softirqd_per_million(&self) -> Option<f64> {
         let s = self.cost.server_cpu_s? + self.cost.softirqd_s?;
-        per_million(Some(s), self.counts.measured)
+        per_million(Some(s), self.cost_deliveries())
     }
 
     /// Busy time of the server's cpus per million deliveries.
     fn core_per_million(&self) -> Option<f64> {
-        per_million(self.cost.core_busy_s, self.counts.measured)
+        per_million(self.cost.core_busy_s, self.cost_deliveries())
     }
 
     /// Core busy less other processes' user time on the server's cpus, per
     /// million deliveries: the server's share when the machine is shared.
     fn core_own_per_million(&self) -> Option<f64> {
         let own = (self.cost.core_busy_s? - self.cost.foreign_user_s?).max(0.0);
-        per_million(Some(own), self.counts.measured)
+        per_million(Some(own), self.cost_deliveries())
     }
 
     /// Client CPU (all its processes) per million deliveries.
     fn client_per_million(&self) -> Option<f64> {
-        per_million(self.cost.client_cpu_s, self.counts.measured)
+        per_million(self.cost.client_cpu_s, self.cost_deliveries())
     }
 
     /// The client's subscriber side (receive path) per million deliveries.
     fn client_recv_per_million(&self) -> Option<f64> {
-        per_million(self.cost.client_recv_cpu_s, self.counts.measured)
+        per_million(self.cost.client_recv_cpu_s, self.cost_deliveries())
     }
 
     /// Client-side saturation: the numbers measure the client, not the server.
@@ -417,7 +436,9 @@ impl StepReport {
             "malformed": self.counts.malformed,
             "measured_expected": self.measured_expected,
             "measured_delivered": m,
+            "delivered_in_window": self.counts.in_window,
             "delivered_per_s": self.delivered_per_s(),
+            "scheduled_delivered_per_s": self.scheduled_per_s(),
             "latency_ms": self.latency.json(),
             "send_lag_ms": self.send_lag.json(),
             "publish_overrun_s": self.publish_overrun_s,
@@ -438,8 +459,8 @@ impl StepReport {
             "server_rss_bytes": c.server_rss,
             "server_syscalls": c.syscalls,
             "server_context_switches": c.context_switches,
-            "server_syscalls_per_delivery": per_delivery(c.syscalls, m),
-            "server_context_switches_per_delivery": per_delivery(c.context_switches, m),
+            "server_syscalls_per_delivery": per_delivery(c.syscalls, self.cost_deliveries()),
+            "server_context_switches_per_delivery": per_delivery(c.context_switches, self.cost_deliveries()),
             "perf_note": c.perf_note,
             "client_cpu_s": c.client_cpu_s,
             "client_cpu_s_per_million_deliveries": self.client_per_million(),
@@ -855,7 +876,7 @@ impl Run {
         }
         match (c.syscalls, c.context_switches) {
             (Some(sc), Some(cs)) => {
-                let m = st.counts.measured;
+                let m = st.cost_deliveries();
                 let _ = writeln!(
                     o,
                     "  server     {sc} syscalls ({:.4}/delivery), {cs} context switches ({:.4}/delivery)",
@@ -971,6 +992,14 @@ impl Run {
                 "\n  send lag p50/p99/max {:.2}/{:.2}/{:.2} ms; publish ok {} rejected {} unwritten {}; misrouted {} stale {} malformed {}",
                 st.send_lag.p50, st.send_lag.p99, st.send_lag.max, st.ok, st.rejected, st.write_failed,
                 st.counts.misrouted, st.counts.stale, st.counts.malformed
+            );
+            let _ = writeln!(
+                o,
+                "  delivered {:.0}/s achieved ({} in the {:.2} s the server's CPU was measured; {:.0}/s as scheduled)",
+                st.delivered_per_s(),
+                st.cost_deliveries(),
+                st.cost.wall_s,
+                st.scheduled_per_s()
             );
             o.push_str(&self.cost_lines(st));
         }

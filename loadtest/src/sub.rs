@@ -508,6 +508,9 @@ impl Conn {
             st.counts.malformed += 1;
             return;
         };
+        if now >= m0 {
+            st.counts.in_window += 1;
+        }
         let measured = m.sched_ns >= m0;
         if st.counts.record(w.observe(m.seq), measured) && measured {
             st.hist

@@ -8,8 +8,9 @@
 //! (`cluster::sim`) does the same against a fake Redis that stalls, drops
 //! connections and restarts, with several nodes' states at once. What is in
 //! flight is bounded here, not by the driver: stream publications by
-//! `PUBLISH_QUEUE`, reads and presence queries by their gates, presence
-//! writes one at a time, channel changes one batch at a time.
+//! `PUBLISH_QUEUE`, reads and presence queries (questions to the other
+//! nodes among them) by their gates, presence writes one at a time,
+//! channel changes and Pusher members' commands one batch at a time.
 
 mod member_events;
 mod node_queries;
@@ -279,7 +280,8 @@ impl BrokerState {
         (reads.0 + presence.0, reads.1 + presence.1)
     }
 
-    /// No question to or from the other nodes is in flight.
+    /// No question to or from the other nodes, and no member command,
+    /// waits or flies.
     #[cfg(test)]
     pub(super) fn questions_and_members_idle(&self) -> bool {
         self.node_queries.idle() && self.member_events.idle()
