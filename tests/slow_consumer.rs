@@ -61,3 +61,27 @@ fn a_slow_consumer_is_closed_with_1013_while_others_keep_receiving() {
     assert_eq!(code, 1013);
     assert_eq!(server.metric("slow_consumer_disconnects_total"), 1);
 }
+
+/// A connection with nothing queued takes one frame larger than its
+/// outbound budget: `/metrics` (over 4 KiB) is read whole with a 4 KiB
+/// budget, and so is a publication over it by a subscriber that keeps up;
+/// the budget still bounds what piles up behind.
+#[test]
+fn one_frame_over_the_budget_reaches_a_connection_that_is_not_behind() {
+    let server = TestServer::start(
+        1,
+        Some("[limits]\nmax_outbound_bytes_per_connection = 4096\n"),
+    );
+    let (status, metrics) = server.http("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(metrics.len() > 4096, "/metrics is {} bytes", metrics.len());
+    assert!(metrics.contains("ringcast_connections"), "{metrics}");
+
+    let mut reader = server.ws("/ws");
+    reader.subscribe("big");
+    let payload = "x".repeat(6000);
+    let body = format!(r#"{{"topic":"big","payload":"{payload}"}}"#);
+    assert_eq!(server.http("POST", "/publish", Some(&body)).0, 202);
+    let push = reader.recv_json();
+    assert_eq!(push["payload"].as_str().map(str::len), Some(6000));
+}

@@ -387,13 +387,20 @@ impl Outbound {
 
     /// Queues a frame unless that would pass `budget` bytes not yet taken by
     /// the kernel, or the shard's budget while this connection is behind.
+    /// A connection with nothing queued takes its frame whatever its size
+    /// (a response the node made, such as `/metrics`, or a publication
+    /// within the message limit): it is not behind, and the frame goes out
+    /// alone; anything queued behind a frame over the budget is over it.
+    /// So a connection holds at most its budget, or one frame.
     pub fn enqueue(&mut self, frame: Bytes, budget: usize, pool: &mut SendBuffers) -> Enqueued {
         let queued = self.queued_bytes();
-        if frame.len() > budget.saturating_sub(queued) {
-            return Enqueued::OverBudget;
-        }
-        if queued > 0 && frame.len() > pool.limit.saturating_sub(pool.queued_bytes) {
-            return Enqueued::OverShardBudget;
+        if queued > 0 {
+            if frame.len() > budget.saturating_sub(queued) {
+                return Enqueued::OverBudget;
+            }
+            if frame.len() > pool.limit.saturating_sub(pool.queued_bytes) {
+                return Enqueued::OverShardBudget;
+            }
         }
         self.enqueue_final(frame, pool);
         Enqueued::Yes
@@ -539,6 +546,28 @@ mod tests {
         c.complete_send(60, &mut pool);
         assert_eq!(
             c.enqueue(Bytes::from(vec![0; 50]), 100, &mut pool),
+            Enqueued::Yes
+        );
+    }
+
+    #[test]
+    fn a_connection_with_nothing_queued_takes_a_frame_over_its_budget_alone() {
+        let mut pool = SendBuffers::default();
+        let mut c = Outbound::default();
+        assert_eq!(
+            c.enqueue(Bytes::from(vec![0; 300]), 100, &mut pool),
+            Enqueued::Yes,
+            "nothing queued: the frame goes out whatever its size"
+        );
+        assert_eq!(
+            c.enqueue(Bytes::from_static(b"x"), 100, &mut pool),
+            Enqueued::OverBudget,
+            "behind it, the connection is over its budget"
+        );
+        c.prepare_send();
+        c.complete_send(300, &mut pool);
+        assert_eq!(
+            c.enqueue(Bytes::from_static(b"x"), 100, &mut pool),
             Enqueued::Yes
         );
     }

@@ -40,6 +40,8 @@ pub(super) struct IoConn {
     close_commanded: bool,
     /// It was shut down because everything queued had been sent.
     graceful: bool,
+    /// The largest frame queued on it: one frame may pass the budget.
+    largest_frame: usize,
 }
 
 /// One shard: its state and the driver around it.
@@ -74,8 +76,8 @@ impl SimShard {
     }
 
     /// The shard's outbound count is what its connections hold, and within
-    /// its budget but for one frame (at most a connection's `budget`) per
-    /// connection that had nothing queued when it passed.
+    /// its budget but for one frame per connection that had nothing queued
+    /// when it passed (at most the connection's budget, or that frame).
     pub(super) fn check_outbound(&self, budget: usize) -> Result<(), String> {
         let held: usize = self
             .conns
@@ -86,10 +88,10 @@ impl SimShard {
         if held != counted {
             return Err(format!("{counted} outbound bytes counted, {held} queued"));
         }
-        let bound = self
-            .pool
-            .limit()
-            .saturating_add(self.conns.len().saturating_mul(budget));
+        let each: usize = (self.conns.iter())
+            .map(|(_, c)| budget.max(c.largest_frame))
+            .sum();
+        let bound = self.pool.limit().saturating_add(each);
         if counted > bound {
             return Err(format!(
                 "{counted} outbound bytes over the bound of {bound}"
@@ -188,6 +190,7 @@ impl Sim {
             plan: None,
             close_commanded: false,
             graceful: false,
+            largest_frame: 0,
         });
         Some(key)
     }
@@ -216,6 +219,7 @@ impl Sim {
             let client = conn.client;
             return self.fail(format!("shard {s}: Send after Close to c{client}"));
         }
+        conn.largest_frame = conn.largest_frame.max(bytes.len());
         match conn.io.queue(bytes, budget, &mut shard.pool, delay) {
             Queued::Ignored | Queued::Held => {}
             Queued::Dirty => shard.dirty.push(key),

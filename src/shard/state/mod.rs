@@ -443,7 +443,8 @@ impl ShardState {
     /// The last response goes through the outbound budget like any other
     /// (a `Close`'s own bytes do not): a client that sends many
     /// `Connection: close` requests and reads nothing holds at most its
-    /// budget, and a response over it is dropped with the connection.
+    /// budget, or one response larger than it (taken only when nothing
+    /// else is queued), and past that is dropped with the connection.
     fn respond(&mut self, key: ConnKey, response: Response) {
         if response.status() >= 400 {
             ShardStats::add(&self.stats().http_errors_total, 1);
