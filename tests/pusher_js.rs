@@ -337,9 +337,13 @@ fn presence_members_come_and_go_once_across_nodes_and_with_a_dead_node() {
     signal(&b, libc::SIGKILL);
     // Within its presence TTL (3 s) and a refresh of a's (1 s).
     let started = Instant::now();
-    let quiet = Duration::from_millis(1500);
-    assert_eq!(member_events(&mut observer, 1, quiet), ["-bob"]);
+    let told = cluster::recv_within(&mut observer, Duration::from_secs(10));
+    let told: Value = serde_json::from_str(&told.expect("bob told gone")).unwrap();
     eprintln!("bob told gone {:?} after node b died", started.elapsed());
+    assert_eq!(told["event"], "pusher_internal:member_removed", "{told}");
+    assert_eq!(told["data"], r#"{"user_id":"bob"}"#);
+    let quiet = Duration::from_millis(1500);
+    assert_eq!(member_events(&mut observer, 0, quiet), Vec::<String>::new());
     let (_, ids) = presence_member(&a, "presence-room", "cy");
     assert_eq!(ids, ["cy", "obs"], "bob is gone from the members too");
 }
