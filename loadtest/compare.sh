@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Side-by-side fan-out benchmark: ringcast vs the axum relay and nginx+nchan, same scenarios,
-# same tool, same cores; and ringcast's Pusher Channels front-end vs sockudo (Pusher protocol 7).
+# Side-by-side fan-out benchmark: ringcast vs the axum relay, nginx+nchan and uWebSockets, same
+# scenarios, same tool, same cores; and ringcast's Pusher Channels front-end vs sockudo (Pusher
+# protocol 7).
 #
 # usage: loadtest/compare.sh            full size (takes several minutes)
 #        SCALE=0.1 loadtest/compare.sh  quick version (connection counts and rates x0.1)
@@ -28,6 +29,15 @@
 #     ringcast         ringcast, its own JSON protocol (/ws, POST /publish)
 #     axum             the axum relay ($SHARED/peers/axum-relay.sh), ringcast's protocol
 #     nchan            nginx+nchan ($SHARED/peers/nchan.sh), raw bodies
+#     uws              uWebSockets v20.79.0 (loadtest/peers/uws/server.cpp, one thread, epoll, no
+#                      compression), ringcast's protocol; built by hand (loadtest/peers/uws/README.md)
+#                      and given as UWS_BIN; without it the peer is left out and the table says so
+#     floor            ringcast-floor (loadtest/src/floor): the least a fan-out server must do (one
+#                      thread, one io_uring, each publication framed once, one send per connection
+#                      per turn, nothing else), ringcast's protocol and bytes: ringcast/floor is how
+#                      far ringcast is from this kernel's floor. FLOOR_ARGS="--taskrun coop" runs it
+#                      with ringcast's ring setup instead of DEFER_TASKRUN. Not in c (its memory is
+#                      not a server's) nor r; one thread whatever CORES says.
 #     ringcast-pusher  ringcast with one [[apps]] table (id 4711, key app-key, secret app-secret),
 #                      driven with `ringcast-load --protocol pusher`: subscribers on /app/app-key
 #                      with pusher:subscribe, publishes signed to POST /apps/4711/events
@@ -38,6 +48,10 @@
 #                      does that by itself); e.g. PEERS="ringcast-pusher sockudo" SCENARIOS="s1 s2 c"
 #                      Scenario r is ringcast's own protocol only; the Pusher peers skip it.
 #   RECV_PATH=uring RECV_BATCH_US=0 PROCS=1   ringcast-load's receive path, batch window, processes
+#   PERF=0             1: count the server's syscalls and context switches with `perf stat`. Off by
+#                      default: perf's per-syscall tracing taxes a server by its syscall count (uWS's
+#                      1.3 per delivery more than ringcast's 0.2), so counted rounds are run apart from
+#                      the rounds whose CPU is compared
 #   N_S1 RATE_S1 | N_S2 T_S2 RATE_S2 | N_A RATE_A | N_B T_B RATE_B | N_C | N_D T_D RATE_D_START
 #   N_R T_R RATE_R STORM_AT_R=3s SHARDS_R=2   (scenario r; its window is at least 5s)
 #   SOURCE_IPS=127.0.0.1-127.0.0.4    client source addresses (needed past ~28k connections)
@@ -48,6 +62,7 @@
 #                      rounds gathered by separate runs, renamed PEER-SCENARIO-ROUND.json)
 #   SOCKUDO_ROOT=~/.cache/ringcast-peers/sockudo SOCKUDO_BIN=...   where sockudo is (peers/sockudo.sh)
 #   PUSHER_APP=4711:app-key:app-secret              the Pusher app of both Pusher peers
+#   UWS_BIN=/path/to/uws-peer                       the uws peer's binary (loadtest/peers/uws/README.md)
 #
 # The server is pinned to the first CORES cpus with taskset and the client to the rest, when the
 # machine has more cores than CORES; otherwise they share cores and the table says so.
@@ -59,6 +74,7 @@ SCALE="${SCALE:-1}"; CORES="${CORES:-1}"
 DURATION="${DURATION:-10s}"; WARMUP="${WARMUP:-2s}"; DRAIN="${DRAIN:-3s}"
 SCENARIOS="${SCENARIOS:-s1 s2 a b c d r}"; PEERS="${PEERS:-ringcast axum nchan}"; ROUNDS="${ROUNDS:-3}"
 RECV_PATH="${RECV_PATH:-uring}"; RECV_BATCH_US="${RECV_BATCH_US:-0}"; PROCS="${PROCS:-1}"
+perf_arg="--no-perf"; [ "${PERF:-0}" = 0 ] || perf_arg=""
 SOURCE_IPS="${SOURCE_IPS:-127.0.0.1-127.0.0.4}"
 OUT="${OUT:-${TMPDIR:-/tmp}/ringcast-compare}"
 mkdir -p "$OUT"; [ -n "${REPORT_ONLY:-}" ] || rm -f "$OUT"/*.json
@@ -87,12 +103,24 @@ for v in N_S1 N_S2 N_A N_B N_D N_R; do
   fi
 done
 
+# The uws peer is built by hand (uWebSockets' source is not in this repository): without its
+# binary it is left out of the runs, and the table says so. REPORT_ONLY needs no binary.
+if [[ " $PEERS " == *" uws "* ]] && [ -z "${REPORT_ONLY:-}" ] && { [ -z "${UWS_BIN:-}" ] || [ ! -x "$UWS_BIN" ] || [ -d "$UWS_BIN" ]; }; then
+  if [ -z "${UWS_BIN:-}" ]; then why="UWS_BIN not set"; else why="UWS_BIN=$UWS_BIN is not an executable file"; fi
+  notes+=("uws: $why (see loadtest/peers/uws/README.md); not run")
+  echo "== uws: $why (see loadtest/peers/uws/README.md); leaving it out" >&2
+  kept=""; for p in $PEERS; do [ "$p" = uws ] || kept="$kept $p"; done
+  PEERS="${kept# }"
+  [ -n "$PEERS" ] || { echo "no peer left to run" >&2; exit 1; }
+fi
+
 tdir="${CARGO_TARGET_DIR:-$root/target}"
 if [ -z "${SKIP_BUILD:-}" ] && [ -z "${REPORT_ONLY:-}" ]; then
   echo "== building release" >&2
   (cd "$root" && cargo build --release -q -p ringcast -p ringcast-load)
 fi
 RINGCAST="${RINGCAST_BIN:-$tdir/release/ringcast}"; LOAD="${LOAD_BIN:-$tdir/release/ringcast-load}"
+FLOOR="${FLOOR_BIN:-$tdir/release/ringcast-floor}"
 
 ncpu="$(nproc)"
 server_cpus="0-$((CORES - 1))"
@@ -142,20 +170,37 @@ history_size = 1000
 history_ttl_s = 300
 TOML
 
-server_pid=""; port=""
-start_server() { # $1 = ringcast | ringcast-pusher | axum | nchan | sockudo; RINGCAST_ARGS: ringcast's own (default --shards $CORES)
+server_pid=""; port=""; uws_pid=""
+start_server() { # $1 = ringcast | ringcast-pusher | floor | axum | nchan | sockudo | uws; RINGCAST_ARGS: ringcast's own (default --shards $CORES)
   case "$1" in
-    ringcast | ringcast-pusher)
+    ringcast | ringcast-pusher | floor)
       local log="$OUT/$1.log" args="${RINGCAST_ARGS:---shards $CORES}"
       [ "$1" = ringcast-pusher ] && args="$args --config $pusher_config"
-      # shellcheck disable=SC2086
-      taskset -c "$server_cpus" "$RINGCAST" --listen 127.0.0.1:0 $args >"$log" 2>&1 &
+      if [ "$1" = floor ]; then
+        # shellcheck disable=SC2086
+        taskset -c "$server_cpus" "$FLOOR" 127.0.0.1:0 ${FLOOR_ARGS:-} >"$log" 2>&1 &
+      else
+        # shellcheck disable=SC2086
+        taskset -c "$server_cpus" "$RINGCAST" --listen 127.0.0.1:0 $args >"$log" 2>&1 &
+      fi
       server_pid=$!
       for _ in $(seq 100); do
         port="$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log" | head -1)"
         [ -n "$port" ] && break; sleep 0.05
       done
       [ -n "$port" ] || { echo "$1 did not start; see $log" >&2; exit 1; }
+      ;;
+    uws)
+      local log="$OUT/uws.log" up=""
+      port="$(free_port)"
+      taskset -c "$server_cpus" "$UWS_BIN" "$port" >"$log" 2>&1 &
+      server_pid=$!; uws_pid=$server_pid
+      for _ in $(seq 100); do
+        curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && { up=1; break; }
+        kill -0 "$server_pid" 2>/dev/null || break
+        sleep 0.05
+      done
+      [ -n "$up" ] || { echo "uws did not start on 127.0.0.1:$port; see $log" >&2; cat "$log" >&2; exit 1; }
       ;;
     sockudo)
       port="$(free_port)"
@@ -184,7 +229,11 @@ start_server() { # $1 = ringcast | ringcast-pusher | axum | nchan | sockudo; RIN
 }
 stop_server() {
   case "$1" in
-    ringcast | ringcast-pusher) kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true ;;
+    ringcast | ringcast-pusher | floor) kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true ;;
+    uws)
+      if [ -n "$uws_pid" ]; then kill "$uws_pid" 2>/dev/null || true; wait "$uws_pid" 2>/dev/null || true; fi
+      uws_pid=""
+      ;;
     sockudo) TMPDIR="$sockudo_tmp" "$here/peers/sockudo.sh" stop >/dev/null 2>&1 || true ;;
     axum)
       TMPDIR="$axum_tmp" "$shared/peers/axum-relay.sh" stop >/dev/null 2>&1 || true
@@ -203,7 +252,7 @@ trap 'for s in $PEERS; do stop_server "$s"; done' EXIT
 
 target_args() { # $1 = server
   case "$1" in
-    ringcast | axum) echo "--host 127.0.0.1:$port" ;;
+    ringcast | axum | uws | floor) echo "--host 127.0.0.1:$port" ;;
     ringcast-pusher | sockudo) echo "--host 127.0.0.1:$port --protocol pusher --pusher-app $PUSHER_APP" ;;
     nchan) echo "--sub-url ws://127.0.0.1:$port/sub/{topic} --pub-url http://127.0.0.1:$port/pub/{topic} --pub-body raw" ;;
   esac
@@ -215,7 +264,7 @@ run() { # $1 = server, $2 = scenario, rest = ringcast-load args; $round names th
   echo "== $srv scenario $scn: $*" >&2
   # shellcheck disable=SC2046
   taskset -c "$client_cpus" "$LOAD" $(target_args "$srv") --server-pid "$server_pid" $server_cpus_arg \
-    --threads "$client_threads" --recv-path "$RECV_PATH" --recv-batch-us "$RECV_BATCH_US" --procs "$PROCS" \
+    --threads "$client_threads" --recv-path "$RECV_PATH" --recv-batch-us "$RECV_BATCH_US" --procs "$PROCS" $perf_arg \
     --warmup "${warm:-$WARMUP}" --duration "${dur:-$DURATION}" --drain "$DRAIN" \
     --label "$srv/$scn" --json --quiet "$@" >"$OUT/$srv-$scn-$round.json" \
     || echo "   ($srv scenario $scn failed; see above)" >&2
@@ -238,12 +287,13 @@ for scn in $SCENARIOS; do
       s2) run "$srv" s2 --subscribers "$N_S2" --topics "$T_S2" --rate "$RATE_S2" ;;
       a) run "$srv" a --subscribers "$N_A" --topics 1 --rate "$RATE_A" ;;
       b) run "$srv" b --subscribers "$N_B" --topics "$T_B" --rate "$RATE_B" ;;
-      c) dur=2s warm=0s run "$srv" c --subscribers "$N_C" --topics 100 --rate 0 \
+      c) [ "$srv" != floor ] || continue
+         dur=2s warm=0s run "$srv" c --subscribers "$N_C" --topics 100 --rate 0 \
            --source-ips "$SOURCE_IPS" --connect-rate 20000 ;;
       d) run "$srv" d --subscribers "$N_D" --topics "$T_D" --rate "$RATE_D_START" --find-ceiling \
            --ceiling-factor 1.5 --ceiling-p99-ms 50 ;;
       r)
-        # Topic streams and `since` are ringcast's; the peers have no recovery to measure.
+        # Topic streams and `since` are ringcast's; the peers (uws included) have no recovery to measure.
         [ "$srv" = ringcast ] || continue
         # The storm needs room in the window after it for the recovery to show.
         dur_r="$(python3 -c "d='$DURATION'; s=float(d[:-2])/1e3 if d.endswith('ms') else float(d[:-1])*60 if d.endswith('m') else float(d.rstrip('s')); print(d if s >= 5 else '5s')")"
@@ -261,6 +311,7 @@ out, peers, scns, rounds_arg, cpu_note, notes = sys.argv[1], sys.argv[2].split()
 desc = {"s1": "1 topic", "s2": "500 topics", "a": "broadcast", "b": "many topics", "c": "idle connections",
         "d": "throughput ceiling", "r": "reconnect storm"}
 ringcast_only = {"r"}
+not_run = {("floor", "c")}
 def load_rounds(srv, scn):
     rows = []
     for name in sorted(glob.glob(os.path.join(out, f"{srv}-{scn}-*.json"))):
@@ -339,7 +390,7 @@ for scn in scns:
             line += f"{(f'{ratio:.2f}x' if ratio is not None else '-'):>{rw[o]}}"
         print(line)
     for p, rows in rounds.items():
-        if not rows and scn in ringcast_only and p != "ringcast":
+        if not rows and ((scn in ringcast_only and p != "ringcast") or (p, scn) in not_run):
             continue
         if not rows:
             warn.append(f"{p} ({scn}): no result")

@@ -227,7 +227,7 @@ pub(crate) fn encode_masked(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask:
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
 }
 
-fn base64(input: &[u8]) -> String {
+pub(crate) fn base64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
