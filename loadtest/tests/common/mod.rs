@@ -80,6 +80,21 @@ pub(crate) fn start_server_with(config_toml: Option<&str>) -> Server {
         cmd.arg("--config").arg(&path);
         path
     });
+    let mut server = spawn_listening(cmd, &bin);
+    server.config = config;
+    server
+}
+
+/// Starts `ringcast-floor` (this package's floor server) on port 0.
+pub(crate) fn start_floor() -> Server {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_ringcast-floor"));
+    let mut cmd = Command::new(&bin);
+    cmd.arg("127.0.0.1:0");
+    spawn_listening(cmd, &bin)
+}
+
+/// Spawns a server that prints `listening on ADDR` once bound.
+fn spawn_listening(mut cmd: Command, bin: &std::path::Path) -> Server {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -108,7 +123,7 @@ pub(crate) fn start_server_with(config_toml: Option<&str>) -> Server {
     Server {
         child: Some(child),
         addr,
-        config,
+        config: None,
     }
 }
 
