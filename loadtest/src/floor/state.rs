@@ -161,7 +161,7 @@ impl Floor {
     }
 
     /// Frames the publication once and queues the same bytes for every subscriber.
-    fn publish(&mut self, topic: &[u8], message: &[u8]) {
+    fn publish(&mut self, topic: &[u8], message: Option<&[u8]>) {
         let Some(&t) = self.topics.get(topic) else {
             return;
         };
@@ -245,7 +245,7 @@ mod tests {
             body.len()
         );
         feed(&mut floor, 7, &[post.as_bytes(), body].concat());
-        let push = wire::push_frame(b"t", b"hello");
+        let push = wire::push_frame(b"t", Some(b"hello"));
         assert_eq!(floor.conn(0).unwrap().queued, push);
         assert_eq!(floor.conn(1).unwrap().queued, push);
         assert!(floor.conn(2).unwrap().queued.is_empty());

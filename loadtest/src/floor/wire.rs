@@ -25,10 +25,12 @@ pub(crate) enum Request<'a> {
     /// A WebSocket upgrade with this key; `used` bytes.
     Upgrade { key: &'a [u8], used: usize },
     /// `POST /publish` of `{"topic":T,"message":M}`: T and M as they were
-    /// written (JSON string contents, escapes kept).
+    /// written (JSON string contents, escapes kept). Without a string
+    /// `message` (a body with ringcast's `event` and `payload` instead, as
+    /// `loadtest/http.sh` posts) the push carries `null`.
     Publish {
         topic: &'a [u8],
-        message: &'a [u8],
+        message: Option<&'a [u8]>,
         used: usize,
     },
     /// Any other whole request, answered `200 ok`.
@@ -76,13 +78,13 @@ pub(crate) fn request(buf: &[u8]) -> Request<'_> {
         return Request::Other { used };
     }
     let body = &buf[body_at..used];
-    match (string_field(body, b"topic"), string_field(body, b"message")) {
-        (Some(topic), Some(message)) => Request::Publish {
+    match string_field(body, b"topic") {
+        Some(topic) => Request::Publish {
             topic,
-            message,
+            message: string_field(body, b"message"),
             used,
         },
-        _ => Request::Bad,
+        None => Request::Bad,
     }
 }
 
@@ -202,14 +204,22 @@ pub(crate) fn server_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
 }
 
 /// ringcast's push of a publication, framed: the bytes every subscriber of
-/// `topic` is sent (`topic` and `message` as they were written in the request).
-pub(crate) fn push_frame(topic: &[u8], message: &[u8]) -> Vec<u8> {
-    let mut text = Vec::with_capacity(64 + topic.len() + message.len());
+/// `topic` is sent (`topic` and `message` as they were written in the
+/// request; no message is a `null` payload).
+pub(crate) fn push_frame(topic: &[u8], message: Option<&[u8]>) -> Vec<u8> {
+    let mut text = Vec::with_capacity(64 + topic.len() + message.map_or(4, <[u8]>::len));
     text.extend_from_slice(br#"{"type":"push","topic":""#);
     text.extend_from_slice(topic);
-    text.extend_from_slice(br#"","event":"message","payload":""#);
-    text.extend_from_slice(message);
-    text.extend_from_slice(b"\"}");
+    text.extend_from_slice(br#"","event":"message","payload":"#);
+    match message {
+        Some(message) => {
+            text.push(b'"');
+            text.extend_from_slice(message);
+            text.push(b'"');
+        }
+        None => text.extend_from_slice(b"null"),
+    }
+    text.push(b'}');
     let mut frame = Vec::with_capacity(text.len() + 4);
     server_frame(&mut frame, 1, &text);
     frame
@@ -266,17 +276,18 @@ mod tests {
             request(&two),
             Request::Publish {
                 topic: b"load-3",
-                message: br#"m\"x"#,
+                message: Some(br#"m\"x"#),
                 used: one.len()
             }
         );
         assert_eq!(request(&one[..one.len() - 1]), Request::Partial);
-        let push = push_frame(b"load-3", br#"m\"x"#);
+        let push = push_frame(b"load-3", Some(br#"m\"x"#));
         assert_eq!(
             &push[2..],
             br#"{"type":"push","topic":"load-3","event":"message","payload":"m\"x"}"#
         );
         assert_eq!(usize::from(push[1]), push.len() - 2);
+        assert!(push_frame(b"t", None).ends_with(br#""payload":null}"#));
     }
 
     #[test]
