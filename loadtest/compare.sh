@@ -11,7 +11,9 @@
 #   s2  5,000 subs, 500 topics, 5,000 publishes/s (50k deliveries/s)
 #   a   broadcast: 10,000 subs, 1 topic, 100 publishes/s
 #   b   many topics: 10,000 subs, 1,000 topics, 20,000 publishes/s
-#   c   idle connections: 50,000 (RSS per connection)
+#   c   idle connections: 50,000 (RSS per connection: the growth over the idle server divided by
+#       the connections, and the marginal cost, the slope from a run with a third of them, which
+#       leaves out the fixed memory the first connections touch: code pages, receive buffers)
 #   d   throughput ceiling: 1,000 subs, 100 topics, rate raised until p99 > 50 ms or loss
 #   r   reconnect storm (ringcast only): 1,000 subs on 10 stream topics (history 1,000), ringcast
 #       --shards 2, steady 1,000 publishes/s; 3 s into the window every subscriber drops abruptly
@@ -288,8 +290,11 @@ for scn in $SCENARIOS; do
       a) run "$srv" a --subscribers "$N_A" --topics 1 --rate "$RATE_A" ;;
       b) run "$srv" b --subscribers "$N_B" --topics "$T_B" --rate "$RATE_B" ;;
       c) [ "$srv" != floor ] || continue
-         dur=2s warm=0s run "$srv" c --subscribers "$N_C" --topics 100 --rate 0 \
-           --source-ips "$SOURCE_IPS" --connect-rate 20000 ;;
+         for n in "$(( N_C / 3 ))" "$N_C"; do
+           name=c; [ "$n" = "$N_C" ] || name=c-third
+           dur=2s warm=0s run "$srv" "$name" --subscribers "$n" --topics 100 --rate 0 \
+             --source-ips "$SOURCE_IPS" --connect-rate 20000
+         done ;;
       d) run "$srv" d --subscribers "$N_D" --topics "$T_D" --rate "$RATE_D_START" --find-ceiling \
            --ceiling-factor 1.5 --ceiling-p99-ms 50 ;;
       r)
@@ -312,7 +317,7 @@ desc = {"s1": "1 topic", "s2": "500 topics", "a": "broadcast", "b": "many topics
         "d": "throughput ceiling", "r": "reconnect storm"}
 ringcast_only = {"r"}
 not_run = {("floor", "c")}
-def load_rounds(srv, scn):
+def read_rounds(srv, scn):
     rows = []
     for name in sorted(glob.glob(os.path.join(out, f"{srv}-{scn}-*.json"))):
         try:
@@ -320,6 +325,21 @@ def load_rounds(srv, scn):
                 rows.append(json.load(f))
         except Exception:
             pass
+    return rows
+def load_rounds(srv, scn):
+    rows = read_rounds(srv, scn)
+    if scn == "c":
+        # The marginal cost of a connection: the slope of the connected RSS
+        # between the run with a third of the connections and the full one.
+        third = read_rounds(srv, "c-third")
+        for r, t in zip(rows, third):
+            try:
+                dn = r["connections"]["ready"] - t["connections"]["ready"]
+                dr = r["server_rss_connected_bytes"] - t["server_rss_connected_bytes"]
+                if dn > 0:
+                    r["marginal_rss_per_connection_bytes"] = dr / dn
+            except (KeyError, TypeError):
+                pass
     return rows
 def load(srv, scn):
     rows = load_rounds(srv, scn)
@@ -349,6 +369,7 @@ metrics = [
     ("syscalls/deliv", lambda r: r.get("server_syscalls_per_delivery")),
     ("ctxsw/deliv", lambda r: r.get("server_context_switches_per_delivery")),
     ("RSS B/conn", lambda r: r.get("server_rss_per_connection_bytes")),
+    ("RSS B/conn marg", lambda r: r.get("marginal_rss_per_connection_bytes")),
     ("ceiling msg/s", lambda r: r.get("ceiling_rate")),
     ("missing", lambda r: r.get("missing")),
     ("stream missing", lambda r: r["streams"]["missing"]),
@@ -380,7 +401,7 @@ for scn in scns:
         vals = {p: median_of(rows, get) for p, rows in rounds.items()}
         if all(v is None for v in vals.values()):
             continue
-        if scn == "c" and name not in ("RSS B/conn", "missing"): continue
+        if scn == "c" and name not in ("RSS B/conn", "RSS B/conn marg", "missing"): continue
         line = f"{(label if printed == 0 else (size if printed == 1 else '')):<24} {name:<16}"
         printed += 1
         line += "".join(f"{fmt(vals[p]):>16}" for p in peers)
