@@ -3,10 +3,12 @@
 //! The driver keeps the I/O side (descriptor, outbound queue) under the same
 //! [`ConnKey`](crate::shard::key::ConnKey).
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
 
 use crate::protocol::event_stream::{write_cursor, Format, Head};
 use crate::protocol::frame::FrameDecoder;
@@ -313,19 +315,47 @@ impl Deferred {
     }
 }
 
-/// One subscription held by the connection.
+/// One subscription held by the connection: 32 bytes, the first one inside
+/// the connection.
 #[derive(Debug, Clone)]
 pub(crate) struct Sub {
     pub(crate) topic: NameId,
-    /// Position in the topic's subscriber list, or `None` while waiting for
-    /// other shards to acknowledge interest.
-    pub(crate) pos: Option<u32>,
+    /// Position in the topic's subscriber list plus one; `None` while
+    /// waiting for other shards to acknowledge interest. (Plus one so the
+    /// option takes four bytes.)
+    listed: Option<NonZeroU32>,
     /// Presence meta (a JSON object) when the channel's hook tracks this
-    /// connection on the topic.
+    /// connection on the topic (the default rules track every topic).
     pub(crate) meta: Option<Arc<str>>,
     /// For a stream topic: the position the client asked to recover from,
     /// kept until the subscription is opened at the topic's home.
     pub(crate) since: Option<Box<Since>>,
+}
+
+impl Sub {
+    pub(crate) fn new(topic: NameId, pos: Option<u32>, since: Option<Since>) -> Sub {
+        let mut sub = Sub {
+            topic,
+            listed: None,
+            meta: None,
+            since: since.map(Box::new),
+        };
+        if let Some(pos) = pos {
+            sub.set_pos(pos);
+        }
+        sub
+    }
+
+    /// Position in the topic's subscriber list, or `None` while waiting for
+    /// other shards to acknowledge interest.
+    pub(crate) fn pos(&self) -> Option<u32> {
+        self.listed.map(|p| p.get() - 1)
+    }
+
+    pub(crate) fn set_pos(&mut self, pos: u32) {
+        debug_assert!(pos < u32::MAX, "a subscriber list longer than u32");
+        self.listed = NonZeroU32::new(pos.saturating_add(1));
+    }
 }
 
 /// How far the connection is in closing, as far as the state is concerned
@@ -346,8 +376,9 @@ pub(crate) struct Conn {
     pub(crate) phase: Phase,
     /// Input not yet forming a complete request or frame. Empty (and
     /// unallocated) between messages, which is the common idle state.
-    pub(crate) inbuf: BytesMut,
-    pub(crate) subs: Vec<Sub>,
+    pub(crate) inbuf: Pending,
+    /// Its subscriptions; most connections hold one, kept inline.
+    pub(crate) subs: SmallVec<[Sub; 1]>,
     pub(crate) closing: Closing,
     /// The peer closed its sending side: answer what was asked, then close.
     pub(crate) input_ended: bool,
@@ -369,8 +400,8 @@ impl Conn {
                 deadline,
                 continue_sent: false,
             })),
-            inbuf: BytesMut::new(),
-            subs: Vec::new(),
+            inbuf: Pending::default(),
+            subs: SmallVec::new(),
             closing: Closing::No,
             input_ended: false,
             identity: None,
@@ -405,11 +436,40 @@ impl Conn {
         }
     }
 }
+/// A connection's unparsed input: boxed, since an idle connection has none
+/// and a `BytesMut` inline would cost every connection 32 bytes.
+#[derive(Default)]
+pub(crate) struct Pending(Option<Box<BytesMut>>);
+
+impl Pending {
+    /// Bytes held.
+    pub(crate) fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// Bytes allocated for it (what the inbound budget charges).
+    pub(crate) fn capacity(&self) -> usize {
+        self.0.as_ref().map_or(0, |b| b.capacity())
+    }
+
+    /// Takes the bytes out, leaving nothing.
+    pub(crate) fn take(&mut self) -> BytesMut {
+        self.0.take().map(|b| *b).unwrap_or_default()
+    }
+
+    /// Holds `bytes` (nothing allocated when they are empty and unallocated).
+    pub(crate) fn set(&mut self, bytes: BytesMut) {
+        self.0 = (bytes.capacity() > 0).then(|| Box::new(bytes));
+    }
+}
+
 #[cfg(test)]
 #[test]
-fn a_connection_costs_the_state_at_most_112_bytes() {
+fn a_connection_costs_the_state_at_most_104_bytes_with_its_first_subscription() {
     // Every idle connection pays this; the README's memory table counts it.
-    assert!(std::mem::size_of::<Conn>() <= 112);
+    // The first subscription is inside it (no allocation of its own).
+    assert!(std::mem::size_of::<Sub>() <= 32);
+    assert!(std::mem::size_of::<Conn>() <= 104);
 }
 
 #[cfg(test)]

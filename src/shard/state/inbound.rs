@@ -13,14 +13,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use bytes::BytesMut;
-
 use crate::metrics::ShardStats;
 use crate::protocol::frame::FrameDecoder;
 use crate::protocol::http::{error_json, RequestDecoder};
 use crate::shard::key::ConnKey;
 
-use super::conn::{Closing, Phase};
+use super::conn::{Closing, Pending, Phase};
 use super::ShardState;
 
 /// Partial input held across a shard's connections.
@@ -112,7 +110,7 @@ impl ShardState {
             debug_assert!(!self.inbound.since.contains_key(&key), "a gone holder");
             return;
         };
-        conn.inbuf = BytesMut::new();
+        conn.inbuf = Pending::default();
         match &mut conn.phase {
             Phase::Http(http) => http.decoder = RequestDecoder::new(limits),
             Phase::WebSocket(ws) => ws.decoder = FrameDecoder::new(ws.decoder.limits()),

@@ -69,7 +69,7 @@ impl ShardState {
                 ws.ping_sent = None;
             }
         }
-        let mut pending = std::mem::take(&mut conn.inbuf);
+        let mut pending = conn.inbuf.take();
         let from_pending = !pending.is_empty();
         if from_pending {
             pending.extend_from_slice(data);
@@ -91,14 +91,14 @@ impl ShardState {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        conn.inbuf = if used == input.len() {
+        conn.inbuf.set(if used == input.len() {
             BytesMut::new()
         } else if from_pending {
             pending.advance(used);
             pending
         } else {
             BytesMut::from(&data[used..])
-        };
+        });
         if blocked && conn.inbuf.len() > self.max_parked_input() {
             // A client that keeps sending while its request waits for other
             // shards would make the buffer grow without bound.

@@ -126,7 +126,7 @@ impl ShardState {
         match kind {
             IndexKind::Topic => {
                 if let Some(sub) = c.subs.iter_mut().find(|s| s.topic == id) {
-                    sub.pos = Some(pos);
+                    sub.set_pos(pos);
                 }
             }
             IndexKind::User | IndexKind::Chat => {

@@ -403,9 +403,11 @@ pub(super) fn check_invariants(state: &ShardState) -> Result<(), String> {
                     ));
                 }
                 let recorded = match kind {
-                    IndexKind::Topic => {
-                        conn.subs.iter().find(|s| s.topic == id).and_then(|s| s.pos)
-                    }
+                    IndexKind::Topic => conn
+                        .subs
+                        .iter()
+                        .find(|s| s.topic == id)
+                        .and_then(|s| s.pos()),
                     _ => conn
                         .identity
                         .as_ref()
@@ -431,7 +433,7 @@ pub(super) fn check_invariants(state: &ShardState) -> Result<(), String> {
                 .topics
                 .get(sub.topic)
                 .ok_or_else(|| format!("connection {key:?} holds a gone topic"))?;
-            let listed = match sub.pos {
+            let listed = match sub.pos() {
                 Some(pos) => entry.subscribers.get(pos as usize) == Some(&key),
                 None => entry.waiting.contains(&key),
             };

@@ -142,7 +142,7 @@ impl ShardState {
             // Idempotent; a waiting subscription gets its reply when the acks
             // arrive. A stream's reply tells where the pushes stand, which
             // only its home knows (`since` is not for a topic held already).
-            if conn.subs.iter().any(|s| s.topic == id && s.pos.is_some()) {
+            if conn.subs.iter().any(|s| s.topic == id && s.pos().is_some()) {
                 if self.stream_history(topic).is_some() {
                     self.restate_stream_position(key, id);
                 } else {
@@ -184,12 +184,7 @@ impl ShardState {
             // Grow one at a time: most connections hold one or two topics,
             // and the default growth would reserve four.
             conn.subs.reserve_exact(1);
-            conn.subs.push(Sub {
-                topic: id,
-                pos,
-                meta: None,
-                since: since.filter(|_| stream).map(Box::new),
-            });
+            conn.subs.push(Sub::new(id, pos, since.filter(|_| stream)));
         }
         if pos.is_some() {
             self.send(key, self.subscribed_reply(topic));
@@ -218,7 +213,7 @@ impl ShardState {
         let (name, channel) = (entry.name.clone(), entry.channel);
         self.forget_pusher_joining(key, &name);
         self.cancel_stream_opens(key, &name);
-        self.leave_index(IndexKind::Topic, key, id, sub.pos);
+        self.leave_index(IndexKind::Topic, key, id, sub.pos());
         self.hook_leave(key, channel, &name);
     }
 

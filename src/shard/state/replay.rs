@@ -150,7 +150,7 @@ impl ShardState {
         let active = self
             .conns
             .get(key)
-            .is_some_and(|c| c.subs.iter().any(|s| s.topic == id && s.pos.is_some()));
+            .is_some_and(|c| c.subs.iter().any(|s| s.topic == id && s.pos().is_some()));
         match kind {
             OpenKind::Restate if active => {
                 let position = &page.position;
@@ -342,7 +342,7 @@ impl ShardState {
             .get_mut(key)
             .and_then(|c| c.subs.iter_mut().find(|s| s.topic == id))
         {
-            sub.pos = Some(pos);
+            sub.set_pos(pos);
         }
     }
 

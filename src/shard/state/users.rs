@@ -572,9 +572,9 @@ impl ShardState {
             // `subscribed`: a direct message (not in the stream) is owed.
             let holds_topic = match (topic, &topic_name) {
                 (Some(topic), Some(name)) => self.conns.get(key).is_some_and(|conn| {
-                    conn.subs
-                        .iter()
-                        .any(|s| s.topic == topic && (s.pos.is_some() || self.replaying(key, name)))
+                    conn.subs.iter().any(|s| {
+                        s.topic == topic && (s.pos().is_some() || self.replaying(key, name))
+                    })
                 }),
                 _ => true,
             };
