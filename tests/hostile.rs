@@ -372,39 +372,46 @@ fn streams_after_sweep() -> u64 {
     metric("streams")
 }
 
-#[test]
-fn reads_of_unknown_streams_store_nothing() {
+/// Runs `attack` (given the streams counted before it) with the stream
+/// table to itself, then checks that the sweep leaves as many streams as
+/// there were and the server healthy.
+fn leaves_no_stream(what: &str, attack: impl FnOnce(u64)) {
     let _turn = turn(&STREAM_TABLE);
     let before = streams_after_sweep();
-    let requests: Vec<String> = (0..5000)
-        .map(|i| get(&format!("/topics/s:read-{i}/history?since=0")))
-        .collect();
-    for (status, body) in pipelined(&requests) {
-        assert_eq!(status, 200);
-        assert_eq!(
-            (body["offset"].as_u64(), body["epoch"].as_str()),
-            (Some(0), Some(""))
-        );
-    }
-    assert_eq!(streams_after_sweep(), before, "5,000 reads created streams");
+    attack(before);
+    assert_eq!(streams_after_sweep(), before, "{what}");
     still_healthy();
 }
 
 #[test]
+fn reads_of_unknown_streams_store_nothing() {
+    leaves_no_stream("5,000 reads created streams", |_| {
+        let requests: Vec<String> = (0..5000)
+            .map(|i| get(&format!("/topics/s:read-{i}/history?since=0")))
+            .collect();
+        for (status, body) in pipelined(&requests) {
+            assert_eq!(status, 200);
+            assert_eq!(
+                (body["offset"].as_u64(), body["epoch"].as_str()),
+                (Some(0), Some(""))
+            );
+        }
+    });
+}
+
+#[test]
 fn subscribe_and_unsubscribe_churn_leaves_no_stream_behind() {
-    let _turn = turn(&STREAM_TABLE);
-    let before = streams_after_sweep();
-    let mut ws = server().ws("/ws");
-    for i in 0..2000 {
-        let topic = format!("s:churn-{i}");
-        ws.send_text(&format!(r#"{{"type":"subscribe","topic":"{topic}"}}"#));
-        let subscribed = ws.recv_json();
-        assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
-        ws.send_text(&format!(r#"{{"type":"unsubscribe","topic":"{topic}"}}"#));
-        assert_eq!(ws.recv_json()["type"], "unsubscribed");
-    }
-    assert_eq!(streams_after_sweep(), before, "churn left streams behind");
-    still_healthy();
+    leaves_no_stream("churn left streams behind", |_| {
+        let mut ws = server().ws("/ws");
+        for i in 0..2000 {
+            let topic = format!("s:churn-{i}");
+            ws.send_text(&format!(r#"{{"type":"subscribe","topic":"{topic}"}}"#));
+            let subscribed = ws.recv_json();
+            assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+            ws.send_text(&format!(r#"{{"type":"unsubscribe","topic":"{topic}"}}"#));
+            assert_eq!(ws.recv_json()["type"], "unsubscribed");
+        }
+    });
 }
 
 /// Every stream publish with a key of its own: the keys a home shard
@@ -1197,31 +1204,24 @@ fn cache_channel_subscriptions_hold_streams_only_while_held() {
     if std::env::var_os("RINGCAST_TEST_BIN").is_some() {
         return; // an older build has no Pusher apps
     }
-    let _turn = turn(&STREAM_TABLE);
-    let before = streams_after_sweep();
-    let mut ws = server().ws("/app/app-key");
-    assert_eq!(ws.recv_json()["event"], "pusher:connection_established");
-    for i in 0..50 {
-        ws.send_text(&format!(
-            r#"{{"event":"pusher:subscribe","data":{{"channel":"cache-hostile-{i}"}}}}"#
-        ));
-        let succeeded = ws.recv_json();
-        assert_eq!(
-            succeeded["event"], "pusher_internal:subscription_succeeded",
-            "{succeeded}"
-        );
-        assert_eq!(ws.recv_json()["event"], "pusher:cache_miss");
-    }
-    ws.send_text(r#"{"event":"pusher:subscribe","data":{"channel":"cache-hostile-50"}}"#);
-    let refused = ws.recv_json();
-    assert_eq!(refused["event"], "pusher:error", "the 51st: {refused}");
-    let held = metric("streams");
-    assert!(held <= before + 50, "{held} streams for 50 subscriptions");
-    drop(ws);
-    assert_eq!(
-        streams_after_sweep(),
-        before,
-        "cache streams outlived their subscriber"
-    );
-    still_healthy();
+    leaves_no_stream("cache streams outlived their subscriber", |before| {
+        let mut ws = server().ws("/app/app-key");
+        assert_eq!(ws.recv_json()["event"], "pusher:connection_established");
+        for i in 0..50 {
+            ws.send_text(&format!(
+                r#"{{"event":"pusher:subscribe","data":{{"channel":"cache-hostile-{i}"}}}}"#
+            ));
+            let succeeded = ws.recv_json();
+            assert_eq!(
+                succeeded["event"], "pusher_internal:subscription_succeeded",
+                "{succeeded}"
+            );
+            assert_eq!(ws.recv_json()["event"], "pusher:cache_miss");
+        }
+        ws.send_text(r#"{"event":"pusher:subscribe","data":{"channel":"cache-hostile-50"}}"#);
+        let refused = ws.recv_json();
+        assert_eq!(refused["event"], "pusher:error", "the 51st: {refused}");
+        let held = metric("streams");
+        assert!(held <= before + 50, "{held} streams for 50 subscriptions");
+    });
 }

@@ -79,10 +79,9 @@ pub fn signed(
     node.http(method, &url, (!body.is_empty()).then_some(body))
 }
 
-/// A raw Pusher connection subscribed to presence channel `channel` as
-/// `user`, signed as an app's auth endpoint signs; with the ids of the
-/// members `subscription_succeeded` listed, sorted.
-pub fn presence_member(node: &TestServer, channel: &str, user: &str) -> (Ws, Vec<String>) {
+/// A Pusher connection to `node` that has sent a signed subscription to the
+/// presence `channel` as `user`, not yet answered.
+pub fn subscribe_presence(node: &TestServer, channel: &str, user: &str) -> Ws {
     let (mut ws, socket_id) = pusher_ws(node);
     let channel_data = json!({"user_id": user, "user_info": {}}).to_string();
     let to_sign = format!("{socket_id}:{channel}:{channel_data}");
@@ -93,6 +92,14 @@ pub fn presence_member(node: &TestServer, channel: &str, user: &str) -> (Ws, Vec
         "channel_data": channel_data,
     }});
     ws.send_text(&subscribe.to_string());
+    ws
+}
+
+/// A raw Pusher connection subscribed to presence channel `channel` as
+/// `user`, signed as an app's auth endpoint signs; with the ids of the
+/// members `subscription_succeeded` listed, sorted.
+pub fn presence_member(node: &TestServer, channel: &str, user: &str) -> (Ws, Vec<String>) {
+    let mut ws = subscribe_presence(node, channel, user);
     // A member event decided before this subscription's answer may reach
     // it first (it travels through Redis); the answer lists the members.
     let mut answer = ws.recv_json();

@@ -97,15 +97,11 @@ struct InfoItem {
 
 impl InfoItem {
     fn new(channel: &str, info: Option<&str>) -> InfoItem {
-        let asks = |what: &str| {
-            info.unwrap_or_default()
-                .split(',')
-                .any(|i| i.trim() == what)
-        };
+        let info = info.unwrap_or_default();
         InfoItem {
             channel: channel.to_string(),
-            subscription_count: asks("subscription_count"),
-            user_count: asks("user_count") && channel.starts_with("presence-"),
+            subscription_count: lists(info, "subscription_count"),
+            user_count: lists(info, "user_count") && channel.starts_with("presence-"),
         }
     }
 
@@ -610,7 +606,11 @@ fn checked_event(app: &App, event: &Event) -> Result<(), Response> {
 
 /// Whether the request's `info` (a comma-separated list) asks for `what`.
 fn info_asks(request: &Request, what: &str) -> bool {
-    let info = request.query_param("info").unwrap_or_default();
+    lists(&request.query_param("info").unwrap_or_default(), what)
+}
+
+/// Whether a comma-separated `info` list (a query's or a trigger's) names `what`.
+fn lists(info: &str, what: &str) -> bool {
     info.split(',').any(|i| i.trim() == what)
 }
 
