@@ -42,7 +42,8 @@ use ring::{Completion, OpKind, Ring};
 /// batch is taken before any of it is handled, and a receive that carries
 /// bytes holds one of the `ring::RECV_BUFFERS` until then.
 const COMPLETION_BATCH: usize = 16_384;
-/// Envelopes drained from each peer shard per pass, for the same reason.
+/// Envelopes drained from each peer shard per pass, so a flood from one
+/// peer cannot hold back the completions and the other peers.
 const BUS_DRAIN_BOUND: usize = 256;
 /// Passes per turn before the loop checks its timers; a pass that found
 /// nothing to do ends the turn early.
