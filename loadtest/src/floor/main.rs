@@ -22,6 +22,9 @@
 //! An instrument, not a server: it trusts its one client (`wire.rs` reads
 //! only what `ringcast-load` sends; anything else closes the connection).
 
+#[allow(dead_code)]
+#[path = "../procstat.rs"]
+mod procstat;
 mod state;
 mod wire;
 #[allow(dead_code)]
@@ -37,6 +40,8 @@ use std::os::fd::AsRawFd;
 /// Direct descriptors: at most this many connections (fewer when the
 /// open-file limit is lower: the kernel bounds the table by it).
 const MAX_FILES: u64 = 65_536;
+/// Descriptors that stay plain: the listener, stdio, the ring itself.
+const PLAIN_FILES: u64 = 16;
 const SQ_ENTRIES: u32 = 4096;
 const CQ_ENTRIES: u32 = 65_536;
 
@@ -64,7 +69,9 @@ fn main() -> Result<()> {
             a => addr = a.parse().with_context(|| format!("not an address: {a}"))?,
         }
     }
-    let files = raise_fd_limit().min(MAX_FILES) as u32;
+    let files = procstat::raise_nofile(MAX_FILES + PLAIN_FILES)
+        .saturating_sub(PLAIN_FILES)
+        .min(MAX_FILES) as u32;
     let listener = listen(addr)?;
     let mut builder = IoUring::builder();
     builder
@@ -109,26 +116,13 @@ fn listen(addr: SocketAddr) -> Result<TcpListener> {
     Ok(listener)
 }
 
-/// Raises the open-file limit to its hard limit; returns the limit now in force.
-fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 1024,
-        rlim_max: 1024,
-    };
-    // SAFETY: getrlimit and setrlimit with a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                ..lim
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim = raised;
-            }
-        }
-    }
-    // A few descriptors stay plain: the listener, stdio, the ring itself.
-    lim.rlim_cur.saturating_sub(16)
+/// A send of `bytes` on connection `id`. The entry points into `bytes`: the
+/// caller keeps them unmoved until the send completes.
+fn send_entry(id: u32, bytes: &[u8]) -> squeue::Entry {
+    opcode::Send::new(types::Fixed(id), bytes.as_ptr(), bytes.len() as u32)
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(token(SEND, id))
 }
 
 struct Driver {
@@ -203,11 +197,7 @@ impl Driver {
             conn.queued.clear();
             conn.sent = 0;
             conn.send_in_flight = true;
-            let (ptr, len) = (conn.sending.as_ptr(), conn.sending.len() as u32);
-            let entry = opcode::Send::new(types::Fixed(id), ptr, len)
-                .flags(libc::MSG_NOSIGNAL)
-                .build()
-                .user_data(token(SEND, id));
+            let entry = send_entry(id, &conn.sending);
             self.push(entry)?;
         }
         let mut ready = ready;
@@ -259,12 +249,7 @@ impl Driver {
                     conn.sent += res as usize;
                     if conn.sent < conn.sending.len() {
                         // The rest of the same bytes, still unmoved.
-                        let rest = &conn.sending[conn.sent..];
-                        let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
-                        let entry = opcode::Send::new(types::Fixed(id), ptr, len)
-                            .flags(libc::MSG_NOSIGNAL)
-                            .build()
-                            .user_data(token(SEND, id));
+                        let entry = send_entry(id, &conn.sending[conn.sent..]);
                         return self.push(entry);
                     }
                     conn.send_in_flight = false;
