@@ -95,6 +95,8 @@ counters! {
     cq_overflow_flushes_total: "counter",
     /// Completions the kernel dropped (must stay 0).
     cq_dropped_total: "counter",
+    /// Times a shard gone quiet gave its receive buffers' pages back to the kernel (each page faults back in on the next receive into it).
+    receive_page_releases_total: "counter",
     /// Bytes of partial input held for connections (unparsed input, heads waiting for bodies, chunked bodies and fragmented messages under way); bounded by max_inbound_bytes_per_shard.
     memory_inbound_bytes: "gauge",
     /// Bytes queued to connections that the kernel has not taken yet, a frame shared by several counting once per connection; bounded by max_outbound_bytes_per_shard.

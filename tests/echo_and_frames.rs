@@ -3,6 +3,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use common::{TestServer, IO_TIMEOUT};
 use tungstenite::Message;
@@ -98,6 +99,88 @@ fn a_client_close_is_answered_with_the_same_code() {
     server.wait_for("the connection to be released", || {
         server.metric("connections") <= 1
     });
+}
+
+/// Of the 2 MiB of receive buffers a busy shard has touched, what a release
+/// must give back at least (the metrics polls touch a few pages again).
+const RELEASED_AT_LEAST: u64 = 3 << 19;
+
+#[test]
+fn a_quiet_shard_gives_its_receive_pages_back_and_later_input_arrives_intact() {
+    let server = TestServer::start(1, None);
+    let mut ws = server.ws("/echo");
+    // Each try: more receives than the shard has buffers (512), each waiting
+    // for its echo so none share a receive, then a quiet spell. A try can
+    // be spoiled by a stall of the server mid-burst (a release then, with
+    // fewer pages touched after it), so three are allowed.
+    let mut drops = Vec::new();
+    for attempt in 0..3 {
+        let base = attempt * 1_000;
+        for n in base..base + 700 {
+            echo_checked(&mut ws, n, 32);
+        }
+        let busy = server.anon_bytes();
+        let released = server.metric("receive_page_releases_total");
+        wait_quietly("a release", || {
+            server.metric("receive_page_releases_total") > released
+        });
+        drops.push(busy.saturating_sub(server.anon_bytes()));
+        if drops.last() >= Some(&RELEASED_AT_LEAST) {
+            break;
+        }
+    }
+    assert!(
+        drops.iter().any(|&d| d >= RELEASED_AT_LEAST),
+        "anonymous memory fell by {drops:?} bytes after a release; 2 MiB of buffers were resident"
+    );
+    // Input that arrives around releases: groups sent at once, pauses on
+    // both sides of the quiet time, sizes from 1 byte to past one buffer.
+    let releases = server.metric("receive_page_releases_total");
+    for group in 0..16 {
+        let first = 10_000 + group * 8;
+        for n in first..first + 8 {
+            ws.0.send(Message::Binary(echo_payload(n, 9_000).into()))
+                .unwrap();
+        }
+        for n in first..first + 8 {
+            expect_echo(&mut ws, n, 9_000);
+        }
+        std::thread::sleep(Duration::from_millis(60 + (group as u64 * 37) % 150));
+    }
+    assert!(server.metric("receive_page_releases_total") > releases);
+}
+
+/// Bytes of message `n`, from 1 to `max` long; every byte depends on `n`.
+fn echo_payload(n: usize, max: usize) -> Vec<u8> {
+    let len = 1 + (n * 997) % max;
+    (0..len).map(|i| ((n * 31 + i * 7) % 251) as u8).collect()
+}
+
+/// Sends message `n` and checks its echo.
+fn echo_checked(ws: &mut common::Ws, n: usize, max: usize) {
+    ws.0.send(Message::Binary(echo_payload(n, max).into()))
+        .unwrap();
+    expect_echo(ws, n, max);
+}
+
+fn expect_echo(ws: &mut common::Ws, n: usize, max: usize) {
+    match ws.0.read().unwrap() {
+        Message::Binary(back) => assert!(back[..] == echo_payload(n, max)[..], "echo {n} differs"),
+        other => panic!("expected binary echo {n}, got {other:?}"),
+    }
+}
+
+/// Polls `cond` every 300 ms, so the polls themselves (each a receive)
+/// leave the shard quiet long enough; panics after `IO_TIMEOUT`.
+fn wait_quietly(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        if cond() {
+            return;
+        }
+        assert!(start.elapsed() < IO_TIMEOUT, "timed out waiting for {what}");
+    }
 }
 
 /// A raw socket after a successful upgrade on `path`.

@@ -74,8 +74,10 @@ use std::time::Duration;
 /// thread is running (and perf attached) before the first message is due.
 const STEP_LEAD: Duration = Duration::from_millis(100);
 /// Pause after the freeze before reading the server's RSS, so it has settled
-/// its per-connection allocations.
-const RSS_SETTLE: Duration = Duration::from_millis(200);
+/// its per-connection allocations and memory it keeps only while busy has
+/// been given back: a ringcast shard returns its receive buffers' pages
+/// 100-200 ms after its last receive.
+const RSS_SETTLE: Duration = Duration::from_millis(500);
 /// Poll interval while waiting for subscribers or for the drain; small
 /// against any window, and the polls cost nothing measurable.
 const CONNECT_POLL: Duration = Duration::from_millis(10);

@@ -178,6 +178,21 @@ impl TestServer {
         rss_of(self.child.id()).expect("the server is alive")
     }
 
+    /// The server's anonymous resident memory, counted page by page
+    /// (`/proc/PID/smaps_rollup`); VmRSS is read from per-cpu counters that
+    /// can lag by hundreds of KiB.
+    pub fn anon_bytes(&self) -> u64 {
+        let pid = self.child.id();
+        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+            .expect("the server is alive");
+        let kb: u64 = rollup
+            .lines()
+            .find_map(|l| l.strip_prefix("Anonymous:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("smaps_rollup has an Anonymous line");
+        kb * 1024
+    }
+
     /// Sum of one metric over shards, from `/metrics`.
     pub fn metric(&self, name: &str) -> u64 {
         let (_, text) = self.http("GET", "/metrics", None);

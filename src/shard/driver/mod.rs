@@ -52,6 +52,11 @@ const MAX_PASSES_PER_TURN: usize = 8;
 /// timers. Deadlines are seconds long, so a tenth of a second of slack is
 /// invisible.
 const TICK: Duration = Duration::from_millis(100);
+/// Quiet time after the last receive before a shard about to sleep gives
+/// its receive buffers' pages back (`Ring::release_receive_pages`): long
+/// enough that a busy shard never does it between two receives, short enough
+/// that a shard whose connections went idle stops holding the 2 MiB.
+const RECEIVE_PAGES_IDLE: Duration = TICK;
 /// Direct descriptors beyond the connection limit, so connections over it can
 /// still be accepted and told 503 instead of waiting in the backlog.
 const REFUSAL_HEADROOM: usize = 256;
@@ -112,6 +117,8 @@ pub(crate) struct Driver {
     accept_armed: bool,
     accept_errors_logged: u32,
     next_tick: Instant,
+    /// When a receive last brought bytes.
+    last_receive: Instant,
 }
 
 impl Driver {
@@ -155,6 +162,7 @@ impl Driver {
             accept_armed: false,
             accept_errors_logged: 0,
             next_tick: now + TICK,
+            last_receive: now,
             shared,
         })
     }
@@ -189,6 +197,11 @@ impl Driver {
             if self.shared.bus.has_mail(self.id) {
                 self.ring.submit()?;
                 continue;
+            }
+            if now.saturating_duration_since(self.last_receive) >= RECEIVE_PAGES_IDLE {
+                // Every completion drained has been handled and its buffer
+                // recycled: the turn above ran to the end.
+                self.ring.release_receive_pages();
             }
             let wake_at = match self.delayed.front() {
                 Some(&(due, _)) => due.min(self.next_tick),
@@ -501,6 +514,7 @@ impl Driver {
         match c.result {
             n if n > 0 => {
                 if let Some(id) = c.buffer {
+                    self.last_receive = now;
                     ShardStats::add(&self.stats().bytes_in_total, n as u64);
                     if open {
                         // SAFETY: the buffer came with this completion and is
@@ -677,6 +691,10 @@ impl Driver {
         ShardStats::set(&stats.ring_enters_total, counters.enters);
         ShardStats::set(&stats.cq_overflow_flushes_total, counters.overflow_flushes);
         ShardStats::set(&stats.cq_dropped_total, counters.dropped);
+        ShardStats::set(
+            &stats.receive_page_releases_total,
+            counters.receive_page_releases,
+        );
         ShardStats::set(&stats.control_backlog, self.state.control_backlog() as u64);
         ShardStats::set(
             &stats.memory_outbound_bytes,

@@ -40,9 +40,11 @@ const COMPLETIONS_PER_CONN: u32 = 3;
 /// their completion is handled, so this bounds receives pending between two
 /// loop turns, not connections; a receive that finds none ends with ENOBUFS
 /// and is re-armed, its bytes waiting in the socket meanwhile. The kernel
-/// takes buffers round-robin, so every one of them becomes resident: 2,048
-/// (8 MiB) showed up as 530 bytes per connection at 15,000 idle
-/// connections; 512 (2 MiB) is still half a turn's completion batch.
+/// takes buffers round-robin, so every one of them becomes resident while
+/// the shard is busy (an idle shard gives the pages back, see
+/// `Ring::release_receive_pages`): 2,048 (8 MiB) showed up as 530 bytes per
+/// connection at 15,000 idle connections; 512 (2 MiB) is still half a
+/// turn's completion batch.
 pub(crate) const RECV_BUFFERS: u16 = 512;
 /// Size of one provided buffer: a full page, larger than any control message
 /// and most publishes; longer messages span several receives.
@@ -136,15 +138,23 @@ pub(crate) struct Completion {
 }
 
 /// Memory handed to the kernel as the provided-buffer ring: the ring of
-/// descriptors and the buffers themselves, both raw allocations the kernel
-/// writes into, alive as long as the ring.
+/// descriptors and the buffers themselves, both raw memory the kernel
+/// writes into, alive as long as the ring. The buffers are their own
+/// anonymous mapping, so their pages can be given back while the mapping
+/// stays.
 struct BufRing {
     entries: NonNull<types::BufRingEntry>,
     entries_layout: std::alloc::Layout,
     data: NonNull<u8>,
-    data_layout: std::alloc::Layout,
     tail: u16,
+    /// A buffer has been filled since the pages were last given back.
+    touched: bool,
+    /// Buffers handed out by drained completions and not provided back yet.
+    lent: u32,
 }
+
+/// Bytes of all the receive buffers together.
+const RECV_DATA_BYTES: usize = RECV_BUFFERS as usize * RECV_BUFFER_BYTES;
 
 impl BufRing {
     fn new() -> io::Result<BufRing> {
@@ -155,24 +165,37 @@ impl BufRing {
             4096,
         )
         .map_err(io::Error::other)?;
-        let data_layout = std::alloc::Layout::from_size_align(count * RECV_BUFFER_BYTES, 4096)
-            .map_err(io::Error::other)?;
-        // SAFETY: both layouts have a non-zero size.
-        let (entries, data) = unsafe {
-            (
-                std::alloc::alloc_zeroed(entries_layout),
-                std::alloc::alloc(data_layout),
+        // SAFETY: the layout has a non-zero size.
+        let entries = unsafe { std::alloc::alloc_zeroed(entries_layout) };
+        let entries: NonNull<types::BufRingEntry> = NonNull::new(entries.cast())
+            .ok_or_else(|| io::Error::other("out of memory for receive buffers"))?;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is
+        // touched. Its pages are zero-filled on first touch.
+        let data = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                RECV_DATA_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
             )
         };
-        let out_of_memory = || io::Error::other("out of memory for receive buffers");
-        let ring = BufRing {
-            entries: NonNull::new(entries.cast()).ok_or_else(out_of_memory)?,
+        if data == libc::MAP_FAILED {
+            let err = io::Error::last_os_error();
+            // SAFETY: allocated just above with this layout.
+            unsafe { std::alloc::dealloc(entries.as_ptr().cast(), entries_layout) };
+            return Err(err);
+        }
+        Ok(BufRing {
+            entries,
             entries_layout,
-            data: NonNull::new(data).ok_or_else(out_of_memory)?,
-            data_layout,
+            // mmap never returns null on success (the null page is not mappable).
+            data: NonNull::new(data.cast()).expect("mmap returned null"),
             tail: 0,
-        };
-        Ok(ring)
+            touched: false,
+            lent: 0,
+        })
     }
 
     /// Hands buffer `id` (back) to the kernel.
@@ -201,6 +224,29 @@ impl BufRing {
         }
     }
 
+    /// Gives the pages of every buffer back to the kernel; a buffer's page
+    /// comes back, zero-filled, when the kernel next receives into it.
+    ///
+    /// # Safety
+    /// No buffer may hold bytes not yet read: every completion that handed
+    /// one out must have been drained and its buffer provided back.
+    unsafe fn release_pages(&mut self) {
+        // SAFETY: the range is exactly our own mapping. The caller guarantees
+        // no buffer holds unread bytes, and the kernel fills buffers only in
+        // this thread's own system calls (socket receives complete as task
+        // work of the ring's single issuer, never in a kernel worker), so no
+        // receive can land in a page while it is being dropped.
+        let rc = unsafe {
+            libc::madvise(
+                self.data.as_ptr().cast(),
+                RECV_DATA_BYTES,
+                libc::MADV_DONTNEED,
+            )
+        };
+        debug_assert_eq!(rc, 0, "madvise of our own mapping");
+        self.touched = false;
+    }
+
     /// The bytes the kernel wrote into buffer `id`.
     ///
     /// # Safety
@@ -218,11 +264,12 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with these layouts. The ring (and with it
-        // the kernel's registration) is dropped before this field, see `Ring`.
+        // SAFETY: allocated and mapped in `new` with these sizes. The ring (and
+        // with it the kernel's registration) is dropped before this field, see
+        // `Ring`.
         unsafe {
             std::alloc::dealloc(self.entries.as_ptr().cast(), self.entries_layout);
-            std::alloc::dealloc(self.data.as_ptr(), self.data_layout);
+            libc::munmap(self.data.as_ptr().cast(), RECV_DATA_BYTES);
         }
     }
 }
@@ -244,6 +291,8 @@ pub(crate) struct Ring {
     enters: u64,
     /// Times the kernel had to keep completions in its overflow list.
     overflow_flushes: u64,
+    /// Times the receive buffers' pages were given back.
+    receive_page_releases: u64,
 }
 
 /// Completion queue size for a shard of `max_conns` connections: room for
@@ -295,6 +344,7 @@ impl Ring {
             eventfd,
             enters: 0,
             overflow_flushes: 0,
+            receive_page_releases: 0,
         };
         ring.arm_wake();
         Ok(ring)
@@ -474,14 +524,20 @@ impl Ring {
     pub(crate) fn drain(&mut self, out: &mut Vec<Completion>, limit: usize) {
         let cq = self.ring.completion();
         for cqe in cq.take(limit) {
+            let buffer = cqueue::buffer_select(cqe.flags());
             let Some(token) = Token::decode(cqe.user_data()) else {
+                // Not ours to handle; its buffer, if any, goes straight back.
+                if let Some(id) = buffer {
+                    self.bufs.provide(id);
+                }
                 continue;
             };
+            self.bufs.lent += u32::from(buffer.is_some());
             out.push(Completion {
                 token,
                 result: cqe.result(),
                 more: cqueue::more(cqe.flags()),
-                buffer: cqueue::buffer_select(cqe.flags()),
+                buffer,
             });
         }
     }
@@ -497,16 +553,42 @@ impl Ring {
 
     /// Returns a receive buffer to the kernel.
     pub(crate) fn recycle(&mut self, id: u16) {
+        debug_assert!(self.bufs.lent > 0, "buffer {id} recycled but none lent");
         self.bufs.provide(id);
+        self.bufs.lent = self.bufs.lent.saturating_sub(1);
+        self.bufs.touched = true;
     }
 
-    /// Counters for /metrics: `io_uring_enter` calls, overflow flushes, and
-    /// completions the kernel dropped (must stay 0).
+    /// Gives the receive buffers' pages back to the kernel if any was filled
+    /// since they last were, no buffer is lent out and no completion is
+    /// waiting (one may carry a filled buffer); otherwise does nothing. For a
+    /// shard about to sleep after a quiet spell: each buffer the kernel takes
+    /// round-robin stays resident otherwise, 2 MiB a shard. A page comes back
+    /// with one fault on the next receive into it.
+    pub(crate) fn release_receive_pages(&mut self) {
+        if !self.bufs.touched
+            || self.bufs.lent > 0
+            || self.has_completions()
+            || self.ring.submission().cq_overflow()
+        {
+            return;
+        }
+        // SAFETY: no completion is waiting, in the ring or in the kernel's
+        // overflow list, and every buffer a drained one handed out has been
+        // provided back, so no buffer holds unread bytes.
+        unsafe { self.bufs.release_pages() };
+        self.receive_page_releases += 1;
+    }
+
+    /// Counters for /metrics: `io_uring_enter` calls, overflow flushes,
+    /// completions the kernel dropped (must stay 0), and receive-page
+    /// releases.
     pub(crate) fn counters(&mut self) -> RingCounters {
         RingCounters {
             enters: self.enters,
             overflow_flushes: self.overflow_flushes,
             dropped: u64::from(self.ring.completion().overflow()),
+            receive_page_releases: self.receive_page_releases,
         }
     }
 }
@@ -517,6 +599,7 @@ pub(crate) struct RingCounters {
     pub(crate) enters: u64,
     pub(crate) overflow_flushes: u64,
     pub(crate) dropped: u64,
+    pub(crate) receive_page_releases: u64,
 }
 
 /// Errors of `io_uring_enter` that only mean "try again next turn": a signal,
@@ -616,6 +699,61 @@ mod tests {
             libc::close(fd_a);
             libc::close(fd_b);
         }
+    }
+
+    #[test]
+    fn receive_pages_are_given_back_only_when_no_buffer_holds_bytes() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        // SAFETY: eventfd has no memory-safety preconditions; checked below.
+        let eventfd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(eventfd >= 0);
+        let mut ring = Ring::with_sizes(eventfd, 16, 8, 16).unwrap();
+        let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        ring.ring
+            .submitter()
+            .register_files_update(0, &[server.as_raw_fd()])
+            .unwrap();
+        let key = ConnKey::new(0, 1);
+        ring.recv(0, key);
+        client.write_all(b"first").unwrap();
+        let mut seen = Vec::new();
+        while seen.is_empty() {
+            ring.submit_and_wait(Duration::from_secs(5)).unwrap();
+            ring.drain(&mut seen, usize::MAX);
+        }
+        let c = seen[0];
+        assert_eq!((c.token, c.result), (Token::new(OpKind::Recv, key), 5));
+        let id = c.buffer.expect("a provided buffer");
+
+        ring.release_receive_pages();
+        assert_eq!(ring.counters().receive_page_releases, 0, "a buffer is lent");
+        // SAFETY: the buffer came with the completion above, not recycled.
+        assert_eq!(unsafe { ring.received(id, 5) }, b"first");
+        ring.recycle(id);
+        ring.release_receive_pages();
+        assert_eq!(ring.counters().receive_page_releases, 1);
+        ring.release_receive_pages();
+        assert_eq!(
+            ring.counters().receive_page_releases,
+            1,
+            "nothing touched since"
+        );
+
+        // The next receive lands in a page given back, intact.
+        client.write_all(b"second").unwrap();
+        seen.clear();
+        while seen.is_empty() {
+            ring.submit_and_wait(Duration::from_secs(5)).unwrap();
+            ring.drain(&mut seen, usize::MAX);
+        }
+        let id = seen[0].buffer.expect("a provided buffer");
+        // SAFETY: as above.
+        assert_eq!(unsafe { ring.received(id, 6) }, b"second");
+        ring.recycle(id);
+        drop(ring);
+        // SAFETY: closing our own eventfd once, after its ring.
+        unsafe { libc::close(eventfd) };
     }
 
     #[test]
