@@ -231,11 +231,14 @@ impl BufRing {
     /// No buffer may hold bytes not yet read: every completion that handed
     /// one out must have been drained and its buffer provided back.
     unsafe fn release_pages(&mut self) {
-        // SAFETY: the range is exactly our own mapping. The caller guarantees
-        // no buffer holds unread bytes, and the kernel fills buffers only in
-        // this thread's own system calls (socket receives complete as task
-        // work of the ring's single issuer, never in a kernel worker), so no
-        // receive can land in a page while it is being dropped.
+        // SAFETY: the range is exactly our own mapping, which stays mapped:
+        // dropping its pages frees nothing Rust can reach, whatever the kernel
+        // does meanwhile (a write to a dropped page lands in a fresh one).
+        // That no bytes are lost rests on the caller (no buffer holds unread
+        // bytes) and on the kernel filling buffers only in this thread's own
+        // system calls (socket receives complete as task work of the ring's
+        // single issuer, not in a kernel worker), so no receive lands in a
+        // page while it is being dropped.
         let rc = unsafe {
             libc::madvise(
                 self.data.as_ptr().cast(),
