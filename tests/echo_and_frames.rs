@@ -3,7 +3,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{TestServer, IO_TIMEOUT};
 use tungstenite::Message;
@@ -121,7 +121,8 @@ fn a_quiet_shard_gives_its_receive_pages_back_and_later_input_arrives_intact() {
         }
         let busy = server.anon_bytes();
         let released = server.metric("receive_page_releases_total");
-        wait_quietly("a release", || {
+        // Polled seldom: each poll is a receive, which delays the release.
+        server.wait_for_every("a release", Duration::from_millis(300), || {
             server.metric("receive_page_releases_total") > released
         });
         drops.push(busy.saturating_sub(server.anon_bytes()));
@@ -167,19 +168,6 @@ fn expect_echo(ws: &mut common::Ws, n: usize, max: usize) {
     match ws.0.read().unwrap() {
         Message::Binary(back) => assert!(back[..] == echo_payload(n, max)[..], "echo {n} differs"),
         other => panic!("expected binary echo {n}, got {other:?}"),
-    }
-}
-
-/// Polls `cond` every 300 ms, so the polls themselves (each a receive)
-/// leave the shard quiet long enough; panics after `IO_TIMEOUT`.
-fn wait_quietly(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(300));
-        if cond() {
-            return;
-        }
-        assert!(start.elapsed() < IO_TIMEOUT, "timed out waiting for {what}");
     }
 }
 

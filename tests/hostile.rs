@@ -382,18 +382,11 @@ fn leaves_no_stream(what: &str, attack: impl FnOnce(u64)) {
     let _turn = turn(&STREAM_TABLE);
     let before = streams_after_sweep();
     attack(before);
-    let start = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(200));
-        let streams = metric("streams");
-        if streams <= before {
-            break;
-        }
-        assert!(
-            start.elapsed() < IO_TIMEOUT,
-            "{what}: {streams} streams, {before} before"
-        );
-    }
+    server().wait_for_every(
+        &format!("{what}: streams back to {before}"),
+        Duration::from_millis(200),
+        || metric("streams") <= before,
+    );
     still_healthy();
 }
 

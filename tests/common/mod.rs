@@ -185,12 +185,7 @@ impl TestServer {
         let pid = self.child.id();
         let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
             .expect("the server is alive");
-        let kb: u64 = rollup
-            .lines()
-            .find_map(|l| l.strip_prefix("Anonymous:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("smaps_rollup has an Anonymous line");
-        kb * 1024
+        proc_kib_field(&rollup, "Anonymous:").expect("smaps_rollup has an Anonymous line")
     }
 
     /// Sum of one metric over shards, from `/metrics`.
@@ -214,11 +209,17 @@ impl TestServer {
     }
 
     /// Waits until `cond` holds, polling; panics after `IO_TIMEOUT`.
-    pub fn wait_for(&self, what: &str, mut cond: impl FnMut() -> bool) {
+    pub fn wait_for(&self, what: &str, cond: impl FnMut() -> bool) {
+        self.wait_for_every(what, Duration::from_millis(20), cond);
+    }
+
+    /// Waits until `cond` holds, polling every `every` (a poll that is a
+    /// request the server must see seldom); panics after `IO_TIMEOUT`.
+    pub fn wait_for_every(&self, what: &str, every: Duration, mut cond: impl FnMut() -> bool) {
         let start = Instant::now();
         while !cond() {
             assert!(start.elapsed() < IO_TIMEOUT, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(every);
         }
     }
 
@@ -315,9 +316,14 @@ pub fn run_python(script: &str, addr: SocketAddr) {
 /// The resident memory (VmRSS) of process `pid`, if it is running.
 pub fn rss_of(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
+    proc_kib_field(&status, "VmRSS:")
+}
+
+/// A `/proc` file's `Field:   N kB` line, in bytes.
+fn proc_kib_field(text: &str, field: &str) -> Option<u64> {
+    let kb: u64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
     Some(kb * 1024)
 }
