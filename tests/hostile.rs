@@ -23,7 +23,9 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{client_text_frame, read_server_frame, TestServer, Ws, IO_TIMEOUT};
+use common::{
+    client_text_frame, kernel_send_buffer_max, read_server_frame, TestServer, Ws, IO_TIMEOUT,
+};
 use serde_json::Value;
 
 /// Address space the server may map: its idle 2-shard footprint is about
@@ -886,9 +888,13 @@ fn a_subscriber_flooding_its_own_topic_without_reading_is_closed_with_1013() {
         r#"{{"type":"message","topic":"self-flood","payload":"{}"}}"#,
         "x".repeat(8000)
     ));
-    // It never reads: its own pushes pile up until the budget closes it.
+    // It never reads: its own pushes fill the server's socket (up to the
+    // kernel's send buffer), then pile up until the budget closes it. The
+    // write timeout ends the flood if the server stops reading instead.
+    flood.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    let flood_bytes = 2 * OUTBOUND_BUDGET + kernel_send_buffer_max();
     let mut sent = 0;
-    while sent < 4 * OUTBOUND_BUDGET && flood.write_all(&message).is_ok() {
+    while sent < flood_bytes && flood.write_all(&message).is_ok() {
         sent += message.len();
     }
     let code = loop {

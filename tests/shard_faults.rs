@@ -8,7 +8,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{client_text_frame, read_server_frame, TestServer, IO_TIMEOUT};
+use common::{
+    client_text_frame, kernel_send_buffer_max, read_server_frame, TestServer, IO_TIMEOUT,
+};
 
 const OPCODE_TEXT: u8 = 0x1;
 const OPCODE_CLOSE: u8 = 0x8;
@@ -33,10 +35,16 @@ fn a_sole_subscriber_flooding_its_own_topic_is_closed_and_the_shard_lives_on() {
     for _ in 0..100 {
         batch.extend_from_slice(&message);
     }
-    for _ in 0..60 {
+    // More than the server's socket can hold plus twice the default budget
+    // (1 MiB), so its own queue must pass the budget.
+    flooder.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    let flood_bytes = (2 << 20) + kernel_send_buffer_max();
+    let mut sent = 0;
+    while sent < flood_bytes {
         if flooder.write_all(&batch).is_err() {
             break; // the server has dropped it: that is the point
         }
+        sent += batch.len();
     }
 
     server.wait_for("the flooder to be closed as a slow consumer", || {

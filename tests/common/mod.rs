@@ -423,6 +423,16 @@ impl Ws {
     }
 }
 
+/// The most a server's socket can hold unsent (the third field of
+/// `tcp_wmem`, 4 MiB by default): a client that never reads must send more
+/// than this past a budget before the server's own queue can pass it.
+pub fn kernel_send_buffer_max() -> usize {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|fields| fields.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20)
+}
+
 /// A masked client text frame (RFC 6455 5.3), as a client library would send it.
 pub fn client_text_frame(text: &str) -> Vec<u8> {
     let payload = text.as_bytes();
