@@ -16,8 +16,8 @@
 //!   ADDR defaults to 127.0.0.1:0; prints `listening on ADDR` once bound.
 //!   --taskrun: how the kernel runs completion work: `defer` (the default,
 //!   IORING_SETUP_DEFER_TASKRUN: in this thread's `io_uring_enter`, batched)
-//!   or `coop` (IORING_SETUP_COOP_TASKRUN, as ringcast's shards do), to
-//!   measure what the setting is worth.
+//!   as ringcast's shards do, or `coop` (IORING_SETUP_COOP_TASKRUN: at the
+//!   thread's next system call), to measure what the setting is worth.
 //!
 //! An instrument, not a server: it trusts its one client (`wire.rs` reads
 //! only what `ringcast-load` sends; anything else closes the connection).
