@@ -42,6 +42,14 @@ use ring::{Completion, OpKind, Ring};
 /// batch is taken before any of it is handled, and a receive that carries
 /// bytes holds one of the `ring::RECV_BUFFERS` until then.
 const COMPLETION_BATCH: usize = 16_384;
+/// Connections sent to per pass (answers aside). A broadcast's sends go out
+/// in slices with the completions handled between them, so a publication
+/// read mid-round reaches every connection of the round not yet sent to
+/// instead of waiting for the next round. Each slice costs one
+/// `io_uring_enter`. Scenario a (10,000 subscribers, saturated): all at
+/// once against 1,024, p50 0.55x, p99 0.67x; 1,024 -> 256 p50 0.75x;
+/// 256 -> 64 p50 0.88x but process CPU 1.03x.
+const SENDS_PER_PASS: usize = 256;
 /// Envelopes drained from each peer shard per pass, so a flood from one
 /// peer cannot hold back the completions and the other peers.
 const BUS_DRAIN_BOUND: usize = 256;
@@ -87,8 +95,9 @@ pub(crate) struct Driver {
     /// Connections that passed their budget while commands were carried out;
     /// the state hears of them once the batch is done.
     overflowed: Vec<ConnKey>,
-    /// Connections with queued output, in the order they got it.
-    dirty: Vec<ConnKey>,
+    /// Connections with queued output, in the order they got it; sent
+    /// from the front, a slice per pass.
+    dirty: VecDeque<ConnKey>,
     /// Connections given an answer (a response, not a push) while idle:
     /// sent before `dirty`, so a publisher's 202 goes out ahead of the
     /// fan-out its publication caused.
@@ -146,7 +155,7 @@ impl Driver {
             state,
             commands: Vec::new(),
             overflowed: Vec::new(),
-            dirty: Vec::new(),
+            dirty: VecDeque::new(),
             answering: Vec::new(),
             delayed: VecDeque::new(),
             write_delay: config.write_delay,
@@ -227,7 +236,7 @@ impl Driver {
         for _ in 0..MAX_PASSES_PER_TURN {
             progressed = self.handle_completions(now);
             progressed |= self.drain_bus(now);
-            self.flush();
+            progressed |= self.flush();
             if !progressed {
                 break;
             }
@@ -308,7 +317,7 @@ impl Driver {
             Queued::Dirty => {
                 self.frames_queued += 1;
                 if push {
-                    self.dirty.push(key);
+                    self.dirty.push_back(key);
                 } else {
                     self.answering.push(key);
                 }
@@ -358,7 +367,7 @@ impl Driver {
             self.frames_queued += 1;
         }
         if closed.dirty {
-            self.dirty.push(key);
+            self.dirty.push_back(key);
         }
         if closed.terminated {
             self.ring.shutdown(conn.file, key);
@@ -563,7 +572,7 @@ impl Driver {
             sent.bytes as u64,
         );
         if sent.dirty {
-            self.dirty.push(key);
+            self.dirty.push_back(key);
         }
         if sent.terminated {
             self.ring.shutdown(conn.file, key);
@@ -576,40 +585,59 @@ impl Driver {
 
     // ---- sends and the bus -------------------------------------------------------
 
-    /// Queues a send for every connection with output (pushes held past
-    /// their write delay included) and re-arms receives.
-    fn flush(&mut self) {
+    /// Queues a send for every connection with an answer and for the next
+    /// [`SENDS_PER_PASS`] connections with output (pushes held past their
+    /// write delay included), and re-arms receives. Returns true if
+    /// connections with output are left for the next pass; their slice's
+    /// sends are submitted now, so their completions, and the receives
+    /// that came meanwhile, are there for the next pass to handle first.
+    fn flush(&mut self) -> bool {
         if let Some(&(due, _)) = self.delayed.front() {
             let now = Instant::now();
             if due <= now {
                 self.release_delayed(now);
             }
         }
-        let mut dirty = std::mem::take(&mut self.dirty);
         // Answers first; a connection in both lists sends once, here.
         let mut answering = std::mem::take(&mut self.answering);
-        for key in answering.drain(..).chain(dirty.drain(..)) {
-            let Some(conn) = self.conns.get_mut(key) else {
-                continue;
-            };
-            let Some(plan) = conn.io.take_send() else {
-                continue;
-            };
-            // SAFETY: the plan points into frames the connection's in-flight
-            // state owns until `on_send` reports the completion.
-            unsafe {
-                match plan {
-                    SendPlan::One { ptr, len } => self.ring.send(conn.file, ptr, len, key),
-                    SendPlan::Many(msg) => self.ring.send_msg(conn.file, msg, key),
-                }
-            }
-            ShardStats::add(&self.stats().send_ops_total, 1);
+        for key in answering.drain(..) {
+            self.send_queued(key);
         }
-        self.dirty = dirty;
         self.answering = answering;
+        for _ in 0..self.dirty.len().min(SENDS_PER_PASS) {
+            if let Some(key) = self.dirty.pop_front() {
+                self.send_queued(key);
+            }
+        }
         for key in std::mem::take(&mut self.rearm) {
             self.arm_recv(key);
         }
+        let more = !self.dirty.is_empty();
+        if more {
+            // A failed enter is retried by the loop's next submit.
+            let _ = self.ring.submit();
+        }
+        more
+    }
+
+    /// Sends what the connection has queued, unless a send of its is in
+    /// flight or it has nothing.
+    fn send_queued(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Some(plan) = conn.io.take_send() else {
+            return;
+        };
+        // SAFETY: the plan points into frames the connection's in-flight
+        // state owns until `on_send` reports the completion.
+        unsafe {
+            match plan {
+                SendPlan::One { ptr, len } => self.ring.send(conn.file, ptr, len, key),
+                SendPlan::Many(msg) => self.ring.send_msg(conn.file, msg, key),
+            }
+        }
+        ShardStats::add(&self.stats().send_ops_total, 1);
     }
 
     /// Moves connections whose write delay has passed to the dirty list.
@@ -621,7 +649,7 @@ impl Driver {
             self.delayed.pop_front();
             if let Some(conn) = self.conns.get_mut(key) {
                 if conn.io.delay_passed() {
-                    self.dirty.push(key);
+                    self.dirty.push_back(key);
                 }
             }
         }
