@@ -647,6 +647,41 @@ fn is_transient(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::net::UnixStream;
+
+    /// A small ring and the eventfd it was given, closed after the ring
+    /// (field order).
+    struct TestRing {
+        ring: Ring,
+        eventfd: OwnedFd,
+    }
+
+    fn test_ring() -> TestRing {
+        // SAFETY: eventfd has no memory-safety preconditions; checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let ring = Ring::with_sizes(fd, 16, 8, 16).unwrap();
+        TestRing { ring, eventfd }
+    }
+
+    /// A test ring whose file 0 is one end of a socket pair, a multishot
+    /// receive for `key` queued on it; returns the end to write to, and
+    /// the ring's end, which must stay open.
+    fn receiving(key: ConnKey) -> (TestRing, UnixStream, UnixStream) {
+        let mut t = test_ring();
+        let (client, server) = UnixStream::pair().unwrap();
+        t.ring
+            .ring
+            .submitter()
+            .register_files_update(0, &[server.as_raw_fd()])
+            .unwrap();
+        t.ring.recv(0, key);
+        (t, client, server)
+    }
 
     #[test]
     fn tokens_round_trip_through_user_data() {
@@ -658,10 +693,8 @@ mod tests {
 
     #[test]
     fn completions_that_overflowed_reach_the_ring_without_new_submissions() {
-        // SAFETY: eventfd has no memory-safety preconditions; checked below.
-        let eventfd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        assert!(eventfd >= 0);
-        let mut ring = Ring::with_sizes(eventfd, 16, 8, 16).unwrap();
+        let mut t = test_ring();
+        let ring = &mut t.ring;
         let nops = 64;
         for _ in 0..nops {
             let nop = opcode::Nop::new()
@@ -689,22 +722,13 @@ mod tests {
             "the test did overflow the queue"
         );
         assert_eq!(ring.counters().dropped, 0);
-        // SAFETY: closing our own eventfd once.
-        unsafe { libc::close(eventfd) };
     }
 
     #[test]
     fn a_ring_message_wakes_the_peer_and_a_failed_one_names_it() {
-        // SAFETY: eventfd has no memory-safety preconditions; checked below.
-        let (fd_a, fd_b) = unsafe {
-            (
-                libc::eventfd(0, libc::EFD_CLOEXEC),
-                libc::eventfd(0, libc::EFD_CLOEXEC),
-            )
-        };
-        assert!(fd_a >= 0 && fd_b >= 0);
-        let mut a = Ring::with_sizes(fd_a, 16, 8, 16).unwrap();
-        let mut b = Ring::with_sizes(fd_b, 16, 8, 16).unwrap();
+        let (mut ta, mut tb) = (test_ring(), test_ring());
+        let fd_b = tb.eventfd.as_raw_fd();
+        let (a, b) = (&mut ta.ring, &mut tb.ring);
         a.wake_peer(1, b.fd());
         // Not a ring: the message fails and its completion names the peer.
         a.wake_peer(5, fd_b);
@@ -726,29 +750,13 @@ mod tests {
         assert_eq!(on_a[0].token.kind, OpKind::WakePeer);
         assert_eq!(on_a[0].token.key.slot(), 5);
         assert!(on_a[0].result < 0);
-        drop((a, b));
-        // SAFETY: closing our own eventfds once, after their rings.
-        unsafe {
-            libc::close(fd_a);
-            libc::close(fd_b);
-        }
     }
 
     #[test]
     fn receive_pages_are_given_back_only_when_no_buffer_holds_bytes() {
-        use std::io::Write;
-        use std::os::fd::AsRawFd;
-        // SAFETY: eventfd has no memory-safety preconditions; checked below.
-        let eventfd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        assert!(eventfd >= 0);
-        let mut ring = Ring::with_sizes(eventfd, 16, 8, 16).unwrap();
-        let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
-        ring.ring
-            .submitter()
-            .register_files_update(0, &[server.as_raw_fd()])
-            .unwrap();
         let key = ConnKey::new(0, 1);
-        ring.recv(0, key);
+        let (mut t, mut client, _server) = receiving(key);
+        let ring = &mut t.ring;
         client.write_all(b"first").unwrap();
         let mut seen = Vec::new();
         while seen.is_empty() {
@@ -784,26 +792,13 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { ring.received(id, 6) }, b"second");
         ring.recycle(id);
-        drop(ring);
-        // SAFETY: closing our own eventfd once, after its ring.
-        unsafe { libc::close(eventfd) };
     }
 
     #[test]
     fn submitting_runs_the_completion_work_deferred_to_this_thread() {
-        use std::io::Write;
-        use std::os::fd::AsRawFd;
-        // SAFETY: eventfd has no memory-safety preconditions; checked below.
-        let eventfd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        assert!(eventfd >= 0);
-        let mut ring = Ring::with_sizes(eventfd, 16, 8, 16).unwrap();
-        let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
-        ring.ring
-            .submitter()
-            .register_files_update(0, &[server.as_raw_fd()])
-            .unwrap();
         let key = ConnKey::new(0, 1);
-        ring.recv(0, key);
+        let (mut t, mut client, _server) = receiving(key);
+        let ring = &mut t.ring;
         ring.submit().unwrap();
         client.write_all(b"data").unwrap();
         // Never waiting: a busy shard only submits, and its receives must
@@ -820,9 +815,6 @@ mod tests {
             (Token::new(OpKind::Recv, key), 4)
         );
         ring.recycle(seen[0].buffer.expect("a provided buffer"));
-        drop(ring);
-        // SAFETY: closing our own eventfd once, after its ring.
-        unsafe { libc::close(eventfd) };
     }
 
     #[test]
