@@ -324,9 +324,10 @@ impl Ring {
     fn with_sizes(eventfd: RawFd, files: u32, sq: u32, cq: u32) -> io::Result<Ring> {
         // Completion work (a receive's copy, a send's completion) runs only
         // when this thread enters the ring asking for events, in one batch,
-        // not at whatever system call the thread makes next (COOP_TASKRUN):
-        // in a saturated broadcast (loadtest/ab.sh, scenario a, two runs of
-        // 5 rounds) p50 0.94x and 0.87x, p99 0.85x and 0.78x, CPU 1.00x.
+        // not at whatever system call the thread makes next (COOP_TASKRUN),
+        // as io_uring advises for a ring with a single issuer. Against COOP
+        // in a saturated broadcast (loadtest/ab.sh, scenario a, four runs
+        // of 5 rounds) p99 0.78x to 1.04x, CPU 1.00x: level to better.
         // `submit` therefore always asks for events (never waiting for any),
         // and the task-run flag says when deferred work is pending.
         let ring = IoUring::builder()
