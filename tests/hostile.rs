@@ -24,7 +24,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{
-    client_text_frame, kernel_send_buffer_max, read_server_frame, TestServer, Ws, IO_TIMEOUT,
+    client_text_frame, flood_without_reading, read_server_frame, TestServer, Ws, IO_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -891,18 +891,9 @@ fn a_subscriber_flooding_its_own_topic_without_reading_is_closed_with_1013() {
         r#"{{"type":"message","topic":"self-flood","payload":"{}"}}"#,
         "x".repeat(8000)
     ));
-    // It never reads: its own pushes fill the server's socket (up to the
-    // kernel's send buffer), then pile up until the budget closes it. The
-    // write timeout ends the flood if the server stops reading instead.
-    flood.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    let flood_bytes = 2 * OUTBOUND_BUDGET + kernel_send_buffer_max();
-    let mut sent = 0;
-    while sent < flood_bytes && flood.write_all(&message).is_ok() {
-        sent += message.len();
-    }
-    // Written is not read: megabytes can still wait in the two kernels'
-    // buffers, and a client that began reading now would drain its pushes
-    // as fast as the server made them, so no close would be due.
+    // It never reads: its own pushes fill the server's socket, then pile
+    // up until the budget closes it; only then does it read.
+    flood_without_reading(&mut flood, &message, OUTBOUND_BUDGET);
     server.wait_for("the flooder to be closed as a slow consumer", || {
         server.metric("slow_consumer_disconnects_total") == 1
     });

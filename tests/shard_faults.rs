@@ -8,9 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{
-    client_text_frame, kernel_send_buffer_max, read_server_frame, TestServer, IO_TIMEOUT,
-};
+use common::{client_text_frame, flood_without_reading, read_server_frame, TestServer, IO_TIMEOUT};
 
 const OPCODE_TEXT: u8 = 0x1;
 const OPCODE_CLOSE: u8 = 0x8;
@@ -35,17 +33,9 @@ fn a_sole_subscriber_flooding_its_own_topic_is_closed_and_the_shard_lives_on() {
     for _ in 0..100 {
         batch.extend_from_slice(&message);
     }
-    // More than the server's socket can hold plus twice the default budget
-    // (1 MiB), so its own queue must pass the budget.
-    flooder.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    let flood_bytes = (2 << 20) + kernel_send_buffer_max();
-    let mut sent = 0;
-    while sent < flood_bytes {
-        if flooder.write_all(&batch).is_err() {
-            break; // the server has dropped it: that is the point
-        }
-        sent += batch.len();
-    }
+    // Past the default budget (1 MiB); a failed write means the server
+    // has dropped it, which is the point.
+    flood_without_reading(&mut flooder, &batch, 1 << 20);
 
     server.wait_for("the flooder to be closed as a slow consumer", || {
         server.metric("slow_consumer_disconnects_total") == 1

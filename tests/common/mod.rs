@@ -423,10 +423,26 @@ impl Ws {
     }
 }
 
+/// Writes `frames` again and again without reading, until more than twice
+/// `budget` past what the server's socket can hold unsent has gone, or a
+/// write fails (the server dropped it). A write timeout ends the flood if
+/// the server stops reading instead. The bytes written may still wait in
+/// the kernels' buffers: a caller must let the server act on them (wait
+/// for its close) before it reads, or its reads drain the pushes as fast
+/// as they are made.
+pub fn flood_without_reading(stream: &mut TcpStream, frames: &[u8], budget: usize) {
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    let flood_bytes = 2 * budget + kernel_send_buffer_max();
+    let mut sent = 0;
+    while sent < flood_bytes && stream.write_all(frames).is_ok() {
+        sent += frames.len();
+    }
+}
+
 /// The most a server's socket can hold unsent (the third field of
 /// `tcp_wmem`, 4 MiB by default): a client that never reads must send more
 /// than this past a budget before the server's own queue can pass it.
-pub fn kernel_send_buffer_max() -> usize {
+fn kernel_send_buffer_max() -> usize {
     std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
         .ok()
         .and_then(|fields| fields.split_whitespace().nth(2)?.parse().ok())
