@@ -23,9 +23,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{
-    client_text_frame, flood_without_reading, read_server_frame, TestServer, Ws, IO_TIMEOUT,
-};
+use common::{client_text_frame, read_server_frame, TestServer, Ws, IO_TIMEOUT};
 use serde_json::Value;
 
 /// Address space the server may map: its idle 2-shard footprint is about
@@ -893,10 +891,7 @@ fn a_subscriber_flooding_its_own_topic_without_reading_is_closed_with_1013() {
     ));
     // It never reads: its own pushes fill the server's socket, then pile
     // up until the budget closes it; only then does it read.
-    flood_without_reading(&mut flood, &message, OUTBOUND_BUDGET);
-    server.wait_for("the flooder to be closed as a slow consumer", || {
-        server.metric("slow_consumer_disconnects_total") == 1
-    });
+    server.flood_until_closed(&mut flood, &message, OUTBOUND_BUDGET);
     let code = loop {
         match read_server_frame(&mut flood) {
             Ok((0x8, payload)) => break close_code(&payload),

@@ -208,6 +208,26 @@ impl TestServer {
             .unwrap_or_else(|| panic!("metric {name} of shard {shard} missing"))
     }
 
+    /// Writes `frames` on `stream` again and again without reading, until
+    /// more than twice `budget` past what the server's socket can hold
+    /// unsent has gone or a write fails (the server dropped it; a write
+    /// timeout ends the flood if it stops reading instead), then waits for
+    /// this server's first slow-consumer close. Only then may the caller
+    /// read: bytes written can still wait in the kernels' buffers, and a
+    /// client reading meanwhile drains its pushes as fast as they are made,
+    /// so no close would be due.
+    pub fn flood_until_closed(&self, stream: &mut TcpStream, frames: &[u8], budget: usize) {
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        let flood_bytes = 2 * budget + kernel_send_buffer_max();
+        let mut sent = 0;
+        while sent < flood_bytes && stream.write_all(frames).is_ok() {
+            sent += frames.len();
+        }
+        self.wait_for("the flooder to be closed as a slow consumer", || {
+            self.metric("slow_consumer_disconnects_total") == 1
+        });
+    }
+
     /// Waits until `cond` holds, polling; panics after `IO_TIMEOUT`.
     pub fn wait_for(&self, what: &str, cond: impl FnMut() -> bool) {
         self.wait_for_every(what, Duration::from_millis(20), cond);
@@ -420,22 +440,6 @@ impl Ws {
             s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         }
         result
-    }
-}
-
-/// Writes `frames` again and again without reading, until more than twice
-/// `budget` past what the server's socket can hold unsent has gone, or a
-/// write fails (the server dropped it). A write timeout ends the flood if
-/// the server stops reading instead. The bytes written may still wait in
-/// the kernels' buffers: a caller must let the server act on them (wait
-/// for its close) before it reads, or its reads drain the pushes as fast
-/// as they are made.
-pub fn flood_without_reading(stream: &mut TcpStream, frames: &[u8], budget: usize) {
-    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    let flood_bytes = 2 * budget + kernel_send_buffer_max();
-    let mut sent = 0;
-    while sent < flood_bytes && stream.write_all(frames).is_ok() {
-        sent += frames.len();
     }
 }
 
