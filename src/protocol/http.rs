@@ -5,12 +5,16 @@
 //! touches a socket, and pipelining is the caller's loop over what is left.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use bytes::Bytes;
 use percent_encoding::percent_decode_str;
 
 use super::message::write_decimal;
 use super::Decoded;
+
+mod head;
+use head::Head;
 
 /// Header slots kept on the stack; a larger `max_headers` falls back to the heap.
 /// 64 covers browsers plus a proxy chain with room to spare.
@@ -94,33 +98,42 @@ impl Method {
 pub struct Request {
     /// The method.
     pub method: Method,
-    /// Percent-decoded path without the query (lossy UTF-8).
-    pub path: String,
-    /// Raw query string after `?`, `""` if none.
-    pub query: String,
     /// HTTP minor version: 0 or 1.
     pub version_minor: u8,
-    /// Header fields in order; names lowercased, values as sent (lossy UTF-8).
-    pub headers: Vec<(String, String)>,
     /// The body, de-chunked when it was sent chunked.
     pub body: Bytes,
+    /// Path, query and header fields.
+    head: Head,
 }
 
 impl Request {
+    /// Percent-decoded path without the query (lossy UTF-8).
+    pub fn path(&self) -> &str {
+        self.head.path()
+    }
+
+    /// Raw query string after `?`, `""` if none.
+    pub fn query(&self) -> &str {
+        self.head.query()
+    }
+
+    /// Header fields in order; names lowercased, values as sent (lossy UTF-8).
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.head.fields()
+    }
+
     /// Value of the first header named `lowercase_name`.
     pub fn header(&self, lowercase_name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(name, _)| name == lowercase_name)
-            .map(|(_, value)| value.as_str())
+        self.headers()
+            .find(|(name, _)| *name == lowercase_name)
+            .map(|(_, value)| value)
     }
 
     /// Every comma-separated token of every header named `lowercase_name`,
     /// trimmed (RFC 9110 5.3: repeated fields combine as a list).
     pub fn header_tokens<'a>(&'a self, lowercase_name: &'a str) -> impl Iterator<Item = &'a str> {
-        self.headers
-            .iter()
-            .filter(move |(name, _)| name == lowercase_name)
+        self.headers()
+            .filter(move |(name, _)| *name == lowercase_name)
             .flat_map(|(_, value)| value.split(','))
             .map(str::trim)
             .filter(|token| !token.is_empty())
@@ -135,7 +148,7 @@ impl Request {
     /// First query parameter called `name`, percent-decoded with `+` as space.
     /// A bare `flag` without `=` yields `Some("")`.
     pub fn query_param(&self, name: &str) -> Option<String> {
-        self.query
+        self.query()
             .split('&')
             .filter(|pair| !pair.is_empty())
             .find_map(|pair| {
@@ -147,7 +160,7 @@ impl Request {
     /// Every value of query parameter `name`, decoded, in order
     /// (`?topic=a&topic=b`).
     pub fn query_params<'a>(&'a self, name: &'a str) -> impl Iterator<Item = String> + 'a {
-        self.query
+        self.query()
             .split('&')
             .filter(|pair| !pair.is_empty())
             .filter_map(move |pair| {
@@ -166,15 +179,9 @@ impl Request {
         }
     }
 
-    /// Bytes its head takes in memory: the strings and their handles.
+    /// Bytes its head takes in memory.
     pub fn head_bytes(&self) -> usize {
-        let field = 2 * std::mem::size_of::<String>();
-        let fields: usize = self
-            .headers
-            .iter()
-            .map(|(name, value)| name.len() + value.len() + field)
-            .sum();
-        std::mem::size_of::<Request>() + self.path.len() + self.query.len() + fields
+        std::mem::size_of::<Request>() + self.head.heap_bytes()
     }
 
     /// The token of `Authorization: Bearer <token>` (scheme case-insensitive).
@@ -402,16 +409,19 @@ fn decode_head(
 
 /// Parses a head with httparse; `None` when `buf` holds no complete head.
 fn parse_head(buf: &[u8], limits: &HttpLimits) -> Result<Option<(PendingBody, usize)>, HttpError> {
-    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    // Uninitialised: clearing 64 slots (2 KiB) cost more than parsing a
+    // short head; httparse writes the slots it fills and hands back only those.
+    let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
     let mut heap;
-    let slots: &mut [httparse::Header<'_>] = if limits.max_headers <= STACK_HEADERS {
+    let slots = if limits.max_headers <= STACK_HEADERS {
         &mut stack[..limits.max_headers]
     } else {
-        heap = vec![httparse::EMPTY_HEADER; limits.max_headers];
-        &mut heap
+        heap = vec![MaybeUninit::uninit(); limits.max_headers];
+        &mut heap[..]
     };
-    let mut parsed = httparse::Request::new(slots);
-    let head_len = match parsed.parse(buf).map_err(map_httparse)? {
+    let mut parsed = httparse::Request::new(&mut []);
+    let parse = parsed.parse_with_uninit_headers(buf, slots);
+    let head_len = match parse.map_err(map_httparse)? {
         httparse::Status::Complete(n) if n > limits.max_header_bytes => {
             return Err(HttpError::HeadersTooLarge)
         }
@@ -551,17 +561,24 @@ impl PendingBody {
                 "request target must be an absolute path",
             ));
         }
-        let fields = HeadFields::collect(parsed.headers)?;
+        let path = if raw_path.contains('%') {
+            percent_decode_str(raw_path).decode_utf8_lossy()
+        } else {
+            Cow::Borrowed(raw_path)
+        };
+        let field_bytes = parsed
+            .headers
+            .iter()
+            .map(|field| field.name.len() + field.value.len())
+            .sum();
+        let mut head = Head::new(&path, query, field_bytes, parsed.headers.len())?;
+        let fields = HeadFields::collect(&mut head, parsed.headers)?;
         let progress = BodyProgress::new(fields.framing(limits)?);
         let request = Request {
             method: Method::from_token(method),
-            path: percent_decode_str(raw_path)
-                .decode_utf8_lossy()
-                .into_owned(),
-            query: query.to_owned(),
             version_minor,
-            headers: fields.headers,
             body: Bytes::new(),
+            head,
         };
         Ok(Self {
             request,
@@ -578,9 +595,8 @@ impl PendingBody {
     }
 }
 
-/// The header fields of a head, with what framing and `Expect` need picked out.
+/// What framing and `Expect` need from a head's fields.
 struct HeadFields {
-    headers: Vec<(String, String)>,
     content_length: Option<u64>,
     /// Every `Transfer-Encoding` field, joined with commas.
     transfer_encoding: Option<String>,
@@ -588,17 +604,21 @@ struct HeadFields {
 }
 
 impl HeadFields {
-    fn collect(fields: &[httparse::Header<'_>]) -> Result<Self, HttpError> {
+    /// Copies `fields` into `head` and picks out the ones framing needs.
+    fn collect(head: &mut Head, fields: &[httparse::Header<'_>]) -> Result<Self, HttpError> {
         let mut out = Self {
-            headers: Vec::with_capacity(fields.len()),
             content_length: None,
             transfer_encoding: None,
             expect_continue: false,
         };
         for field in fields {
-            let name = field.name.to_ascii_lowercase();
-            let value = String::from_utf8_lossy(field.value).into_owned();
-            match name.as_str() {
+            // Nearly every value is valid UTF-8, which `from_utf8` checks
+            // faster than the lossy conversion walks it.
+            let value = match std::str::from_utf8(field.value) {
+                Ok(value) => Cow::Borrowed(value),
+                Err(_) => String::from_utf8_lossy(field.value),
+            };
+            match head.push_field(field.name, &value)? {
                 "content-length" => out.add_content_length(&value)?,
                 "transfer-encoding" => {
                     let combined = out.transfer_encoding.get_or_insert_with(String::new);
@@ -610,7 +630,6 @@ impl HeadFields {
                 "expect" => out.expect_continue |= is_expect_continue(field),
                 _ => {}
             }
-            out.headers.push((name, value));
         }
         Ok(out)
     }
@@ -951,15 +970,12 @@ impl Response {
 
     /// The full response bytes: status line, headers, `Content-Length`,
     /// `Connection: close` when not kept alive, and the body (unless HEAD).
-    /// Written straight into one buffer: every keep-alive request (each
-    /// `POST /publish` among them) pays for this.
+    /// Written straight into one buffer of exactly its length: every
+    /// keep-alive request (each `POST /publish` among them) pays for this,
+    /// and a buffer with spare room would cost `Bytes` a second allocation.
     pub fn encode(&self) -> Bytes {
-        let extra: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| n.len() + v.len() + 4)
-            .sum();
-        let mut out = Vec::with_capacity(RESPONSE_HEAD_BYTES + extra + self.body.len());
+        let len = self.encoded_len();
+        let mut out = Vec::with_capacity(len);
         out.extend_from_slice(b"HTTP/1.1 ");
         write_decimal(&mut out, u64::from(self.status));
         out.push(b' ');
@@ -971,25 +987,59 @@ impl Response {
         for (name, value) in &self.headers {
             push_field(&mut out, name, value);
         }
-        // RFC 9110 8.6: no Content-Length on 1xx and 204.
-        if !(100..200).contains(&self.status) && self.status != 204 {
-            out.extend_from_slice(b"Content-Length: ");
+        if self.has_content_length() {
+            out.extend_from_slice(CONTENT_LENGTH);
             write_decimal(&mut out, self.body.len() as u64);
             out.extend_from_slice(b"\r\n");
         }
         if !self.keep_alive {
-            out.extend_from_slice(b"Connection: close\r\n");
+            out.extend_from_slice(CONNECTION_CLOSE);
         }
         out.extend_from_slice(b"\r\n");
         if !self.head_only {
             out.extend_from_slice(&self.body);
         }
+        debug_assert_eq!(out.len(), len, "encoded_len disagrees with encode");
         Bytes::from(out)
+    }
+
+    /// How many bytes [`Response::encode`] writes.
+    fn encoded_len(&self) -> usize {
+        let field = |name: &str, value: &str| name.len() + value.len() + 4;
+        let status_line = "HTTP/1.1 ".len()
+            + decimal_len(u64::from(self.status))
+            + 1
+            + reason_phrase(self.status).len()
+            + 2;
+        let content_type = self.content_type.map_or(0, |ct| field("Content-Type", ct));
+        let headers: usize = self.headers.iter().map(|(n, v)| field(n, v)).sum();
+        let content_length = if self.has_content_length() {
+            CONTENT_LENGTH.len() + decimal_len(self.body.len() as u64) + 2
+        } else {
+            0
+        };
+        let close = if self.keep_alive {
+            0
+        } else {
+            CONNECTION_CLOSE.len()
+        };
+        let body = if self.head_only { 0 } else { self.body.len() };
+        status_line + content_type + headers + content_length + close + 2 + body
+    }
+
+    /// RFC 9110 8.6: no Content-Length on 1xx and 204.
+    fn has_content_length(&self) -> bool {
+        !(100..200).contains(&self.status) && self.status != 204
     }
 }
 
-/// Room for the status line, Content-Type, Content-Length and Connection.
-const RESPONSE_HEAD_BYTES: usize = 128;
+const CONTENT_LENGTH: &[u8] = b"Content-Length: ";
+const CONNECTION_CLOSE: &[u8] = b"Connection: close\r\n";
+
+/// Digits of `n` in decimal.
+fn decimal_len(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |log| log as usize + 1)
+}
 
 fn push_field(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(name.as_bytes());
@@ -1065,8 +1115,8 @@ mod tests {
             complete(b"GET /ws/a%20b?user_id=42&x=1 HTTP/1.1\r\nHost: x\r\nX-Thing: Yes\r\n\r\n");
         assert_eq!(used, 64);
         assert_eq!(req.method, Method::Get);
-        assert_eq!(req.path, "/ws/a b");
-        assert_eq!(req.query, "user_id=42&x=1");
+        assert_eq!(req.path(), "/ws/a b");
+        assert_eq!(req.query(), "user_id=42&x=1");
         assert_eq!(req.version_minor, 1);
         assert_eq!(req.header("x-thing"), Some("Yes"));
         assert_eq!(req.query_param("user_id").as_deref(), Some("42"));
@@ -1093,7 +1143,7 @@ mod tests {
         assert_eq!(first.method, Method::Post);
         assert_eq!(&first.body[..], b"hello");
         let (second, used2) = complete(&buf[used..]);
-        assert_eq!(second.path, "/health");
+        assert_eq!(second.path(), "/health");
         assert_eq!(parse(&buf[used + used2..]), Ok(Decoded::Partial));
     }
 

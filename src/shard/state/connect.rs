@@ -143,7 +143,7 @@ impl ShardState {
         }
         .into();
         body["headers"] = headers.into();
-        body["query"] = request.query.as_str().into();
+        body["query"] = request.query().into();
         // Accepted with multishot accept on direct descriptors, a
         // connection's peer address is not known (`x-forwarded-for` and
         // `x-real-ip` are forwarded by default).

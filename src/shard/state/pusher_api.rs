@@ -368,7 +368,7 @@ impl ShardState {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let (path, query, body) = (&request.path, &request.query, &request.body);
+        let (path, query, body) = (request.path(), request.query(), &request.body);
         sign::check_api_request(app, method, path, query, body, now)
             .map_err(|why| pusher_error(401, &why.to_string()))?;
         Ok(app.clone())
