@@ -6,8 +6,9 @@
 # (round 2 with the second, ...). Prints per server and endpoint the medians
 # of requests/s, the server cpu's busy microseconds per request (elapsed less
 # idle and iowait from /proc/stat, so softirq work counts; read over the
-# middle half of wrk's run) and wrk's cpu busy share, then per endpoint the
-# ratios ringcast / each other server.
+# middle half of wrk's run) with its range over the rounds, and wrk's cpu
+# busy share, then per endpoint the ratios ringcast / each other server
+# (of the medians, and the range of the ratios round by round).
 #
 #   loadtest/http.sh [ROUNDS]          default 5 rounds of 6 s per server and endpoint
 #
@@ -195,7 +196,7 @@ for line in open(sys.argv[1]):
     busy1 = max(0.0, 1 - (float(i1c1) - float(i0c1)) / tck / wall)
     cpu = busy0 / float(rps) * 1e6 if float(rps) > 0 else float("inf")
     rows[(srv, ep)].append((float(rps), cpu, busy1, int(non2xx)))
-print(f"{'endpoint':<9} {'server':<9} {'req/s':>9} {'cpu us/req':>11} {'wrk cpu':>8} {'non-2xx':>8}")
+print(f"{'endpoint':<9} {'server':<9} {'req/s':>9} {'cpu us/req':>11} {'(min-max)':>13} {'wrk cpu':>8} {'non-2xx':>8}")
 med = {}
 for ep in ("health", "publish"):
     for srv in order:
@@ -204,14 +205,21 @@ for ep in ("health", "publish"):
             continue
         m = (st.median(x[0] for x in v), st.median(x[1] for x in v), st.median(x[2] for x in v), sum(x[3] for x in v))
         med[(srv, ep)] = m
-        print(f"{ep:<9} {srv:<9} {m[0]:>9,.0f} {m[1]:>11.2f} {m[2]:>8.2f} {m[3]:>8}")
+        spread = f"{min(x[1] for x in v):.2f}-{max(x[1] for x in v):.2f}"
+        print(f"{ep:<9} {srv:<9} {m[0]:>9,.0f} {m[1]:>11.2f} {spread:>13} {m[2]:>8.2f} {m[3]:>8}")
+ok = lambda x, y: 0 < y < float("inf") and x < float("inf")
+ratio = lambda x, y: f"{x / y:.2f}x" if ok(x, y) else "n/a"
 for ep in ("health", "publish"):
     a = med.get(("ringcast", ep))
     for srv in order:
         b = med.get((srv, ep))
         if a and b and srv != "ringcast":
-            ratio = lambda x, y: f"{x / y:.2f}x" if 0 < y < float("inf") and x < float("inf") else "n/a"
-            print(f"{ep + ':':<9} ringcast / {srv:<6} req/s {ratio(a[0], b[0])}  cpu per request {ratio(a[1], b[1])}")
+            # Servers alternate within a round, so the rounds pair up: the
+            # spread of the per-round ratios says how firm the median is.
+            pairs = zip(rows[("ringcast", ep)], rows[(srv, ep)])
+            per_round = sorted(x[1] / y[1] for x, y in pairs if ok(x[1], y[1]))
+            spread = f" (rounds {per_round[0]:.2f}-{per_round[-1]:.2f}x)" if per_round else ""
+            print(f"{ep + ':':<9} ringcast / {srv:<6} req/s {ratio(a[0], b[0])}  cpu per request {ratio(a[1], b[1])}{spread}")
 tail = "; nginx publish = nchan's POST /pub/{topic}" if "nginx" in order else ""
 print(f"medians of {len(next(iter(rows.values())))} rounds{tail}")
 for n in notes:
