@@ -1126,6 +1126,18 @@ mod tests {
     }
 
     #[test]
+    fn invalid_utf_8_in_the_path_or_a_value_becomes_replacement_characters() {
+        let (req, _) =
+            complete(b"GET /a%FFb%2F?x=%FF HTTP/1.1\r\nX-Raw: caf\xe9\r\nHost: h\r\n\r\n");
+        assert_eq!(req.path(), "/a\u{FFFD}b/");
+        assert_eq!(req.query(), "x=%FF");
+        assert_eq!(req.header("x-raw"), Some("caf\u{FFFD}"));
+        assert_eq!(req.header("host"), Some("h"));
+        let fields: Vec<_> = req.headers().collect();
+        assert_eq!(fields, [("x-raw", "caf\u{FFFD}"), ("host", "h")]);
+    }
+
+    #[test]
     fn query_params_decode_plus_and_percent() {
         let (req, _) = complete(b"GET /?q=a+b%2Bc&flag&t=%E2%9C%93 HTTP/1.1\r\n\r\n");
         assert_eq!(req.query_param("q").as_deref(), Some("a b+c"));
