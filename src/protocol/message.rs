@@ -496,20 +496,21 @@ pub fn truncate(text: &str, max_bytes: usize) -> &str {
     &text[..cut]
 }
 
-/// A `POST /publish` body after validation.
+/// A `POST /publish` body after validation, borrowing from the body (a
+/// string is copied only when it carried escapes): every publish parses one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublishRequest {
+pub struct PublishRequest<'a> {
     /// Validated topic name.
-    pub topic: String,
+    pub topic: Cow<'a, str>,
     /// Event name; `"message"` when not given.
-    pub event: String,
+    pub event: Cow<'a, str>,
     /// The payload as raw JSON; `null` when not given.
-    pub payload_json: String,
+    pub payload_json: &'a str,
     /// Deliver only to this user's connections, when set.
     pub user_id: Option<String>,
     /// A retry with the same key (stream topics) is answered with the
     /// first outcome and stored once.
-    pub idempotency_key: Option<String>,
+    pub idempotency_key: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -534,24 +535,21 @@ struct RawPublish<'a> {
 /// default `null`; a string `message` stands in for a missing `payload`;
 /// `user_id` is a string or an integer (read as its decimal string).
 /// Unknown fields are ignored.
-pub fn parse_publish(body: &[u8], bounds: Bounds) -> Result<PublishRequest, ClientError> {
+pub fn parse_publish(body: &[u8], bounds: Bounds) -> Result<PublishRequest<'_>, ClientError> {
     let max_topic_bytes = bounds.topic_bytes;
     let text = std::str::from_utf8(body)
         .map_err(|_| ClientError::InvalidJson("body is not valid UTF-8".to_owned()))?;
     let raw: RawPublish<'_> = parse_object(text)?;
-    let topic = topic_field(raw.topic, max_topic_bytes)?.into_owned();
+    let topic = topic_field(raw.topic, max_topic_bytes)?;
     let event = match raw.event {
-        Some(event) => name_field(event, "event", bounds.name_bytes)?.into_owned(),
-        None => "message".to_owned(),
+        Some(event) => name_field(event, "event", bounds.name_bytes)?,
+        None => Cow::Borrowed("message"),
     };
     if let Some(message) = raw.message {
         string_or(message, "message")?;
     }
     // The raw text of a JSON string is itself valid JSON, so no re-encoding.
-    let payload_json = raw
-        .payload
-        .or(raw.message)
-        .map_or_else(|| "null".to_owned(), |p| p.get().to_owned());
+    let payload_json = raw.payload.or(raw.message).map_or("null", RawValue::get);
     let user_id = match raw.user_id {
         None => None,
         Some(raw) => {
@@ -572,8 +570,7 @@ pub fn parse_publish(body: &[u8], bounds: Bounds) -> Result<PublishRequest, Clie
     let idempotency_key = raw
         .idempotency_key
         .map(|key| name_field(key, "idempotency_key", bounds.name_bytes))
-        .transpose()?
-        .map(Cow::into_owned);
+        .transpose()?;
     Ok(PublishRequest {
         topic,
         event,
@@ -1099,7 +1096,7 @@ mod tests {
             PublishRequest {
                 topic: "t".into(),
                 event: "e".into(),
-                payload_json: r#"{"a":[1, 2]}"#.into(),
+                payload_json: r#"{"a":[1, 2]}"#,
                 user_id: Some("u1".into()),
                 idempotency_key: Some("k-1".into()),
             }
@@ -1110,11 +1107,7 @@ mod tests {
         }
         let bare = parse_publish(br#"{"topic":"t"}"#, MAX).unwrap();
         assert_eq!(
-            (
-                bare.event.as_str(),
-                bare.payload_json.as_str(),
-                bare.user_id
-            ),
+            (&*bare.event, bare.payload_json, bare.user_id),
             ("message", "null", None)
         );
         let message = parse_publish(br#"{"topic":"t","message":"hi \"you\""}"#, MAX).unwrap();
@@ -1213,10 +1206,10 @@ mod tests {
     fn payloads_nested_up_to_the_limit_are_accepted_and_deeper_refused() {
         let publish = |payload: &str| {
             let body = format!(r#"{{"topic":"t","payload":{payload}}}"#);
-            parse_publish(body.as_bytes(), MAX)
+            parse_publish(body.as_bytes(), MAX).map(|p| p.payload_json.to_owned())
         };
         let deepest = nested(MAX_PAYLOAD_DEPTH);
-        assert_eq!(publish(&deepest).unwrap().payload_json, deepest);
+        assert_eq!(publish(&deepest).unwrap(), deepest);
         let too_deep = ClientError::TooDeep {
             max_depth: MAX_PAYLOAD_DEPTH,
         };

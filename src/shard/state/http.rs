@@ -232,11 +232,7 @@ impl ShardState {
         cors: Option<&str>,
     ) -> Option<Response> {
         let content_type = request.header("content-type").unwrap_or("application/json");
-        if !content_type
-            .trim_start()
-            .to_ascii_lowercase()
-            .starts_with("application/json")
-        {
+        if !is_json_media_type(content_type) {
             return Some(error_json(415, "Content-Type must be application/json"));
         }
         let bounds = self.config().limits.name_bounds();
@@ -251,7 +247,7 @@ impl ShardState {
                     "server shutting down: publishes are refused",
                 ));
             }
-            let frame = message::push(&publish.topic, &publish.event, &publish.payload_json);
+            let frame = message::push(&publish.topic, &publish.event, publish.payload_json);
             return Some(match self.publish_to_user(user, &publish.topic, frame) {
                 (shards, Ok(())) => publish_accepted(shards, None),
                 (shards, Err(why)) => local_only(shards, why),
@@ -261,7 +257,7 @@ impl ShardState {
         match self.publish(
             &publish.topic,
             &publish.event,
-            &publish.payload_json,
+            publish.payload_json,
             Some(reply),
             publish.idempotency_key.as_deref(),
         ) {
@@ -437,4 +433,29 @@ fn local_only(shards: usize, why: LocalOnly) -> Response {
 /// 401 with the Bearer challenge.
 fn unauthorized(message: &str) -> Response {
     error_json(401, message).header("WWW-Authenticate", "Bearer")
+}
+
+/// Whether a `Content-Type` names JSON (`application/json`, any case, with
+/// or without parameters), checked in place: every publish asks.
+fn is_json_media_type(content_type: &str) -> bool {
+    const JSON: &[u8] = b"application/json";
+    let media = content_type.trim_start().as_bytes();
+    media
+        .get(..JSON.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(JSON))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_json_media_type;
+
+    #[test]
+    fn json_media_types_match_in_any_case_with_parameters() {
+        for ok in ["application/json", " Application/JSON; charset=utf-8"] {
+            assert!(is_json_media_type(ok), "{ok}");
+        }
+        for refused in ["", "text/plain", "application/js", "xapplication/json"] {
+            assert!(!is_json_media_type(refused), "{refused}");
+        }
+    }
 }
