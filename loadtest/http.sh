@@ -15,6 +15,8 @@
 # Servers (env SERVERS, default "ringcast nginx uws floor"; uws and floor are
 # left out, with a note at the end, when their binary is not there):
 #   ringcast  GET /health, POST /publish of ringcast's JSON body (--shards 1)
+#   ringcast2 the same with another build (RINGCAST2_BIN): an A/B of two
+#             builds, ratios printed as ringcast / ringcast2
 #   nginx     nchan's nginx ($SHARED/peers/nchan.sh, one worker): GET /health
 #             (`return 200`), nchan's POST /pub/{topic} with a raw body
 #   uws       the uWebSockets peer (loadtest/peers/uws/README.md, built by
@@ -24,7 +26,7 @@
 #             answered `200 ok`, POST /publish as ringcast
 #
 # Env: SERVERS (above), RINGCAST_BIN (default target/release/ringcast, built
-# if missing), UWS_BIN (the uws peer's binary; unset: no uws), FLOOR_BIN
+# if missing), RINGCAST2_BIN (for ringcast2; required with it), UWS_BIN (the uws peer's binary; unset: no uws), FLOOR_BIN
 # (default target/release/ringcast-floor; not built here: `cargo build
 # --release -p ringcast-load`), DURATION (wrk's -d, default 6s), SHARED
 # (where peers/nchan.sh lives).
@@ -39,6 +41,7 @@ duration="${DURATION:-6s}"
 bin="${RINGCAST_BIN:-$root/target/release/ringcast}"
 floor_bin="${FLOOR_BIN:-$root/target/release/ringcast-floor}"
 uws_bin="${UWS_BIN:-}"
+bin2="${RINGCAST2_BIN:-}"
 servers="${SERVERS:-ringcast nginx uws floor}"
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 1; }
 
@@ -48,6 +51,9 @@ list=()
 for s in $servers; do
   case "$s" in
     ringcast) [ -x "$bin" ] || (cd "$root" && cargo build --release -q -p ringcast) ;;
+    ringcast2)
+      [ -n "$bin2" ] && [ -x "$bin2" ] && [ ! -d "$bin2" ] || {
+        echo "ringcast2: set RINGCAST2_BIN to the other build's ringcast binary" >&2; exit 1; } ;;
     nginx) [ -x "$shared/peers/nchan.sh" ] || { echo "nginx: $shared/peers/nchan.sh not found (set SHARED)" >&2; exit 1; } ;;
     uws)
       if [ -z "$uws_bin" ]; then
@@ -59,7 +65,7 @@ for s in $servers; do
       if [ ! -x "$floor_bin" ] || [ -d "$floor_bin" ]; then
         notes+=("floor: $floor_bin not found (cargo build --release -p ringcast-load, or set FLOOR_BIN); not run"); continue
       fi ;;
-    *) echo "unknown server '$s' in SERVERS (ringcast, nginx, uws, floor)" >&2; exit 1 ;;
+    *) echo "unknown server '$s' in SERVERS (ringcast, ringcast2, nginx, uws, floor)" >&2; exit 1 ;;
   esac
   list+=("$s")
 done
@@ -120,10 +126,12 @@ measure() { # $1 = server, $2 = endpoint, $3 = url, $4 = lua script or ""
 port=""
 start_server() { # $1 = server; sets pid (ringcast, uws, floor) and port
   case "$1" in
-    ringcast | floor)
+    ringcast | ringcast2 | floor)
       local log="$out/$1.log"
       if [ "$1" = ringcast ]; then
         taskset -c 0 "$bin" --listen 127.0.0.1:0 --shards 1 >"$log" 2>&1 &
+      elif [ "$1" = ringcast2 ]; then
+        taskset -c 0 "$bin2" --listen 127.0.0.1:0 --shards 1 >"$log" 2>&1 &
       else
         taskset -c 0 "$floor_bin" 127.0.0.1:0 >"$log" 2>&1 &
       fi
