@@ -355,7 +355,9 @@ fn while_redis_is_down_a_node_delivers_locally_and_answers_publishes_with_503() 
         push("fresh", "message", json!("to the newcomer"))
     );
     assert!(cluster.a.metric("cluster_refused_total") >= refused_before + 2);
-    assert_eq!(health(&cluster.a)["status"], "degraded");
+    let degraded = health(&cluster.a);
+    assert_eq!(degraded["status"], "degraded");
+    assert_eq!(degraded["cluster"]["redis"], "down", "{degraded}");
 
     assert_quiet(&mut remote, "the subscriber on node b");
     assert_quiet(&mut local, "the subscriber on node a");
@@ -493,7 +495,9 @@ fn when_a_node_is_killed_the_other_two_keep_delivering_to_each_other() {
         assert_quiet(ws, who);
     }
     for (name, node) in [("a", &cluster.a), ("b", &cluster.b)] {
-        assert_eq!(health(node)["status"], "ok", "node {name}");
+        let health = health(node);
+        assert_eq!(health["status"], "ok", "node {name}");
+        assert_eq!(health["cluster"]["redis"], "up", "node {name}: {health}");
     }
 }
 
