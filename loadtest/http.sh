@@ -26,7 +26,8 @@
 #             answered `200 ok`, POST /publish as ringcast
 #
 # Env: SERVERS (above), RINGCAST_BIN (default target/release/ringcast, built
-# if missing), RINGCAST2_BIN (for ringcast2; required with it), UWS_BIN (the uws peer's binary; unset: no uws), FLOOR_BIN
+# if missing), RINGCAST2_BIN (for ringcast2; required with it), UWS_BIN
+# (the uws peer's binary; unset: no uws), FLOOR_BIN
 # (default target/release/ringcast-floor; not built here: `cargo build
 # --release -p ringcast-load`), DURATION (wrk's -d, default 6s), SHARED
 # (where peers/nchan.sh lives).
@@ -124,16 +125,16 @@ measure() { # $1 = server, $2 = endpoint, $3 = url, $4 = lua script or ""
 }
 
 port=""
-start_server() { # $1 = server; sets pid (ringcast, uws, floor) and port
+start_server() { # $1 = server; sets pid (ringcast, ringcast2, uws, floor) and port
   case "$1" in
     ringcast | ringcast2 | floor)
       local log="$out/$1.log"
-      if [ "$1" = ringcast ]; then
-        taskset -c 0 "$bin" --listen 127.0.0.1:0 --shards 1 >"$log" 2>&1 &
-      elif [ "$1" = ringcast2 ]; then
-        taskset -c 0 "$bin2" --listen 127.0.0.1:0 --shards 1 >"$log" 2>&1 &
-      else
+      if [ "$1" = floor ]; then
         taskset -c 0 "$floor_bin" 127.0.0.1:0 >"$log" 2>&1 &
+      else
+        local build="$bin"
+        [ "$1" = ringcast2 ] && build="$bin2"
+        taskset -c 0 "$build" --listen 127.0.0.1:0 --shards 1 >"$log" 2>&1 &
       fi
       pid=$!
       port=""
